@@ -1,0 +1,342 @@
+//! Dirty page tracking: the KVM dirty ring (preferred) and the dirty bitmap (fallback).
+//!
+//! Harvested pages land in a `pending` set owned by the tracker. The engine takes pages
+//! from it to send and puts them back if a send fails, so a failed migration never loses
+//! a dirty bit. The ring may report a page twice; the set removes duplicates.
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::error::{errno_io, Error, Result};
+use crate::memory::Memslot;
+use crate::sys;
+
+const GFN_F_DIRTY: u32 = 1;
+const GFN_F_RESET: u32 = 2;
+/// Size of one `struct kvm_dirty_gfn`.
+const ENTRY_SIZE: usize = 16;
+
+/// Which kernel mechanism reports dirty pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyMode {
+    /// Per-vCPU dirty ring (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL`).
+    Ring { bytes: u32 },
+    /// `KVM_GET_DIRTY_LOG` + `KVM_CLEAR_DIRTY_LOG` with manual protect.
+    Bitmap,
+}
+
+/// A set of guest frame numbers, one bit each.
+#[derive(Debug, Clone, Default)]
+pub struct DirtySet {
+    words: Vec<u64>,
+    count: u64,
+}
+
+impl DirtySet {
+    pub fn new(pages: u64) -> Self {
+        DirtySet { words: vec![0; pages.div_ceil(64) as usize], count: 0 }
+    }
+    pub fn capacity(&self) -> u64 {
+        self.words.len() as u64 * 64
+    }
+    /// Insert `gfn`; returns false if it was already present or out of range.
+    pub fn insert(&mut self, gfn: u64) -> bool {
+        let Some(w) = self.words.get_mut((gfn / 64) as usize) else { return false };
+        let bit = 1u64 << (gfn % 64);
+        if *w & bit != 0 {
+            return false;
+        }
+        *w |= bit;
+        self.count += 1;
+        true
+    }
+    pub fn contains(&self, gfn: u64) -> bool {
+        self.words.get((gfn / 64) as usize).is_some_and(|w| w & (1 << (gfn % 64)) != 0)
+    }
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    /// OR a slot's bitmap (bit i = page `first_gfn + i`) into the set.
+    pub fn merge_words(&mut self, first_gfn: u64, bits: &[u64]) {
+        if first_gfn % 64 == 0 {
+            let base = (first_gfn / 64) as usize;
+            for (i, &b) in bits.iter().enumerate() {
+                if let Some(w) = self.words.get_mut(base + i) {
+                    let new = b & !*w;
+                    self.count += u64::from(new.count_ones());
+                    *w |= new;
+                }
+            }
+        } else {
+            for (i, &b) in bits.iter().enumerate() {
+                let mut b = b;
+                while b != 0 {
+                    let t = b.trailing_zeros() as u64;
+                    self.insert(first_gfn + i as u64 * 64 + t);
+                    b &= b - 1;
+                }
+            }
+        }
+    }
+    /// All members in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let t = w.trailing_zeros() as u64;
+                w &= w - 1;
+                Some(i as u64 * 64 + t)
+            })
+        })
+    }
+    /// Remove and return every member, ascending.
+    pub fn drain(&mut self) -> Vec<u64> {
+        let v: Vec<u64> = self.iter().collect();
+        self.words.iter_mut().for_each(|w| *w = 0);
+        self.count = 0;
+        v
+    }
+}
+
+/// One vCPU's mmap'd dirty ring. Unmapped on drop.
+#[derive(Debug)]
+pub struct DirtyRing {
+    map: MmapRaw,
+    entries: u32,
+    /// Next entry to harvest (free-running).
+    next: u32,
+}
+
+impl DirtyRing {
+    /// Map the dirty ring of a vCPU fd (`bytes` as enabled on the VM).
+    pub fn map(vcpu_fd: &impl AsRawFd, bytes: u32) -> Result<Self> {
+        let entries = bytes / ENTRY_SIZE as u32;
+        if !entries.is_power_of_two() {
+            return Err(Error::Dirty(format!("ring of {bytes} bytes is not a power-of-two entry count")));
+        }
+        let map = MmapOptions::new()
+            .offset(sys::DIRTY_LOG_PAGE_OFFSET * 4096)
+            .len(bytes as usize)
+            .map_raw(vcpu_fd.as_raw_fd())
+            .map_err(|e| Error::Dirty(format!("mmap dirty ring: {e}")))?;
+        Ok(DirtyRing { map, entries, next: 0 })
+    }
+
+    /// Harvest every published entry: call `f(slot, offset)` for each, mark it for reset.
+    /// Returns the number of entries harvested.
+    pub fn harvest(&mut self, mut f: impl FnMut(u32, u64)) -> u32 {
+        let mut n = 0;
+        loop {
+            let idx = (self.next & (self.entries - 1)) as usize;
+            // SAFETY: idx < entries, so the entry lies inside the mapping; the ring is shared
+            // with the kernel, so flags are accessed atomically (u32 is naturally aligned).
+            let base = unsafe { self.map.as_mut_ptr().add(idx * ENTRY_SIZE) };
+            // SAFETY: `base` is 16-byte aligned inside the mapping and lives as long as `self`.
+            let flags = unsafe { &*base.cast::<AtomicU32>() };
+            if flags.load(Ordering::Acquire) & GFN_F_DIRTY == 0 {
+                break;
+            }
+            // SAFETY: slot at +4 and offset at +8 are inside the entry; the kernel wrote them
+            // before publishing DIRTY with release semantics, observed by the acquire above.
+            let (slot, offset) = unsafe { (base.add(4).cast::<u32>().read(), base.add(8).cast::<u64>().read()) };
+            f(slot, offset);
+            flags.store(GFN_F_RESET, Ordering::Release);
+            self.next = self.next.wrapping_add(1);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Counters about the tracker, for reports and tests.
+#[derive(Debug, Default)]
+pub struct DirtyStats {
+    /// Entries (ring) or bits (bitmap) the kernel reported.
+    pub reported: AtomicU64,
+    /// Reports for a page already pending (the ring may push a page twice).
+    pub duplicates: AtomicU64,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits handled.
+    pub ring_full_exits: AtomicU64,
+    /// Ring entries naming a slot/offset outside guest RAM (should never happen).
+    pub bad_entries: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    rings: Vec<DirtyRing>,
+    pending: DirtySet,
+}
+
+/// Collects dirty pages of one VM from the kernel into a pending set.
+#[derive(Debug)]
+pub struct DirtyTracker {
+    vm: Arc<VmFd>,
+    mode: DirtyMode,
+    slots: Vec<Memslot>,
+    inner: Mutex<Inner>,
+    pub stats: DirtyStats,
+}
+
+impl DirtyTracker {
+    pub(crate) fn new(vm: Arc<VmFd>, mode: DirtyMode, slots: Vec<Memslot>, pages: u64) -> Self {
+        DirtyTracker {
+            vm,
+            mode,
+            slots,
+            inner: Mutex::new(Inner { rings: Vec::new(), pending: DirtySet::new(pages) }),
+            stats: DirtyStats::default(),
+        }
+    }
+
+    pub fn mode(&self) -> DirtyMode {
+        self.mode
+    }
+
+    pub(crate) fn add_ring(&self, ring: DirtyRing) {
+        self.lock().rings.push(ring);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock only means another thread panicked mid-harvest; the set is still
+        // a valid over-approximation, so keep going.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pull everything the kernel has reported into the pending set and re-arm tracking.
+    pub fn collect(&self) -> Result<()> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        match self.mode {
+            DirtyMode::Ring { .. } => {
+                let mut total = 0u64;
+                let (mut dup, mut bad) = (0u64, 0u64);
+                for ring in inner.rings.iter_mut() {
+                    let pending = &mut inner.pending;
+                    total += u64::from(ring.harvest(|slot, offset| {
+                        match self.slot_gfn(slot, offset) {
+                            Some(gfn) => {
+                                if !pending.insert(gfn) {
+                                    dup += 1;
+                                }
+                            }
+                            None => bad += 1,
+                        }
+                    }));
+                }
+                if total > 0 {
+                    sys::reset_dirty_rings(&*self.vm).map_err(|e| Error::ioctl("KVM_RESET_DIRTY_RINGS", e))?;
+                }
+                self.stats.reported.fetch_add(total, Ordering::Relaxed);
+                self.stats.duplicates.fetch_add(dup, Ordering::Relaxed);
+                self.stats.bad_entries.fetch_add(bad, Ordering::Relaxed);
+            }
+            DirtyMode::Bitmap => {
+                for s in &self.slots {
+                    let mut bits = self
+                        .vm
+                        .get_dirty_log(s.id, s.size as usize)
+                        .map_err(|e| Error::ioctl("KVM_GET_DIRTY_LOG", errno_io(e)))?;
+                    let n: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+                    if n == 0 {
+                        continue;
+                    }
+                    sys::clear_dirty_log(&*self.vm, s.id, 0, s.pages() as u32, &mut bits)
+                        .map_err(|e| Error::ioctl("KVM_CLEAR_DIRTY_LOG", e))?;
+                    let before = inner.pending.len();
+                    inner.pending.merge_words(s.first_gfn(), &bits);
+                    self.stats.reported.fetch_add(n, Ordering::Relaxed);
+                    self.stats.duplicates.fetch_add(n - (inner.pending.len() - before), Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn slot_gfn(&self, slot: u32, offset: u64) -> Option<u64> {
+        // Address space id lives in the upper 16 bits; the embedded VMM uses only as_id 0.
+        if slot >> 16 != 0 {
+            return None;
+        }
+        let s = self.slots.iter().find(|s| s.id == slot & 0xffff)?;
+        (offset < s.pages()).then(|| s.first_gfn() + offset)
+    }
+
+    /// Handle `KVM_EXIT_DIRTY_RING_FULL` from a vCPU thread: harvest so the vCPU can go on.
+    pub fn on_ring_full(&self) -> Result<()> {
+        self.stats.ring_full_exits.fetch_add(1, Ordering::Relaxed);
+        self.collect()
+    }
+
+    /// Collect, then take every pending page (ascending gfns).
+    pub fn take(&self) -> Result<Vec<u64>> {
+        self.collect()?;
+        Ok(self.lock().pending.drain())
+    }
+
+    /// Put pages back (a send failed): they will be sent again.
+    pub fn restore(&self, gfns: &[u64]) {
+        let mut g = self.lock();
+        for &gfn in gfns {
+            g.pending.insert(gfn);
+        }
+    }
+
+    /// Mark every page dirty (a full resend is needed).
+    pub fn mark_all(&self) {
+        let mut g = self.lock();
+        for gfn in 0..g.pending.capacity().min(self.total_pages()) {
+            g.pending.insert(gfn);
+        }
+    }
+
+    fn total_pages(&self) -> u64 {
+        self.slots.iter().map(|s| s.pages()).sum()
+    }
+
+    /// Drop everything reported so far (start of a migration: round 0 sends all RAM).
+    pub fn reset(&self) -> Result<()> {
+        self.collect()?;
+        self.lock().pending.drain();
+        Ok(())
+    }
+
+    /// Pages pending right now (after a collect), without removing them.
+    pub fn peek(&self) -> Result<DirtySet> {
+        self.collect()?;
+        Ok(self.lock().pending.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_dedupes_and_drains_sorted() {
+        let mut s = DirtySet::new(1000);
+        assert!(s.insert(5));
+        assert!(!s.insert(5));
+        assert!(s.insert(999));
+        assert!(!s.insert(100_000), "out of range is refused, not a panic");
+        s.merge_words(64, &[0b101]);
+        assert_eq!(s.len(), 4);
+        assert_eq!(s.drain(), vec![5, 64, 66, 999]);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn merge_unaligned() {
+        let mut s = DirtySet::new(300);
+        s.merge_words(3, &[1 | 1 << 63]);
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![3, 66]);
+    }
+}

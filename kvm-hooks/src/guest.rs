@@ -1,0 +1,225 @@
+//! The embedded test guests: tiny long-mode programs that run at CPL 3.
+//!
+//! This host's KVM (PVM) emulates ring 0 but runs 64-bit CPL 3 code natively, so the VMM
+//! builds page tables and segment state itself and starts each vCPU directly at CPL 3.
+//! Programs are position-independent machine code assembled into this binary with
+//! `global_asm!` and copied into guest RAM, so no assembler is needed at build time.
+//!
+//! Guest-physical layout (identity mapped, 2 MiB pages with U/S set):
+//! ```text
+//! 0x1000  PML4        0x2000  PDPT       0x3000  GDT
+//! 0x4000  code        0x5000  parameter page (oracle iteration number)
+//! 0x10000..0x50000    page directories (64 x 1 GiB)
+//! 0x200000..end       workload data, split evenly between vCPUs
+//! ```
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+
+use crate::error::{Error, Result};
+use crate::memory::{GuestRam, PAGE_SIZE};
+
+pub const PML4: u64 = 0x1000;
+pub const PDPT: u64 = 0x2000;
+pub const GDT: u64 = 0x3000;
+pub const CODE: u64 = 0x4000;
+pub const PARAM: u64 = 0x5000;
+pub const PD_BASE: u64 = 0x10000;
+/// First byte of the workload data region.
+pub const DATA_START: u64 = 0x20_0000;
+/// Port `PROGRESS_PORT + vcpu` receives a vCPU's 32-bit progress counter.
+pub const PROGRESS_PORT: u16 = 0x500;
+
+core::arch::global_asm!(
+    ".pushsection .text.migaccel_guest,\"ax\"",
+    // walk: rdi=start rsi=end r8=pages per report dx=port r13=progress.
+    // Increments the first byte of every page in [start,end) in a loop (QEMU's A/B test).
+    ".globl migaccel_guest_walk", "migaccel_guest_walk:",
+    "mov rbx, rdi",
+    "xor r12d, r12d",
+    "2:",
+    "inc byte ptr [rbx]",
+    "add rbx, 4096",
+    "cmp rbx, rsi",
+    "jb 3f",
+    "mov rbx, rdi",
+    "3:",
+    "inc r12",
+    "cmp r12, r8",
+    "jb 2b",
+    "xor r12d, r12d",
+    "inc r13",
+    "mov eax, r13d",
+    "out dx, eax",
+    "jmp 2b",
+    ".globl migaccel_guest_walk_end", "migaccel_guest_walk_end:",
+    // idle: report progress, touch nothing.
+    ".globl migaccel_guest_idle", "migaccel_guest_idle:",
+    "inc r13",
+    "mov eax, r13d",
+    "out dx, eax",
+    "jmp migaccel_guest_idle",
+    ".globl migaccel_guest_idle_end", "migaccel_guest_idle_end:",
+    // oracle: rdi=start rsi=page mask (pages-1) r9=&iteration r14=xorshift state r8=batch.
+    // Writes the current iteration number into pseudo-random pages (Linux dirty_log_test).
+    ".globl migaccel_guest_oracle", "migaccel_guest_oracle:",
+    "xor r12d, r12d",
+    "2:",
+    "mov rax, r14",
+    "shl rax, 13",
+    "xor r14, rax",
+    "mov rax, r14",
+    "shr rax, 7",
+    "xor r14, rax",
+    "mov rax, r14",
+    "shl rax, 17",
+    "xor r14, rax",
+    "mov rax, r14",
+    "and rax, rsi",
+    "shl rax, 12",
+    "add rax, rdi",
+    "mov rcx, [r9]",
+    "mov [rax], rcx",
+    "inc r12",
+    "cmp r12, r8",
+    "jb 2b",
+    "xor r12d, r12d",
+    "inc r13",
+    "mov eax, r13d",
+    "out dx, eax",
+    "jmp 2b",
+    ".globl migaccel_guest_oracle_end", "migaccel_guest_oracle_end:",
+    ".popsection",
+);
+
+extern "C" {
+    static migaccel_guest_walk: u8;
+    static migaccel_guest_walk_end: u8;
+    static migaccel_guest_idle: u8;
+    static migaccel_guest_idle_end: u8;
+    static migaccel_guest_oracle: u8;
+    static migaccel_guest_oracle_end: u8;
+}
+
+/// The guest programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    Walk,
+    Idle,
+    Oracle,
+}
+
+impl Program {
+    /// The program's machine code.
+    pub fn code(self) -> &'static [u8] {
+        let (s, e) = match self {
+            Program::Walk => (&raw const migaccel_guest_walk, &raw const migaccel_guest_walk_end),
+            Program::Idle => (&raw const migaccel_guest_idle, &raw const migaccel_guest_idle_end),
+            Program::Oracle => (&raw const migaccel_guest_oracle, &raw const migaccel_guest_oracle_end),
+        };
+        // SAFETY: both symbols are labels in the same read-only text section defined above,
+        // start before end; the bytes between them are the program and live forever.
+        unsafe { std::slice::from_raw_parts(s, (e as usize) - (s as usize)) }
+    }
+    fn offset(self) -> u64 {
+        match self {
+            Program::Walk => 0,
+            Program::Idle => 0x400,
+            Program::Oracle => 0x800,
+        }
+    }
+    pub fn entry(self) -> u64 {
+        CODE + self.offset()
+    }
+}
+
+/// Write page tables, GDT and all programs into guest RAM.
+pub fn install(ram: &GuestRam) -> Result<()> {
+    let size = ram.size();
+    let gib = size.div_ceil(1 << 30);
+    ram.zero(0, DATA_START)?;
+    ram.write_u64(PML4, PDPT | 0x7)?;
+    for i in 0..gib {
+        let pd = PD_BASE + i * 0x1000;
+        ram.write_u64(PDPT + i * 8, pd | 0x7)?;
+        for j in 0..512u64 {
+            let addr = (i << 30) + (j << 21);
+            if addr >= size {
+                break;
+            }
+            ram.write_u64(pd + j * 8, addr | 0x87)?;
+        }
+    }
+    // null, kernel code, kernel data, (unused), (unused), user data (0x2b), user code64 (0x33)
+    let gdt: [u64; 7] = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF, 0, 0, 0x00CF_F200_0000_FFFF, 0x00AF_FA00_0000_FFFF];
+    for (i, d) in gdt.iter().enumerate() {
+        ram.write_u64(GDT + i as u64 * 8, *d)?;
+    }
+    for p in [Program::Walk, Program::Idle, Program::Oracle] {
+        let code = p.code();
+        if code.len() as u64 > 0x400 {
+            return Err(Error::Memory("guest program larger than its 1 KiB slot".into()));
+        }
+        ram.write(p.entry(), code)?;
+    }
+    Ok(())
+}
+
+fn seg(selector: u16, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: 1,
+        dpl: 3,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Long mode, paging, CPL 3 segment state.
+pub fn initial_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    sregs.cr0 = 0x8005_0033;
+    sregs.cr3 = PML4;
+    sregs.cr4 = 0x20;
+    sregs.efer = 0x500;
+    sregs.cs = seg(0x33, true);
+    let d = seg(0x2b, false);
+    sregs.ds = d;
+    sregs.es = d;
+    sregs.fs = d;
+    sregs.gs = d;
+    sregs.ss = d;
+    sregs.gdt.base = GDT;
+    sregs.gdt.limit = 7 * 8 - 1;
+    sregs
+}
+
+/// Registers to start `program` with.
+pub struct Start {
+    pub program: Program,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r14: u64,
+}
+
+pub fn initial_regs(vcpu: usize, s: &Start) -> kvm_regs {
+    kvm_regs {
+        rip: s.program.entry(),
+        rflags: 0x3002, // IOPL 3: port I/O is allowed at CPL 3
+        rsp: PARAM + PAGE_SIZE - 64 * vcpu as u64,
+        rdi: s.rdi,
+        rsi: s.rsi,
+        r8: s.r8.max(1),
+        r9: s.r9,
+        r14: s.r14,
+        rdx: u64::from(PROGRESS_PORT) + vcpu as u64,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,48 @@
+//! kvm-hooks: everything that talks to KVM.
+//!
+//! One owning type per kernel object ([`vm::Vm`], [`dirty::DirtyRing`], [`memory::GuestRam`]),
+//! the embedded test VMM ([`vmm::Machine`]) and vCPU state encoding ([`state`]). All `unsafe`
+//! of the project lives in this crate (and later `accel-ebpf`), each block with a `SAFETY:`
+//! comment.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod dirty;
+pub mod error;
+pub mod guest;
+pub mod memory;
+pub mod state;
+mod sys;
+pub mod vm;
+pub mod vmm;
+
+pub use error::{Error, Result};
+pub use sys::EXIT_DIRTY_RING_FULL;
+
+/// Write a raw iovec list to a file descriptor (guest RAM goes straight to the socket).
+/// Returns bytes written; short writes are the caller's to resume.
+pub fn writev_raw(fd: std::os::fd::BorrowedFd<'_>, iov: &[libc::iovec]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let n = iov.len().min(1024);
+    // SAFETY: each iovec points into memory that outlives the call (guest RAM mapping or a
+    // caller's buffer); the kernel only reads from it.
+    let r = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), n as i32) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Read from a file descriptor straight into guest RAM at `gpa` (bounds checked).
+pub fn read_into_guest(fd: std::os::fd::BorrowedFd<'_>, ram: &memory::GuestRam, gpa: u64, len: u64) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let iov = ram.iovec(gpa, len).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    // SAFETY: `iov` covers `len` bytes inside the guest RAM mapping (checked by `iovec`),
+    // which lives as long as `ram`; the kernel writes only within it.
+    let r = unsafe { libc::readv(fd.as_raw_fd(), &iov, 1) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}

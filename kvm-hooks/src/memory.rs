@@ -1,0 +1,170 @@
+//! Guest RAM: one memfd, mapped once, split into KVM memslots.
+//!
+//! The memfd lets another process (a helper, a test, a foreign VMM) map the same RAM.
+//! Guest RAM is shared with running vCPUs, so it is never handed out as `&[u8]`: reads and
+//! writes go through the copy helpers below, which tolerate concurrent guest writes.
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// Size of a guest page.
+pub const PAGE_SIZE: u64 = 4096;
+/// Smallest guest RAM the embedded VMM accepts.
+pub const MIN_RAM: u64 = 64 << 20;
+/// Largest guest RAM the embedded VMM accepts (page tables cover 64 GiB).
+pub const MAX_RAM: u64 = 64 << 30;
+/// Guest RAM is split into memslots of at most this size.
+pub const SLOT_SIZE: u64 = 1 << 30;
+
+/// One KVM memslot: a contiguous range of guest-physical memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memslot {
+    pub id: u32,
+    pub gpa: u64,
+    pub size: u64,
+}
+
+impl Memslot {
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+    pub fn first_gfn(&self) -> u64 {
+        self.gpa / PAGE_SIZE
+    }
+}
+
+/// Guest RAM backed by a memfd and mapped into this process.
+#[derive(Debug)]
+pub struct GuestRam {
+    file: File,
+    map: MmapRaw,
+    size: u64,
+    slots: Vec<Memslot>,
+}
+
+impl GuestRam {
+    /// Create `size` bytes of zeroed guest RAM (a multiple of 2 MiB, within limits).
+    pub fn new(size: u64) -> Result<Self> {
+        validate_ram_size(size)?;
+        let fd = sys::memfd_create("migaccel-guest-ram").map_err(|e| Error::Memory(format!("memfd_create: {e}")))?;
+        let file = File::from(fd);
+        file.set_len(size).map_err(|e| Error::Memory(format!("ftruncate to {size}: {e}")))?;
+        let map = MmapOptions::new()
+            .len(size as usize)
+            .map_raw(&file)
+            .map_err(|e| Error::Memory(format!("mmap {size} bytes: {e}")))?;
+        let slots = (0..size.div_ceil(SLOT_SIZE))
+            .map(|i| Memslot { id: i as u32, gpa: i * SLOT_SIZE, size: SLOT_SIZE.min(size - i * SLOT_SIZE) })
+            .collect();
+        Ok(GuestRam { file, map, size, slots })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+    pub fn slots(&self) -> &[Memslot] {
+        &self.slots
+    }
+    /// The memfd, for sharing with another process.
+    pub fn memfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+    /// Host virtual address of guest-physical `gpa` (for KVM memslot registration and I/O).
+    pub fn host_addr(&self, gpa: u64) -> Result<*mut u8> {
+        self.check(gpa, 0)?;
+        // SAFETY: `gpa <= size` was checked, so the result stays within (or one past) the map.
+        Ok(unsafe { self.map.as_mut_ptr().add(gpa as usize) })
+    }
+
+    /// Translate a slot-relative page into a guest frame number.
+    pub fn slot_gfn(&self, slot: u32, offset: u64) -> Option<u64> {
+        let s = self.slots.get(slot as usize)?;
+        (offset < s.pages()).then(|| s.first_gfn() + offset)
+    }
+
+    fn check(&self, gpa: u64, len: u64) -> Result<()> {
+        match gpa.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::OutOfRange { gpa, len, ram: self.size }),
+        }
+    }
+
+    /// Copy guest memory at `gpa` into `dst`.
+    pub fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<()> {
+        self.check(gpa, dst.len() as u64)?;
+        // SAFETY: the source range is inside the mapping (checked above) and `dst` is a
+        // distinct host buffer. The guest may write concurrently; the copy is then torn, which
+        // dirty tracking repairs by sending the page again.
+        unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(gpa as usize), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Copy `src` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, src: &[u8]) -> Result<()> {
+        self.check(gpa, src.len() as u64)?;
+        // SAFETY: destination range is inside the mapping (checked above); `src` is a host
+        // buffer that cannot alias guest RAM handed out by this type.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.as_mut_ptr().add(gpa as usize), src.len()) };
+        Ok(())
+    }
+
+    /// Fill `len` bytes at `gpa` with zeroes.
+    pub fn zero(&self, gpa: u64, len: u64) -> Result<()> {
+        self.check(gpa, len)?;
+        // SAFETY: range checked above.
+        unsafe { std::ptr::write_bytes(self.map.as_mut_ptr().add(gpa as usize), 0, len as usize) };
+        Ok(())
+    }
+
+    /// True if the page at `gfn` is all zeroes right now.
+    pub fn page_is_zero(&self, gfn: u64) -> Result<bool> {
+        let gpa = gfn * PAGE_SIZE;
+        self.check(gpa, PAGE_SIZE)?;
+        // SAFETY: range checked above; the mapping lives as long as `self`.
+        Ok(unsafe { sys::is_zero(self.map.as_ptr().add(gpa as usize), PAGE_SIZE as usize) })
+    }
+
+    pub fn read_u64(&self, gpa: u64) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<()> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+
+    /// A raw I/O vector over guest memory, for `writev`/`readv`/io_uring. The bytes may change
+    /// underneath while the guest runs; the caller only passes the pointer to the kernel.
+    pub fn iovec(&self, gpa: u64, len: u64) -> Result<libc::iovec> {
+        self.check(gpa, len)?;
+        Ok(libc::iovec { iov_base: self.host_addr(gpa)?.cast(), iov_len: len as usize })
+    }
+
+    /// Snapshot all of guest RAM (tests and `--dump-memory`).
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.size as usize];
+        self.read(0, &mut v).expect("whole RAM is in range");
+        v
+    }
+}
+
+/// Check a requested RAM size and say what is wrong with it.
+pub fn validate_ram_size(size: u64) -> Result<()> {
+    if size < MIN_RAM {
+        return Err(Error::BadRamSize(size, "below the 64 MiB minimum"));
+    }
+    if size > MAX_RAM {
+        return Err(Error::BadRamSize(size, "above the 64 GiB maximum"));
+    }
+    if size % (2 << 20) != 0 {
+        return Err(Error::BadRamSize(size, "not a multiple of 2 MiB"));
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! Raw system calls and ioctls that kvm-ioctls 0.25 does not wrap.
+//!
+//! Every syscall of this crate that is not a kvm-ioctls method goes through here, so the
+//! rest of the crate stays free of raw `libc` calls.
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use kvm_bindings::kvm_clear_dirty_log;
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
+use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
+
+const KVMIO: u32 = 0xAE;
+ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+
+/// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL`.
+pub const CAP_DIRTY_LOG_RING_ACQ_REL: u32 = 223;
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
+pub const CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
+/// `KVM_DIRTY_LOG_PAGE_OFFSET`: the ring lives this many pages into the vCPU fd.
+pub const DIRTY_LOG_PAGE_OFFSET: u64 = 64;
+/// `KVM_EXIT_DIRTY_RING_FULL`.
+pub const EXIT_DIRTY_RING_FULL: u32 = 31;
+
+/// `KVM_RESET_DIRTY_RINGS` on a VM fd: returns how many entries were reset.
+pub fn reset_dirty_rings(vm: &impl AsRawFd) -> io::Result<u32> {
+    // SAFETY: the ioctl takes no argument and only acts on the VM referred to by a valid fd.
+    let ret = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as u32)
+    }
+}
+
+/// `KVM_CLEAR_DIRTY_LOG`: clear (and re-protect) the pages set in `bitmap`, which covers
+/// `num_pages` pages of `slot` starting at `first_page` (a multiple of 64).
+pub fn clear_dirty_log(
+    vm: &impl AsRawFd,
+    slot: u32,
+    first_page: u64,
+    num_pages: u32,
+    bitmap: &mut [u64],
+) -> io::Result<()> {
+    if (num_pages as usize).div_ceil(64) > bitmap.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bitmap shorter than num_pages"));
+    }
+    let mut arg = kvm_clear_dirty_log { slot, num_pages, first_page, ..Default::default() };
+    arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+    // SAFETY: `arg` points at a bitmap of at least `num_pages` bits that outlives the call;
+    // the kernel only reads it.
+    let ret = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `memfd_create` with close-on-exec, so guest RAM can be shared with another process later.
+pub fn memfd_create(name: &str) -> io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `cname` is a valid NUL-terminated string; the flags are valid.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Send `sig` to one thread of this process.
+pub fn pthread_kill(thread: libc::pthread_t, sig: i32) -> io::Result<()> {
+    // SAFETY: pthread_kill does not touch memory; an exited thread yields ESRCH, not UB, as
+    // long as the handle has not been joined (the caller keeps the JoinHandle alive).
+    let ret = unsafe { libc::pthread_kill(thread, sig) };
+    if ret != 0 {
+        Err(io::Error::from_raw_os_error(ret))
+    } else {
+        Ok(())
+    }
+}
+
+/// True if the bytes at `ptr..ptr+len` are 0.
+///
+/// # Safety
+/// `ptr..ptr+len` must be mapped and readable for the duration of the call.
+pub unsafe fn is_zero(ptr: *const u8, len: usize) -> bool {
+    let words = len / 8;
+    let p = ptr.cast::<u64>();
+    let mut acc = 0u64;
+    for i in 0..words {
+        // SAFETY: within the mapped range per the function contract; volatile because the
+        // guest may write concurrently (a torn answer is fine: such a page is dirty again).
+        acc |= unsafe { std::ptr::read_volatile(p.add(i)) };
+        if i % 64 == 63 && acc != 0 {
+            return false;
+        }
+    }
+    acc == 0
+}
+

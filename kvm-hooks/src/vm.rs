@@ -1,0 +1,131 @@
+//! VM and vCPU handles on kvm-ioctls: one owning type per kernel object.
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::dirty::{DirtyMode, DirtyRing, DirtyTracker};
+use crate::error::{errno_io, Error, Result};
+use crate::memory::GuestRam;
+use crate::sys;
+
+/// How the caller wants dirty pages tracked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyPreference {
+    /// Ring of this many bytes per vCPU; fall back to the bitmap if unsupported.
+    RingOrBitmap { bytes: u32 },
+    /// Ring only: fail if the kernel lacks it.
+    Ring { bytes: u32 },
+    Bitmap,
+}
+
+/// What the host's KVM supports, for `doctor` and for choosing modes.
+#[derive(Debug, Clone, Default)]
+pub struct KvmCaps {
+    pub api_version: i32,
+    /// Largest dirty ring per vCPU in bytes (0 = unsupported).
+    pub dirty_ring_max_bytes: u32,
+    pub manual_dirty_log_protect: i32,
+    pub nr_vcpus: i32,
+    pub max_vcpus: i32,
+}
+
+/// Open `/dev/kvm` and read capabilities.
+pub fn probe() -> Result<KvmCaps> {
+    let kvm = Kvm::new().map_err(|e| Error::KvmUnavailable(errno_io(e)))?;
+    Ok(KvmCaps {
+        api_version: kvm.get_api_version(),
+        dirty_ring_max_bytes: kvm.check_extension_raw(sys::CAP_DIRTY_LOG_RING_ACQ_REL.into()).max(0) as u32,
+        manual_dirty_log_protect: kvm.check_extension_raw(sys::CAP_MANUAL_DIRTY_LOG_PROTECT2.into()),
+        nr_vcpus: kvm.get_nr_vcpus() as i32,
+        max_vcpus: kvm.get_max_vcpus() as i32,
+    })
+}
+
+/// A VM with its guest RAM registered and dirty tracking armed.
+#[derive(Debug)]
+pub struct Vm {
+    kvm: Kvm,
+    fd: Arc<VmFd>,
+    ram: Arc<GuestRam>,
+    dirty: Arc<DirtyTracker>,
+    cpuid: kvm_bindings::CpuId,
+}
+
+impl Vm {
+    /// Create a VM over `ram`, choosing the dirty mode per `pref`.
+    pub fn new(ram: GuestRam, pref: DirtyPreference) -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| Error::KvmUnavailable(errno_io(e)))?;
+        let fd = kvm.create_vm().map_err(|e| Error::ioctl("KVM_CREATE_VM", errno_io(e)))?;
+        let max_ring = fd.check_extension_raw(sys::CAP_DIRTY_LOG_RING_ACQ_REL.into()).max(0) as u32;
+        let mode = match pref {
+            DirtyPreference::Bitmap => DirtyMode::Bitmap,
+            DirtyPreference::Ring { bytes } | DirtyPreference::RingOrBitmap { bytes } if max_ring >= bytes && bytes > 0 => {
+                DirtyMode::Ring { bytes }
+            }
+            DirtyPreference::Ring { bytes } => {
+                return Err(Error::Dirty(format!(
+                    "dirty ring of {bytes} bytes requested, kernel supports at most {max_ring} bytes"
+                )))
+            }
+            DirtyPreference::RingOrBitmap { bytes } => {
+                tracing::warn!(bytes, max_ring, "dirty ring unavailable at this size, using the dirty bitmap");
+                DirtyMode::Bitmap
+            }
+        };
+        match mode {
+            DirtyMode::Ring { bytes } => {
+                let cap = kvm_enable_cap { cap: sys::CAP_DIRTY_LOG_RING_ACQ_REL, args: [bytes.into(), 0, 0, 0], ..Default::default() };
+                fd.enable_cap(&cap).map_err(|e| Error::ioctl("KVM_ENABLE_CAP(DIRTY_LOG_RING_ACQ_REL)", errno_io(e)))?;
+            }
+            DirtyMode::Bitmap => {
+                let cap = kvm_enable_cap { cap: sys::CAP_MANUAL_DIRTY_LOG_PROTECT2, args: [1, 0, 0, 0], ..Default::default() };
+                fd.enable_cap(&cap).map_err(|e| Error::ioctl("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", errno_io(e)))?;
+            }
+        }
+        for s in ram.slots() {
+            let region = kvm_userspace_memory_region {
+                slot: s.id,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: s.gpa,
+                memory_size: s.size,
+                userspace_addr: ram.host_addr(s.gpa)? as u64,
+            };
+            // SAFETY: the host range belongs to `ram`, which the VM keeps alive (Arc) for as
+            // long as the VM fd exists, and slots do not overlap.
+            unsafe { fd.set_user_memory_region(region) }
+                .map_err(|e| Error::ioctl("KVM_SET_USER_MEMORY_REGION", errno_io(e)))?;
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::ioctl("KVM_GET_SUPPORTED_CPUID", errno_io(e)))?;
+        let fd = Arc::new(fd);
+        let slots = ram.slots().to_vec();
+        let pages = ram.pages();
+        let dirty = Arc::new(DirtyTracker::new(fd.clone(), mode, slots, pages));
+        Ok(Vm { kvm, fd, ram: Arc::new(ram), dirty, cpuid })
+    }
+
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+    pub fn dirty(&self) -> &Arc<DirtyTracker> {
+        &self.dirty
+    }
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
+    }
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// Create vCPU `id`, set its CPUID and map its dirty ring (if the ring is in use).
+    pub fn create_vcpu(&self, id: u64) -> Result<VcpuFd> {
+        let vcpu = self.fd.create_vcpu(id).map_err(|e| Error::ioctl("KVM_CREATE_VCPU", errno_io(e)))?;
+        vcpu.set_cpuid2(&self.cpuid).map_err(|e| Error::ioctl("KVM_SET_CPUID2", errno_io(e)))?;
+        if let DirtyMode::Ring { bytes } = self.dirty.mode() {
+            self.dirty.add_ring(DirtyRing::map(&vcpu, bytes)?);
+        }
+        Ok(vcpu)
+    }
+}

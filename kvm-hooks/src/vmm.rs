@@ -1,0 +1,427 @@
+//! The embedded VMM: boots a test guest, runs one thread per vCPU, pauses and resumes them,
+//! and hands state and RAM to the migration engine.
+//!
+//! Pausing: the controller sets the run state to `Paused` and kicks every vCPU thread with
+//! a signal until each has parked; a signal interrupts `KVM_RUN` with `EINTR`. Guests also
+//! exit on their own (progress reports), so a kick lost in a race only delays the park.
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::dirty::DirtyTracker;
+use crate::error::{errno_io, Error, Result};
+use crate::guest::{self, Program, Start, DATA_START, PROGRESS_PORT};
+use crate::memory::{validate_ram_size, GuestRam, PAGE_SIZE};
+use crate::state::{self, VcpuState};
+use crate::sys;
+use crate::vm::{DirtyPreference, Vm};
+
+/// Most vCPUs the embedded VMM creates.
+pub const MAX_VCPUS: u32 = 64;
+
+/// What the guest does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Increment the first byte of every data page in a loop (QEMU's migration-test).
+    Ab,
+    /// Dirty `working_set` bytes at `pages_per_sec` (0 = as fast as possible).
+    Hot { working_set: u64, pages_per_sec: u64 },
+    /// Touch nothing; report progress ~200 times a second per vCPU.
+    Idle,
+    /// Write the current iteration number into pseudo-random pages of a `pages`-page region
+    /// (a power of two); the dirty-tracking oracle.
+    Oracle { pages: u64 },
+}
+
+/// Shape of a guest: what a destination must recreate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestSpec {
+    pub ram_bytes: u64,
+    pub vcpus: u32,
+    pub workload: Workload,
+}
+
+impl GuestSpec {
+    /// Check the spec and say which field is wrong.
+    pub fn validate(&self) -> Result<()> {
+        validate_ram_size(self.ram_bytes)?;
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(Error::Vcpu { vcpu: self.vcpus as usize, msg: format!("vCPU count must be 1..={MAX_VCPUS}") });
+        }
+        let data = self.data_pages();
+        if data < u64::from(self.vcpus) {
+            return Err(Error::BadRamSize(self.ram_bytes, "too small for the number of vCPUs"));
+        }
+        match self.workload {
+            Workload::Hot { working_set, .. } if working_set < PAGE_SIZE * u64::from(self.vcpus) => {
+                Err(Error::Memory(format!("hot working set {working_set} bytes is below one page per vCPU")))
+            }
+            Workload::Hot { working_set, .. } if working_set > data * PAGE_SIZE => Err(Error::Memory(format!(
+                "hot working set {working_set} bytes exceeds the {} bytes of guest data RAM",
+                data * PAGE_SIZE
+            ))),
+            Workload::Oracle { pages } if !pages.is_power_of_two() || pages > data => {
+                Err(Error::Memory(format!("oracle region of {pages} pages must be a power of two <= {data}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Pages available to workloads.
+    pub fn data_pages(&self) -> u64 {
+        self.ram_bytes.saturating_sub(DATA_START) / PAGE_SIZE
+    }
+
+    /// Data range `[start, end)` that vCPU `i` walks (Ab/Hot).
+    pub fn vcpu_range(&self, i: u32) -> (u64, u64) {
+        let pages = match self.workload {
+            Workload::Hot { working_set, .. } => (working_set / PAGE_SIZE).min(self.data_pages()),
+            _ => self.data_pages(),
+        };
+        let per = pages / u64::from(self.vcpus);
+        let start = DATA_START + u64::from(i) * per * PAGE_SIZE;
+        (start, start + per * PAGE_SIZE)
+    }
+
+    fn start(&self, i: u32) -> Start {
+        let (s, e) = self.vcpu_range(i);
+        let per = (e - s) / PAGE_SIZE;
+        match self.workload {
+            Workload::Ab => Start { program: Program::Walk, rdi: s, rsi: e, r8: per, r9: 0, r14: 0 },
+            Workload::Hot { .. } => Start { program: Program::Walk, rdi: s, rsi: e, r8: self.pace(i).batch, r9: 0, r14: 0 },
+            Workload::Idle => Start { program: Program::Idle, rdi: 0, rsi: 0, r8: 1, r9: 0, r14: 0 },
+            Workload::Oracle { pages } => Start {
+                program: Program::Oracle,
+                rdi: DATA_START,
+                rsi: pages - 1,
+                r8: 1024,
+                r9: guest::PARAM,
+                r14: 0x9E37_79B9_7F4A_7C15 ^ (u64::from(i) + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9),
+            },
+        }
+    }
+
+    /// Host-side pacing of vCPU `i`: after each progress report covering `batch` pages, the
+    /// vCPU thread sleeps so that the vCPU averages `per_sec` reports×batch per second.
+    fn pace(&self, _i: u32) -> Pace {
+        match self.workload {
+            Workload::Hot { pages_per_sec, .. } if pages_per_sec > 0 => {
+                let per_vcpu = (pages_per_sec / u64::from(self.vcpus)).max(1);
+                let batch = (per_vcpu / 1000).max(1);
+                Pace { batch, per_sec: per_vcpu }
+            }
+            Workload::Hot { .. } => Pace { batch: 4096, per_sec: 0 },
+            Workload::Idle => Pace { batch: 1, per_sec: 200 },
+            _ => Pace { batch: 1, per_sec: 0 },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    batch: u64,
+    /// Pages per second; 0 means unpaced.
+    per_sec: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Running,
+    Paused,
+    Exit,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<RunState>,
+    cv: Condvar,
+    parked: AtomicUsize,
+    progress: Vec<AtomicU64>,
+    reports: Vec<AtomicU64>,
+    fault: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running (or paused) embedded VM.
+#[derive(Debug)]
+pub struct Machine {
+    vm: Vm,
+    spec: GuestSpec,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    threads: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    msr_list: Vec<u32>,
+}
+
+static SIGNAL: Once = Once::new();
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+impl Machine {
+    /// Boot `spec` as a fresh guest: RAM, page tables, programs, vCPUs. The vCPUs start
+    /// paused; call [`Machine::resume`] to run them.
+    pub fn boot(spec: GuestSpec, dirty: DirtyPreference) -> Result<Machine> {
+        spec.validate()?;
+        let ram = GuestRam::new(spec.ram_bytes)?;
+        guest::install(&ram)?;
+        let m = Machine::create(spec, dirty, ram)?;
+        for (i, v) in m.vcpus.iter().enumerate() {
+            let v = v.lock().unwrap_or_else(|e| e.into_inner());
+            let sregs = v.get_sregs().map_err(|e| Error::ioctl("KVM_GET_SREGS", errno_io(e)))?;
+            v.set_sregs(&guest::initial_sregs(sregs)).map_err(|e| Error::ioctl("KVM_SET_SREGS", errno_io(e)))?;
+            v.set_regs(&guest::initial_regs(i, &spec.start(i as u32))).map_err(|e| Error::ioctl("KVM_SET_REGS", errno_io(e)))?;
+        }
+        Ok(m)
+    }
+
+    /// Create an empty VM of `spec`'s shape to receive a migration into. vCPUs stay paused
+    /// until their state is restored and [`Machine::resume`] is called.
+    pub fn destination(spec: GuestSpec, dirty: DirtyPreference) -> Result<Machine> {
+        spec.validate()?;
+        let ram = GuestRam::new(spec.ram_bytes)?;
+        Machine::create(spec, dirty, ram)
+    }
+
+    fn create(spec: GuestSpec, dirty: DirtyPreference, ram: GuestRam) -> Result<Machine> {
+        SIGNAL.call_once(|| {
+            if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+                tracing::error!("cannot register the vCPU kick signal handler: {e}");
+            }
+        });
+        let vm = Vm::new(ram, dirty)?;
+        let msr_list = vm
+            .kvm()
+            .get_msr_index_list()
+            .map_err(|e| Error::ioctl("KVM_GET_MSR_INDEX_LIST", errno_io(e)))?
+            .as_slice()
+            .to_vec();
+        let n = spec.vcpus as usize;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(RunState::Paused),
+            cv: Condvar::new(),
+            parked: AtomicUsize::new(0),
+            progress: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            reports: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            fault: Mutex::new(None),
+        });
+        let mut vcpus = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let fd = Arc::new(Mutex::new(vm.create_vcpu(i as u64)?));
+            let (f, sh, tr, pace) = (fd.clone(), shared.clone(), vm.dirty().clone(), spec.pace(i as u32));
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu_loop(i, f, sh, tr, pace))
+                .map_err(|e| Error::Vcpu { vcpu: i, msg: format!("spawn thread: {e}") })?;
+            vcpus.push(fd);
+            threads.push(t);
+        }
+        let m = Machine { vm, spec, vcpus, threads, shared, msr_list };
+        m.wait_parked(Duration::from_secs(10))?;
+        Ok(m)
+    }
+
+    pub fn spec(&self) -> &GuestSpec {
+        &self.spec
+    }
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        self.vm.ram()
+    }
+    pub fn dirty(&self) -> &Arc<DirtyTracker> {
+        self.vm.dirty()
+    }
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Latest progress counter each vCPU reported.
+    pub fn progress(&self) -> Vec<u64> {
+        self.shared.progress.iter().map(|p| p.load(Ordering::Relaxed)).collect()
+    }
+    /// Number of progress reports each vCPU made on this host.
+    pub fn reports(&self) -> Vec<u64> {
+        self.shared.reports.iter().map(|p| p.load(Ordering::Relaxed)).collect()
+    }
+    /// First unexpected guest exit, if any vCPU died.
+    pub fn fault(&self) -> Option<String> {
+        self.shared.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn is_running(&self) -> bool {
+        *self.shared.state() == RunState::Running
+    }
+
+    /// Let all vCPUs run.
+    pub fn resume(&self) -> Result<()> {
+        if let Some(f) = self.fault() {
+            return Err(Error::Vcpu { vcpu: 0, msg: format!("cannot resume a faulted guest: {f}") });
+        }
+        *self.shared.state() = RunState::Running;
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    /// Stop all vCPUs and wait until each is out of `KVM_RUN`.
+    pub fn pause(&self) -> Result<()> {
+        *self.shared.state() = RunState::Paused;
+        self.wait_parked(Duration::from_secs(10))
+    }
+
+    fn wait_parked(&self, limit: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        while self.shared.parked.load(Ordering::Acquire) < self.threads.len() {
+            if t0.elapsed() > limit {
+                return Err(Error::Vcpu { vcpu: 0, msg: format!("vCPUs did not stop within {limit:?}") });
+            }
+            for t in &self.threads {
+                // ESRCH (thread already gone) is fine: it parks or has exited.
+                let _ = sys::pthread_kill(t.as_pthread_t(), kick_signal());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    fn check_paused(&self) -> Result<()> {
+        if *self.shared.state() != RunState::Paused || self.shared.parked.load(Ordering::Acquire) < self.threads.len() {
+            return Err(Error::Vcpu { vcpu: 0, msg: "vCPUs must be paused for state access".into() });
+        }
+        Ok(())
+    }
+
+    /// Save every vCPU's state (vCPUs must be paused).
+    pub fn save_states(&self) -> Result<Vec<VcpuState>> {
+        self.check_paused()?;
+        self.vcpus
+            .iter()
+            .map(|v| state::save(&v.lock().unwrap_or_else(|e| e.into_inner()), &self.msr_list))
+            .collect()
+    }
+
+    /// Restore every vCPU's state (vCPUs must be paused).
+    pub fn restore_states(&self, states: &[VcpuState]) -> Result<()> {
+        self.check_paused()?;
+        if states.len() != self.vcpus.len() {
+            return Err(Error::Vcpu { vcpu: states.len(), msg: format!("got state for {} vCPUs, VM has {}", states.len(), self.vcpus.len()) });
+        }
+        for (i, (v, s)) in self.vcpus.iter().zip(states).enumerate() {
+            state::restore(&v.lock().unwrap_or_else(|e| e.into_inner()), s).map_err(|e| Error::Vcpu { vcpu: i, msg: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// Oracle workloads read the iteration number from the parameter page.
+    pub fn set_oracle_iteration(&self, iter: u64) -> Result<()> {
+        self.ram().write_u64(guest::PARAM, iter)
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        *self.shared.state() = RunState::Exit;
+        self.shared.cv.notify_all();
+        for t in &self.threads {
+            let _ = sys::pthread_kill(t.as_pthread_t(), kick_signal());
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+enum Event {
+    Progress(u32),
+    RingFull,
+    Interrupted,
+    Fault(String),
+}
+
+fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<DirtyTracker>, pace: Pace) {
+    let mut t0 = Instant::now();
+    let mut paced = 0u64;
+    loop {
+        {
+            let mut st = sh.state();
+            if *st != RunState::Running {
+                sh.parked.fetch_add(1, Ordering::AcqRel);
+                while *st == RunState::Paused {
+                    st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                sh.parked.fetch_sub(1, Ordering::AcqRel);
+                if *st == RunState::Exit {
+                    return;
+                }
+                t0 = Instant::now();
+                paced = 0;
+            }
+        }
+        let ev = {
+            let mut v = fd.lock().unwrap_or_else(|e| e.into_inner());
+            match v.run() {
+                Ok(VcpuExit::IoOut(port, data)) if port == PROGRESS_PORT + id as u16 && data.len() == 4 => {
+                    Event::Progress(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+                }
+                Ok(VcpuExit::IoIn(_, data)) => {
+                    data.fill(0);
+                    Event::Interrupted
+                }
+                Ok(VcpuExit::Unsupported(r)) if r == sys::EXIT_DIRTY_RING_FULL => Event::RingFull,
+                Ok(VcpuExit::Intr) => Event::Interrupted,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Event::Interrupted,
+                Ok(other) => Event::Fault(format!("vCPU {id}: unexpected exit {other:?}")),
+                Err(e) => Event::Fault(format!("vCPU {id}: KVM_RUN failed: {e}")),
+            }
+        };
+        match ev {
+            Event::Progress(v) => {
+                sh.progress[id].store(u64::from(v), Ordering::Relaxed);
+                sh.reports[id].fetch_add(1, Ordering::Relaxed);
+                if pace.per_sec > 0 {
+                    paced += pace.batch;
+                    let due = t0 + Duration::from_nanos(paced.saturating_mul(1_000_000_000) / pace.per_sec);
+                    // Sleep in short steps so a pause request is honoured quickly.
+                    while *sh.state() == RunState::Running {
+                        let now = Instant::now();
+                        if now >= due {
+                            break;
+                        }
+                        std::thread::sleep((due - now).min(Duration::from_millis(1)));
+                    }
+                }
+            }
+            Event::RingFull => {
+                if let Err(e) = dirty.on_ring_full() {
+                    fault(&sh, id, format!("vCPU {id}: harvesting a full dirty ring failed: {e}"));
+                }
+            }
+            Event::Interrupted => {}
+            Event::Fault(msg) => fault(&sh, id, msg),
+        }
+    }
+}
+
+/// Record a guest fault and park this vCPU for good (until exit).
+fn fault(sh: &Shared, id: usize, msg: String) {
+    tracing::error!("{msg}");
+    sh.fault.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(msg);
+    let mut st = sh.state();
+    sh.parked.fetch_add(1, Ordering::AcqRel);
+    while *st != RunState::Exit {
+        st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    let _ = id;
+    // Leave `parked` incremented: the thread is gone for good.
+}

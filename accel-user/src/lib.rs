@@ -1,1 +1,21 @@
+//! accel-user: the migaccel engine.
+//!
+//! - [`config`]: the TOML config and its validation;
+//! - [`protocol`]: wire protocol v1 (framing, payloads, caps);
+//! - [`transport`]: the transport trait and blocking TCP;
+//! - [`policy`]: convergence as a pure function over round metrics;
+//! - [`source`]: precopy, switchover, recovery;
+//! - [`dest`]: the receiving state machine;
+//! - [`session`]: flows shared by the CLI, tests and benches.
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![forbid(unsafe_code)]
 
+pub mod config;
+pub mod dest;
+pub mod policy;
+pub mod protocol;
+pub mod report;
+pub mod session;
+pub mod source;
+pub mod transport;
+pub mod verify;

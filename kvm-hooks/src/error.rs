@@ -4,8 +4,8 @@ use std::io;
 /// Everything that can go wrong while talking to KVM or managing guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("/dev/kvm is not available ({0}); is the kvm module loaded and are you root?")]
-    KvmUnavailable(io::Error),
+    #[error("KVM device {} is not available ({source}); is the kvm module loaded and are you root?", .path.display())]
+    KvmUnavailable { path: std::path::PathBuf, source: io::Error },
     #[error("KVM ioctl {op} failed: {source}")]
     Ioctl {
         op: &'static str,

@@ -30,9 +30,28 @@ pub struct KvmCaps {
     pub max_vcpus: i32,
 }
 
-/// Open `/dev/kvm` and read capabilities.
+static KVM_DEVICE: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
+/// Use `path` instead of `/dev/kvm` for every VM created from now on.
+pub fn set_kvm_device(path: impl Into<std::path::PathBuf>) {
+    *KVM_DEVICE.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.into());
+}
+
+/// The KVM device path in use.
+pub fn kvm_device() -> std::path::PathBuf {
+    KVM_DEVICE.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_else(|| "/dev/kvm".into())
+}
+
+fn open_kvm() -> Result<Kvm> {
+    let path = kvm_device();
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::KvmUnavailable { path: path.clone(), source: std::io::ErrorKind::InvalidInput.into() })?;
+    Kvm::new_with_path(c).map_err(|e| Error::KvmUnavailable { path, source: errno_io(e) })
+}
+
+/// Open the KVM device and read capabilities.
 pub fn probe() -> Result<KvmCaps> {
-    let kvm = Kvm::new().map_err(|e| Error::KvmUnavailable(errno_io(e)))?;
+    let kvm = open_kvm()?;
     Ok(KvmCaps {
         api_version: kvm.get_api_version(),
         dirty_ring_max_bytes: kvm.check_extension_raw(sys::CAP_DIRTY_LOG_RING_ACQ_REL.into()).max(0) as u32,
@@ -55,7 +74,7 @@ pub struct Vm {
 impl Vm {
     /// Create a VM over `ram`, choosing the dirty mode per `pref`.
     pub fn new(ram: GuestRam, pref: DirtyPreference) -> Result<Self> {
-        let kvm = Kvm::new().map_err(|e| Error::KvmUnavailable(errno_io(e)))?;
+        let kvm = open_kvm()?;
         let fd = kvm.create_vm().map_err(|e| Error::ioctl("KVM_CREATE_VM", errno_io(e)))?;
         let max_ring = fd.check_extension_raw(sys::CAP_DIRTY_LOG_RING_ACQ_REL.into()).max(0) as u32;
         let mode = match pref {

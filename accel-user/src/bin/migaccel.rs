@@ -1,1 +1,329 @@
-fn main(){}
+//! `migaccel`: live-migrate KVM guests.
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::session;
+use accel_user::source::Event;
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "migaccel", version, about = "Fast live migration of KVM guests")]
+struct Cli {
+    /// TOML config file (see docs/config.md); flags override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log filter (e.g. info, debug, accel_user=trace).
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot the embedded guest, migrate it live over loopback into a second VM, verify.
+    Demo(Common),
+    /// Boot the embedded guest described by the config and migrate it to a receiver.
+    Send {
+        /// Receiver address (IP:port).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Wait for one incoming migration, resume the VM, check it runs.
+    Receive {
+        /// Address to listen on (IP:port); default from the config.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Refuse VMs with more RAM than this.
+        #[arg(long, value_parser = parse_size)]
+        max_ram: Option<ByteSize>,
+        /// Keep the resumed VM running this long and check its progress.
+        #[arg(long)]
+        run_after_ms: Option<u64>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Report what this host supports.
+    Doctor,
+}
+
+#[derive(Args, Clone, Default)]
+struct Common {
+    /// Guest RAM (e.g. 512MiB, 2GiB).
+    #[arg(long, value_parser = parse_size)]
+    ram: Option<ByteSize>,
+    #[arg(long)]
+    vcpus: Option<u32>,
+    #[arg(long, value_enum)]
+    workload: Option<WorkloadKind>,
+    #[arg(long, value_parser = parse_size)]
+    hot_working_set: Option<ByteSize>,
+    /// Pages per second for the hot workload (0 = unlimited).
+    #[arg(long)]
+    hot_rate: Option<u64>,
+    #[arg(long)]
+    warmup_ms: Option<u64>,
+    #[arg(long)]
+    downtime_ms: Option<u64>,
+    #[arg(long)]
+    max_rounds: Option<u32>,
+    #[arg(long)]
+    batch_pages: Option<u32>,
+    #[arg(long, value_enum)]
+    dirty_source: Option<DirtySource>,
+    #[arg(long)]
+    dirty_ring_entries: Option<u32>,
+    #[arg(long)]
+    kvm_device: Option<PathBuf>,
+    /// Report format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    report: Format,
+    /// Write guest RAM as it stood at switchover (source) / at resume (destination).
+    #[arg(long, value_name = "PATH")]
+    dump_memory: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    s.parse()
+}
+
+impl Common {
+    fn apply(&self, c: &mut Config) {
+        let g = &mut c.guest;
+        if let Some(v) = self.ram {
+            g.ram = v;
+        }
+        if let Some(v) = self.vcpus {
+            g.vcpus = v;
+        }
+        if let Some(v) = self.workload {
+            g.workload = v;
+        }
+        if let Some(v) = self.hot_working_set {
+            g.hot_working_set = v;
+        }
+        if let Some(v) = self.hot_rate {
+            g.hot_rate = v;
+        }
+        if let Some(v) = self.warmup_ms {
+            g.warmup_ms = v;
+        }
+        let m = &mut c.migration;
+        if let Some(v) = self.downtime_ms {
+            m.downtime_target_ms = v;
+        }
+        if let Some(v) = self.max_rounds {
+            m.max_rounds = v;
+        }
+        if let Some(v) = self.batch_pages {
+            m.batch_pages = v;
+        }
+        if let Some(v) = self.dirty_source {
+            m.dirty_source = v;
+        }
+        if let Some(v) = self.dirty_ring_entries {
+            m.dirty_ring_entries = v;
+        }
+        if let Some(v) = &self.kvm_device {
+            c.host.kvm_device = v.clone();
+        }
+    }
+}
+
+fn load(cli: &Cli, common: &Common) -> anyhow::Result<Config> {
+    let mut c = match &cli.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    common.apply(&mut c);
+    c.validate()?;
+    Ok(c)
+}
+
+fn progress(quiet: bool) -> impl FnMut(Event) {
+    move |e| {
+        if quiet {
+            return;
+        }
+        match e {
+            Event::Accepted => eprintln!("destination accepted the VM"),
+            Event::Round(r) => eprintln!(
+                "round {:>3}: {:>8} pages ({:>8} zero) {:>9.1} MiB in {:>7.1} ms; {} dirty",
+                r.round,
+                r.pages,
+                r.zero_pages,
+                r.bytes as f64 / (1 << 20) as f64,
+                r.elapsed.as_secs_f64() * 1e3,
+                r.dirty_after
+            ),
+            Event::Switchover(s) => eprintln!("switchover: {s:?}"),
+            Event::Final(r) => eprintln!("final round {}: {} pages, vCPUs stopped", r.round, r.pages),
+            Event::Resumed { downtime } => eprintln!("destination resumed; downtime {:.1} ms", downtime.as_secs_f64() * 1e3),
+        }
+    }
+}
+
+fn dump(path: &Path, ram: &[u8]) -> anyhow::Result<()> {
+    let mut f = std::fs::File::create(path).with_context(|| format!("--dump-memory {}", path.display()))?;
+    f.write_all(ram).with_context(|| format!("--dump-memory {}", path.display()))?;
+    eprintln!("wrote {} bytes of guest RAM to {}", ram.len(), path.display());
+    Ok(())
+}
+
+fn suffixed(p: &Path, s: &str) -> PathBuf {
+    let mut o = p.as_os_str().to_owned();
+    o.push(s);
+    o.into()
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.cmd {
+        Cmd::Demo(common) => {
+            let cfg = load(&cli, common)?;
+            let json = common.report == Format::Json;
+            let out = session::demo(&cfg, &mut progress(json))?;
+            if let Some(p) = &common.dump_memory {
+                dump(&suffixed(p, ".src"), &out.source_ram)?;
+                dump(&suffixed(p, ".dst"), &out.dest_ram)?;
+            }
+            let r = &out.report;
+            if json {
+                println!("{}", serde_json::to_string_pretty(r)?);
+            } else {
+                print!("{}", r.source.text());
+                let v = &r.verification;
+                println!(
+                    "verification: {} pages compared, {} mismatched, A/B invariant {}, destination guest {}",
+                    v.pages_compared,
+                    v.mismatched_pages.len(),
+                    v.ab_invariant_error.as_deref().unwrap_or("ok"),
+                    if v.guest_alive { "running" } else { "NOT running" }
+                );
+            }
+            if !r.verification.ok() {
+                bail!("verification failed: {:?}", r.verification);
+            }
+            Ok(())
+        }
+        Cmd::Send { to, common } => {
+            let cfg = load(&cli, common)?;
+            let json = common.report == Format::Json;
+            let m = session::boot_source(&cfg)?;
+            let rep = session::send(&cfg, &m, to, &mut progress(json))?;
+            if let Some(p) = &common.dump_memory {
+                dump(p, &m.ram().snapshot())?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                print!("{}", rep.text());
+            }
+            Ok(())
+        }
+        Cmd::Receive { listen, max_ram, run_after_ms, common } => {
+            let mut cfg = load(&cli, common)?;
+            if let Some(l) = listen {
+                cfg.receiver.listen = l.clone();
+            }
+            if let Some(v) = max_ram {
+                cfg.receiver.max_ram = *v;
+            }
+            if let Some(v) = run_after_ms {
+                cfg.receiver.run_after_ms = *v;
+            }
+            cfg.validate()?;
+            let l = TcpListener::bind(&cfg.receiver.listen).with_context(|| format!("listen on {}", cfg.receiver.listen))?;
+            eprintln!("listening on {}", l.local_addr()?);
+            let (r, res) = session::receive(&cfg, &l, common.dump_memory.is_some());
+            let got = res?;
+            let m = r.into_machine().context("receiver finished without a VM")?;
+            if let Some(p) = &common.dump_memory {
+                dump(p, got.snapshot.as_deref().unwrap_or_default())?;
+            }
+            let rep = session::observe(&m, &got, Duration::from_millis(cfg.receiver.run_after_ms));
+            if common.report == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                println!(
+                    "received {} pages in {} rounds ({:.1} ms); guest progress {:?} -> {:?}: {}",
+                    rep.pages,
+                    rep.rounds,
+                    rep.total.as_secs_f64() * 1e3,
+                    rep.progress_at_resume,
+                    rep.progress_after,
+                    if rep.guest_alive { "running" } else { "NOT running" }
+                );
+            }
+            if !rep.guest_alive {
+                bail!("the destination guest is not making progress after resume");
+            }
+            Ok(())
+        }
+        Cmd::Doctor => doctor(),
+    }
+}
+
+fn doctor() -> anyhow::Result<()> {
+    let mut bad = 0;
+    let mut line = |ok: bool, what: &str, detail: String| {
+        println!("[{}] {what}: {detail}", if ok { " ok " } else { "FAIL" });
+        bad += u32::from(!ok);
+    };
+    match kvm_hooks::vm::probe() {
+        Ok(c) => {
+            line(true, "KVM", format!("{} (API {})", kvm_hooks::vm::kvm_device().display(), c.api_version));
+            line(
+                c.dirty_ring_max_bytes > 0,
+                "dirty ring",
+                if c.dirty_ring_max_bytes > 0 {
+                    format!("up to {} entries per vCPU", c.dirty_ring_max_bytes / 16)
+                } else {
+                    "not supported; the dirty bitmap will be used".into()
+                },
+            );
+            line(c.manual_dirty_log_protect > 0, "manual dirty-log protect", format!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = {}", c.manual_dirty_log_protect));
+            line(true, "vCPUs", format!("recommended {}, max {}", c.nr_vcpus, c.max_vcpus));
+        }
+        Err(e) => line(false, "KVM", e.to_string()),
+    }
+    line(Path::new("/dev/sev").exists(), "SEV", if Path::new("/dev/sev").exists() { "/dev/sev present".into() } else { "no /dev/sev: confidential paths cannot run on real SEV here".into() });
+    if bad > 0 {
+        println!("{bad} check(s) failed");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            let mut msg = chain[0].clone();
+            for c in &chain[1..] {
+                if !msg.contains(c.as_str()) {
+                    msg.push_str(": ");
+                    msg.push_str(c);
+                }
+            }
+            eprintln!("migaccel: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

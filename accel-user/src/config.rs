@@ -1,0 +1,320 @@
+//! The config file (TOML). Every key is documented in `docs/config.md`; CLI flags override.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kvm_hooks::vm::DirtyPreference;
+use kvm_hooks::vmm::{GuestSpec, Workload};
+use serde::{de, Deserialize, Deserializer, Serialize};
+
+use crate::dest::RecvOptions;
+use crate::policy::PolicyConfig;
+use crate::source::SendOptions;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {}: {msg}", .path.display())]
+    Parse { path: PathBuf, msg: String },
+    #[error("config key {key}: {msg}")]
+    Invalid { key: &'static str, msg: String },
+}
+
+fn invalid(key: &'static str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, msg: msg.into() }
+}
+
+/// A byte size: an integer number of bytes or a string like "256MiB", "1GiB", "4096".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. \"512MiB\", \"2GiB\")"))?;
+        let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            u => return Err(format!("unknown size unit {u:?} in {s:?} (use KiB, MiB or GiB)")),
+        };
+        n.checked_mul(mul).map(ByteSize).ok_or_else(|| format!("{s:?} overflows"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d).map_err(|_| de::Error::custom("expected a byte count or a size string like \"1GiB\""))? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkloadKind {
+    Ab,
+    Hot,
+    Idle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DirtySource {
+    /// KVM dirty ring; falls back to the bitmap if the kernel lacks it.
+    Ring,
+    /// KVM dirty bitmap with manual protect.
+    Bitmap,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// KVM device node.
+    pub kvm_device: PathBuf,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig { kvm_device: "/dev/kvm".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestConfig {
+    pub ram: ByteSize,
+    pub vcpus: u32,
+    pub workload: WorkloadKind,
+    pub hot_working_set: ByteSize,
+    /// Pages per second the hot workload dirties (0 = as fast as it can).
+    pub hot_rate: u64,
+    /// How long the guest runs before migration starts.
+    pub warmup_ms: u64,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            ram: ByteSize(256 << 20),
+            vcpus: 2,
+            workload: WorkloadKind::Ab,
+            hot_working_set: ByteSize(64 << 20),
+            hot_rate: 50_000,
+            warmup_ms: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationConfig {
+    pub downtime_target_ms: u64,
+    pub max_rounds: u32,
+    pub batch_pages: u32,
+    pub zero_pages: bool,
+    pub dirty_source: DirtySource,
+    pub dirty_ring_entries: u32,
+    pub connect_timeout_ms: u64,
+    pub io_timeout_ms: u64,
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig {
+            downtime_target_ms: 50,
+            max_rounds: 30,
+            batch_pages: 256,
+            zero_pages: true,
+            dirty_source: DirtySource::Ring,
+            dirty_ring_entries: 4096,
+            connect_timeout_ms: 5_000,
+            io_timeout_ms: 10_000,
+            ack_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiverConfig {
+    pub listen: String,
+    pub max_ram: ByteSize,
+    pub max_vcpus: u32,
+    /// After resuming, keep the VM running this long and check its progress counters.
+    pub run_after_ms: u64,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig { listen: "127.0.0.1:47000".into(), max_ram: ByteSize(64 << 30), max_vcpus: 64, run_after_ms: 500 }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub host: HostConfig,
+    pub guest: GuestConfig,
+    pub migration: MigrationConfig,
+    pub receiver: ReceiverConfig,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { msg, .. } => ConfigError::Parse { path: path.into(), msg },
+            e => e,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            msg: e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" "),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Check every value; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let g = &self.guest;
+        kvm_hooks::memory::validate_ram_size(g.ram.0).map_err(|e| invalid("guest.ram", e.to_string()))?;
+        if g.vcpus == 0 || g.vcpus > kvm_hooks::vmm::MAX_VCPUS {
+            return Err(invalid("guest.vcpus", format!("{} is not in 1..={}", g.vcpus, kvm_hooks::vmm::MAX_VCPUS)));
+        }
+        self.guest_spec().validate().map_err(|e| invalid(if g.workload == WorkloadKind::Hot { "guest.hot_working_set" } else { "guest.ram" }, e.to_string()))?;
+        let m = &self.migration;
+        if m.downtime_target_ms == 0 {
+            return Err(invalid("migration.downtime_target_ms", "must be at least 1"));
+        }
+        if m.max_rounds == 0 || m.max_rounds > 10_000 {
+            return Err(invalid("migration.max_rounds", format!("{} is not in 1..=10000", m.max_rounds)));
+        }
+        if m.batch_pages == 0 || m.batch_pages > 4096 {
+            return Err(invalid("migration.batch_pages", format!("{} is not in 1..=4096", m.batch_pages)));
+        }
+        if !m.dirty_ring_entries.is_power_of_two() || !(64..=65536).contains(&m.dirty_ring_entries) {
+            return Err(invalid("migration.dirty_ring_entries", format!("{} must be a power of two in 64..=65536", m.dirty_ring_entries)));
+        }
+        for (key, v) in [
+            ("migration.connect_timeout_ms", m.connect_timeout_ms),
+            ("migration.io_timeout_ms", m.io_timeout_ms),
+            ("migration.ack_timeout_ms", m.ack_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        let r = &self.receiver;
+        if r.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("receiver.listen", format!("{:?} is not an IP:port address", r.listen)));
+        }
+        if r.max_vcpus == 0 {
+            return Err(invalid("receiver.max_vcpus", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn guest_spec(&self) -> GuestSpec {
+        let g = &self.guest;
+        let workload = match g.workload {
+            WorkloadKind::Ab => Workload::Ab,
+            WorkloadKind::Idle => Workload::Idle,
+            WorkloadKind::Hot => Workload::Hot { working_set: g.hot_working_set.0, pages_per_sec: g.hot_rate },
+        };
+        GuestSpec { ram_bytes: g.ram.0, vcpus: g.vcpus, workload }
+    }
+
+    pub fn dirty_preference(&self) -> DirtyPreference {
+        match self.migration.dirty_source {
+            DirtySource::Ring => DirtyPreference::RingOrBitmap { bytes: self.migration.dirty_ring_entries * 16 },
+            DirtySource::Bitmap => DirtyPreference::Bitmap,
+        }
+    }
+
+    pub fn send_options(&self) -> SendOptions {
+        let m = &self.migration;
+        SendOptions {
+            policy: PolicyConfig { downtime_target: Duration::from_millis(m.downtime_target_ms), max_rounds: m.max_rounds },
+            batch_pages: m.batch_pages,
+            zero_detect: m.zero_pages,
+            ack_timeout: Duration::from_millis(m.ack_timeout_ms),
+        }
+    }
+
+    pub fn recv_options(&self, capture: bool) -> RecvOptions {
+        RecvOptions {
+            max_ram: self.receiver.max_ram.0,
+            max_vcpus: self.receiver.max_vcpus,
+            dirty: self.dirty_preference(),
+            capture,
+            io_timeout: Duration::from_millis(self.migration.io_timeout_ms),
+        }
+    }
+
+    pub fn io_timeout(&self) -> Duration {
+        Duration::from_millis(self.migration.io_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.migration.connect_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::parse("").unwrap().guest.ram, ByteSize(256 << 20));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!("1GiB".parse::<ByteSize>().unwrap(), ByteSize(1 << 30));
+        assert_eq!("64 MiB".parse::<ByteSize>().unwrap(), ByteSize(64 << 20));
+        assert_eq!("4096".parse::<ByteSize>().unwrap(), ByteSize(4096));
+        assert!("12XB".parse::<ByteSize>().unwrap_err().contains("unit"));
+        assert!("lots".parse::<ByteSize>().is_err());
+        let c = Config::parse("[guest]\nram = 134217728\n").unwrap();
+        assert_eq!(c.guest.ram.0, 128 << 20);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::parse("[guest]\nrma = \"1GiB\"\n").unwrap_err().to_string();
+        assert!(e.contains("rma"), "{e}");
+        let e = Config::parse("[guest]\nvcpus = \"two\"\n").unwrap_err().to_string();
+        assert!(e.contains("vcpus"), "{e}");
+        let e = Config::parse("[guest]\nram = \"10MiB\"\n").unwrap_err().to_string();
+        assert!(e.contains("guest.ram") && e.contains("64 MiB"), "{e}");
+        let e = Config::parse("[migration]\nbatch_pages = 0\n").unwrap_err().to_string();
+        assert!(e.contains("migration.batch_pages"), "{e}");
+        let e = Config::parse("[receiver]\nlisten = \"nowhere\"\n").unwrap_err().to_string();
+        assert!(e.contains("receiver.listen"), "{e}");
+        let e = Config::parse("[bogus]\n").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::parse("[guest]\nworkload = \"hot\"\nhot_working_set = \"1TiB\"\n").unwrap_err().to_string();
+        assert!(e.contains("hot_working_set"), "{e}");
+    }
+}

@@ -1,0 +1,114 @@
+//! Convergence policy: a pure function from round metrics to a decision.
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::protocol::PAGE;
+
+/// What happened in one precopy round.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RoundStats {
+    pub round: u32,
+    /// Pages sent (data + zero).
+    pub pages: u64,
+    /// Pages sent as zero records.
+    pub zero_pages: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Wall time of the round.
+    #[serde(serialize_with = "crate::report::ser_ms")]
+    pub elapsed: Duration,
+    /// Pages found dirty when the round ended (sent by the next round).
+    pub dirty_after: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyConfig {
+    pub downtime_target: Duration,
+    /// Precopy rounds (round 0 included) after which switchover is forced.
+    pub max_rounds: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "reason")]
+pub enum SwitchReason {
+    /// The remaining dirty pages fit the downtime target at the measured bandwidth.
+    Converged { predicted_ms: f64 },
+    /// The round limit was reached; downtime may exceed the target.
+    RoundLimit { predicted_ms: f64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    Continue,
+    Switchover(SwitchReason),
+}
+
+/// Bandwidth in bytes/s over the given rounds (data pages only count their bytes).
+pub fn bandwidth(rounds: &[RoundStats]) -> Option<f64> {
+    let last = rounds.last()?;
+    let secs = last.elapsed.as_secs_f64();
+    if secs > 0.0 && last.bytes > 0 {
+        Some(last.bytes as f64 / secs)
+    } else {
+        None
+    }
+}
+
+/// Predicted duration of a final round that sends `pending` pages.
+pub fn predict(rounds: &[RoundStats], pending: u64) -> Duration {
+    if pending == 0 {
+        return Duration::ZERO;
+    }
+    match bandwidth(rounds) {
+        Some(bw) => Duration::from_secs_f64(pending as f64 * PAGE as f64 / bw),
+        None => Duration::MAX,
+    }
+}
+
+/// Decide after a round whether to switch over, given `pending` dirty pages.
+pub fn decide(cfg: &PolicyConfig, rounds: &[RoundStats], pending: u64) -> Decision {
+    let p = predict(rounds, pending);
+    let ms = if p == Duration::MAX { f64::INFINITY } else { p.as_secs_f64() * 1e3 };
+    if p <= cfg.downtime_target {
+        Decision::Switchover(SwitchReason::Converged { predicted_ms: ms })
+    } else if rounds.len() as u32 >= cfg.max_rounds {
+        Decision::Switchover(SwitchReason::RoundLimit { predicted_ms: ms })
+    } else {
+        Decision::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(round: u32, bytes: u64, ms: u64) -> RoundStats {
+        RoundStats { round, pages: bytes / PAGE, bytes, elapsed: Duration::from_millis(ms), ..Default::default() }
+    }
+
+    #[test]
+    fn converges_when_final_round_fits() {
+        let cfg = PolicyConfig { downtime_target: Duration::from_millis(50), max_rounds: 10 };
+        // 1 GB/s: 100 pages take ~0.4 ms.
+        let rounds = [r(0, 1_000_000_000, 1000)];
+        assert!(matches!(decide(&cfg, &rounds, 100), Decision::Switchover(SwitchReason::Converged { .. })));
+        // 100k pages = 410 MB = 410 ms > 50 ms.
+        assert_eq!(decide(&cfg, &rounds, 100_000), Decision::Continue);
+        assert!(matches!(decide(&cfg, &rounds, 0), Decision::Switchover(SwitchReason::Converged { .. })));
+    }
+
+    #[test]
+    fn round_limit_forces_switchover() {
+        let cfg = PolicyConfig { downtime_target: Duration::from_millis(1), max_rounds: 3 };
+        let rounds = [r(0, 4096, 1000), r(1, 4096, 1000), r(2, 4096, 1000)];
+        assert!(matches!(decide(&cfg, &rounds, 1_000_000), Decision::Switchover(SwitchReason::RoundLimit { .. })));
+        assert_eq!(decide(&cfg, &rounds[..2], 1_000_000), Decision::Continue);
+    }
+
+    #[test]
+    fn unknown_bandwidth_never_converges_early() {
+        let cfg = PolicyConfig { downtime_target: Duration::from_millis(50), max_rounds: 10 };
+        assert_eq!(decide(&cfg, &[r(0, 0, 0)], 10), Decision::Continue);
+    }
+}

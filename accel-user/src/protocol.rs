@@ -1,0 +1,518 @@
+//! Wire protocol v1: framed, versioned, little-endian.
+//!
+//! Every frame starts with a fixed 24-byte header:
+//! ```text
+//! 0  magic   u32  "MGAX"
+//! 4  version u16  PROTOCOL_VERSION
+//! 6  kind    u16  FrameKind (0 = Invalid, never sent)
+//! 8  len     u32  payload bytes that follow
+//! 12 flags   u32  reserved, must be 0
+//! 16 seq     u64  frame sequence number on this stream, from 0
+//! ```
+//! Payload layouts are in `docs/protocol.md`. Every length is checked against a per-kind
+//! cap before anything is allocated or read.
+use kvm_hooks::vmm::{GuestSpec, Workload};
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"MGAX");
+pub const PROTOCOL_VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 24;
+pub const PAGE: u64 = 4096;
+/// Most runs in one Pages frame.
+pub const MAX_RUNS: u32 = 4096;
+/// Most page data in one Pages frame (bytes).
+pub const MAX_PAGE_DATA: u64 = 16 << 20;
+/// Largest payload of any frame.
+pub const MAX_FRAME: u32 = (8 + 16 * MAX_RUNS as u64 + MAX_PAGE_DATA) as u32;
+/// Largest text carried in a frame (abort reasons, refusals).
+pub const MAX_TEXT: usize = 1024;
+
+/// Run flag: the run's pages are all zero; no data follows for it.
+pub const RUN_ZERO: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum FrameKind {
+    Invalid = 0,
+    /// Source → destination: protocol version and VM shape.
+    Hello = 1,
+    /// Destination → source: accept (VM created) or refuse with a reason.
+    HelloAck = 2,
+    /// Source → destination: a batch of page runs for one round.
+    Pages = 3,
+    /// Source → destination: round `n` is complete.
+    EndOfRound = 4,
+    /// Source → destination: one vCPU's encoded state.
+    VcpuState = 5,
+    /// Source → destination: everything sent; verify and resume.
+    Complete = 6,
+    /// Destination → source: the VM is running.
+    Resumed = 7,
+    /// Either way: give up, with a reason. The destination never resumes after it.
+    Abort = 8,
+}
+
+impl FrameKind {
+    pub fn from_u16(v: u16) -> Option<FrameKind> {
+        use FrameKind::*;
+        Some(match v {
+            1 => Hello,
+            2 => HelloAck,
+            3 => Pages,
+            4 => EndOfRound,
+            5 => VcpuState,
+            6 => Complete,
+            7 => Resumed,
+            8 => Abort,
+            _ => return None,
+        })
+    }
+
+    /// Largest payload this kind may carry.
+    pub fn max_len(self) -> u32 {
+        match self {
+            FrameKind::Invalid => 0,
+            FrameKind::Hello => 64,
+            FrameKind::HelloAck => 8 + MAX_TEXT as u32,
+            FrameKind::Pages => MAX_FRAME,
+            FrameKind::EndOfRound => 16,
+            FrameKind::VcpuState => 8 + kvm_hooks::state::MAX_ENCODED as u32,
+            FrameKind::Complete => 32,
+            FrameKind::Resumed => 16,
+            FrameKind::Abort => 4 + MAX_TEXT as u32,
+        }
+    }
+}
+
+/// Decoding errors: each says which field was wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("bad magic {0:#010x} (not a migaccel stream)")]
+    BadMagic(u32),
+    #[error("unsupported protocol version {0} (this build speaks {PROTOCOL_VERSION})")]
+    Version(u16),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    #[error("{kind:?} frame of {len} bytes exceeds its {max}-byte cap")]
+    Oversized { kind: FrameKind, len: u32, max: u32 },
+    #[error("reserved header flags {0:#x} are set")]
+    Flags(u32),
+    #[error("frame sequence {got}, expected {want}")]
+    Sequence { got: u64, want: u64 },
+    #[error("{kind:?} payload: {msg}")]
+    Payload { kind: FrameKind, msg: String },
+}
+
+fn perr(kind: FrameKind, msg: impl Into<String>) -> ProtocolError {
+    ProtocolError::Payload { kind, msg: msg.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: FrameKind,
+    pub len: u32,
+    pub seq: u64,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        b
+    }
+
+    /// Decode and check a header: magic, version, kind, flags and the kind's length cap.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, ProtocolError> {
+        let magic = u32::from_le_bytes(b[0..4].try_into().expect("4"));
+        if magic != MAGIC {
+            return Err(ProtocolError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Version(version));
+        }
+        let k = u16::from_le_bytes([b[6], b[7]]);
+        let kind = FrameKind::from_u16(k).ok_or(ProtocolError::UnknownKind(k))?;
+        let len = u32::from_le_bytes(b[8..12].try_into().expect("4"));
+        let flags = u32::from_le_bytes(b[12..16].try_into().expect("4"));
+        if flags != 0 {
+            return Err(ProtocolError::Flags(flags));
+        }
+        if len > kind.max_len() {
+            return Err(ProtocolError::Oversized { kind, len, max: kind.max_len() });
+        }
+        Ok(Header { kind, len, seq: u64::from_le_bytes(b[16..24].try_into().expect("8")) })
+    }
+}
+
+/// Little-endian cursor over a payload; every read is bounds-checked.
+pub struct Reader<'a> {
+    b: &'a [u8],
+    kind: FrameKind,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(kind: FrameKind, b: &'a [u8]) -> Self {
+        Reader { b, kind }
+    }
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ProtocolError> {
+        if self.b.len() < n {
+            return Err(perr(self.kind, format!("truncated at {what}")));
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    pub fn u16(&mut self, what: &str) -> Result<u16, ProtocolError> {
+        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2")))
+    }
+    pub fn u32(&mut self, what: &str) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4")))
+    }
+    pub fn u64(&mut self, what: &str) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8")))
+    }
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.b)
+    }
+    pub fn finish(&self) -> Result<(), ProtocolError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(perr(self.kind, format!("{} unexpected trailing bytes", self.b.len())))
+        }
+    }
+}
+
+/// Workload codes on the wire (`Invalid = 0`).
+#[repr(u32)]
+enum WorkloadCode {
+    Invalid = 0,
+    Ab = 1,
+    Hot = 2,
+    Idle = 3,
+    Oracle = 4,
+}
+
+/// Hello payload: the VM's shape (48 bytes).
+pub fn encode_hello(spec: &GuestSpec) -> Vec<u8> {
+    let (code, a, b) = match spec.workload {
+        Workload::Ab => (WorkloadCode::Ab, 0, 0),
+        Workload::Hot { working_set, pages_per_sec } => (WorkloadCode::Hot, working_set, pages_per_sec),
+        Workload::Idle => (WorkloadCode::Idle, 0, 0),
+        Workload::Oracle { pages } => (WorkloadCode::Oracle, pages, 0),
+    };
+    let mut v = Vec::with_capacity(48);
+    v.extend_from_slice(&(PAGE as u32).to_le_bytes());
+    v.extend_from_slice(&spec.vcpus.to_le_bytes());
+    v.extend_from_slice(&spec.ram_bytes.to_le_bytes());
+    v.extend_from_slice(&(code as u32).to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v.extend_from_slice(&a.to_le_bytes());
+    v.extend_from_slice(&b.to_le_bytes());
+    v
+}
+
+pub fn decode_hello(p: &[u8]) -> Result<GuestSpec, ProtocolError> {
+    let k = FrameKind::Hello;
+    let mut r = Reader::new(k, p);
+    let page = r.u32("page_size")?;
+    if u64::from(page) != PAGE {
+        return Err(perr(k, format!("page size {page}, this build uses {PAGE}")));
+    }
+    let vcpus = r.u32("vcpus")?;
+    let ram_bytes = r.u64("ram_bytes")?;
+    let code = r.u32("workload")?;
+    let _reserved = r.u32("reserved")?;
+    let a = r.u64("workload arg a")?;
+    let b = r.u64("workload arg b")?;
+    r.finish()?;
+    let workload = match code {
+        c if c == WorkloadCode::Ab as u32 => Workload::Ab,
+        c if c == WorkloadCode::Hot as u32 => Workload::Hot { working_set: a, pages_per_sec: b },
+        c if c == WorkloadCode::Idle as u32 => Workload::Idle,
+        c if c == WorkloadCode::Oracle as u32 => Workload::Oracle { pages: a },
+        c => {
+            let _ = WorkloadCode::Invalid;
+            return Err(perr(k, format!("unknown workload code {c}")));
+        }
+    };
+    Ok(GuestSpec { ram_bytes, vcpus, workload })
+}
+
+/// HelloAck: status (0 = accepted, 1 = refused) and a reason.
+pub fn encode_status(status: u32, text: &str) -> Vec<u8> {
+    let t = truncate(text);
+    let mut v = Vec::with_capacity(8 + t.len());
+    v.extend_from_slice(&status.to_le_bytes());
+    v.extend_from_slice(&(t.len() as u32).to_le_bytes());
+    v.extend_from_slice(t.as_bytes());
+    v
+}
+
+pub fn decode_status(kind: FrameKind, p: &[u8]) -> Result<(u32, String), ProtocolError> {
+    let mut r = Reader::new(kind, p);
+    let status = r.u32("status")?;
+    let n = r.u32("text length")? as usize;
+    if n > MAX_TEXT {
+        return Err(perr(kind, format!("text of {n} bytes exceeds {MAX_TEXT}")));
+    }
+    let t = r.rest();
+    if t.len() != n {
+        return Err(perr(kind, format!("text length {n} but {} bytes follow", t.len())));
+    }
+    Ok((status, String::from_utf8_lossy(t).into_owned()))
+}
+
+/// Abort: a reason.
+pub fn encode_abort(text: &str) -> Vec<u8> {
+    let t = truncate(text);
+    let mut v = Vec::with_capacity(4 + t.len());
+    v.extend_from_slice(&(t.len() as u32).to_le_bytes());
+    v.extend_from_slice(t.as_bytes());
+    v
+}
+
+pub fn decode_abort(p: &[u8]) -> Result<String, ProtocolError> {
+    let mut r = Reader::new(FrameKind::Abort, p);
+    let n = r.u32("reason length")? as usize;
+    let t = r.rest();
+    if t.len() != n || n > MAX_TEXT {
+        return Err(perr(FrameKind::Abort, format!("reason length {n} does not match {} bytes", t.len())));
+    }
+    Ok(String::from_utf8_lossy(t).into_owned())
+}
+
+fn truncate(s: &str) -> &str {
+    if s.len() <= MAX_TEXT {
+        return s;
+    }
+    let mut end = MAX_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// One run of consecutive pages in a Pages frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub gfn: u64,
+    pub npages: u32,
+    pub flags: u32,
+}
+
+impl Run {
+    pub fn is_zero(&self) -> bool {
+        self.flags & RUN_ZERO != 0
+    }
+    pub fn data_bytes(&self) -> u64 {
+        if self.is_zero() {
+            0
+        } else {
+            u64::from(self.npages) * PAGE
+        }
+    }
+}
+
+/// Pages frame prefix: `round u32, nruns u32`, then `nruns` × (`gfn u64, npages u32, flags u32`).
+pub fn encode_pages_meta(round: u32, runs: &[Run], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&round.to_le_bytes());
+    out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    for r in runs {
+        out.extend_from_slice(&r.gfn.to_le_bytes());
+        out.extend_from_slice(&r.npages.to_le_bytes());
+        out.extend_from_slice(&r.flags.to_le_bytes());
+    }
+}
+
+/// Validate a run table against guest RAM and the frame length: every run inside RAM,
+/// non-empty, known flags, and data bytes exactly filling the rest of the frame.
+pub fn check_runs(runs: &[Run], ram_pages: u64, data_len: u64) -> Result<(), ProtocolError> {
+    let k = FrameKind::Pages;
+    let mut total = 0u64;
+    for (i, r) in runs.iter().enumerate() {
+        if r.npages == 0 {
+            return Err(perr(k, format!("run {i} has zero pages")));
+        }
+        if r.flags & !RUN_ZERO != 0 {
+            return Err(perr(k, format!("run {i} has unknown flags {:#x}", r.flags)));
+        }
+        match r.gfn.checked_add(u64::from(r.npages)) {
+            Some(end) if end <= ram_pages => {}
+            _ => {
+                return Err(perr(
+                    k,
+                    format!("run {i}: gfn {:#x} + {} pages is outside guest RAM ({ram_pages} pages)", r.gfn, r.npages),
+                ))
+            }
+        }
+        total += r.data_bytes();
+    }
+    if total != data_len {
+        return Err(perr(k, format!("runs describe {total} data bytes but the frame carries {data_len}")));
+    }
+    Ok(())
+}
+
+pub fn decode_runs(table: &[u8]) -> Vec<Run> {
+    table
+        .chunks_exact(16)
+        .map(|c| Run {
+            gfn: u64::from_le_bytes(c[0..8].try_into().expect("8")),
+            npages: u32::from_le_bytes(c[8..12].try_into().expect("4")),
+            flags: u32::from_le_bytes(c[12..16].try_into().expect("4")),
+        })
+        .collect()
+}
+
+/// EndOfRound: `round u32, reserved u32, pages u64`.
+pub fn encode_end_of_round(round: u32, pages: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&round.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v.extend_from_slice(&pages.to_le_bytes());
+    v
+}
+
+pub fn decode_end_of_round(p: &[u8]) -> Result<(u32, u64), ProtocolError> {
+    let mut r = Reader::new(FrameKind::EndOfRound, p);
+    let round = r.u32("round")?;
+    r.u32("reserved")?;
+    let pages = r.u64("pages")?;
+    r.finish()?;
+    Ok((round, pages))
+}
+
+/// Complete: `rounds u32, vcpus u32, pages_sent u64`.
+pub fn encode_complete(rounds: u32, vcpus: u32, pages_sent: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&rounds.to_le_bytes());
+    v.extend_from_slice(&vcpus.to_le_bytes());
+    v.extend_from_slice(&pages_sent.to_le_bytes());
+    v
+}
+
+pub fn decode_complete(p: &[u8]) -> Result<(u32, u32, u64), ProtocolError> {
+    let mut r = Reader::new(FrameKind::Complete, p);
+    let t = (r.u32("rounds")?, r.u32("vcpus")?, r.u64("pages_sent")?);
+    r.finish()?;
+    Ok(t)
+}
+
+/// Resumed: `capture_us u64` (time the destination spent snapshotting RAM for verification
+/// before resuming, excluded from downtime), `reserved u64`.
+pub fn encode_resumed(capture_us: u64) -> Vec<u8> {
+    let mut v = capture_us.to_le_bytes().to_vec();
+    v.extend_from_slice(&0u64.to_le_bytes());
+    v
+}
+
+pub fn decode_resumed(p: &[u8]) -> Result<u64, ProtocolError> {
+    let mut r = Reader::new(FrameKind::Resumed, p);
+    let c = r.u64("capture_us")?;
+    r.u64("reserved")?;
+    r.finish()?;
+    Ok(c)
+}
+
+/// VcpuState: `vcpu u32, len u32`, then the encoded state.
+pub fn encode_vcpu_state_prefix(vcpu: u32, len: u32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&vcpu.to_le_bytes());
+    b[4..].copy_from_slice(&len.to_le_bytes());
+    b
+}
+
+pub fn decode_vcpu_state(p: &[u8]) -> Result<(u32, &[u8]), ProtocolError> {
+    let k = FrameKind::VcpuState;
+    let mut r = Reader::new(k, p);
+    let vcpu = r.u32("vcpu")?;
+    let len = r.u32("state length")? as usize;
+    let rest = r.rest();
+    if rest.len() != len {
+        return Err(perr(k, format!("state length {len} but {} bytes follow", rest.len())));
+    }
+    Ok((vcpu, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_roundtrip_and_checks() {
+        let h = Header { kind: FrameKind::Pages, len: 4096, seq: 7 };
+        assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+        let mut b = h.encode();
+        b[0] = b'X';
+        assert!(matches!(Header::decode(&b), Err(ProtocolError::BadMagic(_))));
+        let mut b = h.encode();
+        b[4] = 2;
+        assert_eq!(Header::decode(&b), Err(ProtocolError::Version(2)));
+        let mut b = h.encode();
+        b[6] = 0;
+        assert_eq!(Header::decode(&b), Err(ProtocolError::UnknownKind(0)), "Invalid is never accepted");
+        let big = Header { kind: FrameKind::Hello, len: 1 << 20, seq: 0 };
+        assert!(matches!(Header::decode(&big.encode()), Err(ProtocolError::Oversized { .. })));
+        let mut b = h.encode();
+        b[12] = 1;
+        assert_eq!(Header::decode(&b), Err(ProtocolError::Flags(1)));
+    }
+
+    #[test]
+    fn hello_roundtrip() {
+        for w in [
+            Workload::Ab,
+            Workload::Idle,
+            Workload::Hot { working_set: 1 << 20, pages_per_sec: 5000 },
+            Workload::Oracle { pages: 1024 },
+        ] {
+            let s = GuestSpec { ram_bytes: 1 << 30, vcpus: 3, workload: w };
+            assert_eq!(decode_hello(&encode_hello(&s)).unwrap(), s);
+        }
+        let mut e = encode_hello(&GuestSpec { ram_bytes: 1 << 30, vcpus: 1, workload: Workload::Ab });
+        e[16] = 99;
+        assert!(decode_hello(&e).unwrap_err().to_string().contains("workload code 99"));
+        assert!(decode_hello(&e[..10]).is_err());
+    }
+
+    #[test]
+    fn runs_are_checked_against_ram_and_length() {
+        let ok = [Run { gfn: 0, npages: 2, flags: 0 }, Run { gfn: 10, npages: 5, flags: RUN_ZERO }];
+        check_runs(&ok, 16, 2 * PAGE).unwrap();
+        assert!(check_runs(&ok, 14, 2 * PAGE).unwrap_err().to_string().contains("outside guest RAM"));
+        assert!(check_runs(&ok, 16, 3 * PAGE).unwrap_err().to_string().contains("data bytes"));
+        let wrap = [Run { gfn: u64::MAX, npages: 2, flags: 0 }];
+        assert!(check_runs(&wrap, 16, 2 * PAGE).is_err(), "gfn overflow must not wrap");
+        let zero = [Run { gfn: 1, npages: 0, flags: 0 }];
+        assert!(check_runs(&zero, 16, 0).is_err());
+        let flags = [Run { gfn: 1, npages: 1, flags: 8 }];
+        assert!(check_runs(&flags, 16, PAGE).is_err());
+        let mut m = Vec::new();
+        encode_pages_meta(3, &ok, &mut m);
+        assert_eq!(decode_runs(&m[8..]), ok.to_vec());
+    }
+
+    #[test]
+    fn status_abort_and_state_frames() {
+        let (s, t) = decode_status(FrameKind::HelloAck, &encode_status(1, "too big")).unwrap();
+        assert_eq!((s, t.as_str()), (1, "too big"));
+        assert!(decode_status(FrameKind::HelloAck, &encode_status(1, "x")[..9]).is_err());
+        assert_eq!(decode_abort(&encode_abort("boom")).unwrap(), "boom");
+        let long = "é".repeat(2000);
+        assert!(decode_abort(&encode_abort(&long)).unwrap().len() <= MAX_TEXT);
+        assert_eq!(decode_end_of_round(&encode_end_of_round(4, 99)).unwrap(), (4, 99));
+        assert_eq!(decode_complete(&encode_complete(5, 2, 77)).unwrap(), (5, 2, 77));
+        assert_eq!(decode_resumed(&encode_resumed(12)).unwrap(), 12);
+        let mut p = encode_vcpu_state_prefix(1, 3).to_vec();
+        p.extend_from_slice(b"abc");
+        assert_eq!(decode_vcpu_state(&p).unwrap(), (1, &b"abc"[..]));
+        p.push(0);
+        assert!(decode_vcpu_state(&p).is_err());
+    }
+}

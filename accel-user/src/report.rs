@@ -1,0 +1,159 @@
+//! Migration reports: human-readable and JSON.
+use std::time::Duration;
+
+use kvm_hooks::dirty::DirtyMode;
+use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
+use serde::{Serialize, Serializer};
+
+use crate::policy::{RoundStats, SwitchReason};
+
+pub fn ser_ms<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestInfo {
+    pub ram_bytes: u64,
+    pub vcpus: u32,
+    pub workload: String,
+}
+
+impl From<GuestSpec> for GuestInfo {
+    fn from(s: GuestSpec) -> Self {
+        let workload = match s.workload {
+            Workload::Ab => "ab".to_string(),
+            Workload::Idle => "idle".to_string(),
+            Workload::Hot { working_set, pages_per_sec } => format!("hot(working_set={working_set},pages_per_sec={pages_per_sec})"),
+            Workload::Oracle { pages } => format!("oracle(pages={pages})"),
+        };
+        GuestInfo { ram_bytes: s.ram_bytes, vcpus: s.vcpus, workload }
+    }
+}
+
+/// The source's view of a completed migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceReport {
+    pub guest: GuestInfo,
+    pub dirty_mode: String,
+    #[serde(serialize_with = "ser_ms", rename = "total_ms")]
+    pub total: Duration,
+    /// Source vCPUs stopped → destination vCPUs running (acknowledged), excluding
+    /// verification capture time on the destination.
+    #[serde(serialize_with = "ser_ms", rename = "downtime_ms")]
+    pub downtime: Duration,
+    /// Connect + handshake (destination VM created).
+    #[serde(serialize_with = "ser_ms", rename = "setup_ms")]
+    pub setup: Duration,
+    #[serde(serialize_with = "ser_ms", rename = "capture_ms")]
+    pub capture: Duration,
+    pub precopy_rounds: Vec<RoundStats>,
+    pub final_round: RoundStats,
+    pub switchover: SwitchReason,
+    pub bytes_total: u64,
+    pub vcpu_state_bytes: u64,
+    /// Wire bytes / total time.
+    pub throughput_mib_s: f64,
+    /// Precopy throughput (bytes of rounds / their time), the link the engine saw.
+    pub precopy_throughput_mib_s: f64,
+    /// Pages dirtied per second while precopy ran (after round 0).
+    pub dirty_rate_pages_s: f64,
+    pub ring_full_exits: u64,
+    pub duplicate_reports: u64,
+}
+
+impl SourceReport {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        spec: GuestSpec,
+        m: &Machine,
+        rounds: Vec<RoundStats>,
+        fin: RoundStats,
+        switchover: SwitchReason,
+        setup: Duration,
+        total: Duration,
+        downtime: Duration,
+        bytes_total: u64,
+        vcpu_state_bytes: u64,
+        capture: Duration,
+    ) -> Self {
+        let mib = |b: u64, d: Duration| if d.is_zero() { 0.0 } else { b as f64 / (1 << 20) as f64 / d.as_secs_f64() };
+        let pre_bytes: u64 = rounds.iter().map(|r| r.bytes).sum();
+        let pre_time: Duration = rounds.iter().map(|r| r.elapsed).sum();
+        let dirty: u64 = rounds.iter().map(|r| r.dirty_after).sum();
+        let dirty_rate = if pre_time.is_zero() { 0.0 } else { dirty as f64 / pre_time.as_secs_f64() };
+        let stats = &m.dirty().stats;
+        use std::sync::atomic::Ordering::Relaxed;
+        SourceReport {
+            guest: spec.into(),
+            dirty_mode: match m.dirty().mode() {
+                DirtyMode::Ring { bytes } => format!("ring({} entries/vCPU)", bytes / 16),
+                DirtyMode::Bitmap => "bitmap".into(),
+            },
+            total,
+            downtime,
+            setup,
+            capture,
+            throughput_mib_s: mib(bytes_total, total.saturating_sub(capture)),
+            precopy_throughput_mib_s: mib(pre_bytes, pre_time),
+            precopy_rounds: rounds,
+            final_round: fin,
+            switchover,
+            bytes_total,
+            vcpu_state_bytes,
+            dirty_rate_pages_s: dirty_rate,
+            ring_full_exits: stats.ring_full_exits.load(Relaxed),
+            duplicate_reports: stats.duplicates.load(Relaxed),
+        }
+    }
+
+    pub fn text(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let g = &self.guest;
+        let _ = writeln!(s, "guest: {} MiB, {} vCPUs, workload {}, dirty tracking {}", g.ram_bytes >> 20, g.vcpus, g.workload, self.dirty_mode);
+        let _ = writeln!(s, "{:>6} {:>10} {:>10} {:>12} {:>10} {:>12}", "round", "pages", "zero", "MiB", "ms", "dirty after");
+        for r in self.precopy_rounds.iter().chain(std::iter::once(&self.final_round)) {
+            let _ = writeln!(
+                s,
+                "{:>6} {:>10} {:>10} {:>12.1} {:>10.1} {:>12}",
+                r.round,
+                r.pages,
+                r.zero_pages,
+                r.bytes as f64 / (1 << 20) as f64,
+                r.elapsed.as_secs_f64() * 1e3,
+                r.dirty_after
+            );
+        }
+        let _ = writeln!(s, "switchover: {:?}", self.switchover);
+        let _ = writeln!(
+            s,
+            "total {:.1} ms, setup {:.1} ms, downtime {:.1} ms, {:.1} MiB at {:.0} MiB/s (precopy {:.0} MiB/s), dirty rate {:.0} pages/s",
+            self.total.as_secs_f64() * 1e3,
+            self.setup.as_secs_f64() * 1e3,
+            self.downtime.as_secs_f64() * 1e3,
+            self.bytes_total as f64 / (1 << 20) as f64,
+            self.throughput_mib_s,
+            self.precopy_throughput_mib_s,
+            self.dirty_rate_pages_s
+        );
+        if self.ring_full_exits > 0 {
+            let _ = writeln!(s, "dirty ring full exits: {}", self.ring_full_exits);
+        }
+        s
+    }
+}
+
+/// The destination's view.
+#[derive(Debug, Clone, Serialize)]
+pub struct DestReport {
+    pub guest: GuestInfo,
+    pub rounds: u32,
+    pub pages: u64,
+    pub bytes: u64,
+    #[serde(serialize_with = "ser_ms", rename = "total_ms")]
+    pub total: Duration,
+    /// Progress counters when the VM resumed and after it ran for a while.
+    pub progress_at_resume: Vec<u64>,
+    pub progress_after: Vec<u64>,
+    pub guest_alive: bool,
+}

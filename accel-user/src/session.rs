@@ -1,0 +1,145 @@
+//! High-level flows shared by the CLI, the tests and the benches: boot a source guest, send
+//! it, receive one, watch it run, and the all-in-one `demo`.
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use kvm_hooks::vmm::Machine;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::dest::{Received, Receiver, RecvError};
+use crate::report::{DestReport, SourceReport};
+use crate::source::{self, Event, Phase, SendError};
+use crate::transport::TcpTransport;
+use crate::verify;
+
+/// Boot the guest the config describes and let it run for the warm-up time.
+pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
+    kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
+    let m = Machine::boot(cfg.guest_spec(), cfg.dirty_preference())?;
+    m.resume()?;
+    std::thread::sleep(Duration::from_millis(cfg.guest.warmup_ms));
+    if let Some(f) = m.fault() {
+        return Err(kvm_hooks::Error::Vcpu { vcpu: 0, msg: f });
+    }
+    Ok(m)
+}
+
+/// Connect to `to` and migrate `m`.
+pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
+    let mut t = TcpTransport::connect(to, cfg.connect_timeout())
+        .map_err(|source| SendError::Transport { phase: Phase::Handshake, source })?;
+    source::migrate(m, &mut t, &cfg.send_options(), on)
+}
+
+/// Accept one connection on `l` and receive a VM. The receiver is returned either way so a
+/// caller can inspect the (never resumed) VM after a failure.
+pub fn receive(cfg: &Config, l: &TcpListener, capture: bool) -> (Receiver, Result<Received, RecvError>) {
+    kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
+    let mut r = Receiver::new(cfg.recv_options(capture));
+    let res = match l.accept() {
+        Ok((s, _)) => match TcpTransport::new(s, cfg.io_timeout()) {
+            Ok(mut t) => r.run(&mut t),
+            Err(e) => Err(RecvError::Transport {
+                state: r.state(),
+                source: crate::transport::TransportError::Io { op: "configure socket", source: e },
+            }),
+        },
+        Err(e) => Err(RecvError::Transport {
+            state: r.state(),
+            source: crate::transport::TransportError::Io { op: "accept", source: e },
+        }),
+    };
+    (r, res)
+}
+
+/// Let a resumed destination VM run for `d` and report whether every vCPU made progress.
+pub fn observe(m: &Machine, got: &Received, d: Duration) -> DestReport {
+    let at_resume = m.reports();
+    let p0 = m.progress();
+    std::thread::sleep(d);
+    let after = m.reports();
+    let p1 = m.progress();
+    let alive = m.fault().is_none() && after.iter().zip(&at_resume).all(|(a, b)| a > b) && p1.iter().zip(&p0).all(|(a, b)| a >= b);
+    DestReport {
+        guest: got.spec.into(),
+        rounds: got.rounds,
+        pages: got.pages,
+        bytes: got.bytes,
+        total: got.total_time,
+        progress_at_resume: p0,
+        progress_after: p1,
+        guest_alive: alive,
+    }
+}
+
+/// Result of checking a migrated VM against its source.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    pub pages_compared: u64,
+    /// First mismatching pages (empty when RAM matched).
+    pub mismatched_pages: Vec<u64>,
+    /// `None` = invariant holds (or does not apply); otherwise the violation.
+    pub ab_invariant_error: Option<String>,
+    pub guest_alive: bool,
+}
+
+impl Verification {
+    pub fn ok(&self) -> bool {
+        self.mismatched_pages.is_empty() && self.ab_invariant_error.is_none() && self.guest_alive
+    }
+}
+
+pub fn verify(spec: &kvm_hooks::vmm::GuestSpec, src: &[u8], dst: &[u8], alive: bool) -> Verification {
+    Verification {
+        pages_compared: (src.len() / 4096) as u64,
+        mismatched_pages: verify::diff_pages(src, dst, 16),
+        ab_invariant_error: verify::check_ab(spec, dst).err(),
+        guest_alive: alive,
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct DemoReport {
+    pub source: SourceReport,
+    pub destination: DestReport,
+    pub verification: Verification,
+}
+
+/// Everything a demo run produced (RAM images kept for `--dump-memory` and tests).
+pub struct DemoOutcome {
+    pub report: DemoReport,
+    pub source_ram: Vec<u8>,
+    pub dest_ram: Vec<u8>,
+}
+
+/// Boot the configured guest, migrate it live over loopback into a second VM in this
+/// process, then verify RAM, the A/B invariant and that the destination keeps running.
+pub fn demo(cfg: &Config, on: &mut dyn FnMut(Event)) -> anyhow::Result<DemoOutcome> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?.to_string();
+    let rcfg = cfg.clone();
+    let run_after = Duration::from_millis(cfg.receiver.run_after_ms.max(100));
+    let dest = std::thread::spawn(move || {
+        let (r, res) = receive(&rcfg, &l, true);
+        match res {
+            Ok(got) => {
+                let m = r.into_machine().expect("a resumed receiver has a VM");
+                let rep = observe(&m, &got, run_after);
+                Ok((got, rep, m))
+            }
+            Err(e) => Err(e),
+        }
+    });
+    let t0 = Instant::now();
+    let src = boot_source(cfg)?;
+    tracing::info!("source guest booted in {:?}", t0.elapsed());
+    let sres = send(cfg, &src, &addr, on);
+    let dres = dest.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
+    let srep = sres?;
+    let (got, drep, _dm) = dres?;
+    let source_ram = src.ram().snapshot();
+    let dest_ram = got.snapshot.clone().unwrap_or_default();
+    let v = verify(&got.spec, &source_ram, &dest_ram, drep.guest_alive);
+    Ok(DemoOutcome { report: DemoReport { source: srep, destination: drep, verification: v }, source_ram, dest_ram })
+}

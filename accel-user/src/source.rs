@@ -1,0 +1,327 @@
+//! The sending side: precopy rounds, switchover, and recovery when anything fails.
+//!
+//! Invariant: until the destination reports `Resumed`, the source VM is the VM. On any error
+//! the source tells the peer (Abort), puts the pages of the unfinished round back into the
+//! dirty tracker, and resumes its vCPUs if it had paused them.
+use std::time::{Duration, Instant};
+
+use kvm_hooks::memory::PAGE_SIZE;
+use kvm_hooks::vmm::Machine;
+
+use crate::policy::{decide, Decision, PolicyConfig, RoundStats, SwitchReason};
+use crate::protocol::{self, FrameKind, Run, HEADER_LEN, MAX_RUNS, RUN_ZERO};
+use crate::report::SourceReport;
+use crate::transport::{Part, Transport, TransportError};
+
+/// Sender settings (from the config file / CLI).
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    pub policy: PolicyConfig,
+    /// Most data pages per Pages frame.
+    pub batch_pages: u32,
+    /// Send all-zero pages as compact records.
+    pub zero_detect: bool,
+    /// How long to wait for the destination to accept the VM and to resume it.
+    pub ack_timeout: Duration,
+}
+
+/// Where a migration was when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Handshake,
+    Precopy { round: u32 },
+    StopAndCopy,
+    VcpuState,
+    AwaitResume,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Phase::Handshake => write!(f, "handshake"),
+            Phase::Precopy { round } => write!(f, "precopy round {round}"),
+            Phase::StopAndCopy => write!(f, "stop-and-copy"),
+            Phase::VcpuState => write!(f, "vCPU state transfer"),
+            Phase::AwaitResume => write!(f, "waiting for the destination to resume"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("migration failed in {phase}: {source}")]
+    Transport {
+        phase: Phase,
+        #[source]
+        source: TransportError,
+    },
+    #[error("migration failed in {phase}: destination refused the VM: {reason}")]
+    Refused { phase: Phase, reason: String },
+    #[error("migration failed in {phase}: destination aborted: {reason}")]
+    PeerAborted { phase: Phase, reason: String },
+    #[error("migration failed in {phase}: unexpected {kind:?} frame from the destination")]
+    Unexpected { phase: Phase, kind: FrameKind },
+    #[error("migration failed in {phase}: KVM: {source}")]
+    Kvm {
+        phase: Phase,
+        #[source]
+        source: kvm_hooks::Error,
+    },
+    #[error("{first}; and resuming the source VM failed too: {resume}")]
+    ResumeFailed { first: Box<SendError>, resume: kvm_hooks::Error },
+}
+
+impl SendError {
+    pub fn phase(&self) -> Phase {
+        match self {
+            SendError::Transport { phase, .. }
+            | SendError::Refused { phase, .. }
+            | SendError::PeerAborted { phase, .. }
+            | SendError::Unexpected { phase, .. }
+            | SendError::Kvm { phase, .. } => *phase,
+            SendError::ResumeFailed { first, .. } => first.phase(),
+        }
+    }
+}
+
+/// Progress events for the CLI.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Accepted,
+    Round(RoundStats),
+    Switchover(SwitchReason),
+    Final(RoundStats),
+    Resumed { downtime: Duration },
+}
+
+enum InFlight {
+    Nothing,
+    All,
+    Pages(Vec<u64>),
+}
+
+struct Ctx<'a> {
+    m: &'a Machine,
+    t: &'a mut dyn Transport,
+    o: &'a SendOptions,
+    inflight: InFlight,
+    paused: bool,
+    meta: Vec<u8>,
+}
+
+/// Migrate `m` over `t`. On success the source vCPUs stay paused (the destination owns the
+/// VM now); on failure they run again and no dirty page is lost.
+pub fn migrate(m: &Machine, t: &mut dyn Transport, o: &SendOptions, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
+    let mut c = Ctx { m, t, o, inflight: InFlight::Nothing, paused: false, meta: Vec::with_capacity(64 << 10) };
+    let r = run(&mut c, on);
+    if let Err(e) = r {
+        return Err(recover(c, e));
+    }
+    r
+}
+
+fn recover(c: Ctx<'_>, e: SendError) -> SendError {
+    tracing::warn!("{e}; aborting, source VM keeps running");
+    let _ = c.t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort(&e.to_string()))], None);
+    c.t.shutdown();
+    match c.inflight {
+        InFlight::Nothing => {}
+        InFlight::All => c.m.dirty().mark_all(),
+        InFlight::Pages(p) => c.m.dirty().restore(&p),
+    }
+    if c.paused {
+        if let Err(r) = c.m.resume() {
+            return SendError::ResumeFailed { first: Box::new(e), resume: r };
+        }
+    }
+    e
+}
+
+fn run(c: &mut Ctx<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
+    let t0 = Instant::now();
+    let spec = *c.m.spec();
+    let total_pages = c.m.ram().pages();
+    let kvm = |phase: Phase| move |source| SendError::Kvm { phase, source };
+
+    // Handshake: the destination creates the VM before any page is sent.
+    let ph = Phase::Handshake;
+    c.t.send_frame(FrameKind::Hello, &[Part::Buf(&protocol::encode_hello(&spec))], None).map_err(|e| tx(ph, e))?;
+    c.t.set_recv_timeout(c.o.ack_timeout);
+    let (h, p) = recv_small(c.t).map_err(|e| tx(ph, e))?;
+    match h {
+        FrameKind::HelloAck => {
+            let (status, reason) = protocol::decode_status(h, &p).map_err(|e| tx(ph, e.into()))?;
+            if status != 0 {
+                return Err(SendError::Refused { phase: ph, reason });
+            }
+        }
+        FrameKind::Abort => return Err(aborted(ph, &p)),
+        k => return Err(SendError::Unexpected { phase: ph, kind: k }),
+    }
+    let setup = t0.elapsed();
+    on(Event::Accepted);
+
+    // Round 0: all of RAM. Tracking restarts now, so anything written from here on is seen.
+    c.m.dirty().reset().map_err(kvm(Phase::Precopy { round: 0 }))?;
+    c.inflight = InFlight::All;
+    let mut rounds: Vec<RoundStats> = Vec::new();
+    let mut round = 0u32;
+    let mut gfns: Vec<u64> = Vec::new();
+    let reason = loop {
+        let ph = Phase::Precopy { round };
+        let start = Instant::now();
+        let mut st = RoundStats { round, ..Default::default() };
+        if round == 0 {
+            send_pages(c, round, 0..total_pages, &mut st).map_err(|e| peer_error(c.t, ph, e))?;
+        } else {
+            send_pages(c, round, gfns.iter().copied(), &mut st).map_err(|e| peer_error(c.t, ph, e))?;
+        }
+        end_round(c, round, &mut st).map_err(|e| peer_error(c.t, ph, e))?;
+        st.elapsed = start.elapsed();
+        gfns = c.m.dirty().take().map_err(kvm(ph))?;
+        st.dirty_after = gfns.len() as u64;
+        c.inflight = InFlight::Pages(gfns.clone());
+        rounds.push(st);
+        on(Event::Round(st));
+        if let Some(f) = c.m.fault() {
+            return Err(SendError::Kvm { phase: ph, source: kvm_hooks::Error::Vcpu { vcpu: 0, msg: f } });
+        }
+        if let Decision::Switchover(r) = decide(&c.o.policy, &rounds, gfns.len() as u64) {
+            // The final harvest after the pause picks these up again.
+            c.m.dirty().restore(&gfns);
+            c.inflight = InFlight::Nothing;
+            break r;
+        }
+        round += 1;
+    };
+    on(Event::Switchover(reason));
+
+    // Stop-and-copy.
+    let ph = Phase::StopAndCopy;
+    let t_stop = Instant::now();
+    c.m.pause().map_err(kvm(ph))?;
+    c.paused = true;
+    round += 1;
+    let final_gfns = c.m.dirty().take().map_err(kvm(ph))?;
+    c.inflight = InFlight::Pages(final_gfns.clone());
+    let start = Instant::now();
+    let mut fin = RoundStats { round, ..Default::default() };
+    send_pages(c, round, final_gfns.iter().copied(), &mut fin).map_err(|e| peer_error(c.t, ph, e))?;
+    end_round(c, round, &mut fin).map_err(|e| peer_error(c.t, ph, e))?;
+
+    let ph = Phase::VcpuState;
+    let states = c.m.save_states().map_err(kvm(ph))?;
+    let mut state_bytes = 0u64;
+    for (i, s) in states.iter().enumerate() {
+        let enc = s.encode();
+        let pre = protocol::encode_vcpu_state_prefix(i as u32, enc.len() as u32);
+        c.t.send_frame(FrameKind::VcpuState, &[Part::Buf(&pre), Part::Buf(&enc)], None).map_err(|e| peer_error(c.t, ph, e))?;
+        state_bytes += (HEADER_LEN + pre.len() + enc.len()) as u64;
+    }
+    let pages_sent: u64 = rounds.iter().map(|r| r.pages).sum::<u64>() + fin.pages;
+    c.t.send_frame(FrameKind::Complete, &[Part::Buf(&protocol::encode_complete(round + 1, spec.vcpus, pages_sent))], None)
+        .map_err(|e| peer_error(c.t, ph, e))?;
+    fin.elapsed = start.elapsed();
+    on(Event::Final(fin));
+
+    let ph = Phase::AwaitResume;
+    let (h, p) = recv_small(c.t).map_err(|e| tx(ph, e))?;
+    let capture_us = match h {
+        FrameKind::Resumed => protocol::decode_resumed(&p).map_err(|e| tx(ph, e.into()))?,
+        FrameKind::Abort => return Err(aborted(ph, &p)),
+        k => return Err(SendError::Unexpected { phase: ph, kind: k }),
+    };
+    // The destination owns the VM now; the source stays paused for good.
+    c.inflight = InFlight::Nothing;
+    let downtime = t_stop.elapsed().saturating_sub(Duration::from_micros(capture_us));
+    on(Event::Resumed { downtime });
+    let total = t0.elapsed();
+    let bytes = c.t.bytes_sent();
+    Ok(SourceReport::new(spec, c.m, rounds, fin, reason, setup, total, downtime, bytes, state_bytes, Duration::from_micros(capture_us)))
+}
+
+fn tx(phase: Phase, source: TransportError) -> SendError {
+    SendError::Transport { phase, source }
+}
+
+fn aborted(phase: Phase, p: &[u8]) -> SendError {
+    SendError::PeerAborted { phase, reason: protocol::decode_abort(p).unwrap_or_else(|e| format!("(unreadable reason: {e})")) }
+}
+
+/// A send failed: if the destination left an Abort frame explaining why, report that.
+fn peer_error(t: &mut dyn Transport, phase: Phase, e: TransportError) -> SendError {
+    if matches!(e, TransportError::Io { .. } | TransportError::Closed) {
+        t.set_recv_timeout(Duration::from_millis(500));
+        if let Ok((FrameKind::Abort, p)) = recv_small(t) {
+            return aborted(phase, &p);
+        }
+    }
+    tx(phase, e)
+}
+
+/// Receive a frame whose payload is small (every kind the destination sends).
+fn recv_small(t: &mut dyn Transport) -> Result<(FrameKind, Vec<u8>), TransportError> {
+    let h = t.recv_header()?;
+    if matches!(h.kind, FrameKind::Pages | FrameKind::VcpuState | FrameKind::Hello) {
+        return Ok((h.kind, Vec::new()));
+    }
+    let mut p = vec![0u8; h.len as usize]; // bounded by the kind's cap in Header::decode
+    t.recv_exact(&mut p)?;
+    Ok((h.kind, p))
+}
+
+fn end_round(c: &mut Ctx<'_>, round: u32, st: &mut RoundStats) -> Result<(), TransportError> {
+    c.t.send_frame(FrameKind::EndOfRound, &[Part::Buf(&protocol::encode_end_of_round(round, st.pages))], None)?;
+    st.bytes += HEADER_LEN as u64 + 16;
+    Ok(())
+}
+
+/// Send `gfns` (ascending) as Pages frames of consecutive runs.
+fn send_pages(c: &mut Ctx<'_>, round: u32, gfns: impl Iterator<Item = u64>, st: &mut RoundStats) -> Result<(), TransportError> {
+    let ram = c.m.ram().clone();
+    let max_data = u64::from(c.o.batch_pages);
+    let mut runs: Vec<Run> = Vec::with_capacity(256);
+    let mut data_pages = 0u64;
+    for gfn in gfns {
+        let zero = c.o.zero_detect && ram.page_is_zero(gfn).unwrap_or(false);
+        let flags = if zero { RUN_ZERO } else { 0 };
+        st.pages += 1;
+        st.zero_pages += u64::from(zero);
+        match runs.last_mut() {
+            Some(r) if r.gfn + u64::from(r.npages) == gfn && r.flags == flags && r.npages < u32::MAX => r.npages += 1,
+            _ => {
+                if runs.len() as u32 == MAX_RUNS {
+                    flush(c, round, &mut runs, st)?;
+                    data_pages = 0;
+                }
+                runs.push(Run { gfn, npages: 1, flags });
+            }
+        }
+        if !zero {
+            data_pages += 1;
+            if data_pages == max_data {
+                flush(c, round, &mut runs, st)?;
+                data_pages = 0;
+            }
+        }
+    }
+    if !runs.is_empty() {
+        flush(c, round, &mut runs, st)?;
+    }
+    Ok(())
+}
+
+fn flush(c: &mut Ctx<'_>, round: u32, runs: &mut Vec<Run>, st: &mut RoundStats) -> Result<(), TransportError> {
+    protocol::encode_pages_meta(round, runs, &mut c.meta);
+    let mut parts: Vec<Part<'_>> = Vec::with_capacity(runs.len() + 1);
+    parts.push(Part::Buf(&c.meta));
+    let mut bytes = (HEADER_LEN + c.meta.len()) as u64;
+    for r in runs.iter().filter(|r| !r.is_zero()) {
+        parts.push(Part::Guest { gpa: r.gfn * PAGE_SIZE, len: r.data_bytes() });
+        bytes += r.data_bytes();
+    }
+    c.t.send_frame(FrameKind::Pages, &parts, Some(c.m.ram()))?;
+    st.bytes += bytes;
+    runs.clear();
+    Ok(())
+}

@@ -91,7 +91,7 @@ impl GuestSpec {
         let (s, e) = self.vcpu_range(i);
         let per = (e - s) / PAGE_SIZE;
         match self.workload {
-            Workload::Ab => Start { program: Program::Walk, rdi: s, rsi: e, r8: per, r9: 0, r14: 0 },
+            Workload::Ab => Start { program: Program::Walk, rdi: s, rsi: e, r8: per.min(4096), r9: 0, r14: 0 },
             Workload::Hot { .. } => Start { program: Program::Walk, rdi: s, rsi: e, r8: self.pace(i).batch, r9: 0, r14: 0 },
             Workload::Idle => Start { program: Program::Idle, rdi: 0, rsi: 0, r8: 1, r9: 0, r14: 0 },
             Workload::Oracle { pages } => Start {

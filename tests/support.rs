@@ -1,0 +1,183 @@
+//! Helpers for the integration tests: configs, a frame-aware cutting proxy, network
+//! namespaces and the path of the `migaccel` binary.
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::protocol::{FrameKind, HEADER_LEN};
+
+/// A small, quick config for tests.
+pub fn config(workload: WorkloadKind, dirty: DirtySource) -> Config {
+    let mut c = Config::default();
+    c.guest.ram = ByteSize(128 << 20);
+    c.guest.vcpus = 2;
+    c.guest.workload = workload;
+    c.guest.warmup_ms = 200;
+    c.guest.hot_working_set = ByteSize(32 << 20);
+    c.guest.hot_rate = 100_000;
+    c.migration.dirty_source = dirty;
+    c.migration.max_rounds = 8;
+    c.migration.io_timeout_ms = 5_000;
+    c.migration.ack_timeout_ms = 10_000;
+    c.receiver.run_after_ms = 300;
+    c
+}
+
+/// The `migaccel` binary next to this test executable (built by the test command).
+pub fn migaccel_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let p = dir.join("migaccel");
+    assert!(p.exists(), "{} missing: run `cargo build --workspace --bins` first (the README test command does)", p.display());
+    p
+}
+
+/// Where the proxy cuts the source → destination stream.
+#[derive(Debug, Clone, Copy)]
+pub enum Cut {
+    /// Forward everything.
+    Never,
+    /// Cut when the source starts sending the `n`-th frame (0-based) of this kind.
+    AtFrame(FrameKind, usize),
+}
+
+/// A TCP proxy that understands frame headers, so a test can cut the connection at an
+/// exact protocol point. Cutting closes both directions (the destination sees EOF, the
+/// source a reset or broken pipe).
+pub struct Proxy {
+    pub addr: String,
+    pub cut_happened: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub fn start(target: String, cut: Cut) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        let handle = std::thread::spawn(move || {
+            let Ok((src, _)) = l.accept() else { return };
+            let Ok(dst) = TcpStream::connect(&target) else { return };
+            let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+            // destination → source: plain copy.
+            let back = std::thread::spawn(move || {
+                let (mut d, mut s) = (dst2, src2);
+                let _ = std::io::copy(&mut d, &mut s);
+                let _ = s.shutdown(Shutdown::Write);
+            });
+            forward_frames(src, dst, cut, &f);
+            let _ = back.join();
+        });
+        Proxy { addr, cut_happened: flag, handle: Some(handle) }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn forward_frames(mut src: TcpStream, mut dst: TcpStream, cut: Cut, flag: &AtomicBool) {
+    let mut seen = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        if src.read_exact(&mut h).is_err() {
+            break;
+        }
+        let kind = FrameKind::from_u16(u16::from_le_bytes([h[6], h[7]]));
+        if let (Cut::AtFrame(k, n), Some(got)) = (cut, kind) {
+            if got == k {
+                if seen == n {
+                    flag.store(true, Ordering::SeqCst);
+                    let _ = src.shutdown(Shutdown::Both);
+                    let _ = dst.shutdown(Shutdown::Both);
+                    return;
+                }
+                seen += 1;
+            }
+        }
+        if dst.write_all(&h).is_err() {
+            break;
+        }
+        let mut left = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+        while left > 0 {
+            let n = left.min(buf.len());
+            if src.read_exact(&mut buf[..n]).is_err() || dst.write_all(&buf[..n]).is_err() {
+                let _ = dst.shutdown(Shutdown::Both);
+                return;
+            }
+            left -= n;
+        }
+    }
+    let _ = dst.shutdown(Shutdown::Write);
+}
+
+/// Wait until every vCPU of `m` reported progress again (the VM runs).
+pub fn assert_running(m: &kvm_hooks::vmm::Machine) {
+    assert!(m.is_running(), "VM is not in the running state");
+    let before = m.reports();
+    for _ in 0..300 {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = m.reports();
+        if now.iter().zip(&before).all(|(a, b)| a > b) {
+            return;
+        }
+    }
+    panic!("VM does not make progress: {:?} -> {:?} (fault {:?})", before, m.reports(), m.fault());
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+pub struct NetnsPair {
+    pub src: String,
+    pub dst: String,
+    pub src_ip: String,
+    pub dst_ip: String,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let o = Command::new("ip").args(args).output()?;
+    anyhow::ensure!(o.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+    Ok(())
+}
+
+impl NetnsPair {
+    /// Link-local addresses on a veth pair that exists only inside these namespaces.
+    pub fn create(tag: &str) -> anyhow::Result<NetnsPair> {
+        let id = std::process::id() % 10_000;
+        let (src, dst) = (format!("mga-{tag}-s{id}"), format!("mga-{tag}-d{id}"));
+        let (va, vb) = (format!("mv{id}{}a", &tag[..1]), format!("mv{id}{}b", &tag[..1]));
+        let p = NetnsPair { src: src.clone(), dst: dst.clone(), src_ip: "169.254.77.1".into(), dst_ip: "169.254.77.2".into() };
+        let _ = ip(&["netns", "del", &src]);
+        let _ = ip(&["netns", "del", &dst]);
+        ip(&["netns", "add", &src])?;
+        ip(&["netns", "add", &dst])?;
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        ip(&["link", "set", &va, "netns", &src])?;
+        ip(&["link", "set", &vb, "netns", &dst])?;
+        ip(&["-n", &src, "addr", "add", "169.254.77.1/30", "dev", &va])?;
+        ip(&["-n", &dst, "addr", "add", "169.254.77.2/30", "dev", &vb])?;
+        for (ns, dev) in [(&src, &va), (&dst, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(p)
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.src]);
+        let _ = ip(&["netns", "del", &self.dst]);
+    }
+}

@@ -1,0 +1,308 @@
+//! Failure handling: every failure names its phase, leaves the source VM running with its
+//! dirty pages intact, never resumes the destination, and a retry succeeds.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::dest::{Received, Receiver, RecvError};
+use accel_user::protocol::{self, FrameKind, Header, Run, HEADER_LEN};
+use accel_user::session;
+use accel_user::source::{Event, Phase, SendError};
+use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
+use migaccel_tests::{assert_running, config, migaccel_bin, Cut, Proxy};
+
+type RecvThread = JoinHandle<(Receiver, Result<Received, RecvError>)>;
+
+fn receiver(cfg: &Config) -> (String, RecvThread) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let c = cfg.clone();
+    (addr, std::thread::spawn(move || session::receive(&c, &l, true)))
+}
+
+/// Every page on which the (failed) destination differs from the paused source must be
+/// pending in the source's dirty tracker: nothing the peer lacks is forgotten.
+fn assert_dirty_covers(src: &Machine, dst: &Machine) {
+    src.pause().unwrap();
+    let pending = src.dirty().peek().unwrap();
+    let (a, b) = (src.ram().snapshot(), dst.ram().snapshot());
+    let diff = accel_user::verify::diff_pages(&a, &b, usize::MAX);
+    assert!(!diff.is_empty(), "the failed destination should lack something");
+    let lost: Vec<u64> = diff.iter().copied().filter(|g| !pending.contains(*g)).take(10).collect();
+    assert!(lost.is_empty(), "{} differing pages, not dirty at the source: {lost:?}", diff.len());
+    src.resume().unwrap();
+}
+
+/// A fresh destination receives the same source VM correctly.
+fn retry_succeeds(cfg: &Config, src: &Machine) {
+    let (addr, t) = receiver(cfg);
+    let rep = session::send(cfg, src, &addr, &mut |_| {}).expect("retry to a fresh destination");
+    let (r, res) = t.join().unwrap();
+    let got = res.expect("destination of the retry");
+    assert!(rep.precopy_rounds[0].pages == src.ram().pages(), "a retry starts with all RAM");
+    let d = accel_user::verify::diff_pages(&src.ram().snapshot(), got.snapshot.as_deref().unwrap(), 8);
+    assert!(d.is_empty(), "retry: pages differ {d:?}");
+    assert_running(r.machine().unwrap());
+}
+
+fn cut_test(cut: Cut, expect_phase: fn(Phase) -> bool) {
+    let cfg = config(WorkloadKind::Ab, DirtySource::Ring);
+    let src = session::boot_source(&cfg).unwrap();
+    let (addr, t) = receiver(&cfg);
+    let proxy = Proxy::start(addr, cut);
+    let err = session::send(&cfg, &src, &proxy.addr, &mut |_| {}).expect_err("the cut must fail the migration");
+    assert!(proxy.cut_happened.load(std::sync::atomic::Ordering::SeqCst), "proxy never cut: {err}");
+    assert!(expect_phase(err.phase()), "wrong phase: {err}");
+    assert!(err.to_string().contains(&err.phase().to_string()), "error names the phase: {err}");
+    drop(proxy);
+    let (r, res) = t.join().unwrap();
+    assert!(res.is_err(), "destination must fail too");
+    let dm = r.machine().expect("destination VM was created");
+    assert!(!dm.is_running(), "destination must never resume");
+    assert_eq!(dm.reports().iter().sum::<u64>(), 0, "destination guest never ran");
+    assert_running(&src);
+    assert_dirty_covers(&src, dm);
+    retry_succeeds(&cfg, &src);
+}
+
+#[test]
+fn connection_cut_mid_precopy() {
+    // Cut as round 1 ends: round 0 arrived whole, round 1 in part.
+    // Socket buffers let the source write on briefly, so it may notice in a later round.
+    cut_test(Cut::AtFrame(FrameKind::EndOfRound, 1), |p| matches!(p, Phase::Precopy { round } if round >= 1));
+}
+
+#[test]
+fn connection_cut_during_stop_and_copy() {
+    // Cut when the first vCPU state is due: the source had stopped its vCPUs and sent the
+    // final pages; it must resume and keep those pages dirty.
+    cut_test(Cut::AtFrame(FrameKind::VcpuState, 0), |p| matches!(p, Phase::VcpuState | Phase::StopAndCopy | Phase::AwaitResume));
+}
+
+#[test]
+fn connection_cut_before_complete() {
+    cut_test(Cut::AtFrame(FrameKind::Complete, 0), |p| matches!(p, Phase::VcpuState | Phase::AwaitResume));
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn receiver_process_killed_mid_precopy() {
+    let cfg = config(WorkloadKind::Ab, DirtySource::Ring);
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(migaccel_bin())
+        .args(["receive", "--listen", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for "listening on ..." so the source does not race the bind.
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(line.contains("listening on"), "{line}");
+    let child = Killed(child);
+    let src = session::boot_source(&cfg).unwrap();
+    let pid = child.0.id() as i32;
+    let mut on = |e: Event| {
+        if let Event::Round(r) = e {
+            if r.round == 0 {
+                let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    };
+    let err = session::send(&cfg, &src, &addr, &mut on).expect_err("the peer died");
+    assert!(matches!(err.phase(), Phase::Precopy { .. }), "{err}");
+    assert!(err.to_string().contains("precopy round"), "{err}");
+    assert_running(&src);
+    retry_succeeds(&cfg, &src);
+}
+
+#[test]
+fn destination_refuses_vm_shape() {
+    let cfg = config(WorkloadKind::Idle, DirtySource::Ring);
+    let mut small = cfg.clone();
+    small.receiver.max_ram = ByteSize(64 << 20);
+    let (addr, t) = receiver(&small);
+    let src = session::boot_source(&cfg).unwrap();
+    let err = session::send(&cfg, &src, &addr, &mut |_| {}).expect_err("refused");
+    assert!(matches!(err, SendError::Refused { phase: Phase::Handshake, .. }), "{err}");
+    assert!(err.to_string().contains("exceeds this receiver's limit"), "{err}");
+    let (r, res) = t.join().unwrap();
+    assert!(matches!(res, Err(RecvError::Refused(_))));
+    assert!(r.machine().is_none(), "no VM created for a refused shape");
+    assert_running(&src);
+    retry_succeeds(&cfg, &src);
+}
+
+/// A destination that answers Hello with garbage: the source fails in the handshake and runs on.
+#[test]
+fn garbage_from_destination() {
+    let cfg = config(WorkloadKind::Idle, DirtySource::Bitmap);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = [0u8; 64];
+        let _ = s.read(&mut b);
+        let _ = s.write_all(&[0x5a; 64]);
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let src = session::boot_source(&cfg).unwrap();
+    let err = session::send(&cfg, &src, &addr, &mut |_| {}).expect_err("garbage");
+    assert!(err.to_string().contains("handshake") && err.to_string().contains("bad magic"), "{err}");
+    t.join().unwrap();
+    assert_running(&src);
+    retry_succeeds(&cfg, &src);
+}
+
+// ---- hostile input to the receiver -------------------------------------------------------
+
+const SPEC: GuestSpec = GuestSpec { ram_bytes: 64 << 20, vcpus: 1, workload: Workload::Idle };
+
+fn frame(kind: FrameKind, seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut v = Header { kind, len: payload.len() as u32, seq }.encode().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Run a receiver against raw bytes from `client`; return its error and whether a VM was
+/// ever resumed.
+fn hostile(client: impl FnOnce(&mut TcpStream) + Send + 'static) -> (RecvError, bool) {
+    let mut cfg = Config::default();
+    cfg.migration.io_timeout_ms = 3000;
+    let (addr, t) = receiver(&cfg);
+    let c = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        client(&mut s);
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    let (r, res) = t.join().unwrap();
+    c.join().unwrap();
+    let resumed = r.machine().is_some_and(|m| m.is_running());
+    (res.expect_err("hostile input must fail"), resumed)
+}
+
+fn hello(s: &mut TcpStream) {
+    s.write_all(&frame(FrameKind::Hello, 0, &protocol::encode_hello(&SPEC))).unwrap();
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let h = Header::decode(&h).unwrap();
+    assert_eq!(h.kind, FrameKind::HelloAck);
+    let mut p = vec![0u8; h.len as usize];
+    s.read_exact(&mut p).unwrap();
+    assert_eq!(protocol::decode_status(h.kind, &p).unwrap().0, 0);
+}
+
+#[test]
+fn receiver_rejects_garbage() {
+    let (e, resumed) = hostile(|s| s.write_all(&[0xab; 200]).unwrap());
+    assert!(!resumed);
+    assert!(e.to_string().contains("handshake") && e.to_string().contains("bad magic"), "{e}");
+}
+
+#[test]
+fn receiver_rejects_unknown_version() {
+    let (e, _) = hostile(|s| {
+        let mut f = frame(FrameKind::Hello, 0, &protocol::encode_hello(&SPEC));
+        f[4] = 7;
+        s.write_all(&f).unwrap();
+    });
+    assert!(e.to_string().contains("unsupported protocol version 7"), "{e}");
+}
+
+#[test]
+fn receiver_rejects_oversized_frame_before_allocating() {
+    let (e, resumed) = hostile(|s| {
+        hello(s);
+        let mut h = Header { kind: FrameKind::Pages, len: 0, seq: 1 }.encode();
+        h[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        s.write_all(&h).unwrap();
+    });
+    assert!(!resumed);
+    assert!(e.to_string().contains("exceeds its") && e.to_string().contains("precopy round 0"), "{e}");
+}
+
+#[test]
+fn receiver_rejects_truncated_frame() {
+    let (e, _) = hostile(|s| {
+        let f = frame(FrameKind::Hello, 0, &protocol::encode_hello(&SPEC));
+        s.write_all(&f[..HEADER_LEN + 10]).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    assert!(e.to_string().contains("handshake") && e.to_string().contains("closed"), "{e}");
+}
+
+#[test]
+fn receiver_rejects_gfn_outside_ram() {
+    let (e, resumed) = hostile(|s| {
+        hello(s);
+        let pages = SPEC.ram_bytes / 4096;
+        let mut p = Vec::new();
+        protocol::encode_pages_meta(0, &[Run { gfn: pages, npages: 1, flags: 0 }], &mut p);
+        p.extend_from_slice(&[0x41; 4096]);
+        let _ = s.write_all(&frame(FrameKind::Pages, 1, &p));
+    });
+    assert!(!resumed);
+    assert!(e.to_string().contains("outside guest RAM"), "{e}");
+}
+
+#[test]
+fn receiver_never_resumes_incomplete_memory() {
+    let (e, resumed) = hostile(|s| {
+        hello(s);
+        let mut p = Vec::new();
+        protocol::encode_pages_meta(0, &[Run { gfn: 0, npages: 16, flags: protocol::RUN_ZERO }], &mut p);
+        s.write_all(&frame(FrameKind::Pages, 1, &p)).unwrap();
+        s.write_all(&frame(FrameKind::EndOfRound, 2, &protocol::encode_end_of_round(0, 16))).unwrap();
+        let st = kvm_hooks::state::VcpuState::default().encode();
+        let mut sp = protocol::encode_vcpu_state_prefix(0, st.len() as u32).to_vec();
+        sp.extend_from_slice(&st);
+        s.write_all(&frame(FrameKind::VcpuState, 3, &sp)).unwrap();
+        s.write_all(&frame(FrameKind::Complete, 4, &protocol::encode_complete(1, 1, 16))).unwrap();
+    });
+    assert!(!resumed, "a VM with missing pages must never resume");
+    assert!(e.to_string().contains("only 16 of 16384 pages"), "{e}");
+}
+
+#[test]
+fn receiver_checks_round_page_counts() {
+    let (e, resumed) = hostile(|s| {
+        hello(s);
+        s.write_all(&frame(FrameKind::EndOfRound, 1, &protocol::encode_end_of_round(0, 5))).unwrap();
+    });
+    assert!(!resumed);
+    assert!(e.to_string().contains("source sent 5 pages in round 0, 0 arrived"), "{e}");
+}
+
+#[test]
+fn receiver_rejects_out_of_sequence_frame() {
+    let (e, _) = hostile(|s| {
+        hello(s);
+        s.write_all(&frame(FrameKind::EndOfRound, 9, &protocol::encode_end_of_round(0, 0))).unwrap();
+    });
+    assert!(e.to_string().contains("sequence 9, expected 1"), "{e}");
+}
+
+#[test]
+fn receiver_rejects_bad_vcpu_state() {
+    let (e, resumed) = hostile(|s| {
+        hello(s);
+        s.write_all(&frame(FrameKind::EndOfRound, 1, &protocol::encode_end_of_round(0, 0))).unwrap();
+        let mut sp = protocol::encode_vcpu_state_prefix(0, 8).to_vec();
+        sp.extend_from_slice(b"NOTVCPU!");
+        s.write_all(&frame(FrameKind::VcpuState, 2, &sp)).unwrap();
+    });
+    assert!(!resumed);
+    assert!(e.to_string().contains("vCPU state"), "{e}");
+}

@@ -212,8 +212,8 @@ impl Config {
         if m.batch_pages == 0 || m.batch_pages > 4096 {
             return Err(invalid("migration.batch_pages", format!("{} is not in 1..=4096", m.batch_pages)));
         }
-        if !m.dirty_ring_entries.is_power_of_two() || !(64..=65536).contains(&m.dirty_ring_entries) {
-            return Err(invalid("migration.dirty_ring_entries", format!("{} must be a power of two in 64..=65536", m.dirty_ring_entries)));
+        if !m.dirty_ring_entries.is_power_of_two() || !(256..=65536).contains(&m.dirty_ring_entries) {
+            return Err(invalid("migration.dirty_ring_entries", format!("{} must be a power of two in 256..=65536 (KVM needs at least one 4 KiB page of ring)", m.dirty_ring_entries)));
         }
         for (key, v) in [
             ("migration.connect_timeout_ms", m.connect_timeout_ms),

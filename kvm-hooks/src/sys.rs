@@ -23,13 +23,53 @@ pub const DIRTY_LOG_PAGE_OFFSET: u64 = 64;
 pub const EXIT_DIRTY_RING_FULL: u32 = 31;
 
 /// `KVM_RESET_DIRTY_RINGS` on a VM fd: returns how many entries were reset.
+///
+/// Since Linux 6.16 the reset stops with `EINTR` when the calling thread has a signal
+/// pending, possibly after entries were consumed but before their pages were
+/// write-protected again; later writes to those pages would then go unreported. vCPU
+/// threads (which harvest on ring-full exits) receive kick signals, so all signals are
+/// blocked in this thread for the duration of the ioctl, and `EINTR` is retried.
 pub fn reset_dirty_rings(vm: &impl AsRawFd) -> io::Result<u32> {
-    // SAFETY: the ioctl takes no argument and only acts on the VM referred to by a valid fd.
-    let ret = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as u32)
+    let _guard = BlockSignals::new()?;
+    loop {
+        // SAFETY: the ioctl takes no argument and only acts on the VM referred to by a valid fd.
+        let ret = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
+        if ret >= 0 {
+            return Ok(ret as u32);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Blocks every signal in the calling thread until dropped.
+struct BlockSignals {
+    old: libc::sigset_t,
+}
+
+impl BlockSignals {
+    fn new() -> io::Result<Self> {
+        // SAFETY: sigset_t is plain data; sigfillset initialises it fully.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `all` is a valid sigset_t we own.
+        unsafe { libc::sigfillset(&mut all) };
+        // SAFETY: both pointers refer to live sigset_t values owned by this frame.
+        let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old) };
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(BlockSignals { old })
+    }
+}
+
+impl Drop for BlockSignals {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `new`; a pending kick is delivered now.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
     }
 }
 

@@ -116,6 +116,9 @@ pub struct DemoOutcome {
 /// Boot the configured guest, migrate it live over loopback into a second VM in this
 /// process, then verify RAM, the A/B invariant and that the destination keeps running.
 pub fn demo(cfg: &Config, on: &mut dyn FnMut(Event)) -> anyhow::Result<DemoOutcome> {
+    let t0 = Instant::now();
+    let src = boot_source(cfg)?;
+    tracing::info!("source guest booted in {:?}", t0.elapsed());
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?.to_string();
     let rcfg = cfg.clone();
@@ -131,9 +134,6 @@ pub fn demo(cfg: &Config, on: &mut dyn FnMut(Event)) -> anyhow::Result<DemoOutco
             Err(e) => Err(e),
         }
     });
-    let t0 = Instant::now();
-    let src = boot_source(cfg)?;
-    tracing::info!("source guest booted in {:?}", t0.elapsed());
     let sres = send(cfg, &src, &addr, on);
     let dres = dest.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
     let srep = sres?;

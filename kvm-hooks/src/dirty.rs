@@ -64,7 +64,7 @@ impl DirtySet {
     }
     /// OR a slot's bitmap (bit i = page `first_gfn + i`) into the set.
     pub fn merge_words(&mut self, first_gfn: u64, bits: &[u64]) {
-        if first_gfn % 64 == 0 {
+        if first_gfn.is_multiple_of(64) {
             let base = (first_gfn / 64) as usize;
             for (i, &b) in bits.iter().enumerate() {
                 if let Some(w) = self.words.get_mut(base + i) {

@@ -163,7 +163,7 @@ pub fn validate_ram_size(size: u64) -> Result<()> {
     if size > MAX_RAM {
         return Err(Error::BadRamSize(size, "above the 64 GiB maximum"));
     }
-    if size % (2 << 20) != 0 {
+    if !size.is_multiple_of(2 << 20) {
         return Err(Error::BadRamSize(size, "not a multiple of 2 MiB"));
     }
     Ok(())

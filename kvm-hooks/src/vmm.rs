@@ -389,9 +389,11 @@ fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<Dirt
             Event::Progress(v) => {
                 sh.progress[id].store(u64::from(v), Ordering::Relaxed);
                 sh.reports[id].fetch_add(1, Ordering::Relaxed);
-                if pace.per_sec > 0 {
-                    paced += pace.batch;
-                    let due = t0 + Duration::from_nanos(paced.saturating_mul(1_000_000_000) / pace.per_sec);
+                if let Some(ns) = pace.batch.checked_add(paced).and_then(|p| {
+                    paced = p;
+                    p.saturating_mul(1_000_000_000).checked_div(pace.per_sec)
+                }) {
+                    let due = t0 + Duration::from_nanos(ns);
                     // Sleep in short steps so a pause request is honoured quickly.
                     while *sh.state() == RunState::Running {
                         let now = Instant::now();

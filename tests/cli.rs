@@ -1,0 +1,87 @@
+//! The binary's error handling: bad config, bad flags, missing KVM each give one clear line.
+use std::process::{Command, Output};
+
+use migaccel_tests::migaccel_bin;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(migaccel_bin()).args(args).output().expect("run migaccel")
+}
+
+/// Fails with exit code 1 and exactly one stderr line containing every `needle`.
+fn one_line_error(args: &[&str], needles: &[&str]) {
+    let o = run(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{args:?}: status {:?}, stderr {err}", o.status);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one error line, got {lines:#?}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{args:?}: {:?} does not mention {n:?}", lines[0]);
+    }
+}
+
+fn config_file(name: &str, text: &str) -> String {
+    let p = std::env::temp_dir().join(format!("migaccel-cli-{}-{name}.toml", std::process::id()));
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn unknown_config_key() {
+    let f = config_file("unknown", "[guest]\nrma = \"1GiB\"\n");
+    one_line_error(&["--config", &f, "demo"], &["config", "unknown field `rma`"]);
+}
+
+#[test]
+fn wrong_type_in_config() {
+    let f = config_file("type", "[guest]\nvcpus = \"two\"\n");
+    one_line_error(&["--config", &f, "demo"], &["vcpus", "invalid type"]);
+}
+
+#[test]
+fn impossible_sizes() {
+    one_line_error(&["demo", "--ram", "10MiB"], &["guest.ram", "64 MiB minimum"]);
+    one_line_error(&["demo", "--ram", "65GiB"], &["guest.ram", "64 GiB maximum"]);
+    let f = config_file("ws", "[guest]\nworkload = \"hot\"\nram = \"64MiB\"\nhot_working_set = \"1GiB\"\n");
+    one_line_error(&["--config", &f, "demo"], &["guest.hot_working_set", "exceeds"]);
+    one_line_error(&["demo", "--vcpus", "0"], &["guest.vcpus"]);
+    one_line_error(&["demo", "--dirty-ring-entries", "100"], &["migration.dirty_ring_entries", "power of two"]);
+}
+
+#[test]
+fn missing_config_file() {
+    one_line_error(&["--config", "/nonexistent/migaccel.toml", "demo"], &["/nonexistent/migaccel.toml", "No such file"]);
+}
+
+#[test]
+fn missing_kvm_device() {
+    one_line_error(&["demo", "--kvm-device", "/nonexistent/kvm"], &["KVM device /nonexistent/kvm is not available", "No such file"]);
+    one_line_error(&["send", "--to", "127.0.0.1:9", "--kvm-device", "/nonexistent/kvm"], &["/nonexistent/kvm"]);
+}
+
+#[test]
+fn bad_flag_values() {
+    let o = run(&["demo", "--ram", "lots"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.lines().next().unwrap().contains("--ram"), "{err}");
+    one_line_error(&["receive", "--listen", "nowhere"], &["receiver.listen"]);
+}
+
+#[test]
+fn send_to_nobody_names_the_phase() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    one_line_error(
+        &["send", "--to", &format!("127.0.0.1:{port}"), "--ram", "64MiB", "--warmup-ms", "10"],
+        &["handshake", "connect", "refused"],
+    );
+}
+
+#[test]
+fn doctor_reports_host() {
+    let o = run(&["doctor"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("[ ok ] KVM"), "{out}");
+    assert!(out.contains("dirty ring"), "{out}");
+    assert!(out.contains("SEV"), "{out}");
+}

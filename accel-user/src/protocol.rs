@@ -502,7 +502,7 @@ mod tests {
     fn status_abort_and_state_frames() {
         let (s, t) = decode_status(FrameKind::HelloAck, &encode_status(1, "too big")).unwrap();
         assert_eq!((s, t.as_str()), (1, "too big"));
-        assert!(decode_status(FrameKind::HelloAck, &encode_status(1, "x")[..9]).is_err());
+        assert!(decode_status(FrameKind::HelloAck, &encode_status(1, "x")[..8]).is_err());
         assert_eq!(decode_abort(&encode_abort("boom")).unwrap(), "boom");
         let long = "é".repeat(2000);
         assert!(decode_abort(&encode_abort(&long)).unwrap().len() <= MAX_TEXT);

@@ -64,6 +64,7 @@ fn cut_test(cut: Cut, expect_phase: fn(Phase) -> bool) {
     assert!(!dm.is_running(), "destination must never resume");
     assert_eq!(dm.reports().iter().sum::<u64>(), 0, "destination guest never ran");
     assert_running(&src);
+    assert_eq!(src.throttle(), 0, "a failed migration must not leave the guest throttled");
     assert_dirty_covers(&src, dm);
     retry_succeeds(&cfg, &src);
 }

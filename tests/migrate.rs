@@ -76,3 +76,16 @@ fn ab_multi_slot_four_vcpus() {
     let v = &out.report.verification;
     assert!(v.ok(), "{v:?}");
 }
+
+/// A guest that rewrites all of its RAM converges through auto-converge, and the
+/// destination runs unthrottled.
+#[test]
+fn ab_all_ram_converges() {
+    let mut c = config(WorkloadKind::Ab, DirtySource::Ring);
+    c.guest.ram = accel_user::config::ByteSize(512 << 20);
+    c.migration.max_rounds = 40;
+    let out = session::demo(&c, &mut |_| {}).expect("migration succeeds");
+    let r = &out.report.source;
+    assert!(matches!(r.switchover, accel_user::policy::SwitchReason::Converged { .. }), "{:?} after {:?}", r.switchover, r.precopy_rounds);
+    assert!(out.report.verification.ok(), "{:?}", out.report.verification);
+}

@@ -7,7 +7,7 @@ use kvm_hooks::vmm::{GuestSpec, Workload};
 use serde::{de, Deserialize, Deserializer, Serialize};
 
 use crate::dest::RecvOptions;
-use crate::policy::PolicyConfig;
+use crate::policy::{AutoConverge, PolicyConfig};
 use crate::source::SendOptions;
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +133,10 @@ pub struct MigrationConfig {
     pub connect_timeout_ms: u64,
     pub io_timeout_ms: u64,
     pub ack_timeout_ms: u64,
+    pub auto_converge: bool,
+    pub throttle_initial_pct: u8,
+    pub throttle_increment_pct: u8,
+    pub throttle_max_pct: u8,
 }
 
 impl Default for MigrationConfig {
@@ -147,6 +151,10 @@ impl Default for MigrationConfig {
             connect_timeout_ms: 5_000,
             io_timeout_ms: 10_000,
             ack_timeout_ms: 30_000,
+            auto_converge: true,
+            throttle_initial_pct: 20,
+            throttle_increment_pct: 10,
+            throttle_max_pct: 99,
         }
     }
 }
@@ -224,6 +232,15 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        for (key, v) in [
+            ("migration.throttle_initial_pct", m.throttle_initial_pct),
+            ("migration.throttle_increment_pct", m.throttle_increment_pct),
+            ("migration.throttle_max_pct", m.throttle_max_pct),
+        ] {
+            if v == 0 || v > 99 {
+                return Err(invalid(key, format!("{v} is not in 1..=99")));
+            }
+        }
         let r = &self.receiver;
         if r.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid("receiver.listen", format!("{:?} is not an IP:port address", r.listen)));
@@ -254,7 +271,16 @@ impl Config {
     pub fn send_options(&self) -> SendOptions {
         let m = &self.migration;
         SendOptions {
-            policy: PolicyConfig { downtime_target: Duration::from_millis(m.downtime_target_ms), max_rounds: m.max_rounds },
+            policy: PolicyConfig {
+                downtime_target: Duration::from_millis(m.downtime_target_ms),
+                max_rounds: m.max_rounds,
+                auto_converge: AutoConverge {
+                    enabled: m.auto_converge,
+                    initial: m.throttle_initial_pct,
+                    increment: m.throttle_increment_pct,
+                    max: m.throttle_max_pct,
+                },
+            },
             batch_pages: m.batch_pages,
             zero_detect: m.zero_pages,
             ack_timeout: Duration::from_millis(m.ack_timeout_ms),

@@ -270,7 +270,22 @@ impl Receiver {
             let gpa = run.gfn * PAGE_SIZE;
             let len = u64::from(run.npages) * PAGE_SIZE;
             if run.is_zero() {
-                ram.zero(gpa, len).map_err(|e| self.incomplete(e.to_string()))?;
+                // Fresh guest RAM is already zero (a new memfd): only pages that an earlier
+                // round filled need clearing. Touching the rest would allocate them.
+                let end = run.gfn + u64::from(run.npages);
+                let mut g = run.gfn;
+                while g < end {
+                    if !self.received.contains(g) {
+                        g += 1;
+                        continue;
+                    }
+                    let start = g;
+                    while g < end && self.received.contains(g) {
+                        g += 1;
+                    }
+                    ram.zero(start * PAGE_SIZE, (g - start) * PAGE_SIZE).map_err(|e| self.incomplete(e.to_string()))?;
+                }
+                let _ = (gpa, len);
             } else {
                 t.recv_into_guest(&ram, gpa, len).map_err(|e| self.terr(e))?;
             }

@@ -15,6 +15,8 @@ pub struct RoundStats {
     pub zero_pages: u64,
     /// Bytes on the wire.
     pub bytes: u64,
+    /// vCPU throttle (percent) in force during the round.
+    pub throttle_pct: u8,
     /// Wall time of the round.
     #[serde(serialize_with = "crate::report::ser_ms")]
     pub elapsed: Duration,
@@ -27,6 +29,36 @@ pub struct PolicyConfig {
     pub downtime_target: Duration,
     /// Precopy rounds (round 0 included) after which switchover is forced.
     pub max_rounds: u32,
+    pub auto_converge: AutoConverge,
+}
+
+/// Throttle vCPUs when the guest dirties memory faster than precopy can send it.
+#[derive(Debug, Clone, Copy)]
+pub struct AutoConverge {
+    pub enabled: bool,
+    /// First throttle step, percent.
+    pub initial: u8,
+    /// Added at each further step, percent.
+    pub increment: u8,
+    /// Never throttle more than this, percent.
+    pub max: u8,
+}
+
+/// The throttle to apply for the next round. Like QEMU's auto-converge: when the pages
+/// dirtied during each of the last two rounds exceed half of what the round sent, the
+/// guest is outrunning the link, so step the throttle up.
+pub fn next_throttle(cfg: &AutoConverge, rounds: &[RoundStats], current: u8) -> u8 {
+    if !cfg.enabled || rounds.len() < 3 {
+        return current;
+    }
+    let outrun = |r: &RoundStats| r.pages > 0 && r.dirty_after * 2 > r.pages;
+    let last_two = &rounds[rounds.len() - 2..];
+    if last_two.iter().all(outrun) {
+        let next = if current == 0 { cfg.initial } else { current.saturating_add(cfg.increment) };
+        next.min(cfg.max)
+    } else {
+        current
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -87,9 +119,30 @@ mod tests {
         RoundStats { round, pages: bytes / PAGE, bytes, elapsed: Duration::from_millis(ms), ..Default::default() }
     }
 
+    const AC: AutoConverge = AutoConverge { enabled: true, initial: 20, increment: 10, max: 99 };
+
+    #[test]
+    fn throttle_steps_only_when_outrun_twice() {
+        let mut rs = vec![r(0, 4096 * 1000, 10)];
+        assert_eq!(next_throttle(&AC, &rs, 0), 0);
+        let mut x = r(1, 4096 * 1000, 10);
+        x.dirty_after = 900;
+        rs.push(x);
+        assert_eq!(next_throttle(&AC, &rs, 0), 0, "needs round 0 plus two outrun rounds");
+        rs.push(x);
+        assert_eq!(next_throttle(&AC, &rs, 0), 20);
+        assert_eq!(next_throttle(&AC, &rs, 20), 30);
+        assert_eq!(next_throttle(&AC, &rs, 95), 99);
+        assert_eq!(next_throttle(&AutoConverge { enabled: false, ..AC }, &rs, 0), 0);
+        let mut calm = x;
+        calm.dirty_after = 100;
+        rs.push(calm);
+        assert_eq!(next_throttle(&AC, &rs, 30), 30, "holds when the guest no longer outruns");
+    }
+
     #[test]
     fn converges_when_final_round_fits() {
-        let cfg = PolicyConfig { downtime_target: Duration::from_millis(50), max_rounds: 10 };
+        let cfg = PolicyConfig { downtime_target: Duration::from_millis(50), max_rounds: 10, auto_converge: AC };
         // 1 GB/s: 100 pages take ~0.4 ms.
         let rounds = [r(0, 1_000_000_000, 1000)];
         assert!(matches!(decide(&cfg, &rounds, 100), Decision::Switchover(SwitchReason::Converged { .. })));
@@ -100,7 +153,7 @@ mod tests {
 
     #[test]
     fn round_limit_forces_switchover() {
-        let cfg = PolicyConfig { downtime_target: Duration::from_millis(1), max_rounds: 3 };
+        let cfg = PolicyConfig { downtime_target: Duration::from_millis(1), max_rounds: 3, auto_converge: AC };
         let rounds = [r(0, 4096, 1000), r(1, 4096, 1000), r(2, 4096, 1000)];
         assert!(matches!(decide(&cfg, &rounds, 1_000_000), Decision::Switchover(SwitchReason::RoundLimit { .. })));
         assert_eq!(decide(&cfg, &rounds[..2], 1_000_000), Decision::Continue);
@@ -108,7 +161,7 @@ mod tests {
 
     #[test]
     fn unknown_bandwidth_never_converges_early() {
-        let cfg = PolicyConfig { downtime_target: Duration::from_millis(50), max_rounds: 10 };
+        let cfg = PolicyConfig { downtime_target: Duration::from_millis(50), max_rounds: 10, auto_converge: AC };
         assert_eq!(decide(&cfg, &[r(0, 0, 0)], 10), Decision::Continue);
     }
 }

@@ -111,17 +111,18 @@ impl SourceReport {
         let mut s = String::new();
         let g = &self.guest;
         let _ = writeln!(s, "guest: {} MiB, {} vCPUs, workload {}, dirty tracking {}", g.ram_bytes >> 20, g.vcpus, g.workload, self.dirty_mode);
-        let _ = writeln!(s, "{:>6} {:>10} {:>10} {:>12} {:>10} {:>12}", "round", "pages", "zero", "MiB", "ms", "dirty after");
+        let _ = writeln!(s, "{:>6} {:>10} {:>10} {:>12} {:>10} {:>12} {:>9}", "round", "pages", "zero", "MiB", "ms", "dirty after", "throttle");
         for r in self.precopy_rounds.iter().chain(std::iter::once(&self.final_round)) {
             let _ = writeln!(
                 s,
-                "{:>6} {:>10} {:>10} {:>12.1} {:>10.1} {:>12}",
+                "{:>6} {:>10} {:>10} {:>12.1} {:>10.1} {:>12} {:>8}%",
                 r.round,
                 r.pages,
                 r.zero_pages,
                 r.bytes as f64 / (1 << 20) as f64,
                 r.elapsed.as_secs_f64() * 1e3,
-                r.dirty_after
+                r.dirty_after,
+                r.throttle_pct
             );
         }
         let _ = writeln!(s, "switchover: {:?}", self.switchover);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kvm_hooks::memory::PAGE_SIZE;
 use kvm_hooks::vmm::Machine;
 
-use crate::policy::{decide, Decision, PolicyConfig, RoundStats, SwitchReason};
+use crate::policy::{decide, next_throttle, Decision, PolicyConfig, RoundStats, SwitchReason};
 use crate::protocol::{self, FrameKind, Run, HEADER_LEN, MAX_RUNS, RUN_ZERO};
 use crate::report::SourceReport;
 use crate::transport::{Part, Transport, TransportError};
@@ -129,6 +129,7 @@ fn recover(c: Ctx<'_>, e: SendError) -> SendError {
         InFlight::All => c.m.dirty().mark_all(),
         InFlight::Pages(p) => c.m.dirty().restore(&p),
     }
+    c.m.set_throttle(0);
     if c.paused {
         if let Err(r) = c.m.resume() {
             return SendError::ResumeFailed { first: Box::new(e), resume: r };
@@ -170,11 +171,13 @@ fn run(c: &mut Ctx<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendE
     let reason = loop {
         let ph = Phase::Precopy { round };
         let start = Instant::now();
-        let mut st = RoundStats { round, ..Default::default() };
+        let mut st = RoundStats { round, throttle_pct: c.m.throttle(), ..Default::default() };
         if round == 0 {
-            send_pages(c, round, 0..total_pages, &mut st).map_err(|e| peer_error(c.t, ph, e))?;
+            // Never-written RAM (memfd holes) is zero: known without reading it.
+            let extents = c.m.ram().data_extents().map_err(kvm(ph))?;
+            send_pages_with_holes(c, round, total_pages, &extents, &mut st).map_err(|e| peer_error(c.t, ph, e))?;
         } else {
-            send_pages(c, round, gfns.iter().copied(), &mut st).map_err(|e| peer_error(c.t, ph, e))?;
+            send_pages(c, round, gfns.iter().copied(), &mut st, None).map_err(|e| peer_error(c.t, ph, e))?;
         }
         end_round(c, round, &mut st).map_err(|e| peer_error(c.t, ph, e))?;
         st.elapsed = start.elapsed();
@@ -192,6 +195,11 @@ fn run(c: &mut Ctx<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendE
             c.inflight = InFlight::Nothing;
             break r;
         }
+        let t = next_throttle(&c.o.policy.auto_converge, &rounds, c.m.throttle());
+        if t != c.m.throttle() {
+            tracing::info!(round, throttle_pct = t, "guest outruns the link: throttling vCPUs");
+            c.m.set_throttle(t);
+        }
         round += 1;
     };
     on(Event::Switchover(reason));
@@ -201,12 +209,13 @@ fn run(c: &mut Ctx<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendE
     let t_stop = Instant::now();
     c.m.pause().map_err(kvm(ph))?;
     c.paused = true;
+    c.m.set_throttle(0);
     round += 1;
     let final_gfns = c.m.dirty().take().map_err(kvm(ph))?;
     c.inflight = InFlight::Pages(final_gfns.clone());
     let start = Instant::now();
     let mut fin = RoundStats { round, ..Default::default() };
-    send_pages(c, round, final_gfns.iter().copied(), &mut fin).map_err(|e| peer_error(c.t, ph, e))?;
+    send_pages(c, round, final_gfns.iter().copied(), &mut fin, None).map_err(|e| peer_error(c.t, ph, e))?;
     end_round(c, round, &mut fin).map_err(|e| peer_error(c.t, ph, e))?;
 
     let ph = Phase::VcpuState;
@@ -235,7 +244,8 @@ fn run(c: &mut Ctx<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendE
     c.inflight = InFlight::Nothing;
     let downtime = t_stop.elapsed().saturating_sub(Duration::from_micros(capture_us));
     on(Event::Resumed { downtime });
-    let total = t0.elapsed();
+    // Verification capture on the destination is not part of the migration.
+    let total = t0.elapsed().saturating_sub(Duration::from_micros(capture_us));
     let bytes = c.t.bytes_sent();
     Ok(SourceReport::new(spec, c.m, rounds, fin, reason, setup, total, downtime, bytes, state_bytes, Duration::from_micros(capture_us)))
 }
@@ -276,14 +286,39 @@ fn end_round(c: &mut Ctx<'_>, round: u32, st: &mut RoundStats) -> Result<(), Tra
     Ok(())
 }
 
-/// Send `gfns` (ascending) as Pages frames of consecutive runs.
-fn send_pages(c: &mut Ctx<'_>, round: u32, gfns: impl Iterator<Item = u64>, st: &mut RoundStats) -> Result<(), TransportError> {
+/// Round 0: all pages, with pages outside `extents` (memfd holes) known to be zero.
+fn send_pages_with_holes(c: &mut Ctx<'_>, round: u32, pages: u64, extents: &[(u64, u64)], st: &mut RoundStats) -> Result<(), TransportError> {
+    let mut ext = extents.iter().peekable();
+    let mut in_data = move |gfn: u64| {
+        let gpa = gfn * PAGE_SIZE;
+        while let Some(&&(_, end)) = ext.peek() {
+            if end <= gpa {
+                ext.next();
+            } else {
+                break;
+            }
+        }
+        matches!(ext.peek(), Some(&&(start, _)) if start < gpa + PAGE_SIZE)
+    };
+    send_pages(c, round, 0..pages, st, Some(&mut in_data))
+}
+
+/// Send `gfns` (ascending) as Pages frames of consecutive runs. `may_hold_data(gfn)`, when
+/// given, says false for pages known to be zero without reading them.
+fn send_pages(
+    c: &mut Ctx<'_>,
+    round: u32,
+    gfns: impl Iterator<Item = u64>,
+    st: &mut RoundStats,
+    mut may_hold_data: Option<&mut dyn FnMut(u64) -> bool>,
+) -> Result<(), TransportError> {
     let ram = c.m.ram().clone();
     let max_data = u64::from(c.o.batch_pages);
     let mut runs: Vec<Run> = Vec::with_capacity(256);
     let mut data_pages = 0u64;
     for gfn in gfns {
-        let zero = c.o.zero_detect && ram.page_is_zero(gfn).unwrap_or(false);
+        let hole = may_hold_data.as_mut().is_some_and(|f| !f(gfn));
+        let zero = hole || (c.o.zero_detect && ram.page_is_zero(gfn).unwrap_or(false));
         let flags = if zero { RUN_ZERO } else { 0 };
         st.pages += 1;
         st.zero_pages += u64::from(zero);

@@ -131,6 +131,12 @@ impl GuestRam {
         Ok(unsafe { sys::is_zero(self.map.as_ptr().add(gpa as usize), PAGE_SIZE as usize) })
     }
 
+    /// Pages that have never been written (memfd holes) read as zero; this returns the
+    /// sorted byte ranges that may hold data, without touching (and so allocating) the rest.
+    pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
+        sys::data_extents(&self.file, self.size).map_err(|e| Error::Memory(format!("SEEK_DATA on guest RAM: {e}")))
+    }
+
     pub fn read_u64(&self, gpa: u64) -> Result<u64> {
         let mut b = [0u8; 8];
         self.read(gpa, &mut b)?;

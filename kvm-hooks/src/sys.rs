@@ -109,6 +109,32 @@ pub fn memfd_create(name: &str) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Byte ranges of `fd` that hold data (everything else is a hole that reads as zero),
+/// found with `lseek(SEEK_DATA/SEEK_HOLE)`.
+pub fn data_extents(fd: &impl AsRawFd, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while (pos as u64) < size {
+        // SAFETY: lseek only reads the fd's extent map; no memory is passed.
+        let data = unsafe { libc::lseek(fd.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after pos
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        out.push((data as u64, (hole as u64).min(size)));
+        pos = hole;
+    }
+    Ok(out)
+}
+
 /// Send `sig` to one thread of this process.
 pub fn pthread_kill(thread: libc::pthread_t, sig: i32) -> io::Result<()> {
     // SAFETY: pthread_kill does not touch memory; an exited thread yields ESRCH, not UB, as

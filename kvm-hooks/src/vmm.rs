@@ -143,6 +143,8 @@ struct Shared {
     progress: Vec<AtomicU64>,
     reports: Vec<AtomicU64>,
     fault: Mutex<Option<String>>,
+    /// Percent of time vCPUs are held off the CPU (auto-converge), 0..=99.
+    throttle: AtomicU64,
 }
 
 impl Shared {
@@ -216,6 +218,7 @@ impl Machine {
             progress: (0..n).map(|_| AtomicU64::new(0)).collect(),
             reports: (0..n).map(|_| AtomicU64::new(0)).collect(),
             fault: Mutex::new(None),
+            throttle: AtomicU64::new(0),
         });
         let mut vcpus = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
@@ -323,6 +326,16 @@ impl Machine {
         Ok(())
     }
 
+    /// Hold vCPUs off the CPU for `percent` of the time (0 = full speed, at most 99), so a
+    /// guest that dirties memory faster than the link can converge (auto-converge).
+    pub fn set_throttle(&self, percent: u8) {
+        self.shared.throttle.store(u64::from(percent.min(99)), Ordering::Relaxed);
+    }
+
+    pub fn throttle(&self) -> u8 {
+        self.shared.throttle.load(Ordering::Relaxed) as u8
+    }
+
     /// Oracle workloads read the iteration number from the parameter page.
     pub fn set_oracle_iteration(&self, iter: u64) -> Result<()> {
         self.ram().write_u64(guest::PARAM, iter)
@@ -368,6 +381,7 @@ fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<Dirt
                 paced = 0;
             }
         }
+        let entered = Instant::now();
         let ev = {
             let mut v = fd.lock().unwrap_or_else(|e| e.into_inner());
             match v.run() {
@@ -385,6 +399,7 @@ fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<Dirt
                 Err(e) => Event::Fault(format!("vCPU {id}: KVM_RUN failed: {e}")),
             }
         };
+        throttle(&sh, entered.elapsed());
         match ev {
             Event::Progress(v) => {
                 sh.progress[id].store(u64::from(v), Ordering::Relaxed);
@@ -412,6 +427,23 @@ fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<Dirt
             Event::Interrupted => {}
             Event::Fault(msg) => fault(&sh, id, msg),
         }
+    }
+}
+
+/// Auto-converge: after the guest ran for `ran`, sleep so that it gets `100 - pct` % of
+/// the time. Sleeps in short steps so pause requests stay prompt.
+fn throttle(sh: &Shared, ran: Duration) {
+    let pct = sh.throttle.load(Ordering::Relaxed).min(99);
+    if pct == 0 {
+        return;
+    }
+    let until = Instant::now() + ran * pct as u32 / (100 - pct as u32);
+    while *sh.state() == RunState::Running {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(1)));
     }
 }
 

@@ -82,6 +82,9 @@ struct Common {
     dirty_ring_entries: Option<u32>,
     #[arg(long)]
     kvm_device: Option<PathBuf>,
+    /// Do not throttle vCPUs when the guest dirties memory faster than the link.
+    #[arg(long)]
+    no_auto_converge: bool,
     /// Report format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     report: Format,
@@ -137,6 +140,9 @@ impl Common {
         }
         if let Some(v) = self.dirty_ring_entries {
             m.dirty_ring_entries = v;
+        }
+        if self.no_auto_converge {
+            m.auto_converge = false;
         }
         if let Some(v) = &self.kvm_device {
             c.host.kvm_device = v.clone();

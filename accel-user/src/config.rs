@@ -144,7 +144,7 @@ impl Default for MigrationConfig {
         MigrationConfig {
             downtime_target_ms: 50,
             max_rounds: 30,
-            batch_pages: 256,
+            batch_pages: 1024,
             zero_pages: true,
             dirty_source: DirtySource::Ring,
             dirty_ring_entries: 4096,

@@ -116,8 +116,19 @@ pub struct DemoOutcome {
 /// Boot the configured guest, migrate it live over loopback into a second VM in this
 /// process, then verify RAM, the A/B invariant and that the destination keeps running.
 pub fn demo(cfg: &Config, on: &mut dyn FnMut(Event)) -> anyhow::Result<DemoOutcome> {
+    demo_with(cfg, &|_| Ok(()), on)
+}
+
+/// [`demo`] with a hook that runs on the booted source before migration starts (benches use
+/// it to fill guest RAM).
+pub fn demo_with(
+    cfg: &Config,
+    prepare: &dyn Fn(&Machine) -> anyhow::Result<()>,
+    on: &mut dyn FnMut(Event),
+) -> anyhow::Result<DemoOutcome> {
     let t0 = Instant::now();
     let src = boot_source(cfg)?;
+    prepare(&src)?;
     tracing::info!("source guest booted in {:?}", t0.elapsed());
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?.to_string();

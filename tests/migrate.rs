@@ -24,7 +24,7 @@ fn migrate(workload: WorkloadKind, dirty: DirtySource) {
         assert!(rounds >= 3, "only {rounds} precopy rounds");
         // Pages written during precopy were found and re-sent.
         assert!(r.source.precopy_rounds[1..].iter().all(|x| x.pages > 0), "{:?}", r.source.precopy_rounds);
-        assert!(r.source.final_round.pages > 0, "the guest dirtied pages up to the stop");
+        // (The final round may be empty: a paced guest can write nothing in a short round.)
     }
     let mode = &r.source.dirty_mode;
     match dirty {

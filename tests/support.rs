@@ -156,7 +156,9 @@ impl NetnsPair {
     pub fn create(tag: &str) -> anyhow::Result<NetnsPair> {
         let id = std::process::id() % 10_000;
         let (src, dst) = (format!("mga-{tag}-s{id}"), format!("mga-{tag}-d{id}"));
-        let (va, vb) = (format!("mv{id}{}a", &tag[..1]), format!("mv{id}{}b", &tag[..1]));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let (va, vb) = (format!("mv{id}x{n}a"), format!("mv{id}x{n}b"));
         let p = NetnsPair { src: src.clone(), dst: dst.clone(), src_ip: "169.254.77.1".into(), dst_ip: "169.254.77.2".into() };
         let _ = ip(&["netns", "del", &src]);
         let _ = ip(&["netns", "del", &dst]);

@@ -102,6 +102,9 @@ impl Vm {
                 fd.enable_cap(&cap).map_err(|e| Error::ioctl("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", errno_io(e)))?;
             }
         }
+        // An in-kernel LAPIC/IOAPIC/PIC, as production VMMs have, so LAPIC state is part of
+        // what migrates.
+        fd.create_irq_chip().map_err(|e| Error::ioctl("KVM_CREATE_IRQCHIP", errno_io(e)))?;
         for s in ram.slots() {
             let region = kvm_userspace_memory_region {
                 slot: s.id,

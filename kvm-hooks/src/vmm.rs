@@ -185,6 +185,10 @@ impl Machine {
             let sregs = v.get_sregs().map_err(|e| Error::ioctl("KVM_GET_SREGS", errno_io(e)))?;
             v.set_sregs(&guest::initial_sregs(sregs)).map_err(|e| Error::ioctl("KVM_SET_SREGS", errno_io(e)))?;
             v.set_regs(&guest::initial_regs(i, &spec.start(i as u32))).map_err(|e| Error::ioctl("KVM_SET_REGS", errno_io(e)))?;
+            // With an in-kernel LAPIC, application processors wait for INIT/SIPI; the test
+            // guests start every vCPU directly.
+            v.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE })
+                .map_err(|e| Error::ioctl("KVM_SET_MP_STATE", errno_io(e)))?;
         }
         Ok(m)
     }

@@ -44,6 +44,12 @@ fn state_moves_to_a_second_vm_and_guest_continues() {
     wait_progress(&src, 3);
     src.pause().unwrap();
     let states = src.save_states().unwrap();
+    for s in &states {
+        assert!(s.lapic.is_some(), "LAPIC state saved");
+        assert!(s.xsave.is_some() && s.xcrs.is_some(), "xsave/xcrs saved");
+        assert!(s.msrs.len() > 10, "MSRs saved: {}", s.msrs.len());
+        assert_eq!(s.sregs.cs.selector, 0x33, "CPL 3 code segment");
+    }
     let enc: Vec<Vec<u8>> = states.iter().map(|s| s.encode()).collect();
     let dst = Machine::destination(*src.spec(), DirtyPreference::Bitmap).unwrap();
     dst.ram().write(0, &src.ram().snapshot()).unwrap();

@@ -9,6 +9,7 @@ use serde::{de, Deserialize, Deserializer, Serialize};
 use crate::dest::RecvOptions;
 use crate::policy::{AutoConverge, PolicyConfig};
 use crate::source::SendOptions;
+use crate::transport::TransportMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -133,6 +134,12 @@ pub struct MigrationConfig {
     pub connect_timeout_ms: u64,
     pub io_timeout_ms: u64,
     pub ack_timeout_ms: u64,
+    /// How pages travel: blocking, copy (io_uring), zerocopy (io_uring) or auto.
+    pub transport: TransportMode,
+    /// Page streams: 1 sends pages on the control connection, N > 1 opens N data streams.
+    pub streams: u32,
+    /// Register guest RAM as io_uring fixed buffers for zero-copy sends.
+    pub fixed_buffers: bool,
     pub auto_converge: bool,
     pub throttle_initial_pct: u8,
     pub throttle_increment_pct: u8,
@@ -151,6 +158,9 @@ impl Default for MigrationConfig {
             connect_timeout_ms: 5_000,
             io_timeout_ms: 10_000,
             ack_timeout_ms: 30_000,
+            transport: TransportMode::Blocking,
+            streams: 1,
+            fixed_buffers: true,
             auto_converge: true,
             throttle_initial_pct: 20,
             throttle_increment_pct: 10,
@@ -232,6 +242,9 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if m.streams == 0 || m.streams > crate::protocol::MAX_STREAMS {
+            return Err(invalid("migration.streams", format!("{} is not in 1..={}", m.streams, crate::protocol::MAX_STREAMS)));
+        }
         for (key, v) in [
             ("migration.throttle_initial_pct", m.throttle_initial_pct),
             ("migration.throttle_increment_pct", m.throttle_increment_pct),
@@ -284,6 +297,8 @@ impl Config {
             batch_pages: m.batch_pages,
             zero_detect: m.zero_pages,
             ack_timeout: Duration::from_millis(m.ack_timeout_ms),
+            io_timeout: Duration::from_millis(m.io_timeout_ms),
+            streams: if m.streams > 1 { m.streams } else { 0 },
         }
     }
 

@@ -10,9 +10,15 @@
 //! Every length and gfn from the peer is checked against caps and guest RAM before any
 //! allocation or write. The VM resumes only if every page arrived, each round's page count
 //! matches the source's, and every vCPU's state decoded and restored.
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_hooks::dirty::DirtySet;
+use kvm_hooks::memory::GuestRam;
 use kvm_hooks::memory::PAGE_SIZE;
 use kvm_hooks::state::VcpuState;
 use kvm_hooks::vm::DirtyPreference;
@@ -100,16 +106,185 @@ pub struct Received {
     pub total_time: Duration,
 }
 
+/// State shared by the control thread and the data-stream workers.
+struct Shared {
+    received: Mutex<DirtySet>,
+    /// Per data stream: rounds it has completed (EndOfRound seen).
+    completed: Mutex<Vec<u32>>,
+    cv: Condvar,
+    /// Pages that arrived per round over all data streams.
+    round_pages: Mutex<HashMap<u32, u64>>,
+    total_pages: AtomicU64,
+    error: Mutex<Option<String>>,
+    stop: AtomicBool,
+    /// Shut these down to unblock every reader after an error.
+    sockets: Mutex<Vec<TcpStream>>,
+}
+
+impl Shared {
+    /// Record the first error and unblock every reader. The control socket (index 0) is
+    /// only shut for reading, so the control thread can still send Abort with the reason.
+    fn fail(&self, msg: String) {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(msg);
+        self.cv.notify_all();
+        for (i, s) in self.sockets.lock().unwrap_or_else(|e| e.into_inner()).iter().enumerate() {
+            let _ = s.shutdown(if i == 0 { std::net::Shutdown::Read } else { std::net::Shutdown::Both });
+        }
+    }
+    fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    /// Wait until every data stream completed at least `rounds` rounds.
+    fn wait_rounds(&self, rounds: u32, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.completed.lock().unwrap_or_else(|e| e.into_inner());
+        while g.iter().copied().min().unwrap_or(u32::MAX) < rounds {
+            if let Some(e) = self.error() {
+                return Err(e);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("data streams did not finish round {} within {timeout:?} (completed: {g:?})", rounds - 1));
+            }
+            g = self.cv.wait_timeout(g, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Ok(())
+    }
+}
+
+/// Why receiving one Pages frame failed.
+enum PageError {
+    Transport(TransportError),
+    Protocol(ProtocolError),
+    Order(String),
+}
+
+/// Receive one Pages frame of round `round` (header already read) into `ram`, validating
+/// the run table before any data is read. Returns the runs received.
+fn recv_pages(t: &mut dyn Transport, h: &Header, round: u32, ram: &GuestRam, received: &Mutex<DirtySet>) -> Result<u64, PageError> {
+    let k = FrameKind::Pages;
+    let perr = |msg: String| PageError::Protocol(ProtocolError::Payload { kind: k, msg });
+    if h.len < 8 {
+        return Err(perr(format!("{} bytes is shorter than the 8-byte prefix", h.len)));
+    }
+    let mut pre = [0u8; 8];
+    t.recv_exact(&mut pre).map_err(PageError::Transport)?;
+    let r = u32::from_le_bytes(pre[0..4].try_into().expect("4"));
+    let nruns = u32::from_le_bytes(pre[4..8].try_into().expect("4"));
+    if r != round {
+        return Err(PageError::Order(format!("pages for round {r} arrived in round {round}")));
+    }
+    if nruns == 0 || nruns > MAX_RUNS {
+        return Err(perr(format!("{nruns} runs (must be 1..={MAX_RUNS})")));
+    }
+    let table_len = 16 * nruns as usize;
+    if (h.len as usize) < 8 + table_len {
+        return Err(perr(format!("{nruns} runs do not fit in {} bytes", h.len)));
+    }
+    let mut table = vec![0u8; table_len]; // at most 64 KiB (MAX_RUNS)
+    t.recv_exact(&mut table).map_err(PageError::Transport)?;
+    let runs = protocol::decode_runs(&table);
+    let data_len = u64::from(h.len) - 8 - table_len as u64;
+    protocol::check_runs(&runs, ram.pages(), data_len).map_err(PageError::Protocol)?;
+    let mut pages = 0u64;
+    for run in &runs {
+        let end = run.gfn + u64::from(run.npages);
+        if run.is_zero() {
+            // Fresh guest RAM is already zero (a new memfd): only pages that an earlier
+            // round filled need clearing. Touching the rest would allocate them.
+            let rec = received.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = run.gfn;
+            while g < end {
+                if !rec.contains(g) {
+                    g += 1;
+                    continue;
+                }
+                let start = g;
+                while g < end && rec.contains(g) {
+                    g += 1;
+                }
+                ram.zero(start * PAGE_SIZE, (g - start) * PAGE_SIZE).map_err(|e| PageError::Order(e.to_string()))?;
+            }
+        } else {
+            t.recv_into_guest(ram, run.gfn * PAGE_SIZE, u64::from(run.npages) * PAGE_SIZE).map_err(PageError::Transport)?;
+        }
+        let mut rec = received.lock().unwrap_or_else(|e| e.into_inner());
+        for g in run.gfn..end {
+            rec.insert(g);
+        }
+        pages += u64::from(run.npages);
+    }
+    Ok(pages)
+}
+
+/// A data stream: Pages and EndOfRound only, rounds in order, each round's data written
+/// only after every stream finished the previous round (so older data never lands on top
+/// of newer data that came over another stream).
+fn data_worker(i: usize, mut t: Box<dyn Transport>, sh: Arc<Shared>, ram: Arc<GuestRam>, timeout: Duration) {
+    let mut round = 0u32;
+    let mut pages = 0u64;
+    let mut barrier_done = u32::MAX;
+    let res: Result<(), String> = loop {
+        let h = match t.recv_header() {
+            Ok(h) => h,
+            Err(_) if sh.stop.load(Ordering::Acquire) => break Ok(()),
+            Err(e) => break Err(format!("data stream {i}: {e}")),
+        };
+        match h.kind {
+            FrameKind::Pages => {
+                if barrier_done != round {
+                    if let Err(e) = sh.wait_rounds(round, timeout) {
+                        break Err(format!("data stream {i}: {e}"));
+                    }
+                    barrier_done = round;
+                }
+                match recv_pages(&mut *t, &h, round, &ram, &sh.received) {
+                    Ok(n) => pages += n,
+                    Err(PageError::Transport(e)) => break Err(format!("data stream {i}: {e}")),
+                    Err(PageError::Protocol(e)) => break Err(format!("data stream {i}: bad frame from peer: {e}")),
+                    Err(PageError::Order(e)) => break Err(format!("data stream {i}: {e}")),
+                }
+            }
+            FrameKind::EndOfRound => {
+                let mut p = vec![0u8; h.len as usize];
+                if let Err(e) = t.recv_exact(&mut p) {
+                    break Err(format!("data stream {i}: {e}"));
+                }
+                match protocol::decode_end_of_round(&p) {
+                    Ok((r, n)) if r == round && n == pages => {
+                        *sh.round_pages.lock().unwrap_or_else(|e| e.into_inner()).entry(r).or_default() += n;
+                        sh.total_pages.fetch_add(n, Ordering::AcqRel);
+                        sh.completed.lock().unwrap_or_else(|e| e.into_inner())[i] = r + 1;
+                        sh.cv.notify_all();
+                        round += 1;
+                        pages = 0;
+                    }
+                    Ok((r, n)) => break Err(format!("data stream {i}: end of round {r} ({n} pages) while in round {round} with {pages} pages")),
+                    Err(e) => break Err(format!("data stream {i}: bad frame from peer: {e}")),
+                }
+            }
+            k => break Err(format!("data stream {i}: {k:?} frame not allowed on a data stream")),
+        }
+    };
+    if let Err(e) = res {
+        sh.fail(e);
+    }
+}
+
 pub struct Receiver {
     o: RecvOptions,
     state: RecvState,
     machine: Option<Machine>,
-    received: DirtySet,
     round_pages: u64,
     total_pages: u64,
     bytes: u64,
     states: Vec<Option<VcpuState>>,
+    shared: Arc<Shared>,
+    streams: u32,
+    workers: Vec<JoinHandle<()>>,
 }
+
+/// Accepts the next data-stream connection.
+pub type Acceptor<'a> = &'a mut dyn FnMut() -> Result<Box<dyn Transport>, TransportError>;
 
 impl Receiver {
     pub fn new(o: RecvOptions) -> Self {
@@ -117,11 +292,22 @@ impl Receiver {
             o,
             state: RecvState::AwaitHello,
             machine: None,
-            received: DirtySet::default(),
             round_pages: 0,
             total_pages: 0,
             bytes: 0,
             states: Vec::new(),
+            shared: Arc::new(Shared {
+                received: Mutex::new(DirtySet::default()),
+                completed: Mutex::new(Vec::new()),
+                cv: Condvar::new(),
+                round_pages: Mutex::new(HashMap::new()),
+                total_pages: AtomicU64::new(0),
+                error: Mutex::new(None),
+                stop: AtomicBool::new(false),
+                sockets: Mutex::new(Vec::new()),
+            }),
+            streams: 0,
+            workers: Vec::new(),
         }
     }
 
@@ -136,35 +322,63 @@ impl Receiver {
         self.machine
     }
 
-    /// Drive one incoming migration to the end.
+    /// Drive one incoming migration (single stream) to the end.
     pub fn run(&mut self, t: &mut dyn Transport) -> Result<Received, RecvError> {
+        let mut none = || Err(TransportError::Guest("this receiver accepts no data streams".into()));
+        self.run_streams(t, &mut none)
+    }
+
+    /// Drive one incoming migration; data streams (if the source asks for them) are
+    /// accepted through `accept`.
+    pub fn run_streams(&mut self, t: &mut dyn Transport, accept: Acceptor<'_>) -> Result<Received, RecvError> {
         let t0 = Instant::now();
         t.set_recv_timeout(self.o.io_timeout);
-        let r = self.drive(t, t0);
+        if let Some(h) = t.shutdown_handle() {
+            self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()).push(h);
+        }
+        let mut r = self.drive(t, accept, t0);
+        // A failing data stream shuts the control stream down; report its cause instead.
+        if let (Err(_), Some(msg)) = (&r, self.shared.error()) {
+            r = Err(RecvError::Incomplete { state: self.state, msg });
+        }
+        self.shared.stop.store(true, Ordering::Release);
         if let Err(e) = &r {
             tracing::warn!("{e}");
             if !matches!(e, RecvError::SourceAborted { .. } | RecvError::Transport { .. }) {
                 let _ = t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort(&e.to_string()))], None);
             }
+            self.shared.fail("receive aborted".into());
             t.shutdown();
             self.state = RecvState::Failed;
+        } else {
+            for s in self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()).iter().skip(1) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
         }
         r
     }
 
-    fn drive(&mut self, t: &mut dyn Transport, t0: Instant) -> Result<Received, RecvError> {
+    fn drive(&mut self, t: &mut dyn Transport, accept: Acceptor<'_>, t0: Instant) -> Result<Received, RecvError> {
         loop {
             let st = self.state;
             let h = t.recv_header().map_err(|e| self.terr(e))?;
             self.bytes += protocol::HEADER_LEN as u64 + u64::from(h.len);
             match (st, h.kind) {
-                (RecvState::AwaitHello, FrameKind::Hello) => self.on_hello(t, &h)?,
-                (RecvState::Precopy { round }, FrameKind::Pages) => self.on_pages(t, &h, round)?,
+                (RecvState::AwaitHello, FrameKind::Hello) => self.on_hello(t, &h, accept)?,
+                (RecvState::Precopy { round }, FrameKind::Pages) if self.streams == 0 => self.on_pages(t, &h, round)?,
                 (RecvState::Precopy { round }, FrameKind::EndOfRound) => {
                     let p = self.small(t, &h)?;
                     let (r, pages) = protocol::decode_end_of_round(&p).map_err(|e| self.perr(e))?;
                     if r != round {
                         return Err(self.incomplete(format!("end of round {r} while in round {round}")));
+                    }
+                    if self.streams > 0 {
+                        // The round is over when every data stream finished it.
+                        self.shared.wait_rounds(round + 1, self.o.io_timeout).map_err(|m| self.incomplete(m))?;
+                        self.round_pages = self.shared.round_pages.lock().unwrap_or_else(|e| e.into_inner()).get(&r).copied().unwrap_or(0);
                     }
                     if pages != self.round_pages {
                         return Err(self.incomplete(format!("source sent {pages} pages in round {r}, {} arrived", self.round_pages)));
@@ -209,9 +423,10 @@ impl Receiver {
         Ok(p)
     }
 
-    fn on_hello(&mut self, t: &mut dyn Transport, h: &Header) -> Result<(), RecvError> {
+    fn on_hello(&mut self, t: &mut dyn Transport, h: &Header, accept: Acceptor<'_>) -> Result<(), RecvError> {
         let p = self.small(t, h)?;
-        let spec = protocol::decode_hello(&p).map_err(|e| self.perr(e))?;
+        let hello = protocol::decode_hello_full(&p).map_err(|e| self.perr(e))?;
+        let spec = hello.spec;
         let refuse = if spec.ram_bytes > self.o.max_ram {
             Some(format!("guest RAM {} bytes exceeds this receiver's limit of {} bytes", spec.ram_bytes, self.o.max_ram))
         } else if spec.vcpus > self.o.max_vcpus {
@@ -225,11 +440,13 @@ impl Receiver {
         };
         match machine {
             Ok(m) => {
-                self.received = DirtySet::new(m.ram().pages());
+                *self.shared.received.lock().unwrap_or_else(|e| e.into_inner()) = DirtySet::new(m.ram().pages());
                 self.states = vec![None; spec.vcpus as usize];
+                let ram = m.ram().clone();
                 self.machine = Some(m);
                 t.send_frame(FrameKind::HelloAck, &[Part::Buf(&protocol::encode_status(0, "accepted"))], None)
                     .map_err(|e| self.terr(e))?;
+                self.join_streams(hello.streams, hello.session, ram, accept)?;
                 self.state = RecvState::Precopy { round: 0 };
                 Ok(())
             }
@@ -240,62 +457,64 @@ impl Receiver {
         }
     }
 
+    /// Accept the source's data streams; each must first say Join with this session.
+    fn join_streams(&mut self, n: u32, session: u64, ram: Arc<GuestRam>, accept: Acceptor<'_>) -> Result<(), RecvError> {
+        if n == 0 {
+            return Ok(());
+        }
+        *self.shared.completed.lock().unwrap_or_else(|e| e.into_inner()) = vec![0; n as usize];
+        let mut slots: Vec<Option<Box<dyn Transport>>> = (0..n).map(|_| None).collect();
+        for _ in 0..n {
+            let mut d = accept().map_err(|e| self.terr(e))?;
+            d.set_recv_timeout(self.o.io_timeout);
+            let h = d.recv_header().map_err(|e| self.terr(e))?;
+            if h.kind != FrameKind::Join {
+                return Err(RecvError::Unexpected { state: self.state, kind: h.kind });
+            }
+            let p = self.small(&mut *d, &h)?;
+            let (s, i) = protocol::decode_join(&p).map_err(|e| self.perr(e))?;
+            if s != session {
+                return Err(self.incomplete(format!("data stream joined session {s:#x}, this is {session:#x}")));
+            }
+            let slot = slots.get_mut(i as usize).ok_or_else(|| RecvError::Incomplete {
+                state: RecvState::AwaitHello,
+                msg: format!("data stream {i} of {n}"),
+            })?;
+            if slot.is_some() {
+                return Err(self.incomplete(format!("data stream {i} joined twice")));
+            }
+            if let Some(hd) = d.shutdown_handle() {
+                self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()).push(hd);
+            }
+            *slot = Some(d);
+        }
+        for (i, d) in slots.into_iter().enumerate() {
+            let d = d.expect("every slot filled above");
+            let (sh, ram, to) = (self.shared.clone(), ram.clone(), self.o.io_timeout);
+            self.workers.push(
+                std::thread::Builder::new()
+                    .name(format!("recv-stream{i}"))
+                    .spawn(move || data_worker(i, d, sh, ram, to))
+                    .map_err(|e| self.incomplete(format!("spawn stream worker: {e}")))?,
+            );
+        }
+        self.streams = n;
+        Ok(())
+    }
+
     fn on_pages(&mut self, t: &mut dyn Transport, h: &Header, round: u32) -> Result<(), RecvError> {
         let m = self.machine.as_ref().ok_or_else(|| self.incomplete("pages before a VM exists".into()))?;
         let ram = m.ram().clone();
-        let k = FrameKind::Pages;
-        let mut pre = [0u8; 8];
-        if h.len < 8 {
-            return Err(self.perr(ProtocolError::Payload { kind: k, msg: format!("{} bytes is shorter than the 8-byte prefix", h.len) }));
-        }
-        t.recv_exact(&mut pre).map_err(|e| self.terr(e))?;
-        let r = u32::from_le_bytes(pre[0..4].try_into().expect("4"));
-        let nruns = u32::from_le_bytes(pre[4..8].try_into().expect("4"));
-        if r != round {
-            return Err(self.incomplete(format!("pages for round {r} arrived in round {round}")));
-        }
-        if nruns == 0 || nruns > MAX_RUNS {
-            return Err(self.perr(ProtocolError::Payload { kind: k, msg: format!("{nruns} runs (must be 1..={MAX_RUNS})") }));
-        }
-        let table_len = 16 * nruns as usize;
-        if (h.len as usize) < 8 + table_len {
-            return Err(self.perr(ProtocolError::Payload { kind: k, msg: format!("{nruns} runs do not fit in {} bytes", h.len) }));
-        }
-        let mut table = vec![0u8; table_len]; // at most 64 KiB (MAX_RUNS)
-        t.recv_exact(&mut table).map_err(|e| self.terr(e))?;
-        let runs = protocol::decode_runs(&table);
-        let data_len = u64::from(h.len) - 8 - table_len as u64;
-        protocol::check_runs(&runs, ram.pages(), data_len).map_err(|e| self.perr(e))?;
-        for run in &runs {
-            let gpa = run.gfn * PAGE_SIZE;
-            let len = u64::from(run.npages) * PAGE_SIZE;
-            if run.is_zero() {
-                // Fresh guest RAM is already zero (a new memfd): only pages that an earlier
-                // round filled need clearing. Touching the rest would allocate them.
-                let end = run.gfn + u64::from(run.npages);
-                let mut g = run.gfn;
-                while g < end {
-                    if !self.received.contains(g) {
-                        g += 1;
-                        continue;
-                    }
-                    let start = g;
-                    while g < end && self.received.contains(g) {
-                        g += 1;
-                    }
-                    ram.zero(start * PAGE_SIZE, (g - start) * PAGE_SIZE).map_err(|e| self.incomplete(e.to_string()))?;
-                }
-                let _ = (gpa, len);
-            } else {
-                t.recv_into_guest(&ram, gpa, len).map_err(|e| self.terr(e))?;
+        match recv_pages(t, h, round, &ram, &self.shared.received) {
+            Ok(n) => {
+                self.round_pages += n;
+                self.total_pages += n;
+                Ok(())
             }
-            for g in run.gfn..run.gfn + u64::from(run.npages) {
-                self.received.insert(g);
-            }
-            self.round_pages += u64::from(run.npages);
-            self.total_pages += u64::from(run.npages);
+            Err(PageError::Transport(e)) => Err(self.terr(e)),
+            Err(PageError::Protocol(e)) => Err(self.perr(e)),
+            Err(PageError::Order(m)) => Err(self.incomplete(m)),
         }
-        Ok(())
     }
 
     fn on_state(&mut self, t: &mut dyn Transport, h: &Header) -> Result<(), RecvError> {
@@ -319,8 +538,10 @@ impl Receiver {
         let (rounds, vcpus, pages_sent) = protocol::decode_complete(&p).map_err(|e| self.perr(e))?;
         let m = self.machine.as_ref().ok_or_else(|| self.incomplete("complete before a VM exists".into()))?;
         let total = m.ram().pages();
-        if self.received.len() != total {
-            return Err(self.incomplete(format!("only {} of {total} pages ever arrived", self.received.len())));
+        self.total_pages += self.shared.total_pages.load(Ordering::Acquire);
+        let got = self.shared.received.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if got != total {
+            return Err(self.incomplete(format!("only {got} of {total} pages ever arrived")));
         }
         if pages_sent != self.total_pages {
             return Err(self.incomplete(format!("source sent {pages_sent} pages, {} arrived", self.total_pages)));

@@ -17,5 +17,6 @@ pub mod protocol;
 pub mod report;
 pub mod session;
 pub mod source;
+pub mod streams;
 pub mod transport;
 pub mod verify;

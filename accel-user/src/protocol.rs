@@ -49,6 +49,8 @@ pub enum FrameKind {
     Resumed = 7,
     /// Either way: give up, with a reason. The destination never resumes after it.
     Abort = 8,
+    /// Source → destination, first frame of a data stream: which session and stream.
+    Join = 9,
 }
 
 impl FrameKind {
@@ -63,6 +65,7 @@ impl FrameKind {
             6 => Complete,
             7 => Resumed,
             8 => Abort,
+            9 => Join,
             _ => return None,
         })
     }
@@ -79,6 +82,7 @@ impl FrameKind {
             FrameKind::Complete => 32,
             FrameKind::Resumed => 16,
             FrameKind::Abort => 4 + MAX_TEXT as u32,
+            FrameKind::Join => 16,
         }
     }
 }
@@ -197,8 +201,25 @@ enum WorkloadCode {
     Oracle = 4,
 }
 
-/// Hello payload: the VM's shape (48 bytes).
+/// Most data streams one migration may use.
+pub const MAX_STREAMS: u32 = 16;
+
+/// Hello: the VM's shape, how many data streams follow and a session id they quote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub spec: GuestSpec,
+    /// Data streams besides the control connection (0 = pages travel on the control stream).
+    pub streams: u32,
+    pub session: u64,
+}
+
+/// Hello payload (56 bytes).
 pub fn encode_hello(spec: &GuestSpec) -> Vec<u8> {
+    encode_hello_full(&Hello { spec: *spec, streams: 0, session: 0 })
+}
+
+pub fn encode_hello_full(h: &Hello) -> Vec<u8> {
+    let spec = &h.spec;
     let (code, a, b) = match spec.workload {
         Workload::Ab => (WorkloadCode::Ab, 0, 0),
         Workload::Hot { working_set, pages_per_sec } => (WorkloadCode::Hot, working_set, pages_per_sec),
@@ -210,13 +231,18 @@ pub fn encode_hello(spec: &GuestSpec) -> Vec<u8> {
     v.extend_from_slice(&spec.vcpus.to_le_bytes());
     v.extend_from_slice(&spec.ram_bytes.to_le_bytes());
     v.extend_from_slice(&(code as u32).to_le_bytes());
-    v.extend_from_slice(&0u32.to_le_bytes());
+    v.extend_from_slice(&h.streams.to_le_bytes());
     v.extend_from_slice(&a.to_le_bytes());
     v.extend_from_slice(&b.to_le_bytes());
+    v.extend_from_slice(&h.session.to_le_bytes());
     v
 }
 
 pub fn decode_hello(p: &[u8]) -> Result<GuestSpec, ProtocolError> {
+    decode_hello_full(p).map(|h| h.spec)
+}
+
+pub fn decode_hello_full(p: &[u8]) -> Result<Hello, ProtocolError> {
     let k = FrameKind::Hello;
     let mut r = Reader::new(k, p);
     let page = r.u32("page_size")?;
@@ -226,10 +252,14 @@ pub fn decode_hello(p: &[u8]) -> Result<GuestSpec, ProtocolError> {
     let vcpus = r.u32("vcpus")?;
     let ram_bytes = r.u64("ram_bytes")?;
     let code = r.u32("workload")?;
-    let _reserved = r.u32("reserved")?;
+    let streams = r.u32("streams")?;
     let a = r.u64("workload arg a")?;
     let b = r.u64("workload arg b")?;
+    let session = r.u64("session")?;
     r.finish()?;
+    if streams > MAX_STREAMS {
+        return Err(perr(k, format!("{streams} data streams exceeds the cap of {MAX_STREAMS}")));
+    }
     let workload = match code {
         c if c == WorkloadCode::Ab as u32 => Workload::Ab,
         c if c == WorkloadCode::Hot as u32 => Workload::Hot { working_set: a, pages_per_sec: b },
@@ -240,7 +270,24 @@ pub fn decode_hello(p: &[u8]) -> Result<GuestSpec, ProtocolError> {
             return Err(perr(k, format!("unknown workload code {c}")));
         }
     };
-    Ok(GuestSpec { ram_bytes, vcpus, workload })
+    Ok(Hello { spec: GuestSpec { ram_bytes, vcpus, workload }, streams, session })
+}
+
+/// Join: `session u64, stream u32, reserved u32`.
+pub fn encode_join(session: u64, stream: u32) -> Vec<u8> {
+    let mut v = session.to_le_bytes().to_vec();
+    v.extend_from_slice(&stream.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v
+}
+
+pub fn decode_join(p: &[u8]) -> Result<(u64, u32), ProtocolError> {
+    let mut r = Reader::new(FrameKind::Join, p);
+    let session = r.u64("session")?;
+    let stream = r.u32("stream")?;
+    r.u32("reserved")?;
+    r.finish()?;
+    Ok((session, stream))
 }
 
 /// HelloAck: status (0 = accepted, 1 = refused) and a reason.
@@ -474,11 +521,19 @@ mod tests {
         ] {
             let s = GuestSpec { ram_bytes: 1 << 30, vcpus: 3, workload: w };
             assert_eq!(decode_hello(&encode_hello(&s)).unwrap(), s);
+            let h = Hello { spec: s, streams: 4, session: 0xdead_beef };
+            assert_eq!(decode_hello_full(&encode_hello_full(&h)).unwrap(), h);
         }
         let mut e = encode_hello(&GuestSpec { ram_bytes: 1 << 30, vcpus: 1, workload: Workload::Ab });
         e[16] = 99;
         assert!(decode_hello(&e).unwrap_err().to_string().contains("workload code 99"));
         assert!(decode_hello(&e[..10]).is_err());
+        let mut e = encode_hello_full(&Hello { spec: GuestSpec { ram_bytes: 1 << 30, vcpus: 1, workload: Workload::Ab }, streams: 99, session: 1 });
+        assert!(decode_hello_full(&e).unwrap_err().to_string().contains("99 data streams"));
+        e.truncate(48);
+        assert!(decode_hello_full(&e).is_err());
+        assert_eq!(decode_join(&encode_join(7, 3)).unwrap(), (7, 3));
+        assert!(decode_join(&encode_join(7, 3)[..12]).is_err());
     }
 
     #[test]

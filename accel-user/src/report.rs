@@ -59,6 +59,27 @@ pub struct SourceReport {
     pub dirty_rate_pages_s: f64,
     pub ring_full_exits: u64,
     pub duplicate_reports: u64,
+    /// Transport and mode, e.g. "2 x io_uring zero-copy, fixed buffers".
+    pub transport: String,
+    pub streams: u32,
+    /// What the kernel said about zero-copy sends, for io_uring zero-copy.
+    pub zerocopy: Option<ZeroCopyReport>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ZeroCopyReport {
+    pub sends: u64,
+    pub notifications: u64,
+    /// Sends the kernel completed without copying.
+    pub zerocopy: u64,
+    /// Sends the kernel copied anyway (loopback and veth always copy).
+    pub copied: u64,
+}
+
+impl From<kvm_hooks::uring::ZcStats> for ZeroCopyReport {
+    fn from(z: kvm_hooks::uring::ZcStats) -> Self {
+        ZeroCopyReport { sends: z.sends, notifications: z.notifs, zerocopy: z.zerocopy, copied: z.copied }
+    }
 }
 
 impl SourceReport {
@@ -103,6 +124,9 @@ impl SourceReport {
             dirty_rate_pages_s: dirty_rate,
             ring_full_exits: stats.ring_full_exits.load(Relaxed),
             duplicate_reports: stats.duplicates.load(Relaxed),
+            transport: String::new(),
+            streams: 1,
+            zerocopy: None,
         }
     }
 
@@ -137,6 +161,10 @@ impl SourceReport {
             self.precopy_throughput_mib_s,
             self.dirty_rate_pages_s
         );
+        let _ = writeln!(s, "transport: {}", self.transport);
+        if let Some(z) = &self.zerocopy {
+            let _ = writeln!(s, "zero-copy: {} sends, {} notifications: {} without copy, {} copied by the kernel", z.sends, z.notifications, z.zerocopy, z.copied);
+        }
         if self.ring_full_exits > 0 {
             let _ = writeln!(s, "dirty ring full exits: {}", self.ring_full_exits);
         }

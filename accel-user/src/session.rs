@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::dest::{Received, Receiver, RecvError};
 use crate::report::{DestReport, SourceReport};
 use crate::source::{self, Event, Phase, SendError};
-use crate::transport::TcpTransport;
+use crate::transport::{self, Transport, TransportError};
 use crate::verify;
 
 /// Boot the guest the config describes and let it run for the warm-up time.
@@ -27,9 +27,11 @@ pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
 
 /// Connect to `to` and migrate `m`.
 pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
-    let mut t = TcpTransport::connect(to, cfg.connect_timeout())
-        .map_err(|source| SendError::Transport { phase: Phase::Handshake, source })?;
-    source::migrate(m, &mut t, &cfg.send_options(), on)
+    let mc = &cfg.migration;
+    let open = |ram| transport::connect(to, mc.transport, ram, mc.fixed_buffers, cfg.connect_timeout(), cfg.io_timeout());
+    let mut t = open(Some(m.ram())).map_err(|source| SendError::Transport { phase: Phase::Handshake, source })?;
+    let mut data = |_i: u32| open(Some(m.ram()));
+    source::migrate_streams(m, &mut *t, &cfg.send_options(), &mut data, on)
 }
 
 /// Accept one connection on `l` and receive a VM. The receiver is returned either way so a
@@ -37,13 +39,30 @@ pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> R
 pub fn receive(cfg: &Config, l: &TcpListener, capture: bool) -> (Receiver, Result<Received, RecvError>) {
     kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
     let mut r = Receiver::new(cfg.recv_options(capture));
+    let mode = cfg.migration.transport;
+    let timeout = cfg.io_timeout();
+    let mut accept = || -> Result<Box<dyn Transport>, TransportError> {
+        // A data stream that never connects must not hang the receiver.
+        l.set_nonblocking(true).map_err(|source| TransportError::Io { op: "accept", source })?;
+        let deadline = Instant::now() + timeout;
+        let s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(TransportError::Timeout(timeout)),
+                Err(source) => return Err(TransportError::Io { op: "accept", source }),
+            }
+        };
+        let _ = l.set_nonblocking(false);
+        s.set_nonblocking(false).map_err(|source| TransportError::Io { op: "accept", source })?;
+        transport::wrap(s, mode, None, false, timeout)
+    };
     let res = match l.accept() {
-        Ok((s, _)) => match TcpTransport::new(s, cfg.io_timeout()) {
-            Ok(mut t) => r.run(&mut t),
-            Err(e) => Err(RecvError::Transport {
-                state: r.state(),
-                source: crate::transport::TransportError::Io { op: "configure socket", source: e },
-            }),
+        Ok((s, _)) => match transport::wrap(s, mode, None, false, timeout) {
+            Ok(mut t) => r.run_streams(&mut *t, &mut accept),
+            Err(source) => Err(RecvError::Transport { state: r.state(), source }),
         },
         Err(e) => Err(RecvError::Transport {
             state: r.state(),

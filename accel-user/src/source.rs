@@ -11,6 +11,7 @@ use kvm_hooks::vmm::Machine;
 use crate::policy::{decide, next_throttle, Decision, PolicyConfig, RoundStats, SwitchReason};
 use crate::protocol::{self, FrameKind, Run, HEADER_LEN, MAX_RUNS, RUN_ZERO};
 use crate::report::SourceReport;
+use crate::streams::DataStreams;
 use crate::transport::{Part, Transport, TransportError};
 
 /// Sender settings (from the config file / CLI).
@@ -23,6 +24,10 @@ pub struct SendOptions {
     pub zero_detect: bool,
     /// How long to wait for the destination to accept the VM and to resume it.
     pub ack_timeout: Duration,
+    /// Longest wait for a stream to take or flush data.
+    pub io_timeout: Duration,
+    /// Data streams besides the control connection (0: pages go on the control stream).
+    pub streams: u32,
 }
 
 /// Where a migration was when it failed.
@@ -107,21 +112,32 @@ struct Ctx<'a> {
     inflight: InFlight,
     paused: bool,
     meta: Vec<u8>,
+    data: Option<DataStreams>,
 }
+
+/// Opens data stream `i` (a connected, wrapped transport).
+pub type Connector<'a> = &'a mut dyn FnMut(u32) -> Result<Box<dyn Transport>, TransportError>;
 
 /// Migrate `m` over `t`. On success the source vCPUs stay paused (the destination owns the
 /// VM now); on failure they run again and no dirty page is lost.
 pub fn migrate(m: &Machine, t: &mut dyn Transport, o: &SendOptions, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
-    let mut c = Ctx { m, t, o, inflight: InFlight::Nothing, paused: false, meta: Vec::with_capacity(64 << 10) };
-    let r = run(&mut c, on);
+    let mut none = |_| Err(TransportError::Guest("no data streams configured".into()));
+    migrate_streams(m, t, o, &mut none, on)
+}
+
+/// [`migrate`] with `o.streams` data streams opened through `connect`.
+pub fn migrate_streams(m: &Machine, t: &mut dyn Transport, o: &SendOptions, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
+    let mut c = Ctx { m, t, o, inflight: InFlight::Nothing, paused: false, meta: Vec::with_capacity(64 << 10), data: None };
+    let r = run(&mut c, connect, on);
     if let Err(e) = r {
         return Err(recover(c, e));
     }
     r
 }
 
-fn recover(c: Ctx<'_>, e: SendError) -> SendError {
+fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
     tracing::warn!("{e}; aborting, source VM keeps running");
+    drop(c.data.take()); // stops the workers and closes the data streams
     let _ = c.t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort(&e.to_string()))], None);
     c.t.shutdown();
     match c.inflight {
@@ -138,7 +154,7 @@ fn recover(c: Ctx<'_>, e: SendError) -> SendError {
     e
 }
 
-fn run(c: &mut Ctx<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
+fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
     let t0 = Instant::now();
     let spec = *c.m.spec();
     let total_pages = c.m.ram().pages();
@@ -146,7 +162,9 @@ fn run(c: &mut Ctx<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendE
 
     // Handshake: the destination creates the VM before any page is sent.
     let ph = Phase::Handshake;
-    c.t.send_frame(FrameKind::Hello, &[Part::Buf(&protocol::encode_hello(&spec))], None).map_err(|e| tx(ph, e))?;
+    let session = session_id();
+    let hello = protocol::Hello { spec, streams: c.o.streams, session };
+    c.t.send_frame(FrameKind::Hello, &[Part::Buf(&protocol::encode_hello_full(&hello))], None).map_err(|e| tx(ph, e))?;
     c.t.set_recv_timeout(c.o.ack_timeout);
     let (h, p) = recv_small(c.t).map_err(|e| tx(ph, e))?;
     match h {
@@ -158,6 +176,15 @@ fn run(c: &mut Ctx<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendE
         }
         FrameKind::Abort => return Err(aborted(ph, &p)),
         k => return Err(SendError::Unexpected { phase: ph, kind: k }),
+    }
+    if c.o.streams > 0 {
+        let mut ts = Vec::with_capacity(c.o.streams as usize);
+        for i in 0..c.o.streams {
+            let mut d = connect(i).map_err(|e| tx(ph, e))?;
+            d.send_frame(FrameKind::Join, &[Part::Buf(&protocol::encode_join(session, i))], None).map_err(|e| tx(ph, e))?;
+            ts.push(d);
+        }
+        c.data = Some(DataStreams::start(ts, c.m.ram().clone(), c.o.io_timeout));
     }
     let setup = t0.elapsed();
     on(Event::Accepted);
@@ -246,8 +273,16 @@ fn run(c: &mut Ctx<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendE
     on(Event::Resumed { downtime });
     // Verification capture on the destination is not part of the migration.
     let total = t0.elapsed().saturating_sub(Duration::from_micros(capture_us));
-    let bytes = c.t.bytes_sent();
-    Ok(SourceReport::new(spec, c.m, rounds, fin, reason, setup, total, downtime, bytes, state_bytes, Duration::from_micros(capture_us)))
+    let bytes = c.t.bytes_sent() + c.data.as_ref().map_or(0, |d| d.bytes());
+    let mut rep = SourceReport::new(spec, c.m, rounds, fin, reason, setup, total, downtime, bytes, state_bytes, Duration::from_micros(capture_us));
+    let (desc, zc) = match &c.data {
+        Some(d) => (format!("{} x {}", d.len(), d.describe()), d.zc()),
+        None => (c.t.describe(), c.t.zc_stats()),
+    };
+    rep.transport = desc;
+    rep.streams = c.o.streams.max(1);
+    rep.zerocopy = zc.map(Into::into);
+    Ok(rep)
 }
 
 fn tx(phase: Phase, source: TransportError) -> SendError {
@@ -280,10 +315,26 @@ fn recv_small(t: &mut dyn Transport) -> Result<(FrameKind, Vec<u8>), TransportEr
     Ok((h.kind, p))
 }
 
+/// Close a round: every stream sent everything and the kernel released every buffer (only
+/// then are the round's pages "sent"), then the control stream announces the round's total.
 fn end_round(c: &mut Ctx<'_>, round: u32, st: &mut RoundStats) -> Result<(), TransportError> {
+    if let Some(d) = c.data.as_mut() {
+        d.end_round(round)?;
+        st.bytes += (HEADER_LEN as u64 + 16) * d.len() as u64;
+    }
     c.t.send_frame(FrameKind::EndOfRound, &[Part::Buf(&protocol::encode_end_of_round(round, st.pages))], None)?;
+    c.t.flush()?;
     st.bytes += HEADER_LEN as u64 + 16;
     Ok(())
+}
+
+/// A session id data streams quote in Join (not a secret: it pairs connections).
+fn session_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// Round 0: all pages, with pages outside `extents` (memfd holes) known to be zero.
@@ -347,6 +398,10 @@ fn send_pages(
 }
 
 fn flush(c: &mut Ctx<'_>, round: u32, runs: &mut Vec<Run>, st: &mut RoundStats) -> Result<(), TransportError> {
+    if let Some(d) = c.data.as_mut() {
+        st.bytes += (HEADER_LEN + 8 + 16 * runs.len()) as u64 + runs.iter().map(Run::data_bytes).sum::<u64>();
+        return d.send_pages(round, std::mem::take(runs));
+    }
     protocol::encode_pages_meta(round, runs, &mut c.meta);
     let mut parts: Vec<Part<'_>> = Vec::with_capacity(runs.len() + 1);
     parts.push(Part::Buf(&c.meta));

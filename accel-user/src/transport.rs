@@ -62,6 +62,23 @@ pub trait Transport: Send {
     fn shutdown(&mut self);
     /// Bytes sent so far (headers included).
     fn bytes_sent(&self) -> u64;
+    /// Wait until everything sent so far no longer references guest RAM or send buffers
+    /// (zero-copy notifications). Pages count as sent only after this.
+    fn flush(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
+    /// Zero-copy counters, for transports that have them.
+    fn zc_stats(&self) -> Option<kvm_hooks::uring::ZcStats> {
+        None
+    }
+    /// Short name of the transport and mode, for reports.
+    fn describe(&self) -> String {
+        "blocking".into()
+    }
+    /// A handle another thread can use to shut the connection down (to unblock a reader).
+    fn shutdown_handle(&self) -> Option<TcpStream> {
+        None
+    }
 }
 
 /// Blocking TCP transport (v1).
@@ -82,7 +99,7 @@ impl TcpTransport {
         Ok(TcpTransport { stream, send_seq: 0, recv_seq: 0, timeout, sent: 0 })
     }
 
-    pub fn connect(addr: &str, timeout: Duration) -> Result<Self, TransportError> {
+    pub fn connect_blocking(addr: &str, timeout: Duration) -> Result<Self, TransportError> {
         use std::net::ToSocketAddrs;
         let mut last = None;
         let addrs = addr.to_socket_addrs().map_err(|e| TransportError::Io { op: "resolve address", source: e })?;
@@ -191,4 +208,198 @@ impl Transport for TcpTransport {
     fn bytes_sent(&self) -> u64 {
         self.sent
     }
+
+    fn shutdown_handle(&self) -> Option<TcpStream> {
+        self.stream.try_clone().ok()
+    }
+}
+
+/// How pages are sent (`[migration] transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportMode {
+    /// Plain blocking `writev`/`readv` (the baseline).
+    Blocking,
+    /// io_uring `SENDMSG` (the kernel copies), io_uring `RECV`.
+    Copy,
+    /// io_uring `SENDMSG_ZC`/`SEND_ZC`, guest RAM as fixed buffers where allowed.
+    Zerocopy,
+    /// Zero-copy while the kernel really avoids the copy; io_uring copy mode once the first
+    /// notifications all report "copied" (loopback, veth).
+    Auto,
+}
+
+/// Notifications after which `auto` decides.
+const AUTO_DECIDE_AFTER: u64 = 16;
+
+/// io_uring transport over one TCP connection.
+pub struct UringTransport {
+    stream: TcpStream,
+    tx: kvm_hooks::uring::UringSender,
+    rx: kvm_hooks::uring::UringReceiver,
+    mode: TransportMode,
+    decided: bool,
+    send_seq: u64,
+    recv_seq: u64,
+    timeout: Duration,
+    sent: u64,
+}
+
+impl UringTransport {
+    /// Wrap a connected stream. `ram` (the source VM's RAM) is registered as fixed buffers
+    /// when `fixed` is set and the mode sends zero-copy.
+    pub fn new(stream: TcpStream, mode: TransportMode, ram: Option<&GuestRam>, fixed: bool, timeout: Duration) -> Result<Self, TransportError> {
+        use kvm_hooks::uring::SendMode;
+        use std::os::fd::AsRawFd;
+        let io = |op: &'static str| move |source| TransportError::Io { op, source };
+        stream.set_nodelay(true).map_err(io("configure socket"))?;
+        let mut send_mode = match mode {
+            TransportMode::Zerocopy | TransportMode::Auto => SendMode::ZeroCopy,
+            _ => SendMode::Copy,
+        };
+        if send_mode == SendMode::ZeroCopy {
+            let sup = kvm_hooks::uring::probe().map_err(io("probe io_uring"))?;
+            if !(sup.send_zc && sup.sendmsg_zc) {
+                tracing::warn!("kernel lacks IORING_OP_SEND_ZC/SENDMSG_ZC: using io_uring copy sends");
+                send_mode = SendMode::Copy;
+            }
+        }
+        let fd = stream.as_raw_fd();
+        let (tx, note) = kvm_hooks::uring::UringSender::new(fd, send_mode, ram, fixed, timeout).map_err(io("create io_uring"))?;
+        if let Some(n) = note {
+            tracing::warn!("{n}");
+        }
+        let rx = kvm_hooks::uring::UringReceiver::new(fd, timeout).map_err(io("create io_uring"))?;
+        Ok(UringTransport { stream, tx, rx, mode, decided: mode != TransportMode::Auto, send_seq: 0, recv_seq: 0, timeout, sent: 0 })
+    }
+
+    fn map(&self, op: &'static str, e: io::Error) -> TransportError {
+        TransportError::io(op, e, self.timeout)
+    }
+}
+
+impl Transport for UringTransport {
+    fn send_frame(&mut self, kind: FrameKind, parts: &[Part<'_>], ram: Option<&GuestRam>) -> Result<(), TransportError> {
+        use kvm_hooks::uring::Piece;
+        let len: u64 = parts
+            .iter()
+            .map(|p| match p {
+                Part::Buf(b) => b.len() as u64,
+                Part::Guest { len, .. } => *len,
+            })
+            .sum();
+        let hdr = Header { kind, len: u32::try_from(len).map_err(|_| TransportError::Guest(format!("frame of {len} bytes")))?, seq: self.send_seq }
+            .encode();
+        let mut pieces = Vec::with_capacity(parts.len() + 1);
+        pieces.push(Piece::Host(&hdr));
+        let mut seen_guest = false;
+        for p in parts {
+            match *p {
+                Part::Buf(b) if seen_guest => {
+                    return Err(TransportError::Guest(format!("{kind:?}: host bytes after guest bytes ({} bytes)", b.len())))
+                }
+                Part::Buf(b) => pieces.push(Piece::Host(b)),
+                Part::Guest { gpa, len } => {
+                    seen_guest = true;
+                    pieces.push(Piece::Guest { gpa, len });
+                }
+            }
+        }
+        let n = self.tx.send(&pieces, ram).map_err(|e| self.map("io_uring send", e))?;
+        self.sent += n as u64;
+        self.send_seq += 1;
+        if !self.decided && self.tx.stats.notifs >= AUTO_DECIDE_AFTER {
+            self.decided = true;
+            let st = self.tx.stats;
+            if st.zerocopy == 0 {
+                tracing::info!(copied = st.copied, "auto: the kernel copied every zero-copy send (loopback/veth): switching to io_uring copy sends");
+                self.tx.flush().map_err(|e| self.map("io_uring flush", e))?;
+                self.tx.set_mode(kvm_hooks::uring::SendMode::Copy);
+            } else {
+                tracing::info!(zerocopy = st.zerocopy, copied = st.copied, "auto: zero-copy works on this path: keeping it");
+            }
+        }
+        Ok(())
+    }
+
+    fn recv_header(&mut self) -> Result<Header, TransportError> {
+        let mut b = [0u8; HEADER_LEN];
+        self.recv_exact(&mut b)?;
+        let h = Header::decode(&b)?;
+        if h.seq != self.recv_seq {
+            return Err(ProtocolError::Sequence { got: h.seq, want: self.recv_seq }.into());
+        }
+        self.recv_seq += 1;
+        Ok(h)
+    }
+
+    fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+        self.rx.recv_exact(buf).map_err(|e| self.map("io_uring receive", e))
+    }
+
+    fn recv_into_guest(&mut self, ram: &GuestRam, gpa: u64, len: u64) -> Result<(), TransportError> {
+        ram.iovec(gpa, len).map_err(|e| TransportError::Guest(e.to_string()))?;
+        self.rx.recv_into_guest(ram, gpa, len).map_err(|e| self.map("io_uring receive pages", e))
+    }
+
+    fn set_recv_timeout(&mut self, t: Duration) {
+        self.timeout = t;
+        self.rx.set_timeout(t);
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.sent
+    }
+
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.tx.flush().map_err(|e| self.map("waiting for zero-copy completions", e))
+    }
+
+    fn zc_stats(&self) -> Option<kvm_hooks::uring::ZcStats> {
+        (self.mode != TransportMode::Copy).then_some(self.tx.stats)
+    }
+
+    fn shutdown_handle(&self) -> Option<TcpStream> {
+        self.stream.try_clone().ok()
+    }
+
+    fn describe(&self) -> String {
+        let m = match self.tx.mode() {
+            kvm_hooks::uring::SendMode::Copy => "io_uring copy",
+            kvm_hooks::uring::SendMode::ZeroCopy if self.tx.fixed_buffers() => "io_uring zero-copy, fixed buffers",
+            kvm_hooks::uring::SendMode::ZeroCopy => "io_uring zero-copy",
+        };
+        format!("{m} ({:?} requested)", self.mode).to_lowercase()
+    }
+}
+
+/// Wrap a connected stream in the transport `mode` asks for.
+pub fn wrap(stream: TcpStream, mode: TransportMode, ram: Option<&GuestRam>, fixed: bool, timeout: Duration) -> Result<Box<dyn Transport>, TransportError> {
+    Ok(match mode {
+        TransportMode::Blocking => {
+            Box::new(TcpTransport::new(stream, timeout).map_err(|source| TransportError::Io { op: "configure socket", source })?)
+        }
+        m => Box::new(UringTransport::new(stream, m, ram, fixed, timeout)?),
+    })
+}
+
+/// Connect to `addr` and wrap the stream.
+pub fn connect(addr: &str, mode: TransportMode, ram: Option<&GuestRam>, fixed: bool, connect_timeout: Duration, io_timeout: Duration) -> Result<Box<dyn Transport>, TransportError> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    let addrs = addr.to_socket_addrs().map_err(|e| TransportError::Io { op: "resolve address", source: e })?;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, connect_timeout) {
+            Ok(s) => return wrap(s, mode, ram, fixed, io_timeout),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(TransportError::Io {
+        op: "connect",
+        source: last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to nothing"))),
+    })
 }

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod state;
 mod sys;
 pub mod vm;
+pub mod uring;
 pub mod vmm;
 
 pub use error::{Error, Result};

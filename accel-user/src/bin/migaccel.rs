@@ -82,6 +82,15 @@ struct Common {
     dirty_ring_entries: Option<u32>,
     #[arg(long)]
     kvm_device: Option<PathBuf>,
+    /// How pages travel.
+    #[arg(long, value_enum)]
+    transport: Option<accel_user::transport::TransportMode>,
+    /// Page streams (1 = pages on the control connection).
+    #[arg(long)]
+    streams: Option<u32>,
+    /// Do not register guest RAM as io_uring fixed buffers.
+    #[arg(long)]
+    no_fixed_buffers: bool,
     /// Do not throttle vCPUs when the guest dirties memory faster than the link.
     #[arg(long)]
     no_auto_converge: bool,
@@ -140,6 +149,15 @@ impl Common {
         }
         if let Some(v) = self.dirty_ring_entries {
             m.dirty_ring_entries = v;
+        }
+        if let Some(v) = self.transport {
+            m.transport = v;
+        }
+        if let Some(v) = self.streams {
+            m.streams = v;
+        }
+        if self.no_fixed_buffers {
+            m.fixed_buffers = false;
         }
         if self.no_auto_converge {
             m.auto_converge = false;

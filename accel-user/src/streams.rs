@@ -1,0 +1,187 @@
+//! Data streams on the sending side: one worker thread per TCP stream, fed page batches
+//! by the engine in round-robin. Each stream carries its own EndOfRound marker after the
+//! round's batches, so the receiver can order rounds across streams.
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use kvm_hooks::memory::{GuestRam, PAGE_SIZE};
+use kvm_hooks::uring::ZcStats;
+
+use crate::protocol::{self, FrameKind, Run};
+use crate::transport::{Part, Transport, TransportError};
+
+enum Job {
+    Pages { round: u32, runs: Vec<Run> },
+    End { round: u32 },
+    Flush,
+}
+
+/// What a stream reports when flushed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamReport {
+    pub bytes: u64,
+    pub zc: Option<ZcStats>,
+    pub describe: Option<&'static str>,
+}
+
+pub struct DataStreams {
+    txs: Vec<Sender<Job>>,
+    results: Receiver<(usize, Result<StreamReport, TransportError>)>,
+    handles: Vec<JoinHandle<()>>,
+    next: usize,
+    timeout: Duration,
+    pub last: Vec<StreamReport>,
+    describe: String,
+}
+
+impl DataStreams {
+    /// Start one worker per transport (already joined to the session).
+    pub fn start(streams: Vec<Box<dyn Transport>>, ram: Arc<GuestRam>, timeout: Duration) -> DataStreams {
+        let (rtx, results) = bounded(streams.len() * 4);
+        let describe = streams.first().map(|t| t.describe()).unwrap_or_default();
+        let mut txs = Vec::new();
+        let mut handles = Vec::new();
+        for (i, t) in streams.into_iter().enumerate() {
+            let (tx, rx) = bounded::<Job>(4);
+            let (rtx, ram) = (rtx.clone(), ram.clone());
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("stream{i}"))
+                    .spawn(move || worker(i, t, rx, rtx, ram))
+                    .expect("spawn stream worker"),
+            );
+            txs.push(tx);
+        }
+        let n = txs.len();
+        DataStreams { txs, results, handles, next: 0, timeout, last: vec![StreamReport::default(); n], describe }
+    }
+
+    pub fn len(&self) -> usize {
+        self.txs.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.txs.is_empty()
+    }
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    /// Refresh the description from one stream (auto mode may have switched).
+    pub fn set_describe(&mut self, d: String) {
+        self.describe = d;
+    }
+
+    fn push(&mut self, i: usize, job: Job) -> Result<(), TransportError> {
+        if self.txs[i].send(job).is_err() {
+            // The worker stopped: it reported why.
+            return Err(self.worker_error(i));
+        }
+        Ok(())
+    }
+
+    fn worker_error(&self, i: usize) -> TransportError {
+        while let Ok((_, r)) = self.results.recv_timeout(Duration::from_millis(200)) {
+            if let Err(e) = r {
+                return e;
+            }
+        }
+        TransportError::Guest(format!("data stream {i} stopped"))
+    }
+
+    /// Queue a batch on the next stream.
+    pub fn send_pages(&mut self, round: u32, runs: Vec<Run>) -> Result<(), TransportError> {
+        let i = self.next;
+        self.next = (self.next + 1) % self.txs.len();
+        self.push(i, Job::Pages { round, runs })
+    }
+
+    /// Close round `round` on every stream and wait until each has sent everything and the
+    /// kernel released every zero-copy buffer.
+    pub fn end_round(&mut self, round: u32) -> Result<(), TransportError> {
+        for i in 0..self.txs.len() {
+            self.push(i, Job::End { round })?;
+            self.push(i, Job::Flush)?;
+        }
+        let mut left = self.txs.len();
+        while left > 0 {
+            match self.results.recv_timeout(self.timeout * 2) {
+                Ok((i, Ok(r))) => {
+                    self.last[i] = r;
+                    left -= 1;
+                }
+                Ok((_, Err(e))) => return Err(e),
+                Err(RecvTimeoutError::Timeout) => return Err(TransportError::Timeout(self.timeout * 2)),
+                Err(RecvTimeoutError::Disconnected) => return Err(TransportError::Closed),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.last.iter().map(|r| r.bytes).sum()
+    }
+
+    pub fn zc(&self) -> Option<ZcStats> {
+        let mut any = false;
+        let mut t = ZcStats::default();
+        for z in self.last.iter().filter_map(|r| r.zc) {
+            any = true;
+            t.sends += z.sends;
+            t.notifs += z.notifs;
+            t.zerocopy += z.zerocopy;
+            t.copied += z.copied;
+        }
+        any.then_some(t)
+    }
+}
+
+impl Drop for DataStreams {
+    fn drop(&mut self) {
+        self.txs.clear(); // workers see the channel close and exit, closing their sockets
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn worker(
+    i: usize,
+    mut t: Box<dyn Transport>,
+    rx: Receiver<Job>,
+    out: Sender<(usize, Result<StreamReport, TransportError>)>,
+    ram: Arc<GuestRam>,
+) {
+    let mut meta = Vec::with_capacity(64 << 10);
+    let mut pages = 0u64;
+    let report = |t: &dyn Transport| StreamReport { bytes: t.bytes_sent(), zc: t.zc_stats(), describe: None };
+    for job in rx {
+        let r = match job {
+            Job::Pages { round, runs } => {
+                protocol::encode_pages_meta(round, &runs, &mut meta);
+                let mut parts = Vec::with_capacity(runs.len() + 1);
+                parts.push(Part::Buf(&meta));
+                for r in runs.iter().filter(|r| !r.is_zero()) {
+                    parts.push(Part::Guest { gpa: r.gfn * PAGE_SIZE, len: r.data_bytes() });
+                }
+                pages += runs.iter().map(|r| u64::from(r.npages)).sum::<u64>();
+                t.send_frame(FrameKind::Pages, &parts, Some(&ram))
+            }
+            Job::End { round } => {
+                let r = t.send_frame(FrameKind::EndOfRound, &[Part::Buf(&protocol::encode_end_of_round(round, pages))], None);
+                pages = 0;
+                r
+            }
+            Job::Flush => t.flush().map(|()| {
+                let _ = out.send((i, Ok(report(&*t))));
+            }),
+        };
+        if let Err(e) = r {
+            t.shutdown();
+            let _ = out.send((i, Err(e)));
+            return;
+        }
+    }
+    t.shutdown();
+}

@@ -7,6 +7,11 @@ use kvm_hooks::vmm::{GuestSpec, Workload};
 use migaccel_tests::{migaccel_bin, NetnsPair};
 
 fn two_hosts(tag: &str, workload: &str, dirty: &str, hot: Option<Workload>) {
+    two_hosts_with(tag, workload, dirty, hot, &[]);
+}
+
+/// `transport` flags go to both ends.
+fn two_hosts_with(tag: &str, workload: &str, dirty: &str, hot: Option<Workload>, transport: &[&str]) {
     let extra: Vec<String> = match hot {
         Some(Workload::Hot { working_set, pages_per_sec }) => {
             vec!["--hot-working-set".into(), working_set.to_string(), "--hot-rate".into(), pages_per_sec.to_string()]
@@ -24,6 +29,7 @@ fn two_hosts(tag: &str, workload: &str, dirty: &str, hot: Option<Workload>) {
         .arg(&bin)
         .args(["receive", "--listen", &listen, "--report", "json", "--dirty-source", dirty, "--dump-memory"])
         .arg(&ddump)
+        .args(transport)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -39,6 +45,7 @@ fn two_hosts(tag: &str, workload: &str, dirty: &str, hot: Option<Workload>) {
         .args(["--downtime-ms", "1", "--max-rounds", "5", "--dump-memory"])
         .arg(&sdump)
         .args(&extra)
+        .args(transport)
         .output()
         .unwrap();
     let r = recv.wait_with_output().unwrap();
@@ -95,4 +102,14 @@ fn idle_between_namespaces_ring() {
 #[test]
 fn idle_between_namespaces_bitmap() {
     two_hosts("idleb", "idle", "bitmap", None);
+}
+
+#[test]
+fn ab_between_namespaces_zerocopy_4_streams() {
+    two_hosts_with("zc4", "ab", "ring", None, &["--transport", "zerocopy", "--streams", "4"]);
+}
+
+#[test]
+fn hot_between_namespaces_auto_2_streams() {
+    two_hosts_with("au2", "hot", "ring", HOT, &["--transport", "auto", "--streams", "2"]);
 }

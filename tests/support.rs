@@ -43,6 +43,9 @@ pub fn migaccel_bin() -> PathBuf {
 pub enum Cut {
     /// Forward everything.
     Never,
+    /// Forward everything in writes of at most this many bytes, so the receiver sees
+    /// short reads everywhere.
+    Chunked(usize),
     /// Cut when the source starts sending the `n`-th frame (0-based) of this kind.
     AtFrame(FrameKind, usize),
 }
@@ -107,15 +110,24 @@ fn forward_frames(mut src: TcpStream, mut dst: TcpStream, cut: Cut, flag: &Atomi
                 seen += 1;
             }
         }
-        if dst.write_all(&h).is_err() {
-            break;
+        let chunk = if let Cut::Chunked(c) = cut { c.max(1) } else { usize::MAX };
+        for piece in h.chunks(chunk.min(HEADER_LEN)) {
+            if dst.write_all(piece).is_err() {
+                return;
+            }
         }
         let mut left = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
         while left > 0 {
             let n = left.min(buf.len());
-            if src.read_exact(&mut buf[..n]).is_err() || dst.write_all(&buf[..n]).is_err() {
+            if src.read_exact(&mut buf[..n]).is_err() {
                 let _ = dst.shutdown(Shutdown::Both);
                 return;
+            }
+            for piece in buf[..n].chunks(chunk.min(n)) {
+                if dst.write_all(piece).is_err() {
+                    let _ = dst.shutdown(Shutdown::Both);
+                    return;
+                }
             }
             left -= n;
         }

@@ -19,11 +19,12 @@ enum Job {
 }
 
 /// What a stream reports when flushed.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct StreamReport {
     pub bytes: u64,
     pub zc: Option<ZcStats>,
-    pub describe: Option<&'static str>,
+    /// The transport's mode as it stands (auto may have switched).
+    pub describe: String,
 }
 
 pub struct DataStreams {
@@ -65,12 +66,10 @@ impl DataStreams {
         self.txs.is_empty()
     }
     pub fn describe(&self) -> &str {
-        &self.describe
-    }
-
-    /// Refresh the description from one stream (auto mode may have switched).
-    pub fn set_describe(&mut self, d: String) {
-        self.describe = d;
+        match self.last.first() {
+            Some(r) if !r.describe.is_empty() => &r.describe,
+            _ => &self.describe,
+        }
     }
 
     fn push(&mut self, i: usize, job: Job) -> Result<(), TransportError> {
@@ -155,7 +154,7 @@ fn worker(
 ) {
     let mut meta = Vec::with_capacity(64 << 10);
     let mut pages = 0u64;
-    let report = |t: &dyn Transport| StreamReport { bytes: t.bytes_sent(), zc: t.zc_stats(), describe: None };
+    let report = |t: &dyn Transport| StreamReport { bytes: t.bytes_sent(), zc: t.zc_stats(), describe: t.describe() };
     for job in rx {
         let r = match job {
             Job::Pages { round, runs } => {

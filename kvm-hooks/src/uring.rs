@@ -29,6 +29,8 @@ const NOTIF_COPIED: u32 = 1 << 31;
 pub const HOST_SLOT: usize = 80 << 10;
 const POOL_SLOTS: usize = 32;
 const RING_ENTRIES: u32 = 256;
+/// `UIO_MAXIOV`: most iovecs one sendmsg takes.
+const MAX_IOV: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendMode {
@@ -187,6 +189,11 @@ impl UringSender {
         !self.fixed.is_empty()
     }
 
+    fn in_slot(&self, slot: usize, v: &libc::iovec) -> bool {
+        let base = self.pool[slot].as_ptr() as usize;
+        (base..base + HOST_SLOT).contains(&(v.iov_base as usize))
+    }
+
     fn fixed_index(&self, gpa: u64, len: u64) -> Option<u16> {
         self.fixed.iter().position(|&(g, l)| gpa >= g && gpa + len <= g + l).map(|i| i as u16)
     }
@@ -198,34 +205,39 @@ impl UringSender {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{host_len} host bytes exceed a pool slot")));
         }
         let slot = self.take_slot()?;
-        // Host pieces are copied into the slot in order; guest pieces become iovecs into RAM.
+        // Host pieces are copied into the slot in order (segment 0); guest pieces become
+        // iovecs into RAM, grouped by fixed-buffer index, at most UIO_MAXIOV per operation.
         let mut off = 0;
-        let mut segs: Vec<Segment> = Vec::new();
-        let mut host = Segment { iov: Vec::new(), fixed: None, single: false };
+        let mut segs: Vec<Segment> = vec![Segment { iov: Vec::new(), fixed: None, single: false }];
         for p in pieces {
             match *p {
                 Piece::Host(b) => {
+                    if segs.len() > 1 || segs[0].iov.iter().any(|v| !self.in_slot(slot, v)) {
+                        return Err(io::Error::new(io::ErrorKind::InvalidInput, "host bytes after guest bytes in a frame"));
+                    }
                     self.pool[slot][off..off + b.len()].copy_from_slice(b);
                     let base = self.pool[slot][off..].as_mut_ptr();
-                    host.iov.push(libc::iovec { iov_base: base.cast(), iov_len: b.len() });
+                    segs[0].iov.push(libc::iovec { iov_base: base.cast(), iov_len: b.len() });
                     off += b.len();
                 }
                 Piece::Guest { gpa, len } => {
                     let ram = ram.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "guest piece without RAM"))?;
                     let v = ram.iovec(gpa, len).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
                     let fx = if self.mode == SendMode::ZeroCopy { self.fixed_index(gpa, len) } else { None };
-                    match segs.last_mut() {
-                        Some(s) if s.fixed == fx && fx.is_some() => s.iov.push(v),
-                        _ if fx.is_some() => segs.push(Segment { iov: vec![v], fixed: fx, single: false }),
-                        _ => host.iov.push(v),
+                    let last = segs.last_mut().expect("segment 0 exists");
+                    if last.fixed == fx && last.iov.len() < MAX_IOV {
+                        last.iov.push(v);
+                    } else {
+                        segs.push(Segment { iov: vec![v], fixed: fx, single: false });
                     }
                 }
             }
         }
-        // Without fixed buffers everything travels in the first (and only) segment.
-        if !host.iov.is_empty() {
-            host.single = self.mode == SendMode::ZeroCopy && host.iov.len() == 1 && !segs.is_empty();
-            segs.insert(0, host);
+        if segs[0].iov.is_empty() {
+            segs.remove(0);
+        } else if self.mode == SendMode::ZeroCopy && segs.len() > 1 && segs[0].iov.len() == 1 {
+            // Header and run table alone before fixed-buffer data: one SEND_ZC.
+            segs[0].single = true;
         }
         let total: usize = segs.iter().map(Segment::len).sum();
         let r = self.run_chain(&mut segs, slot);

@@ -1,0 +1,256 @@
+//! The transports: every mode with 1, 2 and 4 page streams, faults in zero-copy bursts,
+//! short reads, and zero-copy sends racing guest writes.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::protocol::{self, FrameKind, Header, HEADER_LEN};
+use accel_user::session;
+use accel_user::source::{Event, Phase};
+use accel_user::transport::TransportMode;
+use kvm_hooks::dirty::DirtySet;
+use kvm_hooks::guest::DATA_START;
+use kvm_hooks::uring::{Piece, SendMode, UringSender};
+use kvm_hooks::vm::DirtyPreference;
+use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
+use migaccel_tests::{assert_running, config, migaccel_bin, Cut, Proxy};
+
+fn cfg(mode: TransportMode, streams: u32) -> Config {
+    let mut c = config(WorkloadKind::Ab, DirtySource::Ring);
+    c.migration.transport = mode;
+    c.migration.streams = streams;
+    c.migration.downtime_target_ms = 1;
+    c.migration.max_rounds = 4;
+    c
+}
+
+fn matrix(mode: TransportMode) {
+    for streams in [1, 2, 4] {
+        let c = cfg(mode, streams);
+        let out = session::demo(&c, &mut |_| {}).unwrap_or_else(|e| panic!("{mode:?} x {streams}: {e:#}"));
+        let r = &out.report;
+        assert!(r.verification.ok(), "{mode:?} x {streams}: {:?}", r.verification);
+        assert!(r.source.precopy_rounds.len() >= 3, "{mode:?} x {streams}: {} rounds", r.source.precopy_rounds.len());
+        assert_eq!(r.source.streams, streams);
+        let t = &r.source.transport;
+        match mode {
+            TransportMode::Blocking => assert!(t.contains("blocking"), "{t}"),
+            TransportMode::Copy => assert!(t.contains("io_uring copy"), "{t}"),
+            TransportMode::Zerocopy => {
+                assert!(t.contains("zero-copy, fixed buffers"), "{t}");
+                let z = r.source.zerocopy.expect("zero-copy counters");
+                assert!(z.notifications > 0 && z.zerocopy + z.copied == z.notifications, "{z:?}");
+            }
+            TransportMode::Auto => {
+                let z = r.source.zerocopy.expect("zero-copy counters");
+                // Loopback copies every send: auto must notice once it saw enough of them.
+                if z.notifications >= 16 * u64::from(streams) {
+                    assert!(t.contains("io_uring copy"), "{t} after {z:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn blocking_1_2_4_streams() {
+    matrix(TransportMode::Blocking);
+}
+#[test]
+fn uring_copy_1_2_4_streams() {
+    matrix(TransportMode::Copy);
+}
+#[test]
+fn uring_zerocopy_1_2_4_streams() {
+    matrix(TransportMode::Zerocopy);
+}
+#[test]
+fn uring_auto_1_2_4_streams() {
+    matrix(TransportMode::Auto);
+}
+
+#[test]
+fn zerocopy_without_fixed_buffers() {
+    let mut c = cfg(TransportMode::Zerocopy, 2);
+    c.migration.fixed_buffers = false;
+    let out = session::demo(&c, &mut |_| {}).unwrap();
+    assert!(out.report.verification.ok());
+    let t = &out.report.source.transport;
+    assert!(t.contains("zero-copy") && !t.contains("fixed"), "{t}");
+}
+
+/// Short reads everywhere: a proxy forwards in writes of at most 1000 bytes.
+#[test]
+fn short_reads_through_a_chunking_proxy() {
+    for mode in [TransportMode::Copy, TransportMode::Zerocopy] {
+        let mut c = cfg(mode, 1);
+        c.guest.workload = WorkloadKind::Hot;
+        c.guest.hot_working_set = ByteSize(4 << 20);
+        c.guest.hot_rate = 20_000;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = l.local_addr().unwrap().to_string();
+        let rc = c.clone();
+        let dest = std::thread::spawn(move || session::receive(&rc, &l, true));
+        let proxy = Proxy::start(target, Cut::Chunked(1000));
+        let src = session::boot_source(&c).unwrap();
+        session::send(&c, &src, &proxy.addr, &mut |_| {}).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        let (r, res) = dest.join().unwrap();
+        let got = res.unwrap();
+        let d = accel_user::verify::diff_pages(&src.ram().snapshot(), got.snapshot.as_deref().unwrap(), 8);
+        assert!(d.is_empty(), "{mode:?}: {d:?}");
+        assert_running(r.machine().unwrap());
+    }
+}
+
+fn read_frame(s: &mut TcpStream) -> (Header, Vec<u8>) {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let h = Header::decode(&h).unwrap();
+    let mut p = vec![0u8; h.len as usize];
+    s.read_exact(&mut p).unwrap();
+    (h, p)
+}
+
+/// A destination that accepts the VM and its data streams, then drops one data stream in
+/// the middle of the first zero-copy burst (the source's next sends meet a reset).
+#[test]
+fn peer_reset_mid_zero_copy_burst() {
+    let c = cfg(TransportMode::Zerocopy, 2);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let fake = std::thread::spawn(move || {
+        let (mut ctl, _) = l.accept().unwrap();
+        let (h, _) = read_frame(&mut ctl);
+        assert_eq!(h.kind, FrameKind::Hello);
+        let p = protocol::encode_status(0, "accepted");
+        ctl.write_all(&Header { kind: FrameKind::HelloAck, len: p.len() as u32, seq: 0 }.encode()).unwrap();
+        ctl.write_all(&p).unwrap();
+        let mut data: Vec<TcpStream> = (0..2).map(|_| l.accept().unwrap().0).collect();
+        let mut buf = vec![0u8; 1 << 20];
+        let _ = data[1].read(&mut buf); // part of the burst, then gone
+        drop(data.remove(1));
+        std::thread::sleep(Duration::from_millis(500));
+        drop(data);
+        drop(ctl);
+    });
+    let src = session::boot_source(&c).unwrap();
+    let err = session::send(&c, &src, &addr, &mut |_| {}).expect_err("the reset must fail the migration");
+    fake.join().unwrap();
+    assert_eq!(err.phase(), Phase::Precopy { round: 0 }, "{err}");
+    assert_running(&src);
+    // Round 0 was in flight: every page stays dirty.
+    src.pause().unwrap();
+    let pending = src.dirty().peek().unwrap();
+    assert_eq!(pending.len(), src.ram().pages(), "all RAM must stay dirty after a failed round 0");
+    src.resume().unwrap();
+    retry(&c, &src);
+}
+
+fn retry(c: &Config, src: &Machine) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let rc = c.clone();
+    let dest = std::thread::spawn(move || session::receive(&rc, &l, true));
+    session::send(c, src, &addr, &mut |_| {}).expect("retry");
+    let (_r, res) = dest.join().unwrap();
+    let got = res.unwrap();
+    let d = accel_user::verify::diff_pages(&src.ram().snapshot(), got.snapshot.as_deref().unwrap(), 8);
+    assert!(d.is_empty(), "retry: {d:?}");
+}
+
+#[test]
+fn receiver_killed_during_zero_copy_streams() {
+    let c = cfg(TransportMode::Zerocopy, 4);
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(migaccel_bin())
+        .args(["receive", "--listen", &addr, "--transport", "zerocopy"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stderr.take().unwrap()), &mut line).unwrap();
+    let src = session::boot_source(&c).unwrap();
+    let pid = child.id().to_string();
+    let mut on = |e: Event| {
+        if matches!(e, Event::Round(r) if r.round == 0) {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
+    };
+    let err = session::send(&c, &src, &addr, &mut on).expect_err("the receiver died");
+    let _ = child.wait();
+    assert!(matches!(err.phase(), Phase::Precopy { .. }), "{err}");
+    assert_running(&src);
+    retry(&c, &src);
+}
+
+/// Pages a zero-copy send still references while the guest writes them: every page that
+/// changed after its send was submitted is in the next harvest (the send never stands in
+/// for a later write).
+#[test]
+fn pages_changed_during_zero_copy_sends_stay_dirty() {
+    use std::os::fd::AsRawFd;
+    let pages = 4096u64;
+    let spec = GuestSpec { ram_bytes: 64 << 20, vcpus: 2, workload: Workload::Oracle { pages } };
+    let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 64 << 10 }).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let sink = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        while let Ok(k) = s.read(&mut b) {
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        n
+    });
+    let sock = TcpStream::connect(addr).unwrap();
+    let (mut tx, note) = UringSender::new(sock.as_raw_fd(), SendMode::ZeroCopy, Some(m.ram()), true, Duration::from_secs(10)).unwrap();
+    assert!(note.is_none(), "{note:?}");
+    let value = |m: &Machine, p: u64| m.ram().read_u64(DATA_START + p * 4096).unwrap();
+    let mut iter = 1u64;
+    m.set_oracle_iteration(iter).unwrap();
+    m.dirty().reset().unwrap();
+    m.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    m.pause().unwrap();
+    let mut to_send = m.dirty().take().unwrap();
+    let (mut changed, mut sent) = (0u64, 0u64);
+    for _ in 0..20 {
+        let before: Vec<u64> = (0..pages).map(|p| value(&m, p)).collect();
+        iter += 1;
+        m.set_oracle_iteration(iter).unwrap();
+        m.resume().unwrap();
+        // The guest writes while these zero-copy sends of the same pages are in flight.
+        for chunk in to_send.chunks(2000) {
+            let pieces: Vec<Piece<'_>> = chunk.iter().map(|&g| Piece::Guest { gpa: g * 4096, len: 4096 }).collect();
+            sent += tx.send(&pieces, Some(m.ram())).unwrap() as u64;
+        }
+        tx.flush().unwrap();
+        m.pause().unwrap();
+        let next = m.dirty().take().unwrap();
+        let mut set = DirtySet::new(m.ram().pages());
+        for &g in &next {
+            set.insert(g);
+        }
+        for p in 0..pages {
+            if value(&m, p) != before[p as usize] {
+                changed += 1;
+                assert!(set.contains(DATA_START / 4096 + p), "page {p} changed during a zero-copy send but is not dirty");
+            }
+        }
+        to_send = next;
+    }
+    assert_eq!(tx.outstanding(), 0, "every notification arrived before flush returned");
+    assert!(tx.stats.notifs > 0 && tx.stats.sends > 0, "{:?}", tx.stats);
+    assert!(changed > 1000, "the guest changed only {changed} pages during sends");
+    drop(tx);
+    drop(sock);
+    assert_eq!(sink.join().unwrap(), sent, "the peer received every byte sent");
+}

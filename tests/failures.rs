@@ -49,7 +49,9 @@ fn retry_succeeds(cfg: &Config, src: &Machine) {
 }
 
 fn cut_test(cut: Cut, expect_phase: fn(Phase) -> bool) {
-    let cfg = config(WorkloadKind::Ab, DirtySource::Ring);
+    let mut cfg = config(WorkloadKind::Ab, DirtySource::Ring);
+    // The cutting proxy relays one connection: pages on the control stream.
+    cfg.migration.streams = 1;
     let src = session::boot_source(&cfg).unwrap();
     let (addr, t) = receiver(&cfg);
     let proxy = Proxy::start(addr, cut);

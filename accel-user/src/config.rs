@@ -158,8 +158,8 @@ impl Default for MigrationConfig {
             connect_timeout_ms: 5_000,
             io_timeout_ms: 10_000,
             ack_timeout_ms: 30_000,
-            transport: TransportMode::Blocking,
-            streams: 1,
+            transport: TransportMode::Auto,
+            streams: 2,
             fixed_buffers: true,
             auto_converge: true,
             throttle_initial_pct: 20,
@@ -177,11 +177,13 @@ pub struct ReceiverConfig {
     pub max_vcpus: u32,
     /// After resuming, keep the VM running this long and check its progress counters.
     pub run_after_ms: u64,
+    /// Allocate and map all guest RAM before accepting pages.
+    pub prefault: bool,
 }
 
 impl Default for ReceiverConfig {
     fn default() -> Self {
-        ReceiverConfig { listen: "127.0.0.1:47000".into(), max_ram: ByteSize(64 << 30), max_vcpus: 64, run_after_ms: 500 }
+        ReceiverConfig { listen: "127.0.0.1:47000".into(), max_ram: ByteSize(64 << 30), max_vcpus: 64, run_after_ms: 500, prefault: false }
     }
 }
 
@@ -309,6 +311,7 @@ impl Config {
             dirty: self.dirty_preference(),
             capture,
             io_timeout: Duration::from_millis(self.migration.io_timeout_ms),
+            prefault: self.receiver.prefault,
         }
     }
 

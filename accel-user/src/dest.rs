@@ -40,6 +40,8 @@ pub struct RecvOptions {
     pub capture: bool,
     /// How long to wait for the next frame.
     pub io_timeout: Duration,
+    /// Allocate and map all guest RAM when the VM is created (before HelloAck).
+    pub prefault: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,6 +285,9 @@ pub struct Receiver {
     workers: Vec<JoinHandle<()>>,
 }
 
+/// With data streams, the control stream may stay idle this many I/O timeouts.
+const CONTROL_IDLE_FACTOR: u32 = 60;
+
 /// Accepts the next data-stream connection.
 pub type Acceptor<'a> = &'a mut dyn FnMut() -> Result<Box<dyn Transport>, TransportError>;
 
@@ -344,7 +349,8 @@ impl Receiver {
         self.shared.stop.store(true, Ordering::Release);
         if let Err(e) = &r {
             tracing::warn!("{e}");
-            if !matches!(e, RecvError::SourceAborted { .. } | RecvError::Transport { .. }) {
+            if !matches!(e, RecvError::SourceAborted { .. }) {
+                // Best effort: the source learns why instead of seeing a reset.
                 let _ = t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort(&e.to_string()))], None);
             }
             self.shared.fail("receive aborted".into());
@@ -438,6 +444,14 @@ impl Receiver {
             Some(r) => Err(r),
             None => Machine::destination(spec, self.o.dirty).map_err(|e| format!("cannot create the VM here: {e}")),
         };
+        let machine = machine.and_then(|m| {
+            if self.o.prefault {
+                let t = Instant::now();
+                m.ram().populate().map_err(|e| format!("cannot pre-allocate guest RAM: {e}"))?;
+                tracing::info!("pre-allocated {} MiB of guest RAM in {:?}", spec.ram_bytes >> 20, t.elapsed());
+            }
+            Ok(m)
+        });
         match machine {
             Ok(m) => {
                 *self.shared.received.lock().unwrap_or_else(|e| e.into_inner()) = DirtySet::new(m.ram().pages());
@@ -447,6 +461,12 @@ impl Receiver {
                 t.send_frame(FrameKind::HelloAck, &[Part::Buf(&protocol::encode_status(0, "accepted"))], None)
                     .map_err(|e| self.terr(e))?;
                 self.join_streams(hello.streams, hello.session, ram, accept)?;
+                if hello.streams > 0 {
+                    // The control stream is silent while a round's pages flow on the data
+                    // streams, which police liveness with their own timeouts (a failing
+                    // stream shuts this one down).
+                    t.set_recv_timeout(self.o.io_timeout * CONTROL_IDLE_FACTOR);
+                }
                 self.state = RecvState::Precopy { round: 0 };
                 Ok(())
             }

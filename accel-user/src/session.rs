@@ -29,7 +29,9 @@ pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
 pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
     let mc = &cfg.migration;
     let open = |ram| transport::connect(to, mc.transport, ram, mc.fixed_buffers, cfg.connect_timeout(), cfg.io_timeout());
-    let mut t = open(Some(m.ram())).map_err(|source| SendError::Transport { phase: Phase::Handshake, source })?;
+    // With data streams the control connection carries no pages: no RAM to register there.
+    let control_ram = (mc.streams <= 1).then(|| m.ram().as_ref());
+    let mut t = open(control_ram).map_err(|source| SendError::Transport { phase: Phase::Handshake, source })?;
     let mut data = |_i: u32| open(Some(m.ram()));
     source::migrate_streams(m, &mut *t, &cfg.send_options(), &mut data, on)
 }
@@ -145,6 +147,17 @@ pub fn demo_with(
     prepare: &dyn Fn(&Machine) -> anyhow::Result<()>,
     on: &mut dyn FnMut(Event),
 ) -> anyhow::Result<DemoOutcome> {
+    demo_opts(cfg, prepare, true, on)
+}
+
+/// [`demo_with`]; `verify_ram = false` skips the RAM snapshots and page comparison (large
+/// benchmark guests), keeping the liveness check.
+pub fn demo_opts(
+    cfg: &Config,
+    prepare: &dyn Fn(&Machine) -> anyhow::Result<()>,
+    verify_ram: bool,
+    on: &mut dyn FnMut(Event),
+) -> anyhow::Result<DemoOutcome> {
     let t0 = Instant::now();
     let src = boot_source(cfg)?;
     prepare(&src)?;
@@ -154,7 +167,7 @@ pub fn demo_with(
     let rcfg = cfg.clone();
     let run_after = Duration::from_millis(cfg.receiver.run_after_ms.max(100));
     let dest = std::thread::spawn(move || {
-        let (r, res) = receive(&rcfg, &l, true);
+        let (r, res) = receive(&rcfg, &l, verify_ram);
         match res {
             Ok(got) => {
                 let m = r.into_machine().expect("a resumed receiver has a VM");
@@ -168,8 +181,7 @@ pub fn demo_with(
     let dres = dest.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
     let srep = sres?;
     let (got, drep, _dm) = dres?;
-    let source_ram = src.ram().snapshot();
-    let dest_ram = got.snapshot.clone().unwrap_or_default();
+    let (source_ram, dest_ram) = if verify_ram { (src.ram().snapshot(), got.snapshot.clone().unwrap_or_default()) } else { (Vec::new(), Vec::new()) };
     let v = verify(&got.spec, &source_ram, &dest_ram, drep.guest_alive);
     Ok(DemoOutcome { report: DemoReport { source: srep, destination: drep, verification: v }, source_ram, dest_ram })
 }

@@ -47,6 +47,121 @@ enum Cmd {
         #[arg(long)]
         transport_only: bool,
     },
+    /// Transport-bound migrations (idle guest, RAM filled by the host) for every transport
+    /// mode with 1, 2 and 4 streams: throughput, CPU seconds per GiB, zero-copy counts.
+    Transport {
+        /// Guest sizes to move.
+        #[arg(long, value_delimiter = ',', default_value = "1GiB,4GiB", value_parser = |s: &str| s.parse::<ByteSize>())]
+        ram: Vec<ByteSize>,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        streams: Vec<u32>,
+        #[arg(long, default_value_t = 3)]
+        ceiling_secs: u64,
+        /// Pre-allocate destination RAM before pages arrive (counted in setup, so in total).
+        #[arg(long)]
+        prefault: bool,
+        /// Only these modes (blocking, copy, zerocopy, zerocopy-fixed).
+        #[arg(long, value_delimiter = ',')]
+        modes: Vec<String>,
+    },
+}
+
+/// iperf3 loopback throughput with `parallel` streams, bytes/s.
+fn iperf3_n(secs: u64, parallel: u32) -> Option<f64> {
+    let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port().to_string();
+    let mut server = Command::new("iperf3").args(["-s", "-1", "-p", &port]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("iperf3")
+        .args(["-c", "127.0.0.1", "-p", &port, "-t", &secs.to_string(), "-P", &parallel.to_string(), "-J"])
+        .output()
+        .ok();
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out?.stdout).ok()?;
+    v["end"]["sum_received"]["bits_per_second"].as_f64().map(|b| b / 8.0)
+}
+
+fn fill(m: &kvm_hooks::vmm::Machine) -> anyhow::Result<()> {
+    let ram = m.ram();
+    let chunk: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
+    let mut gpa = kvm_hooks::guest::DATA_START;
+    while gpa < ram.size() {
+        let n = (ram.size() - gpa).min(chunk.len() as u64);
+        ram.write(gpa, &chunk[..n as usize])?;
+        gpa += n;
+    }
+    Ok(())
+}
+
+fn transport_bench(rams: &[ByteSize], streams: &[u32], secs: u64, prefault: bool, only: &[String]) -> anyhow::Result<()> {
+    use accel_user::transport::TransportMode;
+    println!("## loopback ceilings (same run)");
+    for &n in streams {
+        match iperf3_n(secs, n) {
+            Some(b) => println!("iperf3, {n} stream(s): {:.2} GiB/s", gib(b)),
+            None => println!("iperf3: not installed"),
+        }
+    }
+    for &ram in rams {
+        let mut runs = [ram_stream(ram.0)?, ram_stream(ram.0)?, ram_stream(ram.0)?];
+        runs.sort_by(f64::total_cmp);
+        println!("guest RAM -> fresh memfd, 1 stream, no engine, {} MiB, median of 3: {:.2} GiB/s", ram.0 >> 20, gib(runs[1]));
+    }
+    println!();
+    println!("| guest | mode | streams | total ms | GiB/s | CPU s/GiB (both ends) | zero-copy sends | kernel: no copy / copied |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let modes = [
+        ("blocking writev", TransportMode::Blocking, false),
+        ("io_uring SEND(MSG)", TransportMode::Copy, false),
+        ("io_uring SEND(MSG)_ZC", TransportMode::Zerocopy, false),
+        ("io_uring SEND(MSG)_ZC + fixed buffers", TransportMode::Zerocopy, true),
+    ];
+    let keys = ["blocking", "copy", "zerocopy", "zerocopy-fixed"];
+    for &ram in rams {
+        for (k, (name, mode, fixed)) in modes.into_iter().enumerate() {
+            if !only.is_empty() && !only.iter().any(|o| o == keys[k]) {
+                continue;
+            }
+            for &n in streams {
+                let mut c = Config::default();
+                c.guest.ram = ram;
+                c.guest.vcpus = 2;
+                c.guest.workload = WorkloadKind::Idle;
+                c.guest.warmup_ms = 100;
+                c.receiver.run_after_ms = 100;
+                c.migration.transport = mode;
+                c.migration.fixed_buffers = fixed;
+                c.migration.streams = n;
+                c.migration.io_timeout_ms = 60_000;
+                c.receiver.prefault = prefault;
+                c.validate()?;
+                let cpu = std::cell::Cell::new(Duration::ZERO);
+                let prep = |m: &kvm_hooks::vmm::Machine| -> anyhow::Result<()> {
+                    fill(m)?;
+                    cpu.set(kvm_hooks::process_cpu_time());
+                    Ok(())
+                };
+                let out = session::demo_opts(&c, &prep, false, &mut |_| {}).with_context(|| format!("{name} x {n}"))?;
+                let used = kvm_hooks::process_cpu_time().saturating_sub(cpu.get());
+                let r = &out.report.source;
+                anyhow::ensure!(out.report.verification.guest_alive, "{name} x {n}: destination not running");
+                let gbytes = r.bytes_total as f64 / (1u64 << 30) as f64;
+                let (zs, zc) = match r.zerocopy {
+                    Some(z) => (z.sends.to_string(), format!("{} / {}", z.zerocopy, z.copied)),
+                    None => ("-".into(), "-".into()),
+                };
+                println!(
+                    "| {} MiB | {name} | {n} | {:.0} | {:.2} | {:.2} | {zs} | {zc} |",
+                    ram.0 >> 20,
+                    r.total.as_secs_f64() * 1e3,
+                    gbytes / r.total.as_secs_f64(),
+                    used.as_secs_f64() / gbytes
+                );
+            }
+        }
+    }
+    println!();
+    println!("CPU s/GiB: process user+sys from after the guest was filled until the destination ran (source, destination and the idle guest's vCPU threads).");
+    Ok(())
 }
 
 /// iperf3 single-stream loopback throughput in bytes/s, if iperf3 is installed.
@@ -130,6 +245,7 @@ fn gib(b: f64) -> f64 {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Transport { ram, streams, ceiling_secs, prefault, modes } => transport_bench(&ram, &streams, ceiling_secs, prefault, &modes)?,
         Cmd::Migrate { ram, hot_working_set, hot_rate, vcpus, dirty_source, ceiling_secs, batch_pages, no_zero_detect, transport_only } => {
             let ip = iperf3(ceiling_secs);
             let raw = raw_stream(ceiling_secs)?;

@@ -47,3 +47,15 @@ pub fn read_into_guest(fd: std::os::fd::BorrowedFd<'_>, ram: &memory::GuestRam, 
         Ok(r as usize)
     }
 }
+
+/// CPU time (user + system) this process has used so far, all threads.
+pub fn process_cpu_time() -> std::time::Duration {
+    // SAFETY: rusage is plain data; getrusage fills it completely for RUSAGE_SELF.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}

@@ -137,6 +137,12 @@ impl GuestRam {
         sys::data_extents(&self.file, self.size).map_err(|e| Error::Memory(format!("SEEK_DATA on guest RAM: {e}")))
     }
 
+    /// Allocate and map every page now (a destination about to receive all of RAM), so
+    /// receiving does not pay a page fault per page.
+    pub fn populate(&self) -> Result<()> {
+        sys::populate(&self.file, self.map.as_mut_ptr(), self.size).map_err(|e| Error::Memory(format!("pre-allocating guest RAM: {e}")))
+    }
+
     pub fn read_u64(&self, gpa: u64) -> Result<u64> {
         let mut b = [0u8; 8];
         self.read(gpa, &mut b)?;

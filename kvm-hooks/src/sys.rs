@@ -135,6 +135,22 @@ pub fn data_extents(fd: &impl AsRawFd, size: u64) -> io::Result<Vec<(u64, u64)>>
     Ok(out)
 }
 
+/// Allocate the whole file (`fallocate`), then map every page writable into `addr..+len`
+/// (`MADV_POPULATE_WRITE`), so later writes take no page faults.
+pub fn populate(fd: &impl AsRawFd, addr: *mut u8, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate only changes the file's allocation; no memory is passed.
+    if unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len as i64) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    const MADV_POPULATE_WRITE: i32 = 23;
+    // SAFETY: `addr..addr+len` is a shared mapping of `fd` owned by the caller; populating
+    // it does not change its contents.
+    if unsafe { libc::madvise(addr.cast(), len as usize, MADV_POPULATE_WRITE) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Send `sig` to one thread of this process.
 pub fn pthread_kill(thread: libc::pthread_t, sig: i32) -> io::Result<()> {
     // SAFETY: pthread_kill does not touch memory; an exited thread yields ESRCH, not UB, as

@@ -86,8 +86,10 @@ pub enum Piece<'a> {
 struct Segment {
     iov: Vec<libc::iovec>,
     fixed: Option<u16>,
-    /// Send with `SEND_ZC` (single buffer) rather than `SENDMSG[_ZC]`.
+    /// Send with `SEND_ZC` (single buffer) rather than `SENDMSG_ZC`.
     single: bool,
+    /// Zero-copy (guest RAM) or a copying `SENDMSG` (host bytes, copy mode).
+    zc: bool,
 }
 
 impl Segment {
@@ -208,7 +210,11 @@ impl UringSender {
         // Host pieces are copied into the slot in order (segment 0); guest pieces become
         // iovecs into RAM, grouped by fixed-buffer index, at most UIO_MAXIOV per operation.
         let mut off = 0;
-        let mut segs: Vec<Segment> = vec![Segment { iov: Vec::new(), fixed: None, single: false }];
+        // Segment 0 (header, run table) always goes as a copying SENDMSG: the kernel copies
+        // it during the call, so the pool slot is free once the chain completed. Zero-copy
+        // host bytes on loopback are copied later, when the receiving socket takes them, and
+        // a reused slot then rewrote an earlier frame's header on the wire.
+        let mut segs: Vec<Segment> = vec![Segment { iov: Vec::new(), fixed: None, single: false, zc: false }];
         for p in pieces {
             match *p {
                 Piece::Host(b) => {
@@ -224,20 +230,24 @@ impl UringSender {
                     let ram = ram.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "guest piece without RAM"))?;
                     let v = ram.iovec(gpa, len).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
                     let fx = if self.mode == SendMode::ZeroCopy { self.fixed_index(gpa, len) } else { None };
+                    let n = segs.len();
                     let last = segs.last_mut().expect("segment 0 exists");
-                    if last.fixed == fx && last.iov.len() < MAX_IOV {
+                    if self.mode == SendMode::Copy && last.iov.len() < MAX_IOV {
+                        // Copy mode: one SENDMSG for the whole frame.
+                        last.iov.push(v);
+                    } else if fx.is_some() {
+                        // Fixed-buffer data: one SEND_ZC per contiguous run.
+                        segs.push(Segment { iov: vec![v], fixed: fx, single: true, zc: true });
+                    } else if n > 1 && last.zc && last.fixed.is_none() && last.iov.len() < MAX_IOV {
                         last.iov.push(v);
                     } else {
-                        segs.push(Segment { iov: vec![v], fixed: fx, single: false });
+                        segs.push(Segment { iov: vec![v], fixed: None, single: false, zc: self.mode == SendMode::ZeroCopy });
                     }
                 }
             }
         }
         if segs[0].iov.is_empty() {
             segs.remove(0);
-        } else if self.mode == SendMode::ZeroCopy && segs.len() > 1 && segs[0].iov.len() == 1 {
-            // Header and run table alone before fixed-buffer data: one SEND_ZC.
-            segs[0].single = true;
         }
         let total: usize = segs.iter().map(Segment::len).sum();
         let r = self.run_chain(&mut segs, slot);
@@ -271,19 +281,21 @@ impl UringSender {
                 let id = self.next_id;
                 self.next_id += 1;
                 ids.push(id);
-                self.op_slot.insert(id, (k == 0).then_some(slot));
+                // Only a zero-copy op could hold the slot; host bytes never go zero-copy.
+                self.op_slot.insert(id, (k == 0 && seg.zc).then_some(slot));
                 // SAFETY: msghdr is plain data; zeroed is a valid empty header.
                 let mut m: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
                 m.msg_iov = seg.iov.as_ptr() as *mut _;
                 m.msg_iovlen = seg.iov.len();
                 let zc_flags = ZC_REPORT_USAGE;
-                let sqe = match (self.mode, seg.single) {
-                    (SendMode::Copy, _) => opcode::SendMsg::new(types::Fd(self.fd), &*m).flags(libc::MSG_WAITALL as u32).build(),
-                    (SendMode::ZeroCopy, true) => opcode::SendZc::new(types::Fd(self.fd), seg.iov[0].iov_base as *const u8, seg.iov[0].iov_len as u32)
+                let sqe = match (seg.zc, seg.single) {
+                    (false, _) => opcode::SendMsg::new(types::Fd(self.fd), &*m).flags(libc::MSG_WAITALL as u32).build(),
+                    (true, true) => opcode::SendZc::new(types::Fd(self.fd), seg.iov[0].iov_base as *const u8, seg.iov[0].iov_len as u32)
                         .flags(libc::MSG_WAITALL)
                         .zc_flags(zc_flags)
+                        .buf_index(seg.fixed)
                         .build(),
-                    (SendMode::ZeroCopy, false) => {
+                    (true, false) => {
                         let mut op = opcode::SendMsgZc::new(types::Fd(self.fd), &*m).flags(libc::MSG_WAITALL as u32).ioprio(zc_flags);
                         if let Some(ix) = seg.fixed {
                             op = op.buf_index(Some(ix));

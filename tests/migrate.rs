@@ -30,6 +30,7 @@ fn migrate(workload: WorkloadKind, dirty: DirtySource) {
     match dirty {
         DirtySource::Ring => assert!(mode.starts_with("ring"), "{mode}"),
         DirtySource::Bitmap => assert_eq!(mode, "bitmap"),
+        DirtySource::Ebpf => assert!(mode.starts_with("ebpf"), "{mode}"),
     }
     // Round 0 sends all RAM; most of an idle guest's RAM goes as compact zero records.
     assert_eq!(r.source.precopy_rounds[0].pages, (128 << 20) / 4096);

@@ -81,6 +81,8 @@ pub enum DirtySource {
     Ring,
     /// KVM dirty bitmap with manual protect.
     Bitmap,
+    /// BPF program on `kvm:kvm_dirty_ring_push` (the ring stays on so KVM reports pages).
+    Ebpf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -280,6 +282,7 @@ impl Config {
         match self.migration.dirty_source {
             DirtySource::Ring => DirtyPreference::RingOrBitmap { bytes: self.migration.dirty_ring_entries * 16 },
             DirtySource::Bitmap => DirtyPreference::Bitmap,
+            DirtySource::Ebpf => DirtyPreference::Ring { bytes: self.migration.dirty_ring_entries * 16 },
         }
     }
 

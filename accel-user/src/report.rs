@@ -106,9 +106,10 @@ impl SourceReport {
         use std::sync::atomic::Ordering::Relaxed;
         SourceReport {
             guest: spec.into(),
-            dirty_mode: match m.dirty().mode() {
-                DirtyMode::Ring { bytes } => format!("ring({} entries/vCPU)", bytes / 16),
-                DirtyMode::Bitmap => "bitmap".into(),
+            dirty_mode: match (m.dirty().mode(), m.dirty().source_name()) {
+                (_, n) if n.starts_with("ebpf") => format!("ebpf ({n})"),
+                (DirtyMode::Ring { bytes }, _) => format!("ring({} entries/vCPU)", bytes / 16),
+                (DirtyMode::Bitmap, _) => "bitmap".into(),
             },
             total,
             downtime,

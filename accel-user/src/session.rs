@@ -17,12 +17,24 @@ use crate::verify;
 pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
     kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
     let m = Machine::boot(cfg.guest_spec(), cfg.dirty_preference())?;
+    if cfg.migration.dirty_source == crate::config::DirtySource::Ebpf {
+        attach_ebpf(&m)?;
+    }
     m.resume()?;
     std::thread::sleep(Duration::from_millis(cfg.guest.warmup_ms));
     if let Some(f) = m.fault() {
         return Err(kvm_hooks::Error::Vcpu { vcpu: 0, msg: f });
     }
     Ok(m)
+}
+
+/// Take `m`'s dirty pages from the eBPF probe on its vCPU threads. Refuses (an error, not
+/// a silent fallback) when the programs cannot load or attach.
+pub fn attach_ebpf(m: &Machine) -> Result<(), kvm_hooks::Error> {
+    let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
+    let probe = accel_ebpf::DirtyProbe::attach(accel_ebpf::Target::Threads(m.vcpu_tids()), &slots)
+        .map_err(|e| kvm_hooks::Error::Dirty(format!("dirty_source = \"ebpf\" refused: {e}")))?;
+    m.dirty().set_external(Box::new(probe))
 }
 
 /// Connect to `to` and migrate `m`.

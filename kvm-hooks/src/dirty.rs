@@ -157,6 +157,14 @@ impl DirtyRing {
     }
 }
 
+/// A dirty-page source outside KVM's own interfaces (the eBPF bitmap), harvested instead of
+/// the ring. `harvest` takes every recorded page; an `Err` means records were lost, so the
+/// caller must assume every page dirty.
+pub trait ExternalDirtySource: Send + Sync {
+    fn harvest(&self, f: &mut dyn FnMut(u64)) -> std::result::Result<u64, String>;
+    fn name(&self) -> &'static str;
+}
+
 /// Counters about the tracker, for reports and tests.
 #[derive(Debug, Default)]
 pub struct DirtyStats {
@@ -170,10 +178,16 @@ pub struct DirtyStats {
     pub bad_entries: AtomicU64,
 }
 
-#[derive(Debug)]
 struct Inner {
     rings: Vec<DirtyRing>,
     pending: DirtySet,
+    external: Option<Box<dyn ExternalDirtySource>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner").field("rings", &self.rings.len()).field("pending", &self.pending.len()).finish()
+    }
 }
 
 /// Collects dirty pages of one VM from the kernel into a pending set.
@@ -192,7 +206,7 @@ impl DirtyTracker {
             vm,
             mode,
             slots,
-            inner: Mutex::new(Inner { rings: Vec::new(), pending: DirtySet::new(pages) }),
+            inner: Mutex::new(Inner { rings: Vec::new(), pending: DirtySet::new(pages), external: None }),
             stats: DirtyStats::default(),
         }
     }
@@ -211,10 +225,51 @@ impl DirtyTracker {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Take dirty pages from `src` instead of the ring's entries (the ring keeps running, so
+    /// KVM still reports and re-protects pages; its entries are only counted).
+    pub fn set_external(&self, src: Box<dyn ExternalDirtySource>) -> Result<()> {
+        if !matches!(self.mode, DirtyMode::Ring { .. }) {
+            return Err(Error::Dirty("an external dirty source needs the dirty ring (KVM reports pages through it)".into()));
+        }
+        self.lock().external = Some(src);
+        Ok(())
+    }
+
+    /// Name of the source dirty pages are taken from.
+    pub fn source_name(&self) -> &'static str {
+        match (&self.lock().external, self.mode) {
+            (Some(e), _) => e.name(),
+            (None, DirtyMode::Ring { .. }) => "KVM dirty ring",
+            (None, DirtyMode::Bitmap) => "KVM dirty bitmap",
+        }
+    }
+
     /// Pull everything the kernel has reported into the pending set and re-arm tracking.
     pub fn collect(&self) -> Result<()> {
         let mut g = self.lock();
         let inner = &mut *g;
+        if let Some(ext) = inner.external.as_ref() {
+            // Swap the external bitmap first, then reset the ring: a page written between
+            // the two is recorded again for the next round.
+            let pending = &mut inner.pending;
+            if let Err(why) = ext.harvest(&mut |gfn| {
+                pending.insert(gfn);
+            }) {
+                tracing::warn!("{}: {why}; sending all RAM again this round", ext.name());
+                for gfn in 0..pending.capacity().min(self.total_pages()) {
+                    pending.insert(gfn);
+                }
+            }
+            let mut total = 0u64;
+            for ring in inner.rings.iter_mut() {
+                total += u64::from(ring.harvest(|_, _| {}));
+            }
+            if total > 0 {
+                sys::reset_dirty_rings(&*self.vm).map_err(|e| Error::ioctl("KVM_RESET_DIRTY_RINGS", e))?;
+            }
+            self.stats.reported.fetch_add(total, Ordering::Relaxed);
+            return Ok(());
+        }
         match self.mode {
             DirtyMode::Ring { .. } => {
                 let mut total = 0u64;

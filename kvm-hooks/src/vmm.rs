@@ -145,6 +145,8 @@ struct Shared {
     fault: Mutex<Option<String>>,
     /// Percent of time vCPUs are held off the CPU (auto-converge), 0..=99.
     throttle: AtomicU64,
+    /// Kernel thread id of each vCPU thread (for per-thread BPF filters).
+    tids: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -223,6 +225,7 @@ impl Machine {
             reports: (0..n).map(|_| AtomicU64::new(0)).collect(),
             fault: Mutex::new(None),
             throttle: AtomicU64::new(0),
+            tids: (0..n).map(|_| AtomicU64::new(0)).collect(),
         });
         let mut vcpus = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
@@ -340,6 +343,12 @@ impl Machine {
         self.shared.throttle.load(Ordering::Relaxed) as u8
     }
 
+    /// Kernel thread ids of the vCPU threads (they run KVM_RUN, so KVM's tracepoints for
+    /// this VM fire in them).
+    pub fn vcpu_tids(&self) -> Vec<u32> {
+        self.shared.tids.iter().map(|t| t.load(Ordering::Acquire) as u32).collect()
+    }
+
     /// Oracle workloads read the iteration number from the parameter page.
     pub fn set_oracle_iteration(&self, iter: u64) -> Result<()> {
         self.ram().write_u64(guest::PARAM, iter)
@@ -367,6 +376,8 @@ enum Event {
 }
 
 fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<DirtyTracker>, pace: Pace) {
+    // SAFETY: gettid has no arguments and cannot fail.
+    sh.tids[id].store(unsafe { libc::gettid() } as u64, Ordering::Release);
     let mut t0 = Instant::now();
     let mut paced = 0u64;
     loop {

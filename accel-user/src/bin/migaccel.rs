@@ -324,6 +324,19 @@ fn doctor() -> anyhow::Result<()> {
         }
         Err(e) => line(false, "KVM", e.to_string()),
     }
+    match accel_ebpf::ensure_tracepoints(&["kvm_dirty_ring_push", "kvm_hypercall", "kvm_vmgexit_enter"]) {
+        Ok(()) => line(true, "KVM tracepoints", "kvm_dirty_ring_push, kvm_hypercall, kvm_vmgexit_enter present".into()),
+        Err(e) => line(false, "KVM tracepoints", e.to_string()),
+    }
+    match accel_ebpf::test_run_page_state("map_gpa_range", &[12, 0x1000, 1, 1 << 4]) {
+        Ok((ev, _)) if ev.len() == 1 => line(true, "BPF", "programs load; BPF_PROG_TEST_RUN works".into()),
+        Ok((ev, _)) => line(false, "BPF", format!("test run produced {} events, expected 1", ev.len())),
+        Err(e) => line(false, "BPF", e.to_string()),
+    }
+    match kvm_hooks::uring::probe() {
+        Ok(u) => line(u.sendmsg && u.recv, "io_uring", format!("SENDMSG {} RECV {} SEND_ZC {} SENDMSG_ZC {}", u.sendmsg, u.recv, u.send_zc, u.sendmsg_zc)),
+        Err(e) => line(false, "io_uring", e.to_string()),
+    }
     line(Path::new("/dev/sev").exists(), "SEV", if Path::new("/dev/sev").exists() { "/dev/sev present".into() } else { "no /dev/sev: confidential paths cannot run on real SEV here".into() });
     if bad > 0 {
         println!("{bad} check(s) failed");

@@ -1,0 +1,216 @@
+//! eBPF observation: the BPF dirty bitmap equals the KVM ring round after round, migrations
+//! in `ebpf` mode pass every correctness check, the page-state programs handle synthetic
+//! inputs, failures say why, and nothing stays loaded after exit or a crash.
+use std::process::Command;
+use std::time::Duration;
+
+use accel_ebpf::{DirtyProbe, EbpfError, PageStateKind, PageStates, Target, ATTR_ENCRYPTED, PSF_HUGE, PSF_OVERFLOW, PSF_UNALIGNED, PSF_ZERO_PAGES};
+use accel_user::config::{DirtySource, WorkloadKind};
+use accel_user::session;
+use kvm_hooks::dirty::DirtySet;
+use kvm_hooks::vm::DirtyPreference;
+use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
+use migaccel_tests::config;
+
+/// The leftover check counts BPF objects system-wide: tests in this file run one at a time.
+static LEFTOVER_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    LEFTOVER_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn bpf_bitmap_equals_ring_round_after_round() {
+    let _g = serial();
+    let spec = GuestSpec { ram_bytes: 128 << 20, vcpus: 2, workload: Workload::Oracle { pages: 16384 } };
+    // A small ring fills often: ring-full exits are part of what must match.
+    let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 16 << 10 }).unwrap();
+    let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
+    let probe = DirtyProbe::attach(Target::Threads(m.vcpu_tids()), &slots).expect("attach the dirty probe");
+    m.dirty().reset().unwrap();
+    probe.harvest(|_| {});
+    let (mut total, mut rounds, mut iter) = (0u64, 0u32, 1u64);
+    while total < 1_000_000 && rounds < 5000 {
+        iter += 1;
+        m.set_oracle_iteration(iter).unwrap();
+        m.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+        m.pause().unwrap();
+        let ring = m.dirty().take().unwrap();
+        let mut bpf = DirtySet::new(m.ram().pages());
+        probe.harvest(|g| {
+            bpf.insert(g);
+        });
+        let mut ring_set = DirtySet::new(m.ram().pages());
+        for &g in &ring {
+            ring_set.insert(g);
+        }
+        let only_ring: Vec<u64> = ring.iter().copied().filter(|&g| !bpf.contains(g)).take(5).collect();
+        let only_bpf: Vec<u64> = bpf.iter().filter(|&g| !ring_set.contains(g)).take(5).collect();
+        assert!(only_ring.is_empty() && only_bpf.is_empty(), "round {rounds}: ring-only {only_ring:?}, bpf-only {only_bpf:?}");
+        total += ring.len() as u64;
+        rounds += 1;
+    }
+    let st = probe.stats().unwrap();
+    assert!(total >= 1_000_000, "only {total} dirtied pages in {rounds} rounds");
+    assert_eq!(st.lost, 0, "{st:?}");
+    assert!(m.dirty().stats.ring_full_exits.load(std::sync::atomic::Ordering::Relaxed) > 0, "the ring never filled");
+}
+
+#[test]
+fn migrations_with_ebpf_dirty_source() {
+    let _g = serial();
+    for w in [WorkloadKind::Ab, WorkloadKind::Hot, WorkloadKind::Idle] {
+        let mut c = config(w, DirtySource::Ebpf);
+        if w != WorkloadKind::Idle {
+            c.migration.downtime_target_ms = 1;
+            c.migration.max_rounds = 5;
+        }
+        let out = session::demo(&c, &mut |_| {}).unwrap_or_else(|e| panic!("{w:?}: {e:#}"));
+        let r = &out.report;
+        assert!(r.verification.ok(), "{w:?}: {:?}", r.verification);
+        assert!(r.source.dirty_mode.starts_with("ebpf"), "{}", r.source.dirty_mode);
+        if w != WorkloadKind::Idle {
+            assert!(r.source.precopy_rounds.len() >= 3, "{w:?}: {} rounds", r.source.precopy_rounds.len());
+        }
+    }
+}
+
+fn map_gpa(gpa: u64, npages: u64, attrs: u64) -> Vec<accel_ebpf::PageStateEvent> {
+    accel_ebpf::test_run_page_state("map_gpa_range", &[12, gpa, npages, attrs]).unwrap().0
+}
+
+#[test]
+fn page_state_program_with_synthetic_inputs() {
+    let _g = serial();
+    let ok = map_gpa(0x20_0000, 16, ATTR_ENCRYPTED);
+    assert_eq!(ok.len(), 1);
+    assert_eq!((ok[0].kind, ok[0].flags, ok[0].gpa, ok[0].npages, ok[0].attrs), (PageStateKind::MapGpaRange, 0, 0x20_0000, 16, ATTR_ENCRYPTED));
+    assert_eq!(ok[0].tgid, std::process::id());
+    assert_eq!(map_gpa(0x20_0010, 1, 0)[0].flags, PSF_UNALIGNED);
+    assert_eq!(map_gpa(0x20_0000, 0, 0)[0].flags, PSF_ZERO_PAGES);
+    assert_eq!(map_gpa(0, 1 << 40, 0)[0].flags, PSF_HUGE);
+    assert_eq!(map_gpa(!0xfff, 2, 0)[0].flags, PSF_OVERFLOW);
+    // Another hypercall number is not a page-state change.
+    let (ev, st) = accel_ebpf::test_run_page_state("map_gpa_range", &[5, 0x1000, 1, 0]).unwrap();
+    assert!(ev.is_empty() && st.page_state_events == 0);
+
+    // Applying them: only the valid, in-range one changes state.
+    let mut ps = PageStates::new(1024);
+    assert!(ps.is_private(3), "pages start private");
+    let shared = map_gpa(0x1000, 4, 0);
+    ps.apply(&shared[0]).unwrap();
+    assert!(!ps.is_private(1) && !ps.is_private(4) && ps.is_private(5));
+    ps.apply(&map_gpa(0x2000, 1, ATTR_ENCRYPTED)[0]).unwrap();
+    assert!(ps.is_private(2));
+    assert!(ps.apply(&map_gpa(1023 * 4096, 2, 0)[0]).unwrap_err().contains("outside guest RAM"));
+    assert!(ps.apply(&map_gpa(0x1010, 1, 0)[0]).is_err());
+    assert!(ps.apply(&map_gpa(0, 1 << 40, 0)[0]).is_err());
+    assert_eq!((ps.applied, ps.rejected), (2, 3));
+}
+
+#[test]
+fn vmgexit_program_survives_a_bad_ghcb_pointer() {
+    let _g = serial();
+    let (ev, st) = accel_ebpf::test_run_page_state("vmgexit_psc", &[3, 0xdead_0000_0000]).unwrap();
+    assert!(ev.is_empty());
+    assert_eq!(st.ghcb_unreadable, 1, "{st:?}");
+}
+
+#[test]
+fn dirty_program_with_synthetic_inputs() {
+    let _g = serial();
+    let slots = [(0, 1024), (4096, 512)];
+    let (pages, st) = accel_ebpf::test_run_dirty(&slots, 1, 10).unwrap();
+    assert_eq!((pages, st.new_bits, st.lost), (vec![4106], 1, 0));
+    let (pages, st) = accel_ebpf::test_run_dirty(&slots, 1, 512).unwrap();
+    assert!(pages.is_empty() && st.lost == 1, "offset past the slot is lost, not written");
+    let (pages, st) = accel_ebpf::test_run_dirty(&slots, 7, 0).unwrap();
+    assert!(pages.is_empty() && st.lost == 1, "unknown slot");
+    let (pages, st) = accel_ebpf::test_run_dirty(&slots, 1 << 16, 0).unwrap();
+    assert!(pages.is_empty() && st.lost == 1, "address space 1");
+}
+
+#[test]
+fn missing_tracepoint_is_named() {
+    let _g = serial();
+    let e = accel_ebpf::ensure_tracepoints(&["kvm_no_such_event"]).unwrap_err();
+    assert!(matches!(e, EbpfError::TracepointMissing("kvm_no_such_event")));
+    assert!(e.to_string().contains("kvm:kvm_no_such_event does not exist"), "{e}");
+}
+
+/// Without privileges the load fails with a reason; the engine refuses ebpf mode.
+#[test]
+fn unprivileged_load_fails_with_a_reason() {
+    let _g = serial();
+    if std::env::var_os("MIGACCEL_UNPRIVILEGED_CHILD").is_some() {
+        let e = accel_ebpf::test_run_page_state("map_gpa_range", &[12, 0, 1, 0]).unwrap_err();
+        println!("CHILD-ERROR: {e}");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(&exe)
+        .args(["--exact", "unprivileged_load_fails_with_a_reason", "--nocapture"])
+        .env("MIGACCEL_UNPRIVILEGED_CHILD", "1")
+        .output()
+        .expect("setpriv (util-linux)");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out.lines().find(|l| l.starts_with("CHILD-ERROR")).unwrap_or_else(|| panic!("child output: {out} {}", String::from_utf8_lossy(&o.stderr)));
+    assert!(line.contains("loading the BPF object failed") && line.contains("root or CAP_BPF"), "{line}");
+}
+
+fn bpf_objects(kind: &str) -> usize {
+    let o = Command::new("bpftool").args([kind, "show", "-j"]).output().expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Array(vec![]));
+    v.as_array()
+        .map(|a| a.iter().filter(|p| p["name"].as_str().is_some_and(|n| ["dirty_ring_push", "map_gpa_range", "vmgexit_psc"].contains(&n))).count())
+        .unwrap_or(0)
+}
+
+fn bpf_links() -> usize {
+    let o = Command::new("bpftool").args(["link", "show", "-j"]).output().expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Array(vec![]));
+    v.as_array().map(|a| a.iter().filter(|l| l["tp_name"].as_str().is_some_and(|n| n.starts_with("kvm_"))).count()).unwrap_or(0)
+}
+
+/// `migaccel` in ebpf mode leaves no program or link behind, neither after a clean exit
+/// nor after SIGKILL (nothing is pinned; the kernel frees them with the last fd).
+#[test]
+fn nothing_left_behind_after_exit_or_crash() {
+    let _g = serial();
+    // Other tests in this binary load programs too; run the checks after they settle.
+    let (p0, l0) = (bpf_objects("prog"), bpf_links());
+    let bin = migaccel_tests::migaccel_bin();
+    let ok = Command::new(&bin).args(["demo", "--ram", "64MiB", "--workload", "idle", "--dirty-source", "ebpf"]).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!((bpf_objects("prog"), bpf_links()), (p0, l0), "after a clean exit");
+    let mut child = Command::new(&bin)
+        .args(["demo", "--ram", "64MiB", "--workload", "ab", "--dirty-source", "ebpf", "--warmup-ms", "5000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until its probe is attached, then kill it.
+    let mut seen = false;
+    for _ in 0..200 {
+        if bpf_links() > l0 {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(seen, "the probe never attached");
+    for _ in 0..100 {
+        if (bpf_objects("prog"), bpf_links()) == (p0, l0) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("after SIGKILL: progs {} (was {p0}), links {} (was {l0})", bpf_objects("prog"), bpf_links());
+}
+

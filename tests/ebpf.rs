@@ -122,7 +122,7 @@ fn dirty_program_with_synthetic_inputs() {
     let _g = serial();
     let slots = [(0, 1024), (4096, 512)];
     let (pages, st) = accel_ebpf::test_run_dirty(&slots, 1, 10).unwrap();
-    assert_eq!((pages, st.new_bits, st.lost), (vec![4106], 1, 0));
+    assert_eq!((pages, st.pushes, st.lost), (vec![4106], 1, 0));
     let (pages, st) = accel_ebpf::test_run_dirty(&slots, 1, 512).unwrap();
     assert!(pages.is_empty() && st.lost == 1, "offset past the slot is lost, not written");
     let (pages, st) = accel_ebpf::test_run_dirty(&slots, 7, 0).unwrap();

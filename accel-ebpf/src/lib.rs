@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::RawTracePoint;
 use aya::{Ebpf, EbpfLoader, RawTracePointRunOptions, TestRun};
 use memmap2::{MmapOptions, MmapRaw};
@@ -126,6 +126,7 @@ fn raw_tp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut RawTrace
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ProbeStats {
     pub pushes: u64,
+    /// Unused since the program sets bits without fetching (kept for the counter layout).
     pub new_bits: u64,
     /// Pushes that could not be recorded: any loss means the bitmap is incomplete.
     pub lost: u64,
@@ -135,9 +136,9 @@ pub struct ProbeStats {
 }
 
 fn read_stats(ebpf: &Ebpf) -> Result<ProbeStats, EbpfError> {
-    let a: Array<_, u64> = Array::try_from(ebpf.map("stats").ok_or(EbpfError::Map { map: "stats", msg: "missing".into() })?)
+    let a: PerCpuArray<_, u64> = PerCpuArray::try_from(ebpf.map("stats").ok_or(EbpfError::Map { map: "stats", msg: "missing".into() })?)
         .map_err(|e| EbpfError::Map { map: "stats", msg: e.to_string() })?;
-    let g = |i: u32| a.get(&i, 0).unwrap_or(0);
+    let g = |i: u32| a.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
     Ok(ProbeStats { pushes: g(0), new_bits: g(1), lost: g(2), page_state_events: g(3), page_state_dropped: g(4), ghcb_unreadable: g(5) })
 }
 

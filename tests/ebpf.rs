@@ -214,3 +214,20 @@ fn nothing_left_behind_after_exit_or_crash() {
     panic!("after SIGKILL: progs {} (was {p0}), links {} (was {l0})", bpf_objects("prog"), bpf_links());
 }
 
+
+/// The engine refuses ebpf mode when BPF cannot load (root without capabilities keeps
+/// /dev/kvm, loses CAP_BPF): one error line naming the mode and the cause, no migration.
+#[test]
+fn engine_refuses_ebpf_mode_without_bpf() {
+    let _g = serial();
+    let o = Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all"])
+        .arg(migaccel_tests::migaccel_bin())
+        .args(["demo", "--ram", "64MiB", "--workload", "idle", "--dirty-source", "ebpf"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("dirty_source = \"ebpf\" refused") && err.contains("loading the BPF object failed"), "{err}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("verification"), "no migration may run");
+}

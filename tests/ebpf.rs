@@ -231,3 +231,46 @@ fn engine_refuses_ebpf_mode_without_bpf() {
     assert!(err.contains("dirty_source = \"ebpf\" refused") && err.contains("loading the BPF object failed"), "{err}");
     assert!(!String::from_utf8_lossy(&o.stdout).contains("verification"), "no migration may run");
 }
+
+/// A real guest announces page-state changes through the VMM's port; each request is
+/// replayed through the attached BPF program and reaches the page-state map by the ring
+/// buffer and drain thread. The map the BPF path built equals the VMM's own record.
+#[test]
+fn guest_page_state_requests_cross_check_the_bpf_map() {
+    let _g = serial();
+    use std::sync::{Arc, Mutex};
+    let spec = GuestSpec { ram_bytes: 64 << 20, vcpus: 2, workload: Workload::PageState };
+    let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 64 << 10 }).unwrap();
+    let pages = m.ram().pages();
+    let probe = Arc::new(accel_ebpf::PageStateProbe::attach(Target::Process(std::process::id()), pages).unwrap());
+    let direct = Arc::new(Mutex::new(PageStates::new(pages)));
+    let (p, d) = (probe.clone(), direct.clone());
+    let ordered = Arc::new(Mutex::new(()));
+    m.set_page_state_hook(Arc::new(move |r| {
+        // One at a time, so both maps see the requests in the same order.
+        let _o = ordered.lock().unwrap();
+        let ev = accel_ebpf::PageStateEvent { kind: PageStateKind::MapGpaRange, flags: 0, gpa: r.gpa, npages: r.npages, attrs: r.attrs, tgid: 0, vcpu: r.vcpu };
+        d.lock().unwrap().apply(&ev).unwrap();
+        p.replay_map_gpa_range(r.gpa, r.npages, r.attrs).unwrap();
+    }));
+    m.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    m.pause().unwrap();
+    let (handled, refused) = m.page_state_counts();
+    assert!(handled > 100, "only {handled} requests");
+    assert_eq!(refused, 0);
+    // Let the drain thread catch up.
+    for _ in 0..100 {
+        if probe.states().lock().unwrap().applied == handled {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let bpf = probe.states().lock().unwrap();
+    let direct = direct.lock().unwrap();
+    assert_eq!(bpf.applied, handled, "every request reached the BPF map (dropped: {:?})", probe.stats().map(|s| s.page_state_dropped));
+    let diff: Vec<u64> = (0..pages).filter(|&g| bpf.is_private(g) != direct.is_private(g)).take(5).collect();
+    assert!(diff.is_empty(), "page states differ at {diff:?}");
+    let shared = (0..pages).filter(|&g| !bpf.is_private(g)).count();
+    assert!(shared > 0, "the guest made some pages shared");
+}

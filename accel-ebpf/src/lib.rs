@@ -387,6 +387,19 @@ impl PageStateProbe {
         &self.states
     }
 
+    /// Feed one `MAP_GPA_RANGE(gpa, npages, attrs)` through the attached `kvm_hypercall`
+    /// program with `BPF_PROG_TEST_RUN` (for guests whose hypercalls the tracepoint does not
+    /// see, like the embedded VMM's CPL 3 guests under PVM). The event takes the normal
+    /// path: ring buffer, drain thread, page-state map.
+    pub fn replay_map_gpa_range(&self, gpa: u64, npages: u64, attrs: u64) -> Result<(), EbpfError> {
+        let mut g = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let p = raw_tp(&mut g, "map_gpa_range")?;
+        let mut opts = RawTracePointRunOptions::new();
+        opts.args[..4].copy_from_slice(&[12, gpa, npages, attrs]);
+        p.test_run(opts).map_err(perr("map_gpa_range", "BPF_PROG_TEST_RUN"))?;
+        Ok(())
+    }
+
     pub fn stats(&self) -> Result<ProbeStats, EbpfError> {
         read_stats(&self.ebpf.lock().unwrap_or_else(|e| e.into_inner()))
     }

@@ -199,6 +199,7 @@ enum WorkloadCode {
     Hot = 2,
     Idle = 3,
     Oracle = 4,
+    PageState = 5,
 }
 
 /// Most data streams one migration may use.
@@ -225,6 +226,7 @@ pub fn encode_hello_full(h: &Hello) -> Vec<u8> {
         Workload::Hot { working_set, pages_per_sec } => (WorkloadCode::Hot, working_set, pages_per_sec),
         Workload::Idle => (WorkloadCode::Idle, 0, 0),
         Workload::Oracle { pages } => (WorkloadCode::Oracle, pages, 0),
+        Workload::PageState => (WorkloadCode::PageState, 0, 0),
     };
     let mut v = Vec::with_capacity(48);
     v.extend_from_slice(&(PAGE as u32).to_le_bytes());
@@ -265,6 +267,7 @@ pub fn decode_hello_full(p: &[u8]) -> Result<Hello, ProtocolError> {
         c if c == WorkloadCode::Hot as u32 => Workload::Hot { working_set: a, pages_per_sec: b },
         c if c == WorkloadCode::Idle as u32 => Workload::Idle,
         c if c == WorkloadCode::Oracle as u32 => Workload::Oracle { pages: a },
+        c if c == WorkloadCode::PageState as u32 => Workload::PageState,
         c => {
             let _ = WorkloadCode::Invalid;
             return Err(perr(k, format!("unknown workload code {c}")));
@@ -518,6 +521,7 @@ mod tests {
             Workload::Idle,
             Workload::Hot { working_set: 1 << 20, pages_per_sec: 5000 },
             Workload::Oracle { pages: 1024 },
+            Workload::PageState,
         ] {
             let s = GuestSpec { ram_bytes: 1 << 30, vcpus: 3, workload: w };
             assert_eq!(decode_hello(&encode_hello(&s)).unwrap(), s);

@@ -25,6 +25,7 @@ impl From<GuestSpec> for GuestInfo {
             Workload::Idle => "idle".to_string(),
             Workload::Hot { working_set, pages_per_sec } => format!("hot(working_set={working_set},pages_per_sec={pages_per_sec})"),
             Workload::Oracle { pages } => format!("oracle(pages={pages})"),
+            Workload::PageState => "pagestate".to_string(),
         };
         GuestInfo { ram_bytes: s.ram_bytes, vcpus: s.vcpus, workload }
     }

@@ -27,6 +27,9 @@ pub const PD_BASE: u64 = 0x10000;
 pub const DATA_START: u64 = 0x20_0000;
 /// Port `PROGRESS_PORT + vcpu` receives a vCPU's 32-bit progress counter.
 pub const PROGRESS_PORT: u16 = 0x500;
+/// Port `PAGE_STATE_PORT + vcpu` receives the guest-physical address of a page-state
+/// request `{gpa u64, npages u64, attrs u64}` (like `KVM_HC_MAP_GPA_RANGE`'s arguments).
+pub const PAGE_STATE_PORT: u16 = 0x600;
 
 core::arch::global_asm!(
     ".pushsection .text.migaccel_guest,\"ax\"",
@@ -87,6 +90,27 @@ core::arch::global_asm!(
     "out dx, eax",
     "jmp 2b",
     ".globl migaccel_guest_oracle_end", "migaccel_guest_oracle_end:",
+    // pagestate: rdi=request buffer, rsi=range base, dx=page-state port. Announces 16-page
+    // ranges cycling over 64 slots of 64 KiB, private on odd requests, shared on even ones.
+    ".globl migaccel_guest_pagestate", "migaccel_guest_pagestate:",
+    "xor r12d, r12d",
+    "2:",
+    "mov rax, r12",
+    "and rax, 63",
+    "shl rax, 16",
+    "add rax, rsi",
+    "mov [rdi], rax",
+    "mov qword ptr [rdi + 8], 16",
+    "mov rax, r12",
+    "and rax, 1",
+    "shl rax, 4",
+    "mov [rdi + 16], rax",
+    "mov eax, edi",
+    "out dx, eax",
+    "inc r12",
+    "inc r13",
+    "jmp 2b",
+    ".globl migaccel_guest_pagestate_end", "migaccel_guest_pagestate_end:",
     ".popsection",
 );
 
@@ -97,6 +121,8 @@ extern "C" {
     static migaccel_guest_idle_end: u8;
     static migaccel_guest_oracle: u8;
     static migaccel_guest_oracle_end: u8;
+    static migaccel_guest_pagestate: u8;
+    static migaccel_guest_pagestate_end: u8;
 }
 
 /// The guest programs.
@@ -105,6 +131,7 @@ pub enum Program {
     Walk,
     Idle,
     Oracle,
+    PageState,
 }
 
 impl Program {
@@ -114,6 +141,7 @@ impl Program {
             Program::Walk => (&raw const migaccel_guest_walk, &raw const migaccel_guest_walk_end),
             Program::Idle => (&raw const migaccel_guest_idle, &raw const migaccel_guest_idle_end),
             Program::Oracle => (&raw const migaccel_guest_oracle, &raw const migaccel_guest_oracle_end),
+            Program::PageState => (&raw const migaccel_guest_pagestate, &raw const migaccel_guest_pagestate_end),
         };
         // SAFETY: both symbols are labels in the same read-only text section defined above,
         // start before end; the bytes between them are the program and live forever.
@@ -124,6 +152,7 @@ impl Program {
             Program::Walk => 0,
             Program::Idle => 0x400,
             Program::Oracle => 0x800,
+            Program::PageState => 0xc00,
         }
     }
     pub fn entry(self) -> u64 {
@@ -153,7 +182,7 @@ pub fn install(ram: &GuestRam) -> Result<()> {
     for (i, d) in gdt.iter().enumerate() {
         ram.write_u64(GDT + i as u64 * 8, *d)?;
     }
-    for p in [Program::Walk, Program::Idle, Program::Oracle] {
+    for p in [Program::Walk, Program::Idle, Program::Oracle, Program::PageState] {
         let code = p.code();
         if code.len() as u64 > 0x400 {
             return Err(Error::Memory("guest program larger than its 1 KiB slot".into()));
@@ -210,6 +239,7 @@ pub struct Start {
 }
 
 pub fn initial_regs(vcpu: usize, s: &Start) -> kvm_regs {
+    let port = if s.program == Program::PageState { PAGE_STATE_PORT } else { PROGRESS_PORT };
     kvm_regs {
         rip: s.program.entry(),
         rflags: 0x3002, // IOPL 3: port I/O is allowed at CPL 3
@@ -219,7 +249,7 @@ pub fn initial_regs(vcpu: usize, s: &Start) -> kvm_regs {
         r8: s.r8.max(1),
         r9: s.r9,
         r14: s.r14,
-        rdx: u64::from(PROGRESS_PORT) + vcpu as u64,
+        rdx: u64::from(port) + vcpu as u64,
         ..Default::default()
     }
 }

@@ -35,7 +35,22 @@ pub enum Workload {
     /// Write the current iteration number into pseudo-random pages of a `pages`-page region
     /// (a power of two); the dirty-tracking oracle.
     Oracle { pages: u64 },
+    /// Announce page-state changes (shared/private) through the page-state port, as a
+    /// confidential guest does with `KVM_HC_MAP_GPA_RANGE` (4 MiB of data RAM is cycled).
+    PageState,
 }
+
+/// A guest's page-state announcement (arguments of `KVM_HC_MAP_GPA_RANGE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageStateRequest {
+    pub vcpu: u32,
+    pub gpa: u64,
+    pub npages: u64,
+    pub attrs: u64,
+}
+
+/// Called by a vCPU thread for each valid page-state request.
+pub type PageStateHook = Arc<dyn Fn(&PageStateRequest) + Send + Sync>;
 
 /// Shape of a guest: what a destination must recreate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,12 +103,14 @@ impl GuestSpec {
     }
 
     fn start(&self, i: u32) -> Start {
+        let _ = guest::PAGE_STATE_PORT;
         let (s, e) = self.vcpu_range(i);
         let per = (e - s) / PAGE_SIZE;
         match self.workload {
             Workload::Ab => Start { program: Program::Walk, rdi: s, rsi: e, r8: per.min(4096), r9: 0, r14: 0 },
             Workload::Hot { .. } => Start { program: Program::Walk, rdi: s, rsi: e, r8: self.pace(i).batch, r9: 0, r14: 0 },
             Workload::Idle => Start { program: Program::Idle, rdi: 0, rsi: 0, r8: 1, r9: 0, r14: 0 },
+            Workload::PageState => Start { program: Program::PageState, rdi: guest::PARAM + 0x100 + u64::from(i) * 0x20, rsi: DATA_START, r8: 1, r9: 0, r14: 0 },
             Workload::Oracle { pages } => Start {
                 program: Program::Oracle,
                 rdi: DATA_START,
@@ -135,7 +152,6 @@ enum RunState {
     Exit,
 }
 
-#[derive(Debug)]
 struct Shared {
     state: Mutex<RunState>,
     cv: Condvar,
@@ -145,8 +161,18 @@ struct Shared {
     fault: Mutex<Option<String>>,
     /// Percent of time vCPUs are held off the CPU (auto-converge), 0..=99.
     throttle: AtomicU64,
+    page_state_hook: Mutex<Option<PageStateHook>>,
+    /// Page-state requests handled / refused (bad pointer or range).
+    pub page_state_requests: AtomicU64,
+    pub page_state_refused: AtomicU64,
     /// Kernel thread id of each vCPU thread (for per-thread BPF filters).
     tids: Vec<AtomicU64>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("state", &self.state).field("parked", &self.parked).finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -225,16 +251,19 @@ impl Machine {
             reports: (0..n).map(|_| AtomicU64::new(0)).collect(),
             fault: Mutex::new(None),
             throttle: AtomicU64::new(0),
+            page_state_hook: Mutex::new(None),
+            page_state_requests: AtomicU64::new(0),
+            page_state_refused: AtomicU64::new(0),
             tids: (0..n).map(|_| AtomicU64::new(0)).collect(),
         });
         let mut vcpus = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
             let fd = Arc::new(Mutex::new(vm.create_vcpu(i as u64)?));
-            let (f, sh, tr, pace) = (fd.clone(), shared.clone(), vm.dirty().clone(), spec.pace(i as u32));
+            let (f, sh, tr, pace, ram) = (fd.clone(), shared.clone(), vm.dirty().clone(), spec.pace(i as u32), vm.ram().clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || vcpu_loop(i, f, sh, tr, pace))
+                .spawn(move || vcpu_loop(i, f, sh, tr, pace, ram))
                 .map_err(|e| Error::Vcpu { vcpu: i, msg: format!("spawn thread: {e}") })?;
             vcpus.push(fd);
             threads.push(t);
@@ -343,6 +372,16 @@ impl Machine {
         self.shared.throttle.load(Ordering::Relaxed) as u8
     }
 
+    /// Receive every valid page-state request the guest makes (set before resuming).
+    pub fn set_page_state_hook(&self, hook: PageStateHook) {
+        *self.shared.page_state_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// (handled, refused) page-state requests so far.
+    pub fn page_state_counts(&self) -> (u64, u64) {
+        (self.shared.page_state_requests.load(Ordering::Relaxed), self.shared.page_state_refused.load(Ordering::Relaxed))
+    }
+
     /// Kernel thread ids of the vCPU threads (they run KVM_RUN, so KVM's tracepoints for
     /// this VM fire in them).
     pub fn vcpu_tids(&self) -> Vec<u32> {
@@ -370,12 +409,13 @@ impl Drop for Machine {
 
 enum Event {
     Progress(u32),
+    PageState(u32),
     RingFull,
     Interrupted,
     Fault(String),
 }
 
-fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<DirtyTracker>, pace: Pace) {
+fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<DirtyTracker>, pace: Pace, ram: Arc<GuestRam>) {
     // SAFETY: gettid has no arguments and cannot fail.
     sh.tids[id].store(unsafe { libc::gettid() } as u64, Ordering::Release);
     let mut t0 = Instant::now();
@@ -402,6 +442,9 @@ fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<Dirt
             match v.run() {
                 Ok(VcpuExit::IoOut(port, data)) if port == PROGRESS_PORT + id as u16 && data.len() == 4 => {
                     Event::Progress(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+                }
+                Ok(VcpuExit::IoOut(port, data)) if port == guest::PAGE_STATE_PORT + id as u16 && data.len() == 4 => {
+                    Event::PageState(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
                 }
                 Ok(VcpuExit::IoIn(_, data)) => {
                     data.fill(0);
@@ -434,6 +477,11 @@ fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<Dirt
                     }
                 }
             }
+            Event::PageState(ptr) => {
+                sh.progress[id].fetch_add(1, Ordering::Relaxed);
+                sh.reports[id].fetch_add(1, Ordering::Relaxed);
+                page_state(&sh, &ram, id, u64::from(ptr));
+            }
             Event::RingFull => {
                 if let Err(e) = dirty.on_ring_full() {
                     fault(&sh, id, format!("vCPU {id}: harvesting a full dirty ring failed: {e}"));
@@ -442,6 +490,29 @@ fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<Dirt
             Event::Interrupted => {}
             Event::Fault(msg) => fault(&sh, id, msg),
         }
+    }
+}
+
+/// Validate a guest page-state request and hand it to the hook. The request lives in guest
+/// memory, so every field is checked: the pointer and the announced range must be inside
+/// guest RAM, page-aligned and non-empty.
+fn page_state(sh: &Shared, ram: &GuestRam, vcpu: usize, ptr: u64) {
+    let mut b = [0u8; 24];
+    let ok = ram.read(ptr, &mut b).is_ok();
+    let f = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+    let (gpa, npages, attrs) = (f(0), f(8), f(16));
+    let valid = ok
+        && gpa % PAGE_SIZE == 0
+        && npages > 0
+        && gpa.checked_add(npages.saturating_mul(PAGE_SIZE)).is_some_and(|end| end <= ram.size());
+    if !valid {
+        sh.page_state_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    sh.page_state_requests.fetch_add(1, Ordering::Relaxed);
+    let hook = sh.page_state_hook.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(h) = hook {
+        h(&PageStateRequest { vcpu: vcpu as u32, gpa, npages, attrs });
     }
 }
 

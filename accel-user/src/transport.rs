@@ -46,6 +46,29 @@ impl TransportError {
     }
 }
 
+/// The header for a frame of `parts`.
+fn frame_header(kind: FrameKind, parts: &[Part<'_>], seq: u64) -> Result<[u8; HEADER_LEN], TransportError> {
+    let len: u64 = parts
+        .iter()
+        .map(|p| match p {
+            Part::Buf(b) => b.len() as u64,
+            Part::Guest { len, .. } => *len,
+        })
+        .sum();
+    let len = u32::try_from(len).map_err(|_| TransportError::Guest(format!("frame of {len} bytes")))?;
+    Ok(Header { kind, len, seq }.encode())
+}
+
+/// Decode a received header and check it continues this stream's sequence.
+fn check_header(b: &[u8; HEADER_LEN], recv_seq: &mut u64) -> Result<Header, TransportError> {
+    let h = Header::decode(b)?;
+    if h.seq != *recv_seq {
+        return Err(ProtocolError::Sequence { got: h.seq, want: *recv_seq }.into());
+    }
+    *recv_seq += 1;
+    Ok(h)
+}
+
 /// A bidirectional frame stream.
 pub trait Transport: Send {
     /// Send one frame made of `parts`; guest parts are read from `ram` without staging.
@@ -118,15 +141,7 @@ impl TcpTransport {
 
 impl Transport for TcpTransport {
     fn send_frame(&mut self, kind: FrameKind, parts: &[Part<'_>], ram: Option<&GuestRam>) -> Result<(), TransportError> {
-        let len: u64 = parts
-            .iter()
-            .map(|p| match p {
-                Part::Buf(b) => b.len() as u64,
-                Part::Guest { len, .. } => *len,
-            })
-            .sum();
-        let hdr = Header { kind, len: u32::try_from(len).map_err(|_| TransportError::Guest(format!("frame of {len} bytes")))?, seq: self.send_seq }
-            .encode();
+        let hdr = frame_header(kind, parts, self.send_seq)?;
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len() + 1);
         iov.push(libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: HEADER_LEN });
         for p in parts {
@@ -169,12 +184,7 @@ impl Transport for TcpTransport {
     fn recv_header(&mut self) -> Result<Header, TransportError> {
         let mut b = [0u8; HEADER_LEN];
         self.recv_exact(&mut b)?;
-        let h = Header::decode(&b)?;
-        if h.seq != self.recv_seq {
-            return Err(ProtocolError::Sequence { got: h.seq, want: self.recv_seq }.into());
-        }
-        self.recv_seq += 1;
-        Ok(h)
+        check_header(&b, &mut self.recv_seq)
     }
 
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
@@ -281,15 +291,7 @@ impl UringTransport {
 impl Transport for UringTransport {
     fn send_frame(&mut self, kind: FrameKind, parts: &[Part<'_>], ram: Option<&GuestRam>) -> Result<(), TransportError> {
         use kvm_hooks::uring::Piece;
-        let len: u64 = parts
-            .iter()
-            .map(|p| match p {
-                Part::Buf(b) => b.len() as u64,
-                Part::Guest { len, .. } => *len,
-            })
-            .sum();
-        let hdr = Header { kind, len: u32::try_from(len).map_err(|_| TransportError::Guest(format!("frame of {len} bytes")))?, seq: self.send_seq }
-            .encode();
+        let hdr = frame_header(kind, parts, self.send_seq)?;
         let mut pieces = Vec::with_capacity(parts.len() + 1);
         pieces.push(Piece::Host(&hdr));
         let mut seen_guest = false;
@@ -325,12 +327,7 @@ impl Transport for UringTransport {
     fn recv_header(&mut self) -> Result<Header, TransportError> {
         let mut b = [0u8; HEADER_LEN];
         self.recv_exact(&mut b)?;
-        let h = Header::decode(&b)?;
-        if h.seq != self.recv_seq {
-            return Err(ProtocolError::Sequence { got: h.seq, want: self.recv_seq }.into());
-        }
-        self.recv_seq += 1;
-        Ok(h)
+        check_header(&b, &mut self.recv_seq)
     }
 
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {

@@ -382,17 +382,6 @@ fn main() -> anyhow::Result<()> {
                 c.validate()?;
                 // "filled": an idle guest whose RAM the host filled with non-zero data first, so
                 // the run measures the engine and transport, not the guest.
-                let fill = |m: &kvm_hooks::vmm::Machine| -> anyhow::Result<()> {
-                    let ram = m.ram();
-                    let chunk: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
-                    let mut gpa = kvm_hooks::guest::DATA_START;
-                    while gpa < ram.size() {
-                        let n = (ram.size() - gpa).min(chunk.len() as u64);
-                        ram.write(gpa, &chunk[..n as usize])?;
-                        gpa += n;
-                    }
-                    Ok(())
-                };
                 let noop = |_: &kvm_hooks::vmm::Machine| -> anyhow::Result<()> { Ok(()) };
                 let prep: &dyn Fn(&kvm_hooks::vmm::Machine) -> anyhow::Result<()> = if filled { &fill } else { &noop };
                 let out = session::demo_with(&c, prep, &mut |_| {}).with_context(|| format!("{w:?} migration"))?;

@@ -72,7 +72,7 @@ fn two_hosts_with(tag: &str, workload: &str, dirty: &str, hot: Option<Workload>,
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-const HOT: Option<Workload> = Some(Workload::Hot { working_set: 32 << 20, pages_per_sec: 100_000 });
+const HOT: Option<Workload> = Some(Workload::Hot { working_set: 32 << 20, pages_per_sec: 0 });
 
 #[test]
 fn ab_between_namespaces_ring() {

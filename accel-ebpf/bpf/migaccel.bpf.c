@@ -143,6 +143,13 @@ int dirty_ring_push(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
+/* The same tracepoint with an empty program: the floor of what any probe costs. */
+SEC("raw_tp/kvm_dirty_ring_push")
+int dirty_noop(struct bpf_raw_tracepoint_args *ctx)
+{
+	return 0;
+}
+
 /* TP_PROTO(unsigned long nr, a0, a1, a2, a3): MAP_GPA_RANGE(gpa, npages, attrs) */
 SEC("raw_tp/kvm_hypercall")
 int map_gpa_range(struct bpf_raw_tracepoint_args *ctx)

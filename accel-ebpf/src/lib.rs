@@ -236,6 +236,22 @@ impl kvm_hooks::dirty::ExternalDirtySource for DirtyProbe {
     }
 }
 
+/// An empty program on `kvm_dirty_ring_push` (benchmarks: the cost floor of any probe).
+pub struct NoopProbe {
+    _ebpf: Ebpf,
+}
+
+impl NoopProbe {
+    pub fn attach() -> Result<NoopProbe, EbpfError> {
+        ensure_tracepoints(&["kvm_dirty_ring_push"])?;
+        let mut ebpf = load(&Target::Any)?;
+        let p = raw_tp(&mut ebpf, "dirty_noop")?;
+        p.load().map_err(perr("dirty_noop", "verifier load"))?;
+        p.attach("kvm_dirty_ring_push").map_err(perr("dirty_noop", "attach"))?;
+        Ok(NoopProbe { _ebpf: ebpf })
+    }
+}
+
 fn map_bitmap(md: &MapData) -> Result<MmapRaw, EbpfError> {
     MmapOptions::new()
         .len(MAX_WORDS * 8)

@@ -58,6 +58,9 @@ enum Cmd {
         /// Filter by vCPU thread ids instead of the process id.
         #[arg(long)]
         threads: bool,
+        /// Attach an empty program instead of the probe: the floor any probe pays.
+        #[arg(long)]
+        noop: bool,
     },
     /// Transport-bound migrations (idle guest, RAM filled by the host) for every transport
     /// mode with 1, 2 and 4 streams: throughput, CPU seconds per GiB, zero-copy counts.
@@ -81,14 +84,15 @@ enum Cmd {
 /// Guest dirtying rate (pages written per second by an `ab` guest whose dirty tracking is
 /// re-armed every `harvest_ms`, as during precopy), with and without the BPF dirty probe
 /// attached, alternating A/B; then harvest cost per page: mmapped BPF bitmap vs KVM ring.
-fn ebpf_bench(secs: u64, pairs: u32, harvest_ms: u64, threads: bool) -> anyhow::Result<()> {
+fn ebpf_bench(secs: u64, pairs: u32, harvest_ms: u64, threads: bool, noop: bool) -> anyhow::Result<()> {
     use kvm_hooks::vm::DirtyPreference;
     use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
     let spec = GuestSpec { ram_bytes: 512 << 20, vcpus: 2, workload: Workload::Ab };
     let pages_per_report = 4096.0; // `ab` reports every 4096 pages per vCPU
     let run = |probe: bool| -> anyhow::Result<(f64, u64)> {
         let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 64 << 10 })?;
-        let p = if probe {
+        let _floor = if probe && noop { Some(accel_ebpf::NoopProbe::attach()?) } else { None };
+        let p = if probe && !noop {
             let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
             let target = if threads { accel_ebpf::Target::Threads(m.vcpu_tids()) } else { accel_ebpf::Target::Process(std::process::id()) };
             Some(accel_ebpf::DirtyProbe::attach(target, &slots)?)
@@ -112,7 +116,7 @@ fn ebpf_bench(secs: u64, pairs: u32, harvest_ms: u64, threads: bool) -> anyhow::
     };
     println!(
         "## guest dirtying rate, 512 MiB ab guest, 2 vCPUs, dirty ring re-armed every {harvest_ms} ms, {secs} s per run, probe filter: {}",
-        if threads { "vCPU thread ids (hash lookup)" } else { "process id" }
+        if noop { "EMPTY PROGRAM (cost floor)" } else if threads { "vCPU thread ids (hash lookup)" } else { "process id" }
     );
     println!("| pair | without probe (pages/s) | with probe (pages/s) | with / without |");
     println!("|---|---|---|---|");
@@ -339,7 +343,7 @@ fn gib(b: f64) -> f64 {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Ebpf { secs, pairs, harvest_ms, threads } => ebpf_bench(secs, pairs, harvest_ms, threads)?,
+        Cmd::Ebpf { secs, pairs, harvest_ms, threads, noop } => ebpf_bench(secs, pairs, harvest_ms, threads, noop)?,
         Cmd::Transport { ram, streams, ceiling_secs, prefault, modes } => transport_bench(&ram, &streams, ceiling_secs, prefault, &modes)?,
         Cmd::Migrate { ram, hot_working_set, hot_rate, vcpus, dirty_source, ceiling_secs, batch_pages, no_zero_detect, transport_only } => {
             let ip = iperf3(ceiling_secs);

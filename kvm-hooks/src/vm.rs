@@ -49,6 +49,18 @@ fn open_kvm() -> Result<Kvm> {
     Kvm::new_with_path(c).map_err(|e| Error::KvmUnavailable { path, source: errno_io(e) })
 }
 
+/// Retry an ioctl that a signal interrupted (seen for KVM_CREATE_VM while other VMs of the
+/// process were being torn down); other errors are returned at once.
+fn retry_eintr<T>(mut f: impl FnMut() -> std::result::Result<T, vmm_sys_util::errno::Error>) -> std::result::Result<T, vmm_sys_util::errno::Error> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e) if e.errno() == libc::EINTR && tries < 8 => tries += 1,
+            r => return r,
+        }
+    }
+}
+
 /// Open the KVM device and read capabilities.
 pub fn probe() -> Result<KvmCaps> {
     let kvm = open_kvm()?;
@@ -75,7 +87,7 @@ impl Vm {
     /// Create a VM over `ram`, choosing the dirty mode per `pref`.
     pub fn new(ram: GuestRam, pref: DirtyPreference) -> Result<Self> {
         let kvm = open_kvm()?;
-        let fd = kvm.create_vm().map_err(|e| Error::ioctl("KVM_CREATE_VM", errno_io(e)))?;
+        let fd = retry_eintr(|| kvm.create_vm()).map_err(|e| Error::ioctl("KVM_CREATE_VM", errno_io(e)))?;
         let max_ring = fd.check_extension_raw(sys::CAP_DIRTY_LOG_RING_ACQ_REL.into()).max(0) as u32;
         let mode = match pref {
             DirtyPreference::Bitmap => DirtyMode::Bitmap,
@@ -143,7 +155,7 @@ impl Vm {
 
     /// Create vCPU `id`, set its CPUID and map its dirty ring (if the ring is in use).
     pub fn create_vcpu(&self, id: u64) -> Result<VcpuFd> {
-        let vcpu = self.fd.create_vcpu(id).map_err(|e| Error::ioctl("KVM_CREATE_VCPU", errno_io(e)))?;
+        let vcpu = retry_eintr(|| self.fd.create_vcpu(id)).map_err(|e| Error::ioctl("KVM_CREATE_VCPU", errno_io(e)))?;
         vcpu.set_cpuid2(&self.cpuid).map_err(|e| Error::ioctl("KVM_SET_CPUID2", errno_io(e)))?;
         if let DirtyMode::Ring { bytes } = self.dirty.mode() {
             self.dirty.add_ring(DirtyRing::map(&vcpu, bytes)?);

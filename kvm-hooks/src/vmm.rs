@@ -545,3 +545,54 @@ fn fault(sh: &Shared, id: usize, msg: String) {
     let _ = id;
     // Leave `parked` incremented: the thread is gone for good.
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(n: usize) -> Shared {
+        Shared {
+            state: Mutex::new(RunState::Paused),
+            cv: Condvar::new(),
+            parked: AtomicUsize::new(0),
+            progress: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            reports: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            fault: Mutex::new(None),
+            throttle: AtomicU64::new(0),
+            page_state_hook: Mutex::new(None),
+            page_state_requests: AtomicU64::new(0),
+            page_state_refused: AtomicU64::new(0),
+            tids: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Guest-written page-state requests are checked field by field; a hostile pointer or
+    /// range is refused and never reaches the hook.
+    #[test]
+    fn hostile_page_state_requests_are_refused() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let sh = shared(1);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        *sh.page_state_hook.lock().unwrap() = Some(Arc::new(move |r: &PageStateRequest| s2.lock().unwrap().push(*r)));
+        let req = |gpa: u64, npages: u64, attrs: u64| {
+            ram.write_u64(0x5100, gpa).unwrap();
+            ram.write_u64(0x5108, npages).unwrap();
+            ram.write_u64(0x5110, attrs).unwrap();
+        };
+        req(0x20_0000, 16, 1 << 4);
+        page_state(&sh, &ram, 0, 0x5100);
+        assert_eq!(seen.lock().unwrap().len(), 1, "a valid request reaches the hook");
+        let size = ram.size();
+        for (gpa, npages) in [(0x20_0010, 1), (0x20_0000, 0), (size - 4096, 2), (!0xfff, 1), (0, u64::MAX)] {
+            req(gpa, npages, 0);
+            page_state(&sh, &ram, 0, 0x5100);
+        }
+        // The request pointer itself outside guest RAM.
+        page_state(&sh, &ram, 0, size - 8);
+        page_state(&sh, &ram, 0, u64::from(u32::MAX));
+        assert_eq!(seen.lock().unwrap().len(), 1, "no hostile request reached the hook");
+        assert_eq!(sh.page_state_refused.load(Ordering::Relaxed), 7);
+        assert_eq!(sh.page_state_requests.load(Ordering::Relaxed), 1);
+    }
+}

@@ -43,8 +43,14 @@ fn retry_succeeds(cfg: &Config, src: &Machine) {
     let (r, res) = t.join().unwrap();
     let got = res.expect("destination of the retry");
     assert!(rep.precopy_rounds[0].pages == src.ram().pages(), "a retry starts with all RAM");
-    let d = accel_user::verify::diff_pages(&src.ram().snapshot(), got.snapshot.as_deref().unwrap(), 8);
-    assert!(d.is_empty(), "retry: pages differ {d:?}");
+    let (a, b) = (src.ram().snapshot(), got.snapshot.unwrap_or_default());
+    let d = accel_user::verify::diff_pages(&a, &b, 8);
+    if !d.is_empty() {
+        // Say what the destination holds instead: an older version, zeros, or foreign data.
+        let show = |m: &[u8], g: u64| format!("{:02x?}", &m[(g * 4096) as usize..(g * 4096 + 8) as usize]);
+        let detail: Vec<String> = d.iter().map(|&g| format!("gfn {g}: source {} destination {}", show(&a, g), show(&b, g))).collect();
+        panic!("retry: pages differ {d:?}; report {:?} / final {:?}; {detail:#?}", rep.precopy_rounds, rep.final_round);
+    }
     assert_running(r.machine().unwrap());
 }
 

@@ -191,9 +191,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Workload codes on the wire (`Invalid = 0`).
+/// Workload codes on the wire (`Invalid = 0`, never sent).
 #[repr(u32)]
 enum WorkloadCode {
+    #[allow(dead_code)]
     Invalid = 0,
     Ab = 1,
     Hot = 2,
@@ -268,10 +269,7 @@ pub fn decode_hello_full(p: &[u8]) -> Result<Hello, ProtocolError> {
         c if c == WorkloadCode::Idle as u32 => Workload::Idle,
         c if c == WorkloadCode::Oracle as u32 => Workload::Oracle { pages: a },
         c if c == WorkloadCode::PageState as u32 => Workload::PageState,
-        c => {
-            let _ = WorkloadCode::Invalid;
-            return Err(perr(k, format!("unknown workload code {c}")));
-        }
+        c => return Err(perr(k, format!("unknown workload code {c}"))),
     };
     Ok(Hello { spec: GuestSpec { ram_bytes, vcpus, workload }, streams, session })
 }

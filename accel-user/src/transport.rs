@@ -121,22 +121,6 @@ impl TcpTransport {
         stream.set_write_timeout(Some(timeout))?;
         Ok(TcpTransport { stream, send_seq: 0, recv_seq: 0, timeout, sent: 0 })
     }
-
-    pub fn connect_blocking(addr: &str, timeout: Duration) -> Result<Self, TransportError> {
-        use std::net::ToSocketAddrs;
-        let mut last = None;
-        let addrs = addr.to_socket_addrs().map_err(|e| TransportError::Io { op: "resolve address", source: e })?;
-        for a in addrs {
-            match TcpStream::connect_timeout(&a, timeout) {
-                Ok(s) => return TcpTransport::new(s, timeout).map_err(|e| TransportError::Io { op: "configure socket", source: e }),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(TransportError::Io {
-            op: "connect",
-            source: last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to nothing"))),
-        })
-    }
 }
 
 impl Transport for TcpTransport {

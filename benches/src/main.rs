@@ -262,16 +262,6 @@ fn transport_bench(rams: &[ByteSize], streams: &[u32], secs: u64, prefault: bool
     Ok(())
 }
 
-/// iperf3 single-stream loopback throughput in bytes/s, if iperf3 is installed.
-fn iperf3(secs: u64) -> Option<f64> {
-    let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port().to_string();
-    let mut server = Command::new("iperf3").args(["-s", "-1", "-p", &port]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let out = Command::new("iperf3").args(["-c", "127.0.0.1", "-p", &port, "-t", &secs.to_string(), "-J"]).output().ok();
-    let _ = server.wait();
-    let v: serde_json::Value = serde_json::from_slice(&out?.stdout).ok()?;
-    v["end"]["sum_received"]["bits_per_second"].as_f64().map(|b| b / 8.0)
-}
 
 /// The same path our transport uses without any guest: one TCP stream over loopback,
 /// 1 MiB writes from a buffer, a reader draining into a buffer. Bytes/s.
@@ -346,7 +336,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ebpf { secs, pairs, harvest_ms, threads, noop } => ebpf_bench(secs, pairs, harvest_ms, threads, noop)?,
         Cmd::Transport { ram, streams, ceiling_secs, prefault, modes } => transport_bench(&ram, &streams, ceiling_secs, prefault, &modes)?,
         Cmd::Migrate { ram, hot_working_set, hot_rate, vcpus, dirty_source, ceiling_secs, batch_pages, no_zero_detect, transport_only } => {
-            let ip = iperf3(ceiling_secs);
+            let ip = iperf3_n(ceiling_secs, 1);
             let raw = raw_stream(ceiling_secs)?;
             // Median of three: writing into fresh memfd pages varies a lot from run to run here.
             let mut runs = [ram_stream(ram.0)?, ram_stream(ram.0)?, ram_stream(ram.0)?];

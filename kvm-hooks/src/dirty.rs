@@ -256,9 +256,7 @@ impl DirtyTracker {
                 pending.insert(gfn);
             }) {
                 tracing::warn!("{}: {why}; sending all RAM again this round", ext.name());
-                for gfn in 0..pending.capacity().min(self.total_pages()) {
-                    pending.insert(gfn);
-                }
+                insert_all(pending, self.total_pages());
             }
             let mut total = 0u64;
             for ring in inner.rings.iter_mut() {
@@ -347,10 +345,7 @@ impl DirtyTracker {
 
     /// Mark every page dirty (a full resend is needed).
     pub fn mark_all(&self) {
-        let mut g = self.lock();
-        for gfn in 0..g.pending.capacity().min(self.total_pages()) {
-            g.pending.insert(gfn);
-        }
+        insert_all(&mut self.lock().pending, self.total_pages());
     }
 
     fn total_pages(&self) -> u64 {
@@ -368,6 +363,13 @@ impl DirtyTracker {
     pub fn peek(&self) -> Result<DirtySet> {
         self.collect()?;
         Ok(self.lock().pending.clone())
+    }
+}
+
+/// Every guest page dirty (a full resend).
+fn insert_all(set: &mut DirtySet, pages: u64) {
+    for gfn in 0..set.capacity().min(pages) {
+        set.insert(gfn);
     }
 }
 

@@ -8,11 +8,11 @@
 //!   `SENDMSG_ZC` per memslot group with that slot's buffer index.
 //!
 //! Short sends and links cancelled behind them are resubmitted from where they stopped.
-//! Host bytes (header, run table) are copied into a pool slot that is only reused after
-//! the kernel's `IORING_CQE_F_NOTIF` says the send no longer references it.
+//! Host bytes (header, run table) always go by a copying `SENDMSG` from one buffer, which is
+//! free again once its chain completed; only guest pages are sent zero-copy.
 //! [`UringSender::flush`] waits for every outstanding notification, so a caller can treat
 //! pages as sent only after it returns.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -25,9 +25,8 @@ use crate::memory::GuestRam;
 const ZC_REPORT_USAGE: u16 = 8;
 /// `IORING_NOTIF_USAGE_ZC_COPIED`, in a notification's `res`.
 const NOTIF_COPIED: u32 = 1 << 31;
-/// Largest host part of a frame (header + run table) that fits a pool slot.
+/// Largest host part of a frame (header + run table).
 pub const HOST_SLOT: usize = 80 << 10;
-const POOL_SLOTS: usize = 32;
 const RING_ENTRIES: u32 = 256;
 /// `UIO_MAXIOV`: most iovecs one sendmsg takes.
 const MAX_IOV: usize = 1024;
@@ -120,20 +119,16 @@ pub struct UringSender {
     mode: SendMode,
     /// Registered guest regions: (gpa, len) at buffer index i.
     fixed: Vec<(u64, u64)>,
-    pool: Vec<Box<[u8]>>,
-    free: Vec<usize>,
-    /// Outstanding notifications referencing each pool slot.
-    slot_refs: Vec<u32>,
-    /// Submitted ops whose first completion is not reaped yet → the pool slot they use.
-    op_slot: HashMap<u64, Option<usize>>,
-    /// Zero-copy ops whose notification is outstanding → pool slot to free then.
-    pending_notif: HashMap<u64, Option<usize>>,
+    /// Header and run table of the frame being sent.
+    host: Box<[u8]>,
+    /// Zero-copy ops whose notification is outstanding.
+    pending_notif: HashSet<u64>,
     next_id: u64,
     timeout: Duration,
     pub stats: ZcStats,
 }
 
-// SAFETY: the raw pointers inside are only iovec bases into guest RAM or the owned pool,
+// SAFETY: the raw pointers inside are only iovec bases into guest RAM or the owned host buffer,
 // used by the thread that owns the sender.
 unsafe impl Send for UringSender {}
 
@@ -161,18 +156,14 @@ impl UringSender {
                 }
             }
         }
-        let pool = (0..POOL_SLOTS).map(|_| vec![0u8; HOST_SLOT].into_boxed_slice()).collect();
         Ok((
             UringSender {
                 ring,
                 fd,
                 mode,
                 fixed,
-                pool,
-                free: (0..POOL_SLOTS).collect(),
-                slot_refs: vec![0; POOL_SLOTS],
-                op_slot: HashMap::new(),
-                pending_notif: HashMap::new(),
+                host: vec![0u8; HOST_SLOT].into_boxed_slice(),
+                pending_notif: HashSet::new(),
                 next_id: 1,
                 timeout,
                 stats: ZcStats::default(),
@@ -191,11 +182,6 @@ impl UringSender {
         !self.fixed.is_empty()
     }
 
-    fn in_slot(&self, slot: usize, v: &libc::iovec) -> bool {
-        let base = self.pool[slot].as_ptr() as usize;
-        (base..base + HOST_SLOT).contains(&(v.iov_base as usize))
-    }
-
     fn fixed_index(&self, gpa: u64, len: u64) -> Option<u16> {
         self.fixed.iter().position(|&(g, l)| gpa >= g && gpa + len <= g + l).map(|i| i as u16)
     }
@@ -204,29 +190,30 @@ impl UringSender {
     pub fn send(&mut self, pieces: &[Piece<'_>], ram: Option<&GuestRam>) -> io::Result<usize> {
         let host_len: usize = pieces.iter().map(|p| if let Piece::Host(b) = p { b.len() } else { 0 }).sum();
         if host_len > HOST_SLOT {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{host_len} host bytes exceed a pool slot")));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{host_len} host bytes exceed {HOST_SLOT}")));
         }
-        let slot = self.take_slot()?;
-        // Host pieces are copied into the slot in order (segment 0); guest pieces become
-        // iovecs into RAM, grouped by fixed-buffer index, at most UIO_MAXIOV per operation.
+        // Host pieces are copied into the host buffer in order (segment 0); guest pieces
+        // become iovecs into RAM, grouped by fixed-buffer index, at most UIO_MAXIOV per op.
         let mut off = 0;
+        let mut seen_guest = false;
         // Segment 0 (header, run table) always goes as a copying SENDMSG: the kernel copies
-        // it during the call, so the pool slot is free once the chain completed. Zero-copy
-        // host bytes on loopback are copied later, when the receiving socket takes them, and
-        // a reused slot then rewrote an earlier frame's header on the wire.
+        // it during the call, so the buffer is free once the chain completed. Zero-copy host
+        // bytes on loopback are copied later, when the receiving socket takes them, and a
+        // reused buffer then rewrote an earlier frame's header on the wire.
         let mut segs: Vec<Segment> = vec![Segment { iov: Vec::new(), fixed: None, single: false, zc: false }];
         for p in pieces {
             match *p {
                 Piece::Host(b) => {
-                    if segs.len() > 1 || segs[0].iov.iter().any(|v| !self.in_slot(slot, v)) {
+                    if seen_guest {
                         return Err(io::Error::new(io::ErrorKind::InvalidInput, "host bytes after guest bytes in a frame"));
                     }
-                    self.pool[slot][off..off + b.len()].copy_from_slice(b);
-                    let base = self.pool[slot][off..].as_mut_ptr();
+                    self.host[off..off + b.len()].copy_from_slice(b);
+                    let base = self.host[off..].as_mut_ptr();
                     segs[0].iov.push(libc::iovec { iov_base: base.cast(), iov_len: b.len() });
                     off += b.len();
                 }
                 Piece::Guest { gpa, len } => {
+                    seen_guest = true;
                     let ram = ram.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "guest piece without RAM"))?;
                     let v = ram.iovec(gpa, len).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
                     let fx = if self.mode == SendMode::ZeroCopy { self.fixed_index(gpa, len) } else { None };
@@ -250,27 +237,11 @@ impl UringSender {
             segs.remove(0);
         }
         let total: usize = segs.iter().map(Segment::len).sum();
-        let r = self.run_chain(&mut segs, slot);
-        if self.slot_refs[slot] == 0 {
-            // No zero-copy notification references the slot (copy mode, or errors).
-            self.free.push(slot);
-        }
-        r.map(|()| total)
-    }
-
-    fn take_slot(&mut self) -> io::Result<usize> {
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            if let Some(s) = self.free.pop() {
-                return Ok(s);
-            }
-            self.wait(1, deadline)?;
-            self.reap(&mut HashMap::new());
-        }
+        self.run_chain(&mut segs).map(|()| total)
     }
 
     /// Submit `segs` as a linked chain, resubmitting after short sends.
-    fn run_chain(&mut self, segs: &mut [Segment], slot: usize) -> io::Result<()> {
+    fn run_chain(&mut self, segs: &mut [Segment]) -> io::Result<()> {
         let mut i = 0;
         let deadline = Instant::now() + self.timeout;
         let mut msgs: Vec<Box<libc::msghdr>> = Vec::new();
@@ -281,8 +252,6 @@ impl UringSender {
                 let id = self.next_id;
                 self.next_id += 1;
                 ids.push(id);
-                // Only a zero-copy op could hold the slot; host bytes never go zero-copy.
-                self.op_slot.insert(id, (k == 0 && seg.zc).then_some(slot));
                 // SAFETY: msghdr is plain data; zeroed is a valid empty header.
                 let mut m: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
                 m.msg_iov = seg.iov.as_ptr() as *mut _;
@@ -305,9 +274,9 @@ impl UringSender {
                 };
                 let sqe = if k + 1 < segs.len() { sqe.flags(squeue::Flags::IO_LINK) } else { sqe };
                 msgs.push(m);
-                // SAFETY: every buffer the entry references (iovecs, msghdr in `msgs`, the pool
-                // slot, guest RAM) stays alive until its completion is reaped below, and the
-                // pool slot until its notification (tracked in `pending_notif`).
+                // SAFETY: every buffer the entry references (iovecs, msghdr in `msgs`, the host
+                // buffer, guest RAM) stays alive until its completion is reaped below; guest
+                // RAM, which zero-copy ops keep using, outlives the sender.
                 unsafe {
                     while self.ring.submission().push(&sqe.clone().user_data(id)).is_err() {
                         self.ring.submit()?;
@@ -316,7 +285,7 @@ impl UringSender {
             }
             self.ring.submit()?;
             // Collect the first completion of each op in this chain.
-            let mut results: HashMap<u64, (i32, bool)> = HashMap::new();
+            let mut results: HashMap<u64, i32> = HashMap::new();
             while ids.iter().any(|id| !results.contains_key(id)) {
                 self.reap(&mut results);
                 if ids.iter().all(|id| results.contains_key(id)) {
@@ -326,7 +295,7 @@ impl UringSender {
             }
             let mut restart = None;
             for (n, id) in ids.iter().enumerate() {
-                let (res, _more) = results[id];
+                let res = results[id];
                 let seg_ix = i + n;
                 if restart.is_some() {
                     continue;
@@ -354,9 +323,9 @@ impl UringSender {
         Ok(())
     }
 
-    /// Drain completions: first completions go into `results`; notifications free slots
-    /// and update the counters.
-    fn reap(&mut self, results: &mut HashMap<u64, (i32, bool)>) {
+    /// Drain completions: first completions go into `results`; notifications settle the
+    /// outstanding set and update the counters.
+    fn reap(&mut self, results: &mut HashMap<u64, i32>) {
         let mut cq = self.ring.completion();
         cq.sync();
         for cqe in &mut cq {
@@ -368,23 +337,14 @@ impl UringSender {
                 } else {
                     self.stats.zerocopy += 1;
                 }
-                if let Some(Some(slot)) = self.pending_notif.remove(&id) {
-                    self.slot_refs[slot] -= 1;
-                    if self.slot_refs[slot] == 0 {
-                        self.free.push(slot);
-                    }
-                }
+                self.pending_notif.remove(&id);
             } else {
-                let uses = self.op_slot.remove(&id).flatten();
                 if cqueue::more(cqe.flags()) {
-                    // A notification follows (in CQ order, after this); it releases the slot.
+                    // A notification follows (in CQ order, after this one).
                     self.stats.sends += 1;
-                    if let Some(s) = uses {
-                        self.slot_refs[s] += 1;
-                    }
-                    self.pending_notif.insert(id, uses);
+                    self.pending_notif.insert(id);
                 }
-                results.insert(id, (cqe.result(), cqueue::more(cqe.flags())));
+                results.insert(id, cqe.result());
             }
         }
     }

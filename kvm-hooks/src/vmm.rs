@@ -103,7 +103,6 @@ impl GuestSpec {
     }
 
     fn start(&self, i: u32) -> Start {
-        let _ = guest::PAGE_STATE_PORT;
         let (s, e) = self.vcpu_range(i);
         let per = (e - s) / PAGE_SIZE;
         match self.workload {
@@ -176,6 +175,24 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// State for `n` vCPUs, all paused.
+    fn new(n: usize) -> Self {
+        let counters = || (0..n).map(|_| AtomicU64::new(0)).collect();
+        Shared {
+            state: Mutex::new(RunState::Paused),
+            cv: Condvar::new(),
+            parked: AtomicUsize::new(0),
+            progress: counters(),
+            reports: counters(),
+            fault: Mutex::new(None),
+            throttle: AtomicU64::new(0),
+            page_state_hook: Mutex::new(None),
+            page_state_requests: AtomicU64::new(0),
+            page_state_refused: AtomicU64::new(0),
+            tids: counters(),
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, RunState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -243,19 +260,7 @@ impl Machine {
             .as_slice()
             .to_vec();
         let n = spec.vcpus as usize;
-        let shared = Arc::new(Shared {
-            state: Mutex::new(RunState::Paused),
-            cv: Condvar::new(),
-            parked: AtomicUsize::new(0),
-            progress: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            reports: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            fault: Mutex::new(None),
-            throttle: AtomicU64::new(0),
-            page_state_hook: Mutex::new(None),
-            page_state_requests: AtomicU64::new(0),
-            page_state_refused: AtomicU64::new(0),
-            tids: (0..n).map(|_| AtomicU64::new(0)).collect(),
-        });
+        let shared = Arc::new(Shared::new(n));
         let mut vcpus = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
@@ -484,11 +489,11 @@ fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<Dirt
             }
             Event::RingFull => {
                 if let Err(e) = dirty.on_ring_full() {
-                    fault(&sh, id, format!("vCPU {id}: harvesting a full dirty ring failed: {e}"));
+                    fault(&sh, format!("vCPU {id}: harvesting a full dirty ring failed: {e}"));
                 }
             }
             Event::Interrupted => {}
-            Event::Fault(msg) => fault(&sh, id, msg),
+            Event::Fault(msg) => fault(&sh, msg),
         }
     }
 }
@@ -534,7 +539,7 @@ fn throttle(sh: &Shared, ran: Duration) {
 }
 
 /// Record a guest fault and park this vCPU for good (until exit).
-fn fault(sh: &Shared, id: usize, msg: String) {
+fn fault(sh: &Shared, msg: String) {
     tracing::error!("{msg}");
     sh.fault.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(msg);
     let mut st = sh.state();
@@ -542,7 +547,6 @@ fn fault(sh: &Shared, id: usize, msg: String) {
     while *st != RunState::Exit {
         st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
     }
-    let _ = id;
     // Leave `parked` incremented: the thread is gone for good.
 }
 
@@ -550,28 +554,13 @@ fn fault(sh: &Shared, id: usize, msg: String) {
 mod tests {
     use super::*;
 
-    fn shared(n: usize) -> Shared {
-        Shared {
-            state: Mutex::new(RunState::Paused),
-            cv: Condvar::new(),
-            parked: AtomicUsize::new(0),
-            progress: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            reports: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            fault: Mutex::new(None),
-            throttle: AtomicU64::new(0),
-            page_state_hook: Mutex::new(None),
-            page_state_requests: AtomicU64::new(0),
-            page_state_refused: AtomicU64::new(0),
-            tids: (0..n).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
 
     /// Guest-written page-state requests are checked field by field; a hostile pointer or
     /// range is refused and never reaches the hook.
     #[test]
     fn hostile_page_state_requests_are_refused() {
         let ram = GuestRam::new(64 << 20).unwrap();
-        let sh = shared(1);
+        let sh = Shared::new(1);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
         *sh.page_state_hook.lock().unwrap() = Some(Arc::new(move |r: &PageStateRequest| s2.lock().unwrap().push(*r)));

@@ -10,7 +10,10 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("migaccel.bpf.o");
     let candidates: Vec<String> = match std::env::var("BPF_CLANG") {
         Ok(c) => vec![c],
-        Err(_) => ["clang", "clang-20", "clang-19", "clang-18", "clang-17", "clang-16"].iter().map(|s| s.to_string()).collect(),
+        Err(_) => ["clang", "clang-20", "clang-19", "clang-18", "clang-17", "clang-16"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     };
     let clang = candidates.iter().find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()));
     let Some(clang) = clang else {
@@ -21,7 +24,21 @@ fn main() {
     };
     let arch_inc = format!("/usr/include/{}-linux-gnu", std::env::consts::ARCH);
     let o = Command::new(clang)
-        .args(["-target", "bpf", "-O2", "-g", "-mcpu=v3", "-D__TARGET_ARCH_x86", "-Wall", "-Werror", "-I", &arch_inc, "-c", src, "-o"])
+        .args([
+            "-target",
+            "bpf",
+            "-O2",
+            "-g",
+            "-mcpu=v3",
+            "-D__TARGET_ARCH_x86",
+            "-Wall",
+            "-Werror",
+            "-I",
+            &arch_inc,
+            "-c",
+            src,
+            "-o",
+        ])
         .arg(&out)
         .output()
         .expect("run clang");

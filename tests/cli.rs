@@ -49,12 +49,18 @@ fn impossible_sizes() {
 
 #[test]
 fn missing_config_file() {
-    one_line_error(&["--config", "/nonexistent/migaccel.toml", "demo"], &["/nonexistent/migaccel.toml", "No such file"]);
+    one_line_error(
+        &["--config", "/nonexistent/migaccel.toml", "demo"],
+        &["/nonexistent/migaccel.toml", "No such file"],
+    );
 }
 
 #[test]
 fn missing_kvm_device() {
-    one_line_error(&["demo", "--kvm-device", "/nonexistent/kvm"], &["KVM device /nonexistent/kvm is not available", "No such file"]);
+    one_line_error(
+        &["demo", "--kvm-device", "/nonexistent/kvm"],
+        &["KVM device /nonexistent/kvm is not available", "No such file"],
+    );
     one_line_error(&["send", "--to", "127.0.0.1:9", "--kvm-device", "/nonexistent/kvm"], &["/nonexistent/kvm"]);
 }
 

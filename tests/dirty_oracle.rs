@@ -109,7 +109,9 @@ fn running_harvest(pref: DirtyPreference, workload: Workload) -> (u64, u32) {
 #[test]
 fn harvesting_under_running_vcpus_loses_no_write() {
     for _ in 0..2 {
-        for pref in [DirtyPreference::Ring { bytes: 4096 }, DirtyPreference::Ring { bytes: 64 << 10 }, DirtyPreference::Bitmap] {
+        for pref in
+            [DirtyPreference::Ring { bytes: 4096 }, DirtyPreference::Ring { bytes: 64 << 10 }, DirtyPreference::Bitmap]
+        {
             for w in [Workload::Oracle { pages: 16384 }, Workload::Ab] {
                 let (copied, _) = running_harvest(pref, w);
                 assert!(copied > 10_000, "{pref:?} {w:?}: only {copied} pages re-copied");

@@ -4,7 +4,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use accel_ebpf::{DirtyProbe, EbpfError, PageStateKind, PageStates, Target, ATTR_ENCRYPTED, PSF_HUGE, PSF_OVERFLOW, PSF_UNALIGNED, PSF_ZERO_PAGES};
+use accel_ebpf::{
+    DirtyProbe, EbpfError, PageStateKind, PageStates, Target, ATTR_ENCRYPTED, PSF_HUGE, PSF_OVERFLOW, PSF_UNALIGNED,
+    PSF_ZERO_PAGES,
+};
 use accel_user::config::{DirtySource, WorkloadKind};
 use accel_user::session;
 use kvm_hooks::dirty::DirtySet;
@@ -47,7 +50,10 @@ fn bpf_bitmap_equals_ring_round_after_round() {
         }
         let only_ring: Vec<u64> = ring.iter().copied().filter(|&g| !bpf.contains(g)).take(5).collect();
         let only_bpf: Vec<u64> = bpf.iter().filter(|&g| !ring_set.contains(g)).take(5).collect();
-        assert!(only_ring.is_empty() && only_bpf.is_empty(), "round {rounds}: ring-only {only_ring:?}, bpf-only {only_bpf:?}");
+        assert!(
+            only_ring.is_empty() && only_bpf.is_empty(),
+            "round {rounds}: ring-only {only_ring:?}, bpf-only {only_bpf:?}"
+        );
         total += ring.len() as u64;
         rounds += 1;
     }
@@ -85,7 +91,10 @@ fn page_state_program_with_synthetic_inputs() {
     let _g = serial();
     let ok = map_gpa(0x20_0000, 16, ATTR_ENCRYPTED);
     assert_eq!(ok.len(), 1);
-    assert_eq!((ok[0].kind, ok[0].flags, ok[0].gpa, ok[0].npages, ok[0].attrs), (PageStateKind::MapGpaRange, 0, 0x20_0000, 16, ATTR_ENCRYPTED));
+    assert_eq!(
+        (ok[0].kind, ok[0].flags, ok[0].gpa, ok[0].npages, ok[0].attrs),
+        (PageStateKind::MapGpaRange, 0, 0x20_0000, 16, ATTR_ENCRYPTED)
+    );
     assert_eq!(ok[0].tgid, std::process::id());
     assert_eq!(map_gpa(0x20_0010, 1, 0)[0].flags, PSF_UNALIGNED);
     assert_eq!(map_gpa(0x20_0000, 0, 0)[0].flags, PSF_ZERO_PAGES);
@@ -157,7 +166,10 @@ fn unprivileged_load_fails_with_a_reason() {
         .output()
         .expect("setpriv (util-linux)");
     let out = String::from_utf8_lossy(&o.stdout);
-    let line = out.lines().find(|l| l.starts_with("CHILD-ERROR")).unwrap_or_else(|| panic!("child output: {out} {}", String::from_utf8_lossy(&o.stderr)));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("CHILD-ERROR"))
+        .unwrap_or_else(|| panic!("child output: {out} {}", String::from_utf8_lossy(&o.stderr)));
     assert!(line.contains("loading the BPF object failed") && line.contains("root or CAP_BPF"), "{line}");
 }
 
@@ -165,14 +177,22 @@ fn bpf_objects(kind: &str) -> usize {
     let o = Command::new("bpftool").args([kind, "show", "-j"]).output().expect("bpftool");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Array(vec![]));
     v.as_array()
-        .map(|a| a.iter().filter(|p| p["name"].as_str().is_some_and(|n| ["dirty_ring_push", "map_gpa_range", "vmgexit_psc"].contains(&n))).count())
+        .map(|a| {
+            a.iter()
+                .filter(|p| {
+                    p["name"].as_str().is_some_and(|n| ["dirty_ring_push", "map_gpa_range", "vmgexit_psc"].contains(&n))
+                })
+                .count()
+        })
         .unwrap_or(0)
 }
 
 fn bpf_links() -> usize {
     let o = Command::new("bpftool").args(["link", "show", "-j"]).output().expect("bpftool");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Array(vec![]));
-    v.as_array().map(|a| a.iter().filter(|l| l["tp_name"].as_str().is_some_and(|n| n.starts_with("kvm_"))).count()).unwrap_or(0)
+    v.as_array()
+        .map(|a| a.iter().filter(|l| l["tp_name"].as_str().is_some_and(|n| n.starts_with("kvm_"))).count())
+        .unwrap_or(0)
 }
 
 /// `migaccel` in ebpf mode leaves no program or link behind, neither after a clean exit
@@ -184,7 +204,10 @@ fn nothing_left_behind_after_exit_or_crash() {
     // baseline when the counts have settled, and fail only on more objects than before.
     let (p0, l0) = settled();
     let bin = migaccel_tests::migaccel_bin();
-    let ok = Command::new(&bin).args(["demo", "--ram", "64MiB", "--workload", "idle", "--dirty-source", "ebpf"]).output().unwrap();
+    let ok = Command::new(&bin)
+        .args(["demo", "--ram", "64MiB", "--workload", "idle", "--dirty-source", "ebpf"])
+        .output()
+        .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let (p1, l1) = settled();
     assert!(p1 <= p0 && l1 <= l0, "after a clean exit: progs {p1} (was {p0}), links {l1} (was {l0})");
@@ -229,7 +252,6 @@ fn settled() -> (usize, usize) {
     last
 }
 
-
 /// The engine refuses ebpf mode when BPF cannot load (root without capabilities keeps
 /// /dev/kvm, loses CAP_BPF): one error line naming the mode and the cause, no migration.
 #[test]
@@ -264,7 +286,15 @@ fn guest_page_state_requests_cross_check_the_bpf_map() {
     m.set_page_state_hook(Arc::new(move |r| {
         // One at a time, so both maps see the requests in the same order.
         let _o = ordered.lock().unwrap();
-        let ev = accel_ebpf::PageStateEvent { kind: PageStateKind::MapGpaRange, flags: 0, gpa: r.gpa, npages: r.npages, attrs: r.attrs, tgid: 0, vcpu: r.vcpu };
+        let ev = accel_ebpf::PageStateEvent {
+            kind: PageStateKind::MapGpaRange,
+            flags: 0,
+            gpa: r.gpa,
+            npages: r.npages,
+            attrs: r.attrs,
+            tgid: 0,
+            vcpu: r.vcpu,
+        };
         d.lock().unwrap().apply(&ev).unwrap();
         p.replay_map_gpa_range(r.gpa, r.npages, r.attrs).unwrap();
     }));
@@ -283,7 +313,12 @@ fn guest_page_state_requests_cross_check_the_bpf_map() {
     }
     let bpf = probe.states().lock().unwrap();
     let direct = direct.lock().unwrap();
-    assert_eq!(bpf.applied, handled, "every request reached the BPF map (dropped: {:?})", probe.stats().map(|s| s.page_state_dropped));
+    assert_eq!(
+        bpf.applied,
+        handled,
+        "every request reached the BPF map (dropped: {:?})",
+        probe.stats().map(|s| s.page_state_dropped)
+    );
     let diff: Vec<u64> = (0..pages).filter(|&g| bpf.is_private(g) != direct.is_private(g)).take(5).collect();
     assert!(diff.is_empty(), "page states differ at {diff:?}");
     let shared = (0..pages).filter(|&g| !bpf.is_private(g)).count();

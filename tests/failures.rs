@@ -48,7 +48,8 @@ fn retry_succeeds(cfg: &Config, src: &Machine) {
     if !d.is_empty() {
         // Say what the destination holds instead: an older version, zeros, or foreign data.
         let show = |m: &[u8], g: u64| format!("{:02x?}", &m[(g * 4096) as usize..(g * 4096 + 8) as usize]);
-        let detail: Vec<String> = d.iter().map(|&g| format!("gfn {g}: source {} destination {}", show(&a, g), show(&b, g))).collect();
+        let detail: Vec<String> =
+            d.iter().map(|&g| format!("gfn {g}: source {} destination {}", show(&a, g), show(&b, g))).collect();
         panic!("retry: pages differ {d:?}; report {:?} / final {:?}; {detail:#?}", rep.precopy_rounds, rep.final_round);
     }
     assert_running(r.machine().unwrap());
@@ -88,7 +89,9 @@ fn connection_cut_mid_precopy() {
 fn connection_cut_during_stop_and_copy() {
     // Cut when the first vCPU state is due: the source had stopped its vCPUs and sent the
     // final pages; it must resume and keep those pages dirty.
-    cut_test(Cut::AtFrame(FrameKind::VcpuState, 0), |p| matches!(p, Phase::VcpuState | Phase::StopAndCopy | Phase::AwaitResume));
+    cut_test(Cut::AtFrame(FrameKind::VcpuState, 0), |p| {
+        matches!(p, Phase::VcpuState | Phase::StopAndCopy | Phase::AwaitResume)
+    });
 }
 
 #[test]

@@ -17,7 +17,11 @@ fn migrate(workload: WorkloadKind, dirty: DirtySource) {
     assert_eq!(v.pages_compared, (128 << 20) / 4096);
     assert!(v.mismatched_pages.is_empty(), "destination RAM differs from source at pages {:?}", v.mismatched_pages);
     assert!(v.ab_invariant_error.is_none(), "{:?}", v.ab_invariant_error);
-    assert!(v.guest_alive, "destination guest not running: {:?} -> {:?}", r.destination.progress_at_resume, r.destination.progress_after);
+    assert!(
+        v.guest_alive,
+        "destination guest not running: {:?} -> {:?}",
+        r.destination.progress_at_resume, r.destination.progress_after
+    );
     assert_eq!(out.source_ram.len(), out.dest_ram.len());
     let rounds = r.source.precopy_rounds.len();
     if workload != WorkloadKind::Idle {
@@ -87,6 +91,11 @@ fn ab_all_ram_converges() {
     c.migration.max_rounds = 40;
     let out = session::demo(&c, &mut |_| {}).expect("migration succeeds");
     let r = &out.report.source;
-    assert!(matches!(r.switchover, accel_user::policy::SwitchReason::Converged { .. }), "{:?} after {:?}", r.switchover, r.precopy_rounds);
+    assert!(
+        matches!(r.switchover, accel_user::policy::SwitchReason::Converged { .. }),
+        "{:?} after {:?}",
+        r.switchover,
+        r.precopy_rounds
+    );
     assert!(out.report.verification.ok(), "{:?}", out.report.verification);
 }

@@ -41,7 +41,19 @@ fn two_hosts_with(tag: &str, workload: &str, dirty: &str, hot: Option<Workload>,
     let send = Command::new("ip")
         .args(["netns", "exec", &ns.src])
         .arg(&bin)
-        .args(["send", "--to", &listen, "--report", "json", "--ram", "128MiB", "--workload", workload, "--dirty-source", dirty])
+        .args([
+            "send",
+            "--to",
+            &listen,
+            "--report",
+            "json",
+            "--ram",
+            "128MiB",
+            "--workload",
+            workload,
+            "--dirty-source",
+            dirty,
+        ])
         .args(["--downtime-ms", "1", "--max-rounds", "5", "--dump-memory"])
         .arg(&sdump)
         .args(&extra)

@@ -36,7 +36,11 @@ pub fn migaccel_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
     let p = dir.join("migaccel");
-    assert!(p.exists(), "{} missing: run `cargo build --workspace --bins` first (the README test command does)", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace --bins` first (the README test command does)",
+        p.display()
+    );
     p
 }
 
@@ -173,7 +177,12 @@ impl NetnsPair {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let (va, vb) = (format!("mv{id}x{n}a"), format!("mv{id}x{n}b"));
-        let p = NetnsPair { src: src.clone(), dst: dst.clone(), src_ip: "169.254.77.1".into(), dst_ip: "169.254.77.2".into() };
+        let p = NetnsPair {
+            src: src.clone(),
+            dst: dst.clone(),
+            src_ip: "169.254.77.1".into(),
+            dst_ip: "169.254.77.2".into(),
+        };
         let _ = ip(&["netns", "del", &src]);
         let _ = ip(&["netns", "del", &dst]);
         ip(&["netns", "add", &src])?;

@@ -227,7 +227,8 @@ fn pages_changed_during_zero_copy_sends_stay_dirty() {
         n
     });
     let sock = TcpStream::connect(addr).unwrap();
-    let (mut tx, note) = UringSender::new(sock.as_raw_fd(), SendMode::ZeroCopy, Some(m.ram()), true, Duration::from_secs(10)).unwrap();
+    let (mut tx, note) =
+        UringSender::new(sock.as_raw_fd(), SendMode::ZeroCopy, Some(m.ram()), true, Duration::from_secs(10)).unwrap();
     assert!(note.is_none(), "{note:?}");
     let value = |m: &Machine, p: u64| m.ram().read_u64(DATA_START + p * 4096).unwrap();
     let mut iter = 1u64;
@@ -258,7 +259,10 @@ fn pages_changed_during_zero_copy_sends_stay_dirty() {
         for p in 0..pages {
             if value(&m, p) != before[p as usize] {
                 changed += 1;
-                assert!(set.contains(DATA_START / 4096 + p), "page {p} changed during a zero-copy send but is not dirty");
+                assert!(
+                    set.contains(DATA_START / 4096 + p),
+                    "page {p} changed during a zero-copy send but is not dirty"
+                );
             }
         }
         to_send = next;

@@ -106,8 +106,9 @@ fn load(target: &Target) -> Result<Ebpf, EbpfError> {
         .load(OBJECT)
         .map_err(|e| EbpfError::Load(e.to_string()))?;
     if let Target::Threads(ts) = target {
-        let mut m: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(ebpf.map_mut("tids").ok_or(EbpfError::Map { map: "tids", msg: "missing".into() })?)
-            .map_err(|e| EbpfError::Map { map: "tids", msg: e.to_string() })?;
+        let mut m: BpfHashMap<_, u32, u32> =
+            BpfHashMap::try_from(ebpf.map_mut("tids").ok_or(EbpfError::Map { map: "tids", msg: "missing".into() })?)
+                .map_err(|e| EbpfError::Map { map: "tids", msg: e.to_string() })?;
         for &t in ts {
             m.insert(t, 1, 0).map_err(|e| EbpfError::Map { map: "tids", msg: e.to_string() })?;
         }
@@ -136,10 +137,18 @@ pub struct ProbeStats {
 }
 
 fn read_stats(ebpf: &Ebpf) -> Result<ProbeStats, EbpfError> {
-    let a: PerCpuArray<_, u64> = PerCpuArray::try_from(ebpf.map("stats").ok_or(EbpfError::Map { map: "stats", msg: "missing".into() })?)
-        .map_err(|e| EbpfError::Map { map: "stats", msg: e.to_string() })?;
+    let a: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(ebpf.map("stats").ok_or(EbpfError::Map { map: "stats", msg: "missing".into() })?)
+            .map_err(|e| EbpfError::Map { map: "stats", msg: e.to_string() })?;
     let g = |i: u32| a.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
-    Ok(ProbeStats { pushes: g(0), new_bits: g(1), lost: g(2), page_state_events: g(3), page_state_dropped: g(4), ghcb_unreadable: g(5) })
+    Ok(ProbeStats {
+        pushes: g(0),
+        new_bits: g(1),
+        lost: g(2),
+        page_state_events: g(3),
+        page_state_dropped: g(4),
+        ghcb_unreadable: g(5),
+    })
 }
 
 /// One memslot as the dirty program sees it.
@@ -171,14 +180,19 @@ impl DirtyProbe {
         let end = slots.iter().map(|&(g, p)| g + p).max().unwrap_or(0);
         let words = end.div_ceil(64) as usize;
         if words > MAX_WORDS {
-            return Err(EbpfError::Layout(format!("guest frames up to {end} exceed the bitmap's {} pages", MAX_WORDS * 64)));
+            return Err(EbpfError::Layout(format!(
+                "guest frames up to {end} exceed the bitmap's {} pages",
+                MAX_WORDS * 64
+            )));
         }
         let mut ebpf = load(&target)?;
         {
-            let mut a: Array<_, Slot> = Array::try_from(ebpf.map_mut("slots").ok_or(EbpfError::Map { map: "slots", msg: "missing".into() })?)
-                .map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
+            let mut a: Array<_, Slot> =
+                Array::try_from(ebpf.map_mut("slots").ok_or(EbpfError::Map { map: "slots", msg: "missing".into() })?)
+                    .map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
             for (i, &(first_gfn, pages)) in slots.iter().enumerate() {
-                a.set(i as u32, Slot { first_gfn, pages }, 0).map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
+                a.set(i as u32, Slot { first_gfn, pages }, 0)
+                    .map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
             }
         }
         let bitmap = {
@@ -304,7 +318,15 @@ impl PageStateEvent {
             2 => PageStateKind::SnpPsc,
             k => PageStateKind::Unknown(k),
         };
-        Some(PageStateEvent { kind, flags: u32_at(4), gpa: u64_at(8), npages: u64_at(16), attrs: u64_at(24), tgid: u32_at(32), vcpu: u32_at(36) })
+        Some(PageStateEvent {
+            kind,
+            flags: u32_at(4),
+            gpa: u64_at(8),
+            npages: u64_at(16),
+            attrs: u64_at(24),
+            tgid: u32_at(32),
+            vcpu: u32_at(36),
+        })
     }
 }
 
@@ -323,7 +345,13 @@ pub struct PageStates {
 
 impl PageStates {
     pub fn new(pages: u64) -> Self {
-        PageStates { private: vec![u64::MAX; pages.div_ceil(64) as usize], pages, applied: 0, rejected: 0, snp_requests: 0 }
+        PageStates {
+            private: vec![u64::MAX; pages.div_ceil(64) as usize],
+            pages,
+            applied: 0,
+            rejected: 0,
+            snp_requests: 0,
+        }
     }
     pub fn is_private(&self, gfn: u64) -> bool {
         self.private.get((gfn / 64) as usize).is_none_or(|w| w & (1 << (gfn % 64)) != 0)
@@ -362,7 +390,10 @@ impl PageStates {
             }
             _ => {
                 self.rejected += 1;
-                Err(format!("MAP_GPA_RANGE gpa {:#x} npages {} is outside guest RAM ({} pages)", e.gpa, e.npages, self.pages))
+                Err(format!(
+                    "MAP_GPA_RANGE gpa {:#x} npages {} is outside guest RAM ({} pages)",
+                    e.gpa, e.npages, self.pages
+                ))
             }
         }
     }
@@ -387,8 +418,11 @@ impl PageStateProbe {
             p.load().map_err(perr(name, "verifier load"))?;
             p.attach(tp).map_err(perr(name, "attach"))?;
         }
-        let rb = RingBuf::try_from(ebpf.take_map("page_state_events").ok_or(EbpfError::Map { map: "page_state_events", msg: "missing".into() })?)
-            .map_err(|e| EbpfError::Map { map: "page_state_events", msg: e.to_string() })?;
+        let rb = RingBuf::try_from(
+            ebpf.take_map("page_state_events")
+                .ok_or(EbpfError::Map { map: "page_state_events", msg: "missing".into() })?,
+        )
+        .map_err(|e| EbpfError::Map { map: "page_state_events", msg: e.to_string() })?;
         let states = Arc::new(Mutex::new(PageStates::new(pages)));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (states.clone(), stop.clone());
@@ -466,7 +500,10 @@ fn drain(mut rb: RingBuf<MapData>, states: Arc<Mutex<PageStates>>, stop: Arc<Ato
 
 /// Run a page-state program once through `BPF_PROG_TEST_RUN` with synthetic tracepoint
 /// arguments and return the events it wrote (tests, and `doctor`).
-pub fn test_run_page_state(program: &'static str, args: &[u64]) -> Result<(Vec<PageStateEvent>, ProbeStats), EbpfError> {
+pub fn test_run_page_state(
+    program: &'static str,
+    args: &[u64],
+) -> Result<(Vec<PageStateEvent>, ProbeStats), EbpfError> {
     let mut ebpf = load(&Target::Any)?;
     let p = raw_tp(&mut ebpf, program)?;
     p.load().map_err(perr(program, "verifier load"))?;
@@ -476,8 +513,10 @@ pub fn test_run_page_state(program: &'static str, args: &[u64]) -> Result<(Vec<P
     }
     p.test_run(opts).map_err(perr(program, "BPF_PROG_TEST_RUN"))?;
     let stats = read_stats(&ebpf)?;
-    let mut rb = RingBuf::try_from(ebpf.take_map("page_state_events").ok_or(EbpfError::Map { map: "page_state_events", msg: "missing".into() })?)
-        .map_err(|e| EbpfError::Map { map: "page_state_events", msg: e.to_string() })?;
+    let mut rb = RingBuf::try_from(
+        ebpf.take_map("page_state_events").ok_or(EbpfError::Map { map: "page_state_events", msg: "missing".into() })?,
+    )
+    .map_err(|e| EbpfError::Map { map: "page_state_events", msg: e.to_string() })?;
     let mut events = Vec::new();
     while let Some(item) = rb.next() {
         if let Some(e) = PageStateEvent::decode(&item) {
@@ -492,10 +531,12 @@ pub fn test_run_page_state(program: &'static str, args: &[u64]) -> Result<(Vec<P
 pub fn test_run_dirty(slots: &[(u64, u64)], slot: u32, offset: u64) -> Result<(Vec<u64>, ProbeStats), EbpfError> {
     let mut ebpf = load(&Target::Any)?;
     {
-        let mut a: Array<_, Slot> = Array::try_from(ebpf.map_mut("slots").ok_or(EbpfError::Map { map: "slots", msg: "missing".into() })?)
-            .map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
+        let mut a: Array<_, Slot> =
+            Array::try_from(ebpf.map_mut("slots").ok_or(EbpfError::Map { map: "slots", msg: "missing".into() })?)
+                .map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
         for (i, &(first_gfn, pages)) in slots.iter().enumerate() {
-            a.set(i as u32, Slot { first_gfn, pages }, 0).map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
+            a.set(i as u32, Slot { first_gfn, pages }, 0)
+                .map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
         }
     }
     let p = raw_tp(&mut ebpf, "dirty_ring_push")?;

@@ -59,7 +59,9 @@ impl<'de> Deserialize<'de> for ByteSize {
             N(u64),
             S(String),
         }
-        match Raw::deserialize(d).map_err(|_| de::Error::custom("expected a byte count or a size string like \"1GiB\""))? {
+        match Raw::deserialize(d)
+            .map_err(|_| de::Error::custom("expected a byte count or a size string like \"1GiB\""))?
+        {
             Raw::N(n) => Ok(ByteSize(n)),
             Raw::S(s) => s.parse().map_err(de::Error::custom),
         }
@@ -185,7 +187,13 @@ pub struct ReceiverConfig {
 
 impl Default for ReceiverConfig {
     fn default() -> Self {
-        ReceiverConfig { listen: "127.0.0.1:47000".into(), max_ram: ByteSize(64 << 30), max_vcpus: 64, run_after_ms: 500, prefault: false }
+        ReceiverConfig {
+            listen: "127.0.0.1:47000".into(),
+            max_ram: ByteSize(64 << 30),
+            max_vcpus: 64,
+            run_after_ms: 500,
+            prefault: false,
+        }
     }
 }
 
@@ -223,7 +231,9 @@ impl Config {
         if g.vcpus == 0 || g.vcpus > kvm_hooks::vmm::MAX_VCPUS {
             return Err(invalid("guest.vcpus", format!("{} is not in 1..={}", g.vcpus, kvm_hooks::vmm::MAX_VCPUS)));
         }
-        self.guest_spec().validate().map_err(|e| invalid(if g.workload == WorkloadKind::Hot { "guest.hot_working_set" } else { "guest.ram" }, e.to_string()))?;
+        self.guest_spec().validate().map_err(|e| {
+            invalid(if g.workload == WorkloadKind::Hot { "guest.hot_working_set" } else { "guest.ram" }, e.to_string())
+        })?;
         let m = &self.migration;
         if m.downtime_target_ms == 0 {
             return Err(invalid("migration.downtime_target_ms", "must be at least 1"));
@@ -235,7 +245,13 @@ impl Config {
             return Err(invalid("migration.batch_pages", format!("{} is not in 1..=4096", m.batch_pages)));
         }
         if !m.dirty_ring_entries.is_power_of_two() || !(256..=65536).contains(&m.dirty_ring_entries) {
-            return Err(invalid("migration.dirty_ring_entries", format!("{} must be a power of two in 256..=65536 (KVM needs at least one 4 KiB page of ring)", m.dirty_ring_entries)));
+            return Err(invalid(
+                "migration.dirty_ring_entries",
+                format!(
+                    "{} must be a power of two in 256..=65536 (KVM needs at least one 4 KiB page of ring)",
+                    m.dirty_ring_entries
+                ),
+            ));
         }
         for (key, v) in [
             ("migration.connect_timeout_ms", m.connect_timeout_ms),
@@ -247,7 +263,10 @@ impl Config {
             }
         }
         if m.streams == 0 || m.streams > crate::protocol::MAX_STREAMS {
-            return Err(invalid("migration.streams", format!("{} is not in 1..={}", m.streams, crate::protocol::MAX_STREAMS)));
+            return Err(invalid(
+                "migration.streams",
+                format!("{} is not in 1..={}", m.streams, crate::protocol::MAX_STREAMS),
+            ));
         }
         for (key, v) in [
             ("migration.throttle_initial_pct", m.throttle_initial_pct),

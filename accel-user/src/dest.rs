@@ -145,7 +145,10 @@ impl Shared {
                 return Err(e);
             }
             if Instant::now() > deadline {
-                return Err(format!("data streams did not finish round {} within {timeout:?} (completed: {g:?})", rounds - 1));
+                return Err(format!(
+                    "data streams did not finish round {} within {timeout:?} (completed: {g:?})",
+                    rounds - 1
+                ));
             }
             g = self.cv.wait_timeout(g, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
         }
@@ -162,7 +165,13 @@ enum PageError {
 
 /// Receive one Pages frame of round `round` (header already read) into `ram`, validating
 /// the run table before any data is read. Returns the runs received.
-fn recv_pages(t: &mut dyn Transport, h: &Header, round: u32, ram: &GuestRam, received: &Mutex<DirtySet>) -> Result<u64, PageError> {
+fn recv_pages(
+    t: &mut dyn Transport,
+    h: &Header,
+    round: u32,
+    ram: &GuestRam,
+    received: &Mutex<DirtySet>,
+) -> Result<u64, PageError> {
     let k = FrameKind::Pages;
     let perr = |msg: String| PageError::Protocol(ProtocolError::Payload { kind: k, msg });
     if h.len < 8 {
@@ -207,7 +216,8 @@ fn recv_pages(t: &mut dyn Transport, h: &Header, round: u32, ram: &GuestRam, rec
                 ram.zero(start * PAGE_SIZE, (g - start) * PAGE_SIZE).map_err(|e| PageError::Order(e.to_string()))?;
             }
         } else {
-            t.recv_into_guest(ram, run.gfn * PAGE_SIZE, u64::from(run.npages) * PAGE_SIZE).map_err(PageError::Transport)?;
+            t.recv_into_guest(ram, run.gfn * PAGE_SIZE, u64::from(run.npages) * PAGE_SIZE)
+                .map_err(PageError::Transport)?;
         }
         let mut rec = received.lock().unwrap_or_else(|e| e.into_inner());
         for g in run.gfn..end {
@@ -260,7 +270,11 @@ fn data_worker(i: usize, mut t: Box<dyn Transport>, sh: Arc<Shared>, ram: Arc<Gu
                         round += 1;
                         pages = 0;
                     }
-                    Ok((r, n)) => break Err(format!("data stream {i}: end of round {r} ({n} pages) while in round {round} with {pages} pages")),
+                    Ok((r, n)) => {
+                        break Err(format!(
+                            "data stream {i}: end of round {r} ({n} pages) while in round {round} with {pages} pages"
+                        ))
+                    }
                     Err(e) => break Err(format!("data stream {i}: bad frame from peer: {e}")),
                 }
             }
@@ -384,10 +398,20 @@ impl Receiver {
                     if self.streams > 0 {
                         // The round is over when every data stream finished it.
                         self.shared.wait_rounds(round + 1, self.o.io_timeout).map_err(|m| self.incomplete(m))?;
-                        self.round_pages = self.shared.round_pages.lock().unwrap_or_else(|e| e.into_inner()).get(&r).copied().unwrap_or(0);
+                        self.round_pages = self
+                            .shared
+                            .round_pages
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&r)
+                            .copied()
+                            .unwrap_or(0);
                     }
                     if pages != self.round_pages {
-                        return Err(self.incomplete(format!("source sent {pages} pages in round {r}, {} arrived", self.round_pages)));
+                        return Err(self.incomplete(format!(
+                            "source sent {pages} pages in round {r}, {} arrived",
+                            self.round_pages
+                        )));
                     }
                     self.round_pages = 0;
                     self.state = RecvState::Precopy { round: round + 1 };
@@ -434,7 +458,10 @@ impl Receiver {
         let hello = protocol::decode_hello_full(&p).map_err(|e| self.perr(e))?;
         let spec = hello.spec;
         let refuse = if spec.ram_bytes > self.o.max_ram {
-            Some(format!("guest RAM {} bytes exceeds this receiver's limit of {} bytes", spec.ram_bytes, self.o.max_ram))
+            Some(format!(
+                "guest RAM {} bytes exceeds this receiver's limit of {} bytes",
+                spec.ram_bytes, self.o.max_ram
+            ))
         } else if spec.vcpus > self.o.max_vcpus {
             Some(format!("{} vCPUs exceeds this receiver's limit of {}", spec.vcpus, self.o.max_vcpus))
         } else {
@@ -478,7 +505,13 @@ impl Receiver {
     }
 
     /// Accept the source's data streams; each must first say Join with this session.
-    fn join_streams(&mut self, n: u32, session: u64, ram: Arc<GuestRam>, accept: Acceptor<'_>) -> Result<(), RecvError> {
+    fn join_streams(
+        &mut self,
+        n: u32,
+        session: u64,
+        ram: Arc<GuestRam>,
+        accept: Acceptor<'_>,
+    ) -> Result<(), RecvError> {
         if n == 0 {
             return Ok(());
         }

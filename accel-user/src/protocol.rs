@@ -530,7 +530,11 @@ mod tests {
         e[16] = 99;
         assert!(decode_hello(&e).unwrap_err().to_string().contains("workload code 99"));
         assert!(decode_hello(&e[..10]).is_err());
-        let mut e = encode_hello_full(&Hello { spec: GuestSpec { ram_bytes: 1 << 30, vcpus: 1, workload: Workload::Ab }, streams: 99, session: 1 });
+        let mut e = encode_hello_full(&Hello {
+            spec: GuestSpec { ram_bytes: 1 << 30, vcpus: 1, workload: Workload::Ab },
+            streams: 99,
+            session: 1,
+        });
         assert!(decode_hello_full(&e).unwrap_err().to_string().contains("99 data streams"));
         e.truncate(48);
         assert!(decode_hello_full(&e).is_err());

@@ -23,7 +23,9 @@ impl From<GuestSpec> for GuestInfo {
         let workload = match s.workload {
             Workload::Ab => "ab".to_string(),
             Workload::Idle => "idle".to_string(),
-            Workload::Hot { working_set, pages_per_sec } => format!("hot(working_set={working_set},pages_per_sec={pages_per_sec})"),
+            Workload::Hot { working_set, pages_per_sec } => {
+                format!("hot(working_set={working_set},pages_per_sec={pages_per_sec})")
+            }
             Workload::Oracle { pages } => format!("oracle(pages={pages})"),
             Workload::PageState => "pagestate".to_string(),
         };
@@ -136,8 +138,19 @@ impl SourceReport {
         use std::fmt::Write;
         let mut s = String::new();
         let g = &self.guest;
-        let _ = writeln!(s, "guest: {} MiB, {} vCPUs, workload {}, dirty tracking {}", g.ram_bytes >> 20, g.vcpus, g.workload, self.dirty_mode);
-        let _ = writeln!(s, "{:>6} {:>10} {:>10} {:>12} {:>10} {:>12} {:>9}", "round", "pages", "zero", "MiB", "ms", "dirty after", "throttle");
+        let _ = writeln!(
+            s,
+            "guest: {} MiB, {} vCPUs, workload {}, dirty tracking {}",
+            g.ram_bytes >> 20,
+            g.vcpus,
+            g.workload,
+            self.dirty_mode
+        );
+        let _ = writeln!(
+            s,
+            "{:>6} {:>10} {:>10} {:>12} {:>10} {:>12} {:>9}",
+            "round", "pages", "zero", "MiB", "ms", "dirty after", "throttle"
+        );
         for r in self.precopy_rounds.iter().chain(std::iter::once(&self.final_round)) {
             let _ = writeln!(
                 s,
@@ -165,7 +178,11 @@ impl SourceReport {
         );
         let _ = writeln!(s, "transport: {}", self.transport);
         if let Some(z) = &self.zerocopy {
-            let _ = writeln!(s, "zero-copy: {} sends, {} notifications: {} without copy, {} copied by the kernel", z.sends, z.notifications, z.zerocopy, z.copied);
+            let _ = writeln!(
+                s,
+                "zero-copy: {} sends, {} notifications: {} without copy, {} copied by the kernel",
+                z.sends, z.notifications, z.zerocopy, z.copied
+            );
         }
         if self.ring_full_exits > 0 {
             let _ = writeln!(s, "dirty ring full exits: {}", self.ring_full_exits);

@@ -40,7 +40,8 @@ pub fn attach_ebpf(m: &Machine) -> Result<(), kvm_hooks::Error> {
 /// Connect to `to` and migrate `m`.
 pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
     let mc = &cfg.migration;
-    let open = |ram| transport::connect(to, mc.transport, ram, mc.fixed_buffers, cfg.connect_timeout(), cfg.io_timeout());
+    let open =
+        |ram| transport::connect(to, mc.transport, ram, mc.fixed_buffers, cfg.connect_timeout(), cfg.io_timeout());
     // With data streams the control connection carries no pages: no RAM to register there.
     let control_ram = (mc.streams <= 1).then(|| m.ram().as_ref());
     let mut t = open(control_ram).map_err(|source| SendError::Transport { phase: Phase::Handshake, source })?;
@@ -93,7 +94,9 @@ pub fn observe(m: &Machine, got: &Received, d: Duration) -> DestReport {
     std::thread::sleep(d);
     let after = m.reports();
     let p1 = m.progress();
-    let alive = m.fault().is_none() && after.iter().zip(&at_resume).all(|(a, b)| a > b) && p1.iter().zip(&p0).all(|(a, b)| a >= b);
+    let alive = m.fault().is_none()
+        && after.iter().zip(&at_resume).all(|(a, b)| a > b)
+        && p1.iter().zip(&p0).all(|(a, b)| a >= b);
     DestReport {
         guest: got.spec.into(),
         rounds: got.rounds,
@@ -193,7 +196,11 @@ pub fn demo_opts(
     let dres = dest.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
     let srep = sres?;
     let (got, drep, _dm) = dres?;
-    let (source_ram, dest_ram) = if verify_ram { (src.ram().snapshot(), got.snapshot.clone().unwrap_or_default()) } else { (Vec::new(), Vec::new()) };
+    let (source_ram, dest_ram) = if verify_ram {
+        (src.ram().snapshot(), got.snapshot.clone().unwrap_or_default())
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let v = verify(&got.spec, &source_ram, &dest_ram, drep.guest_alive);
     Ok(DemoOutcome { report: DemoReport { source: srep, destination: drep, verification: v }, source_ram, dest_ram })
 }

@@ -120,14 +120,26 @@ pub type Connector<'a> = &'a mut dyn FnMut(u32) -> Result<Box<dyn Transport>, Tr
 
 /// Migrate `m` over `t`. On success the source vCPUs stay paused (the destination owns the
 /// VM now); on failure they run again and no dirty page is lost.
-pub fn migrate(m: &Machine, t: &mut dyn Transport, o: &SendOptions, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
+pub fn migrate(
+    m: &Machine,
+    t: &mut dyn Transport,
+    o: &SendOptions,
+    on: &mut dyn FnMut(Event),
+) -> Result<SourceReport, SendError> {
     let mut none = |_| Err(TransportError::Guest("no data streams configured".into()));
     migrate_streams(m, t, o, &mut none, on)
 }
 
 /// [`migrate`] with `o.streams` data streams opened through `connect`.
-pub fn migrate_streams(m: &Machine, t: &mut dyn Transport, o: &SendOptions, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
-    let mut c = Ctx { m, t, o, inflight: InFlight::Nothing, paused: false, meta: Vec::with_capacity(64 << 10), data: None };
+pub fn migrate_streams(
+    m: &Machine,
+    t: &mut dyn Transport,
+    o: &SendOptions,
+    connect: Connector<'_>,
+    on: &mut dyn FnMut(Event),
+) -> Result<SourceReport, SendError> {
+    let mut c =
+        Ctx { m, t, o, inflight: InFlight::Nothing, paused: false, meta: Vec::with_capacity(64 << 10), data: None };
     let r = run(&mut c, connect, on);
     if let Err(e) = r {
         return Err(recover(c, e));
@@ -164,7 +176,8 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     let ph = Phase::Handshake;
     let session = session_id();
     let hello = protocol::Hello { spec, streams: c.o.streams, session };
-    c.t.send_frame(FrameKind::Hello, &[Part::Buf(&protocol::encode_hello_full(&hello))], None).map_err(|e| tx(ph, e))?;
+    c.t.send_frame(FrameKind::Hello, &[Part::Buf(&protocol::encode_hello_full(&hello))], None)
+        .map_err(|e| tx(ph, e))?;
     c.t.set_recv_timeout(c.o.ack_timeout);
     let (h, p) = recv_small(c.t).map_err(|e| tx(ph, e))?;
     match h {
@@ -181,7 +194,8 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         let mut ts = Vec::with_capacity(c.o.streams as usize);
         for i in 0..c.o.streams {
             let mut d = connect(i).map_err(|e| tx(ph, e))?;
-            d.send_frame(FrameKind::Join, &[Part::Buf(&protocol::encode_join(session, i))], None).map_err(|e| tx(ph, e))?;
+            d.send_frame(FrameKind::Join, &[Part::Buf(&protocol::encode_join(session, i))], None)
+                .map_err(|e| tx(ph, e))?;
             ts.push(d);
         }
         c.data = Some(DataStreams::start(ts, c.m.ram().clone(), c.o.io_timeout));
@@ -251,12 +265,17 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     for (i, s) in states.iter().enumerate() {
         let enc = s.encode();
         let pre = protocol::encode_vcpu_state_prefix(i as u32, enc.len() as u32);
-        c.t.send_frame(FrameKind::VcpuState, &[Part::Buf(&pre), Part::Buf(&enc)], None).map_err(|e| peer_error(c.t, ph, e))?;
+        c.t.send_frame(FrameKind::VcpuState, &[Part::Buf(&pre), Part::Buf(&enc)], None)
+            .map_err(|e| peer_error(c.t, ph, e))?;
         state_bytes += (HEADER_LEN + pre.len() + enc.len()) as u64;
     }
     let pages_sent: u64 = rounds.iter().map(|r| r.pages).sum::<u64>() + fin.pages;
-    c.t.send_frame(FrameKind::Complete, &[Part::Buf(&protocol::encode_complete(round + 1, spec.vcpus, pages_sent))], None)
-        .map_err(|e| peer_error(c.t, ph, e))?;
+    c.t.send_frame(
+        FrameKind::Complete,
+        &[Part::Buf(&protocol::encode_complete(round + 1, spec.vcpus, pages_sent))],
+        None,
+    )
+    .map_err(|e| peer_error(c.t, ph, e))?;
     fin.elapsed = start.elapsed();
     on(Event::Final(fin));
 
@@ -274,7 +293,19 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     // Verification capture on the destination is not part of the migration.
     let total = t0.elapsed().saturating_sub(Duration::from_micros(capture_us));
     let bytes = c.t.bytes_sent() + c.data.as_ref().map_or(0, |d| d.bytes());
-    let mut rep = SourceReport::new(spec, c.m, rounds, fin, reason, setup, total, downtime, bytes, state_bytes, Duration::from_micros(capture_us));
+    let mut rep = SourceReport::new(
+        spec,
+        c.m,
+        rounds,
+        fin,
+        reason,
+        setup,
+        total,
+        downtime,
+        bytes,
+        state_bytes,
+        Duration::from_micros(capture_us),
+    );
     let (desc, zc) = match &c.data {
         Some(d) => (format!("{} x {}", d.len(), d.describe()), d.zc()),
         None => (c.t.describe(), c.t.zc_stats()),
@@ -290,7 +321,10 @@ fn tx(phase: Phase, source: TransportError) -> SendError {
 }
 
 fn aborted(phase: Phase, p: &[u8]) -> SendError {
-    SendError::PeerAborted { phase, reason: protocol::decode_abort(p).unwrap_or_else(|e| format!("(unreadable reason: {e})")) }
+    SendError::PeerAborted {
+        phase,
+        reason: protocol::decode_abort(p).unwrap_or_else(|e| format!("(unreadable reason: {e})")),
+    }
 }
 
 /// A send failed: if the destination left an Abort frame explaining why, report that.
@@ -338,7 +372,13 @@ fn session_id() -> u64 {
 }
 
 /// Round 0: all pages, with pages outside `extents` (memfd holes) known to be zero.
-fn send_pages_with_holes(c: &mut Ctx<'_>, round: u32, pages: u64, extents: &[(u64, u64)], st: &mut RoundStats) -> Result<(), TransportError> {
+fn send_pages_with_holes(
+    c: &mut Ctx<'_>,
+    round: u32,
+    pages: u64,
+    extents: &[(u64, u64)],
+    st: &mut RoundStats,
+) -> Result<(), TransportError> {
     let mut ext = extents.iter().peekable();
     let mut in_data = move |gfn: u64| {
         let gpa = gfn * PAGE_SIZE;

@@ -168,7 +168,11 @@ fn worker(
                 t.send_frame(FrameKind::Pages, &parts, Some(&ram))
             }
             Job::End { round } => {
-                let r = t.send_frame(FrameKind::EndOfRound, &[Part::Buf(&protocol::encode_end_of_round(round, pages))], None);
+                let r = t.send_frame(
+                    FrameKind::EndOfRound,
+                    &[Part::Buf(&protocol::encode_end_of_round(round, pages))],
+                    None,
+                );
                 pages = 0;
                 r
             }

@@ -72,7 +72,8 @@ fn check_header(b: &[u8; HEADER_LEN], recv_seq: &mut u64) -> Result<Header, Tran
 /// A bidirectional frame stream.
 pub trait Transport: Send {
     /// Send one frame made of `parts`; guest parts are read from `ram` without staging.
-    fn send_frame(&mut self, kind: FrameKind, parts: &[Part<'_>], ram: Option<&GuestRam>) -> Result<(), TransportError>;
+    fn send_frame(&mut self, kind: FrameKind, parts: &[Part<'_>], ram: Option<&GuestRam>)
+        -> Result<(), TransportError>;
     /// Receive and validate the next frame header (magic, version, caps, sequence).
     fn recv_header(&mut self) -> Result<Header, TransportError>;
     /// Receive exactly `buf.len()` payload bytes.
@@ -124,13 +125,20 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
-    fn send_frame(&mut self, kind: FrameKind, parts: &[Part<'_>], ram: Option<&GuestRam>) -> Result<(), TransportError> {
+    fn send_frame(
+        &mut self,
+        kind: FrameKind,
+        parts: &[Part<'_>],
+        ram: Option<&GuestRam>,
+    ) -> Result<(), TransportError> {
         let hdr = frame_header(kind, parts, self.send_seq)?;
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len() + 1);
         iov.push(libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: HEADER_LEN });
         for p in parts {
             match *p {
-                Part::Buf(b) if !b.is_empty() => iov.push(libc::iovec { iov_base: b.as_ptr() as *mut _, iov_len: b.len() }),
+                Part::Buf(b) if !b.is_empty() => {
+                    iov.push(libc::iovec { iov_base: b.as_ptr() as *mut _, iov_len: b.len() })
+                }
                 Part::Buf(_) => {}
                 Part::Guest { gpa, len } => {
                     let ram = ram.ok_or_else(|| TransportError::Guest("guest part without guest RAM".into()))?;
@@ -242,7 +250,13 @@ pub struct UringTransport {
 impl UringTransport {
     /// Wrap a connected stream. `ram` (the source VM's RAM) is registered as fixed buffers
     /// when `fixed` is set and the mode sends zero-copy.
-    pub fn new(stream: TcpStream, mode: TransportMode, ram: Option<&GuestRam>, fixed: bool, timeout: Duration) -> Result<Self, TransportError> {
+    pub fn new(
+        stream: TcpStream,
+        mode: TransportMode,
+        ram: Option<&GuestRam>,
+        fixed: bool,
+        timeout: Duration,
+    ) -> Result<Self, TransportError> {
         use kvm_hooks::uring::SendMode;
         use std::os::fd::AsRawFd;
         let io = |op: &'static str| move |source| TransportError::Io { op, source };
@@ -259,12 +273,23 @@ impl UringTransport {
             }
         }
         let fd = stream.as_raw_fd();
-        let (tx, note) = kvm_hooks::uring::UringSender::new(fd, send_mode, ram, fixed, timeout).map_err(io("create io_uring"))?;
+        let (tx, note) =
+            kvm_hooks::uring::UringSender::new(fd, send_mode, ram, fixed, timeout).map_err(io("create io_uring"))?;
         if let Some(n) = note {
             tracing::warn!("{n}");
         }
         let rx = kvm_hooks::uring::UringReceiver::new(fd, timeout).map_err(io("create io_uring"))?;
-        Ok(UringTransport { stream, tx, rx, mode, decided: mode != TransportMode::Auto, send_seq: 0, recv_seq: 0, timeout, sent: 0 })
+        Ok(UringTransport {
+            stream,
+            tx,
+            rx,
+            mode,
+            decided: mode != TransportMode::Auto,
+            send_seq: 0,
+            recv_seq: 0,
+            timeout,
+            sent: 0,
+        })
     }
 
     fn map(&self, op: &'static str, e: io::Error) -> TransportError {
@@ -273,7 +298,12 @@ impl UringTransport {
 }
 
 impl Transport for UringTransport {
-    fn send_frame(&mut self, kind: FrameKind, parts: &[Part<'_>], ram: Option<&GuestRam>) -> Result<(), TransportError> {
+    fn send_frame(
+        &mut self,
+        kind: FrameKind,
+        parts: &[Part<'_>],
+        ram: Option<&GuestRam>,
+    ) -> Result<(), TransportError> {
         use kvm_hooks::uring::Piece;
         let hdr = frame_header(kind, parts, self.send_seq)?;
         let mut pieces = Vec::with_capacity(parts.len() + 1);
@@ -282,7 +312,10 @@ impl Transport for UringTransport {
         for p in parts {
             match *p {
                 Part::Buf(b) if seen_guest => {
-                    return Err(TransportError::Guest(format!("{kind:?}: host bytes after guest bytes ({} bytes)", b.len())))
+                    return Err(TransportError::Guest(format!(
+                        "{kind:?}: host bytes after guest bytes ({} bytes)",
+                        b.len()
+                    )))
                 }
                 Part::Buf(b) => pieces.push(Piece::Host(b)),
                 Part::Guest { gpa, len } => {
@@ -298,11 +331,18 @@ impl Transport for UringTransport {
             self.decided = true;
             let st = self.tx.stats;
             if st.zerocopy == 0 {
-                tracing::info!(copied = st.copied, "auto: the kernel copied every zero-copy send (loopback/veth): switching to io_uring copy sends");
+                tracing::info!(
+                    copied = st.copied,
+                    "auto: the kernel copied every zero-copy send (loopback/veth): switching to io_uring copy sends"
+                );
                 self.tx.flush().map_err(|e| self.map("io_uring flush", e))?;
                 self.tx.set_mode(kvm_hooks::uring::SendMode::Copy);
             } else {
-                tracing::info!(zerocopy = st.zerocopy, copied = st.copied, "auto: zero-copy works on this path: keeping it");
+                tracing::info!(
+                    zerocopy = st.zerocopy,
+                    copied = st.copied,
+                    "auto: zero-copy works on this path: keeping it"
+                );
             }
         }
         Ok(())
@@ -359,17 +399,31 @@ impl Transport for UringTransport {
 }
 
 /// Wrap a connected stream in the transport `mode` asks for.
-pub fn wrap(stream: TcpStream, mode: TransportMode, ram: Option<&GuestRam>, fixed: bool, timeout: Duration) -> Result<Box<dyn Transport>, TransportError> {
+pub fn wrap(
+    stream: TcpStream,
+    mode: TransportMode,
+    ram: Option<&GuestRam>,
+    fixed: bool,
+    timeout: Duration,
+) -> Result<Box<dyn Transport>, TransportError> {
     Ok(match mode {
-        TransportMode::Blocking => {
-            Box::new(TcpTransport::new(stream, timeout).map_err(|source| TransportError::Io { op: "configure socket", source })?)
-        }
+        TransportMode::Blocking => Box::new(
+            TcpTransport::new(stream, timeout)
+                .map_err(|source| TransportError::Io { op: "configure socket", source })?,
+        ),
         m => Box::new(UringTransport::new(stream, m, ram, fixed, timeout)?),
     })
 }
 
 /// Connect to `addr` and wrap the stream.
-pub fn connect(addr: &str, mode: TransportMode, ram: Option<&GuestRam>, fixed: bool, connect_timeout: Duration, io_timeout: Duration) -> Result<Box<dyn Transport>, TransportError> {
+pub fn connect(
+    addr: &str,
+    mode: TransportMode,
+    ram: Option<&GuestRam>,
+    fixed: bool,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+) -> Result<Box<dyn Transport>, TransportError> {
     use std::net::ToSocketAddrs;
     let mut last = None;
     let addrs = addr.to_socket_addrs().map_err(|e| TransportError::Io { op: "resolve address", source: e })?;

@@ -35,7 +35,9 @@ pub fn check_ab(spec: &GuestSpec, ram: &[u8]) -> Result<(), String> {
             if let Some(p) = prev {
                 if p != b {
                     if b.wrapping_add(1) != p {
-                        return Err(format!("vCPU {v}: page {gpa:#x} holds {b}, previous page {p}: not a single increment edge"));
+                        return Err(format!(
+                            "vCPU {v}: page {gpa:#x} holds {b}, previous page {p}: not a single increment edge"
+                        ));
                     }
                     edges += 1;
                     if edges > 1 {

@@ -94,7 +94,11 @@ fn ebpf_bench(secs: u64, pairs: u32, harvest_ms: u64, threads: bool, noop: bool)
         let _floor = if probe && noop { Some(accel_ebpf::NoopProbe::attach()?) } else { None };
         let p = if probe && !noop {
             let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
-            let target = if threads { accel_ebpf::Target::Threads(m.vcpu_tids()) } else { accel_ebpf::Target::Process(std::process::id()) };
+            let target = if threads {
+                accel_ebpf::Target::Threads(m.vcpu_tids())
+            } else {
+                accel_ebpf::Target::Process(std::process::id())
+            };
             Some(accel_ebpf::DirtyProbe::attach(target, &slots)?)
         } else {
             None
@@ -123,7 +127,13 @@ fn ebpf_bench(secs: u64, pairs: u32, harvest_ms: u64, threads: bool, noop: bool)
     let (mut sa, mut sb) = (0.0, 0.0);
     for i in 0..pairs {
         // Alternate the order so drift does not favour one side.
-        let (a, b) = if i % 2 == 0 { let a = run(false)?.0; (a, run(true)?) } else { let b = run(true)?; (run(false)?.0, b) };
+        let (a, b) = if i % 2 == 0 {
+            let a = run(false)?.0;
+            (a, run(true)?)
+        } else {
+            let b = run(true)?;
+            (run(false)?.0, b)
+        };
         anyhow::ensure!(b.1 == 0, "the probe lost {} records", b.1);
         println!("| {} | {:.0} | {:.0} | {:.3} |", i + 1, a, b.0, b.0 / a);
         sa += a;
@@ -133,7 +143,10 @@ fn ebpf_bench(secs: u64, pairs: u32, harvest_ms: u64, threads: bool, noop: bool)
     println!();
 
     // Harvest cost: same rounds, guest paused, both sources hold the same pages.
-    let m = Machine::boot(GuestSpec { ram_bytes: 512 << 20, vcpus: 2, workload: Workload::Oracle { pages: 65536 } }, DirtyPreference::Ring { bytes: 1 << 20 })?;
+    let m = Machine::boot(
+        GuestSpec { ram_bytes: 512 << 20, vcpus: 2, workload: Workload::Oracle { pages: 65536 } },
+        DirtyPreference::Ring { bytes: 1 << 20 },
+    )?;
     let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
     let probe = accel_ebpf::DirtyProbe::attach(accel_ebpf::Target::Threads(m.vcpu_tids()), &slots)?;
     m.dirty().reset()?;
@@ -157,17 +170,27 @@ fn ebpf_bench(secs: u64, pairs: u32, harvest_ms: u64, threads: bool, noop: bool)
     println!("## harvest cost per dirty page ({pages} pages over 40 rounds, 512 MiB guest)");
     println!("| source | ns per page |");
     println!("|---|---|");
-    println!("| KVM dirty ring (harvest + KVM_RESET_DIRTY_RINGS + dedupe) | {:.1} |", ring_t.as_nanos() as f64 / pages as f64);
+    println!(
+        "| KVM dirty ring (harvest + KVM_RESET_DIRTY_RINGS + dedupe) | {:.1} |",
+        ring_t.as_nanos() as f64 / pages as f64
+    );
     println!("| BPF bitmap, mmapped (atomic swap per word) | {:.1} |", bpf_t.as_nanos() as f64 / pages as f64);
     println!();
-    println!("The BPF harvest alone does not re-protect pages: KVM re-arms them at the ring reset, which the owner does.");
+    println!(
+        "The BPF harvest alone does not re-protect pages: KVM re-arms them at the ring reset, which the owner does."
+    );
     Ok(())
 }
 
 /// iperf3 loopback throughput with `parallel` streams, bytes/s.
 fn iperf3_n(secs: u64, parallel: u32) -> Option<f64> {
     let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port().to_string();
-    let mut server = Command::new("iperf3").args(["-s", "-1", "-p", &port]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-p", &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("iperf3")
         .args(["-c", "127.0.0.1", "-p", &port, "-t", &secs.to_string(), "-P", &parallel.to_string(), "-J"])
@@ -190,7 +213,13 @@ fn fill(m: &kvm_hooks::vmm::Machine) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn transport_bench(rams: &[ByteSize], streams: &[u32], secs: u64, prefault: bool, only: &[String]) -> anyhow::Result<()> {
+fn transport_bench(
+    rams: &[ByteSize],
+    streams: &[u32],
+    secs: u64,
+    prefault: bool,
+    only: &[String],
+) -> anyhow::Result<()> {
     use accel_user::transport::TransportMode;
     println!("## loopback ceilings (same run)");
     for &n in streams {
@@ -202,7 +231,11 @@ fn transport_bench(rams: &[ByteSize], streams: &[u32], secs: u64, prefault: bool
     for &ram in rams {
         let mut runs = [ram_stream(ram.0)?, ram_stream(ram.0)?, ram_stream(ram.0)?];
         runs.sort_by(f64::total_cmp);
-        println!("guest RAM -> fresh memfd, 1 stream, no engine, {} MiB, median of 3: {:.2} GiB/s", ram.0 >> 20, gib(runs[1]));
+        println!(
+            "guest RAM -> fresh memfd, 1 stream, no engine, {} MiB, median of 3: {:.2} GiB/s",
+            ram.0 >> 20,
+            gib(runs[1])
+        );
     }
     println!();
     println!("| guest | mode | streams | total ms | GiB/s | CPU s/GiB (both ends) | zero-copy sends | kernel: no copy / copied |");
@@ -261,7 +294,6 @@ fn transport_bench(rams: &[ByteSize], streams: &[u32], secs: u64, prefault: bool
     println!("CPU s/GiB: process user+sys from after the guest was filled until the destination ran (source, destination and the idle guest's vCPU threads).");
     Ok(())
 }
-
 
 /// The same path our transport uses without any guest: one TCP stream over loopback,
 /// 1 MiB writes from a buffer, a reader draining into a buffer. Bytes/s.
@@ -334,8 +366,20 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Ebpf { secs, pairs, harvest_ms, threads, noop } => ebpf_bench(secs, pairs, harvest_ms, threads, noop)?,
-        Cmd::Transport { ram, streams, ceiling_secs, prefault, modes } => transport_bench(&ram, &streams, ceiling_secs, prefault, &modes)?,
-        Cmd::Migrate { ram, hot_working_set, hot_rate, vcpus, dirty_source, ceiling_secs, batch_pages, no_zero_detect, transport_only } => {
+        Cmd::Transport { ram, streams, ceiling_secs, prefault, modes } => {
+            transport_bench(&ram, &streams, ceiling_secs, prefault, &modes)?
+        }
+        Cmd::Migrate {
+            ram,
+            hot_working_set,
+            hot_rate,
+            vcpus,
+            dirty_source,
+            ceiling_secs,
+            batch_pages,
+            no_zero_detect,
+            transport_only,
+        } => {
             let ip = iperf3_n(ceiling_secs, 1);
             let raw = raw_stream(ceiling_secs)?;
             // Median of three: writing into fresh memfd pages varies a lot from run to run here.
@@ -360,7 +404,12 @@ fn main() -> anyhow::Result<()> {
             println!("## live migration, {} MiB guest, {vcpus} vCPUs, dirty source {dirty_source:?}", ram.0 >> 20);
             println!("| workload | rounds | total ms | downtime ms | wire MiB | throughput GiB/s | precopy GiB/s | vs TCP ceiling | vs RAM stream | dirty pages/s | switchover |");
             println!("|---|---|---|---|---|---|---|---|---|---|---|");
-            let cases = [(WorkloadKind::Idle, true), (WorkloadKind::Idle, false), (WorkloadKind::Hot, false), (WorkloadKind::Ab, false)];
+            let cases = [
+                (WorkloadKind::Idle, true),
+                (WorkloadKind::Idle, false),
+                (WorkloadKind::Hot, false),
+                (WorkloadKind::Ab, false),
+            ];
             for (w, filled) in cases.into_iter().take(if transport_only { 1 } else { 4 }) {
                 let mut c = Config::default();
                 c.guest.ram = ram;
@@ -380,7 +429,11 @@ fn main() -> anyhow::Result<()> {
                 let prep: &dyn Fn(&kvm_hooks::vmm::Machine) -> anyhow::Result<()> = if filled { &fill } else { &noop };
                 let out = session::demo_with(&c, prep, &mut |_| {}).with_context(|| format!("{w:?} migration"))?;
                 let r = &out.report.source;
-                anyhow::ensure!(out.report.verification.ok(), "{w:?}: verification failed {:?}", out.report.verification);
+                anyhow::ensure!(
+                    out.report.verification.ok(),
+                    "{w:?}: verification failed {:?}",
+                    out.report.verification
+                );
                 let name = match w {
                     WorkloadKind::Idle if filled => "idle, RAM filled by host (transport-bound)".to_string(),
                     WorkloadKind::Idle => "idle".to_string(),

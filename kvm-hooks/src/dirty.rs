@@ -229,7 +229,9 @@ impl DirtyTracker {
     /// KVM still reports and re-protects pages; its entries are only counted).
     pub fn set_external(&self, src: Box<dyn ExternalDirtySource>) -> Result<()> {
         if !matches!(self.mode, DirtyMode::Ring { .. }) {
-            return Err(Error::Dirty("an external dirty source needs the dirty ring (KVM reports pages through it)".into()));
+            return Err(Error::Dirty(
+                "an external dirty source needs the dirty ring (KVM reports pages through it)".into(),
+            ));
         }
         self.lock().external = Some(src);
         Ok(())
@@ -274,15 +276,13 @@ impl DirtyTracker {
                 let (mut dup, mut bad) = (0u64, 0u64);
                 for ring in inner.rings.iter_mut() {
                     let pending = &mut inner.pending;
-                    total += u64::from(ring.harvest(|slot, offset| {
-                        match self.slot_gfn(slot, offset) {
-                            Some(gfn) => {
-                                if !pending.insert(gfn) {
-                                    dup += 1;
-                                }
+                    total += u64::from(ring.harvest(|slot, offset| match self.slot_gfn(slot, offset) {
+                        Some(gfn) => {
+                            if !pending.insert(gfn) {
+                                dup += 1;
                             }
-                            None => bad += 1,
                         }
+                        None => bad += 1,
                     }));
                 }
                 if total > 0 {

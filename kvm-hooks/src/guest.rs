@@ -35,7 +35,8 @@ core::arch::global_asm!(
     ".pushsection .text.migaccel_guest,\"ax\"",
     // walk: rdi=start rsi=end r8=pages per report dx=port r13=progress.
     // Increments the first byte of every page in [start,end) in a loop (QEMU's A/B test).
-    ".globl migaccel_guest_walk", "migaccel_guest_walk:",
+    ".globl migaccel_guest_walk",
+    "migaccel_guest_walk:",
     "mov rbx, rdi",
     "xor r12d, r12d",
     "2:",
@@ -53,17 +54,21 @@ core::arch::global_asm!(
     "mov eax, r13d",
     "out dx, eax",
     "jmp 2b",
-    ".globl migaccel_guest_walk_end", "migaccel_guest_walk_end:",
+    ".globl migaccel_guest_walk_end",
+    "migaccel_guest_walk_end:",
     // idle: report progress, touch nothing.
-    ".globl migaccel_guest_idle", "migaccel_guest_idle:",
+    ".globl migaccel_guest_idle",
+    "migaccel_guest_idle:",
     "inc r13",
     "mov eax, r13d",
     "out dx, eax",
     "jmp migaccel_guest_idle",
-    ".globl migaccel_guest_idle_end", "migaccel_guest_idle_end:",
+    ".globl migaccel_guest_idle_end",
+    "migaccel_guest_idle_end:",
     // oracle: rdi=start rsi=page mask (pages-1) r9=&iteration r14=xorshift state r8=batch.
     // Writes the current iteration number into pseudo-random pages (Linux dirty_log_test).
-    ".globl migaccel_guest_oracle", "migaccel_guest_oracle:",
+    ".globl migaccel_guest_oracle",
+    "migaccel_guest_oracle:",
     "xor r12d, r12d",
     "2:",
     "mov rax, r14",
@@ -89,10 +94,12 @@ core::arch::global_asm!(
     "mov eax, r13d",
     "out dx, eax",
     "jmp 2b",
-    ".globl migaccel_guest_oracle_end", "migaccel_guest_oracle_end:",
+    ".globl migaccel_guest_oracle_end",
+    "migaccel_guest_oracle_end:",
     // pagestate: rdi=request buffer, rsi=range base, dx=page-state port. Announces 16-page
     // ranges cycling over 64 slots of 64 KiB, private on odd requests, shared on even ones.
-    ".globl migaccel_guest_pagestate", "migaccel_guest_pagestate:",
+    ".globl migaccel_guest_pagestate",
+    "migaccel_guest_pagestate:",
     "xor r12d, r12d",
     "2:",
     "mov rax, r12",
@@ -110,7 +117,8 @@ core::arch::global_asm!(
     "inc r12",
     "inc r13",
     "jmp 2b",
-    ".globl migaccel_guest_pagestate_end", "migaccel_guest_pagestate_end:",
+    ".globl migaccel_guest_pagestate_end",
+    "migaccel_guest_pagestate_end:",
     ".popsection",
 );
 
@@ -178,7 +186,8 @@ pub fn install(ram: &GuestRam) -> Result<()> {
         }
     }
     // null, kernel code, kernel data, (unused), (unused), user data (0x2b), user code64 (0x33)
-    let gdt: [u64; 7] = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF, 0, 0, 0x00CF_F200_0000_FFFF, 0x00AF_FA00_0000_FFFF];
+    let gdt: [u64; 7] =
+        [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF, 0, 0, 0x00CF_F200_0000_FFFF, 0x00AF_FA00_0000_FFFF];
     for (i, d) in gdt.iter().enumerate() {
         ram.write_u64(GDT + i as u64 * 8, *d)?;
     }

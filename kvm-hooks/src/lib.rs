@@ -12,8 +12,8 @@ pub mod guest;
 pub mod memory;
 pub mod state;
 mod sys;
-pub mod vm;
 pub mod uring;
+pub mod vm;
 pub mod vmm;
 
 pub use error::{Error, Result};
@@ -35,7 +35,12 @@ pub fn writev_raw(fd: std::os::fd::BorrowedFd<'_>, iov: &[libc::iovec]) -> std::
 }
 
 /// Read from a file descriptor straight into guest RAM at `gpa` (bounds checked).
-pub fn read_into_guest(fd: std::os::fd::BorrowedFd<'_>, ram: &memory::GuestRam, gpa: u64, len: u64) -> std::io::Result<usize> {
+pub fn read_into_guest(
+    fd: std::os::fd::BorrowedFd<'_>,
+    ram: &memory::GuestRam,
+    gpa: u64,
+    len: u64,
+) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
     let iov = ram.iovec(gpa, len).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     // SAFETY: `iov` covers `len` bytes inside the guest RAM mapping (checked by `iovec`),

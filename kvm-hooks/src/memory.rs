@@ -140,7 +140,8 @@ impl GuestRam {
     /// Allocate and map every page now (a destination about to receive all of RAM), so
     /// receiving does not pay a page fault per page.
     pub fn populate(&self) -> Result<()> {
-        sys::populate(&self.file, self.map.as_mut_ptr(), self.size).map_err(|e| Error::Memory(format!("pre-allocating guest RAM: {e}")))
+        sys::populate(&self.file, self.map.as_mut_ptr(), self.size)
+            .map_err(|e| Error::Memory(format!("pre-allocating guest RAM: {e}")))
     }
 
     pub fn read_u64(&self, gpa: u64) -> Result<u64> {

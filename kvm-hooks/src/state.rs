@@ -4,7 +4,8 @@
 //! section `tag u16, reserved u16, len u32, bytes`. A section holds the raw kernel struct;
 //! its length must match this build's struct size, so a layout change cannot go unnoticed.
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    Msrs,
 };
 use kvm_ioctls::VcpuFd;
 
@@ -129,7 +130,8 @@ pub fn save(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState> {
     let mut msrs = Vec::new();
     let mut rest: Vec<u32> = msr_indices.to_vec();
     while !rest.is_empty() {
-        let entries: Vec<kvm_msr_entry> = rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let entries: Vec<kvm_msr_entry> =
+            rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
         let mut m = Msrs::from_entries(&entries).map_err(|e| Error::StateEncoding(format!("MSR list: {e:?}")))?;
         let n = vcpu.get_msrs(&mut m).map_err(io("KVM_GET_MSRS"))?;
         msrs.extend(m.as_slice()[..n].iter().map(|e| (e.index, e.data)));
@@ -212,7 +214,8 @@ impl VcpuState {
         if let Some(x) = &self.xcrs {
             sec(Tag::Xcrs, bytes_of(x));
         }
-        let msrs: Vec<u8> = self.msrs.iter().flat_map(|&(i, d)| i.to_le_bytes().into_iter().chain(d.to_le_bytes())).collect();
+        let msrs: Vec<u8> =
+            self.msrs.iter().flat_map(|&(i, d)| i.to_le_bytes().into_iter().chain(d.to_le_bytes())).collect();
         sec(Tag::Msrs, &msrs);
         if let Some(l) = &self.lapic {
             sec(Tag::Lapic, bytes_of(l));
@@ -273,7 +276,12 @@ impl VcpuState {
                     }
                     s.msrs = body
                         .chunks_exact(12)
-                        .map(|c| (u32::from_le_bytes(c[0..4].try_into().expect("4")), u64::from_le_bytes(c[4..12].try_into().expect("8"))))
+                        .map(|c| {
+                            (
+                                u32::from_le_bytes(c[0..4].try_into().expect("4")),
+                                u64::from_le_bytes(c[4..12].try_into().expect("8")),
+                            )
+                        })
                         .collect();
                 }
             }
@@ -281,7 +289,13 @@ impl VcpuState {
         if p != b.len() {
             return Err(bad(format!("{} trailing bytes after {count} sections", b.len() - p)));
         }
-        for (tag, name) in [(Tag::Regs, "regs"), (Tag::Sregs, "sregs"), (Tag::Fpu, "fpu"), (Tag::MpState, "mp_state"), (Tag::Events, "events")] {
+        for (tag, name) in [
+            (Tag::Regs, "regs"),
+            (Tag::Sregs, "sregs"),
+            (Tag::Fpu, "fpu"),
+            (Tag::MpState, "mp_state"),
+            (Tag::Events, "events"),
+        ] {
             if !seen[tag as usize] {
                 return Err(bad(format!("required section {name} missing")));
             }

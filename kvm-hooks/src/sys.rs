@@ -181,4 +181,3 @@ pub unsafe fn is_zero(ptr: *const u8, len: usize) -> bool {
     }
     acc == 0
 }
-

@@ -79,7 +79,10 @@ pub fn probe() -> io::Result<UringSupport> {
 pub enum Piece<'a> {
     Host(&'a [u8]),
     /// `len` bytes of guest RAM at `gpa`.
-    Guest { gpa: u64, len: u64 },
+    Guest {
+        gpa: u64,
+        len: u64,
+    },
 }
 
 struct Segment {
@@ -136,7 +139,13 @@ impl UringSender {
     /// A sender for `fd`. With `register` and zero-copy mode, guest RAM is registered as
     /// fixed buffers (one per memslot); if the kernel refuses, unregistered buffers are used
     /// and the reason is returned alongside.
-    pub fn new(fd: RawFd, mode: SendMode, ram: Option<&GuestRam>, register: bool, timeout: Duration) -> io::Result<(Self, Option<String>)> {
+    pub fn new(
+        fd: RawFd,
+        mode: SendMode,
+        ram: Option<&GuestRam>,
+        register: bool,
+        timeout: Duration,
+    ) -> io::Result<(Self, Option<String>)> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         let mut fixed = Vec::new();
         let mut note = None;
@@ -151,7 +160,9 @@ impl UringSender {
             match unsafe { ring.submitter().register_buffers(&iovs) } {
                 Ok(()) => {}
                 Err(e) => {
-                    note = Some(format!("registering guest RAM as fixed buffers failed ({e}); using unregistered buffers"));
+                    note = Some(format!(
+                        "registering guest RAM as fixed buffers failed ({e}); using unregistered buffers"
+                    ));
                     fixed.clear();
                 }
             }
@@ -190,7 +201,10 @@ impl UringSender {
     pub fn send(&mut self, pieces: &[Piece<'_>], ram: Option<&GuestRam>) -> io::Result<usize> {
         let host_len: usize = pieces.iter().map(|p| if let Piece::Host(b) = p { b.len() } else { 0 }).sum();
         if host_len > HOST_SLOT {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{host_len} host bytes exceed {HOST_SLOT}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{host_len} host bytes exceed {HOST_SLOT}"),
+            ));
         }
         // Host pieces are copied into the host buffer in order (segment 0); guest pieces
         // become iovecs into RAM, grouped by fixed-buffer index, at most UIO_MAXIOV per op.
@@ -205,7 +219,10 @@ impl UringSender {
             match *p {
                 Piece::Host(b) => {
                     if seen_guest {
-                        return Err(io::Error::new(io::ErrorKind::InvalidInput, "host bytes after guest bytes in a frame"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "host bytes after guest bytes in a frame",
+                        ));
                     }
                     self.host[off..off + b.len()].copy_from_slice(b);
                     let base = self.host[off..].as_mut_ptr();
@@ -214,8 +231,10 @@ impl UringSender {
                 }
                 Piece::Guest { gpa, len } => {
                     seen_guest = true;
-                    let ram = ram.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "guest piece without RAM"))?;
-                    let v = ram.iovec(gpa, len).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+                    let ram =
+                        ram.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "guest piece without RAM"))?;
+                    let v =
+                        ram.iovec(gpa, len).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
                     let fx = if self.mode == SendMode::ZeroCopy { self.fixed_index(gpa, len) } else { None };
                     let n = segs.len();
                     let last = segs.last_mut().expect("segment 0 exists");
@@ -228,7 +247,12 @@ impl UringSender {
                     } else if n > 1 && last.zc && last.fixed.is_none() && last.iov.len() < MAX_IOV {
                         last.iov.push(v);
                     } else {
-                        segs.push(Segment { iov: vec![v], fixed: None, single: false, zc: self.mode == SendMode::ZeroCopy });
+                        segs.push(Segment {
+                            iov: vec![v],
+                            fixed: None,
+                            single: false,
+                            zc: self.mode == SendMode::ZeroCopy,
+                        });
                     }
                 }
             }
@@ -259,13 +283,19 @@ impl UringSender {
                 let zc_flags = ZC_REPORT_USAGE;
                 let sqe = match (seg.zc, seg.single) {
                     (false, _) => opcode::SendMsg::new(types::Fd(self.fd), &*m).flags(libc::MSG_WAITALL as u32).build(),
-                    (true, true) => opcode::SendZc::new(types::Fd(self.fd), seg.iov[0].iov_base as *const u8, seg.iov[0].iov_len as u32)
-                        .flags(libc::MSG_WAITALL)
-                        .zc_flags(zc_flags)
-                        .buf_index(seg.fixed)
-                        .build(),
+                    (true, true) => opcode::SendZc::new(
+                        types::Fd(self.fd),
+                        seg.iov[0].iov_base as *const u8,
+                        seg.iov[0].iov_len as u32,
+                    )
+                    .flags(libc::MSG_WAITALL)
+                    .zc_flags(zc_flags)
+                    .buf_index(seg.fixed)
+                    .build(),
                     (true, false) => {
-                        let mut op = opcode::SendMsgZc::new(types::Fd(self.fd), &*m).flags(libc::MSG_WAITALL as u32).ioprio(zc_flags);
+                        let mut op = opcode::SendMsgZc::new(types::Fd(self.fd), &*m)
+                            .flags(libc::MSG_WAITALL as u32)
+                            .ioprio(zc_flags);
                         if let Some(ix) = seg.fixed {
                             op = op.buf_index(Some(ix));
                         }
@@ -428,7 +458,10 @@ impl UringReceiver {
         while done < len {
             let chunk = (len - done).min(1 << 30) as u32;
             // SAFETY: per the function contract, ptr+done..ptr+done+chunk is writable.
-            let sqe = opcode::Recv::new(types::Fd(self.fd), unsafe { ptr.add(done) }, chunk).flags(libc::MSG_WAITALL).build().user_data(1);
+            let sqe = opcode::Recv::new(types::Fd(self.fd), unsafe { ptr.add(done) }, chunk)
+                .flags(libc::MSG_WAITALL)
+                .build()
+                .user_data(1);
             // SAFETY: the buffer outlives the operation: we wait for its completion below
             // (or cancel it and wait for the cancellation) before returning.
             unsafe {

@@ -1,7 +1,7 @@
 //! VM and vCPU handles on kvm-ioctls: one owning type per kernel object.
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::dirty::{DirtyMode, DirtyRing, DirtyTracker};
@@ -13,9 +13,13 @@ use crate::sys;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DirtyPreference {
     /// Ring of this many bytes per vCPU; fall back to the bitmap if unsupported.
-    RingOrBitmap { bytes: u32 },
+    RingOrBitmap {
+        bytes: u32,
+    },
     /// Ring only: fail if the kernel lacks it.
-    Ring { bytes: u32 },
+    Ring {
+        bytes: u32,
+    },
     Bitmap,
 }
 
@@ -51,7 +55,9 @@ fn open_kvm() -> Result<Kvm> {
 
 /// Retry an ioctl that a signal interrupted (seen for KVM_CREATE_VM while other VMs of the
 /// process were being torn down); other errors are returned at once.
-fn retry_eintr<T>(mut f: impl FnMut() -> std::result::Result<T, vmm_sys_util::errno::Error>) -> std::result::Result<T, vmm_sys_util::errno::Error> {
+fn retry_eintr<T>(
+    mut f: impl FnMut() -> std::result::Result<T, vmm_sys_util::errno::Error>,
+) -> std::result::Result<T, vmm_sys_util::errno::Error> {
     let mut tries = 0;
     loop {
         match f() {
@@ -91,7 +97,9 @@ impl Vm {
         let max_ring = fd.check_extension_raw(sys::CAP_DIRTY_LOG_RING_ACQ_REL.into()).max(0) as u32;
         let mode = match pref {
             DirtyPreference::Bitmap => DirtyMode::Bitmap,
-            DirtyPreference::Ring { bytes } | DirtyPreference::RingOrBitmap { bytes } if max_ring >= bytes && bytes > 0 => {
+            DirtyPreference::Ring { bytes } | DirtyPreference::RingOrBitmap { bytes }
+                if max_ring >= bytes && bytes > 0 =>
+            {
                 DirtyMode::Ring { bytes }
             }
             DirtyPreference::Ring { bytes } => {
@@ -106,12 +114,21 @@ impl Vm {
         };
         match mode {
             DirtyMode::Ring { bytes } => {
-                let cap = kvm_enable_cap { cap: sys::CAP_DIRTY_LOG_RING_ACQ_REL, args: [bytes.into(), 0, 0, 0], ..Default::default() };
+                let cap = kvm_enable_cap {
+                    cap: sys::CAP_DIRTY_LOG_RING_ACQ_REL,
+                    args: [bytes.into(), 0, 0, 0],
+                    ..Default::default()
+                };
                 fd.enable_cap(&cap).map_err(|e| Error::ioctl("KVM_ENABLE_CAP(DIRTY_LOG_RING_ACQ_REL)", errno_io(e)))?;
             }
             DirtyMode::Bitmap => {
-                let cap = kvm_enable_cap { cap: sys::CAP_MANUAL_DIRTY_LOG_PROTECT2, args: [1, 0, 0, 0], ..Default::default() };
-                fd.enable_cap(&cap).map_err(|e| Error::ioctl("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", errno_io(e)))?;
+                let cap = kvm_enable_cap {
+                    cap: sys::CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    args: [1, 0, 0, 0],
+                    ..Default::default()
+                };
+                fd.enable_cap(&cap)
+                    .map_err(|e| Error::ioctl("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", errno_io(e)))?;
             }
         }
         // An in-kernel LAPIC/IOAPIC/PIC, as production VMMs have, so LAPIC state is part of

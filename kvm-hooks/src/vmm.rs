@@ -107,9 +107,18 @@ impl GuestSpec {
         let per = (e - s) / PAGE_SIZE;
         match self.workload {
             Workload::Ab => Start { program: Program::Walk, rdi: s, rsi: e, r8: per.min(4096), r9: 0, r14: 0 },
-            Workload::Hot { .. } => Start { program: Program::Walk, rdi: s, rsi: e, r8: self.pace(i).batch, r9: 0, r14: 0 },
+            Workload::Hot { .. } => {
+                Start { program: Program::Walk, rdi: s, rsi: e, r8: self.pace(i).batch, r9: 0, r14: 0 }
+            }
             Workload::Idle => Start { program: Program::Idle, rdi: 0, rsi: 0, r8: 1, r9: 0, r14: 0 },
-            Workload::PageState => Start { program: Program::PageState, rdi: guest::PARAM + 0x100 + u64::from(i) * 0x20, rsi: DATA_START, r8: 1, r9: 0, r14: 0 },
+            Workload::PageState => Start {
+                program: Program::PageState,
+                rdi: guest::PARAM + 0x100 + u64::from(i) * 0x20,
+                rsi: DATA_START,
+                r8: 1,
+                r9: 0,
+                r14: 0,
+            },
             Workload::Oracle { pages } => Start {
                 program: Program::Oracle,
                 rdi: DATA_START,
@@ -229,7 +238,8 @@ impl Machine {
             let v = v.lock().unwrap_or_else(|e| e.into_inner());
             let sregs = v.get_sregs().map_err(|e| Error::ioctl("KVM_GET_SREGS", errno_io(e)))?;
             v.set_sregs(&guest::initial_sregs(sregs)).map_err(|e| Error::ioctl("KVM_SET_SREGS", errno_io(e)))?;
-            v.set_regs(&guest::initial_regs(i, &spec.start(i as u32))).map_err(|e| Error::ioctl("KVM_SET_REGS", errno_io(e)))?;
+            v.set_regs(&guest::initial_regs(i, &spec.start(i as u32)))
+                .map_err(|e| Error::ioctl("KVM_SET_REGS", errno_io(e)))?;
             // With an in-kernel LAPIC, application processors wait for INIT/SIPI; the test
             // guests start every vCPU directly.
             v.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE })
@@ -265,7 +275,8 @@ impl Machine {
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
             let fd = Arc::new(Mutex::new(vm.create_vcpu(i as u64)?));
-            let (f, sh, tr, pace, ram) = (fd.clone(), shared.clone(), vm.dirty().clone(), spec.pace(i as u32), vm.ram().clone());
+            let (f, sh, tr, pace, ram) =
+                (fd.clone(), shared.clone(), vm.dirty().clone(), spec.pace(i as u32), vm.ram().clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || vcpu_loop(i, f, sh, tr, pace, ram))
@@ -349,20 +360,21 @@ impl Machine {
     /// Save every vCPU's state (vCPUs must be paused).
     pub fn save_states(&self) -> Result<Vec<VcpuState>> {
         self.check_paused()?;
-        self.vcpus
-            .iter()
-            .map(|v| state::save(&v.lock().unwrap_or_else(|e| e.into_inner()), &self.msr_list))
-            .collect()
+        self.vcpus.iter().map(|v| state::save(&v.lock().unwrap_or_else(|e| e.into_inner()), &self.msr_list)).collect()
     }
 
     /// Restore every vCPU's state (vCPUs must be paused).
     pub fn restore_states(&self, states: &[VcpuState]) -> Result<()> {
         self.check_paused()?;
         if states.len() != self.vcpus.len() {
-            return Err(Error::Vcpu { vcpu: states.len(), msg: format!("got state for {} vCPUs, VM has {}", states.len(), self.vcpus.len()) });
+            return Err(Error::Vcpu {
+                vcpu: states.len(),
+                msg: format!("got state for {} vCPUs, VM has {}", states.len(), self.vcpus.len()),
+            });
         }
         for (i, (v, s)) in self.vcpus.iter().zip(states).enumerate() {
-            state::restore(&v.lock().unwrap_or_else(|e| e.into_inner()), s).map_err(|e| Error::Vcpu { vcpu: i, msg: e.to_string() })?;
+            state::restore(&v.lock().unwrap_or_else(|e| e.into_inner()), s)
+                .map_err(|e| Error::Vcpu { vcpu: i, msg: e.to_string() })?;
         }
         Ok(())
     }
@@ -384,7 +396,10 @@ impl Machine {
 
     /// (handled, refused) page-state requests so far.
     pub fn page_state_counts(&self) -> (u64, u64) {
-        (self.shared.page_state_requests.load(Ordering::Relaxed), self.shared.page_state_refused.load(Ordering::Relaxed))
+        (
+            self.shared.page_state_requests.load(Ordering::Relaxed),
+            self.shared.page_state_refused.load(Ordering::Relaxed),
+        )
     }
 
     /// Kernel thread ids of the vCPU threads (they run KVM_RUN, so KVM's tracepoints for
@@ -420,7 +435,14 @@ enum Event {
     Fault(String),
 }
 
-fn vcpu_loop(id: usize, fd: Arc<Mutex<VcpuFd>>, sh: Arc<Shared>, dirty: Arc<DirtyTracker>, pace: Pace, ram: Arc<GuestRam>) {
+fn vcpu_loop(
+    id: usize,
+    fd: Arc<Mutex<VcpuFd>>,
+    sh: Arc<Shared>,
+    dirty: Arc<DirtyTracker>,
+    pace: Pace,
+    ram: Arc<GuestRam>,
+) {
     // SAFETY: gettid has no arguments and cannot fail.
     sh.tids[id].store(unsafe { libc::gettid() } as u64, Ordering::Release);
     let mut t0 = Instant::now();
@@ -553,7 +575,6 @@ fn fault(sh: &Shared, msg: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
 
     /// Guest-written page-state requests are checked field by field; a hostile pointer or
     /// range is refused and never reaches the hook.

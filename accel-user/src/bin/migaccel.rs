@@ -196,7 +196,9 @@ fn progress(quiet: bool) -> impl FnMut(Event) {
             ),
             Event::Switchover(s) => eprintln!("switchover: {s:?}"),
             Event::Final(r) => eprintln!("final round {}: {} pages, vCPUs stopped", r.round, r.pages),
-            Event::Resumed { downtime } => eprintln!("destination resumed; downtime {:.1} ms", downtime.as_secs_f64() * 1e3),
+            Event::Resumed { downtime } => {
+                eprintln!("destination resumed; downtime {:.1} ms", downtime.as_secs_f64() * 1e3)
+            }
         }
     }
 }
@@ -270,7 +272,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.receiver.run_after_ms = *v;
             }
             cfg.validate()?;
-            let l = TcpListener::bind(&cfg.receiver.listen).with_context(|| format!("listen on {}", cfg.receiver.listen))?;
+            let l = TcpListener::bind(&cfg.receiver.listen)
+                .with_context(|| format!("listen on {}", cfg.receiver.listen))?;
             eprintln!("listening on {}", l.local_addr()?);
             let (r, res) = session::receive(&cfg, &l, common.dump_memory.is_some());
             let got = res?;
@@ -319,7 +322,11 @@ fn doctor() -> anyhow::Result<()> {
                     "not supported; the dirty bitmap will be used".into()
                 },
             );
-            line(c.manual_dirty_log_protect > 0, "manual dirty-log protect", format!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = {}", c.manual_dirty_log_protect));
+            line(
+                c.manual_dirty_log_protect > 0,
+                "manual dirty-log protect",
+                format!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = {}", c.manual_dirty_log_protect),
+            );
             line(true, "vCPUs", format!("recommended {}, max {}", c.nr_vcpus, c.max_vcpus));
         }
         Err(e) => line(false, "KVM", e.to_string()),
@@ -334,10 +341,22 @@ fn doctor() -> anyhow::Result<()> {
         Err(e) => line(false, "BPF", e.to_string()),
     }
     match kvm_hooks::uring::probe() {
-        Ok(u) => line(u.sendmsg && u.recv, "io_uring", format!("SENDMSG {} RECV {} SEND_ZC {} SENDMSG_ZC {}", u.sendmsg, u.recv, u.send_zc, u.sendmsg_zc)),
+        Ok(u) => line(
+            u.sendmsg && u.recv,
+            "io_uring",
+            format!("SENDMSG {} RECV {} SEND_ZC {} SENDMSG_ZC {}", u.sendmsg, u.recv, u.send_zc, u.sendmsg_zc),
+        ),
         Err(e) => line(false, "io_uring", e.to_string()),
     }
-    line(Path::new("/dev/sev").exists(), "SEV", if Path::new("/dev/sev").exists() { "/dev/sev present".into() } else { "no /dev/sev: confidential paths cannot run on real SEV here".into() });
+    line(
+        Path::new("/dev/sev").exists(),
+        "SEV",
+        if Path::new("/dev/sev").exists() {
+            "/dev/sev present".into()
+        } else {
+            "no /dev/sev: confidential paths cannot run on real SEV here".into()
+        },
+    );
     if bad > 0 {
         println!("{bad} check(s) failed");
     }
@@ -346,7 +365,8 @@ fn doctor() -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

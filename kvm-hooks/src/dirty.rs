@@ -260,38 +260,11 @@ impl DirtyTracker {
                 tracing::warn!("{}: {why}; sending all RAM again this round", ext.name());
                 insert_all(pending, self.total_pages());
             }
-            let mut total = 0u64;
-            for ring in inner.rings.iter_mut() {
-                total += u64::from(ring.harvest(|_, _| {}));
-            }
-            if total > 0 {
-                sys::reset_dirty_rings(&*self.vm).map_err(|e| Error::ioctl("KVM_RESET_DIRTY_RINGS", e))?;
-            }
-            self.stats.reported.fetch_add(total, Ordering::Relaxed);
-            return Ok(());
+            // The ring's entries are only counted: the pages are in the external bitmap.
+            return self.harvest_rings(inner, false);
         }
         match self.mode {
-            DirtyMode::Ring { .. } => {
-                let mut total = 0u64;
-                let (mut dup, mut bad) = (0u64, 0u64);
-                for ring in inner.rings.iter_mut() {
-                    let pending = &mut inner.pending;
-                    total += u64::from(ring.harvest(|slot, offset| match self.slot_gfn(slot, offset) {
-                        Some(gfn) => {
-                            if !pending.insert(gfn) {
-                                dup += 1;
-                            }
-                        }
-                        None => bad += 1,
-                    }));
-                }
-                if total > 0 {
-                    sys::reset_dirty_rings(&*self.vm).map_err(|e| Error::ioctl("KVM_RESET_DIRTY_RINGS", e))?;
-                }
-                self.stats.reported.fetch_add(total, Ordering::Relaxed);
-                self.stats.duplicates.fetch_add(dup, Ordering::Relaxed);
-                self.stats.bad_entries.fetch_add(bad, Ordering::Relaxed);
-            }
+            DirtyMode::Ring { .. } => self.harvest_rings(inner, true)?,
             DirtyMode::Bitmap => {
                 for s in &self.slots {
                     let mut bits = self
@@ -311,6 +284,35 @@ impl DirtyTracker {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Harvest every vCPU ring (into `pending` when `record`), then re-arm the harvested
+    /// pages with `KVM_RESET_DIRTY_RINGS`.
+    fn harvest_rings(&self, inner: &mut Inner, record: bool) -> Result<()> {
+        let (mut total, mut dup, mut bad) = (0u64, 0u64, 0u64);
+        for ring in inner.rings.iter_mut() {
+            let pending = &mut inner.pending;
+            total += u64::from(ring.harvest(|slot, offset| {
+                if !record {
+                    return;
+                }
+                match self.slot_gfn(slot, offset) {
+                    Some(gfn) => {
+                        if !pending.insert(gfn) {
+                            dup += 1;
+                        }
+                    }
+                    None => bad += 1,
+                }
+            }));
+        }
+        if total > 0 {
+            sys::reset_dirty_rings(&*self.vm).map_err(|e| Error::ioctl("KVM_RESET_DIRTY_RINGS", e))?;
+        }
+        self.stats.reported.fetch_add(total, Ordering::Relaxed);
+        self.stats.duplicates.fetch_add(dup, Ordering::Relaxed);
+        self.stats.bad_entries.fetch_add(bad, Ordering::Relaxed);
         Ok(())
     }
 

@@ -10,7 +10,8 @@
 //! 0x1000  PML4        0x2000  PDPT       0x3000  GDT
 //! 0x4000  code        0x5000  parameter page (oracle iteration number)
 //! 0x10000..0x50000    page directories (64 x 1 GiB)
-//! 0x200000..end       workload data, split evenly between vCPUs
+//! 0x200000..0x400000  Migration Handler region (mh_abi::REGION; zero unless an MH runs)
+//! 0x400000..end       workload data, split evenly between vCPUs
 //! ```
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
@@ -24,7 +25,7 @@ pub const CODE: u64 = 0x4000;
 pub const PARAM: u64 = 0x5000;
 pub const PD_BASE: u64 = 0x10000;
 /// First byte of the workload data region.
-pub const DATA_START: u64 = 0x20_0000;
+pub const DATA_START: u64 = mh_abi::REGION + mh_abi::REGION_SIZE;
 /// Port `PROGRESS_PORT + vcpu` receives a vCPU's 32-bit progress counter.
 pub const PROGRESS_PORT: u16 = 0x500;
 /// Port `PAGE_STATE_PORT + vcpu` receives the guest-physical address of a page-state

@@ -10,6 +10,7 @@ pub mod dirty;
 pub mod error;
 pub mod guest;
 pub mod memory;
+pub mod mh;
 pub mod state;
 mod sys;
 pub mod uring;

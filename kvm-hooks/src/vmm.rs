@@ -16,6 +16,7 @@ use crate::dirty::DirtyTracker;
 use crate::error::{errno_io, Error, Result};
 use crate::guest::{self, Program, Start, DATA_START, PROGRESS_PORT};
 use crate::memory::{validate_ram_size, GuestRam, PAGE_SIZE};
+use crate::mh::{self, Bell, Launch, MhError, MhHost};
 use crate::state::{self, VcpuState};
 use crate::sys;
 use crate::vm::{DirtyPreference, Vm};
@@ -216,6 +217,15 @@ pub struct Machine {
     threads: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
     msr_list: Vec<u32>,
+    mh: Option<MhVcpu>,
+}
+
+/// The Migration Handler's extra vCPU: runs on its own thread, independent of pause/resume
+/// (it serves the rings while the workload vCPUs are stopped at switchover).
+#[derive(Debug)]
+struct MhVcpu {
+    bell: Arc<Bell>,
+    thread: Option<JoinHandle<()>>,
 }
 
 static SIGNAL: Once = Once::new();
@@ -284,7 +294,7 @@ impl Machine {
             vcpus.push(fd);
             threads.push(t);
         }
-        let m = Machine { vm, spec, vcpus, threads, shared, msr_list };
+        let m = Machine { vm, spec, vcpus, threads, shared, msr_list, mh: None };
         m.wait_parked(Duration::from_secs(10))?;
         Ok(m)
     }
@@ -408,6 +418,56 @@ impl Machine {
         self.shared.tids.iter().map(|t| t.load(Ordering::Acquire) as u32).collect()
     }
 
+    /// Install the reference Migration Handler in the MH region and start it on an extra
+    /// vCPU (id = number of workload vCPUs). Waits until it reports ready. On a destination
+    /// this is called before any page arrives.
+    pub fn launch_mh(&mut self, launch: &Launch, timeout: Duration) -> std::result::Result<MhHost, MhError> {
+        if self.mh.is_some() {
+            return Err(MhError::BadRequest("this VM already runs a Migration Handler".into()));
+        }
+        let ram = self.ram().clone();
+        mh::install(&ram, launch)?;
+        let id = self.vcpus.len();
+        let fd = self.vm.create_vcpu(id as u64)?;
+        let sregs = fd.get_sregs().map_err(|e| Error::ioctl("KVM_GET_SREGS", errno_io(e)))?;
+        let mut sregs = guest::initial_sregs(sregs);
+        sregs.cr3 = mh_abi::PAGE_TABLES;
+        sregs.gdt.base = mh_abi::GDT;
+        // OSFXSR | OSXMMEXCPT | OSXSAVE: SSE/AVX for AES-GCM.
+        sregs.cr4 |= 0x600 | 0x4_0000;
+        fd.set_sregs(&sregs).map_err(|e| Error::ioctl("KVM_SET_SREGS", errno_io(e)))?;
+        let mut xcrs = kvm_bindings::kvm_xcrs::default();
+        xcrs.nr_xcrs = 1;
+        xcrs.xcrs[0].value = 0x7; // x87 | SSE | AVX
+        if let Err(e) = fd.set_xcrs(&xcrs) {
+            tracing::debug!("KVM_SET_XCRS for the MH vCPU: {e} (AVX state left as is)");
+        }
+        let regs = kvm_bindings::kvm_regs {
+            rip: mh_abi::IMAGE,
+            rsp: mh_abi::STACK_TOP,
+            rflags: 0x3002,
+            ..Default::default()
+        };
+        fd.set_regs(&regs).map_err(|e| Error::ioctl("KVM_SET_REGS", errno_io(e)))?;
+        fd.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE })
+            .map_err(|e| Error::ioctl("KVM_SET_MP_STATE", errno_io(e)))?;
+        let bell = Arc::new(Bell::default());
+        let (b, tr, r) = (bell.clone(), self.vm.dirty().clone(), ram.clone());
+        let thread = std::thread::Builder::new()
+            .name("mh-vcpu".into())
+            .spawn(move || mh_loop(fd, b, tr, r))
+            .map_err(|e| Error::Vcpu { vcpu: id, msg: format!("spawn MH thread: {e}") })?;
+        self.mh = Some(MhVcpu { bell: bell.clone(), thread: Some(thread) });
+        let host = MhHost::new(ram, bell, timeout);
+        host.wait_ready(Duration::from_secs(10))?;
+        Ok(host)
+    }
+
+    /// Whether a Migration Handler runs in this VM.
+    pub fn has_mh(&self) -> bool {
+        self.mh.is_some()
+    }
+
     /// Oracle workloads read the iteration number from the parameter page.
     pub fn set_oracle_iteration(&self, iter: u64) -> Result<()> {
         self.ram().write_u64(guest::PARAM, iter)
@@ -416,6 +476,14 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
+        if let Some(mut m) = self.mh.take() {
+            m.bell.lock().exit = true;
+            m.bell.notify();
+            if let Some(t) = m.thread.take() {
+                let _ = sys::pthread_kill(t.as_pthread_t(), kick_signal());
+                let _ = t.join();
+            }
+        }
         *self.shared.state() = RunState::Exit;
         self.shared.cv.notify_all();
         for t in &self.threads {
@@ -517,6 +585,64 @@ fn vcpu_loop(
             Event::Interrupted => {}
             Event::Fault(msg) => fault(&sh, msg),
         }
+    }
+}
+
+/// The MH vCPU's thread: runs the MH and turns its port kicks into doorbell events.
+fn mh_loop(mut fd: VcpuFd, bell: Arc<Bell>, dirty: Arc<DirtyTracker>, ram: Arc<GuestRam>) {
+    loop {
+        {
+            let mut g = bell.lock();
+            if g.exit {
+                return;
+            }
+            if g.fault.is_some() {
+                // A faulted MH never runs again.
+                g.frozen = true;
+            }
+            if g.frozen {
+                drop(g);
+                bell.wait_thawed();
+                continue;
+            }
+        }
+        let kick = match fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) if port == mh_abi::PORT && data.len() == 4 => {
+                Ok(mh_abi::Kick::from_u32(u32::from_le_bytes([data[0], data[1], data[2], data[3]])))
+            }
+            Ok(VcpuExit::Unsupported(r)) if r == sys::EXIT_DIRTY_RING_FULL => {
+                if let Err(e) = dirty.on_ring_full() {
+                    Err(format!("MH vCPU: harvesting a full dirty ring failed: {e}"))
+                } else {
+                    continue;
+                }
+            }
+            Ok(VcpuExit::Intr) => continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Ok(other) => Err(format!("MH vCPU: unexpected exit {other:?}")),
+            Err(e) => Err(format!("MH vCPU: KVM_RUN failed: {e}")),
+        };
+        let mut g = bell.lock();
+        match kick {
+            Ok(mh_abi::Kick::Ready) => g.ready = true,
+            Ok(mh_abi::Kick::Done) => g.done += 1,
+            Ok(mh_abi::Kick::Wait) => {
+                drop(g);
+                bell.wait_ring(Duration::from_millis(50));
+                continue;
+            }
+            Ok(mh_abi::Kick::Fault) => {
+                let code = ram.read_u64(mh_abi::HEADER + mh_abi::header::FAULT).unwrap_or(0) as u32;
+                g.fault = Some(format!("the MH reported fault code {code}"));
+            }
+            Ok(mh_abi::Kick::Invalid) => g.fault = Some("the MH sent an unknown kick".into()),
+            Err(msg) => {
+                tracing::error!("{msg}");
+                g.fault = Some(msg);
+            }
+        }
+        drop(g);
+        bell.notify();
     }
 }
 

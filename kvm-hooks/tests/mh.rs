@@ -1,0 +1,222 @@
+//! The reference Migration Handler on a real extra vCPU: export at one VM, import at another,
+//! and every way a host (or a blob) can be hostile.
+use std::time::Duration;
+
+use kvm_hooks::guest::DATA_START;
+use kvm_hooks::mh::{Blob, Launch, MhError, MhHost};
+use kvm_hooks::vm::DirtyPreference;
+use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
+use mh_abi::{self as abi, CompStatus, Kind, Op, Request};
+
+const RING: DirtyPreference = DirtyPreference::Ring { bytes: 64 << 10 };
+const KEY: [u8; 32] = [0x42; 32];
+
+fn spec() -> GuestSpec {
+    GuestSpec { ram_bytes: 64 << 20, vcpus: 1, workload: Workload::Idle }
+}
+
+fn launch(key: [u8; 32]) -> Launch {
+    Launch { key, vm_id: 7, spin: 0 }
+}
+
+fn vm_with_mh(key: [u8; 32]) -> (Machine, MhHost) {
+    let mut m = Machine::boot(spec(), RING).unwrap();
+    let h = m.launch_mh(&launch(key), Duration::from_secs(5)).unwrap();
+    (m, h)
+}
+
+fn req(op: Op, gfn: u64, count: u32, slot: u32, round: u32) -> Request {
+    Request { op: op as u16, id: 0, count, slot, gfn, round }
+}
+
+/// Export `count` pages at `gfn` (round `round`) and take the blobs out of the slots.
+fn export(h: &mut MhHost, gfn: u64, count: u32, round: u32) -> Vec<Blob> {
+    h.run(&[req(Op::Export, gfn, count, 0, round)]).unwrap();
+    (0..count)
+        .map(|i| {
+            let mut b = Blob::zeroed();
+            h.take_slot(i, Kind::Page, gfn + u64::from(i), &mut b).unwrap();
+            b
+        })
+        .collect()
+}
+
+fn marker(h: &mut MhHost, op: Op, round: u32) -> Blob {
+    h.run(&[req(op, 0, 1, 0, round)]).unwrap();
+    let mut b = Blob::zeroed();
+    h.read_slot(0, &mut b).unwrap();
+    b
+}
+
+/// Import `blobs` at `gfn..`; returns the MH's verdict.
+fn import(h: &mut MhHost, gfn: u64, blobs: &[Blob]) -> Result<(), MhError> {
+    for (i, b) in blobs.iter().enumerate() {
+        h.write_slot(i as u32, b).unwrap();
+    }
+    h.run(&[req(Op::Import, gfn, blobs.len() as u32, 0, 0)])
+}
+
+fn open_stream(h: &mut MhHost, begin: &Blob) {
+    h.write_slot(0, begin).unwrap();
+    h.run(&[req(Op::Marker, 0, 1, 0, 0)]).unwrap();
+}
+
+fn fill(m: &Machine, gfn: u64, count: u64, tag: u8) {
+    for p in 0..count {
+        let page: Vec<u8> = (0..4096).map(|i| (i as u8) ^ tag ^ (p as u8)).collect();
+        m.ram().write((gfn + p) * 4096, &page).unwrap();
+    }
+}
+
+fn page(m: &Machine, gfn: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    m.ram().read(gfn * 4096, &mut b).unwrap();
+    b
+}
+
+fn refused(r: Result<(), MhError>) -> CompStatus {
+    match r {
+        Err(MhError::Refused { status, .. }) => status,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn export_then_import_moves_pages_and_never_shows_plaintext() {
+    let (src, mut sh) = vm_with_mh(KEY);
+    let gfn = DATA_START / 4096 + 10;
+    fill(&src, gfn, 64, 0x5a);
+    let begin = marker(&mut sh, Op::Begin, 0);
+    let blobs = export(&mut sh, gfn, 64, 1);
+    let end = marker(&mut sh, Op::End, 1);
+    for (i, b) in blobs.iter().enumerate() {
+        assert_ne!(&b.data[..], &page(&src, gfn + i as u64)[..], "slot {i} holds plaintext");
+        assert_eq!(b.round, 1);
+    }
+    let seqs: Vec<u64> = blobs.iter().map(|b| b.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "sequence numbers are contiguous");
+
+    let mut dst = Machine::destination(spec(), RING).unwrap();
+    let mut dh = dst.launch_mh(&launch(KEY), Duration::from_secs(5)).unwrap();
+    open_stream(&mut dh, &begin);
+    import(&mut dh, gfn, &blobs).unwrap();
+    assert!(!dh.counters().unwrap().complete, "not complete before End");
+    dh.write_slot(0, &end).unwrap();
+    dh.run(&[req(Op::Marker, 0, 1, 0, 0)]).unwrap();
+    for p in 0..64 {
+        assert_eq!(page(&dst, gfn + p), page(&src, gfn + p), "page {p} differs after import");
+    }
+    let c = dh.counters().unwrap();
+    assert!(c.complete && c.imported == 64, "{c:?}");
+    assert_eq!(sh.counters().unwrap().exported, 64);
+}
+
+#[test]
+fn hostile_blobs_are_refused() {
+    let (src, mut sh) = vm_with_mh(KEY);
+    let gfn = DATA_START / 4096;
+    fill(&src, gfn, 8, 0x11);
+    let begin = marker(&mut sh, Op::Begin, 0);
+    let r1 = export(&mut sh, gfn, 4, 1);
+    let r2 = export(&mut sh, gfn, 4, 2);
+
+    let fresh = |key| {
+        let mut d = Machine::destination(spec(), RING).unwrap();
+        let mut h = d.launch_mh(&launch(key), Duration::from_secs(5)).unwrap();
+        open_stream(&mut h, &begin);
+        (d, h)
+    };
+    // Tampered ciphertext.
+    let (d, mut h) = fresh(KEY);
+    let mut bad = r1.clone();
+    bad[2].data[100] ^= 1;
+    assert_eq!(refused(import(&mut h, gfn, &bad)), CompStatus::AuthFailed);
+    assert_eq!(page(&d, gfn + 2), vec![0; 4096], "nothing written for the tampered page");
+    // Tampered tag.
+    let (_d, mut h) = fresh(KEY);
+    let mut bad = r1.clone();
+    bad[0].tag[0] ^= 0x80;
+    assert_eq!(refused(import(&mut h, gfn, &bad)), CompStatus::AuthFailed);
+    // Blob for gfn A presented as gfn B.
+    let (d, mut h) = fresh(KEY);
+    assert_eq!(refused(import(&mut h, gfn + 1, &r1[..1])), CompStatus::AuthFailed);
+    assert_eq!(page(&d, gfn + 1), vec![0; 4096]);
+    // Round label rewritten.
+    let (_d, mut h) = fresh(KEY);
+    let mut bad = r1.clone();
+    bad[0].round = 7;
+    assert_eq!(refused(import(&mut h, gfn, &bad[..1])), CompStatus::AuthFailed);
+    // Replay of an earlier round after a later one, and a duplicate within a stream.
+    let (_d, mut h) = fresh(KEY);
+    import(&mut h, gfn, &r1).unwrap();
+    import(&mut h, gfn, &r2).unwrap();
+    assert_eq!(refused(import(&mut h, gfn, &r1[..1])), CompStatus::BadSequence);
+    assert_eq!(refused(import(&mut h, gfn + 3, &r2[3..])), CompStatus::BadSequence);
+    // Reordered / missing blob.
+    let (_d, mut h) = fresh(KEY);
+    assert_eq!(refused(import(&mut h, gfn + 1, &r1[1..2])), CompStatus::BadSequence);
+    // Import without a Begin.
+    let mut d2 = Machine::destination(spec(), RING).unwrap();
+    let mut h2 = d2.launch_mh(&launch(KEY), Duration::from_secs(5)).unwrap();
+    assert_eq!(refused(import(&mut h2, gfn, &r1)), CompStatus::NoStream);
+    // Wrong key: even the Begin marker fails.
+    let mut d3 = Machine::destination(spec(), RING).unwrap();
+    let mut h3 = d3.launch_mh(&launch([0x43; 32]), Duration::from_secs(5)).unwrap();
+    h3.write_slot(0, &begin).unwrap();
+    assert_eq!(refused(h3.run(&[req(Op::Marker, 0, 1, 0, 0)])), CompStatus::AuthFailed);
+}
+
+#[test]
+fn hostile_requests_are_refused_and_touch_nothing() {
+    let (m, mut h) = vm_with_mh(KEY);
+    let ram_pages = m.ram().pages();
+    let region = abi::REGION / 4096;
+    let before = page(&m, abi::SECRET / 4096);
+    let cases = [
+        (req(Op::Invalid, DATA_START / 4096, 1, 0, 0), CompStatus::BadRequest),
+        (Request { op: 99, ..req(Op::Export, DATA_START / 4096, 1, 0, 0) }, CompStatus::BadRequest),
+        (req(Op::Export, DATA_START / 4096, 0, 0, 0), CompStatus::BadRequest),
+        (req(Op::Export, DATA_START / 4096, abi::NSLOTS + 1, 0, 0), CompStatus::BadRequest),
+        (req(Op::Export, DATA_START / 4096, 2, abi::NSLOTS - 1, 0), CompStatus::BadRequest),
+        (req(Op::Export, DATA_START / 4096, 1, u32::MAX, 0), CompStatus::BadRequest),
+        (req(Op::Export, ram_pages, 1, 0, 0), CompStatus::BadGfn),
+        (req(Op::Export, ram_pages - 1, 2, 0, 0), CompStatus::BadGfn),
+        (req(Op::Export, u64::MAX, 2, 0, 0), CompStatus::BadGfn),
+        (req(Op::Export, region - 1, 2, 0, 0), CompStatus::BadGfn),
+        (req(Op::Import, region + 1, 1, 0, 0), CompStatus::BadGfn),
+        (req(Op::Import, abi::SECRET / 4096, 1, 0, 0), CompStatus::BadGfn),
+        (req(Op::SaveCpu, 0, abi::VMSA_PAGES as u32 + 1, 0, 0), CompStatus::BadRequest),
+        (req(Op::Begin, 0, 2, 0, 0), CompStatus::BadRequest),
+    ];
+    for (r, want) in cases {
+        assert_eq!(refused(h.run(&[r])), want, "{r:?}");
+    }
+    assert_eq!(page(&m, abi::SECRET / 4096), before);
+    // The MH still works afterwards.
+    h.run(&[req(Op::Export, DATA_START / 4096, 1, 0, 0)]).unwrap();
+}
+
+#[test]
+fn mh_that_stops_answering_or_lies_is_detected() {
+    let (_m, mut h) = vm_with_mh(KEY);
+    h.timeout = Duration::from_millis(300);
+    h.set_frozen(true);
+    match h.run(&[req(Op::Export, DATA_START / 4096, 1, 0, 0)]) {
+        Err(MhError::Timeout { pending: 1, .. }) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // A completion ring whose producer index runs far ahead of what was asked.
+    let (_m2, mut h2) = vm_with_mh(KEY);
+    h2.set_frozen(true);
+    h2.submit(req(Op::Export, DATA_START / 4096, 1, 0, 0)).unwrap();
+    h2.ram().write(abi::COMP_RING + abi::RING_PROD, &1000u32.to_le_bytes()).unwrap();
+    assert!(matches!(h2.poll(), Err(MhError::BadCompletion(_))), "runaway producer index accepted");
+    // A completion for a request that was never made.
+    let (_m3, mut h3) = vm_with_mh(KEY);
+    h3.set_frozen(true);
+    h3.submit(req(Op::Export, DATA_START / 4096, 1, 0, 0)).unwrap();
+    let c = abi::Completion { id: 999, status: 1, done: 1 };
+    h3.ram().write(abi::COMP_RING + abi::RING_BASE, &c.encode()).unwrap();
+    h3.ram().write(abi::COMP_RING + abi::RING_PROD, &1u32.to_le_bytes()).unwrap();
+    assert!(matches!(h3.poll(), Err(MhError::BadCompletion(_))));
+}

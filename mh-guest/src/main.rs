@@ -1,0 +1,379 @@
+//! The reference Migration Handler (MH): runs inside the guest on an extra vCPU, at CPL 3,
+//! with its own identity page tables in the MH region. It serves the host's request ring:
+//! EXPORT encrypts guest pages into the shared data slots, IMPORT authenticates and decrypts
+//! slots into guest pages. Every request is checked before anything is touched; the host is
+//! not trusted (ABI: `docs/mh-protocol.md`, constants: `mh-abi`).
+//!
+//! Plaintext never sits in shared memory: a page is copied into the MH's private buffer,
+//! encrypted there and only the ciphertext is copied out; an import copies the ciphertext in
+//! first, so the host cannot change it between authentication and decryption.
+#![no_std]
+#![no_main]
+
+use core::arch::{asm, global_asm};
+use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{fence, Ordering};
+
+use aes_gcm::aead::array::Array;
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
+use mh_abi::{self as abi, CompStatus, Completion, Desc, Kick, Kind, Op, Request};
+
+global_asm!(
+    ".section .text.start,\"ax\"",
+    ".globl _start",
+    "_start:",
+    "mov rsp, {stack}",
+    "and rsp, -16",
+    "lea rdi, [rip + __bss_start]",
+    "lea rcx, [rip + __bss_end]",
+    "sub rcx, rdi",
+    "xor eax, eax",
+    "rep stosb",
+    "call mh_main",
+    "2: jmp 2b",
+    stack = const abi::STACK_TOP,
+);
+
+// The x86_64-unknown-linux-gnu target's compiler_builtins leaves these to libc; string
+// instructions keep LLVM from lowering them back into calls to themselves.
+#[no_mangle]
+unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    asm!("rep movsb", inout("rdi") d => _, inout("rsi") s => _, inout("rcx") n => _, options(nostack));
+    d
+}
+#[no_mangle]
+unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    if (d as usize) <= (s as usize) || (d as usize) >= (s as usize) + n {
+        return memcpy(d, s, n);
+    }
+    asm!("std", "rep movsb", "cld", inout("rdi") d.add(n - 1) => _, inout("rsi") s.add(n - 1) => _,
+         inout("rcx") n => _, options(nostack));
+    d
+}
+#[no_mangle]
+unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
+    asm!("rep stosb", inout("rdi") d => _, inout("rcx") n => _, in("al") c as u8, options(nostack));
+    d
+}
+#[no_mangle]
+unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        let (x, y) = (read_volatile(a.add(i)), read_volatile(b.add(i)));
+        if x != y {
+            return i32::from(x) - i32::from(y);
+        }
+        i += 1;
+    }
+    0
+}
+#[no_mangle]
+unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    memcmp(a, b, n)
+}
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    fault(abi::Fault::BadRing)
+}
+
+fn rd64(gpa: u64) -> u64 {
+    // SAFETY: the MH's page tables identity-map all guest RAM; callers pass addresses inside
+    // the MH region or pages already checked against the RAM size.
+    unsafe { read_volatile(gpa as *const u64) }
+}
+fn wr64(gpa: u64, v: u64) {
+    // SAFETY: as rd64; only MH-region addresses are written this way.
+    unsafe { write_volatile(gpa as *mut u64, v) }
+}
+fn rd32(gpa: u64) -> u32 {
+    // SAFETY: as rd64.
+    unsafe { read_volatile(gpa as *const u32) }
+}
+fn wr32(gpa: u64, v: u32) {
+    // SAFETY: as wr64.
+    unsafe { write_volatile(gpa as *mut u32, v) }
+}
+fn copy_in(dst: &mut [u8], gpa: u64) {
+    // SAFETY: gpa..gpa+len is inside guest RAM (checked by the caller) and identity mapped.
+    unsafe { memcpy(dst.as_mut_ptr(), gpa as *const u8, dst.len()) };
+}
+fn copy_out(gpa: u64, src: &[u8]) {
+    // SAFETY: as copy_in; the range never overlaps the MH's private state (checked).
+    unsafe { memcpy(gpa as *mut u8, src.as_ptr(), src.len()) };
+}
+fn kick(k: Kick) {
+    // SAFETY: port I/O exits to the host (IOPL 3 lets CPL 3 use it); no memory is touched.
+    unsafe { asm!("out dx, eax", in("dx") abi::PORT, in("eax") k as u32, options(nostack, nomem)) };
+}
+fn fault(f: abi::Fault) -> ! {
+    wr32(abi::HEADER + abi::header::FAULT, f as u32);
+    wr32(abi::HEADER + abi::header::STATUS, abi::Status::Faulted as u32);
+    loop {
+        kick(Kick::Fault);
+    }
+}
+fn bump(field: u64, by: u64) {
+    wr64(abi::HEADER + field, rd64(abi::HEADER + field).wrapping_add(by));
+}
+
+/// A random 64-bit value from RDRAND (falls back to the TSC if RDRAND keeps failing).
+fn random() -> u64 {
+    for _ in 0..32 {
+        let (v, ok): (u64, u8);
+        // SAFETY: rdrand only writes the named registers.
+        unsafe { asm!("rdrand {v}", "setc {ok}", v = out(reg) v, ok = out(reg_byte) ok, options(nomem, nostack)) };
+        if ok != 0 {
+            return v;
+        }
+    }
+    // SAFETY: rdtsc only writes eax/edx.
+    let (lo, hi): (u32, u32);
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32 | u64::from(lo)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+#[repr(C, align(64))]
+struct PageBuf([u8; 4096]);
+
+struct Mh {
+    cipher: Aes256Gcm,
+    vm_id: u32,
+    ram_pages: u64,
+    /// Export: next sequence number (random high half per boot, so nonces never repeat).
+    seq: u64,
+    /// Import: a Begin opened the stream; `next_seq` is what the next blob must carry.
+    open: bool,
+    next_seq: u64,
+    last_round: u32,
+    buf: PageBuf,
+}
+
+#[no_mangle]
+extern "C" fn mh_main() -> ! {
+    let h = abi::HEADER;
+    wr64(h + abi::header::MAGIC, abi::MAGIC);
+    wr32(h + abi::header::VERSION, abi::VERSION);
+    if rd64(abi::SECRET + abi::secret::VALID) == 0 {
+        fault(abi::Fault::NoSecret);
+    }
+    let mut key = [0u8; 32];
+    copy_in(&mut key, abi::SECRET + abi::secret::KEY);
+    let mut mh = Mh {
+        cipher: Aes256Gcm::new(&Array::from(key)),
+        vm_id: rd32(abi::SECRET + abi::secret::VM_ID),
+        ram_pages: rd64(abi::SECRET + abi::secret::RAM_SIZE) / abi::PAGE,
+        seq: (random() & !0xffff_ffff) | 1,
+        open: false,
+        next_seq: 0,
+        last_round: 0,
+        buf: PageBuf([0; 4096]),
+    };
+    key.fill(0);
+    wr32(h + abi::header::STATUS, abi::Status::Ready as u32);
+    kick(Kick::Ready);
+    mh.serve()
+}
+
+impl Mh {
+    fn serve(&mut self) -> ! {
+        let (req, comp) = (abi::REQ_RING, abi::COMP_RING);
+        let mut idle: u64 = 0;
+        loop {
+            let prod = rd32(req + abi::RING_PROD);
+            let cons = rd32(req + abi::RING_CONS);
+            if prod == cons {
+                idle += 1;
+                if idle > rd64(abi::HEADER + abi::header::SPIN) {
+                    bump(abi::header::WAITS, 1);
+                    kick(Kick::Wait);
+                    idle = 0;
+                } else {
+                    core::hint::spin_loop();
+                }
+                continue;
+            }
+            idle = 0;
+            if prod.wrapping_sub(cons) > abi::RING_ENTRIES {
+                fault(abi::Fault::BadRing);
+            }
+            fence(Ordering::Acquire);
+            let mut c = cons;
+            while c != prod {
+                let mut raw = [0u8; abi::REQ_SIZE as usize];
+                copy_in(&mut raw, req + abi::RING_BASE + u64::from(c % abi::RING_ENTRIES) * abi::REQ_SIZE);
+                let r = Request::decode(&raw);
+                let (status, done) = self.handle(&r);
+                self.complete(Completion { id: r.id, status: status as u32, done });
+                bump(abi::header::REQUESTS, 1);
+                c = c.wrapping_add(1);
+                wr32(req + abi::RING_CONS, c);
+            }
+            let _ = comp;
+            kick(Kick::Done);
+        }
+    }
+
+    /// Post a completion; waits (with kicks) while the host has not drained the ring.
+    fn complete(&mut self, c: Completion) {
+        let comp = abi::COMP_RING;
+        let prod = rd32(comp + abi::RING_PROD);
+        while prod.wrapping_sub(rd32(comp + abi::RING_CONS)) >= abi::RING_ENTRIES {
+            kick(Kick::Done);
+        }
+        copy_out(comp + abi::RING_BASE + u64::from(prod % abi::RING_ENTRIES) * abi::COMP_SIZE, &c.encode());
+        fence(Ordering::Release);
+        wr32(comp + abi::RING_PROD, prod.wrapping_add(1));
+    }
+
+    /// Check a page run against guest RAM and the MH region.
+    fn pages_ok(&self, gfn: u64, count: u32) -> bool {
+        let Some(end) = gfn.checked_add(u64::from(count)) else { return false };
+        let (rs, re) = (abi::REGION / abi::PAGE, (abi::REGION + abi::REGION_SIZE) / abi::PAGE);
+        end <= self.ram_pages && (end <= rs || gfn >= re)
+    }
+
+    fn handle(&mut self, r: &Request) -> (CompStatus, u32) {
+        let op = Op::from_u16(r.op);
+        let slots_ok = r.count >= 1
+            && r.count <= abi::NSLOTS
+            && r.slot < abi::NSLOTS
+            && r.slot.checked_add(r.count).is_some_and(|e| e <= abi::NSLOTS);
+        match op {
+            Op::Invalid => (CompStatus::BadRequest, 0),
+            Op::Reset => {
+                self.open = false;
+                self.next_seq = 0;
+                self.last_round = 0;
+                wr64(abi::HEADER + abi::header::COMPLETE, 0);
+                wr64(abi::HEADER + abi::header::NEXT_SEQ, 0);
+                (CompStatus::Ok, 0)
+            }
+            _ if !slots_ok => (CompStatus::BadRequest, 0),
+            Op::Export | Op::Import if !self.pages_ok(r.gfn, r.count) => (CompStatus::BadGfn, 0),
+            Op::SaveCpu | Op::RestoreCpu if u64::from(r.count) > abi::VMSA_PAGES => (CompStatus::BadRequest, 0),
+            Op::Begin | Op::End | Op::Marker if r.count != 1 => (CompStatus::BadRequest, 0),
+            Op::Export => self.export(r, r.gfn, Kind::Page),
+            Op::SaveCpu => self.export(r, abi::VMSA / abi::PAGE, Kind::Cpu),
+            Op::Begin => self.marker_out(r, Kind::Begin),
+            Op::End => self.marker_out(r, Kind::End),
+            Op::Import => self.import(r, r.gfn, Kind::Page),
+            Op::RestoreCpu => self.import(r, abi::VMSA / abi::PAGE, Kind::Cpu),
+            Op::Marker => self.marker_in(r),
+        }
+    }
+
+    fn seal(&mut self, slot: u32, gfn: u64, round: u32, kind: Kind) {
+        let seq = self.seq;
+        self.seq = seq.wrapping_add(1);
+        let nonce = Array::from(abi::nonce(self.vm_id, seq));
+        let aad = abi::aad(self.vm_id, gfn, round, seq, kind);
+        let tag = match self.cipher.encrypt_inout_detached(&nonce, &aad, (&mut self.buf.0[..]).into()) {
+            Ok(t) => t,
+            Err(_) => fault(abi::Fault::BadRing),
+        };
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&tag);
+        copy_out(abi::SLOTS + u64::from(slot) * abi::PAGE, &self.buf.0);
+        let d = Desc { gfn, seq, round, kind: kind as u32, tag: t };
+        copy_out(abi::SLOT_DESC + u64::from(slot) * abi::DESC_SIZE, &d.encode());
+    }
+
+    fn export(&mut self, r: &Request, first: u64, kind: Kind) -> (CompStatus, u32) {
+        for i in 0..r.count {
+            let gfn = first + u64::from(i);
+            let mut b = core::mem::replace(&mut self.buf.0, [0; 4096]);
+            copy_in(&mut b, gfn * abi::PAGE);
+            self.buf.0 = b;
+            self.seal(r.slot + i, gfn, r.round, kind);
+        }
+        bump(abi::header::EXPORTED, u64::from(r.count));
+        (CompStatus::Ok, r.count)
+    }
+
+    fn marker_out(&mut self, r: &Request, kind: Kind) -> (CompStatus, u32) {
+        self.buf.0.fill(0);
+        self.buf.0[0..8].copy_from_slice(&self.seq.to_le_bytes());
+        self.seal(r.slot, 0, r.round, kind);
+        (CompStatus::Ok, 1)
+    }
+
+    /// Authenticate slot `slot` as a blob of `kind` for `gfn` and decrypt it into the private
+    /// buffer. The sequence and round rules are checked before the (costly) decryption.
+    fn open_blob(&mut self, slot: u32, gfn: u64, kind: Kind) -> Result<Desc, CompStatus> {
+        let mut raw = [0u8; 40];
+        copy_in(&mut raw, abi::SLOT_DESC + u64::from(slot) * abi::DESC_SIZE);
+        let d = Desc::decode(&raw);
+        if kind != Kind::Begin {
+            if !self.open {
+                return Err(CompStatus::NoStream);
+            }
+            if d.seq != self.next_seq {
+                return Err(CompStatus::BadSequence);
+            }
+            if d.round < self.last_round {
+                return Err(CompStatus::BadRound);
+            }
+        }
+        if Kind::from_u32(d.kind) != kind {
+            return Err(CompStatus::AuthFailed);
+        }
+        let mut b = core::mem::replace(&mut self.buf.0, [0; 4096]);
+        copy_in(&mut b, abi::SLOTS + u64::from(slot) * abi::PAGE);
+        self.buf.0 = b;
+        let nonce = Array::from(abi::nonce(self.vm_id, d.seq));
+        let aad = abi::aad(self.vm_id, gfn, d.round, d.seq, kind);
+        let tag = Array::from(d.tag);
+        if self.cipher.decrypt_inout_detached(&nonce, &aad, (&mut self.buf.0[..]).into(), &tag).is_err() {
+            bump(abi::header::REFUSED, 1);
+            return Err(CompStatus::AuthFailed);
+        }
+        self.next_seq = d.seq.wrapping_add(1);
+        self.last_round = d.round;
+        wr64(abi::HEADER + abi::header::NEXT_SEQ, self.next_seq);
+        Ok(d)
+    }
+
+    fn import(&mut self, r: &Request, first: u64, kind: Kind) -> (CompStatus, u32) {
+        for i in 0..r.count {
+            let gfn = first + u64::from(i);
+            if let Err(e) = self.open_blob(r.slot + i, gfn, kind) {
+                if e != CompStatus::AuthFailed {
+                    bump(abi::header::REFUSED, 1);
+                }
+                return (e, i);
+            }
+            copy_out(gfn * abi::PAGE, &self.buf.0);
+            bump(abi::header::IMPORTED, 1);
+        }
+        (CompStatus::Ok, r.count)
+    }
+
+    fn marker_in(&mut self, r: &Request) -> (CompStatus, u32) {
+        let mut raw = [0u8; 40];
+        copy_in(&mut raw, abi::SLOT_DESC + u64::from(r.slot) * abi::DESC_SIZE);
+        match Kind::from_u32(Desc::decode(&raw).kind) {
+            Kind::Begin => {
+                if self.open || rd64(abi::HEADER + abi::header::COMPLETE) != 0 {
+                    return (CompStatus::NoStream, 0);
+                }
+                if let Err(e) = self.open_blob(r.slot, 0, Kind::Begin) {
+                    return (e, 0);
+                }
+                self.open = true;
+                (CompStatus::Ok, 1)
+            }
+            Kind::End => {
+                if let Err(e) = self.open_blob(r.slot, 0, Kind::End) {
+                    return (e, 0);
+                }
+                self.open = false;
+                wr64(abi::HEADER + abi::header::COMPLETE, 1);
+                (CompStatus::Ok, 1)
+            }
+            _ => (CompStatus::BadRequest, 0),
+        }
+    }
+}

@@ -74,6 +74,8 @@ pub enum WorkloadKind {
     Ab,
     Hot,
     Idle,
+    /// Half of each vCPU's range announced shared; canary values rewritten in a loop.
+    Canary,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -197,6 +199,42 @@ impl Default for ReceiverConfig {
     }
 }
 
+/// Confidential VMs (`[confidential]`): the in-guest Migration Handler path.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfidentialConfig {
+    /// Private pages and vCPU state travel only as MH-encrypted blobs.
+    pub enabled: bool,
+    /// File holding the 32-byte AES-256-GCM transport key (raw, or 64 hex digits); must not
+    /// be readable or writable by group or others (0600 or stricter).
+    pub key_file: Option<PathBuf>,
+    /// Private pages per MH doorbell (1..=256).
+    pub mh_batch: u32,
+    /// Empty-ring polls the MH makes before blocking on a doorbell kick (0 = block at once).
+    pub mh_spin: u64,
+    /// Completion polls the host makes before sleeping on the MH's kick.
+    pub host_spin: u32,
+    /// How long the MH may take to answer a batch before the migration is aborted.
+    pub mh_timeout_ms: u64,
+    /// Guest SEV policy (as given to the platform at launch); a policy with NOSEND refuses
+    /// migration. 0 = not a SEV guest.
+    pub sev_policy: u32,
+}
+
+impl Default for ConfidentialConfig {
+    fn default() -> Self {
+        ConfidentialConfig {
+            enabled: false,
+            key_file: None,
+            mh_batch: 256,
+            mh_spin: 0,
+            host_spin: 0,
+            mh_timeout_ms: 5_000,
+            sev_policy: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -204,6 +242,7 @@ pub struct Config {
     pub guest: GuestConfig,
     pub migration: MigrationConfig,
     pub receiver: ReceiverConfig,
+    pub confidential: ConfidentialConfig,
 }
 
 impl Config {
@@ -277,6 +316,16 @@ impl Config {
                 return Err(invalid(key, format!("{v} is not in 1..=99")));
             }
         }
+        let cf = &self.confidential;
+        if cf.mh_batch == 0 || cf.mh_batch > mh_abi::NSLOTS {
+            return Err(invalid("confidential.mh_batch", format!("{} is not in 1..={}", cf.mh_batch, mh_abi::NSLOTS)));
+        }
+        if cf.mh_timeout_ms == 0 {
+            return Err(invalid("confidential.mh_timeout_ms", "must be at least 1"));
+        }
+        if cf.enabled && cf.key_file.is_none() {
+            return Err(invalid("confidential.key_file", "confidential migration needs a transport key file"));
+        }
         let r = &self.receiver;
         if r.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid("receiver.listen", format!("{:?} is not an IP:port address", r.listen)));
@@ -292,6 +341,7 @@ impl Config {
         let workload = match g.workload {
             WorkloadKind::Ab => Workload::Ab,
             WorkloadKind::Idle => Workload::Idle,
+            WorkloadKind::Canary => Workload::Canary,
             WorkloadKind::Hot => Workload::Hot { working_set: g.hot_working_set.0, pages_per_sec: g.hot_rate },
         };
         GuestSpec { ram_bytes: g.ram.0, vcpus: g.vcpus, workload }
@@ -323,6 +373,9 @@ impl Config {
             ack_timeout: Duration::from_millis(m.ack_timeout_ms),
             io_timeout: Duration::from_millis(m.io_timeout_ms),
             streams: if m.streams > 1 { m.streams } else { 0 },
+            confidential: self.confidential.enabled.then_some(crate::source::ConfidentialSend {
+                mh_batch: self.confidential.mh_batch,
+            }),
         }
     }
 
@@ -334,6 +387,7 @@ impl Config {
             capture,
             io_timeout: Duration::from_millis(self.migration.io_timeout_ms),
             prefault: self.receiver.prefault,
+            confidential: None,
         }
     }
 

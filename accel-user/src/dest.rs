@@ -24,6 +24,8 @@ use kvm_hooks::state::VcpuState;
 use kvm_hooks::vm::DirtyPreference;
 use kvm_hooks::vmm::{GuestSpec, Machine};
 
+use mh_abi::{Kind, Op, Request};
+
 use crate::protocol::{self, FrameKind, Header, ProtocolError, MAX_RUNS};
 use crate::transport::{Part, Transport, TransportError};
 
@@ -42,6 +44,17 @@ pub struct RecvOptions {
     pub io_timeout: Duration,
     /// Allocate and map all guest RAM when the VM is created (before HelloAck).
     pub prefault: bool,
+    /// Confidential VMs: launch an MH with this key and import private pages through it.
+    pub confidential: Option<ConfidentialRecv>,
+}
+
+/// Receiver side of confidential mode.
+#[derive(Debug, Clone)]
+pub struct ConfidentialRecv {
+    pub key: crate::keys::TransportKey,
+    pub mh_spin: u64,
+    pub host_spin: u32,
+    pub mh_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +105,12 @@ pub enum RecvError {
         state: RecvState,
         #[source]
         source: kvm_hooks::Error,
+    },
+    #[error("receive failed in {state}: Migration Handler: {source}")]
+    Mh {
+        state: RecvState,
+        #[source]
+        source: kvm_hooks::mh::MhError,
     },
 }
 
@@ -297,6 +316,8 @@ pub struct Receiver {
     shared: Arc<Shared>,
     streams: u32,
     workers: Vec<JoinHandle<()>>,
+    /// The source is confidential: pages and vCPU state arrive as MH blobs.
+    confidential: bool,
 }
 
 /// With data streams, the control stream may stay idle this many I/O timeouts.
@@ -327,6 +348,7 @@ impl Receiver {
             }),
             streams: 0,
             workers: Vec::new(),
+            confidential: false,
         }
     }
 
@@ -398,7 +420,7 @@ impl Receiver {
                     if self.streams > 0 {
                         // The round is over when every data stream finished it.
                         self.shared.wait_rounds(round + 1, self.o.io_timeout).map_err(|m| self.incomplete(m))?;
-                        self.round_pages = self
+                        self.round_pages += self
                             .shared
                             .round_pages
                             .lock()
@@ -416,11 +438,15 @@ impl Receiver {
                     self.round_pages = 0;
                     self.state = RecvState::Precopy { round: round + 1 };
                 }
-                (RecvState::Precopy { round }, FrameKind::VcpuState) if round > 0 => {
+                (RecvState::Precopy { round }, FrameKind::Blobs) if self.confidential => {
+                    self.on_blobs(t, &h, Some(round))?
+                }
+                (RecvState::States, FrameKind::Blobs) if self.confidential => self.on_blobs(t, &h, None)?,
+                (RecvState::Precopy { round }, FrameKind::VcpuState) if round > 0 && !self.confidential => {
                     self.state = RecvState::States;
                     self.on_state(t, &h)?;
                 }
-                (RecvState::States, FrameKind::VcpuState) => self.on_state(t, &h)?,
+                (RecvState::States, FrameKind::VcpuState) if !self.confidential => self.on_state(t, &h)?,
                 (RecvState::States, FrameKind::Complete) => return self.on_complete(t, &h, t0),
                 (_, FrameKind::Abort) => {
                     let p = self.small(t, &h)?;
@@ -464,6 +490,10 @@ impl Receiver {
             ))
         } else if spec.vcpus > self.o.max_vcpus {
             Some(format!("{} vCPUs exceeds this receiver's limit of {}", spec.vcpus, self.o.max_vcpus))
+        } else if hello.confidential && self.o.confidential.is_none() {
+            Some("the source VM is confidential, but this receiver has no transport key (confidential.key_file)".into())
+        } else if !hello.confidential && self.o.confidential.is_some() {
+            Some("this receiver only takes confidential migrations; the source sends the VM in clear".into())
         } else {
             spec.validate().err().map(|e| format!("invalid VM shape: {e}"))
         };
@@ -471,6 +501,17 @@ impl Receiver {
             Some(r) => Err(r),
             None => Machine::destination(spec, self.o.dirty).map_err(|e| format!("cannot create the VM here: {e}")),
         };
+        // Confidential: the VM starts now, before any page arrives, with its MH running.
+        let machine = machine.and_then(|mut m| {
+            if let Some(c) = &self.o.confidential {
+                let launch = kvm_hooks::mh::Launch { key: c.key.0, vm_id: hello.vm_id, spin: c.mh_spin };
+                m.launch_mh(&launch, c.mh_timeout).map_err(|e| format!("cannot start the Migration Handler: {e}"))?;
+                if let Some(h) = m.mh().as_mut() {
+                    h.spin = c.host_spin;
+                }
+            }
+            Ok(m)
+        });
         let machine = machine.and_then(|m| {
             if self.o.prefault {
                 let t = Instant::now();
@@ -481,7 +522,15 @@ impl Receiver {
         });
         match machine {
             Ok(m) => {
-                *self.shared.received.lock().unwrap_or_else(|e| e.into_inner()) = DirtySet::new(m.ram().pages());
+                let mut received = DirtySet::new(m.ram().pages());
+                if hello.confidential {
+                    // The MH region is this VM's own; it never travels.
+                    for gfn in mh_abi::REGION / PAGE_SIZE..(mh_abi::REGION + mh_abi::REGION_SIZE) / PAGE_SIZE {
+                        received.insert(gfn);
+                    }
+                }
+                self.confidential = hello.confidential;
+                *self.shared.received.lock().unwrap_or_else(|e| e.into_inner()) = received;
                 self.states = vec![None; spec.vcpus as usize];
                 let ram = m.ram().clone();
                 self.machine = Some(m);
@@ -570,6 +619,92 @@ impl Receiver {
         }
     }
 
+    /// MH blobs, imported in order through the destination MH. Pages count toward the
+    /// round; Cpu blobs move the receiver to States.
+    fn on_blobs(&mut self, t: &mut dyn Transport, h: &Header, round: Option<u32>) -> Result<(), RecvError> {
+        let p = self.small(t, h)?;
+        let st = self.state;
+        let m = self.machine.as_ref().ok_or_else(|| self.incomplete("blobs before a VM exists".into()))?;
+        let (frame_round, blobs) = protocol::decode_blobs(&p, m.ram().pages()).map_err(|e| self.perr(e))?;
+        let kinds: Vec<Kind> = blobs.iter().map(|b| Kind::from_u32(b.kind)).collect();
+        let pages = kinds.iter().filter(|k| **k == Kind::Page).count() as u64;
+        let cpu = kinds.iter().filter(|k| **k == Kind::Cpu).count();
+        if pages > 0 && round != Some(frame_round) {
+            return Err(self.incomplete(format!("page blobs of round {frame_round} in {st}")));
+        }
+        if cpu > 0 && (cpu != blobs.len() || u64::from(frame_round) == u64::MAX) {
+            return Err(self.incomplete("vCPU-state blobs mixed with other blobs".into()));
+        }
+        let vmsa = mh_abi::VMSA / PAGE_SIZE;
+        let mut reqs: Vec<Request> = Vec::new();
+        for (i, (b, k)) in blobs.iter().zip(&kinds).enumerate() {
+            let slot = i as u32;
+            match k {
+                Kind::Page => match reqs.last_mut() {
+                    Some(r) if r.op == Op::Import as u16 && r.gfn + u64::from(r.count) == b.gfn => r.count += 1,
+                    _ => reqs.push(Request { op: Op::Import as u16, id: 0, count: 1, slot, gfn: b.gfn, round: 0 }),
+                },
+                Kind::Cpu => {
+                    if b.gfn != vmsa + i as u64 {
+                        return Err(self.incomplete(format!("vCPU-state blob {i} labelled gfn {:#x}", b.gfn)));
+                    }
+                    match reqs.last_mut() {
+                        Some(r) => r.count += 1,
+                        None => reqs.push(Request { op: Op::RestoreCpu as u16, id: 0, count: 1, slot, gfn: 0, round: 0 }),
+                    }
+                }
+                Kind::Begin | Kind::End => {
+                    reqs.push(Request { op: Op::Marker as u16, id: 0, count: 1, slot, gfn: 0, round: 0 })
+                }
+                Kind::Invalid => unreachable!("decode_blobs refuses unknown kinds"),
+            }
+        }
+        let mhe = |source| RecvError::Mh { state: st, source };
+        {
+            let mut g = m.mh();
+            let mh = g.as_mut().ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
+            for (i, b) in blobs.iter().enumerate() {
+                mh.write_slot(i as u32, b).map_err(mhe)?;
+            }
+            mh.run(&reqs).map_err(mhe)?;
+        }
+        if pages > 0 {
+            let mut rec = self.shared.received.lock().unwrap_or_else(|e| e.into_inner());
+            for (b, _) in blobs.iter().zip(&kinds).filter(|(_, k)| **k == Kind::Page) {
+                rec.insert(b.gfn);
+            }
+        }
+        self.round_pages += pages;
+        self.total_pages += pages;
+        if cpu > 0 {
+            self.state = RecvState::States;
+        }
+        Ok(())
+    }
+
+    /// Confidential: the vCPU states the destination MH decrypted into the VMSA pages.
+    fn states_from_vmsa(&self, m: &Machine) -> Result<Vec<VcpuState>, RecvError> {
+        let cap = (mh_abi::VMSA_PAGES * mh_abi::PAGE) as usize;
+        let mut v = vec![0u8; cap];
+        m.ram().read(mh_abi::VMSA, &mut v).map_err(|e| RecvError::Kvm { state: self.state, source: e })?;
+        let n = u32::from_le_bytes(v[0..4].try_into().expect("4")) as usize;
+        if n != self.states.len() {
+            return Err(self.incomplete(format!("VMSA area holds {n} vCPU states, the VM has {}", self.states.len())));
+        }
+        let mut off = 4 + 4 * n;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let len = u32::from_le_bytes(v[4 + 4 * i..8 + 4 * i].try_into().expect("4")) as usize;
+            let end = off.checked_add(len).filter(|&e| e <= cap && len <= kvm_hooks::state::MAX_ENCODED);
+            let end = end.ok_or_else(|| self.incomplete(format!("vCPU {i} state of {len} bytes overruns the VMSA area")))?;
+            out.push(
+                VcpuState::decode(&v[off..end]).map_err(|e| RecvError::Kvm { state: RecvState::States, source: e })?,
+            );
+            off = end;
+        }
+        Ok(out)
+    }
+
     fn on_state(&mut self, t: &mut dyn Transport, h: &Header) -> Result<(), RecvError> {
         let p = self.small(t, h)?;
         let (i, blob) = protocol::decode_vcpu_state(&p).map_err(|e| self.perr(e))?;
@@ -602,11 +737,19 @@ impl Receiver {
         if vcpus as usize != self.states.len() {
             return Err(self.incomplete(format!("source has {vcpus} vCPUs, VM has {}", self.states.len())));
         }
-        let states: Vec<VcpuState> = match self.states.iter().cloned().collect::<Option<Vec<_>>>() {
-            Some(s) => s,
-            None => {
-                let missing = self.states.iter().position(Option::is_none).unwrap_or(0);
-                return Err(self.incomplete(format!("no state for vCPU {missing}")));
+        let states: Vec<VcpuState> = if self.confidential {
+            let done = m.mh().as_ref().and_then(|h| h.counters().ok()).is_some_and(|c| c.complete);
+            if !done {
+                return Err(self.incomplete("the MH did not confirm a complete blob stream (no valid End marker)".into()));
+            }
+            self.states_from_vmsa(m)?
+        } else {
+            match self.states.iter().cloned().collect::<Option<Vec<_>>>() {
+                Some(s) => s,
+                None => {
+                    let missing = self.states.iter().position(Option::is_none).unwrap_or(0);
+                    return Err(self.incomplete(format!("no state for vCPU {missing}")));
+                }
             }
         };
         let kvm = |source| RecvError::Kvm { state: RecvState::States, source };

@@ -12,10 +12,12 @@
 
 pub mod config;
 pub mod dest;
+pub mod keys;
 pub mod policy;
 pub mod protocol;
 pub mod report;
 pub mod session;
+pub mod sev;
 pub mod source;
 pub mod streams;
 pub mod transport;

@@ -51,6 +51,9 @@ pub enum FrameKind {
     Abort = 8,
     /// Source → destination, first frame of a data stream: which session and stream.
     Join = 9,
+    /// Encrypted blobs from the source MH (confidential mode): `round u32, count u32`,
+    /// then `count` blobs (see [`encode_blob`]).
+    Blobs = 10,
 }
 
 impl FrameKind {
@@ -66,6 +69,7 @@ impl FrameKind {
             7 => Resumed,
             8 => Abort,
             9 => Join,
+            10 => Blobs,
             _ => return None,
         })
     }
@@ -83,6 +87,7 @@ impl FrameKind {
             FrameKind::Resumed => 16,
             FrameKind::Abort => 4 + MAX_TEXT as u32,
             FrameKind::Join => 16,
+            FrameKind::Blobs => 8 + mh_abi::NSLOTS * BLOB_LEN as u32,
         }
     }
 }
@@ -201,6 +206,7 @@ enum WorkloadCode {
     Idle = 3,
     Oracle = 4,
     PageState = 5,
+    Canary = 6,
 }
 
 /// Most data streams one migration may use.
@@ -213,11 +219,18 @@ pub struct Hello {
     /// Data streams besides the control connection (0 = pages travel on the control stream).
     pub streams: u32,
     pub session: u64,
+    /// Confidential VM: private pages and vCPU state travel only as MH blobs.
+    pub confidential: bool,
+    /// VM id both MHs bind into every blob (confidential only).
+    pub vm_id: u32,
 }
+
+/// Hello flag: confidential migration.
+pub const HELLO_CONFIDENTIAL: u32 = 1;
 
 /// Hello payload (56 bytes).
 pub fn encode_hello(spec: &GuestSpec) -> Vec<u8> {
-    encode_hello_full(&Hello { spec: *spec, streams: 0, session: 0 })
+    encode_hello_full(&Hello { spec: *spec, streams: 0, session: 0, confidential: false, vm_id: 0 })
 }
 
 pub fn encode_hello_full(h: &Hello) -> Vec<u8> {
@@ -228,6 +241,7 @@ pub fn encode_hello_full(h: &Hello) -> Vec<u8> {
         Workload::Idle => (WorkloadCode::Idle, 0, 0),
         Workload::Oracle { pages } => (WorkloadCode::Oracle, pages, 0),
         Workload::PageState => (WorkloadCode::PageState, 0, 0),
+        Workload::Canary => (WorkloadCode::Canary, 0, 0),
     };
     let mut v = Vec::with_capacity(48);
     v.extend_from_slice(&(PAGE as u32).to_le_bytes());
@@ -238,6 +252,8 @@ pub fn encode_hello_full(h: &Hello) -> Vec<u8> {
     v.extend_from_slice(&a.to_le_bytes());
     v.extend_from_slice(&b.to_le_bytes());
     v.extend_from_slice(&h.session.to_le_bytes());
+    v.extend_from_slice(&(if h.confidential { HELLO_CONFIDENTIAL } else { 0 }).to_le_bytes());
+    v.extend_from_slice(&h.vm_id.to_le_bytes());
     v
 }
 
@@ -259,7 +275,12 @@ pub fn decode_hello_full(p: &[u8]) -> Result<Hello, ProtocolError> {
     let a = r.u64("workload arg a")?;
     let b = r.u64("workload arg b")?;
     let session = r.u64("session")?;
+    let flags = r.u32("flags")?;
+    let vm_id = r.u32("vm_id")?;
     r.finish()?;
+    if flags & !HELLO_CONFIDENTIAL != 0 {
+        return Err(perr(k, format!("unknown flags {flags:#x}")));
+    }
     if streams > MAX_STREAMS {
         return Err(perr(k, format!("{streams} data streams exceeds the cap of {MAX_STREAMS}")));
     }
@@ -269,9 +290,72 @@ pub fn decode_hello_full(p: &[u8]) -> Result<Hello, ProtocolError> {
         c if c == WorkloadCode::Idle as u32 => Workload::Idle,
         c if c == WorkloadCode::Oracle as u32 => Workload::Oracle { pages: a },
         c if c == WorkloadCode::PageState as u32 => Workload::PageState,
+        c if c == WorkloadCode::Canary as u32 => Workload::Canary,
         c => return Err(perr(k, format!("unknown workload code {c}"))),
     };
-    Ok(Hello { spec: GuestSpec { ram_bytes, vcpus, workload }, streams, session })
+    Ok(Hello {
+        spec: GuestSpec { ram_bytes, vcpus, workload },
+        streams,
+        session,
+        confidential: flags & HELLO_CONFIDENTIAL != 0,
+        vm_id,
+    })
+}
+
+/// One blob on the wire: `kind u32, round u32, gfn u64, seq u64, tag [16], data [4096]`.
+pub const BLOB_LEN: usize = 40 + 4096;
+
+pub fn encode_blobs_prefix(round: u32, count: u32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[0..4].copy_from_slice(&round.to_le_bytes());
+    b[4..8].copy_from_slice(&count.to_le_bytes());
+    b
+}
+
+pub fn encode_blob(b: &kvm_hooks::mh::Blob, out: &mut Vec<u8>) {
+    out.extend_from_slice(&b.kind.to_le_bytes());
+    out.extend_from_slice(&b.round.to_le_bytes());
+    out.extend_from_slice(&b.gfn.to_le_bytes());
+    out.extend_from_slice(&b.seq.to_le_bytes());
+    out.extend_from_slice(&b.tag);
+    out.extend_from_slice(&b.data[..]);
+}
+
+/// Decode a Blobs payload (its length was capped by the header). Each blob's gfn is
+/// checked against guest RAM and the MH region; kinds must be known.
+pub fn decode_blobs(p: &[u8], ram_pages: u64) -> Result<(u32, Vec<kvm_hooks::mh::Blob>), ProtocolError> {
+    let k = FrameKind::Blobs;
+    let mut r = Reader::new(k, p);
+    let round = r.u32("round")?;
+    let count = r.u32("count")?;
+    if count == 0 || count > mh_abi::NSLOTS {
+        return Err(perr(k, format!("{count} blobs; a frame carries 1..={}", mh_abi::NSLOTS)));
+    }
+    if r.rest().len() != count as usize * BLOB_LEN {
+        return Err(perr(k, format!("{} payload bytes for {count} blobs of {BLOB_LEN}", p.len() - 8)));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    for (i, c) in p[8..].chunks_exact(BLOB_LEN).enumerate() {
+        let f = |o: usize| u64::from_le_bytes(c[o..o + 8].try_into().expect("8"));
+        let mut b = kvm_hooks::mh::Blob::zeroed();
+        b.kind = u32::from_le_bytes(c[0..4].try_into().expect("4"));
+        b.round = u32::from_le_bytes(c[4..8].try_into().expect("4"));
+        (b.gfn, b.seq) = (f(8), f(16));
+        b.tag.copy_from_slice(&c[24..40]);
+        b.data.copy_from_slice(&c[40..]);
+        match mh_abi::Kind::from_u32(b.kind) {
+            mh_abi::Kind::Invalid => return Err(perr(k, format!("blob {i}: unknown kind {}", b.kind))),
+            mh_abi::Kind::Page if b.gfn >= ram_pages || mh_abi::in_region(b.gfn) => {
+                return Err(perr(
+                    k,
+                    format!("blob {i}: gfn {:#x} is outside guest RAM or inside the MH region", b.gfn),
+                ))
+            }
+            _ => {}
+        }
+        out.push(b);
+    }
+    Ok((round, out))
 }
 
 /// Join: `session u64, stream u32, reserved u32`.
@@ -523,7 +607,7 @@ mod tests {
         ] {
             let s = GuestSpec { ram_bytes: 1 << 30, vcpus: 3, workload: w };
             assert_eq!(decode_hello(&encode_hello(&s)).unwrap(), s);
-            let h = Hello { spec: s, streams: 4, session: 0xdead_beef };
+            let h = Hello { spec: s, streams: 4, session: 0xdead_beef, confidential: true, vm_id: 9 };
             assert_eq!(decode_hello_full(&encode_hello_full(&h)).unwrap(), h);
         }
         let mut e = encode_hello(&GuestSpec { ram_bytes: 1 << 30, vcpus: 1, workload: Workload::Ab });

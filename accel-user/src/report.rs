@@ -28,6 +28,7 @@ impl From<GuestSpec> for GuestInfo {
             }
             Workload::Oracle { pages } => format!("oracle(pages={pages})"),
             Workload::PageState => "pagestate".to_string(),
+            Workload::Canary => "canary".to_string(),
         };
         GuestInfo { ram_bytes: s.ram_bytes, vcpus: s.vcpus, workload }
     }
@@ -67,6 +68,8 @@ pub struct SourceReport {
     pub streams: u32,
     /// What the kernel said about zero-copy sends, for io_uring zero-copy.
     pub zerocopy: Option<ZeroCopyReport>,
+    /// Confidential mode: pages the source MH encrypted (private pages and VMSA pages).
+    pub mh_exported: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -131,6 +134,7 @@ impl SourceReport {
             transport: String::new(),
             streams: 1,
             zerocopy: None,
+            mh_exported: None,
         }
     }
 

@@ -16,9 +16,12 @@ use crate::verify;
 /// Boot the guest the config describes and let it run for the warm-up time.
 pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
     kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
-    let m = Machine::boot(cfg.guest_spec(), cfg.dirty_preference())?;
+    let mut m = Machine::boot(cfg.guest_spec(), cfg.dirty_preference())?;
     if cfg.migration.dirty_source == crate::config::DirtySource::Ebpf {
         attach_ebpf(&m)?;
+    }
+    if cfg.confidential.enabled {
+        launch_mh(cfg, &mut m).map_err(|e| kvm_hooks::Error::Vcpu { vcpu: cfg.guest.vcpus as usize, msg: e })?;
     }
     m.resume()?;
     std::thread::sleep(Duration::from_millis(cfg.guest.warmup_ms));
@@ -26,6 +29,22 @@ pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
         return Err(kvm_hooks::Error::Vcpu { vcpu: 0, msg: f });
     }
     Ok(m)
+}
+
+/// Start the reference Migration Handler in `m` on an extra vCPU, with the configured
+/// transport key and a fresh VM id. Refuses a SEV guest whose policy forbids migration.
+pub fn launch_mh(cfg: &Config, m: &mut Machine) -> Result<(), String> {
+    let c = &cfg.confidential;
+    crate::sev::check_policy(c.sev_policy).map_err(|e| e.to_string())?;
+    let key = c.key_file.as_deref().ok_or("confidential.key_file is not set")?;
+    let key = crate::keys::load(key).map_err(|e| e.to_string())?;
+    let launch = kvm_hooks::mh::Launch { key: key.0, vm_id: crate::keys::random_vm_id(), spin: c.mh_spin };
+    m.launch_mh(&launch, Duration::from_millis(c.mh_timeout_ms))
+        .map_err(|e| format!("cannot start the Migration Handler: {e}"))?;
+    if let Some(h) = m.mh().as_mut() {
+        h.spin = c.host_spin;
+    }
+    Ok(())
 }
 
 /// Take `m`'s dirty pages from the eBPF probe on its vCPU threads. Refuses (an error, not
@@ -53,7 +72,24 @@ pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> R
 /// caller can inspect the (never resumed) VM after a failure.
 pub fn receive(cfg: &Config, l: &TcpListener, capture: bool) -> (Receiver, Result<Received, RecvError>) {
     kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
-    let mut r = Receiver::new(cfg.recv_options(capture));
+    let mut opts = cfg.recv_options(capture);
+    let mut r = Receiver::new(opts.clone());
+    if cfg.confidential.enabled {
+        let c = &cfg.confidential;
+        match c.key_file.as_deref().map(crate::keys::load) {
+            Some(Ok(key)) => {
+                opts.confidential = Some(crate::dest::ConfidentialRecv {
+                    key,
+                    mh_spin: c.mh_spin,
+                    host_spin: c.host_spin,
+                    mh_timeout: Duration::from_millis(c.mh_timeout_ms),
+                });
+                r = Receiver::new(opts);
+            }
+            Some(Err(e)) => return (r, Err(RecvError::Refused(e.to_string()))),
+            None => return (r, Err(RecvError::Refused("confidential.key_file is not set".into()))),
+        }
+    }
     let mode = cfg.migration.transport;
     let timeout = cfg.io_timeout();
     let mut accept = || -> Result<Box<dyn Transport>, TransportError> {
@@ -196,11 +232,20 @@ pub fn demo_opts(
     let dres = dest.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
     let srep = sres?;
     let (got, drep, _dm) = dres?;
-    let (source_ram, dest_ram) = if verify_ram {
+    let (mut source_ram, mut dest_ram) = if verify_ram {
         (src.ram().snapshot(), got.snapshot.clone().unwrap_or_default())
     } else {
         (Vec::new(), Vec::new())
     };
+    if cfg.confidential.enabled && verify_ram {
+        // Each side's MH region is its own (rings, slots, MH stack): not part of the VM.
+        let r = mh_abi::REGION as usize..(mh_abi::REGION + mh_abi::REGION_SIZE) as usize;
+        for ram in [&mut source_ram, &mut dest_ram] {
+            if let Some(b) = ram.get_mut(r.clone()) {
+                b.fill(0);
+            }
+        }
+    }
     let v = verify(&got.spec, &source_ram, &dest_ram, drep.guest_alive);
     Ok(DemoOutcome { report: DemoReport { source: srep, destination: drep, verification: v }, source_ram, dest_ram })
 }

@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use kvm_hooks::memory::PAGE_SIZE;
+use kvm_hooks::mh::{Blob, MhError, MhHost};
 use kvm_hooks::vmm::Machine;
+use mh_abi::{self as abi, Kind, Op, Request};
 
 use crate::policy::{decide, next_throttle, Decision, PolicyConfig, RoundStats, SwitchReason};
 use crate::protocol::{self, FrameKind, Run, HEADER_LEN, MAX_RUNS, RUN_ZERO};
@@ -28,6 +30,15 @@ pub struct SendOptions {
     pub io_timeout: Duration,
     /// Data streams besides the control connection (0: pages go on the control stream).
     pub streams: u32,
+    /// Confidential mode: private pages and vCPU state go only through the in-guest MH.
+    pub confidential: Option<ConfidentialSend>,
+}
+
+/// Confidential-mode sender settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfidentialSend {
+    /// Private pages per MH doorbell (1..=256).
+    pub mh_batch: u32,
 }
 
 /// Where a migration was when it failed.
@@ -72,6 +83,14 @@ pub enum SendError {
         #[source]
         source: kvm_hooks::Error,
     },
+    #[error("migration failed in {phase}: Migration Handler: {source}")]
+    Mh {
+        phase: Phase,
+        #[source]
+        source: MhError,
+    },
+    #[error("migration failed in {phase}: {msg}")]
+    Confidential { phase: Phase, msg: String },
     #[error("{first}; and resuming the source VM failed too: {resume}")]
     ResumeFailed { first: Box<SendError>, resume: kvm_hooks::Error },
 }
@@ -83,7 +102,9 @@ impl SendError {
             | SendError::Refused { phase, .. }
             | SendError::PeerAborted { phase, .. }
             | SendError::Unexpected { phase, .. }
-            | SendError::Kvm { phase, .. } => *phase,
+            | SendError::Kvm { phase, .. }
+            | SendError::Mh { phase, .. }
+            | SendError::Confidential { phase, .. } => *phase,
             SendError::ResumeFailed { first, .. } => first.phase(),
         }
     }
@@ -113,6 +134,10 @@ struct Ctx<'a> {
     paused: bool,
     meta: Vec<u8>,
     data: Option<DataStreams>,
+    /// Confidential mode: the source MH's rings, a blob buffer and the wire buffer.
+    mh: Option<&'a mut MhHost>,
+    blob: Blob,
+    wire: Vec<u8>,
 }
 
 /// Opens data stream `i` (a connected, wrapped transport).
@@ -138,8 +163,29 @@ pub fn migrate_streams(
     connect: Connector<'_>,
     on: &mut dyn FnMut(Event),
 ) -> Result<SourceReport, SendError> {
-    let mut c =
-        Ctx { m, t, o, inflight: InFlight::Nothing, paused: false, meta: Vec::with_capacity(64 << 10), data: None };
+    let mut guard = m.mh();
+    let mh = match (o.confidential, guard.as_mut()) {
+        (Some(_), Some(h)) => Some(h),
+        (Some(_), None) => {
+            return Err(SendError::Confidential {
+                phase: Phase::Handshake,
+                msg: "confidential = true, but the VM runs no Migration Handler".into(),
+            })
+        }
+        (None, _) => None,
+    };
+    let mut c = Ctx {
+        m,
+        t,
+        o,
+        inflight: InFlight::Nothing,
+        paused: false,
+        meta: Vec::with_capacity(64 << 10),
+        data: None,
+        mh,
+        blob: Blob::zeroed(),
+        wire: Vec::new(),
+    };
     let r = run(&mut c, connect, on);
     if let Err(e) = r {
         return Err(recover(c, e));
@@ -175,7 +221,8 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     // Handshake: the destination creates the VM before any page is sent.
     let ph = Phase::Handshake;
     let session = session_id();
-    let hello = protocol::Hello { spec, streams: c.o.streams, session };
+    let (confidential, vm_id) = (c.mh.is_some(), c.mh.as_ref().map_or(0, |h| h.vm_id));
+    let hello = protocol::Hello { spec, streams: c.o.streams, session, confidential, vm_id };
     c.t.send_frame(FrameKind::Hello, &[Part::Buf(&protocol::encode_hello_full(&hello))], None)
         .map_err(|e| tx(ph, e))?;
     c.t.set_recv_timeout(c.o.ack_timeout);
@@ -200,6 +247,10 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         }
         c.data = Some(DataStreams::start(ts, c.m.ram().clone(), c.o.io_timeout));
     }
+    if c.mh.is_some() {
+        // Opens the blob stream: the destination MH accepts nothing before it.
+        send_marker(c, Op::Begin, 0).map_err(|e| e.at(ph, c.t))?;
+    }
     let setup = t0.elapsed();
     on(Event::Accepted);
 
@@ -216,9 +267,9 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         if round == 0 {
             // Never-written RAM (memfd holes) is zero: known without reading it.
             let extents = c.m.ram().data_extents().map_err(kvm(ph))?;
-            send_pages_with_holes(c, round, total_pages, &extents, &mut st).map_err(|e| peer_error(c.t, ph, e))?;
+            send_pages_with_holes(c, round, total_pages, &extents, &mut st).map_err(|e| e.at(ph, c.t))?;
         } else {
-            send_pages(c, round, gfns.iter().copied(), &mut st, None).map_err(|e| peer_error(c.t, ph, e))?;
+            send_pages(c, round, gfns.iter().copied(), &mut st, None).map_err(|e| e.at(ph, c.t))?;
         }
         end_round(c, round, &mut st).map_err(|e| peer_error(c.t, ph, e))?;
         st.elapsed = start.elapsed();
@@ -256,13 +307,17 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     c.inflight = InFlight::Pages(final_gfns.clone());
     let start = Instant::now();
     let mut fin = RoundStats { round, ..Default::default() };
-    send_pages(c, round, final_gfns.iter().copied(), &mut fin, None).map_err(|e| peer_error(c.t, ph, e))?;
+    send_pages(c, round, final_gfns.iter().copied(), &mut fin, None).map_err(|e| e.at(ph, c.t))?;
     end_round(c, round, &mut fin).map_err(|e| peer_error(c.t, ph, e))?;
 
     let ph = Phase::VcpuState;
     let states = c.m.save_states().map_err(kvm(ph))?;
     let mut state_bytes = 0u64;
-    for (i, s) in states.iter().enumerate() {
+    if c.mh.is_some() {
+        state_bytes = send_states_via_mh(c, &states, round).map_err(|e| e.at(ph, c.t))?;
+        send_marker(c, Op::End, round).map_err(|e| e.at(ph, c.t))?;
+    }
+    for (i, s) in states.iter().enumerate().filter(|_| c.mh.is_none()) {
         let enc = s.encode();
         let pre = protocol::encode_vcpu_state_prefix(i as u32, enc.len() as u32);
         c.t.send_frame(FrameKind::VcpuState, &[Part::Buf(&pre), Part::Buf(&enc)], None)
@@ -313,6 +368,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     rep.transport = desc;
     rep.streams = c.o.streams.max(1);
     rep.zerocopy = zc.map(Into::into);
+    rep.mh_exported = c.mh.as_ref().and_then(|h| h.counters().ok()).map(|x| x.exported);
     Ok(rep)
 }
 
@@ -378,7 +434,7 @@ fn send_pages_with_holes(
     pages: u64,
     extents: &[(u64, u64)],
     st: &mut RoundStats,
-) -> Result<(), TransportError> {
+) -> Result<(), PathError> {
     let mut ext = extents.iter().peekable();
     let mut in_data = move |gfn: u64| {
         let gpa = gfn * PAGE_SIZE;
@@ -402,13 +458,25 @@ fn send_pages(
     gfns: impl Iterator<Item = u64>,
     st: &mut RoundStats,
     mut may_hold_data: Option<&mut dyn FnMut(u64) -> bool>,
-) -> Result<(), TransportError> {
+) -> Result<(), PathError> {
     let ram = c.m.ram().clone();
     let max_data = u64::from(c.o.batch_pages);
     let mut runs: Vec<Run> = Vec::with_capacity(256);
     let mut data_pages = 0u64;
+    let confidential = c.mh.is_some();
+    let mut private: Vec<u64> = Vec::new();
     for gfn in gfns {
         let hole = may_hold_data.as_mut().is_some_and(|f| !f(gfn));
+        if confidential && abi::in_region(gfn) {
+            // The MH region is each side's own (the destination runs its own MH there).
+            continue;
+        }
+        if confidential && !hole && !c.m.is_shared(gfn) {
+            // Private: the host never reads it; it goes through the MH below.
+            st.pages += 1;
+            private.push(gfn);
+            continue;
+        }
         let zero = hole || (c.o.zero_detect && ram.page_is_zero(gfn).unwrap_or(false));
         let flags = if zero { RUN_ZERO } else { 0 };
         st.pages += 1;
@@ -434,7 +502,115 @@ fn send_pages(
     if !runs.is_empty() {
         flush(c, round, &mut runs, st)?;
     }
+    if !private.is_empty() {
+        send_private(c, round, &private, st)?;
+    }
     Ok(())
+}
+
+/// A failure on the confidential path: the transport or the MH.
+#[derive(Debug)]
+pub(crate) enum PathError {
+    Tx(TransportError),
+    Mh(MhError),
+    Other(String),
+}
+
+impl From<TransportError> for PathError {
+    fn from(e: TransportError) -> Self {
+        PathError::Tx(e)
+    }
+}
+impl From<MhError> for PathError {
+    fn from(e: MhError) -> Self {
+        PathError::Mh(e)
+    }
+}
+
+impl PathError {
+    fn at(self, phase: Phase, t: &mut dyn Transport) -> SendError {
+        match self {
+            PathError::Tx(e) => peer_error(t, phase, e),
+            PathError::Mh(source) => SendError::Mh { phase, source },
+            PathError::Other(msg) => SendError::Confidential { phase, msg },
+        }
+    }
+}
+
+/// Encrypt `gfns` (ascending) through the source MH, `mh_batch` pages per doorbell, and
+/// send the blobs on the control stream.
+fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) -> Result<(), PathError> {
+    let batch = c.o.confidential.map_or(abi::NSLOTS, |x| x.mh_batch.clamp(1, abi::NSLOTS)) as usize;
+    for chunk in gfns.chunks(batch) {
+        let mut reqs: Vec<Request> = Vec::new();
+        for (slot, &gfn) in chunk.iter().enumerate() {
+            match reqs.last_mut() {
+                Some(r) if r.gfn + u64::from(r.count) == gfn => r.count += 1,
+                _ => reqs.push(Request { op: Op::Export as u16, id: 0, count: 1, slot: slot as u32, gfn, round }),
+            }
+        }
+        export_and_send(c, round, &reqs, chunk.iter().map(|&g| (Kind::Page, g)))?;
+        st.bytes += (HEADER_LEN + 8 + chunk.len() * protocol::BLOB_LEN) as u64;
+    }
+    Ok(())
+}
+
+/// Run export requests, then send the slots' blobs (checked against `expect`) in one frame.
+fn export_and_send(
+    c: &mut Ctx<'_>,
+    round: u32,
+    reqs: &[Request],
+    expect: impl ExactSizeIterator<Item = (Kind, u64)>,
+) -> Result<(), PathError> {
+    let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
+    mh.run(reqs)?;
+    c.wire.clear();
+    c.wire.extend_from_slice(&protocol::encode_blobs_prefix(round, expect.len() as u32));
+    for (slot, (kind, gfn)) in expect.enumerate() {
+        mh.take_slot(slot as u32, kind, gfn, &mut c.blob)?;
+        protocol::encode_blob(&c.blob, &mut c.wire);
+    }
+    c.t.send_frame(FrameKind::Blobs, &[Part::Buf(&c.wire)], None)?;
+    Ok(())
+}
+
+/// Begin / End marker blob.
+fn send_marker(c: &mut Ctx<'_>, op: Op, round: u32) -> Result<(), PathError> {
+    let kind = if op == Op::Begin { Kind::Begin } else { Kind::End };
+    let r = Request { op: op as u16, id: 0, count: 1, slot: 0, gfn: 0, round };
+    export_and_send(c, round, &[r], std::iter::once((kind, 0)))
+}
+
+/// SEV-ES style: the vCPU states are placed in the VMSA pages (as the hardware keeps a VMSA
+/// in guest memory), encrypted by the MH and sent as Cpu blobs; no host-side copy travels.
+/// VMSA area: `count u32`, `count` x `len u32`, then the encoded states.
+fn send_states_via_mh(c: &mut Ctx<'_>, states: &[kvm_hooks::state::VcpuState], round: u32) -> Result<u64, PathError> {
+    let mut v = (states.len() as u32).to_le_bytes().to_vec();
+    let enc: Vec<Vec<u8>> = states.iter().map(|s| s.encode()).collect();
+    for e in &enc {
+        v.extend_from_slice(&(e.len() as u32).to_le_bytes());
+    }
+    for e in &enc {
+        v.extend_from_slice(e);
+    }
+    let cap = (abi::VMSA_PAGES * abi::PAGE) as usize;
+    if v.len() > cap {
+        return Err(PathError::Other(format!(
+            "{} vCPU states take {} bytes, the MH's VMSA area holds {cap}",
+            states.len(),
+            v.len()
+        )));
+    }
+    v.resize(v.len().div_ceil(abi::PAGE as usize) * abi::PAGE as usize, 0);
+    let pages = (v.len() as u64 / abi::PAGE) as u32;
+    c.m.ram().write(abi::VMSA, &v).map_err(|e| PathError::Other(e.to_string()))?;
+    let r = Request { op: Op::SaveCpu as u16, id: 0, count: pages, slot: 0, gfn: 0, round };
+    let first = abi::VMSA / abi::PAGE;
+    let res = export_and_send(c, round, &[r], (0..pages as usize).map(|i| (Kind::Cpu, first + i as u64)));
+    // The plaintext states must not outlive the export in guest memory the host can read.
+    c.m.ram().zero(abi::VMSA, v.len() as u64).map_err(|e| PathError::Other(e.to_string()))?;
+    res?;
+    Ok((HEADER_LEN + 8 + pages as usize * protocol::BLOB_LEN) as u64)
 }
 
 fn flush(c: &mut Ctx<'_>, round: u32, runs: &mut Vec<Run>, st: &mut RoundStats) -> Result<(), TransportError> {

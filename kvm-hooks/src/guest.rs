@@ -120,8 +120,50 @@ core::arch::global_asm!(
     "jmp 2b",
     ".globl migaccel_guest_pagestate_end",
     "migaccel_guest_pagestate_end:",
+    // canary: rdi=start rsi=end r8=first private page r9=request buffer dx=page-state port
+    // r14=progress port. Announces [start, r8) shared once, then loops over its range writing
+    // SHARED_CANARY (shared pages) or PRIVATE_CANARY (private pages) at offset 0 and bumping a
+    // counter at offset 8 of every page.
+    ".globl migaccel_guest_canary",
+    "migaccel_guest_canary:",
+    "mov [r9], rdi",
+    "mov rax, r8",
+    "sub rax, rdi",
+    "shr rax, 12",
+    "mov [r9 + 8], rax",
+    "mov qword ptr [r9 + 16], 0",
+    "mov eax, r9d",
+    "out dx, eax",
+    "mov rdx, r14",
+    "2:",
+    "mov rbx, rdi",
+    "3:",
+    "movabs rax, {shared}",
+    "cmp rbx, r8",
+    "jb 4f",
+    "movabs rax, {private}",
+    "4:",
+    "mov [rbx], rax",
+    "inc qword ptr [rbx + 8]",
+    "add rbx, 4096",
+    "cmp rbx, rsi",
+    "jb 3b",
+    "inc r13",
+    "mov eax, r13d",
+    "out dx, eax",
+    "jmp 2b",
+    ".globl migaccel_guest_canary_end",
+    "migaccel_guest_canary_end:",
     ".popsection",
+    shared = const SHARED_CANARY,
+    private = const PRIVATE_CANARY,
 );
+
+/// What the canary workload writes into the first 8 bytes of its private pages: a
+/// confidential migration must never put these bytes on the wire.
+pub const PRIVATE_CANARY: u64 = u64::from_le_bytes(*b"PRIVCNRY");
+/// What it writes into the pages it announced shared (these travel in clear).
+pub const SHARED_CANARY: u64 = u64::from_le_bytes(*b"SHRDCNRY");
 
 extern "C" {
     static migaccel_guest_walk: u8;
@@ -132,6 +174,8 @@ extern "C" {
     static migaccel_guest_oracle_end: u8;
     static migaccel_guest_pagestate: u8;
     static migaccel_guest_pagestate_end: u8;
+    static migaccel_guest_canary: u8;
+    static migaccel_guest_canary_end: u8;
 }
 
 /// The guest programs.
@@ -141,6 +185,7 @@ pub enum Program {
     Idle,
     Oracle,
     PageState,
+    Canary,
 }
 
 impl Program {
@@ -151,6 +196,7 @@ impl Program {
             Program::Idle => (&raw const migaccel_guest_idle, &raw const migaccel_guest_idle_end),
             Program::Oracle => (&raw const migaccel_guest_oracle, &raw const migaccel_guest_oracle_end),
             Program::PageState => (&raw const migaccel_guest_pagestate, &raw const migaccel_guest_pagestate_end),
+            Program::Canary => (&raw const migaccel_guest_canary, &raw const migaccel_guest_canary_end),
         };
         // SAFETY: both symbols are labels in the same read-only text section defined above,
         // start before end; the bytes between them are the program and live forever.
@@ -159,9 +205,10 @@ impl Program {
     fn offset(self) -> u64 {
         match self {
             Program::Walk => 0,
-            Program::Idle => 0x400,
-            Program::Oracle => 0x800,
-            Program::PageState => 0xc00,
+            Program::Idle => 0x200,
+            Program::Oracle => 0x400,
+            Program::PageState => 0x600,
+            Program::Canary => 0x800,
         }
     }
     pub fn entry(self) -> u64 {
@@ -192,10 +239,10 @@ pub fn install(ram: &GuestRam) -> Result<()> {
     for (i, d) in gdt.iter().enumerate() {
         ram.write_u64(GDT + i as u64 * 8, *d)?;
     }
-    for p in [Program::Walk, Program::Idle, Program::Oracle, Program::PageState] {
+    for p in [Program::Walk, Program::Idle, Program::Oracle, Program::PageState, Program::Canary] {
         let code = p.code();
-        if code.len() as u64 > 0x400 {
-            return Err(Error::Memory("guest program larger than its 1 KiB slot".into()));
+        if code.len() as u64 > 0x200 {
+            return Err(Error::Memory("guest program larger than its 512-byte slot".into()));
         }
         ram.write(p.entry(), code)?;
     }
@@ -249,7 +296,7 @@ pub struct Start {
 }
 
 pub fn initial_regs(vcpu: usize, s: &Start) -> kvm_regs {
-    let port = if s.program == Program::PageState { PAGE_STATE_PORT } else { PROGRESS_PORT };
+    let port = if matches!(s.program, Program::PageState | Program::Canary) { PAGE_STATE_PORT } else { PROGRESS_PORT };
     kvm_regs {
         rip: s.program.entry(),
         rflags: 0x3002, // IOPL 3: port I/O is allowed at CPL 3
@@ -258,7 +305,7 @@ pub fn initial_regs(vcpu: usize, s: &Start) -> kvm_regs {
         rsi: s.rsi,
         r8: s.r8.max(1),
         r9: s.r9,
-        r14: s.r14,
+        r14: if s.program == Program::Canary { u64::from(PROGRESS_PORT) + vcpu as u64 } else { s.r14 },
         rdx: u64::from(port) + vcpu as u64,
         ..Default::default()
     }

@@ -209,11 +209,13 @@ pub struct MhHost {
     pub spin: u32,
     /// How long the MH may take to answer before it is declared dead.
     pub timeout: Duration,
+    /// The VM id this MH binds into its blobs.
+    pub vm_id: u32,
 }
 
 impl MhHost {
-    pub(crate) fn new(ram: Arc<GuestRam>, bell: Arc<Bell>, timeout: Duration) -> MhHost {
-        MhHost { ram, bell, req_prod: 0, comp_cons: 0, next_id: 1, inflight: VecDeque::new(), spin: 0, timeout }
+    pub(crate) fn new(ram: Arc<GuestRam>, bell: Arc<Bell>, timeout: Duration, vm_id: u32) -> MhHost {
+        MhHost { ram, bell, req_prod: 0, comp_cons: 0, next_id: 1, inflight: VecDeque::new(), spin: 0, timeout, vm_id }
     }
 
     fn atomic(&self, gpa: u64) -> Result<&AtomicU32> {

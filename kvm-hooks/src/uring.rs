@@ -25,8 +25,9 @@ use crate::memory::GuestRam;
 const ZC_REPORT_USAGE: u16 = 8;
 /// `IORING_NOTIF_USAGE_ZC_COPIED`, in a notification's `res`.
 const NOTIF_COPIED: u32 = 1 << 31;
-/// Largest host part of a frame (header + run table).
-pub const HOST_SLOT: usize = 80 << 10;
+/// Largest host part of a frame: a header and run table, or a frame of MH blobs (up to
+/// `NSLOTS` encrypted pages with their descriptors, which are host bytes, not guest RAM).
+pub const HOST_SLOT: usize = (80 << 10) + mh_abi::NSLOTS as usize * (4096 + 64);
 const RING_ENTRIES: u32 = 256;
 /// `UIO_MAXIOV`: most iovecs one sendmsg takes.
 const MAX_IOV: usize = 1024;

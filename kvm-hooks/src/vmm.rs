@@ -39,6 +39,9 @@ pub enum Workload {
     /// Announce page-state changes (shared/private) through the page-state port, as a
     /// confidential guest does with `KVM_HC_MAP_GPA_RANGE` (4 MiB of data RAM is cycled).
     PageState,
+    /// Each vCPU announces the first half of its range shared, then keeps rewriting
+    /// [`guest::SHARED_CANARY`] / [`guest::PRIVATE_CANARY`] and a counter into every page.
+    Canary,
 }
 
 /// A guest's page-state announcement (arguments of `KVM_HC_MAP_GPA_RANGE`).
@@ -120,6 +123,14 @@ impl GuestSpec {
                 r9: 0,
                 r14: 0,
             },
+            Workload::Canary => Start {
+                program: Program::Canary,
+                rdi: s,
+                rsi: e,
+                r8: s + (per / 2) * PAGE_SIZE,
+                r9: guest::PARAM + 0x100 + u64::from(i) * 0x20,
+                r14: 0,
+            },
             Workload::Oracle { pages } => Start {
                 program: Program::Oracle,
                 rdi: DATA_START,
@@ -176,6 +187,9 @@ struct Shared {
     pub page_state_refused: AtomicU64,
     /// Kernel thread id of each vCPU thread (for per-thread BPF filters).
     tids: Vec<AtomicU64>,
+    /// One bit per guest page: set = shared (the guest announced it unencrypted), clear =
+    /// private. What KVM keeps as memory attributes for a confidential VM.
+    shared_pages: Vec<AtomicU64>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -186,7 +200,7 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     /// State for `n` vCPUs, all paused.
-    fn new(n: usize) -> Self {
+    fn new(n: usize, pages: u64) -> Self {
         let counters = || (0..n).map(|_| AtomicU64::new(0)).collect();
         Shared {
             state: Mutex::new(RunState::Paused),
@@ -200,6 +214,7 @@ impl Shared {
             page_state_requests: AtomicU64::new(0),
             page_state_refused: AtomicU64::new(0),
             tids: counters(),
+            shared_pages: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -218,6 +233,8 @@ pub struct Machine {
     shared: Arc<Shared>,
     msr_list: Vec<u32>,
     mh: Option<MhVcpu>,
+    /// The host end of the MH's rings, for the migration engine.
+    mh_host: Mutex<Option<MhHost>>,
 }
 
 /// The Migration Handler's extra vCPU: runs on its own thread, independent of pause/resume
@@ -280,7 +297,7 @@ impl Machine {
             .as_slice()
             .to_vec();
         let n = spec.vcpus as usize;
-        let shared = Arc::new(Shared::new(n));
+        let shared = Arc::new(Shared::new(n, vm.ram().pages()));
         let mut vcpus = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
@@ -294,7 +311,7 @@ impl Machine {
             vcpus.push(fd);
             threads.push(t);
         }
-        let m = Machine { vm, spec, vcpus, threads, shared, msr_list, mh: None };
+        let m = Machine { vm, spec, vcpus, threads, shared, msr_list, mh: None, mh_host: Mutex::new(None) };
         m.wait_parked(Duration::from_secs(10))?;
         Ok(m)
     }
@@ -421,7 +438,7 @@ impl Machine {
     /// Install the reference Migration Handler in the MH region and start it on an extra
     /// vCPU (id = number of workload vCPUs). Waits until it reports ready. On a destination
     /// this is called before any page arrives.
-    pub fn launch_mh(&mut self, launch: &Launch, timeout: Duration) -> std::result::Result<MhHost, MhError> {
+    pub fn launch_mh(&mut self, launch: &Launch, timeout: Duration) -> std::result::Result<(), MhError> {
         if self.mh.is_some() {
             return Err(MhError::BadRequest("this VM already runs a Migration Handler".into()));
         }
@@ -458,9 +475,29 @@ impl Machine {
             .spawn(move || mh_loop(fd, b, tr, r))
             .map_err(|e| Error::Vcpu { vcpu: id, msg: format!("spawn MH thread: {e}") })?;
         self.mh = Some(MhVcpu { bell: bell.clone(), thread: Some(thread) });
-        let host = MhHost::new(ram, bell, timeout);
+        let host = MhHost::new(ram, bell, timeout, launch.vm_id);
         host.wait_ready(Duration::from_secs(10))?;
-        Ok(host)
+        *self.mh_host.lock().unwrap_or_else(|e| e.into_inner()) = Some(host);
+        Ok(())
+    }
+
+    /// The host end of the MH's rings (None without an MH, or after [`Machine::take_mh`]).
+    pub fn mh(&self) -> std::sync::MutexGuard<'_, Option<MhHost>> {
+        self.mh_host.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Take the host end of the MH's rings out of the machine (tests drive it directly).
+    pub fn take_mh(&self) -> Option<MhHost> {
+        self.mh().take()
+    }
+
+    /// Whether the guest last announced page `gfn` as shared (unencrypted). Pages start
+    /// private. Out-of-range pages are private.
+    pub fn is_shared(&self, gfn: u64) -> bool {
+        self.shared
+            .shared_pages
+            .get((gfn / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (gfn % 64)) != 0)
     }
 
     /// Whether a Migration Handler runs in this VM.
@@ -646,6 +683,9 @@ fn mh_loop(mut fd: VcpuFd, bell: Arc<Bell>, dirty: Arc<DirtyTracker>, ram: Arc<G
     }
 }
 
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED`: the range becomes private.
+pub const PAGE_ENCRYPTED: u64 = 1 << 4;
+
 /// Validate a guest page-state request and hand it to the hook. The request lives in guest
 /// memory, so every field is checked: the pointer and the announced range must be inside
 /// guest RAM, page-aligned and non-empty.
@@ -663,6 +703,15 @@ fn page_state(sh: &Shared, ram: &GuestRam, vcpu: usize, ptr: u64) {
         return;
     }
     sh.page_state_requests.fetch_add(1, Ordering::Relaxed);
+    let shared = attrs & PAGE_ENCRYPTED == 0;
+    for gfn in gpa / PAGE_SIZE..gpa / PAGE_SIZE + npages {
+        let (w, b) = ((gfn / 64) as usize, 1u64 << (gfn % 64));
+        if shared {
+            sh.shared_pages[w].fetch_or(b, Ordering::AcqRel);
+        } else {
+            sh.shared_pages[w].fetch_and(!b, Ordering::AcqRel);
+        }
+    }
     let hook = sh.page_state_hook.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if let Some(h) = hook {
         h(&PageStateRequest { vcpu: vcpu as u32, gpa, npages, attrs });
@@ -707,7 +756,7 @@ mod tests {
     #[test]
     fn hostile_page_state_requests_are_refused() {
         let ram = GuestRam::new(64 << 20).unwrap();
-        let sh = Shared::new(1);
+        let sh = Shared::new(1, ram.pages());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
         *sh.page_state_hook.lock().unwrap() = Some(Arc::new(move |r: &PageStateRequest| s2.lock().unwrap().push(*r)));

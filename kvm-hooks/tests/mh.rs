@@ -21,7 +21,8 @@ fn launch(key: [u8; 32]) -> Launch {
 
 fn vm_with_mh(key: [u8; 32]) -> (Machine, MhHost) {
     let mut m = Machine::boot(spec(), RING).unwrap();
-    let h = m.launch_mh(&launch(key), Duration::from_secs(5)).unwrap();
+    m.launch_mh(&launch(key), Duration::from_secs(5)).unwrap();
+    let h = m.take_mh().unwrap();
     (m, h)
 }
 
@@ -97,7 +98,8 @@ fn export_then_import_moves_pages_and_never_shows_plaintext() {
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "sequence numbers are contiguous");
 
     let mut dst = Machine::destination(spec(), RING).unwrap();
-    let mut dh = dst.launch_mh(&launch(KEY), Duration::from_secs(5)).unwrap();
+    dst.launch_mh(&launch(KEY), Duration::from_secs(5)).unwrap();
+    let mut dh = dst.take_mh().unwrap();
     open_stream(&mut dh, &begin);
     import(&mut dh, gfn, &blobs).unwrap();
     assert!(!dh.counters().unwrap().complete, "not complete before End");
@@ -122,7 +124,8 @@ fn hostile_blobs_are_refused() {
 
     let fresh = |key| {
         let mut d = Machine::destination(spec(), RING).unwrap();
-        let mut h = d.launch_mh(&launch(key), Duration::from_secs(5)).unwrap();
+        d.launch_mh(&launch(key), Duration::from_secs(5)).unwrap();
+    let mut h = d.take_mh().unwrap();
         open_stream(&mut h, &begin);
         (d, h)
     };
@@ -157,11 +160,13 @@ fn hostile_blobs_are_refused() {
     assert_eq!(refused(import(&mut h, gfn + 1, &r1[1..2])), CompStatus::BadSequence);
     // Import without a Begin.
     let mut d2 = Machine::destination(spec(), RING).unwrap();
-    let mut h2 = d2.launch_mh(&launch(KEY), Duration::from_secs(5)).unwrap();
+    d2.launch_mh(&launch(KEY), Duration::from_secs(5)).unwrap();
+    let mut h2 = d2.take_mh().unwrap();
     assert_eq!(refused(import(&mut h2, gfn, &r1)), CompStatus::NoStream);
     // Wrong key: even the Begin marker fails.
     let mut d3 = Machine::destination(spec(), RING).unwrap();
-    let mut h3 = d3.launch_mh(&launch([0x43; 32]), Duration::from_secs(5)).unwrap();
+    d3.launch_mh(&launch([0x43; 32]), Duration::from_secs(5)).unwrap();
+    let mut h3 = d3.take_mh().unwrap();
     h3.write_slot(0, &begin).unwrap();
     assert_eq!(refused(h3.run(&[req(Op::Marker, 0, 1, 0, 0)])), CompStatus::AuthFailed);
 }

@@ -43,7 +43,10 @@ fn main() {
     cmd.env("CARGO_ENCODED_RUSTFLAGS", flags);
     let o = cmd.output().expect("run cargo for mh-guest");
     if !o.status.success() {
-        panic!("kvm-hooks: building the Migration Handler image (mh-guest) failed:\n{}", String::from_utf8_lossy(&o.stderr));
+        panic!(
+            "kvm-hooks: building the Migration Handler image (mh-guest) failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     let elf = target_dir.join("x86_64-unknown-linux-gnu/release/mh-guest");
     objcopy(&elf, &out.join("mh.bin"));

@@ -3,12 +3,16 @@
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use accel_user::config::{Config, DirtySource, WorkloadKind};
-use accel_user::protocol::FrameKind;
+use accel_user::dest::{Received, Receiver, RecvError, RecvState};
+use accel_user::protocol::{FrameKind, BLOB_LEN};
 use accel_user::session;
-use migaccel_tests::{assert_running, config, Proxy};
+use kvm_hooks::guest::{PRIVATE_CANARY, SHARED_CANARY};
+use kvm_hooks::vmm::Machine;
+use migaccel_tests::{assert_running, config, contains, Tamper, Tap};
 
 /// A 0600 key file with `byte` repeated.
 fn key_file(tag: &str, byte: u8) -> PathBuf {
@@ -27,6 +31,26 @@ fn confidential(workload: WorkloadKind, tag: &str) -> Config {
     c
 }
 
+type RecvThread = JoinHandle<(Receiver, Result<Received, RecvError>)>;
+
+fn receiver(cfg: &Config) -> (String, RecvThread) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let c = cfg.clone();
+    (addr, std::thread::spawn(move || session::receive(&c, &l, true)))
+}
+
+/// Source and destination RAM equal outside the MH region (each side's own).
+fn assert_same_ram(src: &Machine, dst: &[u8]) {
+    let mut a = src.ram().snapshot();
+    let mut b = dst.to_vec();
+    let r = mh_abi::REGION as usize..(mh_abi::REGION + mh_abi::REGION_SIZE) as usize;
+    a[r.clone()].fill(0);
+    b[r].fill(0);
+    let d = accel_user::verify::diff_pages(&a, &b, 8);
+    assert!(d.is_empty(), "destination RAM differs at pages {d:?}");
+}
+
 fn migrate(workload: WorkloadKind) {
     let c = confidential(workload, &format!("{workload:?}"));
     let out = session::demo(&c, &mut |_| {}).expect("confidential migration succeeds");
@@ -42,7 +66,7 @@ fn migrate(workload: WorkloadKind) {
     assert!(exported >= written, "{exported} pages through the MH, {written} data pages sent");
     // One Blobs frame (24-byte header, 8-byte prefix) of whole encrypted VMSA pages.
     let sb = r.source.vcpu_state_bytes;
-    assert!(sb > 32 && (sb - 32) % 4136 == 0, "vCPU state travelled as {sb} bytes, not as blobs");
+    assert!(sb > 32 && (sb - 32) % BLOB_LEN as u64 == 0, "vCPU state travelled as {sb} bytes, not as blobs");
 }
 
 #[test]
@@ -53,4 +77,164 @@ fn ab_confidential() {
 #[test]
 fn hot_confidential() {
     migrate(WorkloadKind::Hot);
+}
+
+/// A wire capture never holds the private canary; shared pages travel in clear.
+#[test]
+fn private_pages_never_cross_the_wire_in_clear() {
+    let mut c = confidential(WorkloadKind::Canary, "canary");
+    c.migration.streams = 1; // one connection: the tap sees everything
+    let src = session::boot_source(&c).unwrap();
+    let (addr, t) = receiver(&c);
+    let tap = Tap::start(addr, None);
+    let rep = session::send(&c, &src, &tap.addr, &mut |_| {}).expect("migration");
+    let (r, res) = t.join().unwrap();
+    let got = res.expect("destination");
+    let captured = tap.captured.clone();
+    drop(tap);
+    let wire = captured.lock().unwrap();
+    assert!(rep.precopy_rounds.len() >= 2);
+    let (private, shared) = (PRIVATE_CANARY.to_le_bytes(), SHARED_CANARY.to_le_bytes());
+    let snap = got.snapshot.clone().unwrap();
+    assert!(contains(&snap, &private), "private pages arrived (decrypted by the destination MH)");
+    assert!(wire.len() as u64 > (c.guest.ram.0 / 4), "the capture holds the migration ({} bytes)", wire.len());
+    assert!(!contains(&wire, &private), "a private canary crossed the wire in clear");
+    assert!(contains(&wire, &shared), "shared pages travel on the direct path, in clear");
+    assert_same_ram(&src, &snap);
+    assert_running(r.machine().unwrap());
+}
+
+/// Offsets inside a Blobs payload: 8-byte prefix, then blobs of
+/// `kind u32, round u32, gfn u64, seq u64, tag [16], data [4096]`.
+const B0: usize = 8;
+
+/// Run a confidential migration through a tampering proxy (or with the destination holding
+/// `dest_key`): it must fail, the destination must never resume, the source must keep
+/// running, and a clean retry must then deliver identical RAM (nothing was lost).
+fn hostile(tag: &str, tamper: Option<Tamper>, dest_key: Option<u8>, want: &str) {
+    let mut c = confidential(WorkloadKind::Ab, tag);
+    c.migration.streams = 1;
+    c.migration.max_rounds = 4;
+    // The tap keeps the failed destination's socket half open: fail fast.
+    c.migration.ack_timeout_ms = 3_000;
+    let src = session::boot_source(&c).unwrap();
+    let mut dc = c.clone();
+    if let Some(k) = dest_key {
+        dc.confidential.key_file = Some(key_file(&format!("{tag}-dest"), k));
+    }
+    let (addr, t) = receiver(&dc);
+    let tap = Tap::start(addr, tamper);
+    let err = session::send(&c, &src, &tap.addr, &mut |_| {}).expect_err("a hostile wire must fail the migration");
+    let (r, res) = t.join().unwrap();
+    let rerr = res.expect_err("the destination must refuse").to_string();
+    assert!(rerr.contains(want), "destination error {rerr:?} does not say {want:?}");
+    assert!(err.to_string().contains(want), "source error {err} does not carry the reason {want:?}");
+    assert_eq!(r.state(), RecvState::Failed);
+    if let Some(m) = r.machine() {
+        assert!(!m.is_running(), "the destination resumed a VM with tampered memory");
+    }
+    drop(r); // closes the destination's sockets, so the tap drains
+    drop(tap);
+    assert_running(&src);
+    // Nothing lost: a clean retry (new destination MH, new Begin) delivers identical RAM.
+    let (addr, t) = receiver(&c);
+    session::send(&c, &src, &addr, &mut |_| {}).expect("retry");
+    let (r, res) = t.join().unwrap();
+    assert_same_ram(&src, &res.expect("retry destination").snapshot.unwrap());
+    assert_running(r.machine().unwrap());
+}
+
+fn on_blobs(mut f: impl FnMut(usize, &mut [u8]) + Send + 'static) -> Option<Tamper> {
+    Some(Box::new(move |k, n, p| {
+        if k == FrameKind::Blobs {
+            f(n, p)
+        }
+    }))
+}
+
+#[test]
+fn tampered_ciphertext_is_refused() {
+    // Frame 0 is the Begin marker; frame 2 holds page blobs of round 0.
+    let t = on_blobs(|n, p| {
+        if n == 2 {
+            p[B0 + 40 + 123] ^= 0x01;
+        }
+    });
+    hostile("tamper", t, None, "failed authentication");
+}
+
+#[test]
+fn relocated_blob_is_refused() {
+    let t = on_blobs(|n, p| {
+        if n == 2 {
+            // Present the first blob's page as the next gfn.
+            let g = u64::from_le_bytes(p[B0 + 8..B0 + 16].try_into().unwrap());
+            p[B0 + 8..B0 + 16].copy_from_slice(&(g + 1).to_le_bytes());
+        }
+    });
+    hostile("relocate", t, None, "failed authentication");
+}
+
+#[test]
+fn replayed_blob_from_an_earlier_round_is_refused() {
+    let mut saved: Option<Vec<u8>> = None;
+    let t = on_blobs(move |n, p| {
+        let round = u32::from_le_bytes(p[0..4].try_into().unwrap());
+        let count = u32::from_le_bytes(p[4..8].try_into().unwrap()) as usize;
+        let first_kind = u32::from_le_bytes(p[B0..B0 + 4].try_into().unwrap());
+        if n >= 1 && round == 0 && first_kind == 1 && saved.is_none() {
+            saved = Some(p[B0..B0 + BLOB_LEN].to_vec()); // a round-0 page blob
+        } else if round >= 1 && first_kind == 1 && count >= 1 {
+            if let Some(old) = &saved {
+                p[B0..B0 + BLOB_LEN].copy_from_slice(old);
+            }
+        }
+    });
+    hostile("replay", t, None, "out of sequence");
+}
+
+#[test]
+fn wrong_key_at_the_destination_is_refused() {
+    hostile("wrongkey", None, Some(0x77), "failed authentication");
+}
+
+/// An MH that stops answering: the migration fails with a timeout that says so, the source
+/// keeps running, and once the MH answers again a retry succeeds.
+#[test]
+fn source_mh_that_stops_answering() {
+    let mut c = confidential(WorkloadKind::Ab, "hang");
+    c.confidential.mh_timeout_ms = 300;
+    let src = session::boot_source(&c).unwrap();
+    src.mh().as_ref().unwrap().set_frozen(true);
+    let (addr, t) = receiver(&c);
+    let err = session::send(&c, &src, &addr, &mut |_| {}).expect_err("a hung MH must fail the migration");
+    assert!(err.to_string().contains("stopped answering"), "{err}");
+    let (r, res) = t.join().unwrap();
+    assert!(res.is_err());
+    assert!(r.machine().is_none_or(|m| !m.is_running()));
+    assert_running(&src);
+    src.mh().as_ref().unwrap().set_frozen(false);
+    std::thread::sleep(Duration::from_millis(50));
+    let (addr, t) = receiver(&c);
+    session::send(&c, &src, &addr, &mut |_| {}).expect("retry once the MH answers");
+    let (_r, res) = t.join().unwrap();
+    assert_same_ram(&src, &res.expect("retry destination").snapshot.unwrap());
+}
+
+#[test]
+fn nosend_policy_and_missing_key_are_refused() {
+    let mut c = confidential(WorkloadKind::Idle, "nosend");
+    c.confidential.sev_policy = accel_user::sev::POLICY_NOSEND | accel_user::sev::POLICY_ES;
+    let e = session::boot_source(&c).expect_err("NOSEND").to_string();
+    assert!(e.contains("NOSEND"), "{e}");
+    // A receiver without a key refuses a confidential source, before any page moves.
+    let c = confidential(WorkloadKind::Idle, "nokey");
+    let src = session::boot_source(&c).unwrap();
+    let mut plain = c.clone();
+    plain.confidential.enabled = false;
+    let (addr, t) = receiver(&plain);
+    let err = session::send(&c, &src, &addr, &mut |_| {}).expect_err("refused");
+    assert!(err.to_string().contains("no transport key"), "{err}");
+    let _ = t.join();
+    assert_running(&src);
 }

@@ -206,3 +206,80 @@ impl Drop for NetnsPair {
         let _ = ip(&["netns", "del", &self.dst]);
     }
 }
+
+/// Sees every source → destination frame: (kind, how many of this kind came before, payload)
+/// and may rewrite the payload in place (same length).
+pub type Tamper = Box<dyn FnMut(FrameKind, usize, &mut [u8]) + Send>;
+
+/// A proxy that records every byte the source sends (a wire capture) and optionally lets a
+/// test tamper with frames, as a man in the middle would.
+pub struct Tap {
+    pub addr: String,
+    pub captured: Arc<std::sync::Mutex<Vec<u8>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Tap {
+    pub fn start(target: String, mut tamper: Option<Tamper>) -> Tap {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let captured = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let cap = captured.clone();
+        let handle = std::thread::spawn(move || {
+            let Ok((mut src, _)) = l.accept() else { return };
+            let Ok(mut dst) = TcpStream::connect(&target) else { return };
+            // A destination that stopped reading must not hang the tap.
+            let _ = dst.set_write_timeout(Some(Duration::from_secs(5)));
+            let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+            let back = std::thread::spawn(move || {
+                let (mut d, mut s) = (dst2, src2);
+                let _ = std::io::copy(&mut d, &mut s);
+                let _ = s.shutdown(Shutdown::Write);
+            });
+            let mut counts = std::collections::HashMap::new();
+            loop {
+                let mut h = [0u8; HEADER_LEN];
+                if src.read_exact(&mut h).is_err() {
+                    break;
+                }
+                let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+                let mut p = vec![0u8; len];
+                if src.read_exact(&mut p).is_err() {
+                    break;
+                }
+                if let Some(kind) = FrameKind::from_u16(u16::from_le_bytes([h[6], h[7]])) {
+                    let n = counts.entry(kind as u16).or_insert(0usize);
+                    if let Some(f) = tamper.as_mut() {
+                        f(kind, *n, &mut p);
+                    }
+                    *n += 1;
+                }
+                {
+                    let mut c = cap.lock().unwrap();
+                    c.extend_from_slice(&h);
+                    c.extend_from_slice(&p);
+                }
+                if dst.write_all(&h).is_err() || dst.write_all(&p).is_err() {
+                    break;
+                }
+            }
+            // Both ways: the destination may keep its socket open (a receiver holds clones).
+            let _ = dst.shutdown(Shutdown::Both);
+            let _ = back.join();
+        });
+        Tap { addr, captured, handle: Some(handle) }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Whether `hay` contains `needle`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}

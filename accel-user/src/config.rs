@@ -373,9 +373,10 @@ impl Config {
             ack_timeout: Duration::from_millis(m.ack_timeout_ms),
             io_timeout: Duration::from_millis(m.io_timeout_ms),
             streams: if m.streams > 1 { m.streams } else { 0 },
-            confidential: self.confidential.enabled.then_some(crate::source::ConfidentialSend {
-                mh_batch: self.confidential.mh_batch,
-            }),
+            confidential: self
+                .confidential
+                .enabled
+                .then_some(crate::source::ConfidentialSend { mh_batch: self.confidential.mh_batch }),
         }
     }
 

@@ -650,7 +650,9 @@ impl Receiver {
                     }
                     match reqs.last_mut() {
                         Some(r) => r.count += 1,
-                        None => reqs.push(Request { op: Op::RestoreCpu as u16, id: 0, count: 1, slot, gfn: 0, round: 0 }),
+                        None => {
+                            reqs.push(Request { op: Op::RestoreCpu as u16, id: 0, count: 1, slot, gfn: 0, round: 0 })
+                        }
                     }
                 }
                 Kind::Begin | Kind::End => {
@@ -696,7 +698,8 @@ impl Receiver {
         for i in 0..n {
             let len = u32::from_le_bytes(v[4 + 4 * i..8 + 4 * i].try_into().expect("4")) as usize;
             let end = off.checked_add(len).filter(|&e| e <= cap && len <= kvm_hooks::state::MAX_ENCODED);
-            let end = end.ok_or_else(|| self.incomplete(format!("vCPU {i} state of {len} bytes overruns the VMSA area")))?;
+            let end =
+                end.ok_or_else(|| self.incomplete(format!("vCPU {i} state of {len} bytes overruns the VMSA area")))?;
             out.push(
                 VcpuState::decode(&v[off..end]).map_err(|e| RecvError::Kvm { state: RecvState::States, source: e })?,
             );
@@ -740,7 +743,9 @@ impl Receiver {
         let states: Vec<VcpuState> = if self.confidential {
             let done = m.mh().as_ref().and_then(|h| h.counters().ok()).is_some_and(|c| c.complete);
             if !done {
-                return Err(self.incomplete("the MH did not confirm a complete blob stream (no valid End marker)".into()));
+                return Err(
+                    self.incomplete("the MH did not confirm a complete blob stream (no valid End marker)".into())
+                );
             }
             self.states_from_vmsa(m)?
         } else {

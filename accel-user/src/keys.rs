@@ -51,7 +51,10 @@ pub fn load(path: &Path) -> Result<TransportKey, KeyError> {
         return Err(KeyError::Permissions { path: p(), mode });
     }
     if meta.size() > 256 {
-        return Err(KeyError::Format { path: p(), msg: format!("{} bytes; a key is 32 bytes or 64 hex digits", meta.size()) });
+        return Err(KeyError::Format {
+            path: p(),
+            msg: format!("{} bytes; a key is 32 bytes or 64 hex digits", meta.size()),
+        });
     }
     let raw = std::fs::read(path).map_err(|source| KeyError::Read { path: p(), source })?;
     parse(&raw).map_err(|msg| KeyError::Format { path: p(), msg })
@@ -63,14 +66,16 @@ fn parse(raw: &[u8]) -> Result<TransportKey, String> {
         k.copy_from_slice(raw);
         return Ok(TransportKey(k));
     }
-    let text = std::str::from_utf8(raw).map_err(|_| format!("{} bytes that are neither 32 raw bytes nor hex", raw.len()))?;
+    let text =
+        std::str::from_utf8(raw).map_err(|_| format!("{} bytes that are neither 32 raw bytes nor hex", raw.len()))?;
     let hex = text.trim();
     if hex.len() != 64 {
         return Err(format!("{} hex digits; a key is 64 hex digits (or 32 raw bytes)", hex.len()));
     }
     let mut k = [0u8; 32];
     for (i, b) in k.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| format!("non-hex digit near offset {}", 2 * i))?;
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| format!("non-hex digit near offset {}", 2 * i))?;
     }
     Ok(TransportKey(k))
 }

@@ -346,10 +346,7 @@ pub fn decode_blobs(p: &[u8], ram_pages: u64) -> Result<(u32, Vec<kvm_hooks::mh:
         match mh_abi::Kind::from_u32(b.kind) {
             mh_abi::Kind::Invalid => return Err(perr(k, format!("blob {i}: unknown kind {}", b.kind))),
             mh_abi::Kind::Page if b.gfn >= ram_pages || mh_abi::in_region(b.gfn) => {
-                return Err(perr(
-                    k,
-                    format!("blob {i}: gfn {:#x} is outside guest RAM or inside the MH region", b.gfn),
-                ))
+                return Err(perr(k, format!("blob {i}: gfn {:#x} is outside guest RAM or inside the MH region", b.gfn)))
             }
             _ => {}
         }

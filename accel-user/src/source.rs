@@ -385,7 +385,7 @@ fn aborted(phase: Phase, p: &[u8]) -> SendError {
 
 /// A send failed: if the destination left an Abort frame explaining why, report that.
 fn peer_error(t: &mut dyn Transport, phase: Phase, e: TransportError) -> SendError {
-    if matches!(e, TransportError::Io { .. } | TransportError::Closed) {
+    if matches!(e, TransportError::Io { .. } | TransportError::Closed | TransportError::Timeout(_)) {
         t.set_recv_timeout(Duration::from_millis(500));
         if let Ok((FrameKind::Abort, p)) = recv_small(t) {
             return aborted(phase, &p);

@@ -354,7 +354,13 @@ impl MhHost {
             for (r, c) in self.wait_all()? {
                 let status = CompStatus::from_u32(c.status);
                 if status != CompStatus::Ok {
-                    return Err(MhError::Refused { op: Op::from_u16(r.op), gfn: r.gfn, count: r.count, status, done: c.done });
+                    return Err(MhError::Refused {
+                        op: Op::from_u16(r.op),
+                        gfn: r.gfn,
+                        count: r.count,
+                        status,
+                        done: c.done,
+                    });
                 }
             }
         }

@@ -459,12 +459,8 @@ impl Machine {
         if let Err(e) = fd.set_xcrs(&xcrs) {
             tracing::debug!("KVM_SET_XCRS for the MH vCPU: {e} (AVX state left as is)");
         }
-        let regs = kvm_bindings::kvm_regs {
-            rip: mh_abi::IMAGE,
-            rsp: mh_abi::STACK_TOP,
-            rflags: 0x3002,
-            ..Default::default()
-        };
+        let regs =
+            kvm_bindings::kvm_regs { rip: mh_abi::IMAGE, rsp: mh_abi::STACK_TOP, rflags: 0x3002, ..Default::default() };
         fd.set_regs(&regs).map_err(|e| Error::ioctl("KVM_SET_REGS", errno_io(e)))?;
         fd.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE })
             .map_err(|e| Error::ioctl("KVM_SET_MP_STATE", errno_io(e)))?;

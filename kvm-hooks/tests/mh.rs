@@ -125,7 +125,7 @@ fn hostile_blobs_are_refused() {
     let fresh = |key| {
         let mut d = Machine::destination(spec(), RING).unwrap();
         d.launch_mh(&launch(key), Duration::from_secs(5)).unwrap();
-    let mut h = d.take_mh().unwrap();
+        let mut h = d.take_mh().unwrap();
         open_stream(&mut h, &begin);
         (d, h)
     };

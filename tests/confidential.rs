@@ -66,7 +66,7 @@ fn migrate(workload: WorkloadKind) {
     assert!(exported >= written, "{exported} pages through the MH, {written} data pages sent");
     // One Blobs frame (24-byte header, 8-byte prefix) of whole encrypted VMSA pages.
     let sb = r.source.vcpu_state_bytes;
-    assert!(sb > 32 && (sb - 32) % BLOB_LEN as u64 == 0, "vCPU state travelled as {sb} bytes, not as blobs");
+    assert!(sb > 32 && (sb - 32).is_multiple_of(BLOB_LEN as u64), "vCPU state travelled as {sb} bytes, not as blobs");
 }
 
 #[test]

@@ -615,12 +615,43 @@ mod tests {
             spec: GuestSpec { ram_bytes: 1 << 30, vcpus: 1, workload: Workload::Ab },
             streams: 99,
             session: 1,
+            confidential: false,
+            vm_id: 0,
         });
         assert!(decode_hello_full(&e).unwrap_err().to_string().contains("99 data streams"));
+        let mut f = e.clone();
+        f[56] = 0x80; // an unknown Hello flag
+        assert!(decode_hello_full(&f).unwrap_err().to_string().contains("unknown flags"));
         e.truncate(48);
         assert!(decode_hello_full(&e).is_err());
         assert_eq!(decode_join(&encode_join(7, 3)).unwrap(), (7, 3));
         assert!(decode_join(&encode_join(7, 3)[..12]).is_err());
+    }
+
+    #[test]
+    fn blobs_are_bounded_and_checked() {
+        let mut b = kvm_hooks::mh::Blob::zeroed();
+        b.kind = mh_abi::Kind::Page as u32;
+        b.gfn = 0x500;
+        let frame = |blobs: &[&kvm_hooks::mh::Blob], count: u32| {
+            let mut v = encode_blobs_prefix(3, count).to_vec();
+            for b in blobs {
+                encode_blob(b, &mut v);
+            }
+            v
+        };
+        let (round, got) = decode_blobs(&frame(&[&b], 1), 0x1000).unwrap();
+        assert_eq!((round, got.len(), got[0].gfn), (3, 1, 0x500));
+        assert!(decode_blobs(&frame(&[], 0), 0x1000).unwrap_err().to_string().contains("0 blobs"));
+        assert!(decode_blobs(&frame(&[&b], 257), 0x1000).unwrap_err().to_string().contains("257 blobs"));
+        assert!(decode_blobs(&frame(&[&b], 2), 0x1000).unwrap_err().to_string().contains("for 2 blobs"));
+        assert!(decode_blobs(&frame(&[&b], 1), 0x500).unwrap_err().to_string().contains("outside guest RAM"));
+        let mut inside = b.clone();
+        inside.gfn = mh_abi::REGION / PAGE;
+        assert!(decode_blobs(&frame(&[&inside], 1), 0x1000).unwrap_err().to_string().contains("MH region"));
+        let mut unknown = b.clone();
+        unknown.kind = 9;
+        assert!(decode_blobs(&frame(&[&unknown], 1), 0x1000).unwrap_err().to_string().contains("unknown kind"));
     }
 
     #[test]

@@ -220,7 +220,7 @@ impl MhHost {
 
     fn atomic(&self, gpa: u64) -> Result<&AtomicU32> {
         let p = self.ram.host_addr(gpa)?;
-        debug_assert!(gpa % 4 == 0 && gpa + 4 <= self.ram.size());
+        debug_assert!(gpa.is_multiple_of(4) && gpa + 4 <= self.ram.size());
         // SAFETY: `gpa` is one of the ring index fields (4-aligned, inside the MH region,
         // checked by host_addr); the mapping lives as long as `self.ram`, which outlives the
         // returned reference. The guest accesses the same word with 32-bit loads and stores.

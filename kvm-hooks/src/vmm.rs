@@ -453,8 +453,7 @@ impl Machine {
         // OSFXSR | OSXMMEXCPT | OSXSAVE: SSE/AVX for AES-GCM.
         sregs.cr4 |= 0x600 | 0x4_0000;
         fd.set_sregs(&sregs).map_err(|e| Error::ioctl("KVM_SET_SREGS", errno_io(e)))?;
-        let mut xcrs = kvm_bindings::kvm_xcrs::default();
-        xcrs.nr_xcrs = 1;
+        let mut xcrs = kvm_bindings::kvm_xcrs { nr_xcrs: 1, ..Default::default() };
         xcrs.xcrs[0].value = 0x7; // x87 | SSE | AVX
         if let Err(e) = fd.set_xcrs(&xcrs) {
             tracing::debug!("KVM_SET_XCRS for the MH vCPU: {e} (AVX state left as is)");

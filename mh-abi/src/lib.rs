@@ -365,6 +365,15 @@ pub fn aad(vm_id: u32, gfn: u64, round: u32, seq: u64, kind: Kind) -> [u8; 36] {
     a
 }
 
+// The layout fits the region (checked at compile time).
+const _: () = {
+    assert!(SLOTS + NSLOTS as u64 * PAGE <= REGION + REGION_SIZE);
+    assert!(SLOT_DESC + NSLOTS as u64 * DESC_SIZE <= VMSA);
+    assert!(VMSA + VMSA_PAGES * PAGE <= PAGE_TABLES);
+    assert!(PAGE_TABLES + 66 * PAGE <= STACK_TOP - 0x1_0000);
+    assert!(RING_BASE + RING_ENTRIES as u64 * REQ_SIZE <= PAGE);
+};
+
 /// True when page `gfn` lies inside the MH region (never exported over, never imported into).
 pub fn in_region(gfn: u64) -> bool {
     let gpa = gfn.wrapping_mul(PAGE);
@@ -389,12 +398,7 @@ mod tests {
     }
 
     #[test]
-    fn layout_fits_the_region() {
-        assert!(SLOTS + u64::from(NSLOTS) * PAGE <= REGION + REGION_SIZE);
-        assert!(SLOT_DESC + u64::from(NSLOTS) * DESC_SIZE <= VMSA);
-        assert!(VMSA + VMSA_PAGES * PAGE <= PAGE_TABLES);
-        assert!(PAGE_TABLES + 66 * PAGE <= STACK_TOP - 0x1_0000);
-        assert!(RING_BASE + u64::from(RING_ENTRIES) * REQ_SIZE <= PAGE);
+    fn region_bounds() {
         assert!(in_region(REGION / PAGE) && in_region((REGION + REGION_SIZE) / PAGE - 1));
         assert!(!in_region(REGION / PAGE - 1) && !in_region((REGION + REGION_SIZE) / PAGE));
     }

@@ -620,7 +620,7 @@ mod tests {
         });
         assert!(decode_hello_full(&e).unwrap_err().to_string().contains("99 data streams"));
         let mut f = e.clone();
-        f[56] = 0x80; // an unknown Hello flag
+        f[48] = 0x80; // an unknown Hello flag
         assert!(decode_hello_full(&f).unwrap_err().to_string().contains("unknown flags"));
         e.truncate(48);
         assert!(decode_hello_full(&e).is_err());

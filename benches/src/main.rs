@@ -13,6 +13,8 @@ use accel_user::session;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod mh;
+
 #[derive(Parser)]
 #[command(name = "migaccel-bench")]
 struct Cli {
@@ -78,6 +80,18 @@ enum Cmd {
         /// Only these modes (blocking, copy, zerocopy, zerocopy-fixed).
         #[arg(long, value_delimiter = ',')]
         modes: Vec<String>,
+    },
+    /// The in-guest Migration Handler: export+import throughput per batch size against the
+    /// AES-256-GCM ceiling, doorbell kinds, and direct vs confidential migrations.
+    Mh {
+        /// Pages moved per batch-size row (batch 1 moves at most 4096).
+        #[arg(long, default_value_t = 65536)]
+        pages: u64,
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        batches: Vec<u32>,
+        /// Guest size for the whole-migration rows.
+        #[arg(long, default_value = "512MiB", value_parser = |s: &str| s.parse::<ByteSize>())]
+        migrate_ram: ByteSize,
     },
 }
 
@@ -366,6 +380,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Ebpf { secs, pairs, harvest_ms, threads, noop } => ebpf_bench(secs, pairs, harvest_ms, threads, noop)?,
+        Cmd::Mh { pages, batches, migrate_ram } => mh::mh_bench(pages, &batches, migrate_ram)?,
         Cmd::Transport { ram, streams, ceiling_secs, prefault, modes } => {
             transport_bench(&ram, &streams, ceiling_secs, prefault, &modes)?
         }

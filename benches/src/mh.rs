@@ -1,0 +1,196 @@
+//! `migaccel-bench mh`: the in-guest Migration Handler path. Export+import throughput through
+//! two real MHs (source and destination VMs, extra vCPUs) for batch sizes 1 (the RFC
+//! prototype's one-page handshake) to 256 pages per doorbell, next to the same run's
+//! single-core AES-256-GCM ceiling (`openssl speed`) and a host memcpy of the same pages
+//! (the direct path's per-page work); then polling vs port-I/O kicks; then whole migrations,
+//! direct vs confidential, of the same guest.
+use std::time::{Duration, Instant};
+
+use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::session;
+use kvm_hooks::guest::DATA_START;
+use kvm_hooks::mh::{Blob, Launch, MhHost};
+use kvm_hooks::vm::DirtyPreference;
+use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
+use mh_abi::{Kind, Op, Request};
+
+const KEY: [u8; 32] = [0x3c; 32];
+
+/// Single-core AES-256-GCM over 16 KiB buffers, bytes/s, from `openssl speed`.
+fn openssl_aes_gcm() -> Option<f64> {
+    let o = std::process::Command::new("openssl")
+        .args(["speed", "-evp", "aes-256-gcm", "-bytes", "16384", "-seconds", "2"])
+        .output()
+        .ok()?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out.lines().find(|l| l.starts_with("AES-256-GCM"))?;
+    let k: f64 = line.split_whitespace().last()?.trim_end_matches('k').parse().ok()?;
+    Some(k * 1000.0)
+}
+
+fn vm(dest: bool, ram: u64, spin: u64) -> anyhow::Result<(Machine, MhHost)> {
+    let spec = GuestSpec { ram_bytes: ram, vcpus: 1, workload: Workload::Idle };
+    let mut m = if dest { Machine::destination(spec, DirtyPreference::Bitmap)? } else { Machine::boot(spec, DirtyPreference::Bitmap)? };
+    m.launch_mh(&Launch { key: KEY, vm_id: 1, spin }, Duration::from_secs(10))?;
+    let h = m.take_mh().ok_or_else(|| anyhow::anyhow!("no MH"))?;
+    Ok((m, h))
+}
+
+struct Run {
+    pages: u64,
+    export: Duration,
+    import: Duration,
+    total: Duration,
+    doorbells: u64,
+}
+
+/// Move `pages` data pages from `src` to `dst` through both MHs, `batch` pages per doorbell.
+fn transfer(sh: &mut MhHost, dh: &mut MhHost, pages: u64, batch: u32, round: u32) -> anyhow::Result<Run> {
+    let mut blob = Blob::zeroed();
+    // Open the stream.
+    sh.run(&[Request { op: Op::Begin as u16, id: 0, count: 1, slot: 0, gfn: 0, round }])?;
+    sh.read_slot(0, &mut blob)?;
+    dh.write_slot(0, &blob)?;
+    dh.run(&[Request { op: Op::Marker as u16, id: 0, count: 1, slot: 0, gfn: 0, round }])?;
+    let first = DATA_START / 4096;
+    let (mut export, mut import) = (Duration::ZERO, Duration::ZERO);
+    let mut doorbells = 0;
+    let t0 = Instant::now();
+    let mut gfn = first;
+    while gfn < first + pages {
+        let n = (batch as u64).min(first + pages - gfn) as u32;
+        let t = Instant::now();
+        sh.run(&[Request { op: Op::Export as u16, id: 0, count: n, slot: 0, gfn, round }])?;
+        export += t.elapsed();
+        for s in 0..n {
+            sh.take_slot(s, Kind::Page, gfn + u64::from(s), &mut blob)?;
+            dh.write_slot(s, &blob)?;
+        }
+        let t = Instant::now();
+        dh.run(&[Request { op: Op::Import as u16, id: 0, count: n, slot: 0, gfn, round }])?;
+        import += t.elapsed();
+        doorbells += 1;
+        gfn += u64::from(n);
+    }
+    let total = t0.elapsed();
+    sh.run(&[Request { op: Op::End as u16, id: 0, count: 1, slot: 0, gfn: 0, round }])?;
+    sh.read_slot(0, &mut blob)?;
+    dh.write_slot(0, &blob)?;
+    dh.run(&[Request { op: Op::Marker as u16, id: 0, count: 1, slot: 0, gfn: 0, round }])?;
+    anyhow::ensure!(dh.counters()?.complete, "destination MH did not confirm the stream");
+    dh.run(&[Request { op: Op::Reset as u16, id: 0, count: 1, slot: 0, gfn: 0, round }])?;
+    Ok(Run { pages, export, import, total, doorbells })
+}
+
+fn gbs(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::Result<()> {
+    let ram = (DATA_START + pages * 4096).next_multiple_of(2 << 20).max(64 << 20) + (2 << 20);
+    let ceiling = openssl_aes_gcm();
+    match ceiling {
+        Some(c) => println!("single-core AES-256-GCM (openssl speed, 16 KiB): {:.2} GB/s", c / 1e9),
+        None => println!("openssl not found: no AES ceiling this run"),
+    }
+    let (src, mut sh) = vm(false, ram, 0)?;
+    // Pseudo-random page contents (incompressible, no zero pages).
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut page = vec![0u8; 4096];
+    for p in 0..pages {
+        for c in page.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        src.ram().write(DATA_START + p * 4096, &page)?;
+    }
+    let (dst, mut dh) = vm(true, ram, 0)?;
+    // The direct path's per-page work on the host: one copy of each page.
+    let t = Instant::now();
+    let mut buf = vec![0u8; (pages * 4096) as usize];
+    src.ram().read(DATA_START, &mut buf)?;
+    dst.ram().write(DATA_START, &buf)?;
+    let direct = t.elapsed();
+    dst.ram().zero(DATA_START, pages * 4096)?;
+    println!("host copy of the same {} MiB (direct path, no network): {:.2} GB/s", pages >> 8, gbs(pages * 4096, direct));
+    println!();
+    println!("| pages/doorbell | pages | export GB/s | import GB/s | export+import GB/s | of AES ceiling | doorbells | µs/doorbell |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, &b) in batches.iter().enumerate() {
+        // Batch 1 pays two port-I/O round trips per page: fewer pages keep it short.
+        let n = if b < 16 { pages.min(4096) } else { pages };
+        let r = transfer(&mut sh, &mut dh, n, b, i as u32 + 1)?;
+        let bytes = r.pages * 4096;
+        let mut a = vec![0u8; bytes as usize];
+        let mut d = vec![0u8; bytes as usize];
+        src.ram().read(DATA_START, &mut a)?;
+        dst.ram().read(DATA_START, &mut d)?;
+        anyhow::ensure!(a == d, "batch {b}: destination pages differ after import");
+        dst.ram().zero(DATA_START, bytes)?;
+        let both = gbs(bytes, r.total);
+        println!(
+            "| {b} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} |",
+            r.pages,
+            gbs(bytes, r.export),
+            gbs(bytes, r.import),
+            both,
+            ceiling.map_or("-".into(), |c| format!("{:.0} %", 100.0 * both * 1e9 / c)),
+            r.doorbells,
+            r.total.as_secs_f64() * 1e6 / r.doorbells as f64,
+        );
+    }
+    drop((sh, dh, src, dst));
+
+    // Doorbells: port-I/O kick at once vs polling first (MH spins on its request ring, the
+    // host on the completion ring).
+    println!();
+    println!("| doorbell (64 pages/doorbell) | export+import GB/s | µs/doorbell |");
+    println!("|---|---:|---:|");
+    for (name, spin) in [("kick (spin 0)", 0u64), ("poll, then kick (spin 1e6)", 1_000_000)] {
+        let (src, mut sh) = vm(false, ram, spin)?;
+        let (_dst, mut dh) = vm(true, ram, spin)?;
+        sh.spin = spin as u32;
+        dh.spin = spin as u32;
+        src.ram().write(DATA_START, &buf[..(pages.min(16384) * 4096) as usize])?;
+        let r = transfer(&mut sh, &mut dh, pages.min(16384), 64, 1)?;
+        println!(
+            "| {name} | {:.2} | {:.1} |",
+            gbs(r.pages * 4096, r.total),
+            r.total.as_secs_f64() * 1e6 / r.doorbells as f64
+        );
+    }
+
+    // Whole migrations of the same idle guest, RAM filled by the host: direct vs confidential.
+    println!();
+    println!("| migration ({} MiB guest, idle, filled) | total s | GiB/s | pages through the MH |", migrate_ram.0 >> 20);
+    println!("|---|---:|---:|---:|");
+    let key = std::env::temp_dir().join(format!("migaccel-bench-{}.key", std::process::id()));
+    std::fs::write(&key, KEY)?;
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    for (name, conf, batch) in [("direct", false, 256), ("confidential, 256/doorbell", true, 256), ("confidential, 16/doorbell", true, 16)] {
+        let mut c = Config::default();
+        c.guest.ram = migrate_ram;
+        c.guest.vcpus = 1;
+        c.guest.workload = WorkloadKind::Idle;
+        c.guest.warmup_ms = 100;
+        c.migration.dirty_source = DirtySource::Ring;
+        c.migration.streams = 1;
+        c.confidential.enabled = conf;
+        c.confidential.key_file = Some(key.clone());
+        c.confidential.mh_batch = batch;
+        let fill = |m: &Machine| -> anyhow::Result<()> { crate::fill(m) };
+        let out = session::demo_with(&c, &fill, &mut |_| {})?;
+        anyhow::ensure!(out.report.verification.ok(), "{name}: verification failed {:?}", out.report.verification);
+        let r = &out.report.source;
+        println!(
+            "| {name} | {:.2} | {:.2} | {} |",
+            r.total.as_secs_f64(),
+            r.throughput_mib_s / 1024.0,
+            r.mh_exported.map_or("-".into(), |n| n.to_string())
+        );
+    }
+    let _ = std::fs::remove_file(&key);
+    Ok(())
+}

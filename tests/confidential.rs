@@ -224,7 +224,7 @@ fn source_mh_that_stops_answering() {
 #[test]
 fn nosend_policy_and_missing_key_are_refused() {
     let mut c = confidential(WorkloadKind::Idle, "nosend");
-    c.confidential.sev_policy = accel_user::sev::POLICY_NOSEND | accel_user::sev::POLICY_ES;
+    c.confidential.sev_policy = 0x8 | 0x4; // NOSEND | ES
     let e = session::boot_source(&c).expect_err("NOSEND").to_string();
     assert!(e.contains("NOSEND"), "{e}");
     // A receiver without a key refuses a confidential source, before any page moves.
@@ -237,4 +237,21 @@ fn nosend_policy_and_missing_key_are_refused() {
     assert!(err.to_string().contains("no transport key"), "{err}");
     let _ = t.join();
     assert_running(&src);
+}
+
+#[test]
+fn blob_aimed_at_the_mh_region_or_outside_ram_is_refused() {
+    let region = mh_abi::REGION / 4096;
+    let t = on_blobs(move |n, p| {
+        if n == 2 {
+            p[B0 + 8..B0 + 16].copy_from_slice(&(region + 3).to_le_bytes());
+        }
+    });
+    hostile("region", t, None, "inside the MH region");
+    let t = on_blobs(|n, p| {
+        if n == 2 {
+            p[B0 + 8..B0 + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        }
+    });
+    hostile("outside", t, None, "outside guest RAM");
 }

@@ -17,7 +17,6 @@ pub mod policy;
 pub mod protocol;
 pub mod report;
 pub mod session;
-pub mod sev;
 pub mod source;
 pub mod streams;
 pub mod transport;

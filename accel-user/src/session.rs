@@ -35,7 +35,7 @@ pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
 /// transport key and a fresh VM id. Refuses a SEV guest whose policy forbids migration.
 pub fn launch_mh(cfg: &Config, m: &mut Machine) -> Result<(), String> {
     let c = &cfg.confidential;
-    crate::sev::check_policy(c.sev_policy).map_err(|e| e.to_string())?;
+    kvm_hooks::sev::check_send(c.sev_policy).map_err(|e| e.to_string())?;
     let key = c.key_file.as_deref().ok_or("confidential.key_file is not set")?;
     let key = crate::keys::load(key).map_err(|e| e.to_string())?;
     let launch = kvm_hooks::mh::Launch { key: key.0, vm_id: crate::keys::random_vm_id(), spin: c.mh_spin };

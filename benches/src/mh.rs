@@ -30,7 +30,11 @@ fn openssl_aes_gcm() -> Option<f64> {
 
 fn vm(dest: bool, ram: u64, spin: u64) -> anyhow::Result<(Machine, MhHost)> {
     let spec = GuestSpec { ram_bytes: ram, vcpus: 1, workload: Workload::Idle };
-    let mut m = if dest { Machine::destination(spec, DirtyPreference::Bitmap)? } else { Machine::boot(spec, DirtyPreference::Bitmap)? };
+    let mut m = if dest {
+        Machine::destination(spec, DirtyPreference::Bitmap)?
+    } else {
+        Machine::boot(spec, DirtyPreference::Bitmap)?
+    };
     m.launch_mh(&Launch { key: KEY, vm_id: 1, spin }, Duration::from_secs(10))?;
     let h = m.take_mh().ok_or_else(|| anyhow::anyhow!("no MH"))?;
     Ok((m, h))
@@ -114,7 +118,11 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::R
     dst.ram().write(DATA_START, &buf)?;
     let direct = t.elapsed();
     dst.ram().zero(DATA_START, pages * 4096)?;
-    println!("host copy of the same {} MiB (direct path, no network): {:.2} GB/s", pages >> 8, gbs(pages * 4096, direct));
+    println!(
+        "host copy of the same {} MiB (direct path, no network): {:.2} GB/s",
+        pages >> 8,
+        gbs(pages * 4096, direct)
+    );
     println!();
     println!("| pages/doorbell | pages | export GB/s | import GB/s | export+import GB/s | of AES ceiling | doorbells | µs/doorbell |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -164,12 +172,17 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::R
 
     // Whole migrations of the same idle guest, RAM filled by the host: direct vs confidential.
     println!();
-    println!("| migration ({} MiB guest, idle, filled) | total s | GiB/s | pages through the MH |", migrate_ram.0 >> 20);
+    println!(
+        "| migration ({} MiB guest, idle, filled) | total s | GiB/s | pages through the MH |",
+        migrate_ram.0 >> 20
+    );
     println!("|---|---:|---:|---:|");
     let key = std::env::temp_dir().join(format!("migaccel-bench-{}.key", std::process::id()));
     std::fs::write(&key, KEY)?;
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    for (name, conf, batch) in [("direct", false, 256), ("confidential, 256/doorbell", true, 256), ("confidential, 16/doorbell", true, 16)] {
+    for (name, conf, batch) in
+        [("direct", false, 256), ("confidential, 256/doorbell", true, 256), ("confidential, 16/doorbell", true, 16)]
+    {
         let mut c = Config::default();
         c.guest.ram = migrate_ram;
         c.guest.vcpus = 1;

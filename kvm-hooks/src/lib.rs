@@ -11,6 +11,7 @@ pub mod error;
 pub mod guest;
 pub mod memory;
 pub mod mh;
+pub mod sev;
 pub mod state;
 mod sys;
 pub mod uring;

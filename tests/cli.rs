@@ -91,3 +91,26 @@ fn doctor_reports_host() {
     assert!(out.contains("dirty ring"), "{out}");
     assert!(out.contains("SEV"), "{out}");
 }
+
+fn key(name: &str, mode: u32) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let p = std::env::temp_dir().join(format!("migaccel-cli-{}-{name}.key", std::process::id()));
+    std::fs::write(&p, "11".repeat(32)).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn confidential_demo_runs_and_loose_keys_are_refused() {
+    let k = key("good", 0o600);
+    let o = run(&["demo", "--ram", "128MiB", "--confidential-key", &k, "--report", "json"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{out}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json report");
+    assert!(v["source"]["mh_exported"].as_u64().unwrap() > 0, "{out}");
+    assert_eq!(v["verification"]["mismatched_pages"].as_array().map(Vec::len), Some(0), "{out}");
+    let loose = key("loose", 0o644);
+    one_line_error(&["demo", "--ram", "128MiB", "--confidential-key", &loose], &["chmod 600", "0644"]);
+    let c = config_file("nokey", "[confidential]\nenabled = true\n");
+    one_line_error(&["--config", &c, "demo"], &["confidential.key_file"]);
+}

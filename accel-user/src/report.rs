@@ -188,6 +188,12 @@ impl SourceReport {
                 z.sends, z.notifications, z.zerocopy, z.copied
             );
         }
+        if let Some(n) = self.mh_exported {
+            let _ = writeln!(
+                s,
+                "confidential: {n} pages encrypted by the in-guest Migration Handler (private pages and vCPU state); the host read none of them"
+            );
+        }
         if self.ring_full_exits > 0 {
             let _ = writeln!(s, "dirty ring full exits: {}", self.ring_full_exits);
         }

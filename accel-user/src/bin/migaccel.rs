@@ -94,6 +94,10 @@ struct Common {
     /// Do not throttle vCPUs when the guest dirties memory faster than the link.
     #[arg(long)]
     no_auto_converge: bool,
+    /// Confidential migration through the in-guest Migration Handler, with the transport
+    /// key in FILE (32 raw bytes or 64 hex digits, mode 0600).
+    #[arg(long, value_name = "FILE")]
+    confidential_key: Option<PathBuf>,
     /// Report format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     report: Format,
@@ -164,6 +168,10 @@ impl Common {
         }
         if let Some(v) = &self.kvm_device {
             c.host.kvm_device = v.clone();
+        }
+        if let Some(k) = &self.confidential_key {
+            c.confidential.enabled = true;
+            c.confidential.key_file = Some(k.clone());
         }
     }
 }

@@ -130,7 +130,9 @@ pub struct Received {
 /// State shared by the control thread and the data-stream workers.
 struct Shared {
     received: Mutex<DirtySet>,
-    /// Per data stream: rounds it has completed (EndOfRound seen).
+    /// Per data stream: rounds it has completed (EndOfRound seen). In confidential mode one
+    /// more entry, last, is the control stream's (its blobs of the round are imported), so
+    /// a page's shared copy of round n+1 never lands before its private copy of round n.
     completed: Mutex<Vec<u32>>,
     cv: Condvar,
     /// Pages that arrived per round over all data streams.
@@ -155,11 +157,12 @@ impl Shared {
     fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
-    /// Wait until every data stream completed at least `rounds` rounds.
-    fn wait_rounds(&self, rounds: u32, timeout: Duration) -> Result<(), String> {
+    /// Wait until every participant (the first `n` entries, or all with `None`) completed at
+    /// least `rounds` rounds.
+    fn wait_rounds(&self, rounds: u32, n: Option<usize>, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         let mut g = self.completed.lock().unwrap_or_else(|e| e.into_inner());
-        while g.iter().copied().min().unwrap_or(u32::MAX) < rounds {
+        while g.iter().take(n.unwrap_or(usize::MAX)).copied().min().unwrap_or(u32::MAX) < rounds {
             if let Some(e) = self.error() {
                 return Err(e);
             }
@@ -263,7 +266,7 @@ fn data_worker(i: usize, mut t: Box<dyn Transport>, sh: Arc<Shared>, ram: Arc<Gu
         match h.kind {
             FrameKind::Pages => {
                 if barrier_done != round {
-                    if let Err(e) = sh.wait_rounds(round, timeout) {
+                    if let Err(e) = sh.wait_rounds(round, None, timeout) {
                         break Err(format!("data stream {i}: {e}"));
                     }
                     barrier_done = round;
@@ -419,7 +422,8 @@ impl Receiver {
                     }
                     if self.streams > 0 {
                         // The round is over when every data stream finished it.
-                        self.shared.wait_rounds(round + 1, self.o.io_timeout).map_err(|m| self.incomplete(m))?;
+                        let n = Some(self.streams as usize);
+                        self.shared.wait_rounds(round + 1, n, self.o.io_timeout).map_err(|m| self.incomplete(m))?;
                         self.round_pages += self
                             .shared
                             .round_pages
@@ -436,6 +440,13 @@ impl Receiver {
                         )));
                     }
                     self.round_pages = 0;
+                    if self.confidential && self.streams > 0 {
+                        // This round's private pages are in: data streams may write round+1.
+                        if let Some(c) = self.shared.completed.lock().unwrap_or_else(|e| e.into_inner()).last_mut() {
+                            *c = round + 1;
+                        }
+                        self.shared.cv.notify_all();
+                    }
                     self.state = RecvState::Precopy { round: round + 1 };
                 }
                 (RecvState::Precopy { round }, FrameKind::Blobs) if self.confidential => {
@@ -564,7 +575,9 @@ impl Receiver {
         if n == 0 {
             return Ok(());
         }
-        *self.shared.completed.lock().unwrap_or_else(|e| e.into_inner()) = vec![0; n as usize];
+        // Confidential: the control stream (blob imports) takes part in the round barrier.
+        let parts = n as usize + usize::from(self.confidential);
+        *self.shared.completed.lock().unwrap_or_else(|e| e.into_inner()) = vec![0; parts];
         let mut slots: Vec<Option<Box<dyn Transport>>> = (0..n).map(|_| None).collect();
         for _ in 0..n {
             let mut d = accept().map_err(|e| self.terr(e))?;

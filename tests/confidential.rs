@@ -255,3 +255,25 @@ fn blob_aimed_at_the_mh_region_or_outside_ram_is_refused() {
     });
     hostile("outside", t, None, "outside guest RAM");
 }
+
+/// A source MH that corrupts its completion ring (here: a producer index far beyond what was
+/// asked) fails the migration with a clear error; the source keeps running and the
+/// destination never resumes.
+#[test]
+fn hostile_completion_ring_aborts_the_migration() {
+    let c = confidential(WorkloadKind::Ab, "ring");
+    let src = session::boot_source(&c).unwrap();
+    {
+        let g = src.mh();
+        let h = g.as_ref().unwrap();
+        h.set_frozen(true);
+        h.ram().write(mh_abi::COMP_RING + mh_abi::RING_PROD, &4000u32.to_le_bytes()).unwrap();
+    }
+    let (addr, t) = receiver(&c);
+    let err = session::send(&c, &src, &addr, &mut |_| {}).expect_err("a corrupt ring must fail the migration");
+    assert!(err.to_string().contains("completion ring is corrupt"), "{err}");
+    let (r, res) = t.join().unwrap();
+    assert!(res.is_err());
+    assert!(r.machine().is_none_or(|m| !m.is_running()), "the destination must not resume");
+    assert_running(&src);
+}

@@ -35,12 +35,16 @@ struct {
 	__type(value, struct slot);
 } slots SEC(".maps");
 
+/* Thread-id filter as a bitmap: 2^22 ids (PID_MAX_LIMIT on 64-bit) in 2^16 words. An array
+ * lookup is inlined by the verifier; a hash lookup is a helper call plus hashing, on every
+ * dirtied page. */
+#define TID_WORDS (1 << 16)
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TID_WORDS);
 	__type(key, __u32);
-	__type(value, __u32);
-} tids SEC(".maps");
+	__type(value, __u64);
+} tid_bits SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -96,7 +100,9 @@ static __always_inline int ours(void)
 	__u64 id = bpf_get_current_pid_tgid();
 	if (use_tids) {
 		__u32 tid = (__u32)id;
-		return bpf_map_lookup_elem(&tids, &tid) != 0;
+		__u32 w = tid / 64;
+		__u64 *bits = bpf_map_lookup_elem(&tid_bits, &w);
+		return bits && ((*bits >> (tid % 64)) & 1);
 	}
 	return !target_tgid || (id >> 32) == target_tgid;
 }

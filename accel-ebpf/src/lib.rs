@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::RawTracePoint;
 use aya::{Ebpf, EbpfLoader, RawTracePointRunOptions, TestRun};
 use memmap2::{MmapOptions, MmapRaw};
@@ -94,6 +94,9 @@ pub enum Target {
     Any,
 }
 
+/// Thread ids the filter bitmap covers (PID_MAX_LIMIT on 64-bit).
+const TID_LIMIT: u32 = 1 << 22;
+
 fn load(target: &Target) -> Result<Ebpf, EbpfError> {
     let (tgid, use_tids) = match target {
         Target::Process(p) => (*p, 0u32),
@@ -106,11 +109,18 @@ fn load(target: &Target) -> Result<Ebpf, EbpfError> {
         .load(OBJECT)
         .map_err(|e| EbpfError::Load(e.to_string()))?;
     if let Target::Threads(ts) = target {
-        let mut m: BpfHashMap<_, u32, u32> =
-            BpfHashMap::try_from(ebpf.map_mut("tids").ok_or(EbpfError::Map { map: "tids", msg: "missing".into() })?)
-                .map_err(|e| EbpfError::Map { map: "tids", msg: e.to_string() })?;
+        let merr = |e: String| EbpfError::Map { map: "tid_bits", msg: e };
+        let mut m: Array<_, u64> = Array::try_from(ebpf.map_mut("tid_bits").ok_or_else(|| merr("missing".into()))?)
+            .map_err(|e| merr(e.to_string()))?;
+        let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
         for &t in ts {
-            m.insert(t, 1, 0).map_err(|e| EbpfError::Map { map: "tids", msg: e.to_string() })?;
+            if t >= TID_LIMIT {
+                return Err(merr(format!("thread id {t} is beyond the filter's {TID_LIMIT} ids")));
+            }
+            *words.entry(t / 64).or_default() |= 1 << (t % 64);
+        }
+        for (w, bits) in words {
+            m.set(w, bits, 0).map_err(|e| merr(e.to_string()))?;
         }
     }
     Ok(ebpf)

@@ -213,8 +213,13 @@ fn source_mh_that_stops_answering() {
     assert!(res.is_err());
     assert!(r.machine().is_none_or(|m| !m.is_running()));
     assert_running(&src);
-    src.mh().as_ref().unwrap().set_frozen(false);
-    std::thread::sleep(Duration::from_millis(50));
+    {
+        let mut g = src.mh();
+        let h = g.as_mut().unwrap();
+        h.set_frozen(false);
+        // The retry must not fail because a loaded CI machine delays a batch past 300 ms.
+        h.timeout = Duration::from_secs(10);
+    }
     let (addr, t) = receiver(&c);
     session::send(&c, &src, &addr, &mut |_| {}).expect("retry once the MH answers");
     let (_r, res) = t.join().unwrap();

@@ -321,6 +321,8 @@ pub struct Receiver {
     workers: Vec<JoinHandle<()>>,
     /// The source is confidential: pages and vCPU state arrive as MH blobs.
     confidential: bool,
+    /// Reused buffer for Blobs payloads.
+    blob_buf: Vec<u8>,
 }
 
 /// With data streams, the control stream may stay idle this many I/O timeouts.
@@ -352,6 +354,7 @@ impl Receiver {
             streams: 0,
             workers: Vec::new(),
             confidential: false,
+            blob_buf: Vec::new(),
         }
     }
 
@@ -635,11 +638,21 @@ impl Receiver {
     /// MH blobs, imported in order through the destination MH. Pages count toward the
     /// round; Cpu blobs move the receiver to States.
     fn on_blobs(&mut self, t: &mut dyn Transport, h: &Header, round: Option<u32>) -> Result<(), RecvError> {
-        let p = self.small(t, h)?;
+        // One reused buffer per receiver (up to ~1 MiB): the ciphertext is then copied once,
+        // from it into the MH's slots.
+        let mut p = std::mem::take(&mut self.blob_buf);
+        p.resize(h.len as usize, 0);
+        t.recv_exact(&mut p).map_err(|e| self.terr(e))?;
+        let r = self.import_blobs(&p, round);
+        self.blob_buf = p;
+        r
+    }
+
+    fn import_blobs(&mut self, p: &[u8], round: Option<u32>) -> Result<(), RecvError> {
         let st = self.state;
         let m = self.machine.as_ref().ok_or_else(|| self.incomplete("blobs before a VM exists".into()))?;
-        let (frame_round, blobs) = protocol::decode_blobs(&p, m.ram().pages()).map_err(|e| self.perr(e))?;
-        let kinds: Vec<Kind> = blobs.iter().map(|b| Kind::from_u32(b.kind)).collect();
+        let (frame_round, blobs) = protocol::decode_blobs(p, m.ram().pages()).map_err(|e| self.perr(e))?;
+        let kinds: Vec<Kind> = blobs.iter().map(|b| Kind::from_u32(b.desc.kind)).collect();
         let pages = kinds.iter().filter(|k| **k == Kind::Page).count() as u64;
         let cpu = kinds.iter().filter(|k| **k == Kind::Cpu).count();
         if pages > 0 && round != Some(frame_round) {
@@ -652,14 +665,15 @@ impl Receiver {
         let mut reqs: Vec<Request> = Vec::new();
         for (i, (b, k)) in blobs.iter().zip(&kinds).enumerate() {
             let slot = i as u32;
+            let gfn = b.desc.gfn;
             match k {
                 Kind::Page => match reqs.last_mut() {
-                    Some(r) if r.op == Op::Import as u16 && r.gfn + u64::from(r.count) == b.gfn => r.count += 1,
-                    _ => reqs.push(Request { op: Op::Import as u16, id: 0, count: 1, slot, gfn: b.gfn, round: 0 }),
+                    Some(r) if r.op == Op::Import as u16 && r.gfn + u64::from(r.count) == gfn => r.count += 1,
+                    _ => reqs.push(Request { op: Op::Import as u16, id: 0, count: 1, slot, gfn, round: 0 }),
                 },
                 Kind::Cpu => {
-                    if b.gfn != vmsa + i as u64 {
-                        return Err(self.incomplete(format!("vCPU-state blob {i} labelled gfn {:#x}", b.gfn)));
+                    if gfn != vmsa + i as u64 {
+                        return Err(self.incomplete(format!("vCPU-state blob {i} labelled gfn {gfn:#x}")));
                     }
                     match reqs.last_mut() {
                         Some(r) => r.count += 1,
@@ -679,14 +693,14 @@ impl Receiver {
             let mut g = m.mh();
             let mh = g.as_mut().ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
             for (i, b) in blobs.iter().enumerate() {
-                mh.write_slot(i as u32, b).map_err(mhe)?;
+                mh.write_slot_parts(i as u32, &b.desc, b.data).map_err(mhe)?;
             }
             mh.run(&reqs).map_err(mhe)?;
         }
         if pages > 0 {
             let mut rec = self.shared.received.lock().unwrap_or_else(|e| e.into_inner());
             for (b, _) in blobs.iter().zip(&kinds).filter(|(_, k)| **k == Kind::Page) {
-                rec.insert(b.gfn);
+                rec.insert(b.desc.gfn);
             }
         }
         self.round_pages += pages;

@@ -312,18 +312,26 @@ pub fn encode_blobs_prefix(round: u32, count: u32) -> [u8; 8] {
     b
 }
 
-pub fn encode_blob(b: &kvm_hooks::mh::Blob, out: &mut Vec<u8>) {
-    out.extend_from_slice(&b.kind.to_le_bytes());
-    out.extend_from_slice(&b.round.to_le_bytes());
-    out.extend_from_slice(&b.gfn.to_le_bytes());
-    out.extend_from_slice(&b.seq.to_le_bytes());
-    out.extend_from_slice(&b.tag);
-    out.extend_from_slice(&b.data[..]);
+/// Write a blob's 40-byte wire header (its descriptor fields) into `out[..40]`.
+pub fn put_blob_header(d: &mh_abi::Desc, out: &mut [u8]) {
+    out[0..4].copy_from_slice(&d.kind.to_le_bytes());
+    out[4..8].copy_from_slice(&d.round.to_le_bytes());
+    out[8..16].copy_from_slice(&d.gfn.to_le_bytes());
+    out[16..24].copy_from_slice(&d.seq.to_le_bytes());
+    out[24..40].copy_from_slice(&d.tag);
 }
 
-/// Decode a Blobs payload (its length was capped by the header). Each blob's gfn is
-/// checked against guest RAM and the MH region; kinds must be known.
-pub fn decode_blobs(p: &[u8], ram_pages: u64) -> Result<(u32, Vec<kvm_hooks::mh::Blob>), ProtocolError> {
+/// One blob of a received Blobs payload: its descriptor and its ciphertext, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct BlobRef<'a> {
+    pub desc: mh_abi::Desc,
+    pub data: &'a [u8],
+}
+
+/// Decode a Blobs payload (its length was capped by the header) without copying the
+/// ciphertext. Each blob's gfn is checked against guest RAM and the MH region; kinds must be
+/// known.
+pub fn decode_blobs(p: &[u8], ram_pages: u64) -> Result<(u32, Vec<BlobRef<'_>>), ProtocolError> {
     let k = FrameKind::Blobs;
     let mut r = Reader::new(k, p);
     let round = r.u32("round")?;
@@ -337,20 +345,26 @@ pub fn decode_blobs(p: &[u8], ram_pages: u64) -> Result<(u32, Vec<kvm_hooks::mh:
     let mut out = Vec::with_capacity(count as usize);
     for (i, c) in p[8..].chunks_exact(BLOB_LEN).enumerate() {
         let f = |o: usize| u64::from_le_bytes(c[o..o + 8].try_into().expect("8"));
-        let mut b = kvm_hooks::mh::Blob::zeroed();
-        b.kind = u32::from_le_bytes(c[0..4].try_into().expect("4"));
-        b.round = u32::from_le_bytes(c[4..8].try_into().expect("4"));
-        (b.gfn, b.seq) = (f(8), f(16));
-        b.tag.copy_from_slice(&c[24..40]);
-        b.data.copy_from_slice(&c[40..]);
-        match mh_abi::Kind::from_u32(b.kind) {
-            mh_abi::Kind::Invalid => return Err(perr(k, format!("blob {i}: unknown kind {}", b.kind))),
-            mh_abi::Kind::Page if b.gfn >= ram_pages || mh_abi::in_region(b.gfn) => {
-                return Err(perr(k, format!("blob {i}: gfn {:#x} is outside guest RAM or inside the MH region", b.gfn)))
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&c[24..40]);
+        let desc = mh_abi::Desc {
+            kind: u32::from_le_bytes(c[0..4].try_into().expect("4")),
+            round: u32::from_le_bytes(c[4..8].try_into().expect("4")),
+            gfn: f(8),
+            seq: f(16),
+            tag,
+        };
+        match mh_abi::Kind::from_u32(desc.kind) {
+            mh_abi::Kind::Invalid => return Err(perr(k, format!("blob {i}: unknown kind {}", desc.kind))),
+            mh_abi::Kind::Page if desc.gfn >= ram_pages || mh_abi::in_region(desc.gfn) => {
+                return Err(perr(
+                    k,
+                    format!("blob {i}: gfn {:#x} is outside guest RAM or inside the MH region", desc.gfn),
+                ))
             }
             _ => {}
         }
-        out.push(b);
+        out.push(BlobRef { desc, data: &c[40..] });
     }
     Ok((round, out))
 }
@@ -636,12 +650,17 @@ mod tests {
         let frame = |blobs: &[&kvm_hooks::mh::Blob], count: u32| {
             let mut v = encode_blobs_prefix(3, count).to_vec();
             for b in blobs {
-                encode_blob(b, &mut v);
+                let mut h = [0u8; 40];
+                put_blob_header(&b.desc(), &mut h);
+                v.extend_from_slice(&h);
+                v.extend_from_slice(&b.data[..]);
             }
             v
         };
-        let (round, got) = decode_blobs(&frame(&[&b], 1), 0x1000).unwrap();
-        assert_eq!((round, got.len(), got[0].gfn), (3, 1, 0x500));
+        let f1 = frame(&[&b], 1);
+        let (round, got) = decode_blobs(&f1, 0x1000).unwrap();
+        assert_eq!((round, got.len(), got[0].desc), (3, 1, b.desc()));
+        assert_eq!(got[0].data, &b.data[..]);
         assert!(decode_blobs(&frame(&[], 0), 0x1000).unwrap_err().to_string().contains("0 blobs"));
         assert!(decode_blobs(&frame(&[&b], 257), 0x1000).unwrap_err().to_string().contains("257 blobs"));
         assert!(decode_blobs(&frame(&[&b], 2), 0x1000).unwrap_err().to_string().contains("for 2 blobs"));

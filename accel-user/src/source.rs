@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use kvm_hooks::memory::PAGE_SIZE;
-use kvm_hooks::mh::{Blob, MhError, MhHost};
+use kvm_hooks::mh::{MhError, MhHost};
 use kvm_hooks::vmm::Machine;
 use mh_abi::{self as abi, Kind, Op, Request};
 
@@ -134,9 +134,8 @@ struct Ctx<'a> {
     paused: bool,
     meta: Vec<u8>,
     data: Option<DataStreams>,
-    /// Confidential mode: the source MH's rings, a blob buffer and the wire buffer.
+    /// Confidential mode: the source MH's rings and the frame buffer.
     mh: Option<&'a mut MhHost>,
-    blob: Blob,
     wire: Vec<u8>,
 }
 
@@ -183,7 +182,6 @@ pub fn migrate_streams(
         meta: Vec::with_capacity(64 << 10),
         data: None,
         mh,
-        blob: Blob::zeroed(),
         wire: Vec::new(),
     };
     let r = run(&mut c, connect, on);
@@ -564,11 +562,16 @@ fn export_and_send(
 ) -> Result<(), PathError> {
     let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
     mh.run(reqs)?;
+    // Slots are copied straight into the frame: one copy of the ciphertext.
+    let n = expect.len();
     c.wire.clear();
-    c.wire.extend_from_slice(&protocol::encode_blobs_prefix(round, expect.len() as u32));
+    c.wire.resize(8 + n * protocol::BLOB_LEN, 0);
+    c.wire[..8].copy_from_slice(&protocol::encode_blobs_prefix(round, n as u32));
     for (slot, (kind, gfn)) in expect.enumerate() {
-        mh.take_slot(slot as u32, kind, gfn, &mut c.blob)?;
-        protocol::encode_blob(&c.blob, &mut c.wire);
+        let b = &mut c.wire[8 + slot * protocol::BLOB_LEN..8 + (slot + 1) * protocol::BLOB_LEN];
+        let (head, data) = b.split_at_mut(40);
+        let d = mh.take_slot_into(slot as u32, kind, gfn, data)?;
+        protocol::put_blob_header(&d, head);
     }
     c.t.send_frame(FrameKind::Blobs, &[Part::Buf(&c.wire)], None)?;
     Ok(())

@@ -194,6 +194,10 @@ impl Blob {
     pub fn zeroed() -> Blob {
         Blob { gfn: 0, seq: 0, round: 0, kind: 0, tag: [0; 16], data: Box::new([0; 4096]) }
     }
+    /// The slot-descriptor fields.
+    pub fn desc(&self) -> Desc {
+        Desc { gfn: self.gfn, seq: self.seq, round: self.round, kind: self.kind, tag: self.tag }
+    }
 }
 
 /// The host's end of the rings of one running MH.
@@ -374,33 +378,55 @@ impl MhHost {
         Ok(())
     }
 
-    /// Copy slot `slot` (descriptor and ciphertext) into `b`.
-    pub fn read_slot(&self, slot: u32, b: &mut Blob) -> Result<()> {
+    /// Read slot `slot`'s descriptor and copy its ciphertext (4096 bytes) into `data`.
+    pub fn read_slot_into(&self, slot: u32, data: &mut [u8]) -> Result<Desc> {
         Self::check_slot(slot)?;
+        if data.len() as u64 != abi::PAGE {
+            return Err(MhError::BadRequest(format!("a slot holds 4096 bytes, not {}", data.len())));
+        }
         let mut raw = [0u8; 40];
         self.ram.read(abi::SLOT_DESC + u64::from(slot) * abi::DESC_SIZE, &mut raw)?;
-        let d = Desc::decode(&raw);
+        self.ram.read(abi::SLOTS + u64::from(slot) * abi::PAGE, data)?;
+        Ok(Desc::decode(&raw))
+    }
+
+    /// [`MhHost::read_slot_into`], checking the MH labelled the blob as asked.
+    pub fn take_slot_into(&self, slot: u32, want_kind: Kind, want_gfn: u64, data: &mut [u8]) -> Result<Desc> {
+        let d = self.read_slot_into(slot, data)?;
+        if d.kind != want_kind as u32 || d.gfn != want_gfn {
+            return Err(MhError::BadSlot { slot, kind: Kind::from_u32(d.kind), gfn: d.gfn, want_kind, want_gfn });
+        }
+        Ok(d)
+    }
+
+    /// Place a blob (descriptor fields and 4096 bytes of ciphertext) into slot `slot`.
+    pub fn write_slot_parts(&self, slot: u32, d: &Desc, data: &[u8]) -> Result<()> {
+        Self::check_slot(slot)?;
+        if data.len() as u64 != abi::PAGE {
+            return Err(MhError::BadRequest(format!("a slot holds 4096 bytes, not {}", data.len())));
+        }
+        self.ram.write(abi::SLOT_DESC + u64::from(slot) * abi::DESC_SIZE, &d.encode())?;
+        self.ram.write(abi::SLOTS + u64::from(slot) * abi::PAGE, data)?;
+        Ok(())
+    }
+
+    /// Copy slot `slot` (descriptor and ciphertext) into `b`.
+    pub fn read_slot(&self, slot: u32, b: &mut Blob) -> Result<()> {
+        let d = self.read_slot_into(slot, &mut b.data[..])?;
         (b.gfn, b.seq, b.round, b.kind, b.tag) = (d.gfn, d.seq, d.round, d.kind, d.tag);
-        self.ram.read(abi::SLOTS + u64::from(slot) * abi::PAGE, &mut b.data[..])?;
         Ok(())
     }
 
     /// Copy an exported slot out and check the MH labelled it as asked.
     pub fn take_slot(&self, slot: u32, want_kind: Kind, want_gfn: u64, b: &mut Blob) -> Result<()> {
-        self.read_slot(slot, b)?;
-        if b.kind != want_kind as u32 || b.gfn != want_gfn {
-            return Err(MhError::BadSlot { slot, kind: Kind::from_u32(b.kind), gfn: b.gfn, want_kind, want_gfn });
-        }
+        let d = self.take_slot_into(slot, want_kind, want_gfn, &mut b.data[..])?;
+        (b.gfn, b.seq, b.round, b.kind, b.tag) = (d.gfn, d.seq, d.round, d.kind, d.tag);
         Ok(())
     }
 
     /// Place a received blob into slot `slot` for an import.
     pub fn write_slot(&self, slot: u32, b: &Blob) -> Result<()> {
-        Self::check_slot(slot)?;
-        let d = Desc { gfn: b.gfn, seq: b.seq, round: b.round, kind: b.kind, tag: b.tag };
-        self.ram.write(abi::SLOT_DESC + u64::from(slot) * abi::DESC_SIZE, &d.encode())?;
-        self.ram.write(abi::SLOTS + u64::from(slot) * abi::PAGE, &b.data[..])?;
-        Ok(())
+        self.write_slot_parts(slot, &b.desc(), &b.data[..])
     }
 
     /// The MH's counters (guest-written).

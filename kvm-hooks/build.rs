@@ -37,7 +37,14 @@ fn main() {
     cmd.current_dir(&guest)
         .args(["build", "--release", "--locked", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
         .arg(&target_dir);
-    for v in ["RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER"] {
+    for v in [
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+    ] {
         cmd.env_remove(v);
     }
     cmd.env("CARGO_ENCODED_RUSTFLAGS", flags);

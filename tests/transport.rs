@@ -169,11 +169,18 @@ fn retry(c: &Config, src: &Machine) {
     let addr = l.local_addr().unwrap().to_string();
     let rc = c.clone();
     let dest = std::thread::spawn(move || session::receive(&rc, &l, true));
-    session::send(c, src, &addr, &mut |_| {}).expect("retry");
+    let rep = session::send(c, src, &addr, &mut |_| {}).expect("retry");
     let (_r, res) = dest.join().unwrap();
     let got = res.unwrap();
-    let d = accel_user::verify::diff_pages(&src.ram().snapshot(), got.snapshot.as_deref().unwrap(), 8);
-    assert!(d.is_empty(), "retry: {d:?}");
+    let (a, b) = (src.ram().snapshot(), got.snapshot.unwrap_or_default());
+    let d = accel_user::verify::diff_pages(&a, &b, 8);
+    if !d.is_empty() {
+        // Say what the destination holds instead: an older version, zeros, or foreign data.
+        let show = |m: &[u8], g: u64| format!("{:02x?}", &m[(g * 4096) as usize..(g * 4096 + 8) as usize]);
+        let detail: Vec<String> =
+            d.iter().map(|&g| format!("gfn {g}: source {} destination {}", show(&a, g), show(&b, g))).collect();
+        panic!("retry: pages differ {d:?}; report {:?} / final {:?}; {detail:#?}", rep.precopy_rounds, rep.final_round);
+    }
 }
 
 #[test]

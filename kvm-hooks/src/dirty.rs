@@ -198,6 +198,8 @@ pub struct DirtyTracker {
     slots: Vec<Memslot>,
     inner: Mutex<Inner>,
     pub stats: DirtyStats,
+    /// A ring reset was interrupted: tracking can no longer be trusted, report all RAM.
+    degraded: std::sync::atomic::AtomicBool,
 }
 
 impl DirtyTracker {
@@ -208,6 +210,7 @@ impl DirtyTracker {
             slots,
             inner: Mutex::new(Inner { rings: Vec::new(), pending: DirtySet::new(pages), external: None }),
             stats: DirtyStats::default(),
+            degraded: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -308,7 +311,19 @@ impl DirtyTracker {
             }));
         }
         if total > 0 {
-            sys::reset_dirty_rings(&*self.vm).map_err(|e| Error::ioctl("KVM_RESET_DIRTY_RINGS", e))?;
+            match sys::reset_dirty_rings(&*self.vm) {
+                Ok(_) => {}
+                Err(e) if sys::is_reset_interrupted(&e) => {
+                    // Some harvested pages may have stayed writable, so their next writes
+                    // would go unreported: from now on every collect reports all RAM.
+                    tracing::error!("{e}: dirty tracking degrades to sending all RAM every round");
+                    self.degraded.store(true, Ordering::Release);
+                }
+                Err(e) => return Err(Error::ioctl("KVM_RESET_DIRTY_RINGS", e)),
+            }
+        }
+        if self.degraded.load(Ordering::Acquire) {
+            insert_all(&mut inner.pending, self.total_pages());
         }
         self.stats.reported.fetch_add(total, Ordering::Relaxed);
         self.stats.duplicates.fetch_add(dup, Ordering::Relaxed);

@@ -3,10 +3,11 @@
 //! Every syscall of this crate that is not a kvm-ioctls method goes through here, so the
 //! rest of the crate stays free of raw `libc` calls.
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{mpsc, Mutex, OnceLock};
 
 use kvm_bindings::kvm_clear_dirty_log;
-use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
+use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
 
 const KVMIO: u32 = 0xAE;
@@ -24,24 +25,77 @@ pub const EXIT_DIRTY_RING_FULL: u32 = 31;
 
 /// `KVM_RESET_DIRTY_RINGS` on a VM fd: returns how many entries were reset.
 ///
-/// Since Linux 6.16 the reset stops with `EINTR` when the calling thread has a signal
-/// pending, possibly after entries were consumed but before their pages were
-/// write-protected again; later writes to those pages would then go unreported. vCPU
-/// threads (which harvest on ring-full exits) receive kick signals, so all signals are
-/// blocked in this thread for the duration of the ioctl, and `EINTR` is retried.
+/// Since Linux 6.16 the reset stops with `EINTR` when `signal_pending()` is true for the
+/// calling thread, and entries it already consumed but had not yet write-protected (its
+/// current batch of up to 64 neighbouring pages) are dropped: those pages stay writable and
+/// later writes to them go unreported. `signal_pending()` is also true for
+/// `TIF_NOTIFY_SIGNAL`, which io_uring sets on the thread that submitted a request when its
+/// completion needs task work (a send, a cancellation after a reset peer), and which no
+/// signal mask blocks. So the ioctl runs on one dedicated thread that never touches io_uring
+/// and blocks every signal. An `EINTR` there would still be reported as [`ResetInterrupted`],
+/// never silently retried, so the caller can fall back to resending everything.
 pub fn reset_dirty_rings(vm: &impl AsRawFd) -> io::Result<u32> {
-    let _guard = BlockSignals::new()?;
-    loop {
-        // SAFETY: the ioctl takes no argument and only acts on the VM referred to by a valid fd.
-        let ret = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
-        if ret >= 0 {
-            return Ok(ret as u32);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
+    let (tx, rx) = mpsc::sync_channel(1);
+    let req = ResetRequest { fd: vm.as_raw_fd(), reply: tx };
+    resetter()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(req)
+        .map_err(|_| io::Error::other("the dirty-ring reset thread is gone"))?;
+    // The caller keeps `vm` (and so the fd) alive while it waits here.
+    rx.recv().map_err(|_| io::Error::other("the dirty-ring reset thread dropped a request"))?
+}
+
+/// The error kind [`reset_dirty_rings`] returns when KVM was interrupted mid-reset.
+pub fn is_reset_interrupted(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<ResetInterrupted>())
+}
+
+#[derive(Debug)]
+pub struct ResetInterrupted;
+
+impl std::fmt::Display for ResetInterrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KVM_RESET_DIRTY_RINGS was interrupted; some pages may no longer be write-protected")
     }
+}
+
+impl std::error::Error for ResetInterrupted {}
+
+struct ResetRequest {
+    fd: RawFd,
+    reply: mpsc::SyncSender<io::Result<u32>>,
+}
+
+fn resetter() -> &'static Mutex<mpsc::Sender<ResetRequest>> {
+    static R: OnceLock<Mutex<mpsc::Sender<ResetRequest>>> = OnceLock::new();
+    R.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<ResetRequest>();
+        let spawned = std::thread::Builder::new().name("kvm-dirty-reset".into()).spawn(move || {
+            // Blocked for the thread's whole life; it never submits io_uring requests.
+            let _mask = BlockSignals::new();
+            for req in rx {
+                // SAFETY: the ioctl takes no argument and only acts on the VM behind `fd`,
+                // which the requester keeps open until it has our reply.
+                let ret = unsafe { libc::ioctl(req.fd, KVM_RESET_DIRTY_RINGS() as _) };
+                let res = if ret >= 0 {
+                    Ok(ret as u32)
+                } else {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::EINTR) {
+                        Err(io::Error::new(io::ErrorKind::Interrupted, ResetInterrupted))
+                    } else {
+                        Err(e)
+                    }
+                };
+                let _ = req.reply.send(res);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the dirty-ring reset thread: {e}");
+        }
+        Mutex::new(tx)
+    })
 }
 
 /// Blocks every signal in the calling thread until dropped.
@@ -180,4 +234,25 @@ pub unsafe fn is_zero(ptr: *const u8, len: usize) -> bool {
         }
     }
     acc == 0
+}
+
+#[cfg(test)]
+mod reset_tests {
+    use super::*;
+
+    #[test]
+    fn interrupted_reset_is_recognised_and_other_errors_are_not() {
+        let e = io::Error::new(io::ErrorKind::Interrupted, ResetInterrupted);
+        assert!(is_reset_interrupted(&e));
+        assert!(!is_reset_interrupted(&io::Error::from_raw_os_error(libc::EINTR)));
+        assert!(!is_reset_interrupted(&io::Error::other("x")));
+    }
+
+    /// The reset runs on the dedicated thread and reports the kernel's error for a bad fd.
+    #[test]
+    fn reset_goes_through_the_dedicated_thread() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let e = reset_dirty_rings(&f).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTTY), "{e}");
+    }
 }

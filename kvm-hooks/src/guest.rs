@@ -216,15 +216,14 @@ impl Program {
     }
 }
 
-/// Write page tables, GDT and all programs into guest RAM.
-pub fn install(ram: &GuestRam) -> Result<()> {
+/// Write an identity map of all of `ram` with 2 MiB user pages: a PML4 at `pml4`, a PDPT at
+/// `pdpt`, and one page directory per GiB from `pd_base` on.
+pub fn write_identity_map(ram: &GuestRam, pml4: u64, pdpt: u64, pd_base: u64) -> Result<()> {
     let size = ram.size();
-    let gib = size.div_ceil(1 << 30);
-    ram.zero(0, DATA_START)?;
-    ram.write_u64(PML4, PDPT | 0x7)?;
-    for i in 0..gib {
-        let pd = PD_BASE + i * 0x1000;
-        ram.write_u64(PDPT + i * 8, pd | 0x7)?;
+    ram.write_u64(pml4, pdpt | 0x7)?;
+    for i in 0..size.div_ceil(1 << 30) {
+        let pd = pd_base + i * 0x1000;
+        ram.write_u64(pdpt + i * 8, pd | 0x7)?;
         for j in 0..512u64 {
             let addr = (i << 30) + (j << 21);
             if addr >= size {
@@ -233,12 +232,25 @@ pub fn install(ram: &GuestRam) -> Result<()> {
             ram.write_u64(pd + j * 8, addr | 0x87)?;
         }
     }
-    // null, kernel code, kernel data, (unused), (unused), user data (0x2b), user code64 (0x33)
+    Ok(())
+}
+
+/// Write the GDT every vCPU uses at `base`: null, kernel code, kernel data, (unused),
+/// (unused), user data (0x2b), user code64 (0x33).
+pub fn write_gdt(ram: &GuestRam, base: u64) -> Result<()> {
     let gdt: [u64; 7] =
         [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF, 0, 0, 0x00CF_F200_0000_FFFF, 0x00AF_FA00_0000_FFFF];
     for (i, d) in gdt.iter().enumerate() {
-        ram.write_u64(GDT + i as u64 * 8, *d)?;
+        ram.write_u64(base + i as u64 * 8, *d)?;
     }
+    Ok(())
+}
+
+/// Write page tables, GDT and all programs into guest RAM.
+pub fn install(ram: &GuestRam) -> Result<()> {
+    ram.zero(0, DATA_START)?;
+    write_identity_map(ram, PML4, PDPT, PD_BASE)?;
+    write_gdt(ram, GDT)?;
     for p in [Program::Walk, Program::Idle, Program::Oracle, Program::PageState, Program::Canary] {
         let code = p.code();
         if code.len() as u64 > 0x200 {

@@ -79,25 +79,10 @@ pub fn install(ram: &GuestRam, launch: &Launch) -> Result<()> {
         return Err(MhError::ImageTooLarge(IMAGE.len()));
     }
     ram.zero(abi::REGION, abi::REGION_SIZE)?;
-    // Identity map of all RAM with 2 MiB user pages: PML4, PDPT, one PD per GiB.
-    let (pml4, pdpt) = (abi::PAGE_TABLES, abi::PAGE_TABLES + 0x1000);
-    ram.write_u64(pml4, pdpt | 0x7)?;
-    for g in 0..ram.size().div_ceil(1 << 30) {
-        let pd = abi::PAGE_TABLES + 0x2000 + g * 0x1000;
-        ram.write_u64(pdpt + g * 8, pd | 0x7)?;
-        for j in 0..512u64 {
-            let addr = (g << 30) + (j << 21);
-            if addr >= ram.size() {
-                break;
-            }
-            ram.write_u64(pd + j * 8, addr | 0x87)?;
-        }
-    }
-    let gdt: [u64; 7] =
-        [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF, 0, 0, 0x00CF_F200_0000_FFFF, 0x00AF_FA00_0000_FFFF];
-    for (i, d) in gdt.iter().enumerate() {
-        ram.write_u64(abi::GDT + i as u64 * 8, *d)?;
-    }
+    // The MH's own identity map and GDT, so it never depends on pages that migrate.
+    let pt = abi::PAGE_TABLES;
+    crate::guest::write_identity_map(ram, pt, pt + 0x1000, pt + 0x2000)?;
+    crate::guest::write_gdt(ram, abi::GDT)?;
     ram.write(abi::IMAGE, IMAGE)?;
     ram.write(abi::SECRET + abi::secret::KEY, &launch.key)?;
     ram.write(abi::SECRET + abi::secret::VM_ID, &launch.vm_id.to_le_bytes())?;

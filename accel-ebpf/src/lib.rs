@@ -126,6 +126,17 @@ fn load(target: &Target) -> Result<Ebpf, EbpfError> {
     Ok(ebpf)
 }
 
+/// Fill the program's memslot table: slot `i` covers `slots[i] = (first_gfn, pages)`.
+fn set_slots(ebpf: &mut Ebpf, slots: &[(u64, u64)]) -> Result<(), EbpfError> {
+    let merr = |e: String| EbpfError::Map { map: "slots", msg: e };
+    let mut a: Array<_, Slot> = Array::try_from(ebpf.map_mut("slots").ok_or_else(|| merr("missing".into()))?)
+        .map_err(|e| merr(e.to_string()))?;
+    for (i, &(first_gfn, pages)) in slots.iter().enumerate() {
+        a.set(i as u32, Slot { first_gfn, pages }, 0).map_err(|e| merr(e.to_string()))?;
+    }
+    Ok(())
+}
+
 fn raw_tp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut RawTracePoint, EbpfError> {
     ebpf.program_mut(name)
         .ok_or(EbpfError::Program { program: name, step: "lookup", msg: "not in the object".into() })?
@@ -196,15 +207,7 @@ impl DirtyProbe {
             )));
         }
         let mut ebpf = load(&target)?;
-        {
-            let mut a: Array<_, Slot> =
-                Array::try_from(ebpf.map_mut("slots").ok_or(EbpfError::Map { map: "slots", msg: "missing".into() })?)
-                    .map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
-            for (i, &(first_gfn, pages)) in slots.iter().enumerate() {
-                a.set(i as u32, Slot { first_gfn, pages }, 0)
-                    .map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
-            }
-        }
+        set_slots(&mut ebpf, slots)?;
         let bitmap = {
             let Some(Map::Array(md)) = ebpf.map("dirty_bitmap") else {
                 return Err(EbpfError::Map { map: "dirty_bitmap", msg: "missing or not an array".into() });
@@ -540,15 +543,7 @@ pub fn test_run_page_state(
 /// bitmap pages and the counters.
 pub fn test_run_dirty(slots: &[(u64, u64)], slot: u32, offset: u64) -> Result<(Vec<u64>, ProbeStats), EbpfError> {
     let mut ebpf = load(&Target::Any)?;
-    {
-        let mut a: Array<_, Slot> =
-            Array::try_from(ebpf.map_mut("slots").ok_or(EbpfError::Map { map: "slots", msg: "missing".into() })?)
-                .map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
-        for (i, &(first_gfn, pages)) in slots.iter().enumerate() {
-            a.set(i as u32, Slot { first_gfn, pages }, 0)
-                .map_err(|e| EbpfError::Map { map: "slots", msg: e.to_string() })?;
-        }
-    }
+    set_slots(&mut ebpf, slots)?;
     let p = raw_tp(&mut ebpf, "dirty_ring_push")?;
     p.load().map_err(perr("dirty_ring_push", "verifier load"))?;
     let mut opts = RawTracePointRunOptions::new();

@@ -1,18 +1,16 @@
 //! Confidential migrations through the in-guest Migration Handler on an extra vCPU at both
 //! ends: private pages and vCPU state travel only as MH-encrypted blobs.
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use accel_user::config::{Config, DirtySource, WorkloadKind};
-use accel_user::dest::{Received, Receiver, RecvError, RecvState};
+use accel_user::dest::RecvState;
 use accel_user::protocol::{FrameKind, BLOB_LEN};
 use accel_user::session;
 use kvm_hooks::guest::{PRIVATE_CANARY, SHARED_CANARY};
 use kvm_hooks::vmm::Machine;
-use migaccel_tests::{assert_running, config, contains, Tamper, Tap};
+use migaccel_tests::{assert_ram_eq, assert_running, config, contains, Tamper, Tap};
 
 /// A 0600 key file with `byte` repeated.
 fn key_file(tag: &str, byte: u8) -> PathBuf {
@@ -31,24 +29,15 @@ fn confidential(workload: WorkloadKind, tag: &str) -> Config {
     c
 }
 
-type RecvThread = JoinHandle<(Receiver, Result<Received, RecvError>)>;
-
-fn receiver(cfg: &Config) -> (String, RecvThread) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let c = cfg.clone();
-    (addr, std::thread::spawn(move || session::receive(&c, &l, true)))
-}
+use migaccel_tests::spawn_receiver as receiver;
 
 /// Source and destination RAM equal outside the MH region (each side's own).
 fn assert_same_ram(src: &Machine, dst: &[u8]) {
     let mut a = src.ram().snapshot();
     let mut b = dst.to_vec();
-    let r = mh_abi::REGION as usize..(mh_abi::REGION + mh_abi::REGION_SIZE) as usize;
-    a[r.clone()].fill(0);
-    b[r].fill(0);
-    let d = accel_user::verify::diff_pages(&a, &b, 8);
-    assert!(d.is_empty(), "destination RAM differs at pages {d:?}");
+    session::blank_mh_region(&mut a);
+    session::blank_mh_region(&mut b);
+    assert_ram_eq(&a, &b, &"confidential migration");
 }
 
 fn migrate(workload: WorkloadKind) {

@@ -3,25 +3,17 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
-use accel_user::dest::{Received, Receiver, RecvError};
+use accel_user::dest::RecvError;
 use accel_user::protocol::{self, FrameKind, Header, Run, HEADER_LEN};
 use accel_user::session;
 use accel_user::source::{Event, Phase, SendError};
 use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
-use migaccel_tests::{assert_running, config, migaccel_bin, Cut, Proxy};
+use migaccel_tests::{assert_ram_eq, assert_running, config, migaccel_bin, Cut, Proxy};
 
-type RecvThread = JoinHandle<(Receiver, Result<Received, RecvError>)>;
-
-fn receiver(cfg: &Config) -> (String, RecvThread) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let c = cfg.clone();
-    (addr, std::thread::spawn(move || session::receive(&c, &l, true)))
-}
+use migaccel_tests::spawn_receiver as receiver;
 
 /// Every page on which the (failed) destination differs from the paused source must be
 /// pending in the source's dirty tracker: nothing the peer lacks is forgotten.
@@ -43,15 +35,8 @@ fn retry_succeeds(cfg: &Config, src: &Machine) {
     let (r, res) = t.join().unwrap();
     let got = res.expect("destination of the retry");
     assert!(rep.precopy_rounds[0].pages == src.ram().pages(), "a retry starts with all RAM");
-    let (a, b) = (src.ram().snapshot(), got.snapshot.unwrap_or_default());
-    let d = accel_user::verify::diff_pages(&a, &b, 8);
-    if !d.is_empty() {
-        // Say what the destination holds instead: an older version, zeros, or foreign data.
-        let show = |m: &[u8], g: u64| format!("{:02x?}", &m[(g * 4096) as usize..(g * 4096 + 8) as usize]);
-        let detail: Vec<String> =
-            d.iter().map(|&g| format!("gfn {g}: source {} destination {}", show(&a, g), show(&b, g))).collect();
-        panic!("retry: pages differ {d:?}; report {:?} / final {:?}; {detail:#?}", rep.precopy_rounds, rep.final_round);
-    }
+    let context = ("retry", &rep.precopy_rounds, &rep.final_round);
+    assert_ram_eq(&src.ram().snapshot(), &got.snapshot.unwrap_or_default(), &context);
     assert_running(r.machine().unwrap());
 }
 

@@ -283,3 +283,29 @@ impl Drop for Tap {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// What a receiver thread leaves behind.
+pub type RecvThread =
+    JoinHandle<(accel_user::dest::Receiver, Result<accel_user::dest::Received, accel_user::dest::RecvError>)>;
+
+/// Listen on a fresh loopback port and receive one migration (RAM captured at resume) on a
+/// thread; returns the address to send to.
+pub fn spawn_receiver(cfg: &Config) -> (String, RecvThread) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let c = cfg.clone();
+    (addr, std::thread::spawn(move || accel_user::session::receive(&c, &l, true)))
+}
+
+/// Panic unless `dst` equals `src` page for page, naming what the destination holds instead
+/// (an older version, zeros, or foreign data) and `context`.
+pub fn assert_ram_eq(src: &[u8], dst: &[u8], context: &dyn std::fmt::Debug) {
+    let d = accel_user::verify::diff_pages(src, dst, 8);
+    if d.is_empty() {
+        return;
+    }
+    let show = |m: &[u8], g: u64| format!("{:02x?}", &m[(g * 4096) as usize..(g * 4096 + 8) as usize]);
+    let detail: Vec<String> =
+        d.iter().map(|&g| format!("gfn {g}: source {} destination {}", show(src, g), show(dst, g))).collect();
+    panic!("pages differ {d:?}; {context:?}; {detail:#?}");
+}

@@ -15,7 +15,7 @@ use kvm_hooks::guest::DATA_START;
 use kvm_hooks::uring::{Piece, SendMode, UringSender};
 use kvm_hooks::vm::DirtyPreference;
 use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
-use migaccel_tests::{assert_running, config, migaccel_bin, Cut, Proxy};
+use migaccel_tests::{assert_ram_eq, assert_running, config, migaccel_bin, spawn_receiver, Cut, Proxy};
 
 fn cfg(mode: TransportMode, streams: u32) -> Config {
     let mut c = config(WorkloadKind::Ab, DirtySource::Ring);
@@ -105,10 +105,7 @@ fn short_reads_through_a_chunking_proxy() {
         c.guest.workload = WorkloadKind::Hot;
         c.guest.hot_working_set = ByteSize(4 << 20);
         c.guest.hot_rate = 20_000;
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let target = l.local_addr().unwrap().to_string();
-        let rc = c.clone();
-        let dest = std::thread::spawn(move || session::receive(&rc, &l, true));
+        let (target, dest) = spawn_receiver(&c);
         let proxy = Proxy::start(target, Cut::Chunked(1000));
         let src = session::boot_source(&c).unwrap();
         session::send(&c, &src, &proxy.addr, &mut |_| {}).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
@@ -165,22 +162,12 @@ fn peer_reset_mid_zero_copy_burst() {
 }
 
 fn retry(c: &Config, src: &Machine) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let rc = c.clone();
-    let dest = std::thread::spawn(move || session::receive(&rc, &l, true));
+    let (addr, dest) = spawn_receiver(c);
     let rep = session::send(c, src, &addr, &mut |_| {}).expect("retry");
     let (_r, res) = dest.join().unwrap();
     let got = res.unwrap();
-    let (a, b) = (src.ram().snapshot(), got.snapshot.unwrap_or_default());
-    let d = accel_user::verify::diff_pages(&a, &b, 8);
-    if !d.is_empty() {
-        // Say what the destination holds instead: an older version, zeros, or foreign data.
-        let show = |m: &[u8], g: u64| format!("{:02x?}", &m[(g * 4096) as usize..(g * 4096 + 8) as usize]);
-        let detail: Vec<String> =
-            d.iter().map(|&g| format!("gfn {g}: source {} destination {}", show(&a, g), show(&b, g))).collect();
-        panic!("retry: pages differ {d:?}; report {:?} / final {:?}; {detail:#?}", rep.precopy_rounds, rep.final_round);
-    }
+    let context = ("retry", &rep.precopy_rounds, &rep.final_round);
+    assert_ram_eq(&src.ram().snapshot(), &got.snapshot.unwrap_or_default(), &context);
 }
 
 #[test]

@@ -658,7 +658,7 @@ impl Receiver {
         if pages > 0 && round != Some(frame_round) {
             return Err(self.incomplete(format!("page blobs of round {frame_round} in {st}")));
         }
-        if cpu > 0 && (cpu != blobs.len() || u64::from(frame_round) == u64::MAX) {
+        if cpu > 0 && cpu != blobs.len() {
             return Err(self.incomplete("vCPU-state blobs mixed with other blobs".into()));
         }
         let vmsa = mh_abi::VMSA / PAGE_SIZE;

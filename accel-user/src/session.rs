@@ -145,6 +145,15 @@ pub fn observe(m: &Machine, got: &Received, d: Duration) -> DestReport {
     }
 }
 
+/// Zero the MH region of a RAM image: each side's region is its own (rings, slots, MH
+/// stack), not part of the VM, so comparisons of confidential migrations skip it.
+pub fn blank_mh_region(ram: &mut [u8]) {
+    let r = mh_abi::REGION as usize..(mh_abi::REGION + mh_abi::REGION_SIZE) as usize;
+    if let Some(b) = ram.get_mut(r) {
+        b.fill(0);
+    }
+}
+
 /// Result of checking a migrated VM against its source.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verification {
@@ -238,13 +247,8 @@ pub fn demo_opts(
         (Vec::new(), Vec::new())
     };
     if cfg.confidential.enabled && verify_ram {
-        // Each side's MH region is its own (rings, slots, MH stack): not part of the VM.
-        let r = mh_abi::REGION as usize..(mh_abi::REGION + mh_abi::REGION_SIZE) as usize;
-        for ram in [&mut source_ram, &mut dest_ram] {
-            if let Some(b) = ram.get_mut(r.clone()) {
-                b.fill(0);
-            }
-        }
+        blank_mh_region(&mut source_ram);
+        blank_mh_region(&mut dest_ram);
     }
     let v = verify(&got.spec, &source_ram, &dest_ram, drep.guest_alive);
     Ok(DemoOutcome { report: DemoReport { source: srep, destination: drep, verification: v }, source_ram, dest_ram })

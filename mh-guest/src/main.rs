@@ -179,7 +179,7 @@ extern "C" fn mh_main() -> ! {
 
 impl Mh {
     fn serve(&mut self) -> ! {
-        let (req, comp) = (abi::REQ_RING, abi::COMP_RING);
+        let req = abi::REQ_RING;
         let mut idle: u64 = 0;
         loop {
             let prod = rd32(req + abi::RING_PROD);
@@ -211,7 +211,6 @@ impl Mh {
                 c = c.wrapping_add(1);
                 wr32(req + abi::RING_CONS, c);
             }
-            let _ = comp;
             kick(Kick::Done);
         }
     }

@@ -73,7 +73,7 @@ pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> R
 pub fn receive(cfg: &Config, l: &TcpListener, capture: bool) -> (Receiver, Result<Received, RecvError>) {
     kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
     let mut opts = cfg.recv_options(capture);
-    let mut r = Receiver::new(opts.clone());
+    let mut key_error = None;
     if cfg.confidential.enabled {
         let c = &cfg.confidential;
         match c.key_file.as_deref().map(crate::keys::load) {
@@ -83,12 +83,15 @@ pub fn receive(cfg: &Config, l: &TcpListener, capture: bool) -> (Receiver, Resul
                     mh_spin: c.mh_spin,
                     host_spin: c.host_spin,
                     mh_timeout: Duration::from_millis(c.mh_timeout_ms),
-                });
-                r = Receiver::new(opts);
+                })
             }
-            Some(Err(e)) => return (r, Err(RecvError::Refused(e.to_string()))),
-            None => return (r, Err(RecvError::Refused("confidential.key_file is not set".into()))),
+            Some(Err(e)) => key_error = Some(e.to_string()),
+            None => key_error = Some("confidential.key_file is not set".into()),
         }
+    }
+    let mut r = Receiver::new(opts);
+    if let Some(e) = key_error {
+        return (r, Err(RecvError::Refused(e)));
     }
     let mode = cfg.migration.transport;
     let timeout = cfg.io_timeout();

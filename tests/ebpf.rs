@@ -140,6 +140,33 @@ fn dirty_program_with_synthetic_inputs() {
     assert!(pages.is_empty() && st.lost == 1, "address space 1");
 }
 
+/// The bench's run-time figures come from the kernel's BPF accounting: while it is on, the
+/// attached probe's run count covers at least every push it recorded, and time advances.
+#[test]
+fn kernel_counts_the_probes_runs() {
+    let _g = serial();
+    let spec = GuestSpec { ram_bytes: 128 << 20, vcpus: 2, workload: Workload::Oracle { pages: 16384 } };
+    let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 64 << 10 }).unwrap();
+    let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
+    let probe = DirtyProbe::attach(Target::Threads(m.vcpu_tids()), &slots).expect("attach the dirty probe");
+    let stats = accel_ebpf::RunTimeStats::enable().expect("BPF_ENABLE_STATS");
+    let (r0, p0) = (probe.run_time().unwrap(), probe.stats().unwrap().pushes);
+    m.dirty().reset().unwrap();
+    for iter in 2..12 {
+        m.set_oracle_iteration(iter).unwrap();
+        m.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        m.pause().unwrap();
+        m.dirty().take().unwrap();
+    }
+    let (r1, p1) = (probe.run_time().unwrap(), probe.stats().unwrap().pushes);
+    drop(stats);
+    let (runs, pushes) = (r1.runs - r0.runs, p1 - p0);
+    assert!(pushes > 1000, "the guest dirtied only {pushes} pages");
+    assert!(runs >= pushes, "{runs} counted runs < {pushes} recorded pushes");
+    assert!(r1.time > r0.time, "{r0:?} -> {r1:?}");
+}
+
 #[test]
 fn missing_tracepoint_is_named() {
     let _g = serial();

@@ -7,11 +7,18 @@ use kvm_hooks::vmm::{GuestSpec, Workload};
 use migaccel_tests::{migaccel_bin, NetnsPair};
 
 fn two_hosts(tag: &str, workload: &str, dirty: &str, hot: Option<Workload>) {
-    two_hosts_with(tag, workload, dirty, hot, &[]);
+    two_hosts_with(tag, workload, dirty, hot, &[], &[]);
 }
 
-/// `transport` flags go to both ends.
-fn two_hosts_with(tag: &str, workload: &str, dirty: &str, hot: Option<Workload>, transport: &[&str]) {
+/// `transport` flags go to both ends, `recv_only` to the receiver.
+fn two_hosts_with(
+    tag: &str,
+    workload: &str,
+    dirty: &str,
+    hot: Option<Workload>,
+    transport: &[&str],
+    recv_only: &[&str],
+) {
     let extra: Vec<String> = match hot {
         Some(Workload::Hot { working_set, pages_per_sec }) => {
             vec!["--hot-working-set".into(), working_set.to_string(), "--hot-rate".into(), pages_per_sec.to_string()]
@@ -30,6 +37,7 @@ fn two_hosts_with(tag: &str, workload: &str, dirty: &str, hot: Option<Workload>,
         .args(["receive", "--listen", &listen, "--report", "json", "--dirty-source", dirty, "--dump-memory"])
         .arg(&ddump)
         .args(transport)
+        .args(recv_only)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -66,6 +74,7 @@ fn two_hosts_with(tag: &str, workload: &str, dirty: &str, hot: Option<Workload>,
     let srep: serde_json::Value = serde_json::from_slice(&send.stdout).unwrap();
     let drep: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(drep["guest_alive"], true, "{drep}");
+    assert_eq!(drep["prepared_ram"], recv_only.contains(&"--prepare-ram"), "{drep}");
     let rounds = srep["precopy_rounds"].as_array().unwrap().len();
     if workload != "idle" {
         assert!(rounds >= 3, "{rounds} rounds: {srep}");
@@ -118,10 +127,22 @@ fn idle_between_namespaces_bitmap() {
 
 #[test]
 fn ab_between_namespaces_zerocopy_4_streams() {
-    two_hosts_with("zc4", "ab", "ring", None, &["--transport", "zerocopy", "--streams", "4"]);
+    two_hosts_with("zc4", "ab", "ring", None, &["--transport", "zerocopy", "--streams", "4"], &[]);
 }
 
 #[test]
 fn hot_between_namespaces_auto_2_streams() {
-    two_hosts_with("au2", "hot", "ring", HOT, &["--transport", "auto", "--streams", "2"]);
+    two_hosts_with("au2", "hot", "ring", HOT, &["--transport", "auto", "--streams", "2"], &[]);
+}
+
+#[test]
+fn ab_between_namespaces_into_a_prepared_destination() {
+    two_hosts_with(
+        "prep",
+        "ab",
+        "ring",
+        None,
+        &["--transport", "copy", "--streams", "2"],
+        &["--prepare-ram", "128MiB"],
+    );
 }

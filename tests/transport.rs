@@ -268,3 +268,39 @@ fn pages_changed_during_zero_copy_sends_stay_dirty() {
     drop(sock);
     assert_eq!(sink.join().unwrap(), sent, "the peer received every byte sent");
 }
+
+/// A destination prepared ahead (`receiver.prepare_ram`) creates the VM over the RAM it
+/// pre-allocated before the source connected, and the migration passes every check.
+#[test]
+fn prepared_destination_receives_into_its_preallocated_ram() {
+    for prepare in [false, true] {
+        let mut c = cfg(TransportMode::Copy, 2);
+        if prepare {
+            c.receiver.prepare_ram = c.guest.ram;
+        }
+        let out = session::demo(&c, &mut |_| {}).unwrap_or_else(|e| panic!("prepare {prepare}: {e:#}"));
+        let r = &out.report;
+        assert!(r.verification.ok(), "prepare {prepare}: {:?}", r.verification);
+        assert!(r.source.precopy_rounds.len() >= 3, "prepare {prepare}: {} rounds", r.source.precopy_rounds.len());
+        assert_eq!(r.destination.prepared_ram, prepare);
+    }
+}
+
+/// A source VM whose size differs from what the destination prepared is refused at the
+/// handshake with both sizes named; the source keeps running and migrates elsewhere intact.
+#[test]
+fn prepared_destination_refuses_a_vm_of_another_size() {
+    let c = cfg(TransportMode::Copy, 2);
+    let src = session::boot_source(&c).unwrap();
+    let mut rc = c.clone();
+    rc.receiver.prepare_ram = ByteSize(c.guest.ram.0 * 2);
+    let (addr, dest) = spawn_receiver(&rc);
+    let e = session::send(&c, &src, &addr, &mut |_| {}).expect_err("size mismatch must be refused").to_string();
+    assert!(e.contains("prepared for 256 MiB") && e.contains("has 128 MiB"), "{e}");
+    let (r, res) = dest.join().unwrap();
+    let e = res.expect_err("receiver must refuse").to_string();
+    assert!(e.contains("prepared for 256 MiB"), "{e}");
+    assert!(r.machine().is_none(), "no VM may be created for a refused source");
+    assert_running(&src);
+    retry(&c, &src);
+}

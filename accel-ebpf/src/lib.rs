@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::RawTracePoint;
@@ -246,6 +247,12 @@ impl DirtyProbe {
     pub fn stats(&self) -> Result<ProbeStats, EbpfError> {
         read_stats(&self.ebpf)
     }
+
+    /// Kernel-counted runs and run time of the program (advances only while a
+    /// [`RunTimeStats`] is held).
+    pub fn run_time(&self) -> Result<RunTime, EbpfError> {
+        run_time(&self.ebpf, "dirty_ring_push")
+    }
 }
 
 impl kvm_hooks::dirty::ExternalDirtySource for DirtyProbe {
@@ -265,7 +272,34 @@ impl kvm_hooks::dirty::ExternalDirtySource for DirtyProbe {
 
 /// An empty program on `kvm_dirty_ring_push` (benchmarks: the cost floor of any probe).
 pub struct NoopProbe {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+}
+
+/// How often a program ran and for how long, as the kernel counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunTime {
+    pub runs: u64,
+    pub time: Duration,
+}
+
+/// Kernel run-time accounting of BPF programs (`BPF_ENABLE_STATS`), on while this is held.
+/// It adds two clock reads to every run, so never hold it while measuring a probe's overhead.
+pub struct RunTimeStats {
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl RunTimeStats {
+    pub fn enable() -> Result<RunTimeStats, EbpfError> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map(|fd| RunTimeStats { _fd: fd })
+            .map_err(|e| EbpfError::Load(format!("BPF_ENABLE_STATS: {e}")))
+    }
+}
+
+fn run_time(ebpf: &Ebpf, name: &'static str) -> Result<RunTime, EbpfError> {
+    let p = ebpf.program(name).ok_or(EbpfError::Program { program: name, step: "lookup", msg: "missing".into() })?;
+    let info = p.info().map_err(perr(name, "BPF_OBJ_GET_INFO_BY_FD"))?;
+    Ok(RunTime { runs: info.run_count(), time: info.run_time() })
 }
 
 impl NoopProbe {
@@ -275,7 +309,11 @@ impl NoopProbe {
         let p = raw_tp(&mut ebpf, "dirty_noop")?;
         p.load().map_err(perr("dirty_noop", "verifier load"))?;
         p.attach("kvm_dirty_ring_push").map_err(perr("dirty_noop", "attach"))?;
-        Ok(NoopProbe { _ebpf: ebpf })
+        Ok(NoopProbe { ebpf })
+    }
+
+    pub fn run_time(&self) -> Result<RunTime, EbpfError> {
+        run_time(&self.ebpf, "dirty_noop")
     }
 }
 

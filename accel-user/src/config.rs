@@ -183,8 +183,11 @@ pub struct ReceiverConfig {
     pub max_vcpus: u32,
     /// After resuming, keep the VM running this long and check its progress counters.
     pub run_after_ms: u64,
-    /// Allocate and map all guest RAM before accepting pages.
+    /// Allocate and map all guest RAM at the handshake, before accepting pages.
     pub prefault: bool,
+    /// Allocate and pre-fault this much guest RAM before listening, so a migration does not
+    /// wait for it (0: allocate at the handshake). A source VM of another size is refused.
+    pub prepare_ram: ByteSize,
 }
 
 impl Default for ReceiverConfig {
@@ -195,6 +198,7 @@ impl Default for ReceiverConfig {
             max_vcpus: 64,
             run_after_ms: 500,
             prefault: false,
+            prepare_ram: ByteSize(0),
         }
     }
 }
@@ -333,6 +337,16 @@ impl Config {
         if r.max_vcpus == 0 {
             return Err(invalid("receiver.max_vcpus", "must be at least 1"));
         }
+        if r.prepare_ram.0 != 0 {
+            kvm_hooks::memory::validate_ram_size(r.prepare_ram.0)
+                .map_err(|e| invalid("receiver.prepare_ram", e.to_string()))?;
+            if r.prepare_ram.0 > r.max_ram.0 {
+                return Err(invalid(
+                    "receiver.prepare_ram",
+                    format!("{} bytes exceeds receiver.max_ram ({} bytes)", r.prepare_ram.0, r.max_ram.0),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -437,5 +451,11 @@ mod tests {
         assert!(e.contains("bogus"), "{e}");
         let e = Config::parse("[guest]\nworkload = \"hot\"\nhot_working_set = \"1TiB\"\n").unwrap_err().to_string();
         assert!(e.contains("hot_working_set"), "{e}");
+        let e = Config::parse("[receiver]\nprepare_ram = \"3MiB\"\n").unwrap_err().to_string();
+        assert!(e.contains("receiver.prepare_ram"), "{e}");
+        let e = Config::parse("[receiver]\nprepare_ram = \"2GiB\"\nmax_ram = \"1GiB\"\n").unwrap_err().to_string();
+        assert!(e.contains("receiver.prepare_ram") && e.contains("max_ram"), "{e}");
+        let c = Config::parse("[receiver]\nprepare_ram = \"1GiB\"\n").unwrap();
+        assert_eq!(c.receiver.prepare_ram, ByteSize(1 << 30));
     }
 }

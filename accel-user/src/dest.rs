@@ -96,6 +96,8 @@ pub enum RecvError {
     Unexpected { state: RecvState, kind: FrameKind },
     #[error("refused the VM: {0}")]
     Refused(String),
+    #[error("cannot prepare the destination: {0}")]
+    Prepare(String),
     #[error("receive failed in {state}: source aborted: {reason}")]
     SourceAborted { state: RecvState, reason: String },
     #[error("receive failed in {state}: {msg}")]
@@ -125,6 +127,10 @@ pub struct Received {
     pub snapshot: Option<Vec<u8>>,
     pub capture_time: Duration,
     pub total_time: Duration,
+    /// Guest RAM was allocated before the migration started ([`Receiver::prepare`]).
+    pub prepared: bool,
+    /// How long that preparation took (not part of the migration).
+    pub prepare_time: Duration,
 }
 
 /// State shared by the control thread and the data-stream workers.
@@ -323,6 +329,10 @@ pub struct Receiver {
     confidential: bool,
     /// Reused buffer for Blobs payloads.
     blob_buf: Vec<u8>,
+    /// Guest RAM allocated ahead by [`Receiver::prepare`], taken by the Hello that fits it.
+    prepared: Option<GuestRam>,
+    used_prepared: bool,
+    prepare_time: Duration,
 }
 
 /// With data streams, the control stream may stay idle this many I/O timeouts.
@@ -355,7 +365,29 @@ impl Receiver {
             workers: Vec::new(),
             confidential: false,
             blob_buf: Vec::new(),
+            prepared: None,
+            used_prepared: false,
+            prepare_time: Duration::ZERO,
         }
+    }
+
+    /// Allocate and pre-fault `ram_bytes` of guest RAM now, before any source connects, as a
+    /// destination started ahead of the migration would (QEMU's `-incoming` with
+    /// `-mem-prealloc`). Fresh memory is slow to touch on some hosts; done here, that cost is
+    /// paid before the source's clock starts. A Hello for a VM of another size is refused.
+    pub fn prepare(&mut self, ram_bytes: u64) -> Result<Duration, RecvError> {
+        let t = Instant::now();
+        if ram_bytes > self.o.max_ram {
+            return Err(RecvError::Prepare(format!(
+                "prepared RAM of {ram_bytes} bytes exceeds this receiver's limit of {} bytes",
+                self.o.max_ram
+            )));
+        }
+        let ram = GuestRam::new(ram_bytes).map_err(|e| RecvError::Prepare(e.to_string()))?;
+        ram.populate().map_err(|e| RecvError::Prepare(e.to_string()))?;
+        self.prepared = Some(ram);
+        self.prepare_time = t.elapsed();
+        Ok(self.prepare_time)
     }
 
     pub fn state(&self) -> RecvState {
@@ -511,9 +543,20 @@ impl Receiver {
         } else {
             spec.validate().err().map(|e| format!("invalid VM shape: {e}"))
         };
-        let machine = match refuse {
-            Some(r) => Err(r),
-            None => Machine::destination(spec, self.o.dirty).map_err(|e| format!("cannot create the VM here: {e}")),
+        let machine = match (refuse, self.prepared.take()) {
+            (Some(r), _) => Err(r),
+            (None, Some(ram)) if ram.size() != spec.ram_bytes => Err(format!(
+                "this destination was prepared for {} MiB of guest RAM; the source VM has {} MiB",
+                ram.size() >> 20,
+                spec.ram_bytes >> 20
+            )),
+            (None, Some(ram)) => {
+                self.used_prepared = true;
+                Machine::destination_in(spec, self.o.dirty, ram).map_err(|e| format!("cannot create the VM here: {e}"))
+            }
+            (None, None) => {
+                Machine::destination(spec, self.o.dirty).map_err(|e| format!("cannot create the VM here: {e}"))
+            }
         };
         // Confidential: the VM starts now, before any page arrives, with its MH running.
         let machine = machine.and_then(|mut m| {
@@ -527,7 +570,7 @@ impl Receiver {
             Ok(m)
         });
         let machine = machine.and_then(|m| {
-            if self.o.prefault {
+            if self.o.prefault && !self.used_prepared {
                 let t = Instant::now();
                 m.ram().populate().map_err(|e| format!("cannot pre-allocate guest RAM: {e}"))?;
                 tracing::info!("pre-allocated {} MiB of guest RAM in {:?}", spec.ram_bytes >> 20, t.elapsed());
@@ -804,6 +847,34 @@ impl Receiver {
             snapshot,
             capture_time,
             total_time: t0.elapsed(),
+            prepared: self.used_prepared,
+            prepare_time: if self.used_prepared { self.prepare_time } else { Duration::ZERO },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_allocates_every_page_ahead() {
+        let mut r = Receiver::new(crate::config::Config::default().recv_options(false));
+        r.prepare(64 << 20).unwrap();
+        let ram = r.prepared.as_ref().expect("prepared RAM");
+        // Every page of the memfd is allocated: one data extent over all of it.
+        assert_eq!(ram.data_extents().unwrap(), vec![(0, 64 << 20)]);
+    }
+
+    #[test]
+    fn prepare_checks_limits() {
+        let mut o = crate::config::Config::default().recv_options(false);
+        o.max_ram = 64 << 20;
+        let mut r = Receiver::new(o);
+        let e = r.prepare(128 << 20).unwrap_err().to_string();
+        assert!(e.contains("prepare") && e.contains("limit"), "{e}");
+        let e = r.prepare(3 << 20).unwrap_err().to_string();
+        assert!(e.contains("prepare") && e.contains("3145728"), "{e}");
+        assert!(r.prepared.is_none());
     }
 }

@@ -214,4 +214,9 @@ pub struct DestReport {
     pub progress_at_resume: Vec<u64>,
     pub progress_after: Vec<u64>,
     pub guest_alive: bool,
+    /// Guest RAM was allocated before the migration (`receiver.prepare_ram`).
+    pub prepared_ram: bool,
+    /// Time that preparation took, before the source connected.
+    #[serde(serialize_with = "ser_ms", rename = "prepare_ms")]
+    pub prepare: Duration,
 }

@@ -71,6 +71,16 @@ pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> R
 /// Accept one connection on `l` and receive a VM. The receiver is returned either way so a
 /// caller can inspect the (never resumed) VM after a failure.
 pub fn receive(cfg: &Config, l: &TcpListener, capture: bool) -> (Receiver, Result<Received, RecvError>) {
+    match receiver(cfg, capture) {
+        Ok(r) => receive_with(cfg, l, r),
+        // Nothing was created: a fresh receiver stands in for the one that refused.
+        Err(e) => (Receiver::new(cfg.recv_options(capture)), Err(e)),
+    }
+}
+
+/// The receiver `cfg` describes: transport key loaded and, with `receiver.prepare_ram`,
+/// guest RAM allocated ahead. Call it before listening so a source never waits for it.
+pub fn receiver(cfg: &Config, capture: bool) -> Result<Receiver, RecvError> {
     kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
     let mut opts = cfg.recv_options(capture);
     let mut key_error = None;
@@ -91,8 +101,20 @@ pub fn receive(cfg: &Config, l: &TcpListener, capture: bool) -> (Receiver, Resul
     }
     let mut r = Receiver::new(opts);
     if let Some(e) = key_error {
-        return (r, Err(RecvError::Refused(e)));
+        return Err(RecvError::Refused(e));
     }
+    let ram = cfg.receiver.prepare_ram.0;
+    if ram != 0 {
+        match r.prepare(ram) {
+            Ok(d) => tracing::info!("destination prepared: {} MiB of guest RAM pre-allocated in {d:?}", ram >> 20),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(r)
+}
+
+/// Accept one connection on `l` and receive a VM into `r` (from [`receiver`]).
+pub fn receive_with(cfg: &Config, l: &TcpListener, mut r: Receiver) -> (Receiver, Result<Received, RecvError>) {
     let mode = cfg.migration.transport;
     let timeout = cfg.io_timeout();
     let mut accept = || -> Result<Box<dyn Transport>, TransportError> {
@@ -145,6 +167,8 @@ pub fn observe(m: &Machine, got: &Received, d: Duration) -> DestReport {
         progress_at_resume: p0,
         progress_after: p1,
         guest_alive: alive,
+        prepared_ram: got.prepared,
+        prepare: got.prepare_time,
     }
 }
 
@@ -223,6 +247,8 @@ pub fn demo_opts(
 ) -> anyhow::Result<DemoOutcome> {
     let t0 = Instant::now();
     let src = boot_source(cfg)?;
+    // The destination is ready (RAM prepared, if configured) before the source starts.
+    let r = receiver(cfg, verify_ram)?;
     prepare(&src)?;
     tracing::info!("source guest booted in {:?}", t0.elapsed());
     let l = TcpListener::bind("127.0.0.1:0")?;
@@ -230,7 +256,7 @@ pub fn demo_opts(
     let rcfg = cfg.clone();
     let run_after = Duration::from_millis(cfg.receiver.run_after_ms.max(100));
     let dest = std::thread::spawn(move || {
-        let (r, res) = receive(&rcfg, &l, verify_ram);
+        let (r, res) = receive_with(&rcfg, &l, r);
         match res {
             Ok(got) => {
                 let m = r.into_machine().expect("a resumed receiver has a VM");

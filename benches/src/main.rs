@@ -49,22 +49,23 @@ enum Cmd {
         #[arg(long)]
         transport_only: bool,
     },
-    /// Guest dirtying rate with and without the BPF dirty probe; harvest cost per page.
+    /// Guest dirtying rate without any program, with the BPF dirty probe and with an empty
+    /// program (the floor any probe pays); program run time; harvest cost per page.
     Ebpf {
-        /// Seconds per measurement window (8 windows per VM: 4 without, 4 with the probe).
-        #[arg(long, default_value_t = 1)]
-        secs: u64,
-        /// VMs (each one with and without the probe).
-        #[arg(long, default_value_t = 4)]
-        pairs: u32,
+        /// Milliseconds per measurement window.
+        #[arg(long, default_value_t = 500)]
+        window_ms: u64,
+        /// Cycles of six windows (none, probe, empty, empty, probe, none) per VM.
+        #[arg(long, default_value_t = 2)]
+        cycles: u32,
+        /// VMs; each is one sample of the ratios.
+        #[arg(long, alias = "pairs", default_value_t = 8)]
+        vms: u32,
         #[arg(long, default_value_t = 20)]
         harvest_ms: u64,
-        /// Filter by vCPU thread ids instead of the process id.
+        /// Filter by the process id instead of the vCPU thread ids.
         #[arg(long)]
-        threads: bool,
-        /// Attach an empty program instead of the probe: the floor any probe pays.
-        #[arg(long)]
-        noop: bool,
+        pid: bool,
     },
     /// Transport-bound migrations (idle guest, RAM filled by the host) for every transport
     /// mode with 1, 2 and 4 streams: throughput, CPU seconds per GiB, zero-copy counts.
@@ -76,9 +77,17 @@ enum Cmd {
         streams: Vec<u32>,
         #[arg(long, default_value_t = 3)]
         ceiling_secs: u64,
-        /// Pre-allocate destination RAM before pages arrive (counted in setup, so in total).
+        /// Pre-allocate destination RAM at the handshake (counted in setup, so in total).
         #[arg(long)]
         prefault: bool,
+        /// Destination RAM: `fresh` (allocated at the handshake, touched as pages land) and/or
+        /// `prepared` (allocated and pre-faulted before the source connects).
+        #[arg(long, value_delimiter = ',', default_value = "fresh,prepared")]
+        dest: Vec<String>,
+        /// Migrations per row; with more than one, each measures its own single-stream
+        /// ceiling just before it, and the row shows medians (GiB/s with min–max).
+        #[arg(long, default_value_t = 1)]
+        reps: u32,
         /// Only these modes (blocking, copy, zerocopy, zerocopy-fixed).
         #[arg(long, value_delimiter = ',')]
         modes: Vec<String>,
@@ -98,35 +107,42 @@ enum Cmd {
 }
 
 /// Guest dirtying rate (pages written per second by an `ab` guest whose dirty tracking is
-/// re-armed every `harvest_ms`, as during precopy), with and without the BPF dirty probe
-/// attached, alternating A/B; then harvest cost per page: mmapped BPF bitmap vs KVM ring.
-fn ebpf_bench(secs: u64, pairs: u32, harvest_ms: u64, threads: bool, noop: bool) -> anyhow::Result<()> {
+/// re-armed every `harvest_ms`, as during precopy) without a program, with the dirty probe
+/// and with an empty program on the same tracepoint; the probe's kernel-counted run time;
+/// then harvest cost per page: mmapped BPF bitmap vs KVM ring.
+fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: bool) -> anyhow::Result<()> {
     use kvm_hooks::vm::DirtyPreference;
     use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
+    anyhow::ensure!(vms >= 2 && cycles >= 1, "need at least 2 VMs and 1 cycle");
     let spec = GuestSpec { ram_bytes: 512 << 20, vcpus: 2, workload: Workload::Ab };
     let pages_per_report = 4096.0; // `ab` reports every 4096 pages per vCPU
-                                   // One VM per pair; inside it, windows without and with the probe alternate (the probe is
-                                   // attached and detached between windows), so VM-to-VM variation (placement, first touch)
-                                   // does not enter the ratio.
-    let attach = |m: &Machine| -> anyhow::Result<(Option<accel_ebpf::NoopProbe>, Option<accel_ebpf::DirtyProbe>)> {
-        if noop {
-            return Ok((Some(accel_ebpf::NoopProbe::attach()?), None));
-        }
-        let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
-        let target = if threads {
-            accel_ebpf::Target::Threads(m.vcpu_tids())
-        } else {
-            accel_ebpf::Target::Process(std::process::id())
-        };
-        Ok((None, Some(accel_ebpf::DirtyProbe::attach(target, &slots)?)))
+    enum Attached {
+        None,
+        Probe(accel_ebpf::DirtyProbe),
+        Empty(#[allow(dead_code)] accel_ebpf::NoopProbe),
+    }
+    let attach = |m: &Machine, arm: usize| -> anyhow::Result<Attached> {
+        Ok(match arm {
+            0 => Attached::None,
+            1 => {
+                let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
+                let target = if threads {
+                    accel_ebpf::Target::Threads(m.vcpu_tids())
+                } else {
+                    accel_ebpf::Target::Process(std::process::id())
+                };
+                Attached::Probe(accel_ebpf::DirtyProbe::attach(target, &slots)?)
+            }
+            _ => Attached::Empty(accel_ebpf::NoopProbe::attach()?),
+        })
     };
-    let window = |m: &Machine, p: Option<&accel_ebpf::DirtyProbe>| -> anyhow::Result<f64> {
+    let window = |m: &Machine, a: &Attached| -> anyhow::Result<f64> {
         let r0: u64 = m.reports().iter().sum();
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(secs) {
+        while t0.elapsed() < Duration::from_millis(window_ms) {
             std::thread::sleep(Duration::from_millis(harvest_ms));
             m.dirty().take()?;
-            if let Some(p) = p {
+            if let Attached::Probe(p) = a {
                 p.harvest(|_| {});
             }
         }
@@ -134,39 +150,90 @@ fn ebpf_bench(secs: u64, pairs: u32, harvest_ms: u64, threads: bool, noop: bool)
         Ok((r1 - r0) as f64 * pages_per_report / t0.elapsed().as_secs_f64())
     };
     println!(
-        "## guest dirtying rate, 512 MiB ab guest, 2 vCPUs, dirty ring re-armed every {harvest_ms} ms, {secs} s windows, probe filter: {}",
-        if noop { "EMPTY PROGRAM (cost floor)" } else if threads { "vCPU thread ids (bitmap)" } else { "process id" }
+        "## guest dirtying rate, 512 MiB ab guest, 2 vCPUs, dirty ring re-armed every {harvest_ms} ms, {window_ms} ms windows, probe filter: {}",
+        if threads { "vCPU thread ids (bitmap)" } else { "process id" }
     );
-    println!(
-        "| pair (one VM, 4+4 alternating windows) | without probe (pages/s) | with probe (pages/s) | with / without |"
-    );
-    println!("|---|---|---|---|");
-    let (mut sa, mut sb) = (0.0, 0.0);
-    for i in 0..pairs {
+    println!("Each VM runs {cycles} cycle(s) of six windows: none, probe, empty, empty, probe, none (drift within a VM cancels).");
+    println!();
+    println!("| VM | no program (pages/s) | probe (pages/s) | empty program (pages/s) | probe / none | empty / none |");
+    println!("|---|---|---|---|---|---|");
+    let (mut probe_r, mut empty_r, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..vms {
         let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 64 << 10 })?;
         m.resume()?;
         std::thread::sleep(Duration::from_millis(500)); // first touch of every page
-        let (mut a, mut b) = (0.0, 0.0);
-        for k in 0..8 {
-            // A B B A A B B A: drift within the VM's life cancels.
-            let with = matches!(k % 4, 1 | 2);
-            if with {
-                let (_floor, p) = attach(&m)?;
-                b += window(&m, p.as_ref())?;
-                if let Some(p) = &p {
+        let mut sum = [0.0f64; 3];
+        for _ in 0..cycles {
+            for arm in [0, 1, 2, 2, 1, 0] {
+                let a = attach(&m, arm)?;
+                sum[arm] += window(&m, &a)?;
+                if let Attached::Probe(p) = &a {
                     let lost = p.stats()?.lost;
                     anyhow::ensure!(lost == 0, "the probe lost {lost} records");
                 }
-            } else {
-                a += window(&m, None)?;
             }
         }
-        let (a, b) = (a / 4.0, b / 4.0);
-        println!("| {} | {:.0} | {:.0} | {:.3} |", i + 1, a, b, b / a);
-        sa += a;
-        sb += b;
+        let n = 2.0 * f64::from(cycles);
+        let [a, b, c] = sum.map(|x| x / n);
+        println!("| {} | {a:.0} | {b:.0} | {c:.0} | {:.4} | {:.4} |", i + 1, b / a, c / a);
+        probe_r.push(b / a);
+        empty_r.push(c / a);
+        base.push(a);
     }
-    println!("| all | {:.0} | {:.0} | **{:.3}** |", sa / pairs as f64, sb / pairs as f64, sb / sa);
+    let (pm, pci) = mean_ci95(&probe_r);
+    let (em, eci) = mean_ci95(&empty_r);
+    println!(
+        "| mean ± 95 % CI ({vms} VMs) | {:.0} | | | **{pm:.4} ± {pci:.4}** | **{em:.4} ± {eci:.4}** |",
+        base.iter().sum::<f64>() / base.len() as f64
+    );
+    println!();
+    println!(
+        "overhead (1 - ratio): probe {:.2} % ± {:.2}, empty program {:.2} % ± {:.2}; the probe's own code: {:.2} points",
+        100.0 * (1.0 - pm),
+        100.0 * pci,
+        100.0 * (1.0 - em),
+        100.0 * eci,
+        100.0 * (em - pm)
+    );
+    println!();
+
+    // The programs' own run time, as the kernel counts it (a separate window: the
+    // accounting itself adds two clock reads per run).
+    let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 64 << 10 })?;
+    m.resume()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = accel_ebpf::RunTimeStats::enable()?;
+    println!("## program run time per dirty-ring push (kernel BPF run-time accounting, {} ms)", 4 * window_ms);
+    println!("| program | runs | ns per run |");
+    println!("|---|---|---|");
+    for arm in [1, 2] {
+        let a = attach(&m, arm)?;
+        let (name, r0) = match &a {
+            Attached::Probe(p) => ("dirty probe", p.run_time()?),
+            Attached::Empty(p) => ("empty program", p.run_time()?),
+            Attached::None => unreachable!(),
+        };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(4 * window_ms) {
+            std::thread::sleep(Duration::from_millis(harvest_ms));
+            m.dirty().take()?;
+            if let Attached::Probe(p) = &a {
+                p.harvest(|_| {});
+            }
+        }
+        let r1 = match &a {
+            Attached::Probe(p) => p.run_time()?,
+            Attached::Empty(p) => p.run_time()?,
+            Attached::None => unreachable!(),
+        };
+        let runs = r1.runs - r0.runs;
+        let ns = (r1.time - r0.time).as_nanos() as f64 / runs.max(1) as f64;
+        println!("| {name} | {runs} | {ns:.1} |");
+    }
+    drop(stats);
+    let per_page = 1e9 * f64::from(spec.vcpus) / (base.iter().sum::<f64>() / base.len() as f64);
+    println!();
+    println!("A guest page write that KVM logs costs {per_page:.0} ns of vCPU time here (2 vCPUs / no-program rate).");
     println!();
 
     // Harvest cost: same rounds, guest paused, both sources hold the same pages.
@@ -210,7 +277,8 @@ fn ebpf_bench(secs: u64, pairs: u32, harvest_ms: u64, threads: bool, noop: bool)
 }
 
 /// iperf3 loopback throughput with `parallel` streams, bytes/s.
-fn iperf3_n(secs: u64, parallel: u32) -> Option<f64> {
+/// iperf3 over loopback: `parallel` streams, `len`-byte writes (iperf3's default is 128 KiB).
+fn iperf3_n(secs: u64, parallel: u32, len: Option<&str>) -> Option<f64> {
     let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port().to_string();
     let mut server = Command::new("iperf3")
         .args(["-s", "-1", "-p", &port])
@@ -221,6 +289,7 @@ fn iperf3_n(secs: u64, parallel: u32) -> Option<f64> {
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("iperf3")
         .args(["-c", "127.0.0.1", "-p", &port, "-t", &secs.to_string(), "-P", &parallel.to_string(), "-J"])
+        .args(len.map(|l| ["-l", l]).iter().flatten())
         .output()
         .ok();
     let _ = server.wait();
@@ -245,28 +314,51 @@ fn transport_bench(
     streams: &[u32],
     secs: u64,
     prefault: bool,
+    dests: &[String],
     only: &[String],
+    reps: u32,
 ) -> anyhow::Result<()> {
+    for d in dests {
+        anyhow::ensure!(d == "fresh" || d == "prepared", "--dest {d}: expected fresh or prepared");
+    }
     use accel_user::transport::TransportMode;
     println!("## loopback ceilings (same run)");
+    // The single-stream ceiling is the better of iperf3's default 128 KiB writes and 1 MiB
+    // writes (its largest), both from cache-hot buffers.
+    let mut one: Option<f64> = None;
     for &n in streams {
-        match iperf3_n(secs, n) {
-            Some(b) => println!("iperf3, {n} stream(s): {:.2} GiB/s", gib(b)),
-            None => println!("iperf3: not installed"),
+        for len in [None, Some("1M")] {
+            if len.is_some() && n != 1 {
+                continue;
+            }
+            match iperf3_n(secs, n, len) {
+                Some(b) => {
+                    println!("iperf3, {n} stream(s), {} writes: {:.2} GiB/s", len.unwrap_or("128K"), gib(b));
+                    if n == 1 {
+                        one = Some(one.map_or(gib(b), |o| o.max(gib(b))));
+                    }
+                }
+                None => println!("iperf3: not installed"),
+            }
         }
     }
+    if let Some(c) = one {
+        println!("single-stream ceiling (best of the two): {c:.2} GiB/s");
+    }
     for &ram in rams {
-        let mut runs = [ram_stream(ram.0)?, ram_stream(ram.0)?, ram_stream(ram.0)?];
-        runs.sort_by(f64::total_cmp);
-        println!(
-            "guest RAM -> fresh memfd, 1 stream, no engine, {} MiB, median of 3: {:.2} GiB/s",
-            ram.0 >> 20,
-            gib(runs[1])
-        );
+        for (what, pre) in [("fresh", false), ("pre-allocated", true)] {
+            let mut runs = [ram_stream(ram.0, pre)?, ram_stream(ram.0, pre)?, ram_stream(ram.0, pre)?];
+            runs.sort_by(f64::total_cmp);
+            println!(
+                "guest RAM -> {what} memfd, 1 stream, no engine, {} MiB, median of 3: {:.2} GiB/s",
+                ram.0 >> 20,
+                gib(runs[1])
+            );
+        }
     }
     println!();
-    println!("| guest | mode | streams | total ms | GiB/s | CPU s/GiB (both ends) | zero-copy sends | kernel: no copy / copied |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| guest | destination RAM | mode | streams | total ms | GiB/s | vs 1-stream ceiling | CPU s/GiB (both ends) | zero-copy sends | kernel: no copy / copied |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let modes = [
         ("blocking writev", TransportMode::Blocking, false),
         ("io_uring SEND(MSG)", TransportMode::Copy, false),
@@ -274,47 +366,105 @@ fn transport_bench(
         ("io_uring SEND(MSG)_ZC + fixed buffers", TransportMode::Zerocopy, true),
     ];
     let keys = ["blocking", "copy", "zerocopy", "zerocopy-fixed"];
+    let mut prep_ms: Vec<(u64, f64)> = Vec::new();
     for &ram in rams {
-        for (k, (name, mode, fixed)) in modes.into_iter().enumerate() {
-            if !only.is_empty() && !only.iter().any(|o| o == keys[k]) {
-                continue;
+        for dest in dests {
+            for (k, (name, mode, fixed)) in modes.into_iter().enumerate() {
+                if !only.is_empty() && !only.iter().any(|o| o == keys[k]) {
+                    continue;
+                }
+                for &n in streams {
+                    let mut c = Config::default();
+                    c.guest.ram = ram;
+                    c.guest.vcpus = 2;
+                    c.guest.workload = WorkloadKind::Idle;
+                    c.guest.warmup_ms = 100;
+                    c.receiver.run_after_ms = 100;
+                    c.migration.transport = mode;
+                    c.migration.fixed_buffers = fixed;
+                    c.migration.streams = n;
+                    c.migration.io_timeout_ms = 60_000;
+                    c.receiver.prefault = prefault;
+                    if dest == "prepared" {
+                        c.receiver.prepare_ram = ram;
+                    }
+                    c.validate()?;
+                    // Each repetition measures the single-stream ceiling right before its
+                    // migration: this host's loopback rate drifts by 2x within minutes, and a
+                    // ratio against a ceiling taken at another time would measure the drift.
+                    let (mut rates, mut ratios, mut cpus, mut totals) = (vec![], vec![], vec![], vec![]);
+                    let mut zcs = ("-".to_string(), "-".to_string());
+                    for _ in 0..reps {
+                        let ceiling = if reps > 1 {
+                            [iperf3_n(1, 1, None), iperf3_n(1, 1, Some("1M"))]
+                                .into_iter()
+                                .flatten()
+                                .map(gib)
+                                .reduce(f64::max)
+                        } else {
+                            one
+                        };
+                        let cpu = std::cell::Cell::new(Duration::ZERO);
+                        let prep = |m: &kvm_hooks::vmm::Machine| -> anyhow::Result<()> {
+                            fill(m)?;
+                            cpu.set(kvm_hooks::process_cpu_time());
+                            Ok(())
+                        };
+                        let out = session::demo_opts(&c, &prep, false, &mut |_| {})
+                            .with_context(|| format!("{name} x {n}"))?;
+                        let used = kvm_hooks::process_cpu_time().saturating_sub(cpu.get());
+                        let r = &out.report.source;
+                        anyhow::ensure!(out.report.verification.guest_alive, "{name} x {n}: destination not running");
+                        let gbytes = r.bytes_total as f64 / (1u64 << 30) as f64;
+                        if let Some(z) = r.zerocopy {
+                            zcs = (z.sends.to_string(), format!("{} / {}", z.zerocopy, z.copied));
+                        }
+                        let d = &out.report.destination;
+                        anyhow::ensure!(
+                            d.prepared_ram == (dest == "prepared"),
+                            "{name} x {n}: destination RAM not {dest}"
+                        );
+                        if d.prepared_ram {
+                            prep_ms.push((ram.0 >> 20, d.prepare.as_secs_f64() * 1e3));
+                        }
+                        let rate = gbytes / r.total.as_secs_f64();
+                        rates.push(rate);
+                        ratios.extend(ceiling.map(|c| rate / c));
+                        cpus.push(used.as_secs_f64() / gbytes);
+                        totals.push(r.total.as_secs_f64() * 1e3);
+                    }
+                    let spread = if reps > 1 {
+                        format!(
+                            " ({:.2}–{:.2})",
+                            rates.iter().copied().fold(f64::MAX, f64::min),
+                            rates.iter().copied().fold(0.0, f64::max)
+                        )
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "| {} MiB | {dest} | {name} | {n} | {:.0} | {:.2}{spread} | {} | {:.2} | {} | {} |",
+                        ram.0 >> 20,
+                        median(&mut totals),
+                        median(&mut rates),
+                        if ratios.is_empty() { "-".into() } else { format!("{:.0} %", 100.0 * median(&mut ratios)) },
+                        median(&mut cpus),
+                        zcs.0,
+                        zcs.1
+                    );
+                }
             }
-            for &n in streams {
-                let mut c = Config::default();
-                c.guest.ram = ram;
-                c.guest.vcpus = 2;
-                c.guest.workload = WorkloadKind::Idle;
-                c.guest.warmup_ms = 100;
-                c.receiver.run_after_ms = 100;
-                c.migration.transport = mode;
-                c.migration.fixed_buffers = fixed;
-                c.migration.streams = n;
-                c.migration.io_timeout_ms = 60_000;
-                c.receiver.prefault = prefault;
-                c.validate()?;
-                let cpu = std::cell::Cell::new(Duration::ZERO);
-                let prep = |m: &kvm_hooks::vmm::Machine| -> anyhow::Result<()> {
-                    fill(m)?;
-                    cpu.set(kvm_hooks::process_cpu_time());
-                    Ok(())
-                };
-                let out = session::demo_opts(&c, &prep, false, &mut |_| {}).with_context(|| format!("{name} x {n}"))?;
-                let used = kvm_hooks::process_cpu_time().saturating_sub(cpu.get());
-                let r = &out.report.source;
-                anyhow::ensure!(out.report.verification.guest_alive, "{name} x {n}: destination not running");
-                let gbytes = r.bytes_total as f64 / (1u64 << 30) as f64;
-                let (zs, zc) = match r.zerocopy {
-                    Some(z) => (z.sends.to_string(), format!("{} / {}", z.zerocopy, z.copied)),
-                    None => ("-".into(), "-".into()),
-                };
-                println!(
-                    "| {} MiB | {name} | {n} | {:.0} | {:.2} | {:.2} | {zs} | {zc} |",
-                    ram.0 >> 20,
-                    r.total.as_secs_f64() * 1e3,
-                    gbytes / r.total.as_secs_f64(),
-                    used.as_secs_f64() / gbytes
-                );
-            }
+        }
+    }
+    for &ram in rams {
+        let v: Vec<String> = prep_ms.iter().filter(|p| p.0 == ram.0 >> 20).map(|p| format!("{:.0}", p.1)).collect();
+        if !v.is_empty() {
+            println!();
+            println!(
+                "destination preparation, {} MiB (before the source connects, not in total): {} ms",
+                ram.0 >> 20,
+                v.join(" / ")
+            );
         }
     }
     println!();
@@ -354,7 +504,7 @@ fn raw_stream(secs: u64) -> anyhow::Result<f64> {
 /// The data path of a migration without the engine: `ram` bytes of filled guest RAM
 /// written to one loopback TCP stream and read into a fresh memfd-backed mapping (as a
 /// destination VM's RAM is). Bytes/s.
-fn ram_stream(ram: u64) -> anyhow::Result<f64> {
+fn ram_stream(ram: u64, prealloc: bool) -> anyhow::Result<f64> {
     let src = kvm_hooks::memory::GuestRam::new(ram)?;
     let chunk: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
     for gpa in (0..ram).step_by(chunk.len()) {
@@ -362,9 +512,12 @@ fn ram_stream(ram: u64) -> anyhow::Result<f64> {
     }
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
+    let dst = kvm_hooks::memory::GuestRam::new(ram)?;
+    if prealloc {
+        dst.populate()?;
+    }
     let rx = std::thread::spawn(move || -> anyhow::Result<u64> {
         let (s, _) = l.accept()?;
-        let dst = kvm_hooks::memory::GuestRam::new(ram)?;
         let mut got = 0u64;
         while got < ram {
             let n = kvm_hooks::read_into_guest(std::os::fd::AsFd::as_fd(&s), &dst, got, (ram - got).min(1 << 20))?;
@@ -385,6 +538,29 @@ fn ram_stream(ram: u64) -> anyhow::Result<f64> {
     Ok(got as f64 / t0.elapsed().as_secs_f64())
 }
 
+/// Mean and half-width of its 95 % confidence interval (Student's t, n - 1 degrees of freedom).
+fn mean_ci95(v: &[f64]) -> (f64, f64) {
+    let n = v.len();
+    let mean = v.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    // t(0.975, df) for df = 1..=10; 2.0 is close enough beyond.
+    const T: [f64; 10] = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228];
+    let t = T.get(n - 2).copied().unwrap_or(2.0);
+    (mean, t * (var / n as f64).sqrt())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn gib(b: f64) -> f64 {
     b / (1u64 << 30) as f64
 }
@@ -392,10 +568,10 @@ fn gib(b: f64) -> f64 {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Ebpf { secs, pairs, harvest_ms, threads, noop } => ebpf_bench(secs, pairs, harvest_ms, threads, noop)?,
+        Cmd::Ebpf { window_ms, cycles, vms, harvest_ms, pid } => ebpf_bench(window_ms, cycles, vms, harvest_ms, !pid)?,
         Cmd::Mh { pages, batches, migrate_ram } => mh::mh_bench(pages, &batches, migrate_ram)?,
-        Cmd::Transport { ram, streams, ceiling_secs, prefault, modes } => {
-            transport_bench(&ram, &streams, ceiling_secs, prefault, &modes)?
+        Cmd::Transport { ram, streams, ceiling_secs, prefault, dest, modes, reps } => {
+            transport_bench(&ram, &streams, ceiling_secs, prefault, &dest, &modes, reps.max(1))?
         }
         Cmd::Migrate {
             ram,
@@ -408,10 +584,10 @@ fn main() -> anyhow::Result<()> {
             no_zero_detect,
             transport_only,
         } => {
-            let ip = iperf3_n(ceiling_secs, 1);
+            let ip = iperf3_n(ceiling_secs, 1, None);
             let raw = raw_stream(ceiling_secs)?;
             // Median of three: writing into fresh memfd pages varies a lot from run to run here.
-            let mut runs = [ram_stream(ram.0)?, ram_stream(ram.0)?, ram_stream(ram.0)?];
+            let mut runs = [ram_stream(ram.0, false)?, ram_stream(ram.0, false)?, ram_stream(ram.0, false)?];
             runs.sort_by(f64::total_cmp);
             let same_path = runs[1];
             let tcp = ip.unwrap_or(raw);

@@ -283,6 +283,17 @@ impl Machine {
         Machine::create(spec, dirty, ram)
     }
 
+    /// [`Machine::destination`] over RAM the caller allocated ahead (a destination prepared
+    /// before the migration starts). `ram` must be untouched: the receiver relies on pages it
+    /// was not sent being zero.
+    pub fn destination_in(spec: GuestSpec, dirty: DirtyPreference, ram: GuestRam) -> Result<Machine> {
+        spec.validate()?;
+        if ram.size() != spec.ram_bytes {
+            return Err(Error::BadRamSize(ram.size(), "prepared guest RAM differs from the VM's RAM size"));
+        }
+        Machine::create(spec, dirty, ram)
+    }
+
     fn create(spec: GuestSpec, dirty: DirtyPreference, ram: GuestRam) -> Result<Machine> {
         SIGNAL.call_once(|| {
             if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {

@@ -47,6 +47,10 @@ enum Cmd {
         /// Keep the resumed VM running this long and check its progress.
         #[arg(long)]
         run_after_ms: Option<u64>,
+        /// Allocate and pre-fault this much guest RAM before listening (the source VM must
+        /// have exactly this much).
+        #[arg(long, value_parser = parse_size)]
+        prepare_ram: Option<ByteSize>,
         #[command(flatten)]
         common: Common,
     },
@@ -268,7 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Receive { listen, max_ram, run_after_ms, common } => {
+        Cmd::Receive { listen, max_ram, run_after_ms, prepare_ram, common } => {
             let mut cfg = load(&cli, common)?;
             if let Some(l) = listen {
                 cfg.receiver.listen = l.clone();
@@ -279,11 +283,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(v) = run_after_ms {
                 cfg.receiver.run_after_ms = *v;
             }
+            if let Some(v) = prepare_ram {
+                cfg.receiver.prepare_ram = *v;
+            }
             cfg.validate()?;
+            // Prepared before listening: a source that connects finds the destination ready.
+            let r = session::receiver(&cfg, common.dump_memory.is_some())?;
             let l = TcpListener::bind(&cfg.receiver.listen)
                 .with_context(|| format!("listen on {}", cfg.receiver.listen))?;
             eprintln!("listening on {}", l.local_addr()?);
-            let (r, res) = session::receive(&cfg, &l, common.dump_memory.is_some());
+            let (r, res) = session::receive_with(&cfg, &l, r);
             let got = res?;
             let m = r.into_machine().context("receiver finished without a VM")?;
             if let Some(p) = &common.dump_memory {

@@ -28,7 +28,7 @@ fn bpf_bitmap_equals_ring_round_after_round() {
     let spec = GuestSpec { ram_bytes: 128 << 20, vcpus: 2, workload: Workload::Oracle { pages: 16384 } };
     // A small ring fills often: ring-full exits are part of what must match.
     let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 16 << 10 }).unwrap();
-    let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
+    let slots: Vec<(u64, u64)> = m.ram().slot_ranges();
     let probe = DirtyProbe::attach(Target::Threads(m.vcpu_tids()), &slots).expect("attach the dirty probe");
     m.dirty().reset().unwrap();
     probe.harvest(|_| {});
@@ -147,7 +147,7 @@ fn kernel_counts_the_probes_runs() {
     let _g = serial();
     let spec = GuestSpec { ram_bytes: 128 << 20, vcpus: 2, workload: Workload::Oracle { pages: 16384 } };
     let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 64 << 10 }).unwrap();
-    let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
+    let slots: Vec<(u64, u64)> = m.ram().slot_ranges();
     let probe = DirtyProbe::attach(Target::Threads(m.vcpu_tids()), &slots).expect("attach the dirty probe");
     let stats = accel_ebpf::RunTimeStats::enable().expect("BPF_ENABLE_STATS");
     let (r0, p0) = (probe.run_time().unwrap(), probe.stats().unwrap().pushes);

@@ -127,10 +127,9 @@ pub struct Received {
     pub snapshot: Option<Vec<u8>>,
     pub capture_time: Duration,
     pub total_time: Duration,
-    /// Guest RAM was allocated before the migration started ([`Receiver::prepare`]).
-    pub prepared: bool,
-    /// How long that preparation took (not part of the migration).
-    pub prepare_time: Duration,
+    /// Guest RAM was allocated before the migration started ([`Receiver::prepare`]), and
+    /// how long that took (not part of the migration).
+    pub prepared: Option<Duration>,
 }
 
 /// State shared by the control thread and the data-stream workers.
@@ -331,8 +330,8 @@ pub struct Receiver {
     blob_buf: Vec<u8>,
     /// Guest RAM allocated ahead by [`Receiver::prepare`], taken by the Hello that fits it.
     prepared: Option<GuestRam>,
-    used_prepared: bool,
-    prepare_time: Duration,
+    /// Set by [`Receiver::prepare`]; a Hello either uses that RAM or is refused.
+    prepare_time: Option<Duration>,
 }
 
 /// With data streams, the control stream may stay idle this many I/O timeouts.
@@ -366,8 +365,7 @@ impl Receiver {
             confidential: false,
             blob_buf: Vec::new(),
             prepared: None,
-            used_prepared: false,
-            prepare_time: Duration::ZERO,
+            prepare_time: None,
         }
     }
 
@@ -386,8 +384,9 @@ impl Receiver {
         let ram = GuestRam::new(ram_bytes).map_err(|e| RecvError::Prepare(e.to_string()))?;
         ram.populate().map_err(|e| RecvError::Prepare(e.to_string()))?;
         self.prepared = Some(ram);
-        self.prepare_time = t.elapsed();
-        Ok(self.prepare_time)
+        let d = t.elapsed();
+        self.prepare_time = Some(d);
+        Ok(d)
     }
 
     pub fn state(&self) -> RecvState {
@@ -551,7 +550,6 @@ impl Receiver {
                 spec.ram_bytes >> 20
             )),
             (None, Some(ram)) => {
-                self.used_prepared = true;
                 Machine::destination_in(spec, self.o.dirty, ram).map_err(|e| format!("cannot create the VM here: {e}"))
             }
             (None, None) => {
@@ -570,7 +568,7 @@ impl Receiver {
             Ok(m)
         });
         let machine = machine.and_then(|m| {
-            if self.o.prefault && !self.used_prepared {
+            if self.o.prefault && self.prepare_time.is_none() {
                 let t = Instant::now();
                 m.ram().populate().map_err(|e| format!("cannot pre-allocate guest RAM: {e}"))?;
                 tracing::info!("pre-allocated {} MiB of guest RAM in {:?}", spec.ram_bytes >> 20, t.elapsed());
@@ -847,8 +845,7 @@ impl Receiver {
             snapshot,
             capture_time,
             total_time: t0.elapsed(),
-            prepared: self.used_prepared,
-            prepare_time: if self.used_prepared { self.prepare_time } else { Duration::ZERO },
+            prepared: self.prepare_time,
         })
     }
 }

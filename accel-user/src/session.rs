@@ -50,7 +50,7 @@ pub fn launch_mh(cfg: &Config, m: &mut Machine) -> Result<(), String> {
 /// Take `m`'s dirty pages from the eBPF probe on its vCPU threads. Refuses (an error, not
 /// a silent fallback) when the programs cannot load or attach.
 pub fn attach_ebpf(m: &Machine) -> Result<(), kvm_hooks::Error> {
-    let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
+    let slots: Vec<(u64, u64)> = m.ram().slot_ranges();
     let probe = accel_ebpf::DirtyProbe::attach(accel_ebpf::Target::Threads(m.vcpu_tids()), &slots)
         .map_err(|e| kvm_hooks::Error::Dirty(format!("dirty_source = \"ebpf\" refused: {e}")))?;
     m.dirty().set_external(Box::new(probe))
@@ -105,10 +105,8 @@ pub fn receiver(cfg: &Config, capture: bool) -> Result<Receiver, RecvError> {
     }
     let ram = cfg.receiver.prepare_ram.0;
     if ram != 0 {
-        match r.prepare(ram) {
-            Ok(d) => tracing::info!("destination prepared: {} MiB of guest RAM pre-allocated in {d:?}", ram >> 20),
-            Err(e) => return Err(e),
-        }
+        let d = r.prepare(ram)?;
+        tracing::info!("destination prepared: {} MiB of guest RAM pre-allocated in {d:?}", ram >> 20);
     }
     Ok(r)
 }
@@ -167,8 +165,8 @@ pub fn observe(m: &Machine, got: &Received, d: Duration) -> DestReport {
         progress_at_resume: p0,
         progress_after: p1,
         guest_alive: alive,
-        prepared_ram: got.prepared,
-        prepare: got.prepare_time,
+        prepared_ram: got.prepared.is_some(),
+        prepare: got.prepared.unwrap_or_default(),
     }
 }
 

@@ -119,13 +119,13 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
     enum Attached {
         None,
         Probe(accel_ebpf::DirtyProbe),
-        Empty(#[allow(dead_code)] accel_ebpf::NoopProbe),
+        Empty(accel_ebpf::NoopProbe),
     }
     let attach = |m: &Machine, arm: usize| -> anyhow::Result<Attached> {
         Ok(match arm {
             0 => Attached::None,
             1 => {
-                let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
+                let slots: Vec<(u64, u64)> = m.ram().slot_ranges();
                 let target = if threads {
                     accel_ebpf::Target::Threads(m.vcpu_tids())
                 } else {
@@ -136,10 +136,11 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
             _ => Attached::Empty(accel_ebpf::NoopProbe::attach()?),
         })
     };
-    let window = |m: &Machine, a: &Attached| -> anyhow::Result<f64> {
+    // Runs the guest for `ms` with the dirty ring re-armed as during precopy; pages/s.
+    let window = |m: &Machine, a: &Attached, ms: u64| -> anyhow::Result<f64> {
         let r0: u64 = m.reports().iter().sum();
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_millis(window_ms) {
+        while t0.elapsed() < Duration::from_millis(ms) {
             std::thread::sleep(Duration::from_millis(harvest_ms));
             m.dirty().take()?;
             if let Attached::Probe(p) = a {
@@ -166,7 +167,7 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
         for _ in 0..cycles {
             for arm in [0, 1, 2, 2, 1, 0] {
                 let a = attach(&m, arm)?;
-                sum[arm] += window(&m, &a)?;
+                sum[arm] += window(&m, &a, window_ms)?;
                 if let Attached::Probe(p) = &a {
                     let lost = p.stats()?.lost;
                     anyhow::ensure!(lost == 0, "the probe lost {lost} records");
@@ -182,10 +183,8 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
     }
     let (pm, pci) = mean_ci95(&probe_r);
     let (em, eci) = mean_ci95(&empty_r);
-    println!(
-        "| mean ± 95 % CI ({vms} VMs) | {:.0} | | | **{pm:.4} ± {pci:.4}** | **{em:.4} ± {eci:.4}** |",
-        base.iter().sum::<f64>() / base.len() as f64
-    );
+    let base = base.iter().sum::<f64>() / base.len() as f64;
+    println!("| mean ± 95 % CI ({vms} VMs) | {base:.0} | | | **{pm:.4} ± {pci:.4}** | **{em:.4} ± {eci:.4}** |");
     println!();
     println!(
         "overhead (1 - ratio): probe {:.2} % ± {:.2}, empty program {:.2} % ± {:.2}; the probe's own code: {:.2} points",
@@ -206,32 +205,22 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
     println!("## program run time per dirty-ring push (kernel BPF run-time accounting, {} ms)", 4 * window_ms);
     println!("| program | runs | ns per run |");
     println!("|---|---|---|");
-    for arm in [1, 2] {
+    let run_time = |a: &Attached| match a {
+        Attached::Probe(p) => p.run_time(),
+        Attached::Empty(p) => p.run_time(),
+        Attached::None => Ok(accel_ebpf::RunTime::default()),
+    };
+    for (arm, name) in [(1, "dirty probe"), (2, "empty program")] {
         let a = attach(&m, arm)?;
-        let (name, r0) = match &a {
-            Attached::Probe(p) => ("dirty probe", p.run_time()?),
-            Attached::Empty(p) => ("empty program", p.run_time()?),
-            Attached::None => unreachable!(),
-        };
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_millis(4 * window_ms) {
-            std::thread::sleep(Duration::from_millis(harvest_ms));
-            m.dirty().take()?;
-            if let Attached::Probe(p) = &a {
-                p.harvest(|_| {});
-            }
-        }
-        let r1 = match &a {
-            Attached::Probe(p) => p.run_time()?,
-            Attached::Empty(p) => p.run_time()?,
-            Attached::None => unreachable!(),
-        };
+        let r0 = run_time(&a)?;
+        window(&m, &a, 4 * window_ms)?;
+        let r1 = run_time(&a)?;
         let runs = r1.runs - r0.runs;
         let ns = (r1.time - r0.time).as_nanos() as f64 / runs.max(1) as f64;
         println!("| {name} | {runs} | {ns:.1} |");
     }
     drop(stats);
-    let per_page = 1e9 * f64::from(spec.vcpus) / (base.iter().sum::<f64>() / base.len() as f64);
+    let per_page = 1e9 * f64::from(spec.vcpus) / base;
     println!();
     println!("A guest page write that KVM logs costs {per_page:.0} ns of vCPU time here (2 vCPUs / no-program rate).");
     println!();
@@ -241,7 +230,7 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
         GuestSpec { ram_bytes: 512 << 20, vcpus: 2, workload: Workload::Oracle { pages: 65536 } },
         DirtyPreference::Ring { bytes: 1 << 20 },
     )?;
-    let slots: Vec<(u64, u64)> = m.ram().slots().iter().map(|s| (s.first_gfn(), s.pages())).collect();
+    let slots: Vec<(u64, u64)> = m.ram().slot_ranges();
     let probe = accel_ebpf::DirtyProbe::attach(accel_ebpf::Target::Threads(m.vcpu_tids()), &slots)?;
     m.dirty().reset()?;
     probe.harvest(|_| {});
@@ -276,8 +265,8 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
     Ok(())
 }
 
-/// iperf3 loopback throughput with `parallel` streams, bytes/s.
-/// iperf3 over loopback: `parallel` streams, `len`-byte writes (iperf3's default is 128 KiB).
+/// iperf3 loopback throughput, bytes/s: `parallel` streams, `len`-byte writes (iperf3's
+/// default is 128 KiB).
 fn iperf3_n(secs: u64, parallel: u32, len: Option<&str>) -> Option<f64> {
     let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port().to_string();
     let mut server = Command::new("iperf3")
@@ -323,23 +312,17 @@ fn transport_bench(
     }
     use accel_user::transport::TransportMode;
     println!("## loopback ceilings (same run)");
-    // The single-stream ceiling is the better of iperf3's default 128 KiB writes and 1 MiB
-    // writes (its largest), both from cache-hot buffers.
-    let mut one: Option<f64> = None;
-    for &n in streams {
-        for len in [None, Some("1M")] {
-            if len.is_some() && n != 1 {
-                continue;
-            }
-            match iperf3_n(secs, n, len) {
-                Some(b) => {
-                    println!("iperf3, {n} stream(s), {} writes: {:.2} GiB/s", len.unwrap_or("128K"), gib(b));
-                    if n == 1 {
-                        one = Some(one.map_or(gib(b), |o| o.max(gib(b))));
-                    }
-                }
-                None => println!("iperf3: not installed"),
-            }
+    let (one, [small, large]) = single_stream_ceiling(secs);
+    for (len, b) in [("128K", small), ("1M", large)] {
+        match b {
+            Some(b) => println!("iperf3, 1 stream(s), {len} writes: {b:.2} GiB/s"),
+            None => println!("iperf3: not installed"),
+        }
+    }
+    for &n in streams.iter().filter(|&&n| n != 1) {
+        match iperf3_n(secs, n, None) {
+            Some(b) => println!("iperf3, {n} stream(s), 128K writes: {:.2} GiB/s", gib(b)),
+            None => println!("iperf3: not installed"),
         }
     }
     if let Some(c) = one {
@@ -395,15 +378,7 @@ fn transport_bench(
                     let (mut rates, mut ratios, mut cpus, mut totals) = (vec![], vec![], vec![], vec![]);
                     let mut zcs = ("-".to_string(), "-".to_string());
                     for _ in 0..reps {
-                        let ceiling = if reps > 1 {
-                            [iperf3_n(1, 1, None), iperf3_n(1, 1, Some("1M"))]
-                                .into_iter()
-                                .flatten()
-                                .map(gib)
-                                .reduce(f64::max)
-                        } else {
-                            one
-                        };
+                        let ceiling = if reps > 1 { single_stream_ceiling(1).0 } else { one };
                         let cpu = std::cell::Cell::new(Duration::ZERO);
                         let prep = |m: &kvm_hooks::vmm::Machine| -> anyhow::Result<()> {
                             fill(m)?;
@@ -502,8 +477,8 @@ fn raw_stream(secs: u64) -> anyhow::Result<f64> {
 }
 
 /// The data path of a migration without the engine: `ram` bytes of filled guest RAM
-/// written to one loopback TCP stream and read into a fresh memfd-backed mapping (as a
-/// destination VM's RAM is). Bytes/s.
+/// written to one loopback TCP stream and read into a memfd-backed mapping (as a destination
+/// VM's RAM is), fresh or pre-allocated (`prealloc`). Bytes/s.
 fn ram_stream(ram: u64, prealloc: bool) -> anyhow::Result<f64> {
     let src = kvm_hooks::memory::GuestRam::new(ram)?;
     let chunk: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
@@ -550,6 +525,13 @@ fn mean_ci95(v: &[f64]) -> (f64, f64) {
     const T: [f64; 10] = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228];
     let t = T.get(n - 2).copied().unwrap_or(2.0);
     (mean, t * (var / n as f64).sqrt())
+}
+
+/// The single-stream loopback ceiling in GiB/s: the better of iperf3's default 128 KiB
+/// writes and 1 MiB writes (its largest), both from cache-hot buffers; then each of the two.
+fn single_stream_ceiling(secs: u64) -> (Option<f64>, [Option<f64>; 2]) {
+    let both = [iperf3_n(secs, 1, None).map(gib), iperf3_n(secs, 1, Some("1M")).map(gib)];
+    (both.into_iter().flatten().reduce(f64::max), both)
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -72,6 +72,10 @@ impl GuestRam {
     pub fn slots(&self) -> &[Memslot] {
         &self.slots
     }
+    /// Each memslot as `(first_gfn, pages)`, indexed by slot id (what the BPF probe takes).
+    pub fn slot_ranges(&self) -> Vec<(u64, u64)> {
+        self.slots.iter().map(|s| (s.first_gfn(), s.pages())).collect()
+    }
     /// The memfd, for sharing with another process.
     pub fn memfd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.file.as_fd()

@@ -185,3 +185,24 @@ pub fn validate_ram_size(size: u64) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_single_nonzero_byte_anywhere_makes_a_page_nonzero() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        assert!(ram.page_is_zero(3).unwrap(), "untouched page");
+        // Every cache-line boundary the early exits depend on, and both ends of the page.
+        for off in [0u64, 7, 8, 63, 64, 511, 512, 513, 2048, 4088, 4095] {
+            let gpa = 3 * PAGE_SIZE + off;
+            ram.write(gpa, &[0x80]).unwrap();
+            assert!(!ram.page_is_zero(3).unwrap(), "byte at offset {off}");
+            assert!(ram.page_is_zero(2).unwrap() && ram.page_is_zero(4).unwrap(), "neighbours of offset {off}");
+            ram.write(gpa, &[0]).unwrap();
+            assert!(ram.page_is_zero(3).unwrap(), "cleared offset {off}");
+        }
+        assert!(ram.page_is_zero(16384).is_err(), "a page beyond RAM is an error, not a read");
+    }
+}

@@ -188,7 +188,7 @@ impl Transport for TcpTransport {
         ram.iovec(gpa, len).map_err(|e| TransportError::Guest(e.to_string()))?;
         let mut done = 0u64;
         while done < len {
-            match kvm_hooks::read_into_guest(self.stream.as_fd(), ram, gpa + done, len - done) {
+            match kvm_hooks::read_into_guest(self.stream.as_fd(), ram, gpa + done, len - done, false) {
                 Ok(0) => return Err(TransportError::Closed),
                 Ok(n) => done += n as u64,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -329,7 +329,7 @@ fn transport_bench(
         println!("single-stream ceiling (best of the two): {c:.2} GiB/s");
     }
     // RAM -> RAM over one stream: the ceiling for moving this much memory (median of 3).
-    let mut ram_ceiling: Vec<(u64, f64)> = Vec::new();
+    let mut ram_ceiling: Vec<f64> = Vec::new();
     for &ram in rams {
         for (what, pre) in [("fresh", false), ("pre-allocated", true)] {
             let mut runs = if pre {
@@ -345,7 +345,7 @@ fn transport_bench(
                 gib(runs[1])
             );
             if pre {
-                ram_ceiling.push((ram.0, gib(runs[1])));
+                ram_ceiling.push(gib(runs[1]));
             }
         }
     }
@@ -360,7 +360,7 @@ fn transport_bench(
     ];
     let keys = ["blocking", "copy", "zerocopy", "zerocopy-fixed"];
     let mut prep_ms: Vec<(u64, f64)> = Vec::new();
-    for &ram in rams {
+    for (&ram, &ram_at_start) in rams.iter().zip(&ram_ceiling) {
         // With repetitions, each one measures RAM -> RAM over one stream right before it,
         // on a pair kept for this size (filling and pre-faulting it again would take longer
         // than the migration).
@@ -398,7 +398,7 @@ fn transport_bench(
                         let ceiling = if reps > 1 { single_stream_ceiling(1).0 } else { one };
                         let ram_c = match &pair {
                             Some(p) => gib(p.stream()?),
-                            None => ram_ceiling.iter().find(|c| c.0 == ram.0).map_or(f64::NAN, |c| c.1),
+                            None => ram_at_start,
                         };
                         let cpu = std::cell::Cell::new(Duration::ZERO);
                         let prep = |m: &kvm_hooks::vmm::Machine| -> anyhow::Result<()> {
@@ -544,7 +544,7 @@ impl RamPair {
             let mut got = 0u64;
             while got < ram {
                 let n =
-                    kvm_hooks::recv_all_into_guest(std::os::fd::AsFd::as_fd(&s), &dst, got, (ram - got).min(CHUNK))?;
+                    kvm_hooks::read_into_guest(std::os::fd::AsFd::as_fd(&s), &dst, got, (ram - got).min(CHUNK), true)?;
                 anyhow::ensure!(n > 0, "early EOF");
                 got += n as u64;
             }

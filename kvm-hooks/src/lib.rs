@@ -37,38 +37,26 @@ pub fn writev_raw(fd: std::os::fd::BorrowedFd<'_>, iov: &[libc::iovec]) -> std::
 }
 
 /// Read from a file descriptor straight into guest RAM at `gpa` (bounds checked).
+/// `wait_all` (sockets only) receives with `MSG_WAITALL`: one wakeup per call instead of one
+/// per arriving segment, and fewer bytes only at end of stream, on a signal or a timeout.
 pub fn read_into_guest(
     fd: std::os::fd::BorrowedFd<'_>,
     ram: &memory::GuestRam,
     gpa: u64,
     len: u64,
+    wait_all: bool,
 ) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
     let iov = ram.iovec(gpa, len).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     // SAFETY: `iov` covers `len` bytes inside the guest RAM mapping (checked by `iovec`),
     // which lives as long as `ram`; the kernel writes only within it.
-    let r = unsafe { libc::readv(fd.as_raw_fd(), &iov, 1) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
-/// Receive from a socket straight into guest RAM at `gpa` (bounds checked), waiting for
-/// all `len` bytes (`MSG_WAITALL`: one wakeup per call instead of one per arriving segment).
-/// Returns fewer bytes only at end of stream, on a signal or on a receive timeout.
-pub fn recv_all_into_guest(
-    fd: std::os::fd::BorrowedFd<'_>,
-    ram: &memory::GuestRam,
-    gpa: u64,
-    len: u64,
-) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let iov = ram.iovec(gpa, len).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    // SAFETY: `iov` covers `len` bytes inside the guest RAM mapping (checked by `iovec`),
-    // which lives as long as `ram`; the kernel writes only within it.
-    let r = unsafe { libc::recv(fd.as_raw_fd(), iov.iov_base, iov.iov_len, libc::MSG_WAITALL) };
+    let r = unsafe {
+        if wait_all {
+            libc::recv(fd.as_raw_fd(), iov.iov_base, iov.iov_len, libc::MSG_WAITALL)
+        } else {
+            libc::readv(fd.as_raw_fd(), &iov, 1)
+        }
+    };
     if r < 0 {
         Err(std::io::Error::last_os_error())
     } else {

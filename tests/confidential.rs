@@ -2,12 +2,15 @@
 //! ends: private pages and vCPU state travel only as MH-encrypted blobs.
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use accel_user::config::{Config, DirtySource, WorkloadKind};
+use accel_ebpf::{PageStateEvent, PageStateKind, PageStateProbe, ATTR_ENCRYPTED};
+use accel_user::config::{Config, DirtySource, PageStateSource, WorkloadKind};
 use accel_user::dest::RecvState;
 use accel_user::protocol::{FrameKind, BLOB_LEN};
 use accel_user::session;
+use accel_user::source::{Event, Phase};
 use kvm_hooks::guest::{PRIVATE_CANARY, SHARED_CANARY};
 use kvm_hooks::vmm::Machine;
 use migaccel_tests::{assert_ram_eq, assert_running, config, contains, Tamper, Tap};
@@ -270,4 +273,138 @@ fn hostile_completion_ring_aborts_the_migration() {
     assert!(res.is_err());
     assert!(r.machine().is_none_or(|m| !m.is_running()), "the destination must not resume");
     assert_running(&src);
+}
+
+/// `page_state_source = "ebpf"`: the engine classifies pages by the eBPF page-state map
+/// (fed by the `kvm_hypercall` program), checked against the VMM's record. Private pages
+/// still never cross the wire in clear, shared ones still do, and the map saw every request.
+#[test]
+fn ebpf_page_state_map_classifies_a_confidential_migration() {
+    let mut c = confidential(WorkloadKind::Canary, "ps-ebpf");
+    c.confidential.page_state_source = PageStateSource::Ebpf;
+    c.migration.streams = 1; // one connection: the tap sees everything
+    let src = session::boot_source(&c).unwrap();
+    let (addr, t) = receiver(&c);
+    let tap = Tap::start(addr, None);
+    let rep = session::send(&c, &src, &tap.addr, &mut |_| {}).expect("migration");
+    let (r, res) = t.join().unwrap();
+    let got = res.expect("destination");
+    let captured = tap.captured.clone();
+    drop(tap);
+    let wire = captured.lock().unwrap();
+    let (handled, refused) = src.page_state_counts();
+    assert_eq!((handled, refused), (u64::from(c.guest.vcpus), 0), "each vCPU announces its shared half once");
+    let desc = rep.page_states.clone().expect("the report names the page-state record");
+    assert!(desc.contains(&format!("{handled} events applied, 0 rejected")), "{desc}");
+    assert_eq!(rep.pages_deferred, 0, "no conversion was in flight");
+    assert!(!contains(&wire, &PRIVATE_CANARY.to_le_bytes()), "a private canary crossed the wire in clear");
+    assert!(contains(&wire, &SHARED_CANARY.to_le_bytes()), "shared pages travel on the direct path");
+    assert_same_ram(&src, &got.snapshot.clone().unwrap());
+    assert_running(r.machine().unwrap());
+}
+
+/// An idle source with 16 private pages of data written by the host, whose eBPF page-state
+/// map says "shared" for them (a lost or forged event). Nothing rewrites those pages, so they
+/// reach the destination only if the engine keeps them dirty. Returns the machine, the probe
+/// and the first page.
+fn source_with_a_wrong_page_state_map(c: &Config) -> (Machine, Arc<PageStateProbe>, u64) {
+    let mut src = Machine::boot(c.guest_spec(), c.dirty_preference()).unwrap();
+    let probe = session::attach_page_states(&src).unwrap();
+    session::launch_mh(c, &mut src).unwrap();
+    src.resume().unwrap();
+    let first = c.guest_spec().vcpu_range(0).0 / 4096 + 64;
+    for g in first..first + 16 {
+        src.ram().write(g * 4096, &[PRIVATE_CANARY.to_le_bytes(), g.to_le_bytes()].concat()).unwrap();
+    }
+    assert!((first..first + 16).all(|g| !src.is_shared(g)), "the VMM knows them private");
+    probe.states().lock().unwrap().apply(&map_gpa_range(first, 0)).unwrap();
+    (src, probe, first)
+}
+
+fn map_gpa_range(gfn: u64, attrs: u64) -> PageStateEvent {
+    PageStateEvent { kind: PageStateKind::MapGpaRange, flags: 0, gpa: gfn * 4096, npages: 16, attrs, tgid: 0, vcpu: 0 }
+}
+
+/// The records disagree until the end of round 0 (then the map is right again): the host
+/// does not read the 16 pages in round 0, sends them through the MH in a later round, and
+/// the migration completes with the same RAM.
+#[test]
+fn pages_the_records_disagree_on_wait_for_a_later_round() {
+    let mut c = confidential(WorkloadKind::Idle, "ps-late");
+    c.confidential.page_state_source = PageStateSource::Ebpf;
+    c.migration.streams = 1;
+    let (src, probe, first) = source_with_a_wrong_page_state_map(&c);
+    let (addr, t) = receiver(&c);
+    let tap = Tap::start(addr, None);
+    let mut on = |e| {
+        if let Event::Round(st) = e {
+            if st.round == 0 {
+                assert_eq!(st.deferred, 16, "round 0 held back the 16 pages");
+                probe.states().lock().unwrap().apply(&map_gpa_range(first, ATTR_ENCRYPTED)).unwrap();
+            }
+        }
+    };
+    let rep = session::send(&c, &src, &tap.addr, &mut on).expect("migration");
+    let (r, res) = t.join().unwrap();
+    let got = res.expect("destination");
+    let captured = tap.captured.clone();
+    drop(tap);
+    assert_eq!(rep.pages_deferred, 16);
+    assert!(!contains(&captured.lock().unwrap(), &PRIVATE_CANARY.to_le_bytes()), "a private page was read");
+    assert_same_ram(&src, &got.snapshot.clone().unwrap());
+    assert_running(r.machine().unwrap());
+}
+
+/// The records still disagree when the guest is paused: the host never reads those pages,
+/// and the migration stops at switchover with an error that says so. The source keeps
+/// running with the pages still dirty.
+#[test]
+fn a_page_state_map_that_disagrees_with_the_vmm_stops_the_migration() {
+    let mut c = confidential(WorkloadKind::Idle, "ps-wrong");
+    c.confidential.page_state_source = PageStateSource::Ebpf;
+    c.migration.streams = 1;
+    let (src, _probe, first) = source_with_a_wrong_page_state_map(&c);
+    let (addr, t) = receiver(&c);
+    let tap = Tap::start(addr, None);
+    let err = session::send(&c, &src, &tap.addr, &mut |_| {}).expect_err("the records disagree");
+    let (r, res) = t.join().unwrap();
+    let captured = tap.captured.clone();
+    drop(tap);
+    let msg = err.to_string();
+    assert!(matches!(err.phase(), Phase::StopAndCopy), "{msg}");
+    assert!(
+        msg.contains("disagree on 16 page(s)")
+            && msg.contains(&format!("gfn {first:#x}"))
+            && msg.contains("VMM says private"),
+        "{msg}"
+    );
+    assert!(res.is_err());
+    assert!(r.machine().is_none_or(|m| !m.is_running()), "the destination must not resume");
+    assert!(!contains(&captured.lock().unwrap(), &PRIVATE_CANARY.to_le_bytes()), "a forged-shared page was read");
+    assert_running(&src);
+    let dirty = src.dirty().take().unwrap();
+    assert!((first..first + 16).all(|g| dirty.contains(&g)), "the deferred pages stay dirty");
+}
+
+/// Page states changing all through the migration (the `pagestate` workload converts ranges
+/// back and forth without writing them), classified by the eBPF map: pages caught mid-way are
+/// deferred, the records agree once the guest is paused, and the destination gets the same
+/// RAM and runs.
+#[test]
+fn ebpf_page_states_in_flux_during_a_confidential_migration() {
+    let mut c = confidential(WorkloadKind::Pagestate, "ps-flux");
+    c.confidential.page_state_source = PageStateSource::Ebpf;
+    let out = session::demo(&c, &mut |_| {}).expect("confidential migration with conversions in flight");
+    let r = &out.report;
+    let v = &r.verification;
+    assert!(v.mismatched_pages.is_empty(), "destination RAM differs at pages {:?}", v.mismatched_pages);
+    assert!(v.guest_alive, "{:?} -> {:?}", r.destination.progress_at_resume, r.destination.progress_after);
+    let s = &r.source;
+    let desc = s.page_states.clone().expect("the report names the page-state record");
+    assert!(desc.contains("0 rejected"), "{desc}");
+    // The guest kept converting while precopy ran: far more requests than vCPUs.
+    let applied: u64 =
+        desc.split(" events applied").next().and_then(|x| x.rsplit('(').next()).unwrap().parse().unwrap();
+    assert!(applied > 1000, "{desc}");
+    eprintln!("{desc}; {} page(s) deferred", s.pages_deferred);
 }

@@ -116,6 +116,13 @@ fn page_state_program_with_synthetic_inputs() {
     assert!(ps.apply(&map_gpa(0x1010, 1, 0)[0]).is_err());
     assert!(ps.apply(&map_gpa(0, 1 << 40, 0)[0]).is_err());
     assert_eq!((ps.applied, ps.rejected), (2, 3));
+    // The engine's view: shared pages 1, 3, 4 (2 went back to private); nothing past page 1023.
+    let mut bits = PageStates::new(100);
+    bits.apply(&map_gpa(0x1000, 4, 0)[0]).unwrap();
+    bits.apply(&map_gpa(0x2000, 1, ATTR_ENCRYPTED)[0]).unwrap();
+    bits.apply(&map_gpa(96 * 4096, 4, 0)[0]).unwrap();
+    assert_eq!(bits.shared_bitmap(), vec![0b11010, 0xf << 32]);
+    assert_eq!(PageStates::new(100).shared_bitmap(), vec![0, 0], "all private at start, no bits past the end");
 }
 
 #[test]
@@ -293,6 +300,26 @@ fn engine_refuses_ebpf_mode_without_bpf() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("dirty_source = \"ebpf\" refused") && err.contains("loading the BPF object failed"), "{err}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("verification"), "no migration may run");
+    // The same for page states: no silent fallback to the VMM's record.
+    let key = std::env::temp_dir().join(format!("migaccel-test-nobpf-{}.key", std::process::id()));
+    std::fs::write(&key, [0x42u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let o = Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all"])
+        .arg(migaccel_tests::migaccel_bin())
+        .args(["demo", "--ram", "64MiB", "--workload", "canary", "--page-state-source", "ebpf"])
+        .arg("--confidential-key")
+        .arg(&key)
+        .output()
+        .expect("setpriv (util-linux)");
+    let _ = std::fs::remove_file(&key);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("page_state_source = \"ebpf\" refused") && err.contains("loading the BPF object failed"),
+        "{err}"
+    );
     assert!(!String::from_utf8_lossy(&o.stdout).contains("verification"), "no migration may run");
 }
 

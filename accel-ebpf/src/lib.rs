@@ -407,6 +407,16 @@ impl PageStates {
     pub fn is_private(&self, gfn: u64) -> bool {
         self.private.get((gfn / 64) as usize).is_none_or(|w| w & (1 << (gfn % 64)) != 0)
     }
+    /// One bit per page, set for a shared page.
+    pub fn shared_bitmap(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.private.iter().map(|w| !w).collect();
+        if !self.pages.is_multiple_of(64) {
+            if let Some(last) = v.last_mut() {
+                *last &= (1u64 << (self.pages % 64)) - 1;
+            }
+        }
+        v
+    }
     /// Apply one event; returns why it was rejected, if it was.
     pub fn apply(&mut self, e: &PageStateEvent) -> Result<(), String> {
         match e.kind {
@@ -453,9 +463,13 @@ impl PageStates {
 /// Page-state changes of one VM, drained concurrently from the BPF ring buffer.
 pub struct PageStateProbe {
     states: Arc<Mutex<PageStates>>,
+    /// Shared by the drain thread and [`PageStateProbe::sync`].
+    rb: Arc<Mutex<RingBuf<MapData>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     ebpf: Arc<Mutex<Ebpf>>,
+    /// The first request a replay could not feed through the program (the map then misses it).
+    replay_failure: Mutex<Option<String>>,
 }
 
 impl PageStateProbe {
@@ -475,13 +489,36 @@ impl PageStateProbe {
         )
         .map_err(|e| EbpfError::Map { map: "page_state_events", msg: e.to_string() })?;
         let states = Arc::new(Mutex::new(PageStates::new(pages)));
+        let rb = Arc::new(Mutex::new(rb));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (states.clone(), stop.clone());
+        let (r, s, st) = (rb.clone(), states.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("page-state".into())
-            .spawn(move || drain(rb, s, st))
+            .spawn(move || drain(r, s, st))
             .map_err(|e| EbpfError::Load(format!("spawn drain thread: {e}")))?;
-        Ok(PageStateProbe { states, stop, thread: Some(thread), ebpf: Arc::new(Mutex::new(ebpf)) })
+        Ok(PageStateProbe {
+            states,
+            rb,
+            stop,
+            thread: Some(thread),
+            ebpf: Arc::new(Mutex::new(ebpf)),
+            replay_failure: Mutex::new(None),
+        })
+    }
+
+    /// Apply every event the programs have written so far, without waiting for the drain
+    /// thread; returns how many were applied or rejected.
+    pub fn sync(&self) -> usize {
+        drain_pending(&self.rb, &self.states)
+    }
+
+    /// [`PageStateProbe::replay_map_gpa_range`] for a VMM's page-state hook: a failure is
+    /// kept, and makes [`kvm_hooks::vmm::ExternalPageStates::shared_bitmap`] refuse.
+    pub fn replay_request(&self, r: &kvm_hooks::vmm::PageStateRequest) {
+        if let Err(e) = self.replay_map_gpa_range(r.gpa, r.npages, r.attrs) {
+            let mut f = self.replay_failure.lock().unwrap_or_else(|e| e.into_inner());
+            f.get_or_insert_with(|| format!("gpa {:#x} npages {} from vCPU {}: {e}", r.gpa, r.npages, r.vcpu));
+        }
     }
 
     pub fn states(&self) -> &Arc<Mutex<PageStates>> {
@@ -506,6 +543,21 @@ impl PageStateProbe {
     }
 }
 
+impl kvm_hooks::vmm::ExternalPageStates for PageStateProbe {
+    fn shared_bitmap(&self) -> Result<Vec<u64>, String> {
+        self.sync();
+        if let Some(f) = self.replay_failure.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Err(format!("a page-state request never reached the BPF map: {f}"));
+        }
+        Ok(self.states.lock().unwrap_or_else(|e| e.into_inner()).shared_bitmap())
+    }
+
+    fn describe(&self) -> String {
+        let s = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        format!("eBPF page-state map ({} events applied, {} rejected)", s.applied, s.rejected)
+    }
+}
+
 impl Drop for PageStateProbe {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
@@ -515,9 +567,31 @@ impl Drop for PageStateProbe {
     }
 }
 
+/// Decode and apply every event in the ring buffer; returns how many there were.
+fn drain_pending(rb: &Mutex<RingBuf<MapData>>, states: &Mutex<PageStates>) -> usize {
+    let mut rb = rb.lock().unwrap_or_else(|e| e.into_inner());
+    let mut n = 0;
+    while let Some(item) = rb.next() {
+        n += 1;
+        let mut s = states.lock().unwrap_or_else(|e| e.into_inner());
+        match PageStateEvent::decode(&item) {
+            Some(e) => {
+                if let Err(why) = s.apply(&e) {
+                    tracing::warn!("page-state event ignored: {why}");
+                }
+            }
+            None => {
+                s.rejected += 1;
+                tracing::warn!("page-state record of {} bytes ignored (40 expected)", item.len());
+            }
+        }
+    }
+    n
+}
+
 /// Drain the ring buffer whenever epoll says it is readable (and at most every 50 ms).
-fn drain(mut rb: RingBuf<MapData>, states: Arc<Mutex<PageStates>>, stop: Arc<AtomicBool>) {
-    let fd = rb.as_raw_fd();
+fn drain(rb: Arc<Mutex<RingBuf<MapData>>>, states: Arc<Mutex<PageStates>>, stop: Arc<AtomicBool>) {
+    let fd = rb.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd();
     // SAFETY: epoll_create1 has no memory arguments.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0 };
@@ -534,14 +608,7 @@ fn drain(mut rb: RingBuf<MapData>, states: Arc<Mutex<PageStates>>, stop: Arc<Ato
         } else {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        while let Some(item) = rb.next() {
-            if let Some(e) = PageStateEvent::decode(&item) {
-                let mut s = states.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(why) = s.apply(&e) {
-                    tracing::warn!("page-state event ignored: {why}");
-                }
-            }
-        }
+        drain_pending(&rb, &states);
     }
     if ep >= 0 {
         // SAFETY: `ep` is our epoll fd, closed once.

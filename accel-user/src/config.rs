@@ -76,6 +76,9 @@ pub enum WorkloadKind {
     Idle,
     /// Half of each vCPU's range announced shared; canary values rewritten in a loop.
     Canary,
+    /// Page-state requests in a loop: 16-page ranges of the first 4 MiB converted between
+    /// shared and private, no page written (conversions in flight during a migration).
+    Pagestate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -86,6 +89,18 @@ pub enum DirtySource {
     /// KVM dirty bitmap with manual protect.
     Bitmap,
     /// BPF program on `kvm:kvm_dirty_ring_push` (the ring stays on so KVM reports pages).
+    Ebpf,
+}
+
+/// Where a confidential migration learns which pages are shared and which private.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PageStateSource {
+    /// The VMM's own record of the guest's page-state requests.
+    Vmm,
+    /// The eBPF page-state map (`kvm_hypercall` / `kvm_vmgexit_enter` programs), checked
+    /// against the VMM's record: pages on which they disagree wait for a later round, and a
+    /// disagreement at switchover stops the migration.
     Ebpf,
 }
 
@@ -223,6 +238,8 @@ pub struct ConfidentialConfig {
     /// Guest SEV policy (as given to the platform at launch); a policy with NOSEND refuses
     /// migration. 0 = not a SEV guest.
     pub sev_policy: u32,
+    /// Where page states come from: the VMM's record or the eBPF page-state map.
+    pub page_state_source: PageStateSource,
 }
 
 impl Default for ConfidentialConfig {
@@ -235,6 +252,7 @@ impl Default for ConfidentialConfig {
             host_spin: 0,
             mh_timeout_ms: 5_000,
             sev_policy: 0,
+            page_state_source: PageStateSource::Vmm,
         }
     }
 }
@@ -330,6 +348,12 @@ impl Config {
         if cf.enabled && cf.key_file.is_none() {
             return Err(invalid("confidential.key_file", "confidential migration needs a transport key file"));
         }
+        if !cf.enabled && cf.page_state_source == PageStateSource::Ebpf {
+            return Err(invalid(
+                "confidential.page_state_source",
+                "\"ebpf\" needs confidential.enabled = true (page states only decide the path of a confidential VM's pages)",
+            ));
+        }
         let r = &self.receiver;
         if r.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid("receiver.listen", format!("{:?} is not an IP:port address", r.listen)));
@@ -356,6 +380,7 @@ impl Config {
             WorkloadKind::Ab => Workload::Ab,
             WorkloadKind::Idle => Workload::Idle,
             WorkloadKind::Canary => Workload::Canary,
+            WorkloadKind::Pagestate => Workload::PageState,
             WorkloadKind::Hot => Workload::Hot { working_set: g.hot_working_set.0, pages_per_sec: g.hot_rate },
         };
         GuestSpec { ram_bytes: g.ram.0, vcpus: g.vcpus, workload }
@@ -455,6 +480,13 @@ mod tests {
         assert!(e.contains("receiver.prepare_ram"), "{e}");
         let e = Config::parse("[receiver]\nprepare_ram = \"2GiB\"\nmax_ram = \"1GiB\"\n").unwrap_err().to_string();
         assert!(e.contains("receiver.prepare_ram") && e.contains("max_ram"), "{e}");
+        let e = Config::parse("[confidential]\npage_state_source = \"ebpf\"\n").unwrap_err().to_string();
+        assert!(e.contains("confidential.page_state_source") && e.contains("enabled"), "{e}");
+        let e = Config::parse("[confidential]\npage_state_source = \"kernel\"\n").unwrap_err().to_string();
+        assert!(e.contains("page_state_source") && e.contains("kernel"), "{e}");
+        let c =
+            Config::parse("[confidential]\nenabled = true\nkey_file = \"/k\"\npage_state_source = \"ebpf\"\n").unwrap();
+        assert_eq!(c.confidential.page_state_source, PageStateSource::Ebpf);
         let c = Config::parse("[receiver]\nprepare_ram = \"1GiB\"\n").unwrap();
         assert_eq!(c.receiver.prepare_ram, ByteSize(1 << 30));
     }

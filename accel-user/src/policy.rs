@@ -22,6 +22,9 @@ pub struct RoundStats {
     pub elapsed: Duration,
     /// Pages found dirty when the round ended (sent by the next round).
     pub dirty_after: u64,
+    /// Confidential mode: pages held back because the page-state records disagreed on them
+    /// (a conversion in flight); they stay dirty.
+    pub deferred: u64,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -70,6 +70,10 @@ pub struct SourceReport {
     pub zerocopy: Option<ZeroCopyReport>,
     /// Confidential mode: pages the source MH encrypted (private pages and VMSA pages).
     pub mh_exported: Option<u64>,
+    /// Confidential mode with an external page-state record: what it was.
+    pub page_states: Option<String>,
+    /// Pages held back for a later round because the page-state records disagreed.
+    pub pages_deferred: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -135,6 +139,8 @@ impl SourceReport {
             streams: 1,
             zerocopy: None,
             mh_exported: None,
+            page_states: None,
+            pages_deferred: 0,
         }
     }
 
@@ -192,6 +198,13 @@ impl SourceReport {
             let _ = writeln!(
                 s,
                 "confidential: {n} pages encrypted by the in-guest Migration Handler (private pages and vCPU state); the host read none of them"
+            );
+        }
+        if let Some(p) = &self.page_states {
+            let _ = writeln!(
+                s,
+                "page states: {p}, checked against the VMM's record; {} page(s) deferred while a conversion was in flight",
+                self.pages_deferred
             );
         }
         if self.ring_full_exits > 0 {

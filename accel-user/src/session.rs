@@ -1,6 +1,7 @@
 //! High-level flows shared by the CLI, the tests and the benches: boot a source guest, send
 //! it, receive one, watch it run, and the all-in-one `demo`.
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_hooks::vmm::Machine;
@@ -19,6 +20,9 @@ pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
     let mut m = Machine::boot(cfg.guest_spec(), cfg.dirty_preference())?;
     if cfg.migration.dirty_source == crate::config::DirtySource::Ebpf {
         attach_ebpf(&m)?;
+    }
+    if cfg.confidential.enabled && cfg.confidential.page_state_source == crate::config::PageStateSource::Ebpf {
+        attach_page_states(&m)?;
     }
     if cfg.confidential.enabled {
         launch_mh(cfg, &mut m).map_err(|e| kvm_hooks::Error::Vcpu { vcpu: cfg.guest.vcpus as usize, msg: e })?;
@@ -54,6 +58,22 @@ pub fn attach_ebpf(m: &Machine) -> Result<(), kvm_hooks::Error> {
     let probe = accel_ebpf::DirtyProbe::attach(accel_ebpf::Target::Threads(m.vcpu_tids()), &slots)
         .map_err(|e| kvm_hooks::Error::Dirty(format!("dirty_source = \"ebpf\" refused: {e}")))?;
     m.dirty().set_external(Box::new(probe))
+}
+
+/// Classify `m`'s pages by the eBPF page-state map (set before resuming, so the map sees
+/// every request). The embedded VMM's guests announce page states by port I/O, which no KVM
+/// tracepoint sees, so the VMM feeds each request it handles through the attached
+/// `kvm_hypercall` program (`BPF_PROG_TEST_RUN`): the map is built by the same program, ring
+/// buffer and drain thread that watch a QEMU guest's `KVM_HC_MAP_GPA_RANGE` hypercalls.
+/// Refuses (an error, not a fallback to the VMM's record) when the programs cannot load.
+pub fn attach_page_states(m: &Machine) -> Result<Arc<accel_ebpf::PageStateProbe>, kvm_hooks::Error> {
+    let probe = accel_ebpf::PageStateProbe::attach(accel_ebpf::Target::Threads(m.vcpu_tids()), m.ram().pages())
+        .map_err(|e| kvm_hooks::Error::PageStates(format!("page_state_source = \"ebpf\" refused: {e}")))?;
+    let probe = Arc::new(probe);
+    let p = probe.clone();
+    m.set_page_state_hook(Arc::new(move |r| p.replay_request(r)));
+    m.set_external_page_states(probe.clone());
+    Ok(probe)
 }
 
 /// Connect to `to` and migrate `m`.

@@ -367,6 +367,10 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     rep.streams = c.o.streams.max(1);
     rep.zerocopy = zc.map(Into::into);
     rep.mh_exported = c.mh.as_ref().and_then(|h| h.counters().ok()).map(|x| x.exported);
+    if c.mh.is_some() {
+        rep.page_states = c.m.external_page_states().map(|x| x.describe());
+        rep.pages_deferred = rep.precopy_rounds.iter().map(|r| r.deferred).sum::<u64>() + rep.final_round.deferred;
+    }
     Ok(rep)
 }
 
@@ -463,13 +467,31 @@ fn send_pages(
     let mut data_pages = 0u64;
     let confidential = c.mh.is_some();
     let mut private: Vec<u64> = Vec::new();
+    // Classification by an external record (the eBPF page-state map), brought up to date
+    // now; pages on which it and the VMM disagree are not read.
+    let external = match c.m.external_page_states().filter(|_| confidential) {
+        Some(x) => Some(x.shared_bitmap().map_err(|e| PathError::Other(format!("page-state map: {e}")))?),
+        None => None,
+    };
+    let mut disagree: Vec<u64> = Vec::new();
     for gfn in gfns {
         let hole = may_hold_data.as_mut().is_some_and(|f| !f(gfn));
         if confidential && abi::in_region(gfn) {
             // The MH region is each side's own (the destination runs its own MH there).
             continue;
         }
-        if confidential && !hole && !c.m.is_shared(gfn) {
+        let shared = match &external {
+            Some(bits) if confidential => {
+                let ext = bits.get((gfn / 64) as usize).is_some_and(|w| w & (1 << (gfn % 64)) != 0);
+                if ext != c.m.is_shared(gfn) {
+                    disagree.push(gfn);
+                    continue;
+                }
+                ext
+            }
+            _ => c.m.is_shared(gfn),
+        };
+        if confidential && !hole && !shared {
             // Private: the host never reads it; it goes through the MH below.
             st.pages += 1;
             private.push(gfn);
@@ -496,6 +518,23 @@ fn send_pages(
                 data_pages = 0;
             }
         }
+    }
+    if !disagree.is_empty() {
+        let g = disagree[0];
+        if c.paused {
+            // The guest is stopped, so both records are final: one of them is wrong.
+            return Err(PathError::Other(format!(
+                "the eBPF page-state map and the VMM disagree on {} page(s) at switchover (first: gfn {g:#x}, \
+                 VMM says {}); none of them was read",
+                disagree.len(),
+                if c.m.is_shared(g) { "shared" } else { "private" },
+            )));
+        }
+        // A conversion in flight: one record has it, the other not yet. Send the pages in a
+        // later round, when the records agree.
+        tracing::debug!(round, pages = disagree.len(), "page states in flux: pages deferred");
+        st.deferred += disagree.len() as u64;
+        c.m.dirty().restore(&disagree);
     }
     if !runs.is_empty() {
         flush(c, round, &mut runs, st)?;

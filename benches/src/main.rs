@@ -681,6 +681,7 @@ fn main() -> anyhow::Result<()> {
                     WorkloadKind::Hot => format!("hot {} MiB @ {hot_rate} pages/s", hot_working_set.0 >> 20),
                     WorkloadKind::Ab => "ab (all RAM)".to_string(),
                     WorkloadKind::Canary => "canary".to_string(),
+                    WorkloadKind::Pagestate => "pagestate".to_string(),
                 };
                 let thr = r.throughput_mib_s / 1024.0;
                 let pre = r.precopy_throughput_mib_s / 1024.0;

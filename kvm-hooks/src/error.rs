@@ -18,6 +18,8 @@ pub enum Error {
     BadRamSize(u64, &'static str),
     #[error("dirty tracking: {0}")]
     Dirty(String),
+    #[error("page states: {0}")]
+    PageStates(String),
     #[error("vCPU {vcpu}: {msg}")]
     Vcpu { vcpu: usize, msg: String },
     #[error("vCPU state encoding: {0}")]

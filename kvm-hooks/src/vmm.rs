@@ -56,6 +56,17 @@ pub struct PageStateRequest {
 /// Called by a vCPU thread for each valid page-state request.
 pub type PageStateHook = Arc<dyn Fn(&PageStateRequest) + Send + Sync>;
 
+/// A record of page states kept outside the VMM: the eBPF page-state map, the only record a
+/// migrator has for a VM it does not own. The engine classifies pages by it; for a VM it
+/// owns it checks it against the VMM's own record ([`Machine::is_shared`]).
+pub trait ExternalPageStates: Send + Sync {
+    /// Apply every change reported so far, then return one bit per guest page, set for a
+    /// shared page. An error means the record cannot be trusted.
+    fn shared_bitmap(&self) -> std::result::Result<Vec<u64>, String>;
+    /// What the record is, for reports ("eBPF page-state map: 12 events applied").
+    fn describe(&self) -> String;
+}
+
 /// Shape of a guest: what a destination must recreate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestSpec {
@@ -182,6 +193,7 @@ struct Shared {
     /// Percent of time vCPUs are held off the CPU (auto-converge), 0..=99.
     throttle: AtomicU64,
     page_state_hook: Mutex<Option<PageStateHook>>,
+    external_states: Mutex<Option<Arc<dyn ExternalPageStates>>>,
     /// Page-state requests handled / refused (bad pointer or range).
     pub page_state_requests: AtomicU64,
     pub page_state_refused: AtomicU64,
@@ -211,6 +223,7 @@ impl Shared {
             fault: Mutex::new(None),
             throttle: AtomicU64::new(0),
             page_state_hook: Mutex::new(None),
+            external_states: Mutex::new(None),
             page_state_requests: AtomicU64::new(0),
             page_state_refused: AtomicU64::new(0),
             tids: counters(),
@@ -430,6 +443,16 @@ impl Machine {
     /// Receive every valid page-state request the guest makes (set before resuming).
     pub fn set_page_state_hook(&self, hook: PageStateHook) {
         *self.shared.page_state_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Classify pages by `states` instead of the VMM's own record (which stays, for the
+    /// cross-check).
+    pub fn set_external_page_states(&self, states: Arc<dyn ExternalPageStates>) {
+        *self.shared.external_states.lock().unwrap_or_else(|e| e.into_inner()) = Some(states);
+    }
+
+    pub fn external_page_states(&self) -> Option<Arc<dyn ExternalPageStates>> {
+        self.shared.external_states.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// (handled, refused) page-state requests so far.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::config::{ByteSize, Config, DirtySource, PageStateSource, WorkloadKind};
 use accel_user::session;
 use accel_user::source::Event;
 use anyhow::{bail, Context};
@@ -102,6 +102,9 @@ struct Common {
     /// key in FILE (32 raw bytes or 64 hex digits, mode 0600).
     #[arg(long, value_name = "FILE")]
     confidential_key: Option<PathBuf>,
+    /// Confidential mode: classify pages by the VMM's record or by the eBPF page-state map.
+    #[arg(long, value_enum)]
+    page_state_source: Option<PageStateSource>,
     /// Report format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     report: Format,
@@ -176,6 +179,9 @@ impl Common {
         if let Some(k) = &self.confidential_key {
             c.confidential.enabled = true;
             c.confidential.key_file = Some(k.clone());
+        }
+        if let Some(v) = self.page_state_source {
+            c.confidential.page_state_source = v;
         }
     }
 }

@@ -94,6 +94,41 @@ fn private_pages_never_cross_the_wire_in_clear() {
     assert!(contains(&wire, &shared), "shared pages travel on the direct path, in clear");
     assert_same_ram(&src, &snap);
     assert_running(r.machine().unwrap());
+    let ranges = src.shared_ranges();
+    assert_eq!(ranges.len(), c.guest.vcpus as usize, "each vCPU announced one shared range");
+    assert_eq!(r.machine().unwrap().shared_ranges(), ranges, "the destination VMM knows the same shared pages");
+}
+
+/// The page-state record travels in a PageStates frame that the destination checks: a range
+/// outside guest RAM or over the MH region, or a record that never ends, is refused.
+#[test]
+fn hostile_page_states_are_refused() {
+    let on_states = |f: fn(&mut [u8])| -> Option<Tamper> {
+        Some(Box::new(move |k, _n, p| {
+            if k == FrameKind::PageStates {
+                f(p)
+            }
+        }))
+    };
+    // Payload: count u32, flags u32, then {gfn u64, npages u64} per range.
+    hostile_with(
+        WorkloadKind::Canary,
+        "ps-outside",
+        on_states(|p| p[32..40].copy_from_slice(&(1u64 << 40).to_le_bytes())), // range 1's npages
+        None,
+        "outside guest RAM",
+    );
+    hostile_with(
+        WorkloadKind::Canary,
+        "ps-region",
+        on_states(|p| {
+            p[8..16].copy_from_slice(&(mh_abi::REGION / 4096).to_le_bytes());
+            p[16..24].copy_from_slice(&1u64.to_le_bytes());
+        }),
+        None,
+        "inside the MH region",
+    );
+    hostile_with(WorkloadKind::Canary, "ps-unended", on_states(|p| p[4] = 0), None, "page states never arrived");
 }
 
 /// Offsets inside a Blobs payload: 8-byte prefix, then blobs of
@@ -104,7 +139,11 @@ const B0: usize = 8;
 /// `dest_key`): it must fail, the destination must never resume, the source must keep
 /// running, and a clean retry must then deliver identical RAM (nothing was lost).
 fn hostile(tag: &str, tamper: Option<Tamper>, dest_key: Option<u8>, want: &str) {
-    let mut c = confidential(WorkloadKind::Ab, tag);
+    hostile_with(WorkloadKind::Ab, tag, tamper, dest_key, want)
+}
+
+fn hostile_with(workload: WorkloadKind, tag: &str, tamper: Option<Tamper>, dest_key: Option<u8>, want: &str) {
+    let mut c = confidential(workload, tag);
     c.migration.streams = 1;
     c.migration.max_rounds = 4;
     // The tap keeps the failed destination's socket half open: fail fast.
@@ -301,6 +340,7 @@ fn ebpf_page_state_map_classifies_a_confidential_migration() {
     assert!(contains(&wire, &SHARED_CANARY.to_le_bytes()), "shared pages travel on the direct path");
     assert_same_ram(&src, &got.snapshot.clone().unwrap());
     assert_running(r.machine().unwrap());
+    assert_eq!(r.machine().unwrap().shared_ranges(), src.shared_ranges());
 }
 
 /// An idle source with 16 private pages of data written by the host, whose eBPF page-state

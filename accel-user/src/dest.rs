@@ -328,6 +328,10 @@ pub struct Receiver {
     confidential: bool,
     /// Reused buffer for Blobs payloads.
     blob_buf: Vec<u8>,
+    /// Confidential: end of the last shared range received (ranges ascend across frames),
+    /// and whether the last PageStates frame arrived.
+    states_end: u64,
+    states_done: bool,
     /// Guest RAM allocated ahead by [`Receiver::prepare`], taken by the Hello that fits it.
     prepared: Option<GuestRam>,
     /// Set by [`Receiver::prepare`]; a Hello either uses that RAM or is refused.
@@ -364,6 +368,8 @@ impl Receiver {
             workers: Vec::new(),
             confidential: false,
             blob_buf: Vec::new(),
+            states_end: 0,
+            states_done: false,
             prepared: None,
             prepare_time: None,
         }
@@ -487,6 +493,7 @@ impl Receiver {
                     self.on_blobs(t, &h, Some(round))?
                 }
                 (RecvState::States, FrameKind::Blobs) if self.confidential => self.on_blobs(t, &h, None)?,
+                (RecvState::States, FrameKind::PageStates) if self.confidential => self.on_page_states(t, &h)?,
                 (RecvState::Precopy { round }, FrameKind::VcpuState) if round > 0 && !self.confidential => {
                     self.state = RecvState::States;
                     self.on_state(t, &h)?;
@@ -776,6 +783,39 @@ impl Receiver {
         Ok(out)
     }
 
+    /// Confidential: the source's shared ranges, into this VM's page-state record. Checked
+    /// against guest RAM and the MH region (each side's own) before any is applied.
+    fn on_page_states(&mut self, t: &mut dyn Transport, h: &Header) -> Result<(), RecvError> {
+        let p = self.small(t, h)?;
+        let (ranges, last) = protocol::decode_page_states(&p).map_err(|e| self.perr(e))?;
+        if self.states_done {
+            return Err(self.incomplete("page states after the last PageStates frame".into()));
+        }
+        let m = self.machine.as_ref().ok_or_else(|| self.incomplete("page states before a VM exists".into()))?;
+        let pages = m.ram().pages();
+        let region = mh_abi::REGION / PAGE_SIZE..(mh_abi::REGION + mh_abi::REGION_SIZE) / PAGE_SIZE;
+        for &(g, n) in &ranges {
+            let end = g + n; // decode_page_states checked the sum
+            if g < self.states_end {
+                return Err(self.incomplete(format!("shared range at gfn {g:#x} is not after the previous one")));
+            }
+            if end > pages {
+                return Err(
+                    self.incomplete(format!("shared range gfn {g:#x}+{n} is outside guest RAM ({pages} pages)"))
+                );
+            }
+            if g < region.end && end > region.start {
+                return Err(self.incomplete(format!("shared range gfn {g:#x}+{n} is inside the MH region")));
+            }
+            self.states_end = end;
+        }
+        for &(g, n) in &ranges {
+            m.mark_shared(g, n).map_err(|e| RecvError::Kvm { state: self.state, source: e })?;
+        }
+        self.states_done = last;
+        Ok(())
+    }
+
     fn on_state(&mut self, t: &mut dyn Transport, h: &Header) -> Result<(), RecvError> {
         let p = self.small(t, h)?;
         let (i, blob) = protocol::decode_vcpu_state(&p).map_err(|e| self.perr(e))?;
@@ -814,6 +854,9 @@ impl Receiver {
                 return Err(
                     self.incomplete("the MH did not confirm a complete blob stream (no valid End marker)".into())
                 );
+            }
+            if !self.states_done {
+                return Err(self.incomplete("the source's page states never arrived".into()));
             }
             self.states_from_vmsa(m)?
         } else {

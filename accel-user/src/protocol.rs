@@ -25,6 +25,10 @@ pub const MAX_PAGE_DATA: u64 = 16 << 20;
 pub const MAX_FRAME: u32 = (8 + 16 * MAX_RUNS as u64 + MAX_PAGE_DATA) as u32;
 /// Largest text carried in a frame (abort reasons, refusals).
 pub const MAX_TEXT: usize = 1024;
+/// Most shared ranges in one PageStates frame.
+pub const MAX_STATE_RANGES: u32 = 65536;
+/// PageStates flag: the last frame of the record.
+pub const STATES_LAST: u32 = 1;
 
 /// Run flag: the run's pages are all zero; no data follows for it.
 pub const RUN_ZERO: u32 = 1;
@@ -54,6 +58,9 @@ pub enum FrameKind {
     /// Encrypted blobs from the source MH (confidential mode): `round u32, count u32`,
     /// then `count` blobs (see [`encode_blob`]).
     Blobs = 10,
+    /// Source → destination (confidential mode): the guest's shared ranges at switchover,
+    /// so the destination VMM's page-state record matches (see [`encode_page_states`]).
+    PageStates = 11,
 }
 
 impl FrameKind {
@@ -70,6 +77,7 @@ impl FrameKind {
             8 => Abort,
             9 => Join,
             10 => Blobs,
+            11 => PageStates,
             _ => return None,
         })
     }
@@ -88,6 +96,7 @@ impl FrameKind {
             FrameKind::Abort => 4 + MAX_TEXT as u32,
             FrameKind::Join => 16,
             FrameKind::Blobs => 8 + mh_abi::NSLOTS * BLOB_LEN as u32,
+            FrameKind::PageStates => 8 + 16 * MAX_STATE_RANGES,
         }
     }
 }
@@ -531,6 +540,55 @@ pub fn decode_end_of_round(p: &[u8]) -> Result<(u32, u64), ProtocolError> {
     Ok((round, pages))
 }
 
+/// PageStates: `count u32, flags u32` (bit 0: last frame), then `count` shared ranges
+/// `{gfn u64, npages u64}`, ascending and disjoint. Pages in no range are private.
+pub fn encode_page_states(ranges: &[(u64, u64)], last: bool) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + 16 * ranges.len());
+    v.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+    v.extend_from_slice(&(if last { STATES_LAST } else { 0 }).to_le_bytes());
+    for &(g, n) in ranges {
+        v.extend_from_slice(&g.to_le_bytes());
+        v.extend_from_slice(&n.to_le_bytes());
+    }
+    v
+}
+
+/// Decode a PageStates payload: its ranges and whether it is the last frame. Checks the
+/// layout and that each range is non-empty, ascending and disjoint within the frame; the
+/// receiver checks them against guest RAM.
+pub fn decode_page_states(p: &[u8]) -> Result<(Vec<(u64, u64)>, bool), ProtocolError> {
+    let k = FrameKind::PageStates;
+    let mut r = Reader::new(k, p);
+    let count = r.u32("count")?;
+    let flags = r.u32("flags")?;
+    if count > MAX_STATE_RANGES {
+        return Err(perr(k, format!("{count} ranges exceed {MAX_STATE_RANGES}")));
+    }
+    if flags & !STATES_LAST != 0 {
+        return Err(perr(k, format!("unknown flags {flags:#x}")));
+    }
+    if p.len() != 8 + 16 * count as usize {
+        return Err(perr(k, format!("{} bytes for {count} ranges", p.len())));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    let mut end = 0u64;
+    for i in 0..count {
+        let gfn = r.u64("gfn")?;
+        let n = r.u64("npages")?;
+        let e = gfn
+            .checked_add(n)
+            .filter(|_| n > 0)
+            .ok_or_else(|| perr(k, format!("range {i}: {n} pages at gfn {gfn:#x}")))?;
+        if i > 0 && gfn < end {
+            return Err(perr(k, format!("range {i} at gfn {gfn:#x} is not after the previous one")));
+        }
+        end = e;
+        out.push((gfn, n));
+    }
+    r.finish()?;
+    Ok((out, flags & STATES_LAST != 0))
+}
+
 /// Complete: `rounds u32, vcpus u32, pages_sent u64`.
 pub fn encode_complete(rounds: u32, vcpus: u32, pages_sent: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(16);
@@ -699,6 +757,9 @@ mod tests {
         let long = "é".repeat(2000);
         assert!(decode_abort(&encode_abort(&long)).unwrap().len() <= MAX_TEXT);
         assert_eq!(decode_end_of_round(&encode_end_of_round(4, 99)).unwrap(), (4, 99));
+        let ranges = vec![(3, 2), (5, 1), (100, 7)];
+        assert_eq!(decode_page_states(&encode_page_states(&ranges, true)).unwrap(), (ranges.clone(), true));
+        assert_eq!(decode_page_states(&encode_page_states(&[], false)).unwrap(), (vec![], false));
         assert_eq!(decode_complete(&encode_complete(5, 2, 77)).unwrap(), (5, 2, 77));
         assert_eq!(decode_resumed(&encode_resumed(12)).unwrap(), 12);
         let mut p = encode_vcpu_state_prefix(1, 3).to_vec();
@@ -706,5 +767,21 @@ mod tests {
         assert_eq!(decode_vcpu_state(&p).unwrap(), (1, &b"abc"[..]));
         p.push(0);
         assert!(decode_vcpu_state(&p).is_err());
+    }
+
+    #[test]
+    fn page_states_are_checked() {
+        let err = |p: &[u8]| decode_page_states(p).unwrap_err().to_string();
+        let mut p = encode_page_states(&[(3, 2), (5, 1)], true);
+        assert!(err(&p[..p.len() - 1]).contains("bytes for 2 ranges"));
+        p[4] = 3; // an unknown flag
+        assert!(err(&p).contains("unknown flags"));
+        assert!(err(&encode_page_states(&[(3, 2), (4, 1)], true)).contains("not after the previous"));
+        assert!(err(&encode_page_states(&[(3, 0)], true)).contains("0 pages"));
+        assert!(err(&encode_page_states(&[(u64::MAX, 2)], true)).contains("2 pages"));
+        let mut p = encode_page_states(&[], true);
+        p[0..4].copy_from_slice(&(MAX_STATE_RANGES + 1).to_le_bytes());
+        assert!(err(&p).contains("exceed"));
+        assert!(FrameKind::from_u16(11) == Some(FrameKind::PageStates));
     }
 }

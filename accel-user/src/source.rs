@@ -300,6 +300,9 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     c.m.pause().map_err(kvm(ph))?;
     c.paused = true;
     c.m.set_throttle(0);
+    if c.mh.is_some() {
+        check_page_states(c).map_err(|e| e.at(ph, c.t))?;
+    }
     round += 1;
     let final_gfns = c.m.dirty().take().map_err(kvm(ph))?;
     c.inflight = InFlight::Pages(final_gfns.clone());
@@ -313,6 +316,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     let mut state_bytes = 0u64;
     if c.mh.is_some() {
         state_bytes = send_states_via_mh(c, &states, round).map_err(|e| e.at(ph, c.t))?;
+        send_page_states(c).map_err(|e| peer_error(c.t, ph, e))?;
         send_marker(c, Op::End, round).map_err(|e| e.at(ph, c.t))?;
     }
     for (i, s) in states.iter().enumerate().filter(|_| c.mh.is_none()) {
@@ -520,15 +524,9 @@ fn send_pages(
         }
     }
     if !disagree.is_empty() {
-        let g = disagree[0];
         if c.paused {
             // The guest is stopped, so both records are final: one of them is wrong.
-            return Err(PathError::Other(format!(
-                "the eBPF page-state map and the VMM disagree on {} page(s) at switchover (first: gfn {g:#x}, \
-                 VMM says {}); none of them was read",
-                disagree.len(),
-                if c.m.is_shared(g) { "shared" } else { "private" },
-            )));
+            return Err(disagreement(c.m, disagree.len(), disagree[0]));
         }
         // A conversion in flight: one record has it, the other not yet. Send the pages in a
         // later round, when the records agree.
@@ -543,6 +541,57 @@ fn send_pages(
         send_private(c, round, &private, st)?;
     }
     Ok(())
+}
+
+fn disagreement(m: &Machine, n: usize, first: u64) -> PathError {
+    PathError::Other(format!(
+        "the eBPF page-state map and the VMM disagree on {n} page(s) at switchover (first: gfn {first:#x}, \
+         VMM says {}); none of them was read",
+        if m.is_shared(first) { "shared" } else { "private" },
+    ))
+}
+
+/// With an external page-state record, check all of it against the VMM's once the guest is
+/// paused (both are final then): the record the destination gets must be the one pages were
+/// classified by.
+fn check_page_states(c: &Ctx<'_>) -> Result<(), PathError> {
+    let Some(x) = c.m.external_page_states() else { return Ok(()) };
+    let ext = x.shared_bitmap().map_err(|e| PathError::Other(format!("page-state map: {e}")))?;
+    let vmm = c.m.shared_bitmap();
+    let differ = |i: usize| vmm[i] ^ ext.get(i).copied().unwrap_or(0);
+    let n: u64 = (0..vmm.len()).map(|i| u64::from(differ(i).count_ones())).sum();
+    match (0..vmm.len()).find(|&i| differ(i) != 0) {
+        Some(i) => Err(disagreement(c.m, n as usize, i as u64 * 64 + u64::from(differ(i).trailing_zeros()))),
+        None => Ok(()),
+    }
+}
+
+/// Confidential: the guest's shared ranges (outside the MH region, which is each side's
+/// own), so the destination VMM's record matches.
+fn send_page_states(c: &mut Ctx<'_>) -> Result<(), TransportError> {
+    let region = abi::REGION / PAGE_SIZE..(abi::REGION + abi::REGION_SIZE) / PAGE_SIZE;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for (g, n) in c.m.shared_ranges() {
+        // Cut the MH region out of the range.
+        let (end, rs, re) = (g + n, region.start, region.end);
+        if g < rs {
+            ranges.push((g, end.min(rs) - g));
+        }
+        if end > re {
+            let s = g.max(re);
+            ranges.push((s, end - s));
+        }
+    }
+    let mut chunks = ranges.chunks(protocol::MAX_STATE_RANGES as usize).peekable();
+    loop {
+        let chunk = chunks.next().unwrap_or(&[]);
+        let last = chunks.peek().is_none();
+        let p = protocol::encode_page_states(chunk, last);
+        c.t.send_frame(FrameKind::PageStates, &[Part::Buf(&p)], None)?;
+        if last {
+            return Ok(());
+        }
+    }
 }
 
 /// A failure on the confidential path: the transport or the MH.

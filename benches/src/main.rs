@@ -406,9 +406,17 @@ fn transport_bench(
                             cpu.set(kvm_hooks::process_cpu_time());
                             Ok(())
                         };
-                        let out = session::demo_opts(&c, &prep, false, &mut |_| {})
-                            .with_context(|| format!("{name} x {n}"))?;
-                        let used = kvm_hooks::process_cpu_time().saturating_sub(cpu.get());
+                        // Until the source hears `Resumed`: the destination's watch and both
+                        // VMs' teardown (freeing guest RAM) are not migration work.
+                        let mut at_resume = None;
+                        let mut on = |e| {
+                            if let accel_user::source::Event::Resumed { .. } = e {
+                                at_resume = Some(kvm_hooks::process_cpu_time());
+                            }
+                        };
+                        let out =
+                            session::demo_opts(&c, &prep, false, &mut on).with_context(|| format!("{name} x {n}"))?;
+                        let used = at_resume.context("no Resumed event")?.saturating_sub(cpu.get());
                         let r = &out.report.source;
                         anyhow::ensure!(out.report.verification.guest_alive, "{name} x {n}: destination not running");
                         let gbytes = r.bytes_total as f64 / (1u64 << 30) as f64;
@@ -476,7 +484,7 @@ fn transport_bench(
         }
     }
     println!();
-    println!("CPU s/GiB: process user+sys from after the guest was filled until the destination ran (source, destination and the idle guest's vCPU threads).");
+    println!("CPU s/GiB: process user+sys from after the guest was filled until the source heard `Resumed` (source, destination and the idle guest's vCPU threads; not the teardown).");
     Ok(())
 }
 

@@ -529,6 +529,46 @@ impl Machine {
             .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (gfn % 64)) != 0)
     }
 
+    /// The VMM's page-state record: one bit per page, set for a shared page.
+    pub fn shared_bitmap(&self) -> Vec<u64> {
+        self.shared.shared_pages.iter().map(|w| w.load(Ordering::Acquire)).collect()
+    }
+
+    /// The shared pages as ascending `(gfn, npages)` runs.
+    pub fn shared_ranges(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (i, w) in self.shared_bitmap().into_iter().enumerate() {
+            let mut w = w;
+            while w != 0 {
+                let b = u64::from(w.trailing_zeros());
+                let gfn = i as u64 * 64 + b;
+                match out.last_mut() {
+                    Some((g, n)) if *g + *n == gfn => *n += 1,
+                    _ => out.push((gfn, 1)),
+                }
+                w &= w - 1;
+            }
+        }
+        out
+    }
+
+    /// Record `npages` pages from `gfn` as shared, as a migrated VM's source announced them
+    /// (the destination's guest made those requests on the source).
+    pub fn mark_shared(&self, gfn: u64, npages: u64) -> Result<()> {
+        let ram = self.ram();
+        if gfn.checked_add(npages).is_none_or(|end| end > ram.pages()) {
+            return Err(Error::OutOfRange {
+                gpa: gfn.saturating_mul(PAGE_SIZE),
+                len: npages.saturating_mul(PAGE_SIZE),
+                ram: ram.size(),
+            });
+        }
+        for g in gfn..gfn + npages {
+            self.shared.shared_pages[(g / 64) as usize].fetch_or(1 << (g % 64), Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
     /// Whether a Migration Handler runs in this VM.
     pub fn has_mh(&self) -> bool {
         self.mh.is_some()

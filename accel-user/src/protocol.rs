@@ -1,4 +1,4 @@
-//! Wire protocol v1: framed, versioned, little-endian.
+//! Wire protocol v2: framed, versioned, little-endian.
 //!
 //! Every frame starts with a fixed 24-byte header:
 //! ```text
@@ -14,7 +14,8 @@
 use kvm_hooks::vmm::{GuestSpec, Workload};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MGAX");
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: confidential migrations carry the page-state record (`PageStates`).
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 24;
 pub const PAGE: u64 = 4096;
 /// Most runs in one Pages frame.
@@ -653,8 +654,8 @@ mod tests {
         b[0] = b'X';
         assert!(matches!(Header::decode(&b), Err(ProtocolError::BadMagic(_))));
         let mut b = h.encode();
-        b[4] = 2;
-        assert_eq!(Header::decode(&b), Err(ProtocolError::Version(2)));
+        b[4] = 3;
+        assert_eq!(Header::decode(&b), Err(ProtocolError::Version(3)));
         let mut b = h.encode();
         b[6] = 0;
         assert_eq!(Header::decode(&b), Err(ProtocolError::UnknownKind(0)), "Invalid is never accepted");

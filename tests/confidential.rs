@@ -395,6 +395,28 @@ fn pages_the_records_disagree_on_wait_for_a_later_round() {
     assert_running(r.machine().unwrap());
 }
 
+/// An SNP page-state change (its entries live in guest memory, out of the map's reach)
+/// makes the map refuse to classify: the migration stops before any page is sent by it, and
+/// the source keeps running.
+#[test]
+fn a_page_state_map_with_unknown_snp_changes_refuses_to_classify() {
+    let mut c = confidential(WorkloadKind::Idle, "ps-snp");
+    c.confidential.page_state_source = PageStateSource::Ebpf;
+    c.migration.streams = 1;
+    let (src, probe, _first) = source_with_a_wrong_page_state_map(&c);
+    let psc = PageStateEvent { kind: PageStateKind::SnpPsc, flags: 0, gpa: 0, npages: 0, attrs: 0, tgid: 0, vcpu: 0 };
+    probe.states().lock().unwrap().apply(&psc).unwrap();
+    let (addr, t) = receiver(&c);
+    let err = session::send(&c, &src, &addr, &mut |_| {}).expect_err("the map cannot classify");
+    let msg = err.to_string();
+    assert!(matches!(err.phase(), Phase::Precopy { round: 0 }), "{msg}");
+    assert!(msg.contains("1 SNP page-state change(s) seen"), "{msg}");
+    let (r, res) = t.join().unwrap();
+    assert!(res.is_err());
+    assert!(r.machine().is_none_or(|m| !m.is_running()), "the destination must not resume");
+    assert_running(&src);
+}
+
 /// The records still disagree when the guest is paused: the host never reads those pages,
 /// and the migration stops at switchover with an error that says so. The source keeps
 /// running with the pages still dirty.

@@ -549,7 +549,16 @@ impl kvm_hooks::vmm::ExternalPageStates for PageStateProbe {
         if let Some(f) = self.replay_failure.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             return Err(format!("a page-state request never reached the BPF map: {f}"));
         }
-        Ok(self.states.lock().unwrap_or_else(|e| e.into_inner()).shared_bitmap())
+        let s = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        if s.snp_requests > 0 {
+            // Their entries are in guest memory: which pages changed is unknown here.
+            return Err(format!(
+                "{} SNP page-state change(s) seen; their entries are in guest memory, so the map cannot say \
+                 which pages changed",
+                s.snp_requests
+            ));
+        }
+        Ok(s.shared_bitmap())
     }
 
     fn describe(&self) -> String {

@@ -484,22 +484,23 @@ fn send_pages(
             // The MH region is each side's own (the destination runs its own MH there).
             continue;
         }
-        let shared = match &external {
-            Some(bits) if confidential => {
-                let ext = bits.get((gfn / 64) as usize).is_some_and(|w| w & (1 << (gfn % 64)) != 0);
-                if ext != c.m.is_shared(gfn) {
-                    disagree.push(gfn);
-                    continue;
-                }
-                ext
+        if confidential && !hole {
+            // A hole is zero and sent as such whatever its state; any other page by its state.
+            let vmm = c.m.is_shared(gfn);
+            let shared = match &external {
+                Some(bits) => bits.get((gfn / 64) as usize).is_some_and(|w| w & (1 << (gfn % 64)) != 0),
+                None => vmm,
+            };
+            if shared != vmm {
+                disagree.push(gfn);
+                continue;
             }
-            _ => c.m.is_shared(gfn),
-        };
-        if confidential && !hole && !shared {
-            // Private: the host never reads it; it goes through the MH below.
-            st.pages += 1;
-            private.push(gfn);
-            continue;
+            if !shared {
+                // Private: the host never reads it; it goes through the MH below.
+                st.pages += 1;
+                private.push(gfn);
+                continue;
+            }
         }
         let zero = hole || (c.o.zero_detect && ram.page_is_zero(gfn).unwrap_or(false));
         let flags = if zero { RUN_ZERO } else { 0 };

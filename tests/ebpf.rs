@@ -378,3 +378,75 @@ fn guest_page_state_requests_cross_check_the_bpf_map() {
     let shared = (0..pages).filter(|&g| !bpf.is_private(g)).count();
     assert!(shared > 0, "the guest made some pages shared");
 }
+
+/// `migaccel watch` on VMs that other processes own: it counts the dirty-ring pushes of the
+/// watched VMM and no one else's, notices when that process exits, and refuses a process
+/// that holds no VM or does not exist.
+#[test]
+fn watch_vms_that_other_processes_own() {
+    let _g = serial();
+    use std::process::Stdio;
+    let bin = migaccel_tests::migaccel_bin();
+    let run = |workload: &str| {
+        Command::new(&bin)
+            .args(["run", "--ram", "64MiB", "--workload", workload, "--seconds", "30"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("migaccel run")
+    };
+    let (mut busy, mut idle) = (run("ab"), run("idle"));
+    for p in [busy.id(), idle.id()] {
+        for _ in 0..200 {
+            if kvm_hooks::process::kvm_vms(p).unwrap_or(0) > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500)); // warm-up: the guests run
+    let watch = |pid: u32, secs: &str| {
+        Command::new(&bin)
+            .args(["watch", "--pid", &pid.to_string(), "--seconds", secs, "--report", "json"])
+            .output()
+            .expect("migaccel watch")
+    };
+    let json = |o: &std::process::Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).expect("JSON report")
+    };
+    let b = json(&watch(busy.id(), "1"));
+    assert_eq!(b["vms"], 1);
+    assert!(b["pushes"].as_u64().unwrap() > 10_000, "{b}");
+    assert_eq!(b["lost"], 0);
+    assert_eq!(b["slots"][0]["slot"], 0, "the guest's RAM is memslot 0: {b}");
+    assert_eq!(b["exited"], false);
+    // The idle guest writes no memory; the busy one keeps dirtying pages meanwhile, and the
+    // process filter keeps them out.
+    let i = json(&watch(idle.id(), "1"));
+    assert_eq!(i["pushes"], 0, "{i}");
+    // Watching ends when the process does.
+    let w = Command::new(&bin)
+        .args(["watch", "--pid", &busy.id().to_string(), "--seconds", "60", "--report", "json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    busy.kill().unwrap();
+    busy.wait().unwrap();
+    let e = json(&w.wait_with_output().unwrap());
+    assert_eq!(e["exited"], true, "{e}");
+    assert!(e["pushes"].as_u64().unwrap() > 0);
+    idle.kill().unwrap();
+    idle.wait().unwrap();
+    // A process without a VM, and no process at all.
+    let mut sleeper = Command::new("sleep").arg("10").spawn().unwrap();
+    let o = watch(sleeper.id(), "1");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("holds no KVM VM"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = watch(1 << 22, "1");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("No such process"), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -149,6 +149,34 @@ int dirty_ring_push(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
+/* Pushes per memslot of address space 0 and 1 (`migaccel watch`: a foreign VM, whose
+ * memslot layout this process cannot learn, so no page bitmap). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2 * MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} slot_pushes SEC(".maps");
+
+SEC("raw_tp/kvm_dirty_ring_push")
+int dirty_count(struct bpf_raw_tracepoint_args *ctx)
+{
+	if (!ours())
+		return 0;
+	__u32 slot = (__u32)ctx->args[1];
+	__u32 as = slot >> 16, id = slot & 0xffff;
+	bump(ST_PUSHES);
+	if (as > 1 || id >= MAX_SLOTS) {
+		bump(ST_LOST);
+		return 0;
+	}
+	__u32 key = as * MAX_SLOTS + id;
+	__u64 *v = bpf_map_lookup_elem(&slot_pushes, &key);
+	if (v)
+		*v += 1; /* this CPU's slot */
+	return 0;
+}
+
 /* The same tracepoint with an empty program: the floor of what any probe costs. */
 SEC("raw_tp/kvm_dirty_ring_push")
 int dirty_noop(struct bpf_raw_tracepoint_args *ctx)

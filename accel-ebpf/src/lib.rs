@@ -270,6 +270,52 @@ impl kvm_hooks::dirty::ExternalDirtySource for DirtyProbe {
     }
 }
 
+/// Dirty-ring pushes per memslot of a VM this process does not own (`migaccel watch`): its
+/// memslot layout cannot be learned from outside, so pages are counted, not mapped.
+pub struct DirtyCounter {
+    ebpf: Ebpf,
+}
+
+/// Pushes seen for one memslot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotPushes {
+    /// KVM address space (1 = SMM).
+    pub address_space: u32,
+    pub slot: u32,
+    pub pushes: u64,
+}
+
+impl DirtyCounter {
+    pub fn attach(target: Target) -> Result<DirtyCounter, EbpfError> {
+        ensure_tracepoints(&["kvm_dirty_ring_push"])?;
+        let mut ebpf = load(&target)?;
+        let p = raw_tp(&mut ebpf, "dirty_count")?;
+        p.load().map_err(perr("dirty_count", "verifier load"))?;
+        p.attach("kvm_dirty_ring_push").map_err(perr("dirty_count", "attach to kvm:kvm_dirty_ring_push"))?;
+        Ok(DirtyCounter { ebpf })
+    }
+
+    /// Memslots with at least one push so far (totals since attach).
+    pub fn counts(&self) -> Result<Vec<SlotPushes>, EbpfError> {
+        let merr = |e: String| EbpfError::Map { map: "slot_pushes", msg: e };
+        let a: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("slot_pushes").ok_or_else(|| merr("missing".into()))?)
+                .map_err(|e| merr(e.to_string()))?;
+        let mut out = Vec::new();
+        for key in 0..2 * MAX_SLOTS {
+            let n: u64 = a.get(&key, 0).map_err(|e| merr(e.to_string()))?.iter().sum();
+            if n > 0 {
+                out.push(SlotPushes { address_space: key / MAX_SLOTS, slot: key % MAX_SLOTS, pushes: n });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> Result<ProbeStats, EbpfError> {
+        read_stats(&self.ebpf)
+    }
+}
+
 /// An empty program on `kvm_dirty_ring_push` (benchmarks: the cost floor of any probe).
 pub struct NoopProbe {
     ebpf: Ebpf,

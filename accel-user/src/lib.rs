@@ -21,3 +21,4 @@ pub mod source;
 pub mod streams;
 pub mod transport;
 pub mod verify;
+pub mod watch;

@@ -56,6 +56,31 @@ enum Cmd {
     },
     /// Report what this host supports.
     Doctor,
+    /// Boot the embedded guest described by the config and let it run (a VMM, nothing
+    /// else: something for `watch` to watch).
+    Run {
+        /// How long to run.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Watch a VM that another process owns (QEMU, another migaccel) with the eBPF probes:
+    /// dirty-ring pushes per memslot and page-state events, until it exits or time is up.
+    Watch {
+        /// The VMM's process id.
+        #[arg(long)]
+        pid: u32,
+        /// How long to watch at most.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// One sample line per interval.
+        #[arg(long, default_value_t = 500)]
+        interval_ms: u64,
+        /// Report format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        report: Format,
+    },
 }
 
 #[derive(Args, Clone, Default)]
@@ -324,7 +349,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Doctor => doctor(),
+        Cmd::Run { seconds, common } => {
+            let cfg = load(&cli, common)?;
+            let until = secs("--seconds", *seconds)?;
+            let m = session::boot_source(&cfg)?;
+            eprintln!("guest running (process {}); {} vCPU(s)", std::process::id(), cfg.guest.vcpus);
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < until {
+                std::thread::sleep(Duration::from_millis(50).min(until.saturating_sub(t0.elapsed())));
+                if let Some(f) = m.fault() {
+                    bail!("the guest stopped: {f}");
+                }
+            }
+            println!("ran {:.1} s; guest progress {:?}", t0.elapsed().as_secs_f64(), m.progress());
+            Ok(())
+        }
+        Cmd::Watch { pid, seconds, interval_ms, report } => {
+            let until = secs("--seconds", *seconds)?;
+            if *interval_ms == 0 {
+                bail!("--interval-ms must be at least 1");
+            }
+            let json = *report == Format::Json;
+            let mut on = |s: &accel_user::watch::Sample| {
+                if !json {
+                    println!(
+                        "{:>7.1} s  {:>9} pushes  {:>10.0} pages/s  {:>5} page-state events",
+                        s.at_ms as f64 / 1e3,
+                        s.pushes,
+                        s.pushes_per_s,
+                        s.page_state_events
+                    );
+                }
+            };
+            let rep = accel_user::watch::watch(*pid, until, Duration::from_millis(*interval_ms), &mut on)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                print!("{}", rep.text());
+            }
+            Ok(())
+        }
     }
+}
+
+/// A positive, finite number of seconds.
+fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    if !(v.is_finite() && v > 0.0 && v <= 1e6) {
+        bail!("{flag} {v} is not a number of seconds in (0, 1000000]");
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 fn doctor() -> anyhow::Result<()> {

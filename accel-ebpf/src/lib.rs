@@ -595,6 +595,10 @@ impl kvm_hooks::vmm::ExternalPageStates for PageStateProbe {
         if let Some(f) = self.replay_failure.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             return Err(format!("a page-state request never reached the BPF map: {f}"));
         }
+        let dropped = self.stats().map_err(|e| e.to_string())?.page_state_dropped;
+        if dropped > 0 {
+            return Err(format!("{dropped} page-state event(s) were dropped (BPF ring buffer full)"));
+        }
         let s = self.states.lock().unwrap_or_else(|e| e.into_inner());
         if s.snp_requests > 0 {
             // Their entries are in guest memory: which pages changed is unknown here.

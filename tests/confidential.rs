@@ -13,7 +13,7 @@ use accel_user::session;
 use accel_user::source::{Event, Phase};
 use kvm_hooks::guest::{PRIVATE_CANARY, SHARED_CANARY};
 use kvm_hooks::vmm::Machine;
-use migaccel_tests::{assert_ram_eq, assert_running, config, contains, Tamper, Tap};
+use migaccel_tests::{assert_ram_eq, assert_running, config, contains, RecvThread, Tamper, Tap};
 
 /// A 0600 key file with `byte` repeated.
 fn key_file(tag: &str, byte: u8) -> PathBuf {
@@ -41,6 +41,15 @@ fn assert_same_ram(src: &Machine, dst: &[u8]) {
     session::blank_mh_region(&mut a);
     session::blank_mh_region(&mut b);
     assert_ram_eq(&a, &b, &"confidential migration");
+}
+
+/// The migration failed: the destination reports an error and never resumed the VM, and
+/// the source VM runs on.
+fn assert_failed_cleanly(t: RecvThread, src: &Machine) {
+    let (r, res) = t.join().unwrap();
+    assert!(res.is_err(), "the destination must report the failure");
+    assert!(r.machine().is_none_or(|m| !m.is_running()), "the destination must not resume");
+    assert_running(src);
 }
 
 fn migrate(workload: WorkloadKind) {
@@ -240,10 +249,7 @@ fn source_mh_that_stops_answering() {
     let (addr, t) = receiver(&c);
     let err = session::send(&c, &src, &addr, &mut |_| {}).expect_err("a hung MH must fail the migration");
     assert!(err.to_string().contains("stopped answering"), "{err}");
-    let (r, res) = t.join().unwrap();
-    assert!(res.is_err());
-    assert!(r.machine().is_none_or(|m| !m.is_running()));
-    assert_running(&src);
+    assert_failed_cleanly(t, &src);
     {
         let mut g = src.mh();
         let h = g.as_mut().unwrap();
@@ -308,10 +314,7 @@ fn hostile_completion_ring_aborts_the_migration() {
     let (addr, t) = receiver(&c);
     let err = session::send(&c, &src, &addr, &mut |_| {}).expect_err("a corrupt ring must fail the migration");
     assert!(err.to_string().contains("completion ring is corrupt"), "{err}");
-    let (r, res) = t.join().unwrap();
-    assert!(res.is_err());
-    assert!(r.machine().is_none_or(|m| !m.is_running()), "the destination must not resume");
-    assert_running(&src);
+    assert_failed_cleanly(t, &src);
 }
 
 /// `page_state_source = "ebpf"`: the engine classifies pages by the eBPF page-state map
@@ -411,10 +414,7 @@ fn a_page_state_map_with_unknown_snp_changes_refuses_to_classify() {
     let msg = err.to_string();
     assert!(matches!(err.phase(), Phase::Precopy { round: 0 }), "{msg}");
     assert!(msg.contains("1 SNP page-state change(s) seen"), "{msg}");
-    let (r, res) = t.join().unwrap();
-    assert!(res.is_err());
-    assert!(r.machine().is_none_or(|m| !m.is_running()), "the destination must not resume");
-    assert_running(&src);
+    assert_failed_cleanly(t, &src);
 }
 
 /// The records still disagree when the guest is paused: the host never reads those pages,
@@ -429,7 +429,7 @@ fn a_page_state_map_that_disagrees_with_the_vmm_stops_the_migration() {
     let (addr, t) = receiver(&c);
     let tap = Tap::start(addr, None);
     let err = session::send(&c, &src, &tap.addr, &mut |_| {}).expect_err("the records disagree");
-    let (r, res) = t.join().unwrap();
+    assert_failed_cleanly(t, &src);
     let captured = tap.captured.clone();
     drop(tap);
     let msg = err.to_string();
@@ -440,10 +440,7 @@ fn a_page_state_map_that_disagrees_with_the_vmm_stops_the_migration() {
             && msg.contains("VMM says private"),
         "{msg}"
     );
-    assert!(res.is_err());
-    assert!(r.machine().is_none_or(|m| !m.is_running()), "the destination must not resume");
     assert!(!contains(&captured.lock().unwrap(), &PRIVATE_CANARY.to_le_bytes()), "a forged-shared page was read");
-    assert_running(&src);
     let dirty = src.dirty().take().unwrap();
     assert!((first..first + 16).all(|g| dirty.contains(&g)), "the deferred pages stay dirty");
 }

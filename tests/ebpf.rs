@@ -22,14 +22,21 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LEFTOVER_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A paused 128 MiB oracle guest whose dirty ring holds `ring_bytes`, with the dirty probe
+/// attached to its vCPU threads.
+fn oracle_with_probe(ring_bytes: u32) -> (Machine, DirtyProbe) {
+    let spec = GuestSpec { ram_bytes: 128 << 20, vcpus: 2, workload: Workload::Oracle { pages: 16384 } };
+    let m = Machine::boot(spec, DirtyPreference::Ring { bytes: ring_bytes }).unwrap();
+    let probe =
+        DirtyProbe::attach(Target::Threads(m.vcpu_tids()), &m.ram().slot_ranges()).expect("attach the dirty probe");
+    (m, probe)
+}
+
 #[test]
 fn bpf_bitmap_equals_ring_round_after_round() {
     let _g = serial();
-    let spec = GuestSpec { ram_bytes: 128 << 20, vcpus: 2, workload: Workload::Oracle { pages: 16384 } };
     // A small ring fills often: ring-full exits are part of what must match.
-    let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 16 << 10 }).unwrap();
-    let slots: Vec<(u64, u64)> = m.ram().slot_ranges();
-    let probe = DirtyProbe::attach(Target::Threads(m.vcpu_tids()), &slots).expect("attach the dirty probe");
+    let (m, probe) = oracle_with_probe(16 << 10);
     m.dirty().reset().unwrap();
     probe.harvest(|_| {});
     let (mut total, mut rounds, mut iter) = (0u64, 0u32, 1u64);
@@ -152,10 +159,7 @@ fn dirty_program_with_synthetic_inputs() {
 #[test]
 fn kernel_counts_the_probes_runs() {
     let _g = serial();
-    let spec = GuestSpec { ram_bytes: 128 << 20, vcpus: 2, workload: Workload::Oracle { pages: 16384 } };
-    let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 64 << 10 }).unwrap();
-    let slots: Vec<(u64, u64)> = m.ram().slot_ranges();
-    let probe = DirtyProbe::attach(Target::Threads(m.vcpu_tids()), &slots).expect("attach the dirty probe");
+    let (m, probe) = oracle_with_probe(64 << 10);
     let stats = accel_ebpf::RunTimeStats::enable().expect("BPF_ENABLE_STATS");
     let (r0, p0) = (probe.run_time().unwrap(), probe.stats().unwrap().pushes);
     m.dirty().reset().unwrap();

@@ -587,7 +587,7 @@ impl Receiver {
                 let mut received = DirtySet::new(m.ram().pages());
                 if hello.confidential {
                     // The MH region is this VM's own; it never travels.
-                    for gfn in mh_abi::REGION / PAGE_SIZE..(mh_abi::REGION + mh_abi::REGION_SIZE) / PAGE_SIZE {
+                    for gfn in mh_abi::REGION_GFNS {
                         received.insert(gfn);
                     }
                 }
@@ -793,7 +793,7 @@ impl Receiver {
         }
         let m = self.machine.as_ref().ok_or_else(|| self.incomplete("page states before a VM exists".into()))?;
         let pages = m.ram().pages();
-        let region = mh_abi::REGION / PAGE_SIZE..(mh_abi::REGION + mh_abi::REGION_SIZE) / PAGE_SIZE;
+        let region = mh_abi::REGION_GFNS;
         for &(g, n) in &ranges {
             let end = g + n; // decode_page_states checked the sum
             if g < self.states_end {

@@ -472,8 +472,9 @@ fn send_pages(
     let confidential = c.mh.is_some();
     let mut private: Vec<u64> = Vec::new();
     // Classification by an external record (the eBPF page-state map), brought up to date
-    // now; pages on which it and the VMM disagree are not read.
-    let external = match c.m.external_page_states().filter(|_| confidential) {
+    // now; pages on which it and the VMM disagree are not read. Once the guest is paused,
+    // `check_page_states` has found the two equal, so the VMM's record stands for both.
+    let external = match c.m.external_page_states().filter(|_| confidential && !c.paused) {
         Some(x) => Some(x.shared_bitmap().map_err(|e| PathError::Other(format!("page-state map: {e}")))?),
         None => None,
     };
@@ -525,10 +526,6 @@ fn send_pages(
         }
     }
     if !disagree.is_empty() {
-        if c.paused {
-            // The guest is stopped, so both records are final: one of them is wrong.
-            return Err(disagreement(c.m, disagree.len(), disagree[0]));
-        }
         // A conversion in flight: one record has it, the other not yet. Send the pages in a
         // later round, when the records agree.
         tracing::debug!(round, pages = disagree.len(), "page states in flux: pages deferred");
@@ -544,14 +541,6 @@ fn send_pages(
     Ok(())
 }
 
-fn disagreement(m: &Machine, n: usize, first: u64) -> PathError {
-    PathError::Other(format!(
-        "the eBPF page-state map and the VMM disagree on {n} page(s) at switchover (first: gfn {first:#x}, \
-         VMM says {}); none of them was read",
-        if m.is_shared(first) { "shared" } else { "private" },
-    ))
-}
-
 /// With an external page-state record, check all of it against the VMM's once the guest is
 /// paused (both are final then): the record the destination gets must be the one pages were
 /// classified by.
@@ -561,20 +550,24 @@ fn check_page_states(c: &Ctx<'_>) -> Result<(), PathError> {
     let vmm = c.m.shared_bitmap();
     let differ = |i: usize| vmm[i] ^ ext.get(i).copied().unwrap_or(0);
     let n: u64 = (0..vmm.len()).map(|i| u64::from(differ(i).count_ones())).sum();
-    match (0..vmm.len()).find(|&i| differ(i) != 0) {
-        Some(i) => Err(disagreement(c.m, n as usize, i as u64 * 64 + u64::from(differ(i).trailing_zeros()))),
-        None => Ok(()),
-    }
+    let Some(i) = (0..vmm.len()).find(|&i| differ(i) != 0) else { return Ok(()) };
+    // The guest is stopped, so both records are final: one of them is wrong.
+    let first = i as u64 * 64 + u64::from(differ(i).trailing_zeros());
+    Err(PathError::Other(format!(
+        "the eBPF page-state map and the VMM disagree on {n} page(s) at switchover (first: gfn {first:#x}, \
+         VMM says {}); none of them was read",
+        if c.m.is_shared(first) { "shared" } else { "private" },
+    )))
 }
 
 /// Confidential: the guest's shared ranges (outside the MH region, which is each side's
 /// own), so the destination VMM's record matches.
 fn send_page_states(c: &mut Ctx<'_>) -> Result<(), TransportError> {
-    let region = abi::REGION / PAGE_SIZE..(abi::REGION + abi::REGION_SIZE) / PAGE_SIZE;
+    let (rs, re) = (abi::REGION_GFNS.start, abi::REGION_GFNS.end);
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for (g, n) in c.m.shared_ranges() {
         // Cut the MH region out of the range.
-        let (end, rs, re) = (g + n, region.start, region.end);
+        let end = g + n;
         if g < rs {
             ranges.push((g, end.min(rs) - g));
         }

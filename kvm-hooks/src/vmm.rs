@@ -563,9 +563,7 @@ impl Machine {
                 ram: ram.size(),
             });
         }
-        for g in gfn..gfn + npages {
-            self.shared.shared_pages[(g / 64) as usize].fetch_or(1 << (g % 64), Ordering::AcqRel);
-        }
+        set_shared(&self.shared, gfn..gfn + npages, true);
         Ok(())
     }
 
@@ -755,6 +753,18 @@ fn mh_loop(mut fd: VcpuFd, bell: Arc<Bell>, dirty: Arc<DirtyTracker>, ram: Arc<G
 /// `KVM_MAP_GPA_RANGE_ENCRYPTED`: the range becomes private.
 pub const PAGE_ENCRYPTED: u64 = 1 << 4;
 
+/// Record `gfns` as shared or private (the caller checked them against guest RAM).
+fn set_shared(sh: &Shared, gfns: std::ops::Range<u64>, shared: bool) {
+    for gfn in gfns {
+        let (w, b) = ((gfn / 64) as usize, 1u64 << (gfn % 64));
+        if shared {
+            sh.shared_pages[w].fetch_or(b, Ordering::AcqRel);
+        } else {
+            sh.shared_pages[w].fetch_and(!b, Ordering::AcqRel);
+        }
+    }
+}
+
 /// Validate a guest page-state request and hand it to the hook. The request lives in guest
 /// memory, so every field is checked: the pointer and the announced range must be inside
 /// guest RAM, page-aligned and non-empty.
@@ -773,14 +783,7 @@ fn page_state(sh: &Shared, ram: &GuestRam, vcpu: usize, ptr: u64) {
     }
     sh.page_state_requests.fetch_add(1, Ordering::Relaxed);
     let shared = attrs & PAGE_ENCRYPTED == 0;
-    for gfn in gpa / PAGE_SIZE..gpa / PAGE_SIZE + npages {
-        let (w, b) = ((gfn / 64) as usize, 1u64 << (gfn % 64));
-        if shared {
-            sh.shared_pages[w].fetch_or(b, Ordering::AcqRel);
-        } else {
-            sh.shared_pages[w].fetch_and(!b, Ordering::AcqRel);
-        }
-    }
+    set_shared(sh, gpa / PAGE_SIZE..gpa / PAGE_SIZE + npages, shared);
     let hook = sh.page_state_hook.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if let Some(h) = hook {
         h(&PageStateRequest { vcpu: vcpu as u32, gpa, npages, attrs });

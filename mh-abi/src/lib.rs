@@ -374,6 +374,9 @@ const _: () = {
     assert!(RING_BASE + RING_ENTRIES as u64 * REQ_SIZE <= PAGE);
 };
 
+/// The MH region's guest frames.
+pub const REGION_GFNS: core::ops::Range<u64> = REGION / PAGE..(REGION + REGION_SIZE) / PAGE;
+
 /// True when page `gfn` lies inside the MH region (never exported over, never imported into).
 pub fn in_region(gfn: u64) -> bool {
     let gpa = gfn.wrapping_mul(PAGE);

@@ -359,18 +359,27 @@ fn transport_bench(
         ("io_uring SEND(MSG)_ZC + fixed buffers", TransportMode::Zerocopy, true),
     ];
     let keys = ["blocking", "copy", "zerocopy", "zerocopy-fixed"];
+    // (mode index, streams) in table order.
+    let configs: Vec<(usize, u32)> = (0..modes.len())
+        .filter(|&k| only.is_empty() || only.iter().any(|o| o == keys[k]))
+        .flat_map(|k| streams.iter().map(move |&n| (k, n)))
+        .collect();
     let mut prep_ms: Vec<(u64, f64)> = Vec::new();
+    let mut paired: Vec<String> = Vec::new();
     for (&ram, &ram_at_start) in rams.iter().zip(&ram_ceiling) {
         // With repetitions, each one measures RAM -> RAM over one stream right before it,
         // on a pair kept for this size (filling and pre-faulting it again would take longer
         // than the migration).
         let pair = if reps > 1 { Some(RamPair::new(ram.0, true)?) } else { None };
         for dest in dests {
-            for (k, (name, mode, fixed)) in modes.into_iter().enumerate() {
-                if !only.is_empty() && !only.iter().any(|o| o == keys[k]) {
-                    continue;
-                }
-                for &n in streams {
+            // Repetitions are interleaved: repetition r runs every row once, starting at row
+            // r (rotated), so a slow minute of this host falls on all rows alike and rows
+            // can be compared repetition by repetition.
+            let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
+            for rep in 0..reps as usize {
+                for i in (0..configs.len()).map(|i| (i + rep) % configs.len()) {
+                    let (k, n) = configs[i];
+                    let (name, mode, fixed) = modes[k];
                     let mut c = Config::default();
                     c.guest.ram = ram;
                     c.guest.vcpus = 2;
@@ -389,85 +398,113 @@ fn transport_bench(
                     // Each repetition measures the single-stream ceiling right before its
                     // migration: this host's loopback rate drifts by 2x within minutes, and a
                     // ratio against a ceiling taken at another time would measure the drift.
-                    let (mut rates, mut ratios, mut cpus, mut totals) = (vec![], vec![], vec![], vec![]);
-                    // Round 0 alone: all of RAM through the transport, without the
-                    // handshake, the stop-and-copy and the destination's resume in `total`.
-                    let (mut r0_rates, mut ram_ratios) = (vec![], vec![]);
-                    let mut zcs = ("-".to_string(), "-".to_string());
-                    for _ in 0..reps {
-                        let ceiling = if reps > 1 { single_stream_ceiling(1).0 } else { one };
-                        let ram_c = match &pair {
-                            Some(p) => gib(p.stream()?),
-                            None => ram_at_start,
-                        };
-                        let cpu = std::cell::Cell::new(Duration::ZERO);
-                        let prep = |m: &kvm_hooks::vmm::Machine| -> anyhow::Result<()> {
-                            fill(m)?;
-                            cpu.set(kvm_hooks::process_cpu_time());
-                            Ok(())
-                        };
-                        // Until the source hears `Resumed`: the destination's watch and both
-                        // VMs' teardown (freeing guest RAM) are not migration work.
-                        let mut at_resume = None;
-                        let mut on = |e| {
-                            if let accel_user::source::Event::Resumed { .. } = e {
-                                at_resume = Some(kvm_hooks::process_cpu_time());
-                            }
-                        };
-                        let out =
-                            session::demo_opts(&c, &prep, false, &mut on).with_context(|| format!("{name} x {n}"))?;
-                        let used = at_resume.context("no Resumed event")?.saturating_sub(cpu.get());
-                        let r = &out.report.source;
-                        anyhow::ensure!(out.report.verification.guest_alive, "{name} x {n}: destination not running");
-                        let gbytes = r.bytes_total as f64 / (1u64 << 30) as f64;
-                        if let Some(z) = r.zerocopy {
-                            zcs = (z.sends.to_string(), format!("{} / {}", z.zerocopy, z.copied));
-                        }
-                        let d = &out.report.destination;
-                        anyhow::ensure!(
-                            d.prepared_ram == (dest == "prepared"),
-                            "{name} x {n}: destination RAM not {dest}"
-                        );
-                        if d.prepared_ram {
-                            prep_ms.push((ram.0 >> 20, d.prepare.as_secs_f64() * 1e3));
-                        }
-                        let rate = gbytes / r.total.as_secs_f64();
-                        rates.push(rate);
-                        ratios.extend(ceiling.map(|c| rate / c));
-                        let r0 = r.precopy_rounds.first().context("no precopy round")?;
-                        r0_rates.push(r0.bytes as f64 / (1u64 << 30) as f64 / r0.elapsed.as_secs_f64());
-                        ram_ratios.push(rate / ram_c);
-                        cpus.push(used.as_secs_f64() / gbytes);
-                        totals.push(r.total.as_secs_f64() * 1e3);
-                    }
-                    let spread = if reps > 1 {
-                        format!(
-                            " ({:.2}–{:.2})",
-                            rates.iter().copied().fold(f64::MAX, f64::min),
-                            rates.iter().copied().fold(0.0, f64::max)
-                        )
-                    } else {
-                        String::new()
+                    let ceiling = if reps > 1 { single_stream_ceiling(1).0 } else { one };
+                    let ram_c = match &pair {
+                        Some(p) => gib(p.stream()?),
+                        None => ram_at_start,
                     };
-                    let pct = |v: &mut Vec<f64>| {
-                        if v.is_empty() {
+                    let cpu = std::cell::Cell::new((Duration::ZERO, 0));
+                    let prep = |m: &kvm_hooks::vmm::Machine| -> anyhow::Result<()> {
+                        fill(m)?;
+                        cpu.set(kvm_hooks::process_usage());
+                        Ok(())
+                    };
+                    // Until the source hears `Resumed`: the destination's watch and both
+                    // VMs' teardown (freeing guest RAM) are not migration work.
+                    let mut at_resume = None;
+                    let mut on = |e| {
+                        if let accel_user::source::Event::Resumed { .. } = e {
+                            at_resume = Some(kvm_hooks::process_usage());
+                        }
+                    };
+                    let out = session::demo_opts(&c, &prep, false, &mut on).with_context(|| format!("{name} x {n}"))?;
+                    let (end, start) = (at_resume.context("no Resumed event")?, cpu.get());
+                    let (used, switches) = (end.0.saturating_sub(start.0), end.1.saturating_sub(start.1));
+                    let r = &out.report.source;
+                    anyhow::ensure!(out.report.verification.guest_alive, "{name} x {n}: destination not running");
+                    let gbytes = r.bytes_total as f64 / (1u64 << 30) as f64;
+                    let d = &out.report.destination;
+                    anyhow::ensure!(d.prepared_ram == (dest == "prepared"), "{name} x {n}: destination RAM not {dest}");
+                    if d.prepared_ram {
+                        prep_ms.push((ram.0 >> 20, d.prepare.as_secs_f64() * 1e3));
+                    }
+                    let rate = gbytes / r.total.as_secs_f64();
+                    let r0 = r.precopy_rounds.first().context("no precopy round")?;
+                    samples[i].push(Sample {
+                        rate,
+                        ceiling_ratio: ceiling.map(|c| rate / c),
+                        ram_ratio: rate / ram_c,
+                        r0_rate: r0.bytes as f64 / (1u64 << 30) as f64 / r0.elapsed.as_secs_f64(),
+                        cpu: used.as_secs_f64() / gbytes,
+                        switches: switches as f64 / gbytes,
+                        total_ms: r.total.as_secs_f64() * 1e3,
+                        zerocopy: r.zerocopy.map(|z| (z.sends, z.zerocopy, z.copied)),
+                    });
+                }
+            }
+            for (i, &(k, n)) in configs.iter().enumerate() {
+                let s = &samples[i];
+                let col = |f: fn(&Sample) -> f64| -> Vec<f64> { s.iter().map(f).collect() };
+                let rates = col(|x| x.rate);
+                let spread = if reps > 1 {
+                    format!(
+                        " ({:.2}–{:.2})",
+                        rates.iter().copied().fold(f64::MAX, f64::min),
+                        rates.iter().copied().fold(0.0, f64::max)
+                    )
+                } else {
+                    String::new()
+                };
+                let pct = |mut v: Vec<f64>| {
+                    if v.is_empty() {
+                        "-".to_string()
+                    } else {
+                        format!("{:.0} %", 100.0 * median(&mut v))
+                    }
+                };
+                let (zs, zc) = match s.last().and_then(|x| x.zerocopy) {
+                    Some((sends, no_copy, copied)) => (sends.to_string(), format!("{no_copy} / {copied}")),
+                    None => ("-".to_string(), "-".to_string()),
+                };
+                println!(
+                    "| {} MiB | {dest} | {} | {n} | {:.0} | {:.2}{spread} | {} | {} | {:.2} | {:.2} | {zs} | {zc} |",
+                    ram.0 >> 20,
+                    modes[k].0,
+                    median(&mut col(|x| x.total_ms)),
+                    median(&mut rates.clone()),
+                    pct(s.iter().filter_map(|x| x.ceiling_ratio).collect()),
+                    pct(col(|x| x.ram_ratio)),
+                    median(&mut col(|x| x.r0_rate)),
+                    median(&mut col(|x| x.cpu)),
+                );
+                // Repetition by repetition: this row against the iperf3 ceiling taken just
+                // before it, and its CPU against the blocking rows of the same repetition.
+                if reps > 1 {
+                    let ci = |v: &[f64]| {
+                        if v.len() < 2 {
                             "-".to_string()
                         } else {
-                            format!("{:.0} %", 100.0 * median(v))
+                            let (m, h) = mean_ci95(v);
+                            format!("{:.3} ± {:.3}", m, h)
                         }
                     };
-                    println!(
-                        "| {} MiB | {dest} | {name} | {n} | {:.0} | {:.2}{spread} | {} | {} | {:.2} | {:.2} | {} | {} |",
+                    let blocking = |streams: u32| configs.iter().position(|&c| c == (0, streams));
+                    let cpu_vs = |j: Option<usize>| -> Vec<f64> {
+                        match j {
+                            Some(j) if j != i => s.iter().zip(&samples[j]).map(|(a, b)| a.cpu / b.cpu).collect(),
+                            _ => Vec::new(),
+                        }
+                    };
+                    let ceil: Vec<f64> = s.iter().filter_map(|x| x.ceiling_ratio).collect();
+                    paired.push(format!(
+                        "| {} MiB | {dest} | {} | {n} | {} | {} | {} | {:.0} |",
                         ram.0 >> 20,
-                        median(&mut totals),
-                        median(&mut rates),
-                        pct(&mut ratios),
-                        pct(&mut ram_ratios),
-                        median(&mut r0_rates),
-                        median(&mut cpus),
-                        zcs.0,
-                        zcs.1
-                    );
+                        modes[k].0,
+                        ci(&ceil),
+                        ci(&cpu_vs(blocking(n))),
+                        ci(&cpu_vs(blocking(1))),
+                        median(&mut col(|x| x.switches))
+                    ));
                 }
             }
         }
@@ -485,7 +522,33 @@ fn transport_bench(
     }
     println!();
     println!("CPU s/GiB: process user+sys from after the guest was filled until the source heard `Resumed` (source, destination and the idle guest's vCPU threads; not the teardown).");
+    if !paired.is_empty() {
+        println!();
+        println!("## repetition by repetition: mean ± 95 % CI of per-repetition ratios ({reps} repetitions, rows interleaved)");
+        println!("| guest | destination RAM | mode | streams | GiB/s ÷ iperf3 1 stream just before | CPU ÷ blocking, same streams, same repetition | CPU ÷ blocking 1 stream, same repetition | context switches per GiB (median) |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for row in &paired {
+            println!("{row}");
+        }
+    }
     Ok(())
+}
+
+/// One migration of a transport-bench row.
+#[derive(Clone)]
+struct Sample {
+    rate: f64,
+    /// Against the iperf3 single-stream ceiling measured just before (none without iperf3).
+    ceiling_ratio: Option<f64>,
+    ram_ratio: f64,
+    r0_rate: f64,
+    /// CPU seconds per GiB, both ends.
+    cpu: f64,
+    /// Context switches per GiB, both ends.
+    switches: f64,
+    total_ms: f64,
+    /// Zero-copy sends, sent without copy, copied (kernel's report).
+    zerocopy: Option<(u64, u64, u64)>,
 }
 
 /// The same path our transport uses without any guest: one TCP stream over loopback,
@@ -584,9 +647,12 @@ fn mean_ci95(v: &[f64]) -> (f64, f64) {
         return (mean, f64::NAN);
     }
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    // t(0.975, df) for df = 1..=10; 2.0 is close enough beyond.
-    const T: [f64; 10] = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228];
-    let t = T.get(n - 2).copied().unwrap_or(2.0);
+    // t(0.975, df) for df = 1..=30; 1.96 (the normal limit) beyond.
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
+    let t = T.get(n - 2).copied().unwrap_or(1.96);
     (mean, t * (var / n as f64).sqrt())
 }
 

@@ -67,12 +67,18 @@ pub fn read_into_guest(
 
 /// CPU time (user + system) this process has used so far, all threads.
 pub fn process_cpu_time() -> std::time::Duration {
+    process_usage().0
+}
+
+/// CPU time (user + system) and context switches (voluntary + involuntary) of this
+/// process so far, all threads: a transport that sleeps and wakes per chunk shows here.
+pub fn process_usage() -> (std::time::Duration, u64) {
     // SAFETY: rusage is plain data; getrusage fills it completely for RUSAGE_SELF.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `u` is a valid, writable rusage.
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-        return std::time::Duration::ZERO;
+        return (std::time::Duration::ZERO, 0);
     }
     let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(u.ru_utime) + tv(u.ru_stime)
+    (tv(u.ru_utime) + tv(u.ru_stime), (u.ru_nvcsw + u.ru_nivcsw) as u64)
 }

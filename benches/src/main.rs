@@ -84,8 +84,9 @@ enum Cmd {
         /// `prepared` (allocated and pre-faulted before the source connects).
         #[arg(long, value_delimiter = ',', default_value = "fresh,prepared")]
         dest: Vec<String>,
-        /// Migrations per row; with more than one, each measures its own single-stream
-        /// ceiling just before it, and the row shows medians (GiB/s with min–max).
+        /// Migrations per row; with more than one, repetitions interleave the rows, each
+        /// migration measures its own single-stream ceiling just before it, rows show
+        /// medians (GiB/s with min–max), and a second table pairs rows per repetition.
         #[arg(long, default_value_t = 1)]
         reps: u32,
         /// Only these modes (blocking, copy, zerocopy, zerocopy-fixed).
@@ -541,6 +542,8 @@ struct Sample {
     /// Against the iperf3 single-stream ceiling measured just before (none without iperf3).
     ceiling_ratio: Option<f64>,
     ram_ratio: f64,
+    /// Round 0 alone: all of RAM through the transport, without the handshake, the
+    /// stop-and-copy and the destination's resume that `total_ms` includes.
     r0_rate: f64,
     /// CPU seconds per GiB, both ends.
     cpu: f64,

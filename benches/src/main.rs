@@ -785,3 +785,35 @@ fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{mean_ci95, median};
+
+    #[test]
+    fn ci_uses_student_t_for_the_sample_size() {
+        // n = 3: df 2, t = 4.303; sample sd 1, so the half-width is 4.303 / sqrt(3).
+        let (m, h) = mean_ci95(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert!((h - 4.303 / 3f64.sqrt()).abs() < 1e-9, "{h}");
+        // n = 16 (the eBPF bench's VMs): df 15, t = 2.131, not the normal 1.96.
+        let v: Vec<f64> = (0..16).map(|i| f64::from(i % 2)).collect();
+        let sd = (16.0 * 0.25 / 15.0f64).sqrt();
+        let (_, h) = mean_ci95(&v);
+        assert!((h - 2.131 * sd / 4.0).abs() < 1e-9, "{h}");
+        // Beyond the table: the normal limit.
+        let v: Vec<f64> = (0..40).map(|i| f64::from(i % 2)).collect();
+        let sd = (40.0 * 0.25 / 39.0f64).sqrt();
+        let (_, h) = mean_ci95(&v);
+        assert!((h - 1.96 * sd / 40f64.sqrt()).abs() < 1e-9, "{h}");
+        // One sample has no interval.
+        assert!(mean_ci95(&[5.0]).1.is_nan());
+    }
+
+    #[test]
+    fn median_of_even_and_odd_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&mut []).is_nan());
+    }
+}

@@ -348,12 +348,15 @@ fn ebpf_page_state_map_classifies_a_confidential_migration() {
 
 /// An idle source with 16 private pages of data written by the host, whose eBPF page-state
 /// map says "shared" for them (a lost or forged event). Nothing rewrites those pages, so they
-/// reach the destination only if the engine keeps them dirty. Returns the machine, the probe
-/// and the first page.
-fn source_with_a_wrong_page_state_map(c: &Config) -> (Machine, Arc<PageStateProbe>, u64) {
+/// reach the destination only if the engine keeps them dirty. Returns the configuration
+/// (page states from eBPF, one stream), the machine, the probe and the first page.
+fn source_with_a_wrong_page_state_map(name: &str) -> (Config, Machine, Arc<PageStateProbe>, u64) {
+    let mut c = confidential(WorkloadKind::Idle, name);
+    c.confidential.page_state_source = PageStateSource::Ebpf;
+    c.migration.streams = 1;
     let mut src = Machine::boot(c.guest_spec(), c.dirty_preference()).unwrap();
     let probe = session::attach_page_states(&src).unwrap();
-    session::launch_mh(c, &mut src).unwrap();
+    session::launch_mh(&c, &mut src).unwrap();
     src.resume().unwrap();
     let first = c.guest_spec().vcpu_range(0).0 / 4096 + 64;
     for g in first..first + 16 {
@@ -361,7 +364,7 @@ fn source_with_a_wrong_page_state_map(c: &Config) -> (Machine, Arc<PageStateProb
     }
     assert!((first..first + 16).all(|g| !src.is_shared(g)), "the VMM knows them private");
     probe.states().lock().unwrap().apply(&map_gpa_range(first, 0)).unwrap();
-    (src, probe, first)
+    (c, src, probe, first)
 }
 
 fn map_gpa_range(gfn: u64, attrs: u64) -> PageStateEvent {
@@ -373,10 +376,7 @@ fn map_gpa_range(gfn: u64, attrs: u64) -> PageStateEvent {
 /// the migration completes with the same RAM.
 #[test]
 fn pages_the_records_disagree_on_wait_for_a_later_round() {
-    let mut c = confidential(WorkloadKind::Idle, "ps-late");
-    c.confidential.page_state_source = PageStateSource::Ebpf;
-    c.migration.streams = 1;
-    let (src, probe, first) = source_with_a_wrong_page_state_map(&c);
+    let (c, src, probe, first) = source_with_a_wrong_page_state_map("ps-late");
     let (addr, t) = receiver(&c);
     let tap = Tap::start(addr, None);
     let mut on = |e| {
@@ -403,10 +403,7 @@ fn pages_the_records_disagree_on_wait_for_a_later_round() {
 /// the source keeps running.
 #[test]
 fn a_page_state_map_with_unknown_snp_changes_refuses_to_classify() {
-    let mut c = confidential(WorkloadKind::Idle, "ps-snp");
-    c.confidential.page_state_source = PageStateSource::Ebpf;
-    c.migration.streams = 1;
-    let (src, probe, _first) = source_with_a_wrong_page_state_map(&c);
+    let (c, src, probe, _first) = source_with_a_wrong_page_state_map("ps-snp");
     let psc = PageStateEvent { kind: PageStateKind::SnpPsc, flags: 0, gpa: 0, npages: 0, attrs: 0, tgid: 0, vcpu: 0 };
     probe.states().lock().unwrap().apply(&psc).unwrap();
     let (addr, t) = receiver(&c);
@@ -422,10 +419,7 @@ fn a_page_state_map_with_unknown_snp_changes_refuses_to_classify() {
 /// running with the pages still dirty.
 #[test]
 fn a_page_state_map_that_disagrees_with_the_vmm_stops_the_migration() {
-    let mut c = confidential(WorkloadKind::Idle, "ps-wrong");
-    c.confidential.page_state_source = PageStateSource::Ebpf;
-    c.migration.streams = 1;
-    let (src, _probe, first) = source_with_a_wrong_page_state_map(&c);
+    let (c, src, _probe, first) = source_with_a_wrong_page_state_map("ps-wrong");
     let (addr, t) = receiver(&c);
     let tap = Tap::start(addr, None);
     let err = session::send(&c, &src, &tap.addr, &mut |_| {}).expect_err("the records disagree");

@@ -65,11 +65,6 @@ pub fn read_into_guest(
     }
 }
 
-/// CPU time (user + system) this process has used so far, all threads.
-pub fn process_cpu_time() -> std::time::Duration {
-    process_usage().0
-}
-
 /// CPU time (user + system) and context switches (voluntary + involuntary) of this
 /// process so far, all threads: a transport that sleeps and wakes per chunk shows here.
 pub fn process_usage() -> (std::time::Duration, u64) {

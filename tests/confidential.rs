@@ -28,6 +28,7 @@ fn confidential(workload: WorkloadKind, tag: &str) -> Config {
     c.confidential.enabled = true;
     c.confidential.key_file = Some(key_file(tag, 0x5c));
     c.migration.downtime_target_ms = 1;
+    c.migration.min_rounds = 3;
     c.migration.max_rounds = 5;
     c
 }

@@ -9,6 +9,7 @@ use kvm_hooks::dirty::DirtySet;
 use kvm_hooks::guest::DATA_START;
 use kvm_hooks::vm::DirtyPreference;
 use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
+use migaccel_tests::wait_for_reports;
 
 const PAGES: u64 = 16384;
 const WRITES_PER_REPORT: u64 = 1024;
@@ -22,9 +23,11 @@ fn oracle(pref: DirtyPreference) -> (u64, u64, u64) {
     m.dirty().reset().unwrap();
     let (mut missed, mut changed) = (0u64, 0u64);
     let writes = |m: &Machine| m.progress().iter().sum::<u64>() * WRITES_PER_REPORT;
-    while (writes(&m) < 1_000_000 || iter < 20) && iter < 5000 {
+    // Each iteration lets every vCPU write one batch of WRITES_PER_REPORT pages (more than a
+    // 256-entry ring holds), however slowly the host runs the guest.
+    while writes(&m) < 1_000_000 || iter < 20 {
         m.resume().unwrap();
-        std::thread::sleep(Duration::from_millis(3));
+        wait_for_reports(&m, 1);
         m.pause().unwrap();
         assert!(m.fault().is_none(), "{:?}", m.fault());
         let mut dirty = DirtySet::new(m.ram().pages());
@@ -47,7 +50,6 @@ fn oracle(pref: DirtyPreference) -> (u64, u64, u64) {
         m.set_oracle_iteration(iter).unwrap();
     }
     let w = writes(&m);
-    assert!(w >= 1_000_000, "only {w} guest writes in {iter} iterations");
     assert_eq!(missed, 0, "{missed} of {changed} changed pages were not reported dirty");
     assert!(changed > 10_000, "the guest changed only {changed} pages");
     (w, changed, m.dirty().stats.ring_full_exits.load(std::sync::atomic::Ordering::Relaxed))

@@ -65,9 +65,12 @@ fn cut_test(cut: Cut, expect_phase: fn(Phase) -> bool) {
 
 #[test]
 fn connection_cut_mid_precopy() {
-    // Cut as round 1 ends: round 0 arrived whole, round 1 in part.
-    // Socket buffers let the source write on briefly, so it may notice in a later round.
-    cut_test(Cut::AtFrame(FrameKind::EndOfRound, 1), |p| matches!(p, Phase::Precopy { round } if round >= 1));
+    // Cut as round 1 ends: round 0 arrived whole, round 1 in part. Socket buffers let the
+    // source write on, so it may notice in any later phase, up to waiting for `Resumed`.
+    cut_test(Cut::AtFrame(FrameKind::EndOfRound, 1), |p| {
+        matches!(p, Phase::Precopy { round } if round >= 1)
+            || matches!(p, Phase::StopAndCopy | Phase::VcpuState | Phase::AwaitResume)
+    });
 }
 
 #[test]
@@ -119,8 +122,9 @@ fn receiver_process_killed_mid_precopy() {
         }
     };
     let err = session::send(&cfg, &src, &addr, &mut on).expect_err("the peer died");
-    assert!(matches!(err.phase(), Phase::Precopy { .. }), "{err}");
-    assert!(err.to_string().contains("precopy round"), "{err}");
+    // Killed after round 0: socket buffers may carry the source further before it notices.
+    assert!(err.phase() != Phase::Handshake, "{err}");
+    assert!(err.to_string().contains(&err.phase().to_string()), "error names the phase: {err}");
     assert_running(&src);
     retry_succeeds(&cfg, &src);
 }
@@ -270,6 +274,19 @@ fn receiver_never_resumes_incomplete_memory() {
     });
     assert!(!resumed, "a VM with missing pages must never resume");
     assert!(e.to_string().contains("only 16 of 16384 pages"), "{e}");
+}
+
+/// A source that goes silent after the handshake: the receiver gives up after
+/// `io_timeout_ms` of silence on every connection, names the state, and resumes nothing.
+#[test]
+fn receiver_gives_up_on_a_silent_source() {
+    let (e, resumed) = hostile(|s| {
+        hello(s);
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    assert!(!resumed);
+    let e = e.to_string();
+    assert!(e.contains("timed out after 3s") && e.contains("precopy round 0"), "{e}");
 }
 
 #[test]

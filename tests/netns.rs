@@ -62,7 +62,7 @@ fn two_hosts_with(
             "--dirty-source",
             dirty,
         ])
-        .args(["--downtime-ms", "1", "--max-rounds", "5", "--dump-memory"])
+        .args(["--downtime-ms", "1", "--min-rounds", "3", "--max-rounds", "5", "--dump-memory"])
         .arg(&sdump)
         .args(&extra)
         .args(transport)

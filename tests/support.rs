@@ -27,7 +27,8 @@ pub fn config(workload: WorkloadKind, dirty: DirtySource) -> Config {
     c.migration.max_rounds = 8;
     c.migration.io_timeout_ms = 5_000;
     c.migration.ack_timeout_ms = 10_000;
-    c.receiver.run_after_ms = 300;
+    // Generous: the check ends as soon as every vCPU reported; only a dead guest waits it out.
+    c.receiver.liveness_timeout_ms = 30_000;
     c
 }
 
@@ -141,18 +142,41 @@ fn forward_frames(mut src: TcpStream, mut dst: TcpStream, cut: Cut, flag: &Atomi
     let _ = dst.shutdown(Shutdown::Write);
 }
 
+/// How long a test waits for a guest event before calling it a hang. Generous on purpose:
+/// a busy or slow host delays events by seconds, only a stuck guest misses them entirely.
+pub const HANG: Duration = Duration::from_secs(60);
+
+/// Wait until every vCPU of the running `m` has made `n` more progress reports. Panics
+/// (naming the counters) only after [`HANG`].
+pub fn wait_for_reports(m: &kvm_hooks::vmm::Machine, n: u64) {
+    let before = m.reports();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < HANG {
+        if m.reports().iter().zip(&before).all(|(a, b)| *a >= b + n) {
+            return;
+        }
+        assert!(m.fault().is_none(), "guest fault: {:?}", m.fault());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("VM does not make progress: {:?} -> {:?} in {HANG:?} (fault {:?})", before, m.reports(), m.fault());
+}
+
 /// Wait until every vCPU of `m` reported progress again (the VM runs).
 pub fn assert_running(m: &kvm_hooks::vmm::Machine) {
     assert!(m.is_running(), "VM is not in the running state");
-    let before = m.reports();
-    for _ in 0..300 {
-        std::thread::sleep(Duration::from_millis(10));
-        let now = m.reports();
-        if now.iter().zip(&before).all(|(a, b)| a > b) {
-            return;
+    wait_for_reports(m, 1);
+}
+
+/// `session::demo`, with the guest made to write between precopy rounds: after each
+/// round's harvest the engine waits until every vCPU reported progress once more. So from
+/// round 2 on every round has pages to send, however little CPU the host gives the guest.
+pub fn demo_with_guest_writes(c: &Config) -> anyhow::Result<accel_user::session::DemoOutcome> {
+    let mut on = |m: &kvm_hooks::vmm::Machine, e: accel_user::source::Event| {
+        if let accel_user::source::Event::Round(_) = e {
+            wait_for_reports(m, 1);
         }
-    }
-    panic!("VM does not make progress: {:?} -> {:?} (fault {:?})", before, m.reports(), m.fault());
+    };
+    accel_user::session::demo_opts(c, &|_| Ok(()), true, &mut on)
 }
 
 /// Two network namespaces joined by a veth pair, removed on drop.

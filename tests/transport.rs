@@ -15,13 +15,16 @@ use kvm_hooks::guest::DATA_START;
 use kvm_hooks::uring::{Piece, SendMode, UringSender};
 use kvm_hooks::vm::DirtyPreference;
 use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
-use migaccel_tests::{assert_ram_eq, assert_running, config, migaccel_bin, spawn_receiver, Cut, Proxy};
+use migaccel_tests::{
+    assert_ram_eq, assert_running, config, migaccel_bin, spawn_receiver, wait_for_reports, Cut, Proxy,
+};
 
 fn cfg(mode: TransportMode, streams: u32) -> Config {
     let mut c = config(WorkloadKind::Ab, DirtySource::Ring);
     c.migration.transport = mode;
     c.migration.streams = streams;
     c.migration.downtime_target_ms = 1;
+    c.migration.min_rounds = 3;
     c.migration.max_rounds = 4;
     c
 }
@@ -149,6 +152,11 @@ fn peer_reset_mid_zero_copy_burst() {
         drop(ctl);
     });
     let src = session::boot_source(&c).unwrap();
+    // Data in every page: round 0 is far more than socket buffers hold, whatever the guest
+    // managed to write during its warm-up.
+    for gfn in DATA_START / 4096..src.ram().pages() {
+        src.ram().write(gfn * 4096 + 8, &[0xa5]).unwrap();
+    }
     let err = session::send(&c, &src, &addr, &mut |_| {}).expect_err("the reset must fail the migration");
     fake.join().unwrap();
     assert_eq!(err.phase(), Phase::Precopy { round: 0 }, "{err}");
@@ -192,7 +200,10 @@ fn receiver_killed_during_zero_copy_streams() {
     };
     let err = session::send(&c, &src, &addr, &mut on).expect_err("the receiver died");
     let _ = child.wait();
-    assert!(matches!(err.phase(), Phase::Precopy { .. }), "{err}");
+    // Socket buffers may carry the source past round 0 before it notices: any phase after
+    // the kill is right.
+    assert!(err.phase() != Phase::Handshake, "{err}");
+    assert!(err.to_string().contains(&err.phase().to_string()), "error names the phase: {err}");
     assert_running(&src);
     retry(&c, &src);
 }
@@ -238,11 +249,13 @@ fn pages_changed_during_zero_copy_sends_stay_dirty() {
         iter += 1;
         m.set_oracle_iteration(iter).unwrap();
         m.resume().unwrap();
-        // The guest writes while these zero-copy sends of the same pages are in flight.
+        // The guest writes while these zero-copy sends of the same pages are in flight, and
+        // writes at least one batch per vCPU before the notifications are collected.
         for chunk in to_send.chunks(2000) {
             let pieces: Vec<Piece<'_>> = chunk.iter().map(|&g| Piece::Guest { gpa: g * 4096, len: 4096 }).collect();
             sent += tx.send(&pieces, Some(m.ram())).unwrap() as u64;
         }
+        wait_for_reports(&m, 1);
         tx.flush().unwrap();
         m.pause().unwrap();
         let next = m.dirty().take().unwrap();

@@ -147,6 +147,8 @@ impl Default for GuestConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MigrationConfig {
     pub downtime_target_ms: u64,
+    /// Precopy rounds (round 0 included) before a switchover for convergence.
+    pub min_rounds: u32,
     pub max_rounds: u32,
     pub batch_pages: u32,
     pub zero_pages: bool,
@@ -171,6 +173,7 @@ impl Default for MigrationConfig {
     fn default() -> Self {
         MigrationConfig {
             downtime_target_ms: 50,
+            min_rounds: 1,
             max_rounds: 30,
             batch_pages: 1024,
             zero_pages: true,
@@ -196,8 +199,9 @@ pub struct ReceiverConfig {
     pub listen: String,
     pub max_ram: ByteSize,
     pub max_vcpus: u32,
-    /// After resuming, keep the VM running this long and check its progress counters.
-    pub run_after_ms: u64,
+    /// After resuming, the longest wait for every vCPU to report progress (the check ends
+    /// as soon as all of them did).
+    pub liveness_timeout_ms: u64,
     /// Allocate and map all guest RAM at the handshake, before accepting pages.
     pub prefault: bool,
     /// Allocate and pre-fault this much guest RAM before listening, so a migration does not
@@ -211,7 +215,7 @@ impl Default for ReceiverConfig {
             listen: "127.0.0.1:47000".into(),
             max_ram: ByteSize(64 << 30),
             max_vcpus: 64,
-            run_after_ms: 500,
+            liveness_timeout_ms: 10_000,
             prefault: false,
             prepare_ram: ByteSize(0),
         }
@@ -302,6 +306,12 @@ impl Config {
         if m.max_rounds == 0 || m.max_rounds > 10_000 {
             return Err(invalid("migration.max_rounds", format!("{} is not in 1..=10000", m.max_rounds)));
         }
+        if m.min_rounds == 0 || m.min_rounds > m.max_rounds {
+            return Err(invalid(
+                "migration.min_rounds",
+                format!("{} is not in 1..=migration.max_rounds ({})", m.min_rounds, m.max_rounds),
+            ));
+        }
         if m.batch_pages == 0 || m.batch_pages > 4096 {
             return Err(invalid("migration.batch_pages", format!("{} is not in 1..=4096", m.batch_pages)));
         }
@@ -358,6 +368,9 @@ impl Config {
         if r.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid("receiver.listen", format!("{:?} is not an IP:port address", r.listen)));
         }
+        if r.liveness_timeout_ms == 0 {
+            return Err(invalid("receiver.liveness_timeout_ms", "must be at least 1"));
+        }
         if r.max_vcpus == 0 {
             return Err(invalid("receiver.max_vcpus", "must be at least 1"));
         }
@@ -399,6 +412,7 @@ impl Config {
         SendOptions {
             policy: PolicyConfig {
                 downtime_target: Duration::from_millis(m.downtime_target_ms),
+                min_rounds: m.min_rounds,
                 max_rounds: m.max_rounds,
                 auto_converge: AutoConverge {
                     enabled: m.auto_converge,
@@ -468,6 +482,10 @@ mod tests {
         assert!(e.contains("vcpus"), "{e}");
         let e = Config::parse("[guest]\nram = \"10MiB\"\n").unwrap_err().to_string();
         assert!(e.contains("guest.ram") && e.contains("64 MiB"), "{e}");
+        let e = Config::parse("[migration]\nmin_rounds = 31\n").unwrap_err().to_string();
+        assert!(e.contains("migration.min_rounds") && e.contains("30"), "{e}");
+        let e = Config::parse("[migration]\nmin_rounds = 0\n").unwrap_err().to_string();
+        assert!(e.contains("migration.min_rounds"), "{e}");
         let e = Config::parse("[migration]\nbatch_pages = 0\n").unwrap_err().to_string();
         assert!(e.contains("migration.batch_pages"), "{e}");
         let e = Config::parse("[receiver]\nlisten = \"nowhere\"\n").unwrap_err().to_string();

@@ -147,6 +147,10 @@ struct Shared {
     stop: AtomicBool,
     /// Shut these down to unblock every reader after an error.
     sockets: Mutex<Vec<TcpStream>>,
+    /// When any stream last received a frame (nanoseconds after `epoch`): the source is
+    /// silent only when all of its streams are.
+    epoch: Instant,
+    activity: AtomicU64,
 }
 
 impl Shared {
@@ -162,18 +166,39 @@ impl Shared {
     fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+    /// The source was heard from just now.
+    fn touch(&self) {
+        self.activity.store(self.epoch.elapsed().as_nanos() as u64, Ordering::Release);
+    }
+    /// How long no stream of this migration has received a frame.
+    fn silent_for(&self) -> Duration {
+        self.epoch.elapsed().saturating_sub(Duration::from_nanos(self.activity.load(Ordering::Acquire)))
+    }
+    /// Wait until the next frame starts arriving on `t`. Fails only when the whole source
+    /// has been silent for `timeout`: a data stream idles while a round's pages all go
+    /// through the Migration Handler, the control stream while data streams carry pages, and
+    /// neither is a dead peer.
+    fn await_frame(&self, t: &dyn Transport, timeout: Duration) -> Result<(), TransportError> {
+        loop {
+            if t.wait_readable(timeout.min(Duration::from_millis(100)))? {
+                return Ok(());
+            }
+            if self.silent_for() >= timeout {
+                return Err(TransportError::Timeout(timeout));
+            }
+        }
+    }
     /// Wait until every participant (the first `n` entries, or all with `None`) completed at
-    /// least `rounds` rounds.
+    /// least `rounds` rounds; fails when no stream received anything for `timeout`.
     fn wait_rounds(&self, rounds: u32, n: Option<usize>, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
         let mut g = self.completed.lock().unwrap_or_else(|e| e.into_inner());
         while g.iter().take(n.unwrap_or(usize::MAX)).copied().min().unwrap_or(u32::MAX) < rounds {
             if let Some(e) = self.error() {
                 return Err(e);
             }
-            if Instant::now() > deadline {
+            if self.silent_for() > timeout {
                 return Err(format!(
-                    "data streams did not finish round {} within {timeout:?} (completed: {g:?})",
+                    "round {} is unfinished and the source sent nothing for {timeout:?} (rounds completed per stream: {g:?})",
                     rounds - 1
                 ));
             }
@@ -263,11 +288,12 @@ fn data_worker(i: usize, mut t: Box<dyn Transport>, sh: Arc<Shared>, ram: Arc<Gu
     let mut pages = 0u64;
     let mut barrier_done = u32::MAX;
     let res: Result<(), String> = loop {
-        let h = match t.recv_header() {
+        let h = match sh.await_frame(&*t, timeout).and_then(|()| t.recv_header()) {
             Ok(h) => h,
             Err(_) if sh.stop.load(Ordering::Acquire) => break Ok(()),
             Err(e) => break Err(format!("data stream {i}: {e}")),
         };
+        sh.touch();
         match h.kind {
             FrameKind::Pages => {
                 if barrier_done != round {
@@ -277,7 +303,10 @@ fn data_worker(i: usize, mut t: Box<dyn Transport>, sh: Arc<Shared>, ram: Arc<Gu
                     barrier_done = round;
                 }
                 match recv_pages(&mut *t, &h, round, &ram, &sh.received) {
-                    Ok(n) => pages += n,
+                    Ok(n) => {
+                        pages += n;
+                        sh.touch();
+                    }
                     Err(PageError::Transport(e)) => break Err(format!("data stream {i}: {e}")),
                     Err(PageError::Protocol(e)) => break Err(format!("data stream {i}: bad frame from peer: {e}")),
                     Err(PageError::Order(e)) => break Err(format!("data stream {i}: {e}")),
@@ -338,9 +367,6 @@ pub struct Receiver {
     prepare_time: Option<Duration>,
 }
 
-/// With data streams, the control stream may stay idle this many I/O timeouts.
-const CONTROL_IDLE_FACTOR: u32 = 60;
-
 /// Accepts the next data-stream connection.
 pub type Acceptor<'a> = &'a mut dyn FnMut() -> Result<Box<dyn Transport>, TransportError>;
 
@@ -363,6 +389,8 @@ impl Receiver {
                 error: Mutex::new(None),
                 stop: AtomicBool::new(false),
                 sockets: Mutex::new(Vec::new()),
+                epoch: Instant::now(),
+                activity: AtomicU64::new(0),
             }),
             streams: 0,
             workers: Vec::new(),
@@ -449,7 +477,13 @@ impl Receiver {
     fn drive(&mut self, t: &mut dyn Transport, accept: Acceptor<'_>, t0: Instant) -> Result<Received, RecvError> {
         loop {
             let st = self.state;
+            if st != RecvState::AwaitHello {
+                // The last frame is handled: its processing is not the source's silence.
+                self.shared.touch();
+                self.shared.await_frame(t, self.o.io_timeout).map_err(|e| self.terr(e))?;
+            }
             let h = t.recv_header().map_err(|e| self.terr(e))?;
+            self.shared.touch();
             self.bytes += protocol::HEADER_LEN as u64 + u64::from(h.len);
             match (st, h.kind) {
                 (RecvState::AwaitHello, FrameKind::Hello) => self.on_hello(t, &h, accept)?,
@@ -599,12 +633,6 @@ impl Receiver {
                 t.send_frame(FrameKind::HelloAck, &[Part::Buf(&protocol::encode_status(0, "accepted"))], None)
                     .map_err(|e| self.terr(e))?;
                 self.join_streams(hello.streams, hello.session, ram, accept)?;
-                if hello.streams > 0 {
-                    // The control stream is silent while a round's pages flow on the data
-                    // streams, which police liveness with their own timeouts (a failing
-                    // stream shuts this one down).
-                    t.set_recv_timeout(self.o.io_timeout * CONTROL_IDLE_FACTOR);
-                }
                 self.state = RecvState::Precopy { round: 0 };
                 Ok(())
             }

@@ -30,6 +30,9 @@ pub struct RoundStats {
 #[derive(Debug, Clone, Copy)]
 pub struct PolicyConfig {
     pub downtime_target: Duration,
+    /// Precopy rounds (round 0 included) to run before a switchover for convergence; 1 lets
+    /// a migration switch over after round 0.
+    pub min_rounds: u32,
     /// Precopy rounds (round 0 included) after which switchover is forced.
     pub max_rounds: u32,
     pub auto_converge: AutoConverge,
@@ -105,9 +108,10 @@ pub fn predict(rounds: &[RoundStats], pending: u64) -> Duration {
 pub fn decide(cfg: &PolicyConfig, rounds: &[RoundStats], pending: u64) -> Decision {
     let p = predict(rounds, pending);
     let ms = if p == Duration::MAX { f64::INFINITY } else { p.as_secs_f64() * 1e3 };
-    if p <= cfg.downtime_target {
+    let done = rounds.len() as u32;
+    if p <= cfg.downtime_target && done >= cfg.min_rounds.min(cfg.max_rounds) {
         Decision::Switchover(SwitchReason::Converged { predicted_ms: ms })
-    } else if rounds.len() as u32 >= cfg.max_rounds {
+    } else if done >= cfg.max_rounds {
         Decision::Switchover(SwitchReason::RoundLimit { predicted_ms: ms })
     } else {
         Decision::Continue
@@ -145,7 +149,12 @@ mod tests {
 
     #[test]
     fn converges_when_final_round_fits() {
-        let cfg = PolicyConfig { downtime_target: Duration::from_millis(50), max_rounds: 10, auto_converge: AC };
+        let cfg = PolicyConfig {
+            downtime_target: Duration::from_millis(50),
+            min_rounds: 1,
+            max_rounds: 10,
+            auto_converge: AC,
+        };
         // 1 GB/s: 100 pages take ~0.4 ms.
         let rounds = [r(0, 1_000_000_000, 1000)];
         assert!(matches!(decide(&cfg, &rounds, 100), Decision::Switchover(SwitchReason::Converged { .. })));
@@ -156,7 +165,8 @@ mod tests {
 
     #[test]
     fn round_limit_forces_switchover() {
-        let cfg = PolicyConfig { downtime_target: Duration::from_millis(1), max_rounds: 3, auto_converge: AC };
+        let cfg =
+            PolicyConfig { downtime_target: Duration::from_millis(1), min_rounds: 1, max_rounds: 3, auto_converge: AC };
         let rounds = [r(0, 4096, 1000), r(1, 4096, 1000), r(2, 4096, 1000)];
         assert!(matches!(decide(&cfg, &rounds, 1_000_000), Decision::Switchover(SwitchReason::RoundLimit { .. })));
         assert_eq!(decide(&cfg, &rounds[..2], 1_000_000), Decision::Continue);
@@ -164,7 +174,30 @@ mod tests {
 
     #[test]
     fn unknown_bandwidth_never_converges_early() {
-        let cfg = PolicyConfig { downtime_target: Duration::from_millis(50), max_rounds: 10, auto_converge: AC };
+        let cfg = PolicyConfig {
+            downtime_target: Duration::from_millis(50),
+            min_rounds: 1,
+            max_rounds: 10,
+            auto_converge: AC,
+        };
         assert_eq!(decide(&cfg, &[r(0, 0, 0)], 10), Decision::Continue);
+    }
+
+    #[test]
+    fn min_rounds_holds_a_converged_migration_in_precopy() {
+        let cfg = PolicyConfig {
+            downtime_target: Duration::from_millis(50),
+            min_rounds: 3,
+            max_rounds: 10,
+            auto_converge: AC,
+        };
+        let rounds = [r(0, 1_000_000_000, 1000), r(1, 4096, 1), r(2, 4096, 1)];
+        // Nothing pending: converged by the target, but fewer than 3 rounds ran.
+        assert_eq!(decide(&cfg, &rounds[..1], 0), Decision::Continue);
+        assert_eq!(decide(&cfg, &rounds[..2], 0), Decision::Continue);
+        assert!(matches!(decide(&cfg, &rounds, 0), Decision::Switchover(SwitchReason::Converged { .. })));
+        // max_rounds still forces the switchover when it is the smaller of the two.
+        let capped = PolicyConfig { max_rounds: 2, min_rounds: 5, ..cfg };
+        assert!(matches!(decide(&capped, &rounds[..2], 0), Decision::Switchover(SwitchReason::Converged { .. })));
     }
 }

@@ -223,10 +223,14 @@ pub struct DestReport {
     pub bytes: u64,
     #[serde(serialize_with = "ser_ms", rename = "total_ms")]
     pub total: Duration,
-    /// Progress counters when the VM resumed and after it ran for a while.
+    /// Progress counters when the VM resumed and once every vCPU had reported since.
     pub progress_at_resume: Vec<u64>,
     pub progress_after: Vec<u64>,
     pub guest_alive: bool,
+    /// How long after the resume every vCPU had reported progress (or the liveness check
+    /// gave up).
+    #[serde(serialize_with = "ser_ms", rename = "liveness_ms")]
+    pub liveness: Duration,
     /// Guest RAM was allocated before the migration (`receiver.prepare_ram`).
     pub prepared_ram: bool,
     /// Time that preparation took, before the source connected.

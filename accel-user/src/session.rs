@@ -76,16 +76,26 @@ pub fn attach_page_states(m: &Machine) -> Result<Arc<accel_ebpf::PageStateProbe>
     Ok(probe)
 }
 
-/// Connect to `to` and migrate `m`.
+/// Connect to `to` and migrate `m`. Every transport is prepared before the first connect
+/// (see [`transport::Prepared`]): from the handshake on, the destination only waits for
+/// bytes, never for work the source could have done before.
 pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
     let mc = &cfg.migration;
-    let open =
-        |ram| transport::connect(to, mc.transport, ram, mc.fixed_buffers, cfg.connect_timeout(), cfg.io_timeout());
+    let o = cfg.send_options();
+    let setup = |source| SendError::Transport { phase: Phase::Handshake, source };
+    let prepare = |ram| transport::prepare(mc.transport, ram, mc.fixed_buffers, cfg.io_timeout());
     // With data streams the control connection carries no pages: no RAM to register there.
-    let control_ram = (mc.streams <= 1).then(|| m.ram().as_ref());
-    let mut t = open(control_ram).map_err(|source| SendError::Transport { phase: Phase::Handshake, source })?;
-    let mut data = |_i: u32| open(Some(m.ram()));
-    source::migrate_streams(m, &mut *t, &cfg.send_options(), &mut data, on)
+    let control_ram = (o.streams == 0).then(|| m.ram().as_ref());
+    let control = prepare(control_ram).map_err(setup)?;
+    let mut streams =
+        (0..o.streams).map(|_| prepare(Some(m.ram())).map(Some)).collect::<Result<Vec<_>, _>>().map_err(setup)?;
+    let mut t = transport::connect(to, control, cfg.connect_timeout()).map_err(setup)?;
+    let mut data = |i: u32| {
+        let p = streams.get_mut(i as usize).and_then(Option::take);
+        let p = p.ok_or_else(|| TransportError::Guest(format!("data stream {i} was not prepared")))?;
+        transport::connect(to, p, cfg.connect_timeout())
+    };
+    source::migrate_streams(m, &mut *t, &o, &mut data, on)
 }
 
 /// Accept one connection on `l` and receive a VM. The receiver is returned either way so a
@@ -166,16 +176,21 @@ pub fn receive_with(cfg: &Config, l: &TcpListener, mut r: Receiver) -> (Receiver
     (r, res)
 }
 
-/// Let a resumed destination VM run for `d` and report whether every vCPU made progress.
-pub fn observe(m: &Machine, got: &Received, d: Duration) -> DestReport {
+/// Watch a resumed destination VM until every vCPU has reported progress since the resume,
+/// for at most `timeout`: a live guest answers within milliseconds, so the deadline is only
+/// reached by a VM that does not run (or a host that starves it for that long).
+pub fn observe(m: &Machine, got: &Received, timeout: Duration) -> DestReport {
     let at_resume = m.reports();
     let p0 = m.progress();
-    std::thread::sleep(d);
+    let t0 = Instant::now();
+    let all_reported = |now: &[u64]| now.iter().zip(&at_resume).all(|(a, b)| a > b);
+    while !all_reported(&m.reports()) && m.fault().is_none() && t0.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let liveness = t0.elapsed();
     let after = m.reports();
     let p1 = m.progress();
-    let alive = m.fault().is_none()
-        && after.iter().zip(&at_resume).all(|(a, b)| a > b)
-        && p1.iter().zip(&p0).all(|(a, b)| a >= b);
+    let alive = m.fault().is_none() && all_reported(&after) && p1.iter().zip(&p0).all(|(a, b)| a >= b);
     DestReport {
         guest: got.spec.into(),
         rounds: got.rounds,
@@ -185,6 +200,7 @@ pub fn observe(m: &Machine, got: &Received, d: Duration) -> DestReport {
         progress_at_resume: p0,
         progress_after: p1,
         guest_alive: alive,
+        liveness,
         prepared_ram: got.prepared.is_some(),
         prepare: got.prepared.unwrap_or_default(),
     }
@@ -252,16 +268,17 @@ pub fn demo_with(
     prepare: &dyn Fn(&Machine) -> anyhow::Result<()>,
     on: &mut dyn FnMut(Event),
 ) -> anyhow::Result<DemoOutcome> {
-    demo_opts(cfg, prepare, true, on)
+    demo_opts(cfg, prepare, true, &mut |_, e| on(e))
 }
 
 /// [`demo_with`]; `verify_ram = false` skips the RAM snapshots and page comparison (large
-/// benchmark guests), keeping the liveness check.
+/// benchmark guests), keeping the liveness check. `on` sees the source VM with each event
+/// (tests wait there for the guest to write between rounds).
 pub fn demo_opts(
     cfg: &Config,
     prepare: &dyn Fn(&Machine) -> anyhow::Result<()>,
     verify_ram: bool,
-    on: &mut dyn FnMut(Event),
+    on: &mut dyn FnMut(&Machine, Event),
 ) -> anyhow::Result<DemoOutcome> {
     let t0 = Instant::now();
     let src = boot_source(cfg)?;
@@ -272,22 +289,28 @@ pub fn demo_opts(
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?.to_string();
     let rcfg = cfg.clone();
-    let run_after = Duration::from_millis(cfg.receiver.run_after_ms.max(100));
+    let liveness_timeout = Duration::from_millis(cfg.receiver.liveness_timeout_ms);
     let dest = std::thread::spawn(move || {
         let (r, res) = receive_with(&rcfg, &l, r);
         match res {
             Ok(got) => {
                 let m = r.into_machine().expect("a resumed receiver has a VM");
-                let rep = observe(&m, &got, run_after);
+                let rep = observe(&m, &got, liveness_timeout);
                 Ok((got, rep, m))
             }
             Err(e) => Err(e),
         }
     });
-    let sres = send(cfg, &src, &addr, on);
+    let sres = send(cfg, &src, &addr, &mut |e| on(&src, e));
     let dres = dest.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
-    let srep = sres?;
-    let (got, drep, _dm) = dres?;
+    // A failure names both sides' reasons: the source's alone often hides the cause (a
+    // destination that gave up shows at the source only as a closed connection).
+    let (srep, (got, drep, _dm)) = match (sres, dres) {
+        (Ok(s), Ok(d)) => (s, d),
+        (Err(s), Ok(_)) => anyhow::bail!("source: {s}; destination: received the VM"),
+        (Ok(_), Err(d)) => anyhow::bail!("source: migration sent; destination: {d}"),
+        (Err(s), Err(d)) => anyhow::bail!("source: {s}; destination: {d}"),
+    };
     let (mut source_ram, mut dest_ram) = if verify_ram {
         (src.ram().snapshot(), got.snapshot.clone().unwrap_or_default())
     } else {

@@ -103,6 +103,18 @@ pub trait Transport: Send {
     fn shutdown_handle(&self) -> Option<TcpStream> {
         None
     }
+    /// Wait at most `timeout` for the next frame to start arriving (or the peer to close).
+    /// `false`: nothing yet. Lets a receiver judge the peer's silence across all of its
+    /// streams instead of each stream's alone.
+    fn wait_readable(&self, timeout: Duration) -> Result<bool, TransportError> {
+        let _ = timeout;
+        Ok(true)
+    }
+}
+
+/// [`Transport::wait_readable`] for a transport over `stream`.
+fn stream_readable(stream: &TcpStream, timeout: Duration) -> Result<bool, TransportError> {
+    kvm_hooks::wait_readable(stream.as_fd(), timeout).map_err(|source| TransportError::Io { op: "poll", source })
 }
 
 /// Blocking TCP transport (v1).
@@ -214,6 +226,10 @@ impl Transport for TcpTransport {
     fn shutdown_handle(&self) -> Option<TcpStream> {
         self.stream.try_clone().ok()
     }
+
+    fn wait_readable(&self, timeout: Duration) -> Result<bool, TransportError> {
+        stream_readable(&self.stream, timeout)
+    }
 }
 
 /// How pages are sent (`[migration] transport`).
@@ -257,10 +273,19 @@ impl UringTransport {
         fixed: bool,
         timeout: Duration,
     ) -> Result<Self, TransportError> {
+        let tx = Self::sender(mode, ram, fixed, timeout)?;
+        Self::bind(stream, mode, tx, timeout)
+    }
+
+    /// The sending ring for `mode`, not yet tied to a socket (see [`prepare`]).
+    fn sender(
+        mode: TransportMode,
+        ram: Option<&GuestRam>,
+        fixed: bool,
+        timeout: Duration,
+    ) -> Result<kvm_hooks::uring::UringSender, TransportError> {
         use kvm_hooks::uring::SendMode;
-        use std::os::fd::AsRawFd;
         let io = |op: &'static str| move |source| TransportError::Io { op, source };
-        stream.set_nodelay(true).map_err(io("configure socket"))?;
         let mut send_mode = match mode {
             TransportMode::Zerocopy | TransportMode::Auto => SendMode::ZeroCopy,
             _ => SendMode::Copy,
@@ -272,12 +297,25 @@ impl UringTransport {
                 send_mode = SendMode::Copy;
             }
         }
-        let fd = stream.as_raw_fd();
         let (tx, note) =
-            kvm_hooks::uring::UringSender::new(fd, send_mode, ram, fixed, timeout).map_err(io("create io_uring"))?;
+            kvm_hooks::uring::UringSender::unbound(send_mode, ram, fixed, timeout).map_err(io("create io_uring"))?;
         if let Some(n) = note {
             tracing::warn!("{n}");
         }
+        Ok(tx)
+    }
+
+    fn bind(
+        stream: TcpStream,
+        mode: TransportMode,
+        mut tx: kvm_hooks::uring::UringSender,
+        timeout: Duration,
+    ) -> Result<Self, TransportError> {
+        use std::os::fd::AsRawFd;
+        let io = |op: &'static str| move |source| TransportError::Io { op, source };
+        stream.set_nodelay(true).map_err(io("configure socket"))?;
+        let fd = stream.as_raw_fd();
+        tx.bind(fd);
         let rx = kvm_hooks::uring::UringReceiver::new(fd, timeout).map_err(io("create io_uring"))?;
         Ok(UringTransport {
             stream,
@@ -388,6 +426,10 @@ impl Transport for UringTransport {
         self.stream.try_clone().ok()
     }
 
+    fn wait_readable(&self, timeout: Duration) -> Result<bool, TransportError> {
+        stream_readable(&self.stream, timeout)
+    }
+
     fn describe(&self) -> String {
         let m = match self.tx.mode() {
             kvm_hooks::uring::SendMode::Copy => "io_uring copy",
@@ -415,21 +457,51 @@ pub fn wrap(
     })
 }
 
-/// Connect to `addr` and wrap the stream.
-pub fn connect(
-    addr: &str,
+/// A sending transport with everything done that does not need the peer. For io_uring
+/// zero-copy with fixed buffers that includes registering guest RAM, which pins every page
+/// and so takes time proportional to RAM: a source prepares its transports before it
+/// connects, so that no peer waits while it runs.
+pub struct Prepared {
+    mode: TransportMode,
+    uring: Option<kvm_hooks::uring::UringSender>,
+    timeout: Duration,
+}
+
+/// Prepare a sending transport of `mode` (see [`Prepared`]).
+pub fn prepare(
     mode: TransportMode,
     ram: Option<&GuestRam>,
     fixed: bool,
+    timeout: Duration,
+) -> Result<Prepared, TransportError> {
+    let uring = match mode {
+        TransportMode::Blocking => None,
+        m => Some(UringTransport::sender(m, ram, fixed, timeout)?),
+    };
+    Ok(Prepared { mode, uring, timeout })
+}
+
+/// Connect to `addr` and wrap the stream in the prepared transport.
+pub fn connect(
+    addr: &str,
+    prepared: Prepared,
     connect_timeout: Duration,
-    io_timeout: Duration,
 ) -> Result<Box<dyn Transport>, TransportError> {
     use std::net::ToSocketAddrs;
     let mut last = None;
     let addrs = addr.to_socket_addrs().map_err(|e| TransportError::Io { op: "resolve address", source: e })?;
     for a in addrs {
         match TcpStream::connect_timeout(&a, connect_timeout) {
-            Ok(s) => return wrap(s, mode, ram, fixed, io_timeout),
+            Ok(s) => {
+                let Prepared { mode, uring, timeout } = prepared;
+                return Ok(match uring {
+                    None => Box::new(
+                        TcpTransport::new(s, timeout)
+                            .map_err(|source| TransportError::Io { op: "configure socket", source })?,
+                    ),
+                    Some(tx) => Box::new(UringTransport::bind(s, mode, tx, timeout)?),
+                });
+            }
             Err(e) => last = Some(e),
         }
     }

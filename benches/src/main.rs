@@ -386,7 +386,6 @@ fn transport_bench(
                     c.guest.vcpus = 2;
                     c.guest.workload = WorkloadKind::Idle;
                     c.guest.warmup_ms = 100;
-                    c.receiver.run_after_ms = 100;
                     c.migration.transport = mode;
                     c.migration.fixed_buffers = fixed;
                     c.migration.streams = n;
@@ -413,7 +412,7 @@ fn transport_bench(
                     // Until the source hears `Resumed`: the destination's watch and both
                     // VMs' teardown (freeing guest RAM) are not migration work.
                     let mut at_resume = None;
-                    let mut on = |e| {
+                    let mut on = |_: &kvm_hooks::vmm::Machine, e| {
                         if let accel_user::source::Event::Resumed { .. } = e {
                             at_resume = Some(kvm_hooks::process_usage());
                         }
@@ -739,7 +738,6 @@ fn main() -> anyhow::Result<()> {
                 c.migration.dirty_source = dirty_source;
                 c.migration.batch_pages = batch_pages;
                 c.migration.zero_pages = !no_zero_detect;
-                c.receiver.run_after_ms = 200;
                 c.validate()?;
                 // "filled": an idle guest whose RAM the host filled with non-zero data first, so
                 // the run measures the engine and transport, not the guest.

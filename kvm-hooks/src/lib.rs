@@ -20,7 +20,7 @@ pub mod vm;
 pub mod vmm;
 
 pub use error::{Error, Result};
-pub use sys::EXIT_DIRTY_RING_FULL;
+pub use sys::{wait_readable, EXIT_DIRTY_RING_FULL};
 
 /// Write a raw iovec list to a file descriptor (guest RAM goes straight to the socket).
 /// Returns bytes written; short writes are the caller's to resume.

@@ -205,6 +205,27 @@ pub fn populate(fd: &impl AsRawFd, addr: *mut u8, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Wait until `fd` is readable (data, end of stream or an error to report), at most
+/// `timeout`. `Ok(false)`: nothing arrived in time. An interrupted wait counts as nothing.
+pub fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `p` is one valid pollfd for the duration of the call, matching nfds = 1.
+    let ret = unsafe { libc::poll(&mut p, 1, ms) };
+    match ret {
+        r if r > 0 => Ok(true),
+        0 => Ok(false),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Send `sig` to one thread of this process.
 pub fn pthread_kill(thread: libc::pthread_t, sig: i32) -> io::Result<()> {
     // SAFETY: pthread_kill does not touch memory; an exited thread yields ESRCH, not UB, as

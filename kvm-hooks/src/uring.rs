@@ -147,6 +147,20 @@ impl UringSender {
         register: bool,
         timeout: Duration,
     ) -> io::Result<(Self, Option<String>)> {
+        let (mut tx, note) = Self::unbound(mode, ram, register, timeout)?;
+        tx.bind(fd);
+        Ok((tx, note))
+    }
+
+    /// A sender not yet tied to a socket: the ring, and guest RAM registered as fixed
+    /// buffers when asked. Registration pins every page of guest RAM, so its cost grows with
+    /// RAM; building the sender before connecting keeps that cost off a waiting peer.
+    pub fn unbound(
+        mode: SendMode,
+        ram: Option<&GuestRam>,
+        register: bool,
+        timeout: Duration,
+    ) -> io::Result<(Self, Option<String>)> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         let mut fixed = Vec::new();
         let mut note = None;
@@ -171,7 +185,7 @@ impl UringSender {
         Ok((
             UringSender {
                 ring,
-                fd,
+                fd: -1,
                 mode,
                 fixed,
                 host: vec![0u8; HOST_SLOT].into_boxed_slice(),
@@ -182,6 +196,11 @@ impl UringSender {
             },
             note,
         ))
+    }
+
+    /// Send on `fd` from now on (until bound, sends fail with `EBADF`).
+    pub fn bind(&mut self, fd: RawFd) {
+        self.fd = fd;
     }
 
     pub fn mode(&self) -> SendMode {

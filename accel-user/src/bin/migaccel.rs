@@ -44,9 +44,9 @@ enum Cmd {
         /// Refuse VMs with more RAM than this.
         #[arg(long, value_parser = parse_size)]
         max_ram: Option<ByteSize>,
-        /// Keep the resumed VM running this long and check its progress.
+        /// Longest wait, after resuming, for every vCPU of the VM to report progress.
         #[arg(long)]
-        run_after_ms: Option<u64>,
+        liveness_timeout_ms: Option<u64>,
         /// Allocate and pre-fault this much guest RAM before listening (the source VM must
         /// have exactly this much).
         #[arg(long, value_parser = parse_size)]
@@ -101,6 +101,8 @@ struct Common {
     warmup_ms: Option<u64>,
     #[arg(long)]
     downtime_ms: Option<u64>,
+    #[arg(long)]
+    min_rounds: Option<u32>,
     #[arg(long)]
     max_rounds: Option<u32>,
     #[arg(long)]
@@ -173,6 +175,9 @@ impl Common {
         let m = &mut c.migration;
         if let Some(v) = self.downtime_ms {
             m.downtime_target_ms = v;
+        }
+        if let Some(v) = self.min_rounds {
+            m.min_rounds = v;
         }
         if let Some(v) = self.max_rounds {
             m.max_rounds = v;
@@ -303,7 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Receive { listen, max_ram, run_after_ms, prepare_ram, common } => {
+        Cmd::Receive { listen, max_ram, liveness_timeout_ms, prepare_ram, common } => {
             let mut cfg = load(&cli, common)?;
             if let Some(l) = listen {
                 cfg.receiver.listen = l.clone();
@@ -311,8 +316,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(v) = max_ram {
                 cfg.receiver.max_ram = *v;
             }
-            if let Some(v) = run_after_ms {
-                cfg.receiver.run_after_ms = *v;
+            if let Some(v) = liveness_timeout_ms {
+                cfg.receiver.liveness_timeout_ms = *v;
             }
             if let Some(v) = prepare_ram {
                 cfg.receiver.prepare_ram = *v;
@@ -329,7 +334,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(p) = &common.dump_memory {
                 dump(p, got.snapshot.as_deref().unwrap_or_default())?;
             }
-            let rep = session::observe(&m, &got, Duration::from_millis(cfg.receiver.run_after_ms));
+            let rep = session::observe(&m, &got, Duration::from_millis(cfg.receiver.liveness_timeout_ms));
             if common.report == Format::Json {
                 println!("{}", serde_json::to_string_pretty(&rep)?);
             } else {

@@ -97,7 +97,9 @@ impl DataStreams {
     }
 
     /// Close round `round` on every stream and wait until each has sent everything and the
-    /// kernel released every zero-copy buffer.
+    /// kernel released every zero-copy buffer. The wait has no deadline of its own: every
+    /// send and flush of a worker is bounded by the I/O timeout (a stalled peer fails the
+    /// worker, which reports why), so a slow round that keeps moving is never cut short.
     pub fn end_round(&mut self, round: u32) -> Result<(), TransportError> {
         for i in 0..self.txs.len() {
             self.push(i, Job::End { round })?;
@@ -105,13 +107,17 @@ impl DataStreams {
         }
         let mut left = self.txs.len();
         while left > 0 {
-            match self.results.recv_timeout(self.timeout * 2) {
+            match self.results.recv_timeout(self.timeout) {
                 Ok((i, Ok(r))) => {
                     self.last[i] = r;
                     left -= 1;
                 }
                 Ok((_, Err(e))) => return Err(e),
-                Err(RecvTimeoutError::Timeout) => return Err(TransportError::Timeout(self.timeout * 2)),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(i) = self.handles.iter().position(|h| h.is_finished()) {
+                        return Err(self.worker_error(i));
+                    }
+                }
                 Err(RecvTimeoutError::Disconnected) => return Err(TransportError::Closed),
             }
         }

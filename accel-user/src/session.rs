@@ -83,19 +83,23 @@ pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> R
     let mc = &cfg.migration;
     let o = cfg.send_options();
     let setup = |source| SendError::Transport { phase: Phase::Handshake, source };
+    let t0 = Instant::now();
     let prepare = |ram| transport::prepare(mc.transport, ram, mc.fixed_buffers, cfg.io_timeout());
     // With data streams the control connection carries no pages: no RAM to register there.
     let control_ram = (o.streams == 0).then(|| m.ram().as_ref());
     let control = prepare(control_ram).map_err(setup)?;
     let mut streams =
         (0..o.streams).map(|_| prepare(Some(m.ram())).map(Some)).collect::<Result<Vec<_>, _>>().map_err(setup)?;
+    let prepare_time = t0.elapsed();
     let mut t = transport::connect(to, control, cfg.connect_timeout()).map_err(setup)?;
     let mut data = |i: u32| {
         let p = streams.get_mut(i as usize).and_then(Option::take);
         let p = p.ok_or_else(|| TransportError::Guest(format!("data stream {i} was not prepared")))?;
         transport::connect(to, p, cfg.connect_timeout())
     };
-    source::migrate_streams(m, &mut *t, &o, &mut data, on)
+    let mut rep = source::migrate_streams(m, &mut *t, &o, &mut data, on)?;
+    rep.prepare = prepare_time;
+    Ok(rep)
 }
 
 /// Accept one connection on `l` and receive a VM. The receiver is returned either way so a

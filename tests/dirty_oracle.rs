@@ -20,7 +20,7 @@ fn oracle(pref: DirtyPreference) -> (u64, u64, u64) {
     let mut shadow = vec![0u64; PAGES as usize];
     let mut iter = 1u64;
     m.set_oracle_iteration(iter).unwrap();
-    m.dirty().reset().unwrap();
+    m.dirty().start().unwrap();
     let (mut missed, mut changed) = (0u64, 0u64);
     let writes = |m: &Machine| m.progress().iter().sum::<u64>() * WRITES_PER_REPORT;
     // Each iteration lets every vCPU write one batch of WRITES_PER_REPORT pages (more than a
@@ -78,7 +78,7 @@ fn running_harvest(pref: DirtyPreference, workload: Workload) -> (u64, u32) {
     m.resume().unwrap();
     std::thread::sleep(Duration::from_millis(50));
     // Round 0: start tracking, then copy all RAM.
-    m.dirty().reset().unwrap();
+    m.dirty().start().unwrap();
     let mut shadow = m.ram().snapshot();
     let mut page = vec![0u8; 4096];
     let mut copied = 0u64;

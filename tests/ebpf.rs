@@ -37,7 +37,7 @@ fn bpf_bitmap_equals_ring_round_after_round() {
     let _g = serial();
     // A small ring fills often: ring-full exits are part of what must match.
     let (m, probe) = oracle_with_probe(16 << 10);
-    m.dirty().reset().unwrap();
+    m.dirty().start().unwrap();
     probe.harvest(|_| {});
     let (mut total, mut rounds, mut iter) = (0u64, 0u32, 1u64);
     while total < 1_000_000 {
@@ -165,7 +165,7 @@ fn kernel_counts_the_probes_runs() {
     let (m, probe) = oracle_with_probe(64 << 10);
     let stats = accel_ebpf::RunTimeStats::enable().expect("BPF_ENABLE_STATS");
     let (r0, p0) = (probe.run_time().unwrap(), probe.stats().unwrap().pushes);
-    m.dirty().reset().unwrap();
+    m.dirty().start().unwrap();
     for iter in 2..12 {
         m.set_oracle_iteration(iter).unwrap();
         m.resume().unwrap();
@@ -397,7 +397,7 @@ fn watch_vms_that_other_processes_own() {
     let bin = migaccel_tests::migaccel_bin();
     let run = |workload: &str| {
         Command::new(&bin)
-            .args(["run", "--ram", "64MiB", "--workload", workload, "--seconds", "30"])
+            .args(["run", "--ram", "64MiB", "--workload", workload, "--seconds", "30", "--dirty-log"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

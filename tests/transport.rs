@@ -238,7 +238,7 @@ fn pages_changed_during_zero_copy_sends_stay_dirty() {
     let value = |m: &Machine, p: u64| m.ram().read_u64(DATA_START + p * 4096).unwrap();
     let mut iter = 1u64;
     m.set_oracle_iteration(iter).unwrap();
-    m.dirty().reset().unwrap();
+    m.dirty().start().unwrap();
     m.resume().unwrap();
     std::thread::sleep(Duration::from_millis(5));
     m.pause().unwrap();

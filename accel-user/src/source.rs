@@ -3,6 +3,10 @@
 //! Invariant: until the destination reports `Resumed`, the source VM is the VM. On any error
 //! the source tells the peer (Abort), puts the pages of the unfinished round back into the
 //! dirty tracker, and resumes its vCPUs if it had paused them.
+//!
+//! Dirty logging is on only while a migration runs: round 0 starts it, and every end
+//! (success or failure) stops it, so the guest writes at full speed outside migrations. A
+//! stopped tracker counts every page as dirty, so nothing written afterwards is missed.
 use std::time::{Duration, Instant};
 
 use kvm_hooks::memory::PAGE_SIZE;
@@ -188,7 +192,15 @@ pub fn migrate_streams(
     if let Err(e) = r {
         return Err(recover(c, e));
     }
+    stop_logging(m);
     r
+}
+
+/// The migration ended: the guest no longer pays for dirty logging.
+fn stop_logging(m: &Machine) {
+    if let Err(e) = m.dirty().stop() {
+        tracing::warn!("cannot turn dirty logging off ({e}); the guest keeps running with logging on");
+    }
 }
 
 fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
@@ -202,6 +214,7 @@ fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
         InFlight::Pages(p) => c.m.dirty().restore(&p),
     }
     c.m.set_throttle(0);
+    stop_logging(c.m);
     if c.paused {
         if let Err(r) = c.m.resume() {
             return SendError::ResumeFailed { first: Box::new(e), resume: r };
@@ -253,7 +266,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     on(Event::Accepted);
 
     // Round 0: all of RAM. Tracking restarts now, so anything written from here on is seen.
-    c.m.dirty().reset().map_err(kvm(Phase::Precopy { round: 0 }))?;
+    c.m.dirty().start().map_err(kvm(Phase::Precopy { round: 0 }))?;
     c.inflight = InFlight::All;
     let mut rounds: Vec<RoundStats> = Vec::new();
     let mut round = 0u32;

@@ -162,6 +162,7 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
     let (mut probe_r, mut empty_r, mut base) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..vms {
         let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 64 << 10 })?;
+        m.dirty().start()?; // logged as during precopy
         m.resume()?;
         std::thread::sleep(Duration::from_millis(500)); // first touch of every page
         let mut sum = [0.0f64; 3];
@@ -200,6 +201,7 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
     // The programs' own run time, as the kernel counts it (a separate window: the
     // accounting itself adds two clock reads per run).
     let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 64 << 10 })?;
+    m.dirty().start()?;
     m.resume()?;
     std::thread::sleep(Duration::from_millis(500));
     let stats = accel_ebpf::RunTimeStats::enable()?;
@@ -233,7 +235,7 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
     )?;
     let slots: Vec<(u64, u64)> = m.ram().slot_ranges();
     let probe = accel_ebpf::DirtyProbe::attach(accel_ebpf::Target::Threads(m.vcpu_tids()), &slots)?;
-    m.dirty().reset()?;
+    m.dirty().start()?;
     probe.harvest(|_| {});
     let (mut ring_t, mut bpf_t, mut pages) = (Duration::ZERO, Duration::ZERO, 0u64);
     for it in 0..40 {

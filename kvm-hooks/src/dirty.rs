@@ -7,11 +7,12 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{errno_io, Error, Result};
-use crate::memory::Memslot;
+use crate::memory::{GuestRam, Memslot};
 use crate::sys;
 
 const GFN_F_DIRTY: u32 = 1;
@@ -191,11 +192,20 @@ impl std::fmt::Debug for Inner {
 }
 
 /// Collects dirty pages of one VM from the kernel into a pending set.
+///
+/// Logging is off until [`DirtyTracker::start`] and off again after
+/// [`DirtyTracker::stop`]. While it is off the kernel reports nothing, so the tracker counts
+/// every page as dirty: nothing written then can be missed by a later migration.
 #[derive(Debug)]
 pub struct DirtyTracker {
     vm: Arc<VmFd>,
     mode: DirtyMode,
     slots: Vec<Memslot>,
+    /// The memslots as registered (logging toggles their `KVM_MEM_LOG_DIRTY_PAGES` flag).
+    regions: Vec<kvm_userspace_memory_region>,
+    /// Keeps the host range behind `regions` mapped for as long as KVM may use it.
+    _ram: Arc<GuestRam>,
+    logging: std::sync::atomic::AtomicBool,
     inner: Mutex<Inner>,
     pub stats: DirtyStats,
     /// A ring reset was interrupted: tracking can no longer be trusted, report all RAM.
@@ -203,15 +213,74 @@ pub struct DirtyTracker {
 }
 
 impl DirtyTracker {
-    pub(crate) fn new(vm: Arc<VmFd>, mode: DirtyMode, slots: Vec<Memslot>, pages: u64) -> Self {
+    pub(crate) fn new(
+        vm: Arc<VmFd>,
+        mode: DirtyMode,
+        slots: Vec<Memslot>,
+        regions: Vec<kvm_userspace_memory_region>,
+        ram: Arc<GuestRam>,
+    ) -> Self {
+        let pages = ram.pages();
+        let mut pending = DirtySet::new(pages);
+        insert_all(&mut pending, pages);
         DirtyTracker {
             vm,
             mode,
             slots,
-            inner: Mutex::new(Inner { rings: Vec::new(), pending: DirtySet::new(pages), external: None }),
+            regions,
+            _ram: ram,
+            logging: std::sync::atomic::AtomicBool::new(false),
+            inner: Mutex::new(Inner { rings: Vec::new(), pending, external: None }),
             stats: DirtyStats::default(),
             degraded: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Turn dirty logging on for every memslot and drop everything pending: from now on
+    /// exactly the pages written are reported (a migration's round 0 sends all RAM).
+    pub fn start(&self) -> Result<()> {
+        self.set_logging(true)?;
+        self.reset()
+    }
+
+    /// Turn dirty logging off for every memslot (the guest writes at full speed again) and
+    /// count every page as dirty, since writes from now on go unreported.
+    pub fn stop(&self) -> Result<()> {
+        let r = self.set_logging(false);
+        // Entries pushed before the switch are of no use any more; an empty ring also keeps
+        // a later start from meeting a nearly full one.
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let _ = self.harvest_rings(inner, false);
+        insert_all(&mut inner.pending, self.total_pages());
+        r
+    }
+
+    /// Whether the kernel is logging writes now.
+    pub fn is_logging(&self) -> bool {
+        self.logging.load(Ordering::Acquire)
+    }
+
+    fn set_logging(&self, on: bool) -> Result<()> {
+        let _g = self.lock();
+        for r in &self.regions {
+            let mut region = *r;
+            region.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+            // SAFETY: the same slot, guest range and host range as registered when the VM
+            // was created (only the flags change); `_ram` keeps the host range mapped.
+            unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| {
+                Error::ioctl(
+                    if on {
+                        "KVM_SET_USER_MEMORY_REGION(+LOG_DIRTY_PAGES)"
+                    } else {
+                        "KVM_SET_USER_MEMORY_REGION(-LOG_DIRTY_PAGES)"
+                    },
+                    errno_io(e),
+                )
+            })?;
+        }
+        self.logging.store(on, Ordering::Release);
+        Ok(())
     }
 
     pub fn mode(&self) -> DirtyMode {
@@ -253,6 +322,10 @@ impl DirtyTracker {
     pub fn collect(&self) -> Result<()> {
         let mut g = self.lock();
         let inner = &mut *g;
+        if !self.is_logging() {
+            // Nothing is reported, and every page already counts as dirty.
+            return Ok(());
+        }
         if let Some(ext) = inner.external.as_ref() {
             // Swap the external bitmap first, then reset the ring: a page written between
             // the two is recorded again for the next round.
@@ -370,7 +443,7 @@ impl DirtyTracker {
     }
 
     /// Drop everything reported so far (start of a migration: round 0 sends all RAM).
-    pub fn reset(&self) -> Result<()> {
+    fn reset(&self) -> Result<()> {
         self.collect()?;
         self.lock().pending.drain();
         Ok(())

@@ -25,7 +25,7 @@ fn wait_progress(m: &Machine, min: u64) -> Vec<u64> {
 #[test]
 fn ab_guest_runs_and_dirties_pages() {
     let m = Machine::boot(spec(Workload::Ab), RING).unwrap();
-    m.dirty().reset().unwrap();
+    m.dirty().start().unwrap();
     m.resume().unwrap();
     wait_progress(&m, 2);
     m.pause().unwrap();

@@ -62,6 +62,10 @@ enum Cmd {
         /// How long to run.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Keep KVM dirty logging on for the whole run, as QEMU's `calc-dirty-rate` or
+        /// `set-vcpu-dirty-limit` turn it on outside a migration (so `watch` sees pushes).
+        #[arg(long)]
+        dirty_log: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -354,10 +358,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Doctor => doctor(),
-        Cmd::Run { seconds, common } => {
+        Cmd::Run { seconds, dirty_log, common } => {
             let cfg = load(&cli, common)?;
             let until = secs("--seconds", *seconds)?;
             let m = session::boot_source(&cfg)?;
+            if *dirty_log {
+                m.dirty().start()?;
+            }
             eprintln!("guest running (process {}); {} vCPU(s)", std::process::id(), cfg.guest.vcpus);
             let t0 = std::time::Instant::now();
             while t0.elapsed() < until {

@@ -88,6 +88,7 @@ fn large() -> std::sync::MutexGuard<'static, ()> {
 fn ab_multi_slot_four_vcpus() {
     let _g = large();
     let mut c = config(WorkloadKind::Ab, DirtySource::Ring);
+    c.migration.fixed_buffers = true;
     c.guest.ram = accel_user::config::ByteSize(1536 << 20);
     c.guest.vcpus = 4;
     c.guest.warmup_ms = 300;
@@ -114,8 +115,8 @@ fn ab_all_ram_converges() {
     assert!(out.report.verification.ok(), "{:?}", out.report.verification);
 }
 
-/// A 4 GiB guest with every migration setting at its default (zero-copy transport with
-/// guest RAM registered as fixed buffers, two data streams, the dirty ring).
+/// A 4 GiB guest with every migration setting at its default (`auto` transport, two data
+/// streams, the dirty ring).
 #[test]
 fn four_gib_guest_with_default_settings() {
     let _g = large();

@@ -23,6 +23,8 @@ fn cfg(mode: TransportMode, streams: u32) -> Config {
     let mut c = config(WorkloadKind::Ab, DirtySource::Ring);
     c.migration.transport = mode;
     c.migration.streams = streams;
+    // The zero-copy tests cover the registered-buffer path (off by default).
+    c.migration.fixed_buffers = mode == TransportMode::Zerocopy;
     c.migration.downtime_target_ms = 1;
     c.migration.min_rounds = 3;
     c.migration.max_rounds = 4;

@@ -184,7 +184,7 @@ impl Default for MigrationConfig {
             ack_timeout_ms: 30_000,
             transport: TransportMode::Auto,
             streams: 2,
-            fixed_buffers: true,
+            fixed_buffers: false,
             auto_converge: true,
             throttle_initial_pct: 20,
             throttle_increment_pct: 10,

@@ -123,9 +123,10 @@ struct Common {
     /// Page streams (1 = pages on the control connection).
     #[arg(long)]
     streams: Option<u32>,
-    /// Do not register guest RAM as io_uring fixed buffers.
+    /// Register guest RAM as io_uring fixed buffers for zero-copy sends (pins all of it
+    /// before connecting).
     #[arg(long)]
-    no_fixed_buffers: bool,
+    fixed_buffers: bool,
     /// Do not throttle vCPUs when the guest dirties memory faster than the link.
     #[arg(long)]
     no_auto_converge: bool,
@@ -201,8 +202,8 @@ impl Common {
         if let Some(v) = self.streams {
             m.streams = v;
         }
-        if self.no_fixed_buffers {
-            m.fixed_buffers = false;
+        if self.fixed_buffers {
+            m.fixed_buffers = true;
         }
         if self.no_auto_converge {
             m.auto_converge = false;

@@ -4,7 +4,8 @@
 //! - [`protocol`]: wire protocol v2 (framing, payloads, caps);
 //! - [`transport`]: the transport trait and blocking TCP;
 //! - [`policy`]: convergence as a pure function over round metrics;
-//! - [`source`]: precopy, switchover, recovery;
+//! - [`source`]: precopy, switchover, recovery, reaching the VM only through
+//!   [`kvm_hooks::migratable::Migratable`];
 //! - [`dest`]: the receiving state machine;
 //! - [`session`]: flows shared by the CLI, tests and benches.
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -12,6 +13,10 @@
 
 pub mod config;
 pub mod dest;
+#[cfg(test)]
+mod engine_tests;
+#[cfg(test)]
+mod fake_vm;
 pub mod keys;
 pub mod policy;
 pub mod protocol;

@@ -1,8 +1,7 @@
 //! Migration reports: human-readable and JSON.
 use std::time::Duration;
 
-use kvm_hooks::dirty::DirtyMode;
-use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
+use kvm_hooks::vmm::{GuestSpec, Workload};
 use serde::{Serialize, Serializer};
 
 use crate::policy::{RoundStats, SwitchReason};
@@ -100,7 +99,7 @@ impl SourceReport {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         spec: GuestSpec,
-        m: &Machine,
+        m: &dyn kvm_hooks::migratable::Migratable,
         rounds: Vec<RoundStats>,
         fin: RoundStats,
         switchover: SwitchReason,
@@ -116,15 +115,10 @@ impl SourceReport {
         let pre_time: Duration = rounds.iter().map(|r| r.elapsed).sum();
         let dirty: u64 = rounds.iter().map(|r| r.dirty_after).sum();
         let dirty_rate = if pre_time.is_zero() { 0.0 } else { dirty as f64 / pre_time.as_secs_f64() };
-        let stats = &m.dirty().stats;
-        use std::sync::atomic::Ordering::Relaxed;
+        let counters = m.dirty_log().counters();
         SourceReport {
             guest: spec.into(),
-            dirty_mode: match (m.dirty().mode(), m.dirty().source_name()) {
-                (_, n) if n.starts_with("ebpf") => format!("ebpf ({n})"),
-                (DirtyMode::Ring { bytes }, _) => format!("ring({} entries/vCPU)", bytes / 16),
-                (DirtyMode::Bitmap, _) => "bitmap".into(),
-            },
+            dirty_mode: m.dirty_log().describe(),
             total,
             downtime,
             setup,
@@ -138,8 +132,8 @@ impl SourceReport {
             bytes_total,
             vcpu_state_bytes,
             dirty_rate_pages_s: dirty_rate,
-            ring_full_exits: stats.ring_full_exits.load(Relaxed),
-            duplicate_reports: stats.duplicates.load(Relaxed),
+            ring_full_exits: counters.ring_full_exits,
+            duplicate_reports: counters.duplicates,
             transport: String::new(),
             streams: 1,
             zerocopy: None,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kvm_hooks::memory::PAGE_SIZE;
 use kvm_hooks::mh::{MhError, MhHost};
-use kvm_hooks::vmm::Machine;
+use kvm_hooks::migratable::Migratable;
 use mh_abi::{self as abi, Kind, Op, Request};
 
 use crate::policy::{decide, next_throttle, Decision, PolicyConfig, RoundStats, SwitchReason};
@@ -131,7 +131,7 @@ enum InFlight {
 }
 
 struct Ctx<'a> {
-    m: &'a Machine,
+    m: &'a dyn Migratable,
     t: &'a mut dyn Transport,
     o: &'a SendOptions,
     inflight: InFlight,
@@ -149,7 +149,7 @@ pub type Connector<'a> = &'a mut dyn FnMut(u32) -> Result<Box<dyn Transport>, Tr
 /// Migrate `m` over `t`. On success the source vCPUs stay paused (the destination owns the
 /// VM now); on failure they run again and no dirty page is lost.
 pub fn migrate(
-    m: &Machine,
+    m: &dyn Migratable,
     t: &mut dyn Transport,
     o: &SendOptions,
     on: &mut dyn FnMut(Event),
@@ -160,7 +160,7 @@ pub fn migrate(
 
 /// [`migrate`] with `o.streams` data streams opened through `connect`.
 pub fn migrate_streams(
-    m: &Machine,
+    m: &dyn Migratable,
     t: &mut dyn Transport,
     o: &SendOptions,
     connect: Connector<'_>,
@@ -197,8 +197,8 @@ pub fn migrate_streams(
 }
 
 /// The migration ended: the guest no longer pays for dirty logging.
-fn stop_logging(m: &Machine) {
-    if let Err(e) = m.dirty().stop() {
+fn stop_logging(m: &dyn Migratable) {
+    if let Err(e) = m.dirty_log().stop() {
         tracing::warn!("cannot turn dirty logging off ({e}); the guest keeps running with logging on");
     }
 }
@@ -210,8 +210,8 @@ fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
     c.t.shutdown();
     match c.inflight {
         InFlight::Nothing => {}
-        InFlight::All => c.m.dirty().mark_all(),
-        InFlight::Pages(p) => c.m.dirty().restore(&p),
+        InFlight::All => c.m.dirty_log().mark_all(),
+        InFlight::Pages(p) => c.m.dirty_log().restore(&p),
     }
     c.m.set_throttle(0);
     stop_logging(c.m);
@@ -266,7 +266,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     on(Event::Accepted);
 
     // Round 0: all of RAM. Tracking restarts now, so anything written from here on is seen.
-    c.m.dirty().start().map_err(kvm(Phase::Precopy { round: 0 }))?;
+    c.m.dirty_log().start().map_err(kvm(Phase::Precopy { round: 0 }))?;
     c.inflight = InFlight::All;
     let mut rounds: Vec<RoundStats> = Vec::new();
     let mut round = 0u32;
@@ -284,7 +284,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         }
         end_round(c, round, &mut st).map_err(|e| peer_error(c.t, ph, e))?;
         st.elapsed = start.elapsed();
-        gfns = c.m.dirty().take().map_err(kvm(ph))?;
+        gfns = c.m.dirty_log().take().map_err(kvm(ph))?;
         st.dirty_after = gfns.len() as u64;
         c.inflight = InFlight::Pages(gfns.clone());
         rounds.push(st);
@@ -294,7 +294,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         }
         if let Decision::Switchover(r) = decide(&c.o.policy, &rounds, gfns.len() as u64) {
             // The final harvest after the pause picks these up again.
-            c.m.dirty().restore(&gfns);
+            c.m.dirty_log().restore(&gfns);
             c.inflight = InFlight::Nothing;
             break r;
         }
@@ -317,7 +317,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         check_page_states(c).map_err(|e| e.at(ph, c.t))?;
     }
     round += 1;
-    let final_gfns = c.m.dirty().take().map_err(kvm(ph))?;
+    let final_gfns = c.m.dirty_log().take().map_err(kvm(ph))?;
     c.inflight = InFlight::Pages(final_gfns.clone());
     let start = Instant::now();
     let mut fin = RoundStats { round, ..Default::default() };
@@ -543,7 +543,7 @@ fn send_pages(
         // later round, when the records agree.
         tracing::debug!(round, pages = disagree.len(), "page states in flux: pages deferred");
         st.deferred += disagree.len() as u64;
-        c.m.dirty().restore(&disagree);
+        c.m.dirty_log().restore(&disagree);
     }
     if !runs.is_empty() {
         flush(c, round, &mut runs, st)?;

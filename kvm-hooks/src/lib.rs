@@ -11,6 +11,7 @@ pub mod error;
 pub mod guest;
 pub mod memory;
 pub mod mh;
+pub mod migratable;
 pub mod process;
 pub mod sev;
 pub mod state;

@@ -56,16 +56,7 @@ pub struct PageStateRequest {
 /// Called by a vCPU thread for each valid page-state request.
 pub type PageStateHook = Arc<dyn Fn(&PageStateRequest) + Send + Sync>;
 
-/// A record of page states kept outside the VMM: the eBPF page-state map, the only record a
-/// migrator has for a VM it does not own. The engine classifies pages by it; for a VM it
-/// owns it checks it against the VMM's own record ([`Machine::is_shared`]).
-pub trait ExternalPageStates: Send + Sync {
-    /// Apply every change reported so far, then return one bit per guest page, set for a
-    /// shared page. An error means the record cannot be trusted.
-    fn shared_bitmap(&self) -> std::result::Result<Vec<u64>, String>;
-    /// What the record is, for reports ("eBPF page-state map: 12 events applied").
-    fn describe(&self) -> String;
-}
+pub use crate::migratable::ExternalPageStates;
 
 /// Shape of a guest: what a destination must recreate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

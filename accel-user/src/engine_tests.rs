@@ -1,0 +1,187 @@
+//! The sending engine on a fake VM (no KVM) against a scripted destination over loopback:
+//! what it sends, when it logs, and what it leaves behind when the peer fails.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_hooks::memory::PAGE_SIZE;
+use kvm_hooks::migratable::Migratable;
+
+use crate::fake_vm::FakeVm;
+use crate::policy::{AutoConverge, PolicyConfig};
+use crate::protocol::{self, FrameKind, Header, HEADER_LEN};
+use crate::source::{self, Event, Phase, SendError, SendOptions};
+use crate::transport::TcpTransport;
+
+/// What the scripted destination does.
+#[derive(Clone, Copy)]
+enum Script {
+    /// Accept the VM and acknowledge `Complete` with `Resumed`.
+    Accept,
+    /// Refuse the VM at `Hello`.
+    Refuse,
+    /// Close the connection once `EndOfRound(round)` arrived.
+    CloseAfterRound(u32),
+}
+
+fn options(min_rounds: u32) -> SendOptions {
+    SendOptions {
+        policy: PolicyConfig {
+            downtime_target: Duration::from_millis(50),
+            min_rounds,
+            max_rounds: 10,
+            auto_converge: AutoConverge { enabled: false, initial: 20, increment: 10, max: 99 },
+        },
+        batch_pages: 256,
+        zero_detect: true,
+        ack_timeout: Duration::from_secs(30),
+        io_timeout: Duration::from_secs(30),
+        streams: 0,
+        confidential: None,
+    }
+}
+
+fn read_frame(s: &mut TcpStream) -> Option<(Header, Vec<u8>)> {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).ok()?;
+    let h = Header::decode(&h).expect("the engine sends valid headers");
+    let mut p = vec![0u8; h.len as usize];
+    s.read_exact(&mut p).ok()?;
+    Some((h, p))
+}
+
+fn reply(s: &mut TcpStream, kind: FrameKind, seq: u64, p: &[u8]) {
+    s.write_all(&Header { kind, len: p.len() as u32, seq }.encode()).unwrap();
+    s.write_all(p).unwrap();
+}
+
+/// What the scripted destination ends with: its RAM image and the rounds it saw end.
+type Outcome = JoinHandle<(Vec<u8>, Vec<u32>)>;
+
+/// A destination that keeps guest RAM as a byte image, following `script`.
+fn destination(script: Script, ram_bytes: u64) -> (String, Outcome) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut ram = vec![0u8; ram_bytes as usize];
+        let mut ended = Vec::new();
+        let mut seq = 0;
+        while let Some((h, p)) = read_frame(&mut s) {
+            match h.kind {
+                FrameKind::Hello => {
+                    let status = if matches!(script, Script::Refuse) { 1 } else { 0 };
+                    reply(&mut s, FrameKind::HelloAck, seq, &protocol::encode_status(status, "scripted"));
+                    seq += 1;
+                    if status != 0 {
+                        break;
+                    }
+                }
+                FrameKind::Pages => {
+                    let nruns = u32::from_le_bytes(p[4..8].try_into().unwrap()) as usize;
+                    let runs = protocol::decode_runs(&p[8..8 + 16 * nruns]);
+                    let mut data = &p[8 + 16 * nruns..];
+                    for r in runs {
+                        let at = (r.gfn * PAGE_SIZE) as usize;
+                        let len = (u64::from(r.npages) * PAGE_SIZE) as usize;
+                        if r.is_zero() {
+                            ram[at..at + len].fill(0);
+                        } else {
+                            ram[at..at + len].copy_from_slice(&data[..len]);
+                            data = &data[len..];
+                        }
+                    }
+                }
+                FrameKind::EndOfRound => {
+                    let (round, _) = protocol::decode_end_of_round(&p).unwrap();
+                    ended.push(round);
+                    if matches!(script, Script::CloseAfterRound(n) if n == round) {
+                        break;
+                    }
+                }
+                FrameKind::Complete => {
+                    reply(&mut s, FrameKind::Resumed, seq, &protocol::encode_resumed(0));
+                    seq += 1;
+                }
+                _ => {}
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        (ram, ended)
+    });
+    (addr, h)
+}
+
+fn send(vm: &FakeVm, addr: &str, min_rounds: u32, on: &mut dyn FnMut(Event)) -> Result<(), SendError> {
+    let s = TcpStream::connect(addr).unwrap();
+    let mut t = TcpTransport::new(s, Duration::from_secs(30)).unwrap();
+    source::migrate(vm, &mut t, &options(min_rounds), on).map(|_| ())
+}
+
+/// Every page the guest wrote during precopy reaches the destination: pages written after
+/// round 0 ride in later rounds or in stop-and-copy. Logging runs only during the migration.
+#[test]
+fn pages_written_between_rounds_are_sent_again() {
+    let vm = FakeVm::new();
+    for gfn in (0..vm.ram().pages()).step_by(7) {
+        vm.write(gfn, 1);
+    }
+    assert!(!vm.dirty.is_logging());
+    let (addr, dest) = destination(Script::Accept, vm.spec().ram_bytes);
+    let mut next = 2u8;
+    let mut on = |e: Event| {
+        if let Event::Round(r) = e {
+            // The guest writes between rounds: new pages and pages sent before.
+            for gfn in (u64::from(r.round)..vm.ram().pages()).step_by(97) {
+                vm.write(gfn, next);
+            }
+            next += 1;
+        }
+    };
+    send(&vm, &addr, 3, &mut on).expect("migration");
+    let (ram, ended) = dest.join().unwrap();
+    assert!(ended.len() >= 4, "three precopy rounds and stop-and-copy: {ended:?}");
+    let d = crate::verify::diff_pages(&vm.ram().snapshot(), &ram, 8);
+    assert!(d.is_empty(), "pages differ: {d:?}");
+    assert!(!vm.is_running(), "the destination owns the VM: the source stays paused");
+    assert!(!vm.dirty.is_logging(), "logging ends with the migration");
+    assert_eq!(vm.dirty.starts.load(Ordering::Relaxed), 1);
+}
+
+/// The destination goes away after round 0: the error names the phase, the VM runs on,
+/// unthrottled and unlogged, with every page pending for the next attempt.
+#[test]
+fn a_peer_lost_mid_precopy_leaves_the_vm_running_with_every_page_dirty() {
+    let vm = FakeVm::new();
+    vm.write(5, 9);
+    let (addr, dest) = destination(Script::CloseAfterRound(0), vm.spec().ram_bytes);
+    let mut on = |e: Event| {
+        if let Event::Round(_) = e {
+            vm.set_throttle(40);
+            vm.write(6, 3);
+        }
+    };
+    let err = send(&vm, &addr, 5, &mut on).expect_err("the peer closed");
+    let _ = dest.join().unwrap();
+    assert!(!matches!(err.phase(), Phase::Handshake), "{err}");
+    assert!(err.to_string().contains(&err.phase().to_string()), "{err}");
+    assert!(vm.is_running(), "the source VM runs on");
+    assert_eq!(vm.throttle(), 0, "no throttle left behind");
+    assert!(!vm.dirty.is_logging(), "logging stops with a failed migration");
+    assert_eq!(vm.dirty.pending().len() as u64, vm.ram().pages(), "every page pending");
+}
+
+/// A refused VM: no logging was ever started, the VM runs on.
+#[test]
+fn a_refused_vm_is_never_logged() {
+    let vm = FakeVm::new();
+    let (addr, dest) = destination(Script::Refuse, vm.spec().ram_bytes);
+    let err = send(&vm, &addr, 1, &mut |_| {}).expect_err("refused");
+    let _ = dest.join().unwrap();
+    assert!(matches!(err, SendError::Refused { phase: Phase::Handshake, .. }), "{err}");
+    assert_eq!(vm.dirty.starts.load(Ordering::Relaxed), 0);
+    assert!(!vm.dirty.is_logging());
+    assert!(vm.is_running());
+}

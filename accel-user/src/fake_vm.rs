@@ -1,0 +1,144 @@
+//! A VM without KVM for the engine's unit tests: guest RAM is a real memfd mapping, "guest
+//! writes" are made by the test (so which pages change in which round is exact), and dirty
+//! logging is a set that records those writes while logging is on.
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_hooks::memory::{GuestRam, PAGE_SIZE};
+use kvm_hooks::mh::MhHost;
+use kvm_hooks::migratable::{DirtyCounters, DirtyLog, ExternalPageStates, Migratable};
+use kvm_hooks::state::VcpuState;
+use kvm_hooks::vmm::{GuestSpec, Workload};
+
+#[derive(Debug, Default)]
+pub struct FakeDirty {
+    pages: u64,
+    logging: AtomicBool,
+    pending: Mutex<BTreeSet<u64>>,
+    pub starts: AtomicU32,
+    pub stops: AtomicU32,
+}
+
+impl FakeDirty {
+    pub fn is_logging(&self) -> bool {
+        self.logging.load(Ordering::Acquire)
+    }
+    pub fn pending(&self) -> BTreeSet<u64> {
+        self.pending.lock().unwrap().clone()
+    }
+    fn all(&self) -> BTreeSet<u64> {
+        (0..self.pages).collect()
+    }
+}
+
+impl DirtyLog for FakeDirty {
+    fn start(&self) -> kvm_hooks::Result<()> {
+        self.starts.fetch_add(1, Ordering::Relaxed);
+        self.logging.store(true, Ordering::Release);
+        self.pending.lock().unwrap().clear();
+        Ok(())
+    }
+    fn stop(&self) -> kvm_hooks::Result<()> {
+        self.stops.fetch_add(1, Ordering::Relaxed);
+        self.logging.store(false, Ordering::Release);
+        *self.pending.lock().unwrap() = self.all();
+        Ok(())
+    }
+    fn take(&self) -> kvm_hooks::Result<Vec<u64>> {
+        Ok(std::mem::take(&mut *self.pending.lock().unwrap()).into_iter().collect())
+    }
+    fn restore(&self, gfns: &[u64]) {
+        self.pending.lock().unwrap().extend(gfns);
+    }
+    fn mark_all(&self) {
+        *self.pending.lock().unwrap() = self.all();
+    }
+    fn describe(&self) -> String {
+        "fake".into()
+    }
+    fn counters(&self) -> DirtyCounters {
+        DirtyCounters::default()
+    }
+}
+
+pub struct FakeVm {
+    spec: GuestSpec,
+    ram: Arc<GuestRam>,
+    pub dirty: FakeDirty,
+    running: AtomicBool,
+    throttle: AtomicU8,
+    mh: Mutex<Option<MhHost>>,
+}
+
+impl FakeVm {
+    /// A running 64 MiB, one-vCPU VM whose RAM is all zero.
+    pub fn new() -> Self {
+        let spec = GuestSpec { ram_bytes: 64 << 20, vcpus: 1, workload: Workload::Idle };
+        let ram = Arc::new(GuestRam::new(spec.ram_bytes).expect("memfd guest RAM"));
+        let pages = ram.pages();
+        let dirty = FakeDirty { pages, ..Default::default() };
+        dirty.mark_all();
+        FakeVm { spec, ram, dirty, running: AtomicBool::new(true), throttle: AtomicU8::new(0), mh: Mutex::new(None) }
+    }
+
+    /// A guest write: `byte` at the start of page `gfn`, seen by dirty logging if it is on.
+    pub fn write(&self, gfn: u64, byte: u8) {
+        assert!(self.is_running(), "a paused guest writes nothing");
+        self.ram.write(gfn * PAGE_SIZE, &[byte]).unwrap();
+        if self.dirty.is_logging() {
+            self.dirty.pending.lock().unwrap().insert(gfn);
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+}
+
+impl Migratable for FakeVm {
+    fn spec(&self) -> &GuestSpec {
+        &self.spec
+    }
+    fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+    fn dirty_log(&self) -> &dyn DirtyLog {
+        &self.dirty
+    }
+    fn pause(&self) -> kvm_hooks::Result<()> {
+        self.running.store(false, Ordering::Release);
+        Ok(())
+    }
+    fn resume(&self) -> kvm_hooks::Result<()> {
+        self.running.store(true, Ordering::Release);
+        Ok(())
+    }
+    fn fault(&self) -> Option<String> {
+        None
+    }
+    fn set_throttle(&self, percent: u8) {
+        self.throttle.store(percent, Ordering::Relaxed);
+    }
+    fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::Relaxed)
+    }
+    fn save_states(&self) -> kvm_hooks::Result<Vec<VcpuState>> {
+        Ok(vec![VcpuState::default(); self.spec.vcpus as usize])
+    }
+    fn mh(&self) -> MutexGuard<'_, Option<MhHost>> {
+        self.mh.lock().unwrap()
+    }
+    fn external_page_states(&self) -> Option<Arc<dyn ExternalPageStates>> {
+        None
+    }
+    fn is_shared(&self, _gfn: u64) -> bool {
+        false
+    }
+    fn shared_bitmap(&self) -> Vec<u64> {
+        vec![0; self.ram.pages().div_ceil(64) as usize]
+    }
+    fn shared_ranges(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+}

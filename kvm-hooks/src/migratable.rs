@@ -1,0 +1,156 @@
+//! The boundary between the migration engine and a VM: everything the sending side needs,
+//! and nothing about how the VM is run. The embedded VMM implements it; so does the fake VM
+//! of the engine's unit tests; a VM whose KVM handles belong to another process (QEMU,
+//! followed through the eBPF probe) is meant to implement it too, so no method assumes the
+//! caller owns the VM's file descriptors.
+use std::sync::{Arc, MutexGuard};
+
+use crate::dirty::{DirtyMode, DirtyTracker};
+use crate::error::Result;
+use crate::memory::GuestRam;
+use crate::mh::MhHost;
+use crate::state::VcpuState;
+use crate::vmm::{GuestSpec, Machine};
+
+/// A record of page states kept outside the VMM: the eBPF page-state map, the only record a
+/// migrator has for a VM it does not own. The engine classifies pages by it; for a VM it
+/// owns it checks it against the VMM's own record ([`Migratable::is_shared`]).
+pub trait ExternalPageStates: Send + Sync {
+    /// Apply every change reported so far, then return one bit per guest page, set for a
+    /// shared page. An error means the record cannot be trusted.
+    fn shared_bitmap(&self) -> std::result::Result<Vec<u64>, String>;
+    /// What the record is, for reports ("eBPF page-state map: 12 events applied").
+    fn describe(&self) -> String;
+}
+
+/// Counters a dirty log keeps, for reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirtyCounters {
+    /// Times a vCPU stopped because its dirty ring was full.
+    pub ring_full_exits: u64,
+    /// Reports for a page that was already pending.
+    pub duplicates: u64,
+}
+
+/// Dirty-page tracking as the engine drives it. Logging is on only between `start` and
+/// `stop`; while it is off every page counts as dirty.
+pub trait DirtyLog: Send + Sync {
+    /// Turn logging on and drop everything pending (round 0 sends all RAM).
+    fn start(&self) -> Result<()>;
+    /// Turn logging off; from now on every page counts as dirty.
+    fn stop(&self) -> Result<()>;
+    /// Remove and return every page reported dirty so far, ascending.
+    fn take(&self) -> Result<Vec<u64>>;
+    /// Put pages back: a send of them failed.
+    fn restore(&self, gfns: &[u64]);
+    /// Count every page as dirty (a full resend is needed).
+    fn mark_all(&self);
+    /// What reports the pages ("ring(4096 entries/vCPU)", "bitmap", "ebpf (…)").
+    fn describe(&self) -> String;
+    fn counters(&self) -> DirtyCounters;
+}
+
+/// A VM as the sending side of a migration sees it.
+pub trait Migratable {
+    /// Its shape: RAM size, vCPUs (and, for the embedded VMM, its test workload).
+    fn spec(&self) -> &GuestSpec;
+    fn ram(&self) -> &Arc<GuestRam>;
+    fn dirty_log(&self) -> &dyn DirtyLog;
+    /// Stop every vCPU and wait until none runs guest code.
+    fn pause(&self) -> Result<()>;
+    fn resume(&self) -> Result<()>;
+    /// Why the VM stopped on its own, if it did.
+    fn fault(&self) -> Option<String>;
+    /// Hold vCPUs off the CPU this percent of the time (auto-converge); 0 = full speed.
+    fn set_throttle(&self, percent: u8);
+    fn throttle(&self) -> u8;
+    /// Every vCPU's state (the VM must be paused).
+    fn save_states(&self) -> Result<Vec<VcpuState>>;
+    /// The host end of the in-guest Migration Handler's rings, when one runs.
+    fn mh(&self) -> MutexGuard<'_, Option<MhHost>>;
+    /// Page states as an outside record (the eBPF map) sees them, when one is attached.
+    fn external_page_states(&self) -> Option<Arc<dyn ExternalPageStates>>;
+    /// The VMM's own record: whether `gfn` is shared (unencrypted).
+    fn is_shared(&self, gfn: u64) -> bool;
+    /// One bit per page, set for a shared page.
+    fn shared_bitmap(&self) -> Vec<u64>;
+    /// Shared pages as ascending `(first gfn, pages)` ranges.
+    fn shared_ranges(&self) -> Vec<(u64, u64)>;
+}
+
+impl DirtyLog for DirtyTracker {
+    fn start(&self) -> Result<()> {
+        DirtyTracker::start(self)
+    }
+    fn stop(&self) -> Result<()> {
+        DirtyTracker::stop(self)
+    }
+    fn take(&self) -> Result<Vec<u64>> {
+        DirtyTracker::take(self)
+    }
+    fn restore(&self, gfns: &[u64]) {
+        DirtyTracker::restore(self, gfns)
+    }
+    fn mark_all(&self) {
+        DirtyTracker::mark_all(self)
+    }
+    fn describe(&self) -> String {
+        match (self.mode(), self.source_name()) {
+            (_, n) if n.starts_with("ebpf") => format!("ebpf ({n})"),
+            (DirtyMode::Ring { bytes }, _) => format!("ring({} entries/vCPU)", bytes / 16),
+            (DirtyMode::Bitmap, _) => "bitmap".into(),
+        }
+    }
+    fn counters(&self) -> DirtyCounters {
+        use std::sync::atomic::Ordering::Relaxed;
+        DirtyCounters {
+            ring_full_exits: self.stats.ring_full_exits.load(Relaxed),
+            duplicates: self.stats.duplicates.load(Relaxed),
+        }
+    }
+}
+
+impl Migratable for Machine {
+    fn spec(&self) -> &GuestSpec {
+        Machine::spec(self)
+    }
+    fn ram(&self) -> &Arc<GuestRam> {
+        Machine::ram(self)
+    }
+    fn dirty_log(&self) -> &dyn DirtyLog {
+        &**Machine::dirty(self)
+    }
+    fn pause(&self) -> Result<()> {
+        Machine::pause(self)
+    }
+    fn resume(&self) -> Result<()> {
+        Machine::resume(self)
+    }
+    fn fault(&self) -> Option<String> {
+        Machine::fault(self)
+    }
+    fn set_throttle(&self, percent: u8) {
+        Machine::set_throttle(self, percent)
+    }
+    fn throttle(&self) -> u8 {
+        Machine::throttle(self)
+    }
+    fn save_states(&self) -> Result<Vec<VcpuState>> {
+        Machine::save_states(self)
+    }
+    fn mh(&self) -> MutexGuard<'_, Option<MhHost>> {
+        Machine::mh(self)
+    }
+    fn external_page_states(&self) -> Option<Arc<dyn ExternalPageStates>> {
+        Machine::external_page_states(self)
+    }
+    fn is_shared(&self, gfn: u64) -> bool {
+        Machine::is_shared(self, gfn)
+    }
+    fn shared_bitmap(&self) -> Vec<u64> {
+        Machine::shared_bitmap(self)
+    }
+    fn shared_ranges(&self) -> Vec<(u64, u64)> {
+        Machine::shared_ranges(self)
+    }
+}

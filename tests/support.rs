@@ -310,7 +310,7 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// What a receiver thread leaves behind.
 pub type RecvThread =
-    JoinHandle<(accel_user::dest::Receiver, Result<accel_user::dest::Received, accel_user::dest::RecvError>)>;
+    JoinHandle<(accel_user::session::Receiver, Result<accel_user::dest::Received, accel_user::dest::RecvError>)>;
 
 /// Listen on a fresh loopback port and receive one migration (RAM captured at resume) on a
 /// thread; returns the address to send to.

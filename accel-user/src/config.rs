@@ -437,7 +437,6 @@ impl Config {
         RecvOptions {
             max_ram: self.receiver.max_ram.0,
             max_vcpus: self.receiver.max_vcpus,
-            dirty: self.dirty_preference(),
             capture,
             io_timeout: Duration::from_millis(self.migration.io_timeout_ms),
             prefault: self.receiver.prefault,

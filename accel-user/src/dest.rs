@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use kvm_hooks::dirty::DirtySet;
 use kvm_hooks::memory::GuestRam;
 use kvm_hooks::memory::PAGE_SIZE;
+use kvm_hooks::migratable::{Incoming, VmFactory};
 use kvm_hooks::state::VcpuState;
-use kvm_hooks::vm::DirtyPreference;
-use kvm_hooks::vmm::{GuestSpec, Machine};
+use kvm_hooks::vmm::GuestSpec;
 
 use mh_abi::{Kind, Op, Request};
 
@@ -35,8 +35,6 @@ pub struct RecvOptions {
     /// Largest VM accepted.
     pub max_ram: u64,
     pub max_vcpus: u32,
-    /// Dirty tracking for the destination VM (so it can migrate on later).
-    pub dirty: DirtyPreference,
     /// Snapshot guest RAM just before resuming (verification, `--dump-memory`). The time it
     /// takes is reported to the source and excluded from downtime.
     pub capture: bool,
@@ -342,10 +340,11 @@ fn data_worker(i: usize, mut t: Box<dyn Transport>, sh: Arc<Shared>, ram: Arc<Gu
     }
 }
 
-pub struct Receiver {
+pub struct Receiver<F: VmFactory> {
+    factory: F,
     o: RecvOptions,
     state: RecvState,
-    machine: Option<Machine>,
+    machine: Option<F::Vm>,
     round_pages: u64,
     total_pages: u64,
     bytes: u64,
@@ -370,9 +369,11 @@ pub struct Receiver {
 /// Accepts the next data-stream connection.
 pub type Acceptor<'a> = &'a mut dyn FnMut() -> Result<Box<dyn Transport>, TransportError>;
 
-impl Receiver {
-    pub fn new(o: RecvOptions) -> Self {
+impl<F: VmFactory> Receiver<F> {
+    /// A receiver that creates its VM through `factory` when a source says Hello.
+    pub fn new(o: RecvOptions, factory: F) -> Self {
         Receiver {
+            factory,
             o,
             state: RecvState::AwaitHello,
             machine: None,
@@ -427,10 +428,10 @@ impl Receiver {
         self.state
     }
     /// The destination VM (running after success; created but never resumed after failure).
-    pub fn machine(&self) -> Option<&Machine> {
+    pub fn machine(&self) -> Option<&F::Vm> {
         self.machine.as_ref()
     }
-    pub fn into_machine(self) -> Option<Machine> {
+    pub fn into_machine(self) -> Option<F::Vm> {
         self.machine
     }
 
@@ -590,12 +591,7 @@ impl Receiver {
                 ram.size() >> 20,
                 spec.ram_bytes >> 20
             )),
-            (None, Some(ram)) => {
-                Machine::destination_in(spec, self.o.dirty, ram).map_err(|e| format!("cannot create the VM here: {e}"))
-            }
-            (None, None) => {
-                Machine::destination(spec, self.o.dirty).map_err(|e| format!("cannot create the VM here: {e}"))
-            }
+            (None, ram) => self.factory.create(spec, ram).map_err(|e| format!("cannot create the VM here: {e}")),
         };
         // Confidential: the VM starts now, before any page arrives, with its MH running.
         let machine = machine.and_then(|mut m| {
@@ -788,7 +784,7 @@ impl Receiver {
     }
 
     /// Confidential: the vCPU states the destination MH decrypted into the VMSA pages.
-    fn states_from_vmsa(&self, m: &Machine) -> Result<Vec<VcpuState>, RecvError> {
+    fn states_from_vmsa(&self, m: &F::Vm) -> Result<Vec<VcpuState>, RecvError> {
         let cap = (mh_abi::VMSA_PAGES * mh_abi::PAGE) as usize;
         let mut v = vec![0u8; cap];
         m.ram().read(mh_abi::VMSA, &mut v).map_err(|e| RecvError::Kvm { state: self.state, source: e })?;
@@ -925,9 +921,14 @@ impl Receiver {
 mod tests {
     use super::*;
 
+    /// Preparation needs no VM: a factory of the embedded VMM that is never asked.
+    fn no_vms() -> kvm_hooks::migratable::EmbeddedVms {
+        kvm_hooks::migratable::EmbeddedVms { dirty: kvm_hooks::vm::DirtyPreference::Bitmap }
+    }
+
     #[test]
     fn prepare_allocates_every_page_ahead() {
-        let mut r = Receiver::new(crate::config::Config::default().recv_options(false));
+        let mut r = Receiver::new(crate::config::Config::default().recv_options(false), no_vms());
         r.prepare(64 << 20).unwrap();
         let ram = r.prepared.as_ref().expect("prepared RAM");
         // Every page of the memfd is allocated: one data extent over all of it.
@@ -938,7 +939,7 @@ mod tests {
     fn prepare_checks_limits() {
         let mut o = crate::config::Config::default().recv_options(false);
         o.max_ram = 64 << 20;
-        let mut r = Receiver::new(o);
+        let mut r = Receiver::new(o, no_vms());
         let e = r.prepare(128 << 20).unwrap_err().to_string();
         assert!(e.contains("prepare") && e.contains("limit"), "{e}");
         let e = r.prepare(3 << 20).unwrap_err().to_string();

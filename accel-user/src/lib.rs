@@ -1,7 +1,7 @@
 //! accel-user: the migaccel engine.
 //!
 //! - [`config`]: the TOML config and its validation;
-//! - [`protocol`]: wire protocol v2 (framing, payloads, caps);
+//! - [`protocol`]: wire protocol v3 (framing, payloads, caps);
 //! - [`transport`]: the transport trait and blocking TCP;
 //! - [`policy`]: convergence as a pure function over round metrics;
 //! - [`source`]: precopy, switchover, recovery, reaching the VM only through

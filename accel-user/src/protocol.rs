@@ -15,7 +15,8 @@ use kvm_hooks::vmm::{GuestSpec, Workload};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MGAX");
 /// 2: confidential migrations carry the page-state record (`PageStates`).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: `Hello` carries the VM's shape only (RAM, vCPUs), no guest workload.
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 24;
 pub const PAGE: u64 = 4096;
 /// Most runs in one Pages frame.
@@ -206,25 +207,14 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Workload codes on the wire (`Invalid = 0`, never sent).
-#[repr(u32)]
-enum WorkloadCode {
-    #[allow(dead_code)]
-    Invalid = 0,
-    Ab = 1,
-    Hot = 2,
-    Idle = 3,
-    Oracle = 4,
-    PageState = 5,
-    Canary = 6,
-}
-
 /// Most data streams one migration may use.
 pub const MAX_STREAMS: u32 = 16;
 
 /// Hello: the VM's shape, how many data streams follow and a session id they quote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
+    /// RAM size and vCPUs travel; what the guest runs does not (it is in RAM and vCPU
+    /// state), so a decoded spec says [`Workload::Restored`].
     pub spec: GuestSpec,
     /// Data streams besides the control connection (0 = pages travel on the control stream).
     pub streams: u32,
@@ -245,22 +235,13 @@ pub fn encode_hello(spec: &GuestSpec) -> Vec<u8> {
 
 pub fn encode_hello_full(h: &Hello) -> Vec<u8> {
     let spec = &h.spec;
-    let (code, a, b) = match spec.workload {
-        Workload::Ab => (WorkloadCode::Ab, 0, 0),
-        Workload::Hot { working_set, pages_per_sec } => (WorkloadCode::Hot, working_set, pages_per_sec),
-        Workload::Idle => (WorkloadCode::Idle, 0, 0),
-        Workload::Oracle { pages } => (WorkloadCode::Oracle, pages, 0),
-        Workload::PageState => (WorkloadCode::PageState, 0, 0),
-        Workload::Canary => (WorkloadCode::Canary, 0, 0),
-    };
-    let mut v = Vec::with_capacity(48);
+    let mut v = Vec::with_capacity(56);
     v.extend_from_slice(&(PAGE as u32).to_le_bytes());
     v.extend_from_slice(&spec.vcpus.to_le_bytes());
     v.extend_from_slice(&spec.ram_bytes.to_le_bytes());
-    v.extend_from_slice(&(code as u32).to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes()); // reserved
     v.extend_from_slice(&h.streams.to_le_bytes());
-    v.extend_from_slice(&a.to_le_bytes());
-    v.extend_from_slice(&b.to_le_bytes());
+    v.extend_from_slice(&[0u8; 16]); // reserved
     v.extend_from_slice(&h.session.to_le_bytes());
     v.extend_from_slice(&(if h.confidential { HELLO_CONFIDENTIAL } else { 0 }).to_le_bytes());
     v.extend_from_slice(&h.vm_id.to_le_bytes());
@@ -280,31 +261,24 @@ pub fn decode_hello_full(p: &[u8]) -> Result<Hello, ProtocolError> {
     }
     let vcpus = r.u32("vcpus")?;
     let ram_bytes = r.u64("ram_bytes")?;
-    let code = r.u32("workload")?;
+    let reserved_a = r.u32("reserved")?;
     let streams = r.u32("streams")?;
-    let a = r.u64("workload arg a")?;
-    let b = r.u64("workload arg b")?;
+    let reserved_b = r.u64("reserved")? | r.u64("reserved")?;
     let session = r.u64("session")?;
     let flags = r.u32("flags")?;
     let vm_id = r.u32("vm_id")?;
     r.finish()?;
+    if reserved_a != 0 || reserved_b != 0 {
+        return Err(perr(k, "reserved fields must be 0".to_string()));
+    }
     if flags & !HELLO_CONFIDENTIAL != 0 {
         return Err(perr(k, format!("unknown flags {flags:#x}")));
     }
     if streams > MAX_STREAMS {
         return Err(perr(k, format!("{streams} data streams exceeds the cap of {MAX_STREAMS}")));
     }
-    let workload = match code {
-        c if c == WorkloadCode::Ab as u32 => Workload::Ab,
-        c if c == WorkloadCode::Hot as u32 => Workload::Hot { working_set: a, pages_per_sec: b },
-        c if c == WorkloadCode::Idle as u32 => Workload::Idle,
-        c if c == WorkloadCode::Oracle as u32 => Workload::Oracle { pages: a },
-        c if c == WorkloadCode::PageState as u32 => Workload::PageState,
-        c if c == WorkloadCode::Canary as u32 => Workload::Canary,
-        c => return Err(perr(k, format!("unknown workload code {c}"))),
-    };
     Ok(Hello {
-        spec: GuestSpec { ram_bytes, vcpus, workload },
+        spec: GuestSpec { ram_bytes, vcpus, workload: Workload::Restored },
         streams,
         session,
         confidential: flags & HELLO_CONFIDENTIAL != 0,
@@ -654,8 +628,8 @@ mod tests {
         b[0] = b'X';
         assert!(matches!(Header::decode(&b), Err(ProtocolError::BadMagic(_))));
         let mut b = h.encode();
-        b[4] = 3;
-        assert_eq!(Header::decode(&b), Err(ProtocolError::Version(3)));
+        b[4] = 2; // the previous version, whose Hello named the guest's workload
+        assert_eq!(Header::decode(&b), Err(ProtocolError::Version(2)));
         let mut b = h.encode();
         b[6] = 0;
         assert_eq!(Header::decode(&b), Err(ProtocolError::UnknownKind(0)), "Invalid is never accepted");
@@ -668,21 +642,17 @@ mod tests {
 
     #[test]
     fn hello_roundtrip() {
-        for w in [
-            Workload::Ab,
-            Workload::Idle,
-            Workload::Hot { working_set: 1 << 20, pages_per_sec: 5000 },
-            Workload::Oracle { pages: 1024 },
-            Workload::PageState,
-        ] {
+        // The shape travels, the workload does not: every source workload arrives as Restored.
+        for w in [Workload::Ab, Workload::Idle, Workload::Hot { working_set: 1 << 20, pages_per_sec: 5000 }] {
             let s = GuestSpec { ram_bytes: 1 << 30, vcpus: 3, workload: w };
-            assert_eq!(decode_hello(&encode_hello(&s)).unwrap(), s);
+            let want = GuestSpec { workload: Workload::Restored, ..s };
+            assert_eq!(decode_hello(&encode_hello(&s)).unwrap(), want);
             let h = Hello { spec: s, streams: 4, session: 0xdead_beef, confidential: true, vm_id: 9 };
-            assert_eq!(decode_hello_full(&encode_hello_full(&h)).unwrap(), h);
+            assert_eq!(decode_hello_full(&encode_hello_full(&h)).unwrap(), Hello { spec: want, ..h });
         }
         let mut e = encode_hello(&GuestSpec { ram_bytes: 1 << 30, vcpus: 1, workload: Workload::Ab });
         e[16] = 99;
-        assert!(decode_hello(&e).unwrap_err().to_string().contains("workload code 99"));
+        assert!(decode_hello(&e).unwrap_err().to_string().contains("reserved fields must be 0"));
         assert!(decode_hello(&e[..10]).is_err());
         let mut e = encode_hello_full(&Hello {
             spec: GuestSpec { ram_bytes: 1 << 30, vcpus: 1, workload: Workload::Ab },

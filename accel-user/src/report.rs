@@ -28,6 +28,7 @@ impl From<GuestSpec> for GuestInfo {
             Workload::Oracle { pages } => format!("oracle(pages={pages})"),
             Workload::PageState => "pagestate".to_string(),
             Workload::Canary => "canary".to_string(),
+            Workload::Restored => "restored".to_string(),
         };
         GuestInfo { ram_bytes: s.ram_bytes, vcpus: s.vcpus, workload }
     }

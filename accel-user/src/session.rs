@@ -8,11 +8,19 @@ use kvm_hooks::vmm::Machine;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::dest::{Received, Receiver, RecvError};
+use crate::dest::{Received, RecvError};
 use crate::report::{DestReport, SourceReport};
 use crate::source::{self, Event, Phase, SendError};
 use crate::transport::{self, Transport, TransportError};
 use crate::verify;
+
+/// A receiver whose VMs are the embedded VMM's.
+pub type Receiver = crate::dest::Receiver<kvm_hooks::migratable::EmbeddedVms>;
+
+/// The factory of the destination VMs `cfg` describes.
+fn embedded_vms(cfg: &Config) -> kvm_hooks::migratable::EmbeddedVms {
+    kvm_hooks::migratable::EmbeddedVms { dirty: cfg.dirty_preference() }
+}
 
 /// Boot the guest the config describes and let it run for the warm-up time.
 pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
@@ -108,7 +116,7 @@ pub fn receive(cfg: &Config, l: &TcpListener, capture: bool) -> (Receiver, Resul
     match receiver(cfg, capture) {
         Ok(r) => receive_with(cfg, l, r),
         // Nothing was created: a fresh receiver stands in for the one that refused.
-        Err(e) => (Receiver::new(cfg.recv_options(capture)), Err(e)),
+        Err(e) => (Receiver::new(cfg.recv_options(capture), embedded_vms(cfg)), Err(e)),
     }
 }
 
@@ -133,7 +141,7 @@ pub fn receiver(cfg: &Config, capture: bool) -> Result<Receiver, RecvError> {
             None => key_error = Some("confidential.key_file is not set".into()),
         }
     }
-    let mut r = Receiver::new(opts);
+    let mut r = Receiver::new(opts, embedded_vms(cfg));
     if let Some(e) = key_error {
         return Err(RecvError::Refused(e));
     }
@@ -324,6 +332,7 @@ pub fn demo_opts(
         blank_mh_region(&mut source_ram);
         blank_mh_region(&mut dest_ram);
     }
-    let v = verify(&got.spec, &source_ram, &dest_ram, drep.guest_alive);
+    // The source knows what its guest runs; the destination only got the VM's shape.
+    let v = verify(src.spec(), &source_ram, &dest_ram, drep.guest_alive);
     Ok(DemoOutcome { report: DemoReport { source: srep, destination: drep, verification: v }, source_ram, dest_ram })
 }

@@ -1,15 +1,18 @@
-//! The boundary between the migration engine and a VM: everything the sending side needs,
-//! and nothing about how the VM is run. The embedded VMM implements it; so does the fake VM
+//! The boundary between the migration engine and a VM: what the sending side needs
+//! ([`Migratable`]) and what the receiving side needs ([`VmFactory`], [`Incoming`]), and
+//! nothing about how the VM is run. The embedded VMM implements it; so does the fake VM
 //! of the engine's unit tests; a VM whose KVM handles belong to another process (QEMU,
 //! followed through the eBPF probe) is meant to implement it too, so no method assumes the
 //! caller owns the VM's file descriptors.
 use std::sync::{Arc, MutexGuard};
+use std::time::Duration;
 
 use crate::dirty::{DirtyMode, DirtyTracker};
 use crate::error::Result;
 use crate::memory::GuestRam;
-use crate::mh::MhHost;
+use crate::mh::{Launch, MhError, MhHost};
 use crate::state::VcpuState;
+use crate::vm::DirtyPreference;
 use crate::vmm::{GuestSpec, Machine};
 
 /// A record of page states kept outside the VMM: the eBPF page-state map, the only record a
@@ -152,5 +155,68 @@ impl Migratable for Machine {
     }
     fn shared_ranges(&self) -> Vec<(u64, u64)> {
         Machine::shared_ranges(self)
+    }
+}
+
+/// A VM as the receiving side of a migration fills and starts it: created before any page
+/// arrives, resumed only once it is complete.
+pub trait Incoming: Send {
+    fn spec(&self) -> &GuestSpec;
+    fn ram(&self) -> &Arc<GuestRam>;
+    /// Start the in-guest Migration Handler (confidential VMs), before any page arrives.
+    fn launch_mh(&mut self, launch: &Launch, timeout: Duration) -> std::result::Result<(), MhError>;
+    fn mh(&self) -> MutexGuard<'_, Option<MhHost>>;
+    /// Record `npages` pages from `gfn` as shared (the source VM's page-state record).
+    fn mark_shared(&self, gfn: u64, npages: u64) -> Result<()>;
+    /// Set every vCPU's state (the VM has not run yet).
+    fn restore_states(&self, states: &[VcpuState]) -> Result<()>;
+    fn resume(&self) -> Result<()>;
+}
+
+/// Creates the VMs migrations arrive into.
+pub trait VmFactory: Send {
+    type Vm: Incoming;
+    /// A paused VM of `spec`, over `ram` when the destination allocated it ahead.
+    fn create(&self, spec: GuestSpec, ram: Option<GuestRam>) -> Result<Self::Vm>;
+}
+
+/// Destination VMs of the embedded VMM.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedVms {
+    /// Dirty tracking of the new VM, so it can migrate on later (off until it does).
+    pub dirty: DirtyPreference,
+}
+
+impl VmFactory for EmbeddedVms {
+    type Vm = Machine;
+    fn create(&self, spec: GuestSpec, ram: Option<GuestRam>) -> Result<Machine> {
+        match ram {
+            Some(ram) => Machine::destination_in(spec, self.dirty, ram),
+            None => Machine::destination(spec, self.dirty),
+        }
+    }
+}
+
+impl Incoming for Machine {
+    fn spec(&self) -> &GuestSpec {
+        Machine::spec(self)
+    }
+    fn ram(&self) -> &Arc<GuestRam> {
+        Machine::ram(self)
+    }
+    fn launch_mh(&mut self, launch: &Launch, timeout: Duration) -> std::result::Result<(), MhError> {
+        Machine::launch_mh(self, launch, timeout)
+    }
+    fn mh(&self) -> MutexGuard<'_, Option<MhHost>> {
+        Machine::mh(self)
+    }
+    fn mark_shared(&self, gfn: u64, npages: u64) -> Result<()> {
+        Machine::mark_shared(self, gfn, npages)
+    }
+    fn restore_states(&self, states: &[VcpuState]) -> Result<()> {
+        Machine::restore_states(self, states)
+    }
+    fn resume(&self) -> Result<()> {
+        Machine::resume(self)
     }
 }

@@ -42,6 +42,9 @@ pub enum Workload {
     /// Each vCPU announces the first half of its range shared, then keeps rewriting
     /// [`guest::SHARED_CANARY`] / [`guest::PRIVATE_CANARY`] and a counter into every page.
     Canary,
+    /// A migrated VM: it runs whatever its RAM and restored vCPU state run; the VMM starts
+    /// no program of its own and paces nothing.
+    Restored,
 }
 
 /// A guest's page-state announcement (arguments of `KVM_HC_MAP_GPA_RANGE`).
@@ -116,7 +119,10 @@ impl GuestSpec {
             Workload::Hot { .. } => {
                 Start { program: Program::Walk, rdi: s, rsi: e, r8: self.pace(i).batch, r9: 0, r14: 0 }
             }
-            Workload::Idle => Start { program: Program::Idle, rdi: 0, rsi: 0, r8: 1, r9: 0, r14: 0 },
+            // A restored VM's registers are overwritten before it first runs.
+            Workload::Idle | Workload::Restored => {
+                Start { program: Program::Idle, rdi: 0, rsi: 0, r8: 1, r9: 0, r14: 0 }
+            }
             Workload::PageState => Start {
                 program: Program::PageState,
                 rdi: guest::PARAM + 0x100 + u64::from(i) * 0x20,

@@ -9,7 +9,8 @@ use std::time::Duration;
 use kvm_hooks::memory::PAGE_SIZE;
 use kvm_hooks::migratable::Migratable;
 
-use crate::fake_vm::FakeVm;
+use crate::dest::Receiver;
+use crate::fake_vm::{FakeVm, FakeVms};
 use crate::policy::{AutoConverge, PolicyConfig};
 use crate::protocol::{self, FrameKind, Header, HEADER_LEN};
 use crate::source::{self, Event, Phase, SendError, SendOptions};
@@ -184,4 +185,63 @@ fn a_refused_vm_is_never_logged() {
     assert_eq!(vm.dirty.starts.load(Ordering::Relaxed), 0);
     assert!(!vm.dirty.is_logging());
     assert!(vm.is_running());
+}
+
+/// The receiving state machine on a fake VM, fed by the sending engine on another fake VM:
+/// the destination resumes with the source's RAM and vCPU states.
+#[test]
+fn fake_vm_to_fake_vm() {
+    let vm = FakeVm::new();
+    for gfn in (0..vm.ram().pages()).step_by(3) {
+        vm.write(gfn, 0x5a);
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let dest = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut t = TcpTransport::new(s, Duration::from_secs(30)).unwrap();
+        let mut r = Receiver::new(crate::config::Config::default().recv_options(true), FakeVms);
+        let res = r.run(&mut t);
+        (r, res)
+    });
+    let mut on = |e: Event| {
+        if let Event::Round(r) = e {
+            vm.write(u64::from(r.round) + 11, 0xa5);
+        }
+    };
+    send(&vm, &addr, 2, &mut on).expect("migration");
+    let (r, res) = dest.join().unwrap();
+    let got = res.expect("the destination receives the VM");
+    let m = r.machine().expect("a VM was created");
+    assert!(m.resumed.load(Ordering::Acquire));
+    assert_eq!(m.restored.lock().unwrap().as_ref().map(Vec::len), Some(1), "one vCPU state restored");
+    let d = crate::verify::diff_pages(&vm.ram().snapshot(), got.snapshot.as_deref().unwrap(), 8);
+    assert!(d.is_empty(), "pages differ: {d:?}");
+}
+
+/// A source that vanishes after part of round 0: the fake destination is never resumed.
+#[test]
+fn a_vanished_source_is_never_resumed() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let dest = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut t = TcpTransport::new(s, Duration::from_secs(30)).unwrap();
+        let mut r = Receiver::new(crate::config::Config::default().recv_options(false), FakeVms);
+        let res = r.run(&mut t);
+        (r, res)
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    let spec = kvm_hooks::vmm::GuestSpec { ram_bytes: 64 << 20, vcpus: 1, workload: kvm_hooks::vmm::Workload::Idle };
+    reply(&mut s, FrameKind::Hello, 0, &protocol::encode_hello(&spec));
+    let (h, _) = read_frame(&mut s).expect("HelloAck");
+    assert_eq!(h.kind, FrameKind::HelloAck);
+    let mut p = Vec::new();
+    protocol::encode_pages_meta(0, &[protocol::Run { gfn: 0, npages: 8, flags: protocol::RUN_ZERO }], &mut p);
+    reply(&mut s, FrameKind::Pages, 1, &p);
+    drop(s);
+    let (r, res) = dest.join().unwrap();
+    let e = res.expect_err("an incomplete VM is refused").to_string();
+    assert!(e.contains("precopy round 0"), "{e}");
+    assert!(!r.machine().expect("the VM was created at Hello").resumed.load(Ordering::Acquire));
 }

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_hooks::memory::{GuestRam, PAGE_SIZE};
-use kvm_hooks::mh::MhHost;
-use kvm_hooks::migratable::{DirtyCounters, DirtyLog, ExternalPageStates, Migratable};
+use kvm_hooks::mh::{Launch, MhError, MhHost};
+use kvm_hooks::migratable::{DirtyCounters, DirtyLog, ExternalPageStates, Incoming, Migratable, VmFactory};
 use kvm_hooks::state::VcpuState;
 use kvm_hooks::vmm::{GuestSpec, Workload};
 
@@ -140,5 +140,59 @@ impl Migratable for FakeVm {
     }
     fn shared_ranges(&self) -> Vec<(u64, u64)> {
         Vec::new()
+    }
+}
+
+/// Destination VMs without KVM: RAM is a memfd mapping; restore and resume are recorded.
+pub struct FakeVms;
+
+pub struct FakeIncoming {
+    spec: GuestSpec,
+    ram: Arc<GuestRam>,
+    mh: Mutex<Option<MhHost>>,
+    pub restored: Mutex<Option<Vec<VcpuState>>>,
+    pub resumed: AtomicBool,
+}
+
+impl VmFactory for FakeVms {
+    type Vm = FakeIncoming;
+    fn create(&self, spec: GuestSpec, ram: Option<GuestRam>) -> kvm_hooks::Result<FakeIncoming> {
+        let ram = match ram {
+            Some(r) => r,
+            None => GuestRam::new(spec.ram_bytes)?,
+        };
+        Ok(FakeIncoming {
+            spec,
+            ram: Arc::new(ram),
+            mh: Mutex::new(None),
+            restored: Mutex::new(None),
+            resumed: AtomicBool::new(false),
+        })
+    }
+}
+
+impl Incoming for FakeIncoming {
+    fn spec(&self) -> &GuestSpec {
+        &self.spec
+    }
+    fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+    fn launch_mh(&mut self, _launch: &Launch, _timeout: std::time::Duration) -> Result<(), MhError> {
+        Err(MhError::Faulted("the fake VM runs no Migration Handler".into()))
+    }
+    fn mh(&self) -> MutexGuard<'_, Option<MhHost>> {
+        self.mh.lock().unwrap()
+    }
+    fn mark_shared(&self, _gfn: u64, _npages: u64) -> kvm_hooks::Result<()> {
+        Ok(())
+    }
+    fn restore_states(&self, states: &[VcpuState]) -> kvm_hooks::Result<()> {
+        *self.restored.lock().unwrap() = Some(states.to_vec());
+        Ok(())
+    }
+    fn resume(&self) -> kvm_hooks::Result<()> {
+        self.resumed.store(true, Ordering::Release);
+        Ok(())
     }
 }

@@ -128,6 +128,8 @@ pub struct GuestConfig {
     pub hot_rate: u64,
     /// How long the guest runs before migration starts.
     pub warmup_ms: u64,
+    /// Write every data page before the guest starts (like-for-like with QEMU's test guests).
+    pub prefill: bool,
 }
 
 impl Default for GuestConfig {
@@ -139,6 +141,7 @@ impl Default for GuestConfig {
             hot_working_set: ByteSize(64 << 20),
             hot_rate: 50_000,
             warmup_ms: 300,
+            prefill: false,
         }
     }
 }

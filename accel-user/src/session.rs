@@ -26,6 +26,9 @@ fn embedded_vms(cfg: &Config) -> kvm_hooks::migratable::EmbeddedVms {
 pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
     kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
     let mut m = Machine::boot(cfg.guest_spec(), cfg.dirty_preference())?;
+    if cfg.guest.prefill {
+        kvm_hooks::guest::prefill(m.ram())?;
+    }
     if cfg.migration.dirty_source == crate::config::DirtySource::Ebpf {
         attach_ebpf(&m)?;
     }

@@ -290,15 +290,7 @@ fn iperf3_n(secs: u64, parallel: u32, len: Option<&str>) -> Option<f64> {
 }
 
 fn fill(m: &kvm_hooks::vmm::Machine) -> anyhow::Result<()> {
-    let ram = m.ram();
-    let chunk: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
-    let mut gpa = kvm_hooks::guest::DATA_START;
-    while gpa < ram.size() {
-        let n = (ram.size() - gpa).min(chunk.len() as u64);
-        ram.write(gpa, &chunk[..n as usize])?;
-        gpa += n;
-    }
-    Ok(())
+    Ok(kvm_hooks::guest::prefill(m.ram())?)
 }
 
 fn transport_bench(

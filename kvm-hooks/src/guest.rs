@@ -322,3 +322,20 @@ pub fn initial_regs(vcpu: usize, s: &Start) -> kvm_regs {
         ..Default::default()
     }
 }
+
+/// First byte [`prefill`] writes in a page: the workloads use only the bytes before it.
+pub const PREFILL_OFFSET: u64 = 16;
+
+/// Fill every workload data page from [`PREFILL_OFFSET`] on with a non-zero pattern, as
+/// QEMU's migration-test guests fill their range before a migration: every page then holds
+/// data and is resident, so a migration moves all of RAM, not just what a workload touched.
+/// Call it before the guest runs (it writes host-side).
+pub fn prefill(ram: &GuestRam) -> Result<()> {
+    let page: Vec<u8> = (PREFILL_OFFSET..PAGE_SIZE).map(|i| (i % 251) as u8 | 1).collect();
+    let mut gpa = DATA_START;
+    while gpa < ram.size() {
+        ram.write(gpa + PREFILL_OFFSET, &page)?;
+        gpa += PAGE_SIZE;
+    }
+    Ok(())
+}

@@ -103,6 +103,9 @@ struct Common {
     hot_rate: Option<u64>,
     #[arg(long)]
     warmup_ms: Option<u64>,
+    /// Write every data page before the guest starts.
+    #[arg(long)]
+    prefill: bool,
     #[arg(long)]
     downtime_ms: Option<u64>,
     #[arg(long)]
@@ -176,6 +179,9 @@ impl Common {
         }
         if let Some(v) = self.warmup_ms {
             g.warmup_ms = v;
+        }
+        if self.prefill {
+            g.prefill = true;
         }
         let m = &mut c.migration;
         if let Some(v) = self.downtime_ms {

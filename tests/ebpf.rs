@@ -397,7 +397,10 @@ fn watch_vms_that_other_processes_own() {
     let bin = migaccel_tests::migaccel_bin();
     let run = |workload: &str| {
         Command::new(&bin)
-            .args(["run", "--ram", "64MiB", "--workload", workload, "--seconds", "30", "--dirty-log"])
+            // Pushes exist only with the ring on and logging active (QEMU: dirty-ring-size and
+            // calc-dirty-rate).
+            .args(["run", "--ram", "64MiB", "--workload", workload, "--seconds", "30"])
+            .args(["--dirty-source", "ring", "--dirty-log"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

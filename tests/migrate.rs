@@ -32,6 +32,11 @@ fn migrate(workload: WorkloadKind, dirty: DirtySource) {
         let later = &r.source.precopy_rounds[2..];
         assert!(later.iter().all(|x| x.pages > 0), "{:?}", r.source.precopy_rounds);
         assert!(r.source.final_round.pages > 0, "{:?}", r.source.final_round);
+        // The guest wrote between rounds, so the report counts writes during precopy.
+        let w = r.source.guest_writes_per_s_precopy.expect("the embedded VMM counts guest writes");
+        assert!(w > 0.0, "{w}");
+    } else {
+        assert_eq!(r.source.guest_writes_per_s_precopy, Some(0.0), "an idle guest writes nothing");
     }
     let mode = &r.source.dirty_mode;
     match dirty {

@@ -180,7 +180,7 @@ impl Default for MigrationConfig {
             max_rounds: 30,
             batch_pages: 1024,
             zero_pages: true,
-            dirty_source: DirtySource::Ring,
+            dirty_source: DirtySource::Bitmap,
             dirty_ring_entries: 4096,
             connect_timeout_ms: 5_000,
             io_timeout_ms: 10_000,

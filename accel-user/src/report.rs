@@ -48,6 +48,10 @@ pub struct SourceReport {
     /// Connect + handshake (destination VM created).
     #[serde(serialize_with = "ser_ms", rename = "setup_ms")]
     pub setup: Duration,
+    /// Guest page writes per second during setup (dirty logging off) and during precopy
+    /// (logging on), where the VM counts its guest's writes.
+    pub guest_writes_per_s_setup: Option<f64>,
+    pub guest_writes_per_s_precopy: Option<f64>,
     /// Transports built before connecting (io_uring rings; with fixed buffers, guest RAM
     /// registered, which pins every page): before the migration's clock, not in `total`.
     #[serde(serialize_with = "ser_ms", rename = "prepare_ms")]
@@ -124,6 +128,8 @@ impl SourceReport {
             downtime,
             setup,
             prepare: Duration::ZERO,
+            guest_writes_per_s_setup: None,
+            guest_writes_per_s_precopy: None,
             capture,
             throughput_mib_s: mib(bytes_total, total),
             precopy_throughput_mib_s: mib(pre_bytes, pre_time),
@@ -187,6 +193,9 @@ impl SourceReport {
             self.precopy_throughput_mib_s,
             self.dirty_rate_pages_s
         );
+        if let (Some(a), Some(b)) = (self.guest_writes_per_s_setup, self.guest_writes_per_s_precopy) {
+            let _ = writeln!(s, "guest page writes/s: {a:.0} during setup (unlogged), {b:.0} during precopy (logged)");
+        }
         let _ = writeln!(s, "transport: {}", self.transport);
         if let Some(z) = &self.zerocopy {
             let _ = writeln!(

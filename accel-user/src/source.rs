@@ -225,6 +225,7 @@ fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
 
 fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
     let t0 = Instant::now();
+    let writes0 = c.m.page_writes();
     let spec = *c.m.spec();
     let total_pages = c.m.ram().pages();
     let kvm = |phase: Phase| move |source| SendError::Kvm { phase, source };
@@ -266,6 +267,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     on(Event::Accepted);
 
     // Round 0: all of RAM. Tracking restarts now, so anything written from here on is seen.
+    let (t_precopy, writes_precopy) = (Instant::now(), c.m.page_writes());
     c.m.dirty_log().start().map_err(kvm(Phase::Precopy { round: 0 }))?;
     c.inflight = InFlight::All;
     let mut rounds: Vec<RoundStats> = Vec::new();
@@ -310,6 +312,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     // Stop-and-copy.
     let ph = Phase::StopAndCopy;
     let t_stop = Instant::now();
+    let writes_stop = c.m.page_writes();
     c.m.pause().map_err(kvm(ph))?;
     c.paused = true;
     c.m.set_throttle(0);
@@ -380,6 +383,12 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         Some(d) => (format!("{} x {}", d.len(), d.describe()), d.zc()),
         None => (c.t.describe(), c.t.zc_stats()),
     };
+    let per_s = |a: Option<u64>, b: Option<u64>, d: Duration| match (a, b) {
+        (Some(a), Some(b)) if !d.is_zero() => Some(b.saturating_sub(a) as f64 / d.as_secs_f64()),
+        _ => None,
+    };
+    rep.guest_writes_per_s_setup = per_s(writes0, writes_precopy, t_precopy - t0);
+    rep.guest_writes_per_s_precopy = per_s(writes_precopy, writes_stop, t_stop - t_precopy);
     rep.transport = desc;
     rep.streams = c.o.streams.max(1);
     rep.zerocopy = zc.map(Into::into);

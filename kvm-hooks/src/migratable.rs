@@ -79,6 +79,11 @@ pub trait Migratable {
     fn shared_bitmap(&self) -> Vec<u64>;
     /// Shared pages as ascending `(first gfn, pages)` ranges.
     fn shared_ranges(&self) -> Vec<(u64, u64)>;
+    /// Page writes the guest made so far, where the VMM can count them (reports show how
+    /// much dirty logging slows the guest); `None` where it cannot.
+    fn page_writes(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl DirtyLog for DirtyTracker {
@@ -155,6 +160,9 @@ impl Migratable for Machine {
     }
     fn shared_ranges(&self) -> Vec<(u64, u64)> {
         Machine::shared_ranges(self)
+    }
+    fn page_writes(&self) -> Option<u64> {
+        Some(Machine::page_writes(self))
     }
 }
 

@@ -150,6 +150,17 @@ impl GuestSpec {
         }
     }
 
+    /// Guest page writes behind one progress report of vCPU `i` (0 for workloads that
+    /// write no memory, or whose program the VMM did not start).
+    pub fn writes_per_report(&self, i: u32) -> u64 {
+        let (s, e) = self.vcpu_range(i);
+        match self.workload {
+            Workload::Ab | Workload::Hot { .. } | Workload::Oracle { .. } => self.start(i).r8.max(1),
+            Workload::Canary => (e - s) / PAGE_SIZE,
+            Workload::Idle | Workload::PageState | Workload::Restored => 0,
+        }
+    }
+
     /// Host-side pacing of vCPU `i`: after each progress report covering `batch` pages, the
     /// vCPU thread sleeps so that the vCPU averages `per_sec` reports×batch per second.
     fn pace(&self, _i: u32) -> Pace {
@@ -354,6 +365,13 @@ impl Machine {
     pub fn progress(&self) -> Vec<u64> {
         self.shared.progress.iter().map(|p| p.load(Ordering::Relaxed)).collect()
     }
+    /// Page writes the guest reported so far, over all vCPUs (see
+    /// [`GuestSpec::writes_per_report`]).
+    pub fn page_writes(&self) -> u64 {
+        let r = self.reports();
+        (0..r.len()).map(|i| r[i] * self.spec.writes_per_report(i as u32)).sum()
+    }
+
     /// Number of progress reports each vCPU made on this host.
     pub fn reports(&self) -> Vec<u64> {
         self.shared.reports.iter().map(|p| p.load(Ordering::Relaxed)).collect()

@@ -187,6 +187,22 @@ fn a_refused_vm_is_never_logged() {
     assert!(vm.is_running());
 }
 
+/// A receiver with fake destination VMs, on a thread, for one migration over loopback.
+type FakeReceive = JoinHandle<(Receiver<FakeVms>, Result<crate::dest::Received, crate::dest::RecvError>)>;
+
+fn fake_receiver(capture: bool) -> (String, FakeReceive) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut t = TcpTransport::new(s, Duration::from_secs(30)).unwrap();
+        let mut r = Receiver::new(crate::config::Config::default().recv_options(capture), FakeVms);
+        let res = r.run(&mut t);
+        (r, res)
+    });
+    (addr, h)
+}
+
 /// The receiving state machine on a fake VM, fed by the sending engine on another fake VM:
 /// the destination resumes with the source's RAM and vCPU states.
 #[test]
@@ -195,15 +211,7 @@ fn fake_vm_to_fake_vm() {
     for gfn in (0..vm.ram().pages()).step_by(3) {
         vm.write(gfn, 0x5a);
     }
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let dest = std::thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        let mut t = TcpTransport::new(s, Duration::from_secs(30)).unwrap();
-        let mut r = Receiver::new(crate::config::Config::default().recv_options(true), FakeVms);
-        let res = r.run(&mut t);
-        (r, res)
-    });
+    let (addr, dest) = fake_receiver(true);
     let mut on = |e: Event| {
         if let Event::Round(r) = e {
             vm.write(u64::from(r.round) + 11, 0xa5);
@@ -222,15 +230,7 @@ fn fake_vm_to_fake_vm() {
 /// A source that vanishes after part of round 0: the fake destination is never resumed.
 #[test]
 fn a_vanished_source_is_never_resumed() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let dest = std::thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        let mut t = TcpTransport::new(s, Duration::from_secs(30)).unwrap();
-        let mut r = Receiver::new(crate::config::Config::default().recv_options(false), FakeVms);
-        let res = r.run(&mut t);
-        (r, res)
-    });
+    let (addr, dest) = fake_receiver(false);
     let mut s = TcpStream::connect(addr).unwrap();
     let spec = kvm_hooks::vmm::GuestSpec { ram_bytes: 64 << 20, vcpus: 1, workload: kvm_hooks::vmm::Workload::Idle };
     reply(&mut s, FrameKind::Hello, 0, &protocol::encode_hello(&spec));

@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod mh;
+mod vs_qemu;
 
 #[derive(Parser)]
 #[command(name = "migaccel-bench")]
@@ -92,6 +93,19 @@ enum Cmd {
         /// Only these modes (blocking, copy, zerocopy, zerocopy-fixed).
         #[arg(long, value_delimiter = ',')]
         modes: Vec<String>,
+    },
+    /// QEMU's own migration of its guest against migaccel's of the embedded guest: same RAM,
+    /// same workload class (idle or a full-speed hot range, both prefilled), interleaved.
+    VsQemu {
+        #[arg(long, value_delimiter = ',', default_value = "1GiB", value_parser = |s: &str| s.parse::<ByteSize>())]
+        ram: Vec<ByteSize>,
+        #[arg(long, default_value = "256MiB", value_parser = |s: &str| s.parse::<ByteSize>())]
+        hot: ByteSize,
+        #[arg(long, default_value_t = 3)]
+        reps: u32,
+        /// How long each guest runs after its prefill before the migration starts.
+        #[arg(long, default_value_t = 1000)]
+        warmup_ms: u64,
     },
     /// The in-guest Migration Handler: export+import throughput per batch size against the
     /// AES-256-GCM ceiling, doorbell kinds, and direct vs confidential migrations.
@@ -677,6 +691,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Ebpf { window_ms, cycles, vms, harvest_ms, pid } => ebpf_bench(window_ms, cycles, vms, harvest_ms, !pid)?,
         Cmd::Mh { pages, batches, migrate_ram } => mh::mh_bench(pages, &batches, migrate_ram)?,
+        Cmd::VsQemu { ram, hot, reps, warmup_ms } => vs_qemu::vs_qemu(&ram, hot, reps, warmup_ms)?,
         Cmd::Transport { ram, streams, ceiling_secs, prefault, dest, modes, reps } => {
             transport_bench(&ram, &streams, ceiling_secs, prefault, &dest, &modes, reps.max(1))?
         }

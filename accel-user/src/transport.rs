@@ -264,19 +264,6 @@ pub struct UringTransport {
 }
 
 impl UringTransport {
-    /// Wrap a connected stream. `ram` (the source VM's RAM) is registered as fixed buffers
-    /// when `fixed` is set and the mode sends zero-copy.
-    pub fn new(
-        stream: TcpStream,
-        mode: TransportMode,
-        ram: Option<&GuestRam>,
-        fixed: bool,
-        timeout: Duration,
-    ) -> Result<Self, TransportError> {
-        let tx = Self::sender(mode, ram, fixed, timeout)?;
-        Self::bind(stream, mode, tx, timeout)
-    }
-
     /// The sending ring for `mode`, not yet tied to a socket (see [`prepare`]).
     fn sender(
         mode: TransportMode,
@@ -448,13 +435,7 @@ pub fn wrap(
     fixed: bool,
     timeout: Duration,
 ) -> Result<Box<dyn Transport>, TransportError> {
-    Ok(match mode {
-        TransportMode::Blocking => Box::new(
-            TcpTransport::new(stream, timeout)
-                .map_err(|source| TransportError::Io { op: "configure socket", source })?,
-        ),
-        m => Box::new(UringTransport::new(stream, m, ram, fixed, timeout)?),
-    })
+    prepare(mode, ram, fixed, timeout)?.bind(stream)
 }
 
 /// A sending transport with everything done that does not need the peer. For io_uring
@@ -481,6 +462,19 @@ pub fn prepare(
     Ok(Prepared { mode, uring, timeout })
 }
 
+impl Prepared {
+    /// The transport over the connected `stream`.
+    pub fn bind(self, stream: TcpStream) -> Result<Box<dyn Transport>, TransportError> {
+        Ok(match self.uring {
+            None => Box::new(
+                TcpTransport::new(stream, self.timeout)
+                    .map_err(|source| TransportError::Io { op: "configure socket", source })?,
+            ),
+            Some(tx) => Box::new(UringTransport::bind(stream, self.mode, tx, self.timeout)?),
+        })
+    }
+}
+
 /// Connect to `addr` and wrap the stream in the prepared transport.
 pub fn connect(
     addr: &str,
@@ -492,16 +486,7 @@ pub fn connect(
     let addrs = addr.to_socket_addrs().map_err(|e| TransportError::Io { op: "resolve address", source: e })?;
     for a in addrs {
         match TcpStream::connect_timeout(&a, connect_timeout) {
-            Ok(s) => {
-                let Prepared { mode, uring, timeout } = prepared;
-                return Ok(match uring {
-                    None => Box::new(
-                        TcpTransport::new(s, timeout)
-                            .map_err(|source| TransportError::Io { op: "configure socket", source })?,
-                    ),
-                    Some(tx) => Box::new(UringTransport::bind(s, mode, tx, timeout)?),
-                });
-            }
+            Ok(s) => return prepared.bind(s),
             Err(e) => last = Some(e),
         }
     }

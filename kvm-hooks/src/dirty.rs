@@ -7,12 +7,12 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use kvm_ioctls::VmFd;
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{errno_io, Error, Result};
-use crate::memory::{GuestRam, Memslot};
+use crate::memory::GuestRam;
 use crate::sys;
 
 const GFN_F_DIRTY: u32 = 1;
@@ -200,11 +200,9 @@ impl std::fmt::Debug for Inner {
 pub struct DirtyTracker {
     vm: Arc<VmFd>,
     mode: DirtyMode,
-    slots: Vec<Memslot>,
-    /// The memslots as registered (logging toggles their `KVM_MEM_LOG_DIRTY_PAGES` flag).
-    regions: Vec<kvm_userspace_memory_region>,
-    /// Keeps the host range behind `regions` mapped for as long as KVM may use it.
-    _ram: Arc<GuestRam>,
+    /// The RAM whose memslots are tracked: logging re-registers them, and keeping it here
+    /// keeps their host range mapped for as long as KVM may use it.
+    ram: Arc<GuestRam>,
     logging: std::sync::atomic::AtomicBool,
     inner: Mutex<Inner>,
     pub stats: DirtyStats,
@@ -213,22 +211,14 @@ pub struct DirtyTracker {
 }
 
 impl DirtyTracker {
-    pub(crate) fn new(
-        vm: Arc<VmFd>,
-        mode: DirtyMode,
-        slots: Vec<Memslot>,
-        regions: Vec<kvm_userspace_memory_region>,
-        ram: Arc<GuestRam>,
-    ) -> Self {
+    pub(crate) fn new(vm: Arc<VmFd>, mode: DirtyMode, ram: Arc<GuestRam>) -> Self {
         let pages = ram.pages();
         let mut pending = DirtySet::new(pages);
         insert_all(&mut pending, pages);
         DirtyTracker {
             vm,
             mode,
-            slots,
-            regions,
-            _ram: ram,
+            ram,
             logging: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner { rings: Vec::new(), pending, external: None }),
             stats: DirtyStats::default(),
@@ -263,11 +253,10 @@ impl DirtyTracker {
 
     fn set_logging(&self, on: bool) -> Result<()> {
         let _g = self.lock();
-        for r in &self.regions {
-            let mut region = *r;
-            region.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        for s in self.ram.slots() {
+            let region = self.ram.kvm_region(s, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })?;
             // SAFETY: the same slot, guest range and host range as registered when the VM
-            // was created (only the flags change); `_ram` keeps the host range mapped.
+            // was created (only the flags change); `self.ram` keeps the host range mapped.
             unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| {
                 Error::ioctl(
                     if on {
@@ -342,7 +331,7 @@ impl DirtyTracker {
         match self.mode {
             DirtyMode::Ring { .. } => self.harvest_rings(inner, true)?,
             DirtyMode::Bitmap => {
-                for s in &self.slots {
+                for s in self.ram.slots() {
                     let mut bits = self
                         .vm
                         .get_dirty_log(s.id, s.size as usize)
@@ -409,7 +398,7 @@ impl DirtyTracker {
         if slot >> 16 != 0 {
             return None;
         }
-        let s = self.slots.iter().find(|s| s.id == slot & 0xffff)?;
+        let s = self.ram.slots().iter().find(|s| s.id == slot & 0xffff)?;
         (offset < s.pages()).then(|| s.first_gfn() + offset)
     }
 
@@ -439,7 +428,7 @@ impl DirtyTracker {
     }
 
     fn total_pages(&self) -> u64 {
-        self.slots.iter().map(|s| s.pages()).sum()
+        self.ram.slots().iter().map(|s| s.pages()).sum()
     }
 
     /// Drop everything reported so far (start of a migration: round 0 sends all RAM).

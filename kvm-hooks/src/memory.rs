@@ -80,6 +80,18 @@ impl GuestRam {
     pub fn memfd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.file.as_fd()
     }
+    /// The KVM memslot for `slot` of this RAM with `flags` (`KVM_MEM_LOG_DIRTY_PAGES` or 0):
+    /// what the VM registers at creation and what dirty logging re-registers.
+    pub fn kvm_region(&self, slot: &Memslot, flags: u32) -> Result<kvm_bindings::kvm_userspace_memory_region> {
+        Ok(kvm_bindings::kvm_userspace_memory_region {
+            slot: slot.id,
+            flags,
+            guest_phys_addr: slot.gpa,
+            memory_size: slot.size,
+            userspace_addr: self.host_addr(slot.gpa)? as u64,
+        })
+    }
+
     /// Host virtual address of guest-physical `gpa` (for KVM memslot registration and I/O).
     pub fn host_addr(&self, gpa: u64) -> Result<*mut u8> {
         self.check(gpa, 0)?;

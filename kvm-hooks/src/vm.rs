@@ -1,7 +1,7 @@
 //! VM and vCPU handles on kvm-ioctls: one owning type per kernel object.
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_enable_cap, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::dirty::{DirtyMode, DirtyRing, DirtyTracker};
@@ -137,28 +137,19 @@ impl Vm {
         // Memslots start without dirty logging: a logged page costs the guest a
         // write-protect fault on its first write after every harvest, so logging is on only
         // while a migration runs (`DirtyTracker::start` / `stop`).
-        let mut regions = Vec::with_capacity(ram.slots().len());
         for s in ram.slots() {
-            let region = kvm_userspace_memory_region {
-                slot: s.id,
-                flags: 0,
-                guest_phys_addr: s.gpa,
-                memory_size: s.size,
-                userspace_addr: ram.host_addr(s.gpa)? as u64,
-            };
+            let region = ram.kvm_region(s, 0)?;
             // SAFETY: the host range belongs to `ram`, which the VM and its dirty tracker
             // keep alive (Arc) for as long as the VM fd exists, and slots do not overlap.
             unsafe { fd.set_user_memory_region(region) }
                 .map_err(|e| Error::ioctl("KVM_SET_USER_MEMORY_REGION", errno_io(e)))?;
-            regions.push(region);
         }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::ioctl("KVM_GET_SUPPORTED_CPUID", errno_io(e)))?;
         let fd = Arc::new(fd);
-        let slots = ram.slots().to_vec();
         let ram = Arc::new(ram);
-        let dirty = Arc::new(DirtyTracker::new(fd.clone(), mode, slots, regions, ram.clone()));
+        let dirty = Arc::new(DirtyTracker::new(fd.clone(), mode, ram.clone()));
         Ok(Vm { kvm, fd, ram, dirty, cpuid })
     }
 

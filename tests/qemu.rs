@@ -1,93 +1,10 @@
 //! `migaccel watch` on a real QEMU: a VM migaccel does not own. QEMU's own dirty-rate
 //! measurement (`calc-dirty-rate`, dirty-ring mode) is the independent reference.
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use migaccel_tests::qemu::{guest_image, Qemu};
 use serde_json::{json, Value};
-
-/// Assemble `tests/qemu/guest.S` into a flat multiboot image.
-fn guest_image(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu/guest.S");
-    let (obj, bin) = (dir.join("guest.o"), dir.join("guest.bin"));
-    let ok = |c: &mut Command| {
-        let o = c.output().expect("binutils (as, ld): ./dev setup installs them");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    };
-    ok(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src));
-    ok(Command::new("ld")
-        .args(["-m", "elf_x86_64", "-Ttext=0x100000", "--oformat", "binary", "-o"])
-        .arg(&bin)
-        .arg(&obj));
-    bin
-}
-
-/// A QEMU process, killed on drop.
-struct Qemu {
-    child: Child,
-    qmp: BufReader<UnixStream>,
-}
-
-impl Qemu {
-    fn start(dir: &Path) -> Qemu {
-        let sock = dir.join("qmp.sock");
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-machine", "pc", "-accel", "kvm,dirty-ring-size=4096", "-m", "256", "-kernel"])
-            .arg(guest_image(dir))
-            .args(["-display", "none", "-monitor", "none", "-serial", "none", "-no-reboot", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 (./dev setup installs qemu-system-x86)");
-        let mut s = None;
-        for _ in 0..200 {
-            if let Ok(c) = UnixStream::connect(&sock) {
-                s = Some(c);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let s = s.expect("QMP socket");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut q = Qemu { child, qmp: BufReader::new(s) };
-        q.read(); // greeting
-        q.cmd("qmp_capabilities", json!({}));
-        q
-    }
-
-    fn read(&mut self) -> Value {
-        loop {
-            let mut l = String::new();
-            self.qmp.read_line(&mut l).expect("QMP reply");
-            let v: Value = serde_json::from_str(&l).expect("QMP JSON");
-            if v.get("event").is_none() {
-                return v;
-            }
-        }
-    }
-
-    fn cmd(&mut self, name: &str, args: Value) -> Value {
-        let m = json!({"execute": name, "arguments": args});
-        writeln!(self.qmp.get_mut(), "{m}").unwrap();
-        let r = self.read();
-        assert!(r.get("error").is_none(), "{name}: {r}");
-        r["return"].clone()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn watch(pid: u32, secs: &str) -> Value {
     let o = Command::new(migaccel_tests::migaccel_bin())
@@ -105,19 +22,25 @@ fn watch(pid: u32, secs: &str) -> Value {
 fn watch_a_qemu_guest() {
     let dir = std::env::temp_dir().join(format!("migaccel-qemu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut q = Qemu::start(&dir);
-    assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
+    let kernel = guest_image(&dir, None, None).unwrap();
+    let mut q = Qemu::start(&dir, "qmp", "kvm,dirty-ring-size=4096", 256, &kernel, &[]).unwrap();
+    assert_eq!(q.cmd("query-status", json!({})).unwrap()["status"], "running");
     // Past the firmware and the guest's ring-0 setup: the vCPU runs the CPL 3 loop.
     let mut regs = String::new();
     for _ in 0..300 {
-        regs = q.cmd("human-monitor-command", json!({"command-line": "info registers"})).as_str().unwrap().to_string();
+        regs = q
+            .cmd("human-monitor-command", json!({"command-line": "info registers"}))
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string();
         if regs.contains("CS =0023") {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(regs.contains("CS =0023"), "the guest never reached CPL 3:\n{regs}");
-    q.cmd("calc-dirty-rate", json!({"calc-time": 3, "mode": "dirty-ring"}));
+    q.cmd("calc-dirty-rate", json!({"calc-time": 3, "mode": "dirty-ring"})).unwrap();
     let w = watch(q.pid(), "2");
     assert_eq!(w["vms"], 1);
     assert_eq!(w["lost"], 0, "{w}");
@@ -128,7 +51,7 @@ fn watch_a_qemu_guest() {
     // QEMU's own measurement of the same guest, over an overlapping window.
     let mut rate = Value::Null;
     for _ in 0..100 {
-        rate = q.cmd("query-dirty-rate", json!({}));
+        rate = q.cmd("query-dirty-rate", json!({})).unwrap();
         if rate["status"] == "measured" {
             break;
         }
@@ -146,7 +69,7 @@ fn watch_a_qemu_guest() {
     let pid = q.pid();
     let t = std::thread::spawn(move || watch(pid, "60"));
     std::thread::sleep(Duration::from_millis(700));
-    writeln!(q.qmp.get_mut(), "{}", json!({"execute": "quit"})).unwrap();
+    q.quit().unwrap();
     let end = t.join().unwrap();
     assert_eq!(end["exited"], true, "{end}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -10,6 +10,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
+
+#[path = "qemu_support.rs"]
+pub mod qemu;
 use accel_user::protocol::{FrameKind, HEADER_LEN};
 
 /// A small, quick config for tests.

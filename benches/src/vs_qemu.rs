@@ -6,19 +6,18 @@
 //! `tests/qemu/guest.S` (multiboot, CPL 3), migrated between two QEMU processes over loopback
 //! with QMP; migaccel's runs as two processes (`receive`, `send`). Each migaccel figure is
 //! printed as a ratio to the best QEMU variant of the same cell and repetition.
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use accel_user::config::ByteSize;
 use anyhow::{bail, Context};
+use migaccel_tests::qemu::{guest_image, Qemu};
 use serde_json::{json, Value};
 
 /// Where QEMU's pc machine puts RAM above 3 GiB is not contiguous; the guest maps 4 GiB.
 const QEMU_MAX_RAM: u64 = 3 << 30;
-const PREFILLED: u64 = 0x600D_F111;
 
 /// One migration's figures.
 #[derive(Debug, Clone, Copy)]
@@ -29,113 +28,14 @@ struct Run {
     mib: f64,
 }
 
-/// Assemble the QEMU guest for `ram` bytes with a hot range of `hot` bytes (0: idle).
-fn guest(dir: &Path, ram: u64, hot: u64) -> anyhow::Result<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/qemu/guest.S");
-    let (obj, bin) = (dir.join(format!("g{ram}-{hot}.o")), dir.join(format!("g{ram}-{hot}.bin")));
-    let run = |c: &mut Command| -> anyhow::Result<()> {
-        let o = c.output().context("binutils (as, ld)")?;
-        anyhow::ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        Ok(())
-    };
-    run(Command::new("as")
-        .args(["--64", "--defsym", &format!("RAM_END={ram:#x}"), "--defsym"])
-        .arg(format!("HOT_END={:#x}", (16 << 20) + hot))
-        .arg("-o")
-        .arg(&obj)
-        .arg(&src))?;
-    run(Command::new("ld")
-        .args(["-m", "elf_x86_64", "-Ttext=0x100000", "--oformat", "binary", "-o"])
-        .arg(&bin)
-        .arg(&obj))?;
-    Ok(bin)
-}
-
-/// A QEMU process with its QMP connection, killed on drop.
-struct Qemu {
-    child: Child,
-    qmp: BufReader<UnixStream>,
-}
-
-impl Qemu {
-    fn start(dir: &Path, name: &str, ram: u64, kernel: &Path, extra: &[String]) -> anyhow::Result<Qemu> {
-        let sock = dir.join(format!("{name}.sock"));
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-machine", "pc", "-accel", "kvm", "-m", &format!("{}M", ram >> 20), "-kernel"])
-            .arg(kernel)
-            .args(["-display", "none", "-monitor", "none", "-serial", "none", "-no-reboot", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("qemu-system-x86_64 (./dev setup installs qemu-system-x86)")?;
-        let t0 = Instant::now();
-        let s = loop {
-            match UnixStream::connect(&sock) {
-                Ok(s) => break s,
-                Err(_) if t0.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => bail!("QMP socket {}: {e}", sock.display()),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let mut q = Qemu { child, qmp: BufReader::new(s) };
-        q.read()?;
-        q.cmd("qmp_capabilities", json!({}))?;
-        Ok(q)
-    }
-
-    fn read(&mut self) -> anyhow::Result<Value> {
-        let mut l = String::new();
-        self.qmp.read_line(&mut l)?;
-        anyhow::ensure!(!l.is_empty(), "QMP connection closed");
-        Ok(serde_json::from_str(&l)?)
-    }
-
-    fn cmd(&mut self, c: &str, args: Value) -> anyhow::Result<Value> {
-        let mut s = self.qmp.get_ref();
-        writeln!(s, "{}", json!({"execute": c, "arguments": args}))?;
-        loop {
-            let v = self.read()?;
-            if let Some(e) = v.get("error") {
-                bail!("QMP {c}: {e}");
-            }
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-        }
-    }
-
-    /// Wait until the guest stored its prefill marker.
-    fn wait_prefilled(&mut self) -> anyhow::Result<()> {
-        let t0 = Instant::now();
-        loop {
-            let r = self.cmd("human-monitor-command", json!({"command-line": "xp /1xw 0x100800"}))?;
-            let text = r.as_str().unwrap_or_default();
-            if text.contains(&format!("{PREFILLED:#x}")) {
-                return Ok(());
-            }
-            anyhow::ensure!(t0.elapsed() < Duration::from_secs(300), "QEMU guest never prefilled: {text}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// QEMU migrating its own guest: auto-converge on (as migaccel's default), 10 Gbit/s
 /// bandwidth cap, 50 ms downtime limit (migaccel's default target), optional multifd.
 fn qemu_run(dir: &Path, kernel: &Path, ram: u64, multifd: u32, warmup: Duration) -> anyhow::Result<Run> {
     let port = free_port()?;
-    let mut dst = Qemu::start(dir, "dst", ram, kernel, &["-incoming".into(), "defer".into()])?;
-    let mut src = Qemu::start(dir, "src", ram, kernel, &[])?;
-    src.wait_prefilled()?;
+    let mib = ram >> 20;
+    let mut dst = Qemu::start(dir, "dst", "kvm", mib, kernel, &["-incoming", "defer"])?;
+    let mut src = Qemu::start(dir, "src", "kvm", mib, kernel, &[])?;
+    src.wait_prefilled(Duration::from_secs(300))?;
     std::thread::sleep(warmup);
     let mut caps = vec![json!({"capability": "auto-converge", "state": true})];
     if multifd > 0 {
@@ -163,6 +63,7 @@ fn qemu_run(dir: &Path, kernel: &Path, ram: u64, multifd: u32, warmup: Duration)
         std::thread::sleep(Duration::from_millis(5));
     };
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    anyhow::ensure!(f("total-time") > 0.0, "QEMU reported a completed migration without its time: {r}");
     Ok(Run {
         total_ms: f("total-time"),
         downtime_ms: f("downtime"),
@@ -249,7 +150,7 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> a
     println!("|---|---|---|---|---|---|---|---|---|");
     for ram in rams {
         for &(class, hot) in &classes {
-            let kernel = guest(&dir, ram.0, hot)?;
+            let kernel = guest_image(&dir, Some(ram.0), Some((16 << 20) + hot))?;
             let mut runs: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
             let mut ratios: Vec<(f64, f64)> = Vec::new();
             for rep in 0..reps as usize {

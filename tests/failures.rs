@@ -195,7 +195,7 @@ fn hostile(client: impl FnOnce(&mut TcpStream) + Send + 'static) -> (RecvError, 
 }
 
 fn hello(s: &mut TcpStream) {
-    s.write_all(&frame(FrameKind::Hello, 0, &protocol::encode_hello(&SPEC))).unwrap();
+    s.write_all(&frame(FrameKind::Hello, 0, &protocol::encode_hello(&SPEC.shape()))).unwrap();
     let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h).unwrap();
     let h = Header::decode(&h).unwrap();
@@ -215,7 +215,7 @@ fn receiver_rejects_garbage() {
 #[test]
 fn receiver_rejects_unknown_version() {
     let (e, _) = hostile(|s| {
-        let mut f = frame(FrameKind::Hello, 0, &protocol::encode_hello(&SPEC));
+        let mut f = frame(FrameKind::Hello, 0, &protocol::encode_hello(&SPEC.shape()));
         f[4] = 7;
         s.write_all(&f).unwrap();
     });
@@ -237,7 +237,7 @@ fn receiver_rejects_oversized_frame_before_allocating() {
 #[test]
 fn receiver_rejects_truncated_frame() {
     let (e, _) = hostile(|s| {
-        let f = frame(FrameKind::Hello, 0, &protocol::encode_hello(&SPEC));
+        let f = frame(FrameKind::Hello, 0, &protocol::encode_hello(&SPEC.shape()));
         s.write_all(&f[..HEADER_LEN + 10]).unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
     });

@@ -20,9 +20,8 @@ use std::time::{Duration, Instant};
 use kvm_hooks::dirty::DirtySet;
 use kvm_hooks::memory::GuestRam;
 use kvm_hooks::memory::PAGE_SIZE;
-use kvm_hooks::migratable::{Incoming, VmFactory};
+use kvm_hooks::migratable::{Incoming, VmFactory, VmShape};
 use kvm_hooks::state::VcpuState;
-use kvm_hooks::vmm::GuestSpec;
 
 use mh_abi::{Kind, Op, Request};
 
@@ -117,7 +116,7 @@ pub enum RecvError {
 /// What a successful receive leaves behind.
 #[derive(Debug)]
 pub struct Received {
-    pub spec: GuestSpec,
+    pub shape: VmShape,
     pub rounds: u32,
     pub pages: u64,
     pub bytes: u64,
@@ -569,7 +568,7 @@ impl<F: VmFactory> Receiver<F> {
     fn on_hello(&mut self, t: &mut dyn Transport, h: &Header, accept: Acceptor<'_>) -> Result<(), RecvError> {
         let p = self.small(t, h)?;
         let hello = protocol::decode_hello_full(&p).map_err(|e| self.perr(e))?;
-        let spec = hello.spec;
+        let spec = hello.shape;
         let refuse = if spec.ram_bytes > self.o.max_ram {
             Some(format!(
                 "guest RAM {} bytes exceeds this receiver's limit of {} bytes",
@@ -905,7 +904,7 @@ impl<F: VmFactory> Receiver<F> {
             tracing::error!("VM resumed but the acknowledgement could not be sent: {e}");
         }
         Ok(Received {
-            spec: *m.spec(),
+            shape: m.shape(),
             rounds,
             pages: self.total_pages,
             bytes: self.bytes,
@@ -921,9 +920,9 @@ impl<F: VmFactory> Receiver<F> {
 mod tests {
     use super::*;
 
-    /// Preparation needs no VM: a factory of the embedded VMM that is never asked.
-    fn no_vms() -> kvm_hooks::migratable::EmbeddedVms {
-        kvm_hooks::migratable::EmbeddedVms { dirty: kvm_hooks::vm::DirtyPreference::Bitmap }
+    /// Preparation needs no VM: a factory that is never asked.
+    fn no_vms() -> crate::fake_vm::FakeVms {
+        crate::fake_vm::FakeVms
     }
 
     #[test]

@@ -130,7 +130,7 @@ fn pages_written_between_rounds_are_sent_again() {
         vm.write(gfn, 1);
     }
     assert!(!vm.dirty.is_logging());
-    let (addr, dest) = destination(Script::Accept, vm.spec().ram_bytes);
+    let (addr, dest) = destination(Script::Accept, vm.shape().ram_bytes);
     let mut next = 2u8;
     let mut on = |e: Event| {
         if let Event::Round(r) = e {
@@ -157,7 +157,7 @@ fn pages_written_between_rounds_are_sent_again() {
 fn a_peer_lost_mid_precopy_leaves_the_vm_running_with_every_page_dirty() {
     let vm = FakeVm::new();
     vm.write(5, 9);
-    let (addr, dest) = destination(Script::CloseAfterRound(0), vm.spec().ram_bytes);
+    let (addr, dest) = destination(Script::CloseAfterRound(0), vm.shape().ram_bytes);
     let mut on = |e: Event| {
         if let Event::Round(_) = e {
             vm.set_throttle(40);
@@ -178,7 +178,7 @@ fn a_peer_lost_mid_precopy_leaves_the_vm_running_with_every_page_dirty() {
 #[test]
 fn a_refused_vm_is_never_logged() {
     let vm = FakeVm::new();
-    let (addr, dest) = destination(Script::Refuse, vm.spec().ram_bytes);
+    let (addr, dest) = destination(Script::Refuse, vm.shape().ram_bytes);
     let err = send(&vm, &addr, 1, &mut |_| {}).expect_err("refused");
     let _ = dest.join().unwrap();
     assert!(matches!(err, SendError::Refused { phase: Phase::Handshake, .. }), "{err}");
@@ -232,7 +232,7 @@ fn fake_vm_to_fake_vm() {
 fn a_vanished_source_is_never_resumed() {
     let (addr, dest) = fake_receiver(false);
     let mut s = TcpStream::connect(addr).unwrap();
-    let spec = kvm_hooks::vmm::GuestSpec { ram_bytes: 64 << 20, vcpus: 1, workload: kvm_hooks::vmm::Workload::Idle };
+    let spec = kvm_hooks::migratable::VmShape { ram_bytes: 64 << 20, vcpus: 1 };
     reply(&mut s, FrameKind::Hello, 0, &protocol::encode_hello(&spec));
     let (h, _) = read_frame(&mut s).expect("HelloAck");
     assert_eq!(h.kind, FrameKind::HelloAck);

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_hooks::memory::{GuestRam, PAGE_SIZE};
 use kvm_hooks::mh::{Launch, MhError, MhHost};
+use kvm_hooks::migratable::VmShape;
 use kvm_hooks::migratable::{DirtyCounters, DirtyLog, ExternalPageStates, Incoming, Migratable, VmFactory};
 use kvm_hooks::state::VcpuState;
-use kvm_hooks::vmm::{GuestSpec, Workload};
 
 #[derive(Debug, Default)]
 pub struct FakeDirty {
@@ -63,7 +63,7 @@ impl DirtyLog for FakeDirty {
 }
 
 pub struct FakeVm {
-    spec: GuestSpec,
+    shape: VmShape,
     ram: Arc<GuestRam>,
     pub dirty: FakeDirty,
     running: AtomicBool,
@@ -74,12 +74,12 @@ pub struct FakeVm {
 impl FakeVm {
     /// A running 64 MiB, one-vCPU VM whose RAM is all zero.
     pub fn new() -> Self {
-        let spec = GuestSpec { ram_bytes: 64 << 20, vcpus: 1, workload: Workload::Idle };
-        let ram = Arc::new(GuestRam::new(spec.ram_bytes).expect("memfd guest RAM"));
+        let shape = VmShape { ram_bytes: 64 << 20, vcpus: 1 };
+        let ram = Arc::new(GuestRam::new(shape.ram_bytes).expect("memfd guest RAM"));
         let pages = ram.pages();
         let dirty = FakeDirty { pages, ..Default::default() };
         dirty.mark_all();
-        FakeVm { spec, ram, dirty, running: AtomicBool::new(true), throttle: AtomicU8::new(0), mh: Mutex::new(None) }
+        FakeVm { shape, ram, dirty, running: AtomicBool::new(true), throttle: AtomicU8::new(0), mh: Mutex::new(None) }
     }
 
     /// A guest write: `byte` at the start of page `gfn`, seen by dirty logging if it is on.
@@ -97,8 +97,11 @@ impl FakeVm {
 }
 
 impl Migratable for FakeVm {
-    fn spec(&self) -> &GuestSpec {
-        &self.spec
+    fn shape(&self) -> VmShape {
+        self.shape
+    }
+    fn describe(&self) -> String {
+        "fake".into()
     }
     fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
@@ -124,7 +127,7 @@ impl Migratable for FakeVm {
         self.throttle.load(Ordering::Relaxed)
     }
     fn save_states(&self) -> kvm_hooks::Result<Vec<VcpuState>> {
-        Ok(vec![VcpuState::default(); self.spec.vcpus as usize])
+        Ok(vec![VcpuState::default(); self.shape.vcpus as usize])
     }
     fn mh(&self) -> MutexGuard<'_, Option<MhHost>> {
         self.mh.lock().unwrap()
@@ -147,7 +150,7 @@ impl Migratable for FakeVm {
 pub struct FakeVms;
 
 pub struct FakeIncoming {
-    spec: GuestSpec,
+    shape: VmShape,
     ram: Arc<GuestRam>,
     mh: Mutex<Option<MhHost>>,
     pub restored: Mutex<Option<Vec<VcpuState>>>,
@@ -156,13 +159,13 @@ pub struct FakeIncoming {
 
 impl VmFactory for FakeVms {
     type Vm = FakeIncoming;
-    fn create(&self, spec: GuestSpec, ram: Option<GuestRam>) -> kvm_hooks::Result<FakeIncoming> {
+    fn create(&self, shape: VmShape, ram: Option<GuestRam>) -> kvm_hooks::Result<FakeIncoming> {
         let ram = match ram {
             Some(r) => r,
-            None => GuestRam::new(spec.ram_bytes)?,
+            None => GuestRam::new(shape.ram_bytes)?,
         };
         Ok(FakeIncoming {
-            spec,
+            shape,
             ram: Arc::new(ram),
             mh: Mutex::new(None),
             restored: Mutex::new(None),
@@ -172,8 +175,8 @@ impl VmFactory for FakeVms {
 }
 
 impl Incoming for FakeIncoming {
-    fn spec(&self) -> &GuestSpec {
-        &self.spec
+    fn shape(&self) -> VmShape {
+        self.shape
     }
     fn ram(&self) -> &Arc<GuestRam> {
         &self.ram

@@ -11,7 +11,7 @@
 //! ```
 //! Payload layouts are in `docs/protocol.md`. Every length is checked against a per-kind
 //! cap before anything is allocated or read.
-use kvm_hooks::vmm::{GuestSpec, Workload};
+use kvm_hooks::migratable::VmShape;
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MGAX");
 /// 2: confidential migrations carry the page-state record (`PageStates`).
@@ -214,8 +214,8 @@ pub const MAX_STREAMS: u32 = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     /// RAM size and vCPUs travel; what the guest runs does not (it is in RAM and vCPU
-    /// state), so a decoded spec says [`Workload::Restored`].
-    pub spec: GuestSpec,
+    /// state).
+    pub shape: VmShape,
     /// Data streams besides the control connection (0 = pages travel on the control stream).
     pub streams: u32,
     pub session: u64,
@@ -229,12 +229,12 @@ pub struct Hello {
 pub const HELLO_CONFIDENTIAL: u32 = 1;
 
 /// Hello payload (56 bytes).
-pub fn encode_hello(spec: &GuestSpec) -> Vec<u8> {
-    encode_hello_full(&Hello { spec: *spec, streams: 0, session: 0, confidential: false, vm_id: 0 })
+pub fn encode_hello(shape: &VmShape) -> Vec<u8> {
+    encode_hello_full(&Hello { shape: *shape, streams: 0, session: 0, confidential: false, vm_id: 0 })
 }
 
 pub fn encode_hello_full(h: &Hello) -> Vec<u8> {
-    let spec = &h.spec;
+    let spec = &h.shape;
     let mut v = Vec::with_capacity(56);
     v.extend_from_slice(&(PAGE as u32).to_le_bytes());
     v.extend_from_slice(&spec.vcpus.to_le_bytes());
@@ -248,8 +248,8 @@ pub fn encode_hello_full(h: &Hello) -> Vec<u8> {
     v
 }
 
-pub fn decode_hello(p: &[u8]) -> Result<GuestSpec, ProtocolError> {
-    decode_hello_full(p).map(|h| h.spec)
+pub fn decode_hello(p: &[u8]) -> Result<VmShape, ProtocolError> {
+    decode_hello_full(p).map(|h| h.shape)
 }
 
 pub fn decode_hello_full(p: &[u8]) -> Result<Hello, ProtocolError> {
@@ -278,7 +278,7 @@ pub fn decode_hello_full(p: &[u8]) -> Result<Hello, ProtocolError> {
         return Err(perr(k, format!("{streams} data streams exceeds the cap of {MAX_STREAMS}")));
     }
     Ok(Hello {
-        spec: GuestSpec { ram_bytes, vcpus, workload: Workload::Restored },
+        shape: VmShape { ram_bytes, vcpus },
         streams,
         session,
         confidential: flags & HELLO_CONFIDENTIAL != 0,
@@ -642,20 +642,18 @@ mod tests {
 
     #[test]
     fn hello_roundtrip() {
-        // The shape travels, the workload does not: every source workload arrives as Restored.
-        for w in [Workload::Ab, Workload::Idle, Workload::Hot { working_set: 1 << 20, pages_per_sec: 5000 }] {
-            let s = GuestSpec { ram_bytes: 1 << 30, vcpus: 3, workload: w };
-            let want = GuestSpec { workload: Workload::Restored, ..s };
-            assert_eq!(decode_hello(&encode_hello(&s)).unwrap(), want);
-            let h = Hello { spec: s, streams: 4, session: 0xdead_beef, confidential: true, vm_id: 9 };
-            assert_eq!(decode_hello_full(&encode_hello_full(&h)).unwrap(), Hello { spec: want, ..h });
+        for (ram_bytes, vcpus) in [(1 << 30, 3), (64 << 20, 1), (64 << 30, 64)] {
+            let s = VmShape { ram_bytes, vcpus };
+            assert_eq!(decode_hello(&encode_hello(&s)).unwrap(), s);
+            let h = Hello { shape: s, streams: 4, session: 0xdead_beef, confidential: true, vm_id: 9 };
+            assert_eq!(decode_hello_full(&encode_hello_full(&h)).unwrap(), h);
         }
-        let mut e = encode_hello(&GuestSpec { ram_bytes: 1 << 30, vcpus: 1, workload: Workload::Ab });
+        let mut e = encode_hello(&VmShape { ram_bytes: 1 << 30, vcpus: 1 });
         e[16] = 99;
         assert!(decode_hello(&e).unwrap_err().to_string().contains("reserved fields must be 0"));
         assert!(decode_hello(&e[..10]).is_err());
         let mut e = encode_hello_full(&Hello {
-            spec: GuestSpec { ram_bytes: 1 << 30, vcpus: 1, workload: Workload::Ab },
+            shape: VmShape { ram_bytes: 1 << 30, vcpus: 1 },
             streams: 99,
             session: 1,
             confidential: false,

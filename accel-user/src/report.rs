@@ -1,7 +1,7 @@
 //! Migration reports: human-readable and JSON.
 use std::time::Duration;
 
-use kvm_hooks::vmm::{GuestSpec, Workload};
+use kvm_hooks::migratable::VmShape;
 use serde::{Serialize, Serializer};
 
 use crate::policy::{RoundStats, SwitchReason};
@@ -17,20 +17,10 @@ pub struct GuestInfo {
     pub workload: String,
 }
 
-impl From<GuestSpec> for GuestInfo {
-    fn from(s: GuestSpec) -> Self {
-        let workload = match s.workload {
-            Workload::Ab => "ab".to_string(),
-            Workload::Idle => "idle".to_string(),
-            Workload::Hot { working_set, pages_per_sec } => {
-                format!("hot(working_set={working_set},pages_per_sec={pages_per_sec})")
-            }
-            Workload::Oracle { pages } => format!("oracle(pages={pages})"),
-            Workload::PageState => "pagestate".to_string(),
-            Workload::Canary => "canary".to_string(),
-            Workload::Restored => "restored".to_string(),
-        };
-        GuestInfo { ram_bytes: s.ram_bytes, vcpus: s.vcpus, workload }
+impl GuestInfo {
+    /// A VM of `shape` running `workload` (its description, for reports).
+    pub fn new(shape: VmShape, workload: String) -> Self {
+        GuestInfo { ram_bytes: shape.ram_bytes, vcpus: shape.vcpus, workload }
     }
 }
 
@@ -103,7 +93,6 @@ impl From<kvm_hooks::uring::ZcStats> for ZeroCopyReport {
 impl SourceReport {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        spec: GuestSpec,
         m: &dyn kvm_hooks::migratable::Migratable,
         rounds: Vec<RoundStats>,
         fin: RoundStats,
@@ -122,7 +111,7 @@ impl SourceReport {
         let dirty_rate = if pre_time.is_zero() { 0.0 } else { dirty as f64 / pre_time.as_secs_f64() };
         let counters = m.dirty_log().counters();
         SourceReport {
-            guest: spec.into(),
+            guest: GuestInfo::new(m.shape(), m.describe()),
             dirty_mode: m.dirty_log().describe(),
             total,
             downtime,

@@ -207,7 +207,7 @@ pub fn observe(m: &Machine, got: &Received, timeout: Duration) -> DestReport {
     let p1 = m.progress();
     let alive = m.fault().is_none() && all_reported(&after) && p1.iter().zip(&p0).all(|(a, b)| a >= b);
     DestReport {
-        guest: got.spec.into(),
+        guest: crate::report::GuestInfo::new(got.shape, m.spec().workload.to_string()),
         rounds: got.rounds,
         pages: got.pages,
         bytes: got.bytes,

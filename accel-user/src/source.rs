@@ -226,7 +226,7 @@ fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
 fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
     let t0 = Instant::now();
     let writes0 = c.m.page_writes();
-    let spec = *c.m.spec();
+    let shape = c.m.shape();
     let total_pages = c.m.ram().pages();
     let kvm = |phase: Phase| move |source| SendError::Kvm { phase, source };
 
@@ -234,7 +234,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     let ph = Phase::Handshake;
     let session = session_id();
     let (confidential, vm_id) = (c.mh.is_some(), c.mh.as_ref().map_or(0, |h| h.vm_id));
-    let hello = protocol::Hello { spec, streams: c.o.streams, session, confidential, vm_id };
+    let hello = protocol::Hello { shape, streams: c.o.streams, session, confidential, vm_id };
     c.t.send_frame(FrameKind::Hello, &[Part::Buf(&protocol::encode_hello_full(&hello))], None)
         .map_err(|e| tx(ph, e))?;
     c.t.set_recv_timeout(c.o.ack_timeout);
@@ -345,7 +345,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     let pages_sent: u64 = rounds.iter().map(|r| r.pages).sum::<u64>() + fin.pages;
     c.t.send_frame(
         FrameKind::Complete,
-        &[Part::Buf(&protocol::encode_complete(round + 1, spec.vcpus, pages_sent))],
+        &[Part::Buf(&protocol::encode_complete(round + 1, shape.vcpus, pages_sent))],
         None,
     )
     .map_err(|e| peer_error(c.t, ph, e))?;
@@ -367,7 +367,6 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     let total = t0.elapsed().saturating_sub(Duration::from_micros(capture_us));
     let bytes = c.t.bytes_sent() + c.data.as_ref().map_or(0, |d| d.bytes());
     let mut rep = SourceReport::new(
-        spec,
         c.m,
         rounds,
         fin,

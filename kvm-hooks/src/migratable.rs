@@ -8,12 +8,34 @@ use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use crate::dirty::{DirtyMode, DirtyTracker};
-use crate::error::Result;
-use crate::memory::GuestRam;
+use crate::error::{Error, Result};
+use crate::memory::{validate_ram_size, GuestRam};
 use crate::mh::{Launch, MhError, MhHost};
 use crate::state::VcpuState;
 use crate::vm::DirtyPreference;
 use crate::vmm::{GuestSpec, Machine};
+
+/// Most vCPUs a VM shape may have: the limit KVM and the wire format share.
+pub const MAX_VCPUS: u32 = 64;
+
+/// What a destination must recreate before any page arrives: the VM's shape, nothing about
+/// what runs in it (that travels in its RAM and vCPU state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmShape {
+    pub ram_bytes: u64,
+    pub vcpus: u32,
+}
+
+impl VmShape {
+    /// Check the shape and say which field is wrong.
+    pub fn validate(&self) -> Result<()> {
+        validate_ram_size(self.ram_bytes)?;
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(Error::Vcpu { vcpu: self.vcpus as usize, msg: format!("vCPU count must be 1..={MAX_VCPUS}") });
+        }
+        Ok(())
+    }
+}
 
 /// A record of page states kept outside the VMM: the eBPF page-state map, the only record a
 /// migrator has for a VM it does not own. The engine classifies pages by it; for a VM it
@@ -55,8 +77,9 @@ pub trait DirtyLog: Send + Sync {
 
 /// A VM as the sending side of a migration sees it.
 pub trait Migratable {
-    /// Its shape: RAM size, vCPUs (and, for the embedded VMM, its test workload).
-    fn spec(&self) -> &GuestSpec;
+    fn shape(&self) -> VmShape;
+    /// What runs in the VM, for reports ("idle", "qemu pid 1234").
+    fn describe(&self) -> String;
     fn ram(&self) -> &Arc<GuestRam>;
     fn dirty_log(&self) -> &dyn DirtyLog;
     /// Stop every vCPU and wait until none runs guest code.
@@ -119,8 +142,11 @@ impl DirtyLog for DirtyTracker {
 }
 
 impl Migratable for Machine {
-    fn spec(&self) -> &GuestSpec {
-        Machine::spec(self)
+    fn shape(&self) -> VmShape {
+        Machine::spec(self).shape()
+    }
+    fn describe(&self) -> String {
+        Machine::spec(self).workload.to_string()
     }
     fn ram(&self) -> &Arc<GuestRam> {
         Machine::ram(self)
@@ -169,7 +195,7 @@ impl Migratable for Machine {
 /// A VM as the receiving side of a migration fills and starts it: created before any page
 /// arrives, resumed only once it is complete.
 pub trait Incoming: Send {
-    fn spec(&self) -> &GuestSpec;
+    fn shape(&self) -> VmShape;
     fn ram(&self) -> &Arc<GuestRam>;
     /// Start the in-guest Migration Handler (confidential VMs), before any page arrives.
     fn launch_mh(&mut self, launch: &Launch, timeout: Duration) -> std::result::Result<(), MhError>;
@@ -184,8 +210,8 @@ pub trait Incoming: Send {
 /// Creates the VMs migrations arrive into.
 pub trait VmFactory: Send {
     type Vm: Incoming;
-    /// A paused VM of `spec`, over `ram` when the destination allocated it ahead.
-    fn create(&self, spec: GuestSpec, ram: Option<GuestRam>) -> Result<Self::Vm>;
+    /// A paused VM of `shape`, over `ram` when the destination allocated it ahead.
+    fn create(&self, shape: VmShape, ram: Option<GuestRam>) -> Result<Self::Vm>;
 }
 
 /// Destination VMs of the embedded VMM.
@@ -197,7 +223,9 @@ pub struct EmbeddedVms {
 
 impl VmFactory for EmbeddedVms {
     type Vm = Machine;
-    fn create(&self, spec: GuestSpec, ram: Option<GuestRam>) -> Result<Machine> {
+    fn create(&self, shape: VmShape, ram: Option<GuestRam>) -> Result<Machine> {
+        let spec = GuestSpec::restored(shape);
+        spec.validate()?;
         match ram {
             Some(ram) => Machine::destination_in(spec, self.dirty, ram),
             None => Machine::destination(spec, self.dirty),
@@ -206,8 +234,8 @@ impl VmFactory for EmbeddedVms {
 }
 
 impl Incoming for Machine {
-    fn spec(&self) -> &GuestSpec {
-        Machine::spec(self)
+    fn shape(&self) -> VmShape {
+        Machine::spec(self).shape()
     }
     fn ram(&self) -> &Arc<GuestRam> {
         Machine::ram(self)

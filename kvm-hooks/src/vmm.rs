@@ -15,14 +15,14 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::dirty::DirtyTracker;
 use crate::error::{errno_io, Error, Result};
 use crate::guest::{self, Program, Start, DATA_START, PROGRESS_PORT};
-use crate::memory::{validate_ram_size, GuestRam, PAGE_SIZE};
+use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::mh::{self, Bell, Launch, MhError, MhHost};
 use crate::state::{self, VcpuState};
 use crate::sys;
 use crate::vm::{DirtyPreference, Vm};
 
-/// Most vCPUs the embedded VMM creates.
-pub const MAX_VCPUS: u32 = 64;
+use crate::migratable::VmShape;
+pub use crate::migratable::MAX_VCPUS;
 
 /// What the guest does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,13 +69,35 @@ pub struct GuestSpec {
     pub workload: Workload,
 }
 
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Workload::Ab => f.write_str("ab"),
+            Workload::Idle => f.write_str("idle"),
+            Workload::Hot { working_set, pages_per_sec } => {
+                write!(f, "hot(working_set={working_set},pages_per_sec={pages_per_sec})")
+            }
+            Workload::Oracle { pages } => write!(f, "oracle(pages={pages})"),
+            Workload::PageState => f.write_str("pagestate"),
+            Workload::Canary => f.write_str("canary"),
+            Workload::Restored => f.write_str("restored"),
+        }
+    }
+}
+
 impl GuestSpec {
+    /// A migrated VM of `shape`: it runs what its RAM and vCPU state run.
+    pub fn restored(shape: VmShape) -> GuestSpec {
+        GuestSpec { ram_bytes: shape.ram_bytes, vcpus: shape.vcpus, workload: Workload::Restored }
+    }
+
+    pub fn shape(&self) -> VmShape {
+        VmShape { ram_bytes: self.ram_bytes, vcpus: self.vcpus }
+    }
+
     /// Check the spec and say which field is wrong.
     pub fn validate(&self) -> Result<()> {
-        validate_ram_size(self.ram_bytes)?;
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(Error::Vcpu { vcpu: self.vcpus as usize, msg: format!("vCPU count must be 1..={MAX_VCPUS}") });
-        }
+        self.shape().validate()?;
         let data = self.data_pages();
         if data < u64::from(self.vcpus) {
             return Err(Error::BadRamSize(self.ram_bytes, "too small for the number of vCPUs"));

@@ -11,8 +11,8 @@ use accel_user::dest::RecvState;
 use accel_user::protocol::{FrameKind, BLOB_LEN};
 use accel_user::session;
 use accel_user::source::{Event, Phase};
-use kvm_hooks::guest::{PRIVATE_CANARY, SHARED_CANARY};
-use kvm_hooks::vmm::Machine;
+use embedded_vmm::guest::{PRIVATE_CANARY, SHARED_CANARY};
+use embedded_vmm::vmm::Machine;
 use migaccel_tests::{assert_ram_eq, assert_running, config, contains, RecvThread, Tamper, Tap};
 
 /// A 0600 key file with `byte` repeated.

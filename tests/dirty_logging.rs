@@ -5,7 +5,7 @@ use std::time::Instant;
 use accel_user::config::{ByteSize, DirtySource, WorkloadKind};
 use accel_user::protocol::FrameKind;
 use accel_user::session;
-use kvm_hooks::vmm::Machine;
+use embedded_vmm::vmm::Machine;
 use migaccel_tests::{config, spawn_receiver, wait_for_reports, Cut, Proxy};
 
 /// Passes per second over the guest's pages (one report = one pass of 4096 page writes per

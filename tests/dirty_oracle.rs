@@ -5,10 +5,10 @@
 //! since the previous harvest must be reported dirty. A tiny ring forces ring-full exits.
 use std::time::Duration;
 
+use embedded_vmm::guest::DATA_START;
+use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use kvm_hooks::dirty::DirtySet;
-use kvm_hooks::guest::DATA_START;
 use kvm_hooks::vm::DirtyPreference;
-use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
 use migaccel_tests::wait_for_reports;
 
 const PAGES: u64 = 16384;
@@ -99,7 +99,7 @@ fn running_harvest(pref: DirtyPreference, workload: Workload) -> (u64, u32) {
     let now = m.ram().snapshot();
     // The parameter page is written by the host (the iteration number), which KVM does not
     // track by design; every other page is written only by the guest.
-    let param = (kvm_hooks::guest::PARAM / 4096) as usize;
+    let param = (embedded_vmm::guest::PARAM / 4096) as usize;
     let diff: Vec<usize> = (0..now.len() / 4096)
         .filter(|&p| p != param && now[p * 4096..(p + 1) * 4096] != shadow[p * 4096..(p + 1) * 4096])
         .take(8)

@@ -10,9 +10,9 @@ use accel_ebpf::{
 };
 use accel_user::config::{DirtySource, WorkloadKind};
 use accel_user::session;
+use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use kvm_hooks::dirty::DirtySet;
 use kvm_hooks::vm::DirtyPreference;
-use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
 use migaccel_tests::{config, wait_for_reports};
 
 /// The leftover check counts BPF objects system-wide: tests in this file run one at a time.

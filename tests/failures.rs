@@ -10,7 +10,7 @@ use accel_user::dest::RecvError;
 use accel_user::protocol::{self, FrameKind, Header, Run, HEADER_LEN};
 use accel_user::session;
 use accel_user::source::{Event, Phase, SendError};
-use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
+use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use migaccel_tests::{assert_ram_eq, assert_running, config, migaccel_bin, Cut, Proxy};
 
 use migaccel_tests::spawn_receiver as receiver;

@@ -123,7 +123,7 @@ fn ab_all_ram_converges() {
 /// Round 0 of a prefilled guest carries every data page as data, not as a zero record.
 fn assert_prefilled_round_0(out: &session::DemoOutcome) {
     let r0 = &out.report.source.precopy_rounds[0];
-    let outside_data = kvm_hooks::guest::DATA_START / 4096;
+    let outside_data = embedded_vmm::guest::DATA_START / 4096;
     assert!(r0.zero_pages <= outside_data, "a prefilled page went as a zero record: {r0:?}");
     assert!(r0.bytes >= (r0.pages - outside_data) * 4096, "{r0:?}");
 }

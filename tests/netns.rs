@@ -3,7 +3,7 @@
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 
-use kvm_hooks::vmm::{GuestSpec, Workload};
+use embedded_vmm::vmm::{GuestSpec, Workload};
 use migaccel_tests::{migaccel_bin, NetnsPair};
 
 fn two_hosts(tag: &str, workload: &str, dirty: &str, hot: Option<Workload>) {

@@ -151,7 +151,7 @@ pub const HANG: Duration = Duration::from_secs(60);
 
 /// Wait until every vCPU of the running `m` has made `n` more progress reports. Panics
 /// (naming the counters) only after [`HANG`].
-pub fn wait_for_reports(m: &kvm_hooks::vmm::Machine, n: u64) {
+pub fn wait_for_reports(m: &embedded_vmm::vmm::Machine, n: u64) {
     let before = m.reports();
     let t0 = std::time::Instant::now();
     while t0.elapsed() < HANG {
@@ -165,7 +165,7 @@ pub fn wait_for_reports(m: &kvm_hooks::vmm::Machine, n: u64) {
 }
 
 /// Wait until every vCPU of `m` reported progress again (the VM runs).
-pub fn assert_running(m: &kvm_hooks::vmm::Machine) {
+pub fn assert_running(m: &embedded_vmm::vmm::Machine) {
     assert!(m.is_running(), "VM is not in the running state");
     wait_for_reports(m, 1);
 }
@@ -174,7 +174,7 @@ pub fn assert_running(m: &kvm_hooks::vmm::Machine) {
 /// round's harvest the engine waits until every vCPU reported progress once more. So from
 /// round 2 on every round has pages to send, however little CPU the host gives the guest.
 pub fn demo_with_guest_writes(c: &Config) -> anyhow::Result<accel_user::session::DemoOutcome> {
-    let mut on = |m: &kvm_hooks::vmm::Machine, e: accel_user::source::Event| {
+    let mut on = |m: &embedded_vmm::vmm::Machine, e: accel_user::source::Event| {
         if let accel_user::source::Event::Round(_) = e {
             wait_for_reports(m, 1);
         }

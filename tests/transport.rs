@@ -10,11 +10,11 @@ use accel_user::protocol::{self, FrameKind, Header, HEADER_LEN};
 use accel_user::session;
 use accel_user::source::{Event, Phase};
 use accel_user::transport::TransportMode;
+use embedded_vmm::guest::DATA_START;
+use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use kvm_hooks::dirty::DirtySet;
-use kvm_hooks::guest::DATA_START;
 use kvm_hooks::uring::{Piece, SendMode, UringSender};
 use kvm_hooks::vm::DirtyPreference;
-use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
 use migaccel_tests::{
     assert_ram_eq, assert_running, config, migaccel_bin, spawn_receiver, wait_for_reports, Cut, Proxy,
 };

@@ -559,8 +559,8 @@ impl PageStateProbe {
     }
 
     /// [`PageStateProbe::replay_map_gpa_range`] for a VMM's page-state hook: a failure is
-    /// kept, and makes [`kvm_hooks::vmm::ExternalPageStates::shared_bitmap`] refuse.
-    pub fn replay_request(&self, r: &kvm_hooks::vmm::PageStateRequest) {
+    /// kept, and makes [`kvm_hooks::migratable::ExternalPageStates::shared_bitmap`] refuse.
+    pub fn replay_request(&self, r: &kvm_hooks::migratable::PageStateRequest) {
         if let Err(e) = self.replay_map_gpa_range(r.gpa, r.npages, r.attrs) {
             let mut f = self.replay_failure.lock().unwrap_or_else(|e| e.into_inner());
             f.get_or_insert_with(|| format!("gpa {:#x} npages {} from vCPU {}: {e}", r.gpa, r.npages, r.vcpu));
@@ -589,7 +589,7 @@ impl PageStateProbe {
     }
 }
 
-impl kvm_hooks::vmm::ExternalPageStates for PageStateProbe {
+impl kvm_hooks::migratable::ExternalPageStates for PageStateProbe {
     fn shared_bitmap(&self) -> Result<Vec<u64>, String> {
         self.sync();
         if let Some(f) = self.replay_failure.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {

@@ -2,8 +2,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use embedded_vmm::vmm::{GuestSpec, Workload};
 use kvm_hooks::vm::DirtyPreference;
-use kvm_hooks::vmm::{GuestSpec, Workload};
 use serde::{de, Deserialize, Deserializer, Serialize};
 
 use crate::dest::RecvOptions;
@@ -296,8 +296,8 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let g = &self.guest;
         kvm_hooks::memory::validate_ram_size(g.ram.0).map_err(|e| invalid("guest.ram", e.to_string()))?;
-        if g.vcpus == 0 || g.vcpus > kvm_hooks::vmm::MAX_VCPUS {
-            return Err(invalid("guest.vcpus", format!("{} is not in 1..={}", g.vcpus, kvm_hooks::vmm::MAX_VCPUS)));
+        if g.vcpus == 0 || g.vcpus > embedded_vmm::vmm::MAX_VCPUS {
+            return Err(invalid("guest.vcpus", format!("{} is not in 1..={}", g.vcpus, embedded_vmm::vmm::MAX_VCPUS)));
         }
         self.guest_spec().validate().map_err(|e| {
             invalid(if g.workload == WorkloadKind::Hot { "guest.hot_working_set" } else { "guest.ram" }, e.to_string())

@@ -4,7 +4,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_hooks::vmm::Machine;
+use embedded_vmm::vmm::Machine;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -15,11 +15,11 @@ use crate::transport::{self, Transport, TransportError};
 use crate::verify;
 
 /// A receiver whose VMs are the embedded VMM's.
-pub type Receiver = crate::dest::Receiver<kvm_hooks::migratable::EmbeddedVms>;
+pub type Receiver = crate::dest::Receiver<embedded_vmm::EmbeddedVms>;
 
 /// The factory of the destination VMs `cfg` describes.
-fn embedded_vms(cfg: &Config) -> kvm_hooks::migratable::EmbeddedVms {
-    kvm_hooks::migratable::EmbeddedVms { dirty: cfg.dirty_preference() }
+fn embedded_vms(cfg: &Config) -> embedded_vmm::EmbeddedVms {
+    embedded_vmm::EmbeddedVms { dirty: cfg.dirty_preference() }
 }
 
 /// Boot the guest the config describes and let it run for the warm-up time.
@@ -27,7 +27,7 @@ pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
     kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
     let mut m = Machine::boot(cfg.guest_spec(), cfg.dirty_preference())?;
     if cfg.guest.prefill {
-        kvm_hooks::guest::prefill(m.ram())?;
+        embedded_vmm::guest::prefill(m.ram())?;
     }
     if cfg.migration.dirty_source == crate::config::DirtySource::Ebpf {
         attach_ebpf(&m)?;
@@ -247,7 +247,7 @@ impl Verification {
     }
 }
 
-pub fn verify(spec: &kvm_hooks::vmm::GuestSpec, src: &[u8], dst: &[u8], alive: bool) -> Verification {
+pub fn verify(spec: &embedded_vmm::vmm::GuestSpec, src: &[u8], dst: &[u8], alive: bool) -> Verification {
     Verification {
         pages_compared: (src.len() / 4096) as u64,
         mismatched_pages: verify::diff_pages(src, dst, 16),

@@ -1,6 +1,6 @@
 //! Checks on migrated memory: page-by-page equality and QEMU's A/B single-edge invariant.
+use embedded_vmm::vmm::{GuestSpec, Workload};
 use kvm_hooks::memory::PAGE_SIZE;
-use kvm_hooks::vmm::{GuestSpec, Workload};
 
 /// Pages that differ between two RAM images (first `limit` of them).
 pub fn diff_pages(a: &[u8], b: &[u8], limit: usize) -> Vec<u64> {

@@ -126,8 +126,8 @@ enum Cmd {
 /// and with an empty program on the same tracepoint; the probe's kernel-counted run time;
 /// then harvest cost per page: mmapped BPF bitmap vs KVM ring.
 fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: bool) -> anyhow::Result<()> {
+    use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
     use kvm_hooks::vm::DirtyPreference;
-    use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
     anyhow::ensure!(vms >= 2 && cycles >= 1, "need at least 2 VMs and 1 cycle");
     let spec = GuestSpec { ram_bytes: 512 << 20, vcpus: 2, workload: Workload::Ab };
     let pages_per_report = 4096.0; // `ab` reports every 4096 pages per vCPU
@@ -303,8 +303,8 @@ fn iperf3_n(secs: u64, parallel: u32, len: Option<&str>) -> Option<f64> {
     v["end"]["sum_received"]["bits_per_second"].as_f64().map(|b| b / 8.0)
 }
 
-fn fill(m: &kvm_hooks::vmm::Machine) -> anyhow::Result<()> {
-    Ok(kvm_hooks::guest::prefill(m.ram())?)
+fn fill(m: &embedded_vmm::vmm::Machine) -> anyhow::Result<()> {
+    Ok(embedded_vmm::guest::prefill(m.ram())?)
 }
 
 fn transport_bench(
@@ -412,7 +412,7 @@ fn transport_bench(
                         None => ram_at_start,
                     };
                     let cpu = std::cell::Cell::new((Duration::ZERO, 0));
-                    let prep = |m: &kvm_hooks::vmm::Machine| -> anyhow::Result<()> {
+                    let prep = |m: &embedded_vmm::vmm::Machine| -> anyhow::Result<()> {
                         fill(m)?;
                         cpu.set(kvm_hooks::process_usage());
                         Ok(())
@@ -420,7 +420,7 @@ fn transport_bench(
                     // Until the source hears `Resumed`: the destination's watch and both
                     // VMs' teardown (freeing guest RAM) are not migration work.
                     let mut at_resume = None;
-                    let mut on = |_: &kvm_hooks::vmm::Machine, e| {
+                    let mut on = |_: &embedded_vmm::vmm::Machine, e| {
                         if let accel_user::source::Event::Resumed { .. } = e {
                             at_resume = Some(kvm_hooks::process_usage());
                         }
@@ -750,8 +750,9 @@ fn main() -> anyhow::Result<()> {
                 c.validate()?;
                 // "filled": an idle guest whose RAM the host filled with non-zero data first, so
                 // the run measures the engine and transport, not the guest.
-                let noop = |_: &kvm_hooks::vmm::Machine| -> anyhow::Result<()> { Ok(()) };
-                let prep: &dyn Fn(&kvm_hooks::vmm::Machine) -> anyhow::Result<()> = if filled { &fill } else { &noop };
+                let noop = |_: &embedded_vmm::vmm::Machine| -> anyhow::Result<()> { Ok(()) };
+                let prep: &dyn Fn(&embedded_vmm::vmm::Machine) -> anyhow::Result<()> =
+                    if filled { &fill } else { &noop };
                 let out = session::demo_with(&c, prep, &mut |_| {}).with_context(|| format!("{w:?} migration"))?;
                 let r = &out.report.source;
                 anyhow::ensure!(

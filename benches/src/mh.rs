@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
 use accel_user::session;
-use kvm_hooks::guest::DATA_START;
+use embedded_vmm::guest::DATA_START;
+use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use kvm_hooks::mh::{Blob, Launch, MhHost};
 use kvm_hooks::vm::DirtyPreference;
-use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
 use mh_abi::{Kind, Op, Request};
 
 const KEY: [u8; 32] = [0x3c; 32];

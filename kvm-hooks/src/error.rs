@@ -31,12 +31,13 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn ioctl(op: &'static str, e: impl Into<io::Error>) -> Self {
+    /// A failed ioctl, named by its request.
+    pub fn ioctl(op: &'static str, e: impl Into<io::Error>) -> Self {
         Error::Ioctl { op, source: e.into() }
     }
 }
 
 /// Convert a kvm-ioctls / vmm-sys-util errno into `io::Error`.
-pub(crate) fn errno_io(e: vmm_sys_util::errno::Error) -> io::Error {
+pub fn errno_io(e: vmm_sys_util::errno::Error) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
 }

@@ -1,14 +1,15 @@
 //! kvm-hooks: everything that talks to KVM.
 //!
 //! One owning type per kernel object ([`vm::Vm`], [`dirty::DirtyRing`], [`memory::GuestRam`]),
-//! the embedded test VMM ([`vmm::Machine`]) and vCPU state encoding ([`state`]). All `unsafe`
-//! of the project lives in this crate (and later `accel-ebpf`), each block with a `SAFETY:`
-//! comment.
+//! vCPU state encoding ([`state`]), the host end of the Migration Handler ([`mh`]) and the
+//! engine's VM boundary ([`migratable`]). The embedded test VMM that runs VMs on these
+//! parts is its own crate (`embedded-vmm`). Syscalls go through the private `sys` module;
+//! every `unsafe` block carries a `SAFETY:` comment.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod boot;
 pub mod dirty;
 pub mod error;
-pub mod guest;
 pub mod memory;
 pub mod mh;
 pub mod migratable;
@@ -18,10 +19,14 @@ pub mod state;
 mod sys;
 pub mod uring;
 pub mod vm;
-pub mod vmm;
 
 pub use error::{Error, Result};
 pub use sys::{wait_readable, EXIT_DIRTY_RING_FULL};
+
+/// Threads as the VMM's vCPU loops need them: their kernel ids and a signal to one.
+pub mod thread {
+    pub use crate::sys::{gettid, pthread_kill};
+}
 
 /// Write a raw iovec list to a file descriptor (guest RAM goes straight to the socket).
 /// Returns bytes written; short writes are the caller's to resume.

@@ -81,8 +81,8 @@ pub fn install(ram: &GuestRam, launch: &Launch) -> Result<()> {
     ram.zero(abi::REGION, abi::REGION_SIZE)?;
     // The MH's own identity map and GDT, so it never depends on pages that migrate.
     let pt = abi::PAGE_TABLES;
-    crate::guest::write_identity_map(ram, pt, pt + 0x1000, pt + 0x2000)?;
-    crate::guest::write_gdt(ram, abi::GDT)?;
+    crate::boot::write_identity_map(ram, pt, pt + 0x1000, pt + 0x2000)?;
+    crate::boot::write_gdt(ram, abi::GDT)?;
     ram.write(abi::IMAGE, IMAGE)?;
     ram.write(abi::SECRET + abi::secret::KEY, &launch.key)?;
     ram.write(abi::SECRET + abi::secret::VM_ID, &launch.vm_id.to_le_bytes())?;
@@ -92,15 +92,15 @@ pub fn install(ram: &GuestRam, launch: &Launch) -> Result<()> {
     Ok(())
 }
 
-/// Doorbells between the host and the MH vCPU thread.
+/// Doorbells between the host end ([`MhHost`]) and the VMM thread that runs the MH vCPU.
 #[derive(Debug, Default)]
-pub(crate) struct Bell {
+pub struct Bell {
     st: Mutex<BellState>,
     cv: Condvar,
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct BellState {
+pub struct BellState {
     /// Host -> MH doorbells rung, and the last one the MH thread saw.
     pub rung: u64,
     pub seen: u64,
@@ -116,14 +116,14 @@ pub(crate) struct BellState {
 }
 
 impl Bell {
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, BellState> {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, BellState> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
-    pub(crate) fn notify(&self) {
+    pub fn notify(&self) {
         self.cv.notify_all();
     }
     /// MH thread: block until the host rings (or `limit` passes, so the MH re-polls).
-    pub(crate) fn wait_ring(&self, limit: Duration) {
+    pub fn wait_ring(&self, limit: Duration) {
         let mut g = self.lock();
         let until = Instant::now() + limit;
         while g.rung == g.seen && !g.exit && !g.frozen {
@@ -136,7 +136,7 @@ impl Bell {
         g.seen = g.rung;
     }
     /// MH thread: park while frozen.
-    pub(crate) fn wait_thawed(&self) {
+    pub fn wait_thawed(&self) {
         let mut g = self.lock();
         g.parked = true;
         self.cv.notify_all();
@@ -203,7 +203,7 @@ pub struct MhHost {
 }
 
 impl MhHost {
-    pub(crate) fn new(ram: Arc<GuestRam>, bell: Arc<Bell>, timeout: Duration, vm_id: u32) -> MhHost {
+    pub fn new(ram: Arc<GuestRam>, bell: Arc<Bell>, timeout: Duration, vm_id: u32) -> MhHost {
         MhHost { ram, bell, req_prod: 0, comp_cons: 0, next_id: 1, inflight: VecDeque::new(), spin: 0, timeout, vm_id }
     }
 

@@ -12,8 +12,6 @@ use crate::error::{Error, Result};
 use crate::memory::{validate_ram_size, GuestRam};
 use crate::mh::{Launch, MhError, MhHost};
 use crate::state::VcpuState;
-use crate::vm::DirtyPreference;
-use crate::vmm::{GuestSpec, Machine};
 
 /// Most vCPUs a VM shape may have: the limit KVM and the wire format share.
 pub const MAX_VCPUS: u32 = 64;
@@ -35,6 +33,15 @@ impl VmShape {
         }
         Ok(())
     }
+}
+
+/// A guest's page-state announcement (the arguments of `KVM_HC_MAP_GPA_RANGE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageStateRequest {
+    pub vcpu: u32,
+    pub gpa: u64,
+    pub npages: u64,
+    pub attrs: u64,
 }
 
 /// A record of page states kept outside the VMM: the eBPF page-state map, the only record a
@@ -141,57 +148,6 @@ impl DirtyLog for DirtyTracker {
     }
 }
 
-impl Migratable for Machine {
-    fn shape(&self) -> VmShape {
-        Machine::spec(self).shape()
-    }
-    fn describe(&self) -> String {
-        Machine::spec(self).workload.to_string()
-    }
-    fn ram(&self) -> &Arc<GuestRam> {
-        Machine::ram(self)
-    }
-    fn dirty_log(&self) -> &dyn DirtyLog {
-        &**Machine::dirty(self)
-    }
-    fn pause(&self) -> Result<()> {
-        Machine::pause(self)
-    }
-    fn resume(&self) -> Result<()> {
-        Machine::resume(self)
-    }
-    fn fault(&self) -> Option<String> {
-        Machine::fault(self)
-    }
-    fn set_throttle(&self, percent: u8) {
-        Machine::set_throttle(self, percent)
-    }
-    fn throttle(&self) -> u8 {
-        Machine::throttle(self)
-    }
-    fn save_states(&self) -> Result<Vec<VcpuState>> {
-        Machine::save_states(self)
-    }
-    fn mh(&self) -> MutexGuard<'_, Option<MhHost>> {
-        Machine::mh(self)
-    }
-    fn external_page_states(&self) -> Option<Arc<dyn ExternalPageStates>> {
-        Machine::external_page_states(self)
-    }
-    fn is_shared(&self, gfn: u64) -> bool {
-        Machine::is_shared(self, gfn)
-    }
-    fn shared_bitmap(&self) -> Vec<u64> {
-        Machine::shared_bitmap(self)
-    }
-    fn shared_ranges(&self) -> Vec<(u64, u64)> {
-        Machine::shared_ranges(self)
-    }
-    fn page_writes(&self) -> Option<u64> {
-        Some(Machine::page_writes(self))
-    }
-}
-
 /// A VM as the receiving side of a migration fills and starts it: created before any page
 /// arrives, resumed only once it is complete.
 pub trait Incoming: Send {
@@ -212,47 +168,4 @@ pub trait VmFactory: Send {
     type Vm: Incoming;
     /// A paused VM of `shape`, over `ram` when the destination allocated it ahead.
     fn create(&self, shape: VmShape, ram: Option<GuestRam>) -> Result<Self::Vm>;
-}
-
-/// Destination VMs of the embedded VMM.
-#[derive(Debug, Clone, Copy)]
-pub struct EmbeddedVms {
-    /// Dirty tracking of the new VM, so it can migrate on later (off until it does).
-    pub dirty: DirtyPreference,
-}
-
-impl VmFactory for EmbeddedVms {
-    type Vm = Machine;
-    fn create(&self, shape: VmShape, ram: Option<GuestRam>) -> Result<Machine> {
-        let spec = GuestSpec::restored(shape);
-        spec.validate()?;
-        match ram {
-            Some(ram) => Machine::destination_in(spec, self.dirty, ram),
-            None => Machine::destination(spec, self.dirty),
-        }
-    }
-}
-
-impl Incoming for Machine {
-    fn shape(&self) -> VmShape {
-        Machine::spec(self).shape()
-    }
-    fn ram(&self) -> &Arc<GuestRam> {
-        Machine::ram(self)
-    }
-    fn launch_mh(&mut self, launch: &Launch, timeout: Duration) -> std::result::Result<(), MhError> {
-        Machine::launch_mh(self, launch, timeout)
-    }
-    fn mh(&self) -> MutexGuard<'_, Option<MhHost>> {
-        Machine::mh(self)
-    }
-    fn mark_shared(&self, gfn: u64, npages: u64) -> Result<()> {
-        Machine::mark_shared(self, gfn, npages)
-    }
-    fn restore_states(&self, states: &[VcpuState]) -> Result<()> {
-        Machine::restore_states(self, states)
-    }
-    fn resume(&self) -> Result<()> {
-        Machine::resume(self)
-    }
 }

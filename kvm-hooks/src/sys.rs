@@ -226,6 +226,12 @@ pub fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: std::time::Durati
     }
 }
 
+/// The calling thread's kernel id.
+pub fn gettid() -> u64 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() as u64 }
+}
+
 /// Send `sig` to one thread of this process.
 pub fn pthread_kill(thread: libc::pthread_t, sig: i32) -> io::Result<()> {
     // SAFETY: pthread_kill does not touch memory; an exited thread yields ESRCH, not UB, as

@@ -1,8 +1,8 @@
 //! Real guests on /dev/kvm: boot, run, pause, save and restore state into a second VM.
 use std::time::Duration;
 
+use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use kvm_hooks::vm::DirtyPreference;
-use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
 
 const RING: DirtyPreference = DirtyPreference::Ring { bytes: 64 << 10 };
 

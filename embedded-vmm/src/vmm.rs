@@ -12,17 +12,19 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::dirty::DirtyTracker;
-use crate::error::{errno_io, Error, Result};
-use crate::guest::{self, Program, Start, DATA_START, PROGRESS_PORT};
-use crate::memory::{GuestRam, PAGE_SIZE};
-use crate::mh::{self, Bell, Launch, MhError, MhHost};
-use crate::state::{self, VcpuState};
-use crate::sys;
-use crate::vm::{DirtyPreference, Vm};
+use kvm_hooks::boot;
+use kvm_hooks::dirty::DirtyTracker;
+use kvm_hooks::error::errno_io;
+use kvm_hooks::memory::{GuestRam, PAGE_SIZE};
+use kvm_hooks::mh::{self, Bell, Launch, MhError, MhHost};
+use kvm_hooks::state::{self, VcpuState};
+use kvm_hooks::thread;
+use kvm_hooks::vm::{DirtyPreference, Vm};
+use kvm_hooks::{Error, Result, EXIT_DIRTY_RING_FULL};
 
-use crate::migratable::VmShape;
-pub use crate::migratable::MAX_VCPUS;
+use crate::guest::{self, Program, Start, DATA_START, PROGRESS_PORT};
+
+pub use kvm_hooks::migratable::{ExternalPageStates, PageStateRequest, VmShape, MAX_VCPUS};
 
 /// What the guest does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,19 +49,8 @@ pub enum Workload {
     Restored,
 }
 
-/// A guest's page-state announcement (arguments of `KVM_HC_MAP_GPA_RANGE`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageStateRequest {
-    pub vcpu: u32,
-    pub gpa: u64,
-    pub npages: u64,
-    pub attrs: u64,
-}
-
 /// Called by a vCPU thread for each valid page-state request.
 pub type PageStateHook = Arc<dyn Fn(&PageStateRequest) + Send + Sync>;
-
-pub use crate::migratable::ExternalPageStates;
 
 /// Shape of a guest: what a destination must recreate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,7 +298,7 @@ impl Machine {
         for (i, v) in m.vcpus.iter().enumerate() {
             let v = v.lock().unwrap_or_else(|e| e.into_inner());
             let sregs = v.get_sregs().map_err(|e| Error::ioctl("KVM_GET_SREGS", errno_io(e)))?;
-            v.set_sregs(&guest::initial_sregs(sregs)).map_err(|e| Error::ioctl("KVM_SET_SREGS", errno_io(e)))?;
+            v.set_sregs(&boot::initial_sregs(sregs)).map_err(|e| Error::ioctl("KVM_SET_SREGS", errno_io(e)))?;
             v.set_regs(&guest::initial_regs(i, &spec.start(i as u32)))
                 .map_err(|e| Error::ioctl("KVM_SET_REGS", errno_io(e)))?;
             // With an in-kernel LAPIC, application processors wait for INIT/SIPI; the test
@@ -431,7 +422,7 @@ impl Machine {
             }
             for t in &self.threads {
                 // ESRCH (thread already gone) is fine: it parks or has exited.
-                let _ = sys::pthread_kill(t.as_pthread_t(), kick_signal());
+                let _ = thread::pthread_kill(t.as_pthread_t(), kick_signal());
             }
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -518,7 +509,7 @@ impl Machine {
         let id = self.vcpus.len();
         let fd = self.vm.create_vcpu(id as u64)?;
         let sregs = fd.get_sregs().map_err(|e| Error::ioctl("KVM_GET_SREGS", errno_io(e)))?;
-        let mut sregs = guest::initial_sregs(sregs);
+        let mut sregs = boot::initial_sregs(sregs);
         sregs.cr3 = mh_abi::PAGE_TABLES;
         sregs.gdt.base = mh_abi::GDT;
         // OSFXSR | OSXMMEXCPT | OSXSAVE: SSE/AVX for AES-GCM.
@@ -621,14 +612,14 @@ impl Drop for Machine {
             m.bell.lock().exit = true;
             m.bell.notify();
             if let Some(t) = m.thread.take() {
-                let _ = sys::pthread_kill(t.as_pthread_t(), kick_signal());
+                let _ = thread::pthread_kill(t.as_pthread_t(), kick_signal());
                 let _ = t.join();
             }
         }
         *self.shared.state() = RunState::Exit;
         self.shared.cv.notify_all();
         for t in &self.threads {
-            let _ = sys::pthread_kill(t.as_pthread_t(), kick_signal());
+            let _ = thread::pthread_kill(t.as_pthread_t(), kick_signal());
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -653,7 +644,7 @@ fn vcpu_loop(
     ram: Arc<GuestRam>,
 ) {
     // SAFETY: gettid has no arguments and cannot fail.
-    sh.tids[id].store(unsafe { libc::gettid() } as u64, Ordering::Release);
+    sh.tids[id].store(thread::gettid(), Ordering::Release);
     let mut t0 = Instant::now();
     let mut paced = 0u64;
     loop {
@@ -686,7 +677,7 @@ fn vcpu_loop(
                     data.fill(0);
                     Event::Interrupted
                 }
-                Ok(VcpuExit::Unsupported(r)) if r == sys::EXIT_DIRTY_RING_FULL => Event::RingFull,
+                Ok(VcpuExit::Unsupported(r)) if r == EXIT_DIRTY_RING_FULL => Event::RingFull,
                 Ok(VcpuExit::Intr) => Event::Interrupted,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Event::Interrupted,
                 Ok(other) => Event::Fault(format!("vCPU {id}: unexpected exit {other:?}")),
@@ -751,7 +742,7 @@ fn mh_loop(mut fd: VcpuFd, bell: Arc<Bell>, dirty: Arc<DirtyTracker>, ram: Arc<G
             Ok(VcpuExit::IoOut(port, data)) if port == mh_abi::PORT && data.len() == 4 => {
                 Ok(mh_abi::Kick::from_u32(u32::from_le_bytes([data[0], data[1], data[2], data[3]])))
             }
-            Ok(VcpuExit::Unsupported(r)) if r == sys::EXIT_DIRTY_RING_FULL => {
+            Ok(VcpuExit::Unsupported(r)) if r == EXIT_DIRTY_RING_FULL => {
                 if let Err(e) = dirty.on_ring_full() {
                     Err(format!("MH vCPU: harvesting a full dirty ring failed: {e}"))
                 } else {

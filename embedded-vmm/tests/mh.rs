@@ -2,10 +2,10 @@
 //! and every way a host (or a blob) can be hostile.
 use std::time::Duration;
 
-use kvm_hooks::guest::DATA_START;
+use embedded_vmm::guest::DATA_START;
+use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use kvm_hooks::mh::{Blob, Launch, MhError, MhHost};
 use kvm_hooks::vm::DirtyPreference;
-use kvm_hooks::vmm::{GuestSpec, Machine, Workload};
 use mh_abi::{self as abi, CompStatus, Kind, Op, Request};
 
 const RING: DirtyPreference = DirtyPreference::Ring { bytes: 64 << 10 };

@@ -24,6 +24,12 @@ fn migrate(workload: WorkloadKind, dirty: DirtySource) {
         r.destination.progress_at_resume, r.destination.progress_after
     );
     assert_eq!(out.source_ram.len(), out.dest_ram.len());
+    // The guest's heartbeat: silent at the source from the pause on, back at the destination
+    // after the resume.
+    let last = r.source.guest_last_report_unix_us.expect("the source guest reported");
+    let first = r.destination.guest_first_report_unix_us.expect("every destination vCPU reported");
+    assert!(first > last, "destination heartbeat at {first} µs, source's last at {last} µs");
+    assert!(r.source.cpu > std::time::Duration::ZERO && r.destination.cpu > std::time::Duration::ZERO);
     let rounds = r.source.precopy_rounds.len();
     if workload != WorkloadKind::Idle {
         assert!(rounds >= 3, "only {rounds} precopy rounds");

@@ -22,7 +22,7 @@ fn watch(pid: u32, secs: &str) -> Value {
 fn watch_a_qemu_guest() {
     let dir = std::env::temp_dir().join(format!("migaccel-qemu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let kernel = guest_image(&dir, None, None).unwrap();
+    let kernel = guest_image(&dir, &Default::default()).unwrap();
     let mut q = Qemu::start(&dir, "qmp", "kvm,dirty-ring-size=4096", 256, &kernel, &[]).unwrap();
     assert_eq!(q.cmd("query-status", json!({})).unwrap()["status"], "running");
     // Past the firmware and the guest's ring-0 setup: the vCPU runs the CPL 3 loop.

@@ -13,12 +13,58 @@ use serde_json::{json, Value};
 pub const PREFILLED: u32 = 0x600D_F111;
 pub const PREFILL_MARKER_GPA: u64 = 0x10_0800;
 
-/// Assemble `qemu/guest.S` into a flat multiboot image in `dir`: prefill up to `ram_end`,
-/// then the hot loop up to `hot_end` (`None`: the guest's defaults, no prefill and a
-/// 64 MiB hot range).
-pub fn guest_image(dir: &Path, ram_end: Option<u64>, hot_end: Option<u64>) -> anyhow::Result<PathBuf> {
+/// Where the guest counts its page writes (a qword, in steps of 16 pages).
+pub const WRITE_COUNT_GPA: u64 = 0x10_0808;
+
+/// Where QEMU's pc machine puts RAM beyond 3 GiB (the PCI hole sits below 4 GiB).
+pub const HIGH_RAM_BASE: u64 = 1 << 32;
+
+/// What `qemu/guest.S` is assembled with (`None`: the guest's default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GuestImage {
+    /// Prefill up to here below 4 GiB.
+    pub ram_end: Option<u64>,
+    /// Prefill `[4 GiB, high_end)` too.
+    pub high_end: Option<u64>,
+    /// The hot loop walks `[16 MiB, hot_end)` ...
+    pub hot_end: Option<u64>,
+    /// ... and `[4 GiB, hot_high_end)`.
+    pub hot_high_end: Option<u64>,
+    /// A byte to COM1 every this many TSC ticks.
+    pub heartbeat_ticks: Option<u64>,
+}
+
+impl GuestImage {
+    /// A guest of `ram` bytes on QEMU's pc machine that prefills all of its RAM past
+    /// 16 MiB and walks the first `hot` bytes of it (`u64::MAX`: all of it) at full speed.
+    /// From 3.5 GiB on, pc puts RAM beyond 3 GiB at 4 GiB: both parts are filled and walked.
+    pub fn filled(ram: u64, hot: u64, heartbeat_ticks: Option<u64>) -> GuestImage {
+        let (low_end, high_end) =
+            if ram >= 0xe000_0000 { (3 << 30, HIGH_RAM_BASE + ram - (3 << 30)) } else { (ram, HIGH_RAM_BASE) };
+        let hot_low = (16u64 << 20).saturating_add(hot).min(low_end);
+        let hot_high = HIGH_RAM_BASE.saturating_add(hot.saturating_sub(low_end - (16 << 20))).min(high_end);
+        GuestImage {
+            ram_end: Some(low_end),
+            high_end: Some(high_end),
+            hot_end: Some(hot_low),
+            hot_high_end: Some(hot_high),
+            heartbeat_ticks,
+        }
+    }
+}
+
+/// Assemble `qemu/guest.S` into a flat multiboot image in `dir`.
+pub fn guest_image(dir: &Path, g: &GuestImage) -> anyhow::Result<PathBuf> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu/guest.S");
-    let tag = format!("{:x}-{:x}", ram_end.unwrap_or(0), hot_end.unwrap_or(0));
+    let syms = [
+        ("RAM_END", g.ram_end),
+        ("HIGH_END", g.high_end),
+        ("HOT_END", g.hot_end),
+        ("HOT_HIGH_END", g.hot_high_end),
+        ("HEARTBEAT", g.heartbeat_ticks),
+    ];
+    let tag: Vec<String> = syms.iter().map(|(_, v)| format!("{:x}", v.unwrap_or(0))).collect();
+    let tag = tag.join("-");
     let (obj, bin) = (dir.join(format!("guest-{tag}.o")), dir.join(format!("guest-{tag}.bin")));
     let run = |c: &mut Command| -> anyhow::Result<()> {
         let o = c.output().context("binutils (as, ld): ./dev setup installs them")?;
@@ -27,7 +73,7 @@ pub fn guest_image(dir: &Path, ram_end: Option<u64>, hot_end: Option<u64>) -> an
     };
     let mut asm = Command::new("as");
     asm.arg("--64");
-    for (name, v) in [("RAM_END", ram_end), ("HOT_END", hot_end)] {
+    for (name, v) in syms {
         if let Some(v) = v {
             asm.args(["--defsym", &format!("{name}={v:#x}")]);
         }
@@ -48,7 +94,8 @@ pub struct Qemu {
 
 impl Qemu {
     /// Start `qemu-system-x86_64 -machine pc -accel ACCEL -m RAM_MIB -kernel KERNEL … EXTRA`
-    /// with its QMP socket `NAME.sock` in `dir`, and negotiate QMP.
+    /// with its QMP socket `NAME.sock` in `dir`, and negotiate QMP. COM1 is unconnected
+    /// unless `extra` names a `-serial`.
     pub fn start(
         dir: &Path,
         name: &str,
@@ -62,7 +109,9 @@ impl Qemu {
         let child = Command::new("qemu-system-x86_64")
             .args(["-machine", "pc", "-accel", accel, "-m", &ram_mib.to_string(), "-kernel"])
             .arg(kernel)
-            .args(["-display", "none", "-monitor", "none", "-serial", "none", "-no-reboot", "-qmp"])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(if extra.contains(&"-serial") { &[][..] } else { &["-serial", "none"][..] })
+            .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", sock.display()))
             .args(extra)
             .stdout(Stdio::null())
@@ -115,6 +164,30 @@ impl Qemu {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// A qword of guest-physical memory, read through the monitor.
+    pub fn read_u64(&mut self, gpa: u64) -> anyhow::Result<u64> {
+        let r = self.cmd("human-monitor-command", json!({ "command-line": format!("xp /1gx {gpa:#x}") }))?;
+        let text = r.as_str().unwrap_or_default();
+        let v = text.rsplit(':').next().map(str::trim).and_then(|h| h.strip_prefix("0x"));
+        v.and_then(|h| u64::from_str_radix(h, 16).ok()).with_context(|| format!("xp {gpa:#x}: {text}"))
+    }
+
+    /// CPU time of the QEMU process so far (every thread, vCPUs included).
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the command name (which may hold spaces) start at the state, field 3.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).context("/proc stat")?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f
+            .get(11)
+            .and_then(|u| u.parse().ok())
+            .zip(f.get(12).and_then(|s| s.parse().ok()))
+            .map(|(u, s): (u64, u64)| u + s)
+            .context("utime/stime")?;
+        // USER_HZ is 100 on Linux.
+        Ok(Duration::from_millis(ticks * 10))
     }
 
     /// Wait until the guest stored [`PREFILLED`] (read through the monitor).

@@ -124,6 +124,8 @@ pub struct Received {
     pub snapshot: Option<Vec<u8>>,
     pub capture_time: Duration,
     pub total_time: Duration,
+    /// CPU time of this process (every thread) from the connection to the resume.
+    pub cpu: Duration,
     /// Guest RAM was allocated before the migration started ([`Receiver::prepare`]), and
     /// how long that took (not part of the migration).
     pub prepared: Option<Duration>,
@@ -444,6 +446,7 @@ impl<F: VmFactory> Receiver<F> {
     /// accepted through `accept`.
     pub fn run_streams(&mut self, t: &mut dyn Transport, accept: Acceptor<'_>) -> Result<Received, RecvError> {
         let t0 = Instant::now();
+        let cpu0 = kvm_hooks::process_usage().0;
         t.set_recv_timeout(self.o.io_timeout);
         if let Some(h) = t.shutdown_handle() {
             self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()).push(h);
@@ -470,6 +473,9 @@ impl<F: VmFactory> Receiver<F> {
         }
         for w in self.workers.drain(..) {
             let _ = w.join();
+        }
+        if let Ok(got) = &mut r {
+            got.cpu = kvm_hooks::process_usage().0.saturating_sub(cpu0);
         }
         r
     }
@@ -911,6 +917,7 @@ impl<F: VmFactory> Receiver<F> {
             snapshot,
             capture_time,
             total_time: t0.elapsed(),
+            cpu: Duration::ZERO,
             prepared: self.prepare_time,
         })
     }

@@ -48,6 +48,13 @@ pub struct SourceReport {
     pub prepare: Duration,
     #[serde(serialize_with = "ser_ms", rename = "capture_ms")]
     pub capture: Duration,
+    /// CPU time of this process (every thread, the VM's vCPUs included) over `total`.
+    #[serde(serialize_with = "ser_ms", rename = "cpu_ms")]
+    pub cpu: Duration,
+    /// Wall-clock time (µs since the Unix epoch) of the guest's last heartbeat before it
+    /// was paused: the earliest any vCPU went silent. With the destination's
+    /// `guest_first_report_unix_us` it gives the blackout the guest sees.
+    pub guest_last_report_unix_us: Option<u64>,
     pub precopy_rounds: Vec<RoundStats>,
     pub final_round: RoundStats,
     pub switchover: SwitchReason,
@@ -120,6 +127,8 @@ impl SourceReport {
             guest_writes_per_s_setup: None,
             guest_writes_per_s_precopy: None,
             capture,
+            cpu: Duration::ZERO,
+            guest_last_report_unix_us: None,
             throughput_mib_s: mib(bytes_total, total),
             precopy_throughput_mib_s: mib(pre_bytes, pre_time),
             precopy_rounds: rounds,
@@ -185,6 +194,11 @@ impl SourceReport {
         if let (Some(a), Some(b)) = (self.guest_writes_per_s_setup, self.guest_writes_per_s_precopy) {
             let _ = writeln!(s, "guest page writes/s: {a:.0} during setup (unlogged), {b:.0} during precopy (logged)");
         }
+        let _ = writeln!(
+            s,
+            "process CPU during the migration: {:.0} ms (vCPU threads included)",
+            self.cpu.as_secs_f64() * 1e3
+        );
         let _ = writeln!(s, "transport: {}", self.transport);
         if let Some(z) = &self.zerocopy {
             let _ = writeln!(
@@ -230,6 +244,12 @@ pub struct DestReport {
     /// gave up).
     #[serde(serialize_with = "ser_ms", rename = "liveness_ms")]
     pub liveness: Duration,
+    /// When the last vCPU to do so first reported after the resume (µs since the Unix
+    /// epoch); `None` if one never did.
+    pub guest_first_report_unix_us: Option<u64>,
+    /// CPU time of this process (every thread) from the source's connection to the resume.
+    #[serde(serialize_with = "ser_ms", rename = "cpu_ms")]
+    pub cpu: Duration,
     /// Guest RAM was allocated before the migration (`receiver.prepare_ram`).
     pub prepared_ram: bool,
     /// Time that preparation took, before the source connected.

@@ -110,6 +110,7 @@ pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> R
     };
     let mut rep = source::migrate_streams(m, &mut *t, &o, &mut data, on)?;
     rep.prepare = prepare_time;
+    rep.guest_last_report_unix_us = m.last_report_unix_us().into_iter().filter(|&t| t > 0).min();
     Ok(rep)
 }
 
@@ -216,8 +217,20 @@ pub fn observe(m: &Machine, got: &Received, timeout: Duration) -> DestReport {
         progress_after: p1,
         guest_alive: alive,
         liveness,
+        guest_first_report_unix_us: first_reports(m),
+        cpu: got.cpu,
         prepared_ram: got.prepared.is_some(),
         prepare: got.prepared.unwrap_or_default(),
+    }
+}
+
+/// When the last vCPU to do so first reported after the resume; `None` if one never did.
+fn first_reports(m: &Machine) -> Option<u64> {
+    let f = m.first_report_since_resume_unix_us();
+    if f.contains(&0) {
+        None
+    } else {
+        f.into_iter().max()
     }
 }
 

@@ -225,6 +225,7 @@ fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
 
 fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
     let t0 = Instant::now();
+    let cpu0 = kvm_hooks::process_usage().0;
     let writes0 = c.m.page_writes();
     let shape = c.m.shape();
     let total_pages = c.m.ram().pages();
@@ -388,6 +389,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     };
     rep.guest_writes_per_s_setup = per_s(writes0, writes_precopy, t_precopy - t0);
     rep.guest_writes_per_s_precopy = per_s(writes_precopy, writes_stop, t_stop - t_precopy);
+    rep.cpu = kvm_hooks::process_usage().0.saturating_sub(cpu0);
     rep.transport = desc;
     rep.streams = c.o.streams.max(1);
     rep.zerocopy = zc.map(Into::into);

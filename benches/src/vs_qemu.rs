@@ -1,55 +1,149 @@
 //! `migaccel-bench vs-qemu`: QEMU's own migration of its guest against migaccel's migration
 //! of the embedded guest, same RAM, same workload class, same machine, interleaved.
 //!
-//! Both guests fill their RAM first (a qword into every page past 16 MiB), then either idle
-//! or increment the first byte of every page of a hot range at full speed. QEMU's guest is
-//! `tests/qemu/guest.S` (multiboot, CPL 3), migrated between two QEMU processes over loopback
-//! with QMP; migaccel's runs as two processes (`receive`, `send`). Each migaccel figure is
-//! printed as a ratio to the best QEMU variant of the same cell and repetition.
-use std::io::{BufRead, BufReader};
+//! Both guests fill their RAM first (every page past 16 MiB), then idle, or increment the
+//! first byte of every page of a 256 MiB range, or of all their RAM, at full speed. QEMU's
+//! guest is `tests/qemu/guest.S` (multiboot, CPL 3), migrated between two QEMU processes over
+//! loopback with QMP in several configurations; migaccel's runs as two processes (`receive`,
+//! `send`) with a fresh and with a prepared destination. Each migaccel figure is printed as
+//! a ratio to the best QEMU configuration of the same cell and repetition.
+//!
+//! The guest-visible blackout is measured by each guest's heartbeat: QEMU's guest writes a
+//! byte to its serial port every millisecond of TSC time (timestamped by this process as it
+//! arrives from each QEMU); the embedded guest's progress reports are stamped by its VMM
+//! (idle: one per millisecond; walking: one per 4096 pages). Blackout = the destination's
+//! first heartbeat after the migration minus the source's last one.
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use accel_user::config::ByteSize;
 use anyhow::{bail, Context};
-use migaccel_tests::qemu::{guest_image, Qemu};
+use migaccel_tests::qemu::{guest_image, GuestImage, Qemu, WRITE_COUNT_GPA};
 use serde_json::{json, Value};
 
-/// Where QEMU's pc machine puts RAM above 3 GiB is not contiguous; the guest maps 4 GiB.
-const QEMU_MAX_RAM: u64 = 3 << 30;
-
-/// One migration's figures.
+/// One migration's figures (NaN where a system cannot report one).
 #[derive(Debug, Clone, Copy)]
 struct Run {
     total_ms: f64,
-    downtime_ms: f64,
     setup_ms: f64,
+    downtime_ms: f64,
+    blackout_ms: f64,
     mib: f64,
+    rounds: f64,
+    /// Guest page writes per second before the migration and during its precopy.
+    writes_before: f64,
+    writes_during: f64,
+    /// CPU seconds of both processes over the migration (vCPU threads included).
+    cpu_s: f64,
+}
+
+/// A QEMU configuration.
+#[derive(Debug, Clone, Copy)]
+struct QemuCfg {
+    name: &'static str,
+    multifd: u32,
+    dirty_ring: bool,
+    prealloc: bool,
+}
+
+const QEMU_CFGS: [QemuCfg; 6] = [
+    QemuCfg { name: "QEMU precopy", multifd: 0, dirty_ring: false, prealloc: false },
+    QemuCfg { name: "QEMU multifd 4", multifd: 4, dirty_ring: false, prealloc: false },
+    QemuCfg { name: "QEMU dirty ring", multifd: 0, dirty_ring: true, prealloc: false },
+    QemuCfg { name: "QEMU precopy, prealloc", multifd: 0, dirty_ring: false, prealloc: true },
+    QemuCfg { name: "QEMU multifd 4, prealloc", multifd: 4, dirty_ring: false, prealloc: true },
+    QemuCfg { name: "QEMU dirty ring, prealloc", multifd: 0, dirty_ring: true, prealloc: true },
+];
+
+/// Bytes arriving on a QEMU serial port, each read timestamped.
+struct Heartbeat {
+    beats: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Heartbeat {
+    fn listen(sock: &Path) -> anyhow::Result<Heartbeat> {
+        let t0 = Instant::now();
+        let mut s = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(_) if t0.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => bail!("serial socket {}: {e}", sock.display()),
+            }
+        };
+        let beats = Arc::new(Mutex::new(Vec::new()));
+        let b = beats.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                b.lock().unwrap().push(Instant::now());
+            }
+        });
+        Ok(Heartbeat { beats })
+    }
+    fn last(&self) -> Option<Instant> {
+        self.beats.lock().unwrap().last().copied()
+    }
+    fn first_after(&self, t: Instant) -> Option<Instant> {
+        self.beats.lock().unwrap().iter().find(|&&b| b >= t).copied()
+    }
+}
+
+fn start_qemu(
+    dir: &Path,
+    name: &str,
+    ram: u64,
+    kernel: &Path,
+    c: &QemuCfg,
+    incoming: bool,
+) -> anyhow::Result<(Qemu, Heartbeat)> {
+    let serial = dir.join(format!("{name}-serial.sock"));
+    let _ = std::fs::remove_file(&serial);
+    let chardev = format!("socket,id=hb,path={},server=on,wait=off", serial.display());
+    let mut extra = vec!["-chardev", &chardev, "-serial", "chardev:hb"];
+    if c.prealloc {
+        extra.push("-mem-prealloc");
+    }
+    if incoming {
+        extra.extend(["-incoming", "defer"]);
+    }
+    let accel = if c.dirty_ring { "kvm,dirty-ring-size=4096" } else { "kvm" };
+    let q = Qemu::start(dir, name, accel, ram >> 20, kernel, &extra)?;
+    let hb = Heartbeat::listen(&serial)?;
+    Ok((q, hb))
 }
 
 /// QEMU migrating its own guest: auto-converge on (as migaccel's default), 10 Gbit/s
-/// bandwidth cap, 50 ms downtime limit (migaccel's default target), optional multifd.
-fn qemu_run(dir: &Path, kernel: &Path, ram: u64, multifd: u32, warmup: Duration) -> anyhow::Result<Run> {
+/// bandwidth cap, 50 ms downtime limit (migaccel's default target).
+fn qemu_run(dir: &Path, kernel: &Path, ram: u64, c: &QemuCfg, warmup: Duration) -> anyhow::Result<Run> {
     let port = free_port()?;
-    let mib = ram >> 20;
-    let mut dst = Qemu::start(dir, "dst", "kvm", mib, kernel, &["-incoming", "defer"])?;
-    let mut src = Qemu::start(dir, "src", "kvm", mib, kernel, &[])?;
-    src.wait_prefilled(Duration::from_secs(300))?;
+    let (mut dst, dst_hb) = start_qemu(dir, "dst", ram, kernel, c, true)?;
+    let (mut src, src_hb) = start_qemu(dir, "src", ram, kernel, c, false)?;
+    src.wait_prefilled(Duration::from_secs(600))?;
     std::thread::sleep(warmup);
     let mut caps = vec![json!({"capability": "auto-converge", "state": true})];
-    if multifd > 0 {
+    if c.multifd > 0 {
         caps.push(json!({"capability": "multifd", "state": true}));
     }
     for q in [&mut src, &mut dst] {
         q.cmd("migrate-set-capabilities", json!({ "capabilities": caps }))?;
-        if multifd > 0 {
-            q.cmd("migrate-set-parameters", json!({"multifd-channels": multifd}))?;
+        if c.multifd > 0 {
+            q.cmd("migrate-set-parameters", json!({"multifd-channels": c.multifd}))?;
         }
     }
     let uri = format!("tcp:127.0.0.1:{port}");
     dst.cmd("migrate-incoming", json!({ "uri": uri }))?;
     src.cmd("migrate-set-parameters", json!({"max-bandwidth": 10u64 << 30 >> 3, "downtime-limit": 50}))?;
+    let (w0, tw0) = (src.read_u64(WRITE_COUNT_GPA)?, Instant::now());
+    std::thread::sleep(Duration::from_millis(500));
+    let (w1, tw1) = (src.read_u64(WRITE_COUNT_GPA)?, Instant::now());
+    let cpu0 = src.cpu_time()? + dst.cpu_time()?;
     src.cmd("migrate", json!({ "uri": uri }))?;
     let t0 = Instant::now();
     let r = loop {
@@ -59,16 +153,33 @@ fn qemu_run(dir: &Path, kernel: &Path, ram: u64, multifd: u32, warmup: Duration)
             Some("failed") | Some("cancelled") => bail!("QEMU migration {}: {r}", r["status"]),
             _ => {}
         }
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(300), "QEMU migration did not finish: {r}");
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(600), "QEMU migration did not finish: {r}");
         std::thread::sleep(Duration::from_millis(5));
     };
+    let cpu = (src.cpu_time()? + dst.cpu_time()?).saturating_sub(cpu0);
+    let w2 = src.read_u64(WRITE_COUNT_GPA)?;
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     anyhow::ensure!(f("total-time") > 0.0, "QEMU reported a completed migration without its time: {r}");
+    let last_src = src_hb.last().context("the source guest sent no heartbeat")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first_dst = loop {
+        if let Some(b) = dst_hb.first_after(last_src) {
+            break b;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the destination guest sent no heartbeat within 30 s");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let precopy_s = (f("total-time") - f("downtime")) / 1e3;
     Ok(Run {
         total_ms: f("total-time"),
-        downtime_ms: f("downtime"),
         setup_ms: f("setup-time"),
+        downtime_ms: f("downtime"),
+        blackout_ms: (first_dst - last_src).as_secs_f64() * 1e3,
         mib: r["ram"]["transferred"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+        rounds: r["ram"]["dirty-sync-count"].as_f64().unwrap_or(f64::NAN),
+        writes_before: (w1 - w0) as f64 / (tw1 - tw0).as_secs_f64(),
+        writes_during: w2.saturating_sub(w1) as f64 / precopy_s,
+        cpu_s: cpu.as_secs_f64(),
     })
 }
 
@@ -77,18 +188,28 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// migaccel's two processes migrating the embedded guest with the same class.
-fn migaccel_run(ram: u64, hot: u64, warmup: Duration) -> anyhow::Result<Run> {
+fn migaccel_run(ram: u64, hot: u64, prepared: bool, warmup: Duration) -> anyhow::Result<Run> {
     let bin = std::env::current_exe()?.with_file_name("migaccel");
     let addr = format!("127.0.0.1:{}", free_port()?);
-    let mut recv = Command::new(&bin)
-        .args(["receive", "--listen", &addr, "--report", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("migaccel receive")?;
+    let mut recv = Command::new(&bin);
+    recv.args(["receive", "--listen", &addr, "--report", "json"]);
+    if prepared {
+        recv.args(["--prepare-ram", &ram.to_string()]);
+    }
+    let mut recv = recv.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("migaccel receive")?;
+    let mut err = BufReader::new(recv.stderr.take().context("receiver stderr")?);
     let mut line = String::new();
-    BufReader::new(recv.stderr.take().context("receiver stderr")?).read_line(&mut line)?;
-    anyhow::ensure!(line.contains("listening on"), "receiver: {line}");
+    loop {
+        line.clear();
+        anyhow::ensure!(err.read_line(&mut line)? > 0, "the receiver exited before listening");
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    // Keep draining the receiver's log so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    // The embedded guest's data RAM starts at 4 MiB; QEMU's at 16 MiB: the same hot pages.
+    let working_set = if hot == u64::MAX { ram - (16 << 20) } else { hot };
     let workload: Vec<String> = if hot == 0 {
         vec!["--workload".into(), "idle".into()]
     } else {
@@ -98,29 +219,38 @@ fn migaccel_run(ram: u64, hot: u64, warmup: Duration) -> anyhow::Result<Run> {
             "--hot-rate".into(),
             "0".into(),
             "--hot-working-set".into(),
-            format!("{hot}"),
+            format!("{working_set}"),
         ]
     };
     let out = Command::new(&bin)
         .args(["send", "--to", &addr, "--report", "json", "--prefill", "--vcpus", "1"])
         .args(["--ram", &format!("{ram}"), "--warmup-ms", &warmup.as_millis().to_string()])
         .args(&workload)
+        .stderr(Stdio::piped())
         .output()
         .context("migaccel send")?;
     let r = recv.wait_with_output()?;
     anyhow::ensure!(out.status.success(), "send: {}", String::from_utf8_lossy(&out.stderr));
     anyhow::ensure!(r.status.success(), "receive failed");
     let s: Value = serde_json::from_slice(&out.stdout)?;
-    let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+    let d: Value = serde_json::from_slice(&r.stdout).context("the receiver's JSON report")?;
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let blackout = f(&d, "guest_first_report_unix_us") - f(&s, "guest_last_report_unix_us");
     Ok(Run {
-        total_ms: f("total_ms"),
-        downtime_ms: f("downtime_ms"),
-        setup_ms: f("setup_ms"),
-        mib: f("bytes_total") / (1 << 20) as f64,
+        total_ms: f(&s, "total_ms"),
+        setup_ms: f(&s, "setup_ms"),
+        downtime_ms: f(&s, "downtime_ms"),
+        blackout_ms: blackout / 1e3,
+        mib: f(&s, "bytes_total") / (1 << 20) as f64,
+        rounds: s["precopy_rounds"].as_array().map_or(f64::NAN, |r| r.len() as f64 + 1.0),
+        writes_before: f(&s, "guest_writes_per_s_setup"),
+        writes_during: f(&s, "guest_writes_per_s_precopy"),
+        cpu_s: (f(&s, "cpu_ms") + f(&d, "cpu_ms")) / 1e3,
     })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return f64::NAN;
@@ -133,66 +263,116 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// TSC ticks per millisecond, from the CPU's nominal clock (`constant_tsc` hosts).
+fn tsc_ticks_per_ms() -> anyhow::Result<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo")?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .context("cpu MHz in /proc/cpuinfo")?;
+    Ok((mhz * 1e3) as u64)
+}
+
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .map_or(u64::MAX, |kib: u64| kib << 10)
+}
+
 pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> anyhow::Result<()> {
     for r in rams {
-        if r.0 > QEMU_MAX_RAM {
-            bail!("{} MiB: the QEMU guest here maps RAM below 3 GiB only (pc machine layout)", r.0 >> 20);
+        // Source and destination hold the guest's RAM at once.
+        if 2 * r.0 + (1 << 30) > mem_available() {
+            bail!("{} MiB: two guests of this size do not fit in this host's available memory", r.0 >> 20);
         }
     }
     let dir = std::env::temp_dir().join(format!("migaccel-vs-qemu-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let warmup = Duration::from_millis(warmup_ms);
-    let classes = [("idle, prefilled", 0u64), ("hot 256 MiB at full speed, prefilled", hot.0)];
-    let systems = ["QEMU precopy", "QEMU multifd 4", "migaccel"];
+    let ticks = tsc_ticks_per_ms()?;
+    let hot_name = format!("hot {} MiB at full speed, prefilled", hot.0 >> 20);
+    let classes = [("idle, prefilled", 0u64), (hot_name.as_str(), hot.0), ("all RAM at full speed", u64::MAX)];
+    let mut systems: Vec<String> = QEMU_CFGS.iter().map(|c| c.name.to_string()).collect();
+    systems.push("migaccel".into());
+    systems.push("migaccel, prepared destination".into());
+    let nq = QEMU_CFGS.len();
     println!("# vs-qemu: {reps} repetition(s), interleaved; 1 vCPU; warm-up {warmup_ms} ms after the prefill");
     println!();
-    println!("| RAM | class | system | total ms | downtime ms | setup ms | MiB moved | total / best QEMU | downtime / best QEMU |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| RAM | class | system | total ms | setup ms | downtime ms | blackout ms | MiB moved | rounds | guest writes/s before | during precopy | CPU s | total / best QEMU | downtime / best QEMU | blackout / best QEMU |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for ram in rams {
         for &(class, hot) in &classes {
-            let kernel = guest_image(&dir, Some(ram.0), Some((16 << 20) + hot))?;
+            let kernel = guest_image(&dir, &GuestImage::filled(ram.0, hot, Some(ticks)))?;
             let mut runs: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
-            let mut ratios: Vec<(f64, f64)> = Vec::new();
+            let mut ratios: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); 2];
             for rep in 0..reps as usize {
-                let mut this = [None; 3];
+                let mut this: Vec<Option<Run>> = vec![None; systems.len()];
                 for k in (0..systems.len()).map(|k| (k + rep) % systems.len()) {
-                    let r = match k {
-                        0 => qemu_run(&dir, &kernel, ram.0, 0, warmup),
-                        1 => qemu_run(&dir, &kernel, ram.0, 4, warmup),
-                        _ => migaccel_run(ram.0, hot, warmup),
+                    let r = if k < nq {
+                        qemu_run(&dir, &kernel, ram.0, &QEMU_CFGS[k], warmup)
+                    } else {
+                        migaccel_run(ram.0, hot, k == nq + 1, warmup)
                     }
                     .with_context(|| format!("{} MiB, {class}, {}", ram.0 >> 20, systems[k]))?;
+                    eprintln!(
+                        "{} MiB, {class}, {}: total {:.0} ms, downtime {:.1} ms, blackout {:.1} ms",
+                        ram.0 >> 20,
+                        systems[k],
+                        r.total_ms,
+                        r.downtime_ms,
+                        r.blackout_ms
+                    );
                     this[k] = Some(r);
                     runs[k].push(r);
                 }
-                let (q0, q1, m) = (this[0].unwrap(), this[1].unwrap(), this[2].unwrap());
-                let best_total = q0.total_ms.min(q1.total_ms);
-                let best_down = q0.downtime_ms.min(q1.downtime_ms);
-                ratios.push((m.total_ms / best_total, m.downtime_ms / best_down));
+                let q: Vec<Run> = this[..nq].iter().map(|r| r.expect("every QEMU cell ran")).collect();
+                let best = |f: fn(&Run) -> f64| q.iter().map(f).fold(f64::INFINITY, f64::min);
+                let (bt, bd, bb) = (best(|r| r.total_ms), best(|r| r.downtime_ms), best(|r| r.blackout_ms));
+                for (j, m) in this[nq..].iter().enumerate() {
+                    let m = m.expect("every migaccel cell ran");
+                    ratios[j].push((m.total_ms / bt, m.downtime_ms / bd, m.blackout_ms / bb));
+                }
             }
             for (k, name) in systems.iter().enumerate() {
                 let col = |f: fn(&Run) -> f64| median(runs[k].iter().map(f).collect());
-                let (rt, rd) = if k == 2 {
-                    (
-                        format!("{:.2}", median(ratios.iter().map(|r| r.0).collect())),
-                        format!("{:.2}", median(ratios.iter().map(|r| r.1).collect())),
-                    )
-                } else {
-                    ("".into(), "".into())
+                let ratio = |f: fn(&(f64, f64, f64)) -> f64| {
+                    if k < nq {
+                        String::new()
+                    } else {
+                        format!("{:.2}", median(ratios[k - nq].iter().map(f).collect()))
+                    }
                 };
+                let rate = |v: f64| if v.is_nan() { "–".to_string() } else { format!("{:.1} M", v / 1e6) };
                 println!(
-                    "| {} MiB | {class} | {name} | {:.0} | {:.1} | {:.1} | {:.0} | {rt} | {rd} |",
+                    "| {} MiB | {class} | {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} | {:.2} | {} | {} | {} |",
                     ram.0 >> 20,
                     col(|r| r.total_ms),
-                    col(|r| r.downtime_ms),
                     col(|r| r.setup_ms),
+                    col(|r| r.downtime_ms),
+                    col(|r| r.blackout_ms),
                     col(|r| r.mib),
+                    col(|r| r.rounds),
+                    rate(col(|r| r.writes_before)),
+                    rate(col(|r| r.writes_during)),
+                    col(|r| r.cpu_s),
+                    ratio(|r| r.0),
+                    ratio(|r| r.1),
+                    ratio(|r| r.2),
                 );
             }
         }
     }
     println!();
-    println!("Medians over repetitions; ratios are medians of per-repetition ratios against the better QEMU variant of the same repetition.");
+    println!(
+        "Medians over repetitions; ratios are medians of per-repetition ratios against the best QEMU configuration of the same repetition (each column's own best)."
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -33,7 +33,8 @@ pub enum Workload {
     Ab,
     /// Dirty `working_set` bytes at `pages_per_sec` (0 = as fast as possible).
     Hot { working_set: u64, pages_per_sec: u64 },
-    /// Touch nothing; report progress ~200 times a second per vCPU.
+    /// Touch nothing; report progress ~1000 times a second per vCPU (a heartbeat with
+    /// millisecond resolution).
     Idle,
     /// Write the current iteration number into pseudo-random pages of a `pages`-page region
     /// (a power of two); the dirty-tracking oracle.
@@ -184,7 +185,7 @@ impl GuestSpec {
                 Pace { batch, per_sec: per_vcpu }
             }
             Workload::Hot { .. } => Pace { batch: 4096, per_sec: 0 },
-            Workload::Idle => Pace { batch: 1, per_sec: 200 },
+            Workload::Idle => Pace { batch: 1, per_sec: 1000 },
             _ => Pace { batch: 1, per_sec: 0 },
         }
     }
@@ -210,6 +211,12 @@ struct Shared {
     parked: AtomicUsize,
     progress: Vec<AtomicU64>,
     reports: Vec<AtomicU64>,
+    /// Wall-clock time (µs since the Unix epoch) of each vCPU's latest report, and of its
+    /// first report since the last resume (0: none yet): the guest's heartbeat, which
+    /// measures the blackout the guest sees across a migration (source and destination
+    /// processes share the host's clock).
+    last_report_us: Vec<AtomicU64>,
+    first_report_us: Vec<AtomicU64>,
     fault: Mutex<Option<String>>,
     /// Percent of time vCPUs are held off the CPU (auto-converge), 0..=99.
     throttle: AtomicU64,
@@ -241,6 +248,8 @@ impl Shared {
             parked: AtomicUsize::new(0),
             progress: counters(),
             reports: counters(),
+            last_report_us: counters(),
+            first_report_us: counters(),
             fault: Mutex::new(None),
             throttle: AtomicU64::new(0),
             page_state_hook: Mutex::new(None),
@@ -255,6 +264,18 @@ impl Shared {
     fn state(&self) -> std::sync::MutexGuard<'_, RunState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// vCPU `id` reported progress.
+    fn report(&self, id: usize) {
+        self.reports[id].fetch_add(1, Ordering::Relaxed);
+        let now = unix_us();
+        self.last_report_us[id].store(now, Ordering::Relaxed);
+        let _ = self.first_report_us[id].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 /// A running (or paused) embedded VM.
@@ -385,6 +406,16 @@ impl Machine {
         (0..r.len()).map(|i| r[i] * self.spec.writes_per_report(i as u32)).sum()
     }
 
+    /// When each vCPU last reported (µs since the Unix epoch; 0: never).
+    pub fn last_report_unix_us(&self) -> Vec<u64> {
+        self.shared.last_report_us.iter().map(|p| p.load(Ordering::Relaxed)).collect()
+    }
+    /// When each vCPU first reported after the latest resume (µs since the Unix epoch;
+    /// 0: not yet).
+    pub fn first_report_since_resume_unix_us(&self) -> Vec<u64> {
+        self.shared.first_report_us.iter().map(|p| p.load(Ordering::Relaxed)).collect()
+    }
+
     /// Number of progress reports each vCPU made on this host.
     pub fn reports(&self) -> Vec<u64> {
         self.shared.reports.iter().map(|p| p.load(Ordering::Relaxed)).collect()
@@ -403,7 +434,12 @@ impl Machine {
         if let Some(f) = self.fault() {
             return Err(Error::Vcpu { vcpu: 0, msg: format!("cannot resume a faulted guest: {f}") });
         }
-        *self.shared.state() = RunState::Running;
+        let mut st = self.shared.state();
+        for f in &self.shared.first_report_us {
+            f.store(0, Ordering::Relaxed);
+        }
+        *st = RunState::Running;
+        drop(st);
         self.shared.cv.notify_all();
         Ok(())
     }
@@ -688,7 +724,7 @@ fn vcpu_loop(
         match ev {
             Event::Progress(v) => {
                 sh.progress[id].store(u64::from(v), Ordering::Relaxed);
-                sh.reports[id].fetch_add(1, Ordering::Relaxed);
+                sh.report(id);
                 if let Some(ns) = pace.batch.checked_add(paced).and_then(|p| {
                     paced = p;
                     p.saturating_mul(1_000_000_000).checked_div(pace.per_sec)
@@ -706,7 +742,7 @@ fn vcpu_loop(
             }
             Event::PageState(ptr) => {
                 sh.progress[id].fetch_add(1, Ordering::Relaxed);
-                sh.reports[id].fetch_add(1, Ordering::Relaxed);
+                sh.report(id);
                 page_state(&sh, &ram, id, u64::from(ptr));
             }
             Event::RingFull => {

@@ -22,7 +22,8 @@ fn embedded_vms(cfg: &Config) -> embedded_vmm::EmbeddedVms {
     embedded_vmm::EmbeddedVms { dirty: cfg.dirty_preference() }
 }
 
-/// Boot the guest the config describes and let it run for the warm-up time.
+/// Boot the guest the config describes and let it run for the warm-up time (with `prefill`,
+/// counted from the guest's first full pass over its pages).
 pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
     kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
     let mut m = Machine::boot(cfg.guest_spec(), cfg.dirty_preference())?;
@@ -39,6 +40,11 @@ pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
         launch_mh(cfg, &mut m).map_err(|e| kvm_hooks::Error::Vcpu { vcpu: cfg.guest.vcpus as usize, msg: e })?;
     }
     m.resume()?;
+    if cfg.guest.prefill {
+        // Like QEMU's test guests, whose own prefill maps their pages: the warm-up starts
+        // once the guest has written every page of its range.
+        m.wait_first_pass(Duration::from_secs(600))?;
+    }
     std::thread::sleep(Duration::from_millis(cfg.guest.warmup_ms));
     if let Some(f) = m.fault() {
         return Err(kvm_hooks::Error::Vcpu { vcpu: 0, msg: f });

@@ -416,6 +416,42 @@ impl Machine {
         self.shared.first_report_us.iter().map(|p| p.load(Ordering::Relaxed)).collect()
     }
 
+    /// Wait until every vCPU of a page-walking workload wrote each page of its range once
+    /// (its first pass maps the pages into the VM; host-side prefilled pages fault in on
+    /// it), or `timeout` passes. Other workloads return at once.
+    pub fn wait_first_pass(&self, timeout: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        let need: Vec<u64> = (0..self.spec.vcpus)
+            .map(|i| {
+                let (s, e) = self.spec.vcpu_range(i);
+                let per = self.spec.writes_per_report(i);
+                if per == 0 || !matches!(self.spec.workload, Workload::Ab | Workload::Hot { .. }) {
+                    0
+                } else {
+                    ((e - s) / PAGE_SIZE).div_ceil(per)
+                }
+            })
+            .collect();
+        loop {
+            let r = self.reports();
+            if r.iter().zip(&need).all(|(have, need)| have >= need) {
+                return Ok(());
+            }
+            if let Some(f) = self.fault() {
+                return Err(Error::Vcpu { vcpu: 0, msg: f });
+            }
+            if t0.elapsed() > timeout {
+                return Err(Error::Vcpu {
+                    vcpu: 0,
+                    msg: format!(
+                        "the guest did not finish its first pass within {timeout:?} (reports {r:?} of {need:?})"
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Number of progress reports each vCPU made on this host.
     pub fn reports(&self) -> Vec<u64> {
         self.shared.reports.iter().map(|p| p.load(Ordering::Relaxed)).collect()

@@ -135,7 +135,7 @@ fn assert_prefilled_round_0(out: &session::DemoOutcome) {
 }
 
 /// A prefilled 4 GiB guest with every migration setting at its default (`auto` transport,
-/// two data streams, the dirty ring): all of its RAM moves, page for page.
+/// two data streams, the bitmap): all of its RAM moves, page for page.
 #[test]
 fn four_gib_prefilled_guest_with_default_settings() {
     let _g = large();

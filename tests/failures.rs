@@ -182,7 +182,12 @@ fn frame(kind: FrameKind, seq: u64, payload: &[u8]) -> Vec<u8> {
 fn hostile(client: impl FnOnce(&mut TcpStream) + Send + 'static) -> (RecvError, bool) {
     let mut cfg = Config::default();
     cfg.migration.io_timeout_ms = 3000;
-    let (addr, t) = receiver(&cfg);
+    hostile_with(&cfg, client)
+}
+
+/// [`hostile`] against a receiver configured by `cfg`.
+fn hostile_with(cfg: &Config, client: impl FnOnce(&mut TcpStream) + Send + 'static) -> (RecvError, bool) {
+    let (addr, t) = receiver(cfg);
     let c = std::thread::spawn(move || {
         let mut s = TcpStream::connect(addr).unwrap();
         client(&mut s);
@@ -319,4 +324,66 @@ fn receiver_rejects_bad_vcpu_state() {
     });
     assert!(!resumed);
     assert!(e.to_string().contains("vCPU state"), "{e}");
+}
+
+/// A VM bigger than this host can hold is refused at the handshake, before anything is
+/// allocated for it (the default `max_ram` alone would let 64 GiB in).
+#[test]
+fn receiver_refuses_a_vm_larger_than_the_host_can_hold() {
+    let avail = accel_user::host::mem_available().expect("MemAvailable");
+    let ram = (avail + (2 << 30)).next_multiple_of(2 << 20);
+    let (e, resumed) = hostile(move |s| {
+        let shape = kvm_hooks::migratable::VmShape { ram_bytes: ram, vcpus: 1 };
+        s.write_all(&frame(FrameKind::Hello, 0, &protocol::encode_hello(&shape))).unwrap();
+    });
+    assert!(!resumed);
+    let e = e.to_string();
+    if ram <= Config::default().receiver.max_ram.0 {
+        assert!(e.contains("this host has available") && e.contains(&ram.to_string()), "{e}");
+    } else {
+        assert!(e.contains("exceeds this receiver's limit"), "{e}");
+    }
+}
+
+/// A source that never stops sending rounds is cut off at `receiver.max_rounds`.
+#[test]
+fn receiver_caps_precopy_rounds() {
+    let mut cfg = Config::default();
+    cfg.migration.io_timeout_ms = 3000;
+    cfg.receiver.max_rounds = 3;
+    let (e, resumed) = hostile_with(&cfg, |s| {
+        hello(s);
+        for round in 0..10 {
+            if s.write_all(&frame(FrameKind::EndOfRound, 1 + round as u64, &protocol::encode_end_of_round(round, 0)))
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    assert!(!resumed);
+    assert!(e.to_string().contains("at most 3 precopy rounds (receiver.max_rounds)"), "{e}");
+}
+
+/// A peer that sends a byte now and then, never silent for the I/O timeout, is cut off at
+/// the receiver's overall deadline.
+#[test]
+fn receiver_cuts_off_a_slow_peer_at_its_deadline() {
+    let mut cfg = Config::default();
+    cfg.migration.io_timeout_ms = 3000;
+    cfg.receiver.deadline_ms = 1000;
+    let (e, resumed) = hostile_with(&cfg, |s| {
+        hello(s);
+        // One valid EndOfRound frame, a byte every 300 ms: 7 s in all, and the receiver
+        // would otherwise wait for more frames until its I/O timeout after that.
+        let f = frame(FrameKind::EndOfRound, 1, &protocol::encode_end_of_round(0, 0));
+        for b in f {
+            if s.write_all(&[b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    assert!(!resumed);
+    assert!(e.to_string().contains("deadline of 1s (receiver.deadline_ms)"), "{e}");
 }

@@ -210,6 +210,11 @@ pub struct ReceiverConfig {
     /// Allocate and pre-fault this much guest RAM before listening, so a migration does not
     /// wait for it (0: allocate at the handshake). A source VM of another size is refused.
     pub prepare_ram: ByteSize,
+    /// Most precopy rounds a source may send; it is refused when it starts one more.
+    pub max_rounds: u32,
+    /// Longest a migration may take from the source's first byte to the resume; a peer
+    /// that sends too slowly to finish by then is cut off.
+    pub deadline_ms: u64,
 }
 
 impl Default for ReceiverConfig {
@@ -221,6 +226,8 @@ impl Default for ReceiverConfig {
             liveness_timeout_ms: 10_000,
             prefault: false,
             prepare_ram: ByteSize(0),
+            max_rounds: 1000,
+            deadline_ms: 3_600_000,
         }
     }
 }
@@ -377,6 +384,12 @@ impl Config {
         if r.max_vcpus == 0 {
             return Err(invalid("receiver.max_vcpus", "must be at least 1"));
         }
+        if r.max_rounds == 0 {
+            return Err(invalid("receiver.max_rounds", "must be at least 1"));
+        }
+        if r.deadline_ms == 0 {
+            return Err(invalid("receiver.deadline_ms", "must be at least 1"));
+        }
         if r.prepare_ram.0 != 0 {
             kvm_hooks::memory::validate_ram_size(r.prepare_ram.0)
                 .map_err(|e| invalid("receiver.prepare_ram", e.to_string()))?;
@@ -444,6 +457,9 @@ impl Config {
             io_timeout: Duration::from_millis(self.migration.io_timeout_ms),
             prefault: self.receiver.prefault,
             confidential: None,
+            max_rounds: self.receiver.max_rounds,
+            deadline: Duration::from_millis(self.receiver.deadline_ms),
+            check_host_memory: true,
         }
     }
 
@@ -492,6 +508,10 @@ mod tests {
         assert!(e.contains("migration.batch_pages"), "{e}");
         let e = Config::parse("[receiver]\nlisten = \"nowhere\"\n").unwrap_err().to_string();
         assert!(e.contains("receiver.listen"), "{e}");
+        let e = Config::parse("[receiver]\nmax_rounds = 0\n").unwrap_err().to_string();
+        assert!(e.contains("receiver.max_rounds"), "{e}");
+        let e = Config::parse("[receiver]\ndeadline_ms = 0\n").unwrap_err().to_string();
+        assert!(e.contains("receiver.deadline_ms"), "{e}");
         let e = Config::parse("[bogus]\n").unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
         let e = Config::parse("[guest]\nworkload = \"hot\"\nhot_working_set = \"1TiB\"\n").unwrap_err().to_string();

@@ -43,6 +43,12 @@ pub struct RecvOptions {
     pub prefault: bool,
     /// Confidential VMs: launch an MH with this key and import private pages through it.
     pub confidential: Option<ConfidentialRecv>,
+    /// Most precopy rounds accepted.
+    pub max_rounds: u32,
+    /// Longest a migration may take, first frame to resume.
+    pub deadline: Duration,
+    /// Refuse a VM larger than the memory this host has available at the handshake.
+    pub check_host_memory: bool,
 }
 
 /// Receiver side of confidential mode.
@@ -150,6 +156,9 @@ struct Shared {
     /// silent only when all of its streams are.
     epoch: Instant,
     activity: AtomicU64,
+    /// Set when the receive is over (either way): the deadline watchdog stops.
+    finished: Mutex<bool>,
+    finished_cv: Condvar,
 }
 
 impl Shared {
@@ -164,6 +173,19 @@ impl Shared {
     }
     fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    /// Fail the receive with `msg` unless it finished within `limit` of now.
+    fn watch_deadline(&self, limit: Duration, msg: String) {
+        let g = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self.finished_cv.wait_timeout_while(g, limit, |done| !*done).unwrap_or_else(|e| e.into_inner());
+        if !*g {
+            drop(g);
+            self.fail(msg);
+        }
+    }
+    fn finish(&self) {
+        *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.finished_cv.notify_all();
     }
     /// The source was heard from just now.
     fn touch(&self) {
@@ -393,6 +415,8 @@ impl<F: VmFactory> Receiver<F> {
                 sockets: Mutex::new(Vec::new()),
                 epoch: Instant::now(),
                 activity: AtomicU64::new(0),
+                finished: Mutex::new(false),
+                finished_cv: Condvar::new(),
             }),
             streams: 0,
             workers: Vec::new(),
@@ -451,7 +475,17 @@ impl<F: VmFactory> Receiver<F> {
         if let Some(h) = t.shutdown_handle() {
             self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()).push(h);
         }
+        // A peer that keeps every stream barely alive is still cut off at the deadline.
+        let (sh, limit) = (self.shared.clone(), self.o.deadline);
+        let msg =
+            format!("the migration did not finish within this receiver's deadline of {limit:?} (receiver.deadline_ms)");
+        let watchdog =
+            std::thread::Builder::new().name("recv-deadline".into()).spawn(move || sh.watch_deadline(limit, msg)).ok();
         let mut r = self.drive(t, accept, t0);
+        self.shared.finish();
+        if let Some(w) = watchdog {
+            let _ = w.join();
+        }
         // A failing data stream shuts the control stream down; report its cause instead.
         if let (Err(_), Some(msg)) = (&r, self.shared.error()) {
             r = Err(RecvError::Incomplete { state: self.state, msg });
@@ -527,6 +561,13 @@ impl<F: VmFactory> Receiver<F> {
                         }
                         self.shared.cv.notify_all();
                     }
+                    if round + 1 >= self.o.max_rounds {
+                        return Err(self.incomplete(format!(
+                            "the source went on to round {}; this receiver takes at most {} precopy rounds (receiver.max_rounds)",
+                            round + 1,
+                            self.o.max_rounds
+                        )));
+                    }
                     self.state = RecvState::Precopy { round: round + 1 };
                 }
                 (RecvState::Precopy { round }, FrameKind::Blobs) if self.confidential => {
@@ -564,6 +605,15 @@ impl<F: VmFactory> Receiver<F> {
     }
 
     /// Read a payload whose cap is small (checked by `Header::decode`).
+    /// The memory this host has available, when a VM of `ram` bytes would not fit in it
+    /// (prepared RAM is already allocated and counts as fitting).
+    fn host_memory_short(&self, ram: u64) -> Option<u64> {
+        if !self.o.check_host_memory || self.prepared.is_some() {
+            return None;
+        }
+        crate::host::mem_available().filter(|&avail| ram > avail)
+    }
+
     fn small(&self, t: &mut dyn Transport, h: &Header) -> Result<Vec<u8>, RecvError> {
         debug_assert!(h.kind != FrameKind::Pages);
         let mut p = vec![0u8; h.len as usize];
@@ -579,6 +629,11 @@ impl<F: VmFactory> Receiver<F> {
             Some(format!(
                 "guest RAM {} bytes exceeds this receiver's limit of {} bytes",
                 spec.ram_bytes, self.o.max_ram
+            ))
+        } else if let Some(avail) = self.host_memory_short(spec.ram_bytes) {
+            Some(format!(
+                "guest RAM {} bytes exceeds the {avail} bytes this host has available (MemAvailable)",
+                spec.ram_bytes
             ))
         } else if spec.vcpus > self.o.max_vcpus {
             Some(format!("{} vCPUs exceeds this receiver's limit of {}", spec.vcpus, self.o.max_vcpus))
@@ -898,6 +953,10 @@ impl<F: VmFactory> Receiver<F> {
             }
         };
         let kvm = |source| RecvError::Kvm { state: RecvState::States, source };
+        // Past the deadline (or after any stream failed) nothing resumes, however complete.
+        if let Some(e) = self.shared.error() {
+            return Err(self.incomplete(e));
+        }
         m.restore_states(&states).map_err(kvm)?;
         let c0 = Instant::now();
         let snapshot = self.o.capture.then(|| m.ram().snapshot());

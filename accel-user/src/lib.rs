@@ -17,6 +17,7 @@ pub mod dest;
 mod engine_tests;
 #[cfg(test)]
 mod fake_vm;
+pub mod host;
 pub mod keys;
 pub mod policy;
 pub mod protocol;

@@ -182,6 +182,7 @@ fn frame(kind: FrameKind, seq: u64, payload: &[u8]) -> Vec<u8> {
 fn hostile(client: impl FnOnce(&mut TcpStream) + Send + 'static) -> (RecvError, bool) {
     let mut cfg = Config::default();
     cfg.migration.io_timeout_ms = 3000;
+    cfg.receiver.wait_ms = 3000;
     hostile_with(&cfg, client)
 }
 
@@ -212,9 +213,11 @@ fn hello(s: &mut TcpStream) {
 
 #[test]
 fn receiver_rejects_garbage() {
+    // The garbage is dropped with its reason; the receiver waits on for a real source.
     let (e, resumed) = hostile(|s| s.write_all(&[0xab; 200]).unwrap());
     assert!(!resumed);
-    assert!(e.to_string().contains("handshake") && e.to_string().contains("bad magic"), "{e}");
+    let e = e.to_string();
+    assert!(e.contains("no source connected within 3s") && e.contains("bad magic"), "{e}");
 }
 
 #[test]
@@ -386,4 +389,53 @@ fn receiver_cuts_off_a_slow_peer_at_its_deadline() {
     });
     assert!(!resumed);
     assert!(e.to_string().contains("deadline of 1s (receiver.deadline_ms)"), "{e}");
+}
+
+/// Relay every connection to `upstream`; before relaying the second one (the first data
+/// stream), open a stray connection that joins another session and a silent one to
+/// `upstream`, so they wait in the receiver's queue ahead of the real data streams.
+fn meddling_proxy(upstream: String) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut keep = Vec::new();
+        for (i, c) in l.incoming().enumerate() {
+            let Ok(c) = c else { break };
+            if i == 1 {
+                let mut stray = TcpStream::connect(&upstream).unwrap();
+                let _ = stray.write_all(&frame(FrameKind::Join, 0, &protocol::encode_join(0x5eed_5eed, 0)));
+                keep.push(stray);
+                keep.push(TcpStream::connect(&upstream).unwrap());
+            }
+            let up = TcpStream::connect(&upstream).unwrap();
+            for (mut from, mut to) in [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// Garbage, silent and stray connections (before the source and between its control and
+/// data connections) are dropped; the real two-stream migration completes page for page.
+#[test]
+fn stray_and_silent_connections_do_not_disturb_a_migration() {
+    let mut cfg = config(WorkloadKind::Ab, DirtySource::Bitmap);
+    cfg.migration.streams = 2;
+    let src = session::boot_source(&cfg).unwrap();
+    let (addr, t) = receiver(&cfg);
+    let _silent = TcpStream::connect(&addr).unwrap();
+    let mut garbage = TcpStream::connect(&addr).unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let proxy = meddling_proxy(addr);
+    let rep = session::send(&cfg, &src, &proxy, &mut |_| {}).expect("the migration succeeds");
+    assert!(rep.transport.starts_with("2 x"), "{}", rep.transport);
+    let (r, res) = t.join().unwrap();
+    let got = res.expect("destination");
+    let dst = r.machine().unwrap();
+    assert_ram_eq(&src.ram().snapshot(), &got.snapshot.unwrap_or_default(), &"meddled migration");
+    assert_running(dst);
 }

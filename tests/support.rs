@@ -320,7 +320,11 @@ pub type RecvThread =
 pub fn spawn_receiver(cfg: &Config) -> (String, RecvThread) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let c = cfg.clone();
+    let mut c = cfg.clone();
+    if c.receiver.wait_ms == 0 {
+        // A source that never comes fails the test instead of hanging it.
+        c.receiver.wait_ms = HANG.as_millis() as u64;
+    }
     (addr, std::thread::spawn(move || accel_user::session::receive(&c, &l, true)))
 }
 

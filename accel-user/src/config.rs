@@ -212,6 +212,8 @@ pub struct ReceiverConfig {
     pub prepare_ram: ByteSize,
     /// Most precopy rounds a source may send; it is refused when it starts one more.
     pub max_rounds: u32,
+    /// How long to wait for a source to connect and say Hello (0: for ever).
+    pub wait_ms: u64,
     /// Longest a migration may take from the source's first byte to the resume; a peer
     /// that sends too slowly to finish by then is cut off.
     pub deadline_ms: u64,
@@ -227,6 +229,7 @@ impl Default for ReceiverConfig {
             prefault: false,
             prepare_ram: ByteSize(0),
             max_rounds: 1000,
+            wait_ms: 0,
             deadline_ms: 3_600_000,
         }
     }

@@ -105,6 +105,8 @@ pub enum RecvError {
     SourceAborted { state: RecvState, reason: String },
     #[error("receive failed in {state}: {msg}")]
     Incomplete { state: RecvState, msg: String },
+    #[error("no source connected within {waited:?}{}", dropped_list(dropped))]
+    NoSource { waited: Duration, dropped: Vec<String> },
     #[error("receive failed in {state}: KVM: {source}")]
     Kvm {
         state: RecvState,
@@ -135,6 +137,14 @@ pub struct Received {
     /// Guest RAM was allocated before the migration started ([`Receiver::prepare`]), and
     /// how long that took (not part of the migration).
     pub prepared: Option<Duration>,
+}
+
+fn dropped_list(dropped: &[String]) -> String {
+    if dropped.is_empty() {
+        String::new()
+    } else {
+        format!("; dropped {} connection(s): {}", dropped.len(), dropped.join("; "))
+    }
 }
 
 /// State shared by the control thread and the data-stream workers.
@@ -714,29 +724,34 @@ impl<F: VmFactory> Receiver<F> {
         let parts = n as usize + usize::from(self.confidential);
         *self.shared.completed.lock().unwrap_or_else(|e| e.into_inner()) = vec![0; parts];
         let mut slots: Vec<Option<Box<dyn Transport>>> = (0..n).map(|_| None).collect();
-        for _ in 0..n {
+        // A connection that joins wrongly (another session, a stream index out of range or
+        // taken, a bad frame) is dropped and the next one taken: a stray peer cannot break
+        // the migration. All streams must have joined within one I/O timeout.
+        let t0 = Instant::now();
+        let mut refused = Vec::new();
+        while slots.iter().any(Option::is_none) {
+            if t0.elapsed() >= self.o.io_timeout {
+                return Err(self.incomplete(format!(
+                    "not every data stream joined within {:?}{}",
+                    self.o.io_timeout,
+                    dropped_list(&refused)
+                )));
+            }
             let mut d = accept().map_err(|e| self.terr(e))?;
             d.set_recv_timeout(self.o.io_timeout);
-            let h = d.recv_header().map_err(|e| self.terr(e))?;
-            if h.kind != FrameKind::Join {
-                return Err(RecvError::Unexpected { state: self.state, kind: h.kind });
+            match self.read_join(&mut *d, session, &slots) {
+                Ok(i) => {
+                    if let Some(hd) = d.shutdown_handle() {
+                        self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()).push(hd);
+                    }
+                    slots[i] = Some(d);
+                }
+                Err(why) => {
+                    tracing::warn!("dropped a data stream connection: {why}");
+                    d.shutdown();
+                    refused.push(why);
+                }
             }
-            let p = self.small(&mut *d, &h)?;
-            let (s, i) = protocol::decode_join(&p).map_err(|e| self.perr(e))?;
-            if s != session {
-                return Err(self.incomplete(format!("data stream joined session {s:#x}, this is {session:#x}")));
-            }
-            let slot = slots.get_mut(i as usize).ok_or_else(|| RecvError::Incomplete {
-                state: RecvState::AwaitHello,
-                msg: format!("data stream {i} of {n}"),
-            })?;
-            if slot.is_some() {
-                return Err(self.incomplete(format!("data stream {i} joined twice")));
-            }
-            if let Some(hd) = d.shutdown_handle() {
-                self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()).push(hd);
-            }
-            *slot = Some(d);
         }
         for (i, d) in slots.into_iter().enumerate() {
             let d = d.expect("every slot filled above");
@@ -750,6 +765,29 @@ impl<F: VmFactory> Receiver<F> {
         }
         self.streams = n;
         Ok(())
+    }
+
+    /// The stream index a connection's Join claims, if it is a free slot of `session`.
+    fn read_join(
+        &self,
+        d: &mut dyn Transport,
+        session: u64,
+        slots: &[Option<Box<dyn Transport>>],
+    ) -> Result<usize, String> {
+        let h = d.recv_header().map_err(|e| e.to_string())?;
+        if h.kind != FrameKind::Join {
+            return Err(format!("sent {:?} where Join was expected", h.kind));
+        }
+        let p = self.small(d, &h).map_err(|e| e.to_string())?;
+        let (s, i) = protocol::decode_join(&p).map_err(|e| e.to_string())?;
+        if s != session {
+            return Err(format!("joined session {s:#x}, this is {session:#x}"));
+        }
+        match slots.get(i as usize) {
+            None => Err(format!("joined as data stream {i} of {}", slots.len())),
+            Some(Some(_)) => Err(format!("joined as data stream {i}, which has joined already")),
+            Some(None) => Ok(i as usize),
+        }
     }
 
     fn on_pages(&mut self, t: &mut dyn Transport, h: &Header, round: u32) -> Result<(), RecvError> {

@@ -19,6 +19,7 @@ mod engine_tests;
 mod fake_vm;
 pub mod host;
 pub mod keys;
+pub mod lobby;
 pub mod policy;
 pub mod protocol;
 pub mod report;

@@ -9,6 +9,8 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::dest::{Received, RecvError};
+use crate::lobby::Lobby;
+use crate::protocol::FrameKind;
 use crate::report::{DestReport, SourceReport};
 use crate::source::{self, Event, Phase, SendError};
 use crate::transport::{self, Transport, TransportError};
@@ -167,33 +169,30 @@ pub fn receiver(cfg: &Config, capture: bool) -> Result<Receiver, RecvError> {
 pub fn receive_with(cfg: &Config, l: &TcpListener, mut r: Receiver) -> (Receiver, Result<Received, RecvError>) {
     let mode = cfg.migration.transport;
     let timeout = cfg.io_timeout();
+    let lobby = match Lobby::new(l, timeout) {
+        Ok(lobby) => std::cell::RefCell::new(lobby),
+        Err(source) => {
+            let state = r.state();
+            return (r, Err(RecvError::Transport { state, source: TransportError::Io { op: "listen", source } }));
+        }
+    };
+    // Data streams: the next connection that says Join; one that never comes must not hang
+    // the receiver.
     let mut accept = || -> Result<Box<dyn Transport>, TransportError> {
-        // A data stream that never connects must not hang the receiver.
-        l.set_nonblocking(true).map_err(|source| TransportError::Io { op: "accept", source })?;
-        let deadline = Instant::now() + timeout;
-        let s = loop {
-            match l.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(2))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(TransportError::Timeout(timeout)),
-                Err(source) => return Err(TransportError::Io { op: "accept", source }),
-            }
-        };
-        let _ = l.set_nonblocking(false);
-        s.set_nonblocking(false).map_err(|source| TransportError::Io { op: "accept", source })?;
+        let s = lobby.borrow_mut().next(FrameKind::Join, Some(timeout))?;
         transport::wrap(s, mode, None, false, timeout)
     };
-    let res = match l.accept() {
-        Ok((s, _)) => match transport::wrap(s, mode, None, false, timeout) {
+    let wait = (cfg.receiver.wait_ms > 0).then(|| Duration::from_millis(cfg.receiver.wait_ms));
+    let control = lobby.borrow_mut().next(FrameKind::Hello, wait);
+    let res = match control {
+        Ok(s) => match transport::wrap(s, mode, None, false, timeout) {
             Ok(mut t) => r.run_streams(&mut *t, &mut accept),
             Err(source) => Err(RecvError::Transport { state: r.state(), source }),
         },
-        Err(e) => Err(RecvError::Transport {
-            state: r.state(),
-            source: crate::transport::TransportError::Io { op: "accept", source: e },
-        }),
+        Err(TransportError::Timeout(waited)) => {
+            Err(RecvError::NoSource { waited, dropped: lobby.borrow().dropped().to_vec() })
+        }
+        Err(source) => Err(RecvError::Transport { state: r.state(), source }),
     };
     (r, res)
 }

@@ -1,0 +1,143 @@
+//! Where a receiver's incoming connections wait until they show what they are. The receiver
+//! asks for the first connection whose first frame header is the kind it expects (`Hello`,
+//! then `Join`); a connection that sends something else, or nothing for `silence`, is
+//! dropped with its reason. A port scanner, a stray or a silent peer cannot take a
+//! migration's place, and the receiver never blocks on one of them.
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{FrameKind, Header, HEADER_LEN};
+use crate::transport::TransportError;
+
+/// How often pending connections are looked at.
+const POLL: Duration = Duration::from_millis(2);
+
+pub struct Lobby<'a> {
+    l: &'a TcpListener,
+    pending: Vec<(TcpStream, Instant)>,
+    silence: Duration,
+    dropped: Vec<String>,
+}
+
+impl<'a> Lobby<'a> {
+    /// A lobby over `l` that drops a connection silent for `silence` before its first
+    /// frame header is complete.
+    pub fn new(l: &'a TcpListener, silence: Duration) -> io::Result<Self> {
+        l.set_nonblocking(true)?;
+        Ok(Lobby { l, pending: Vec::new(), silence, dropped: Vec::new() })
+    }
+
+    /// Why each dropped connection was dropped ("127.0.0.1:4711: bad magic …").
+    pub fn dropped(&self) -> &[String] {
+        &self.dropped
+    }
+
+    /// The next connection whose first frame header is well formed and of `kind`, in
+    /// blocking mode with that header still unread; waits at most `timeout` (`None`:
+    /// for ever).
+    pub fn next(&mut self, kind: FrameKind, timeout: Option<Duration>) -> Result<TcpStream, TransportError> {
+        let t0 = Instant::now();
+        loop {
+            self.accept_all()?;
+            if let Some(s) = self.take_ready(kind) {
+                s.set_nonblocking(false).map_err(|source| TransportError::Io { op: "accept", source })?;
+                return Ok(s);
+            }
+            if let Some(limit) = timeout.filter(|&l| t0.elapsed() >= l) {
+                return Err(TransportError::Timeout(limit));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn accept_all(&mut self) -> Result<(), TransportError> {
+        loop {
+            match self.l.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(true).map_err(|source| TransportError::Io { op: "accept", source })?;
+                    self.pending.push((s, Instant::now()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                // A connection reset before it was accepted is its own business.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(source) => return Err(TransportError::Io { op: "accept", source }),
+            }
+        }
+    }
+
+    /// Remove and return the first pending connection that sent a header of `kind`; drop
+    /// those that sent anything else, closed, or stayed silent too long.
+    fn take_ready(&mut self, kind: FrameKind) -> Option<TcpStream> {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let (s, since) = &self.pending[i];
+            let mut h = [0u8; HEADER_LEN];
+            let verdict = match s.peek(&mut h) {
+                Ok(0) => Err("closed before its first frame".to_string()),
+                Ok(n) if n < HEADER_LEN => Ok(false),
+                Ok(_) => match Header::decode(&h) {
+                    Ok(h) if h.kind == kind => Ok(true),
+                    Ok(h) => Err(format!("sent {:?} where {kind:?} was expected", h.kind)),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+                Err(e) => Err(e.to_string()),
+            };
+            let verdict = match verdict {
+                Ok(false) if since.elapsed() >= self.silence => {
+                    Err(format!("sent no complete frame header within {:?}", self.silence))
+                }
+                v => v,
+            };
+            match verdict {
+                Ok(true) => return Some(self.pending.swap_remove(i).0),
+                Ok(false) => i += 1,
+                Err(why) => {
+                    let (s, _) = self.pending.swap_remove(i);
+                    let peer = s.peer_addr().map_or_else(|_| "a peer".to_string(), |a| a.to_string());
+                    tracing::warn!("dropped a connection from {peer}: {why}");
+                    self.dropped.push(format!("{peer}: {why}"));
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn header(kind: FrameKind) -> [u8; HEADER_LEN] {
+        Header { kind, len: 0, seq: 0 }.encode()
+    }
+
+    #[test]
+    fn takes_the_first_connection_of_the_expected_kind_and_drops_the_rest() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut lobby = Lobby::new(&l, Duration::from_millis(300)).unwrap();
+        let mut garbage = TcpStream::connect(addr).unwrap();
+        garbage.write_all(&[0xab; HEADER_LEN]).unwrap();
+        let mut join = TcpStream::connect(addr).unwrap();
+        join.write_all(&header(FrameKind::Join)).unwrap();
+        let _silent = TcpStream::connect(addr).unwrap();
+        let mut partial = TcpStream::connect(addr).unwrap();
+        partial.write_all(&header(FrameKind::Hello)[..5]).unwrap();
+        let mut hello = TcpStream::connect(addr).unwrap();
+        hello.write_all(&header(FrameKind::Hello)).unwrap();
+        let got = lobby.next(FrameKind::Hello, Some(Duration::from_secs(60))).unwrap();
+        assert_eq!(got.peer_addr().unwrap(), hello.local_addr().unwrap());
+        // Nothing else qualifies; the silent and the half-sent connection are dropped once
+        // silent for 300 ms.
+        let e = lobby.next(FrameKind::Hello, Some(Duration::from_millis(600))).unwrap_err();
+        assert!(matches!(e, TransportError::Timeout(_)), "{e}");
+        let d = lobby.dropped();
+        assert_eq!(d.len(), 4, "{d:?}");
+        let all = d.join("; ");
+        assert!(all.contains("bad magic") && all.contains("sent Join where Hello was expected"), "{all}");
+        assert_eq!(d.iter().filter(|w| w.contains("no complete frame header")).count(), 2, "{d:?}");
+    }
+}

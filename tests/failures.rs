@@ -180,10 +180,15 @@ fn frame(kind: FrameKind, seq: u64, payload: &[u8]) -> Vec<u8> {
 /// Run a receiver against raw bytes from `client`; return its error and whether a VM was
 /// ever resumed.
 fn hostile(client: impl FnOnce(&mut TcpStream) + Send + 'static) -> (RecvError, bool) {
+    hostile_with(&hostile_config(), client)
+}
+
+/// The receiver's config for hostile peers: short I/O timeout and wait for a source.
+fn hostile_config() -> Config {
     let mut cfg = Config::default();
     cfg.migration.io_timeout_ms = 3000;
     cfg.receiver.wait_ms = 3000;
-    hostile_with(&cfg, client)
+    cfg
 }
 
 /// [`hostile`] against a receiver configured by `cfg`.
@@ -351,8 +356,7 @@ fn receiver_refuses_a_vm_larger_than_the_host_can_hold() {
 /// A source that never stops sending rounds is cut off at `receiver.max_rounds`.
 #[test]
 fn receiver_caps_precopy_rounds() {
-    let mut cfg = Config::default();
-    cfg.migration.io_timeout_ms = 3000;
+    let mut cfg = hostile_config();
     cfg.receiver.max_rounds = 3;
     let (e, resumed) = hostile_with(&cfg, |s| {
         hello(s);
@@ -372,8 +376,7 @@ fn receiver_caps_precopy_rounds() {
 /// the receiver's overall deadline.
 #[test]
 fn receiver_cuts_off_a_slow_peer_at_its_deadline() {
-    let mut cfg = Config::default();
-    cfg.migration.io_timeout_ms = 3000;
+    let mut cfg = hostile_config();
     cfg.receiver.deadline_ms = 1000;
     let (e, resumed) = hostile_with(&cfg, |s| {
         hello(s);

@@ -11,7 +11,7 @@ use accel_user::protocol::{self, FrameKind, Header, Run, HEADER_LEN};
 use accel_user::session;
 use accel_user::source::{Event, Phase, SendError};
 use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
-use migaccel_tests::{assert_ram_eq, assert_running, config, migaccel_bin, Cut, Proxy};
+use migaccel_tests::{assert_ram_eq, assert_running, config, migaccel_bin, resume_if_fenced, Cut, Proxy};
 
 use migaccel_tests::spawn_receiver as receiver;
 
@@ -57,6 +57,8 @@ fn cut_test(cut: Cut, expect_phase: fn(Phase) -> bool) {
     let dm = r.machine().expect("destination VM was created");
     assert!(!dm.is_running(), "destination must never resume");
     assert_eq!(dm.reports().iter().sum::<u64>(), 0, "destination guest never ran");
+    // The proxy cut before `Complete` got through: the destination never resumed.
+    resume_if_fenced(&err, &src);
     assert_running(&src);
     assert_eq!(src.throttle(), 0, "a failed migration must not leave the guest throttled");
     assert_dirty_covers(&src, dm);
@@ -80,6 +82,27 @@ fn connection_cut_during_stop_and_copy() {
     cut_test(Cut::AtFrame(FrameKind::VcpuState, 0), |p| {
         matches!(p, Phase::VcpuState | Phase::StopAndCopy | Phase::AwaitResume)
     });
+}
+
+/// The destination resumes but its `Resumed` never reaches the source, whose connection is
+/// reset instead: exactly one VM runs, the destination's; the source stays paused.
+#[test]
+fn lost_resumed_leaves_exactly_one_running_vm() {
+    let mut cfg = config(WorkloadKind::Ab, DirtySource::Bitmap);
+    cfg.migration.streams = 1;
+    let src = session::boot_source(&cfg).unwrap();
+    let (addr, t) = receiver(&cfg);
+    let proxy = Proxy::start(addr, Cut::SwallowResumed);
+    let err = session::send(&cfg, &src, &proxy.addr, &mut |_| {}).expect_err("the source never learns of the resume");
+    assert!(proxy.cut_happened.load(std::sync::atomic::Ordering::SeqCst), "proxy never swallowed Resumed: {err}");
+    assert!(matches!(err, SendError::HandoverUnknown { .. }), "{err}");
+    assert!(err.to_string().contains("stays paused"), "{err}");
+    drop(proxy);
+    let (r, res) = t.join().unwrap();
+    res.expect("the destination resumed");
+    assert_running(r.machine().unwrap());
+    assert!(!src.is_running(), "two copies must never run");
+    assert_eq!(src.throttle(), 0);
 }
 
 #[test]
@@ -125,6 +148,7 @@ fn receiver_process_killed_mid_precopy() {
     // Killed after round 0: socket buffers may carry the source further before it notices.
     assert!(err.phase() != Phase::Handshake, "{err}");
     assert!(err.to_string().contains(&err.phase().to_string()), "error names the phase: {err}");
+    resume_if_fenced(&err, &src);
     assert_running(&src);
     retry_succeeds(&cfg, &src);
 }

@@ -58,6 +58,9 @@ pub enum Cut {
     Chunked(usize),
     /// Cut when the source starts sending the `n`-th frame (0-based) of this kind.
     AtFrame(FrameKind, usize),
+    /// Forward everything to the destination; drop its `Resumed` and reset the source's
+    /// connection instead (the acknowledgement is lost).
+    SwallowResumed,
 }
 
 /// A TCP proxy that understands frame headers, so a test can cut the connection at an
@@ -79,11 +82,16 @@ impl Proxy {
             let Ok((src, _)) = l.accept() else { return };
             let Ok(dst) = TcpStream::connect(&target) else { return };
             let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-            // destination → source: plain copy.
+            // destination → source: a plain copy, or frame by frame to drop `Resumed`.
+            let f2 = f.clone();
             let back = std::thread::spawn(move || {
                 let (mut d, mut s) = (dst2, src2);
-                let _ = std::io::copy(&mut d, &mut s);
-                let _ = s.shutdown(Shutdown::Write);
+                if matches!(cut, Cut::SwallowResumed) {
+                    swallow_resumed(d, s, &f2);
+                } else {
+                    let _ = std::io::copy(&mut d, &mut s);
+                    let _ = s.shutdown(Shutdown::Write);
+                }
             });
             forward_frames(src, dst, cut, &f);
             let _ = back.join();
@@ -98,6 +106,28 @@ impl Drop for Proxy {
             let _ = h.join();
         }
     }
+}
+
+/// Relay the destination's frames to the source until `Resumed`, which is dropped: the
+/// source's connection is reset instead.
+fn swallow_resumed(mut dst: TcpStream, mut src: TcpStream, flag: &AtomicBool) {
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        if dst.read_exact(&mut h).is_err() {
+            break;
+        }
+        if FrameKind::from_u16(u16::from_le_bytes([h[6], h[7]])) == Some(FrameKind::Resumed) {
+            flag.store(true, Ordering::SeqCst);
+            let _ = src.shutdown(Shutdown::Both);
+            let _ = dst.shutdown(Shutdown::Both);
+            return;
+        }
+        let mut body = vec![0u8; u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize];
+        if dst.read_exact(&mut body).is_err() || src.write_all(&h).is_err() || src.write_all(&body).is_err() {
+            break;
+        }
+    }
+    let _ = src.shutdown(Shutdown::Write);
 }
 
 fn forward_frames(mut src: TcpStream, mut dst: TcpStream, cut: Cut, flag: &AtomicBool) {
@@ -143,6 +173,16 @@ fn forward_frames(mut src: TcpStream, mut dst: TcpStream, cut: Cut, flag: &Atomi
         }
     }
     let _ = dst.shutdown(Shutdown::Write);
+}
+
+/// A failure after `Complete` left the source leaves it paused (the destination might run
+/// the VM). A test that knows the destination never resumed (it was cut off or killed
+/// before) resumes the source, as an operator would; any other failure left it running.
+pub fn resume_if_fenced(err: &accel_user::source::SendError, src: &embedded_vmm::vmm::Machine) {
+    if matches!(err, accel_user::source::SendError::HandoverUnknown { .. }) {
+        assert!(!src.is_running(), "after a lost handover the source stays paused: {err}");
+        src.resume().unwrap();
+    }
 }
 
 /// How long a test waits for a guest event before calling it a hang. Generous on purpose:

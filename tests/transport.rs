@@ -206,6 +206,7 @@ fn receiver_killed_during_zero_copy_streams() {
     // the kill is right.
     assert!(err.phase() != Phase::Handshake, "{err}");
     assert!(err.to_string().contains(&err.phase().to_string()), "error names the phase: {err}");
+    migaccel_tests::resume_if_fenced(&err, &src);
     assert_running(&src);
     retry(&c, &src);
 }

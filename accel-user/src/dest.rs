@@ -1003,7 +1003,8 @@ impl<F: VmFactory> Receiver<F> {
         self.state = RecvState::Resumed;
         let ack = protocol::encode_resumed(capture_time.as_micros() as u64);
         if let Err(e) = t.send_frame(FrameKind::Resumed, &[Part::Buf(&ack)], None) {
-            // The VM runs here now; the source learns of it by timeout and must not resume.
+            // The VM runs here now. The source, having sent Complete, stays paused without
+            // this acknowledgement (the commit point, docs/architecture.md).
             tracing::error!("VM resumed but the acknowledgement could not be sent: {e}");
         }
         Ok(Received {

@@ -97,6 +97,14 @@ pub enum SendError {
     Confidential { phase: Phase, msg: String },
     #[error("{first}; and resuming the source VM failed too: {resume}")]
     ResumeFailed { first: Box<SendError>, resume: kvm_hooks::Error },
+    /// The whole VM was sent and `Complete` went out, then the destination's answer was
+    /// lost: it may run the VM now. Only its `Abort` proves it did not, so the source stays
+    /// paused rather than risk two running copies.
+    #[error("{source}; the migration was complete when the link failed, so the destination may be running the VM: the source VM stays paused (resume it only once the destination is known not to run it)")]
+    HandoverUnknown {
+        #[source]
+        source: Box<SendError>,
+    },
 }
 
 impl SendError {
@@ -110,6 +118,7 @@ impl SendError {
             | SendError::Mh { phase, .. }
             | SendError::Confidential { phase, .. } => *phase,
             SendError::ResumeFailed { first, .. } => first.phase(),
+            SendError::HandoverUnknown { .. } => Phase::AwaitResume,
         }
     }
 }
@@ -204,9 +213,16 @@ fn stop_logging(m: &dyn Migratable) {
 }
 
 fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
-    tracing::warn!("{e}; aborting, source VM keeps running");
+    let fenced = matches!(e, SendError::HandoverUnknown { .. });
+    if fenced {
+        tracing::error!("{e}");
+    } else {
+        tracing::warn!("{e}; aborting, source VM keeps running");
+    }
     drop(c.data.take()); // stops the workers and closes the data streams
-    let _ = c.t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort(&e.to_string()))], None);
+    if !fenced {
+        let _ = c.t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort(&e.to_string()))], None);
+    }
     c.t.shutdown();
     match c.inflight {
         InFlight::Nothing => {}
@@ -215,7 +231,8 @@ fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
     }
     c.m.set_throttle(0);
     stop_logging(c.m);
-    if c.paused {
+    // Dirty bits are kept either way: a source resumed later by hand migrates again whole.
+    if c.paused && !fenced {
         if let Err(r) = c.m.resume() {
             return SendError::ResumeFailed { first: Box::new(e), resume: r };
         }
@@ -353,12 +370,16 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     fin.elapsed = start.elapsed();
     on(Event::Final(fin));
 
+    // The commit point: once `Complete` is out, the destination may resume at any moment.
+    // Its `Resumed` hands the VM over; its `Abort` proves it did not resume; anything else
+    // (a lost link, a bad answer) leaves the source paused.
     let ph = Phase::AwaitResume;
-    let (h, p) = recv_small(c.t).map_err(|e| tx(ph, e))?;
+    let unknown = |e: SendError| SendError::HandoverUnknown { source: Box::new(e) };
+    let (h, p) = recv_small(c.t).map_err(|e| unknown(tx(ph, e)))?;
     let capture_us = match h {
-        FrameKind::Resumed => protocol::decode_resumed(&p).map_err(|e| tx(ph, e.into()))?,
+        FrameKind::Resumed => protocol::decode_resumed(&p).map_err(|e| unknown(tx(ph, e.into())))?,
         FrameKind::Abort => return Err(aborted(ph, &p)),
-        k => return Err(SendError::Unexpected { phase: ph, kind: k }),
+        k => return Err(unknown(SendError::Unexpected { phase: ph, kind: k })),
     };
     // The destination owns the VM now; the source stays paused for good.
     c.inflight = InFlight::Nothing;

@@ -361,6 +361,15 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         state_bytes += (HEADER_LEN + pre.len() + enc.len()) as u64;
     }
     let pages_sent: u64 = rounds.iter().map(|r| r.pages).sum::<u64>() + fin.pages;
+    // Last check before the commit point: a destination that already gave up (closed its
+    // end, or said Abort) will never resume, so the source still may.
+    if c.t.wait_readable(Duration::ZERO).map_err(|e| tx(ph, e))? {
+        return Err(match recv_small(c.t) {
+            Ok((FrameKind::Abort, p)) => aborted(ph, &p),
+            Ok((k, _)) => SendError::Unexpected { phase: ph, kind: k },
+            Err(e) => tx(ph, e),
+        });
+    }
     c.t.send_frame(
         FrameKind::Complete,
         &[Part::Buf(&protocol::encode_complete(round + 1, shape.vcpus, pages_sent))],

@@ -339,6 +339,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let l = TcpListener::bind(&cfg.receiver.listen)
                 .with_context(|| format!("listen on {}", cfg.receiver.listen))?;
             eprintln!("listening on {}", l.local_addr()?);
+            eprintln!(
+                "warning: migrations are not authenticated yet: any process that can reach {} can send this receiver a VM to run; listen only where nothing untrusted can connect (docs/security.md)",
+                l.local_addr()?
+            );
             let (r, res) = session::receive_with(&cfg, &l, r);
             let got = res?;
             let m = r.into_machine().context("receiver finished without a VM")?;

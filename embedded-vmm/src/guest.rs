@@ -36,6 +36,15 @@ core::arch::global_asm!(
     "mov eax, r13d",
     "out dx, eax",
     ".endm",
+    // One more write done in r12: after r8 of them report, then go on at label 2.
+    ".macro next_write_of_batch",
+    "inc r12",
+    "cmp r12, r8",
+    "jb 2b",
+    "xor r12d, r12d",
+    "report_progress",
+    "jmp 2b",
+    ".endm",
     // walk: rdi=start rsi=end r8=pages per report dx=port r13=progress.
     // Increments the first byte of every page in [start,end) in a loop (QEMU's A/B test).
     ".globl migaccel_guest_walk",
@@ -49,12 +58,7 @@ core::arch::global_asm!(
     "jb 3f",
     "mov rbx, rdi",
     "3:",
-    "inc r12",
-    "cmp r12, r8",
-    "jb 2b",
-    "xor r12d, r12d",
-    "report_progress",
-    "jmp 2b",
+    "next_write_of_batch",
     ".globl migaccel_guest_walk_end",
     "migaccel_guest_walk_end:",
     // idle: report progress, touch nothing.
@@ -85,12 +89,7 @@ core::arch::global_asm!(
     "add rax, rdi",
     "mov rcx, [r9]",
     "mov [rax], rcx",
-    "inc r12",
-    "cmp r12, r8",
-    "jb 2b",
-    "xor r12d, r12d",
-    "report_progress",
-    "jmp 2b",
+    "next_write_of_batch",
     ".globl migaccel_guest_oracle_end",
     "migaccel_guest_oracle_end:",
     // pagestate: rdi=request buffer, rsi=range base, dx=page-state port. Announces 16-page

@@ -1,8 +1,8 @@
 //! Where a receiver's incoming connections wait until they show what they are. The receiver
-//! asks for the first connection whose first frame header is the kind it expects (`Hello`,
-//! then `Join`); a connection that sends something else, or nothing for `silence`, is
-//! dropped with its reason. A port scanner, a stray or a silent peer cannot take a
-//! migration's place, and the receiver never blocks on one of them.
+//! asks for the first connection whose whole first frame has arrived and is the kind it
+//! expects (`Hello`, then `Join`); a connection that sends something else, or not all of its
+//! first frame within `silence`, is dropped with its reason. A port scanner, a stray or a
+//! silent peer cannot take a migration's place, and the receiver never blocks on one of them.
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -13,6 +13,11 @@ use crate::transport::TransportError;
 /// How often pending connections are looked at.
 const POLL: Duration = Duration::from_millis(2);
 
+/// Largest first frame waited for whole (`Hello` and `Join` are far smaller): a connection
+/// is handed over only once its whole first frame has arrived, so a peer that stalls
+/// halfway through it stalls in the lobby, never in the receiver.
+const FIRST_FRAME_MAX: usize = 256;
+
 pub struct Lobby<'a> {
     l: &'a TcpListener,
     pending: Vec<(TcpStream, Instant)>,
@@ -21,8 +26,8 @@ pub struct Lobby<'a> {
 }
 
 impl<'a> Lobby<'a> {
-    /// A lobby over `l` that drops a connection silent for `silence` before its first
-    /// frame header is complete.
+    /// A lobby over `l` that drops a connection whose first frame is not complete within
+    /// `silence` of its connect.
     pub fn new(l: &'a TcpListener, silence: Duration) -> io::Result<Self> {
         l.set_nonblocking(true)?;
         Ok(Lobby { l, pending: Vec::new(), silence, dropped: Vec::new() })
@@ -33,9 +38,9 @@ impl<'a> Lobby<'a> {
         &self.dropped
     }
 
-    /// The next connection whose first frame header is well formed and of `kind`, in
-    /// blocking mode with that header still unread; waits at most `timeout` (`None`:
-    /// for ever).
+    /// The next connection whose whole first frame arrived, well formed and of `kind`, in
+    /// blocking mode with that frame still unread; waits at most `timeout` (`None`: for
+    /// ever).
     pub fn next(&mut self, kind: FrameKind, timeout: Option<Duration>) -> Result<TcpStream, TransportError> {
         let t0 = Instant::now();
         loop {
@@ -66,19 +71,22 @@ impl<'a> Lobby<'a> {
         }
     }
 
-    /// Remove and return the first pending connection that sent a header of `kind`; drop
-    /// those that sent anything else, closed, or stayed silent too long.
+    /// Remove and return the first pending connection that sent a whole first frame of
+    /// `kind`; drop those that sent anything else, closed, or stalled too long.
     fn take_ready(&mut self, kind: FrameKind) -> Option<TcpStream> {
         let mut i = 0;
         while i < self.pending.len() {
             let (s, since) = &self.pending[i];
-            let mut h = [0u8; HEADER_LEN];
-            let verdict = match s.peek(&mut h) {
+            let mut buf = [0u8; HEADER_LEN + FIRST_FRAME_MAX];
+            let verdict = match s.peek(&mut buf) {
                 Ok(0) => Err("closed before its first frame".to_string()),
                 Ok(n) if n < HEADER_LEN => Ok(false),
-                Ok(_) => match Header::decode(&h) {
-                    Ok(h) if h.kind == kind => Ok(true),
-                    Ok(h) => Err(format!("sent {:?} where {kind:?} was expected", h.kind)),
+                Ok(n) => match Header::decode(&header_of(&buf)) {
+                    Ok(h) if h.kind != kind => Err(format!("sent {:?} where {kind:?} was expected", h.kind)),
+                    Ok(h) if h.len as usize > FIRST_FRAME_MAX => {
+                        Err(format!("its first frame of {} bytes is larger than a {kind:?}", h.len))
+                    }
+                    Ok(h) => Ok(n >= HEADER_LEN + h.len as usize),
                     Err(e) => Err(e.to_string()),
                 },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
@@ -86,7 +94,7 @@ impl<'a> Lobby<'a> {
             };
             let verdict = match verdict {
                 Ok(false) if since.elapsed() >= self.silence => {
-                    Err(format!("sent no complete frame header within {:?}", self.silence))
+                    Err(format!("sent no complete first frame within {:?}", self.silence))
                 }
                 v => v,
             };
@@ -103,6 +111,13 @@ impl<'a> Lobby<'a> {
         }
         None
     }
+}
+
+/// The frame header at the start of `buf`.
+fn header_of(buf: &[u8; HEADER_LEN + FIRST_FRAME_MAX]) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h.copy_from_slice(&buf[..HEADER_LEN]);
+    h
 }
 
 #[cfg(test)]
@@ -126,18 +141,21 @@ mod tests {
         let _silent = TcpStream::connect(addr).unwrap();
         let mut partial = TcpStream::connect(addr).unwrap();
         partial.write_all(&header(FrameKind::Hello)[..5]).unwrap();
+        // A whole header that announces a payload which never comes.
+        let mut stalled = TcpStream::connect(addr).unwrap();
+        stalled.write_all(&Header { kind: FrameKind::Hello, len: 8, seq: 0 }.encode()).unwrap();
         let mut hello = TcpStream::connect(addr).unwrap();
         hello.write_all(&header(FrameKind::Hello)).unwrap();
         let got = lobby.next(FrameKind::Hello, Some(Duration::from_secs(60))).unwrap();
         assert_eq!(got.peer_addr().unwrap(), hello.local_addr().unwrap());
-        // Nothing else qualifies; the silent and the half-sent connection are dropped once
-        // silent for 300 ms.
+        // Nothing else qualifies; the silent, the half-sent and the stalled connection are
+        // dropped once silent for 300 ms.
         let e = lobby.next(FrameKind::Hello, Some(Duration::from_millis(600))).unwrap_err();
         assert!(matches!(e, TransportError::Timeout(_)), "{e}");
         let d = lobby.dropped();
-        assert_eq!(d.len(), 4, "{d:?}");
+        assert_eq!(d.len(), 5, "{d:?}");
         let all = d.join("; ");
         assert!(all.contains("bad magic") && all.contains("sent Join where Hello was expected"), "{all}");
-        assert_eq!(d.iter().filter(|w| w.contains("no complete frame header")).count(), 2, "{d:?}");
+        assert_eq!(d.iter().filter(|w| w.contains("no complete first frame")).count(), 3, "{d:?}");
     }
 }

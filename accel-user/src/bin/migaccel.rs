@@ -338,9 +338,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r = session::receiver(&cfg, common.dump_memory.is_some())?;
             let l = TcpListener::bind(&cfg.receiver.listen)
                 .with_context(|| format!("listen on {}", cfg.receiver.listen))?;
-            eprintln!("listening on {}", l.local_addr()?);
+            // One line: callers wait for it and may stop reading after it.
             eprintln!(
-                "warning: migrations are not authenticated yet: any process that can reach {} can send this receiver a VM to run; listen only where nothing untrusted can connect (docs/security.md)",
+                "listening on {} (migrations are not authenticated yet: any process that can reach this address can send a VM to run here; listen only where nothing untrusted can connect, docs/security.md)",
                 l.local_addr()?
             );
             let (r, res) = session::receive_with(&cfg, &l, r);

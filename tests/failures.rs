@@ -105,6 +105,38 @@ fn lost_resumed_leaves_exactly_one_running_vm() {
     assert_eq!(src.throttle(), 0);
 }
 
+/// The same lost acknowledgement between two `migaccel` processes: `send` exits with 3 and
+/// says the source stays paused; `receive` resumed the VM and exits 0.
+#[test]
+fn lost_resumed_between_processes_exits_with_3() {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(migaccel_bin())
+        .args(["receive", "--listen", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(line.contains("listening on"), "{line}");
+    // Keep draining the receiver's log.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let child = Killed(child);
+    let proxy = Proxy::start(addr, Cut::SwallowResumed);
+    let out = Command::new(migaccel_bin())
+        .args(["send", "--to", &proxy.addr, "--ram", "128MiB", "--workload", "idle", "--streams", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("the source VM stays paused"), "{stderr}");
+    drop(proxy);
+    let mut child = child;
+    assert!(child.0.wait().unwrap().success(), "the destination resumed the VM");
+}
+
 #[test]
 fn connection_cut_before_complete() {
     cut_test(Cut::AtFrame(FrameKind::Complete, 0), |p| matches!(p, Phase::VcpuState | Phase::AwaitResume));

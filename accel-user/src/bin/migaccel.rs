@@ -503,7 +503,12 @@ fn main() -> ExitCode {
                 }
             }
             eprintln!("migaccel: error: {msg}");
-            ExitCode::FAILURE
+            // A handover whose outcome is unknown leaves the source paused: its own exit code,
+            // so whoever runs migaccel can tell it from a failure after which the source runs.
+            match e.downcast_ref::<accel_user::source::SendError>() {
+                Some(accel_user::source::SendError::HandoverUnknown { .. }) => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

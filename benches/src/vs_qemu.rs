@@ -286,19 +286,10 @@ fn tsc_ticks_per_ms() -> anyhow::Result<u64> {
     Ok((mhz * 1e3) as u64)
 }
 
-fn mem_available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .map_or(u64::MAX, |kib: u64| kib << 10)
-}
-
 pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> anyhow::Result<()> {
     for r in rams {
         // Source and destination hold the guest's RAM at once.
-        if 2 * r.0 + (1 << 30) > mem_available() {
+        if 2 * r.0 + (1 << 30) > accel_user::host::mem_available().unwrap_or(u64::MAX) {
             bail!("{} MiB: two guests of this size do not fit in this host's available memory", r.0 >> 20);
         }
     }

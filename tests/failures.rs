@@ -2,7 +2,7 @@
 //! dirty pages intact, never resumes the destination, and a retry succeeds.
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
@@ -11,7 +11,9 @@ use accel_user::protocol::{self, FrameKind, Header, Run, HEADER_LEN};
 use accel_user::session;
 use accel_user::source::{Event, Phase, SendError};
 use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
-use migaccel_tests::{assert_ram_eq, assert_running, config, migaccel_bin, resume_if_fenced, Cut, Proxy};
+use migaccel_tests::{
+    assert_ram_eq, assert_running, config, migaccel_bin, resume_if_fenced, spawn_receive_process, Cut, Proxy,
+};
 
 use migaccel_tests::spawn_receiver as receiver;
 
@@ -109,22 +111,8 @@ fn lost_resumed_leaves_exactly_one_running_vm() {
 /// says the source stays paused; `receive` resumed the VM and exits 0.
 #[test]
 fn lost_resumed_between_processes_exits_with_3() {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(migaccel_bin())
-        .args(["receive", "--listen", &addr])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-    assert!(line.contains("listening on"), "{line}");
-    // Keep draining the receiver's log.
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    let child = Killed(child);
-    let proxy = Proxy::start(addr, Cut::SwallowResumed);
+    let mut r = spawn_receive_process(&[]);
+    let proxy = Proxy::start(r.addr.clone(), Cut::SwallowResumed);
     let out = Command::new(migaccel_bin())
         .args(["send", "--to", &proxy.addr, "--ram", "128MiB", "--workload", "idle", "--streams", "1"])
         .output()
@@ -133,8 +121,7 @@ fn lost_resumed_between_processes_exits_with_3() {
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("the source VM stays paused"), "{stderr}");
     drop(proxy);
-    let mut child = child;
-    assert!(child.0.wait().unwrap().success(), "the destination resumed the VM");
+    assert!(r.child.wait().unwrap().success(), "the destination resumed the VM");
 }
 
 #[test]
@@ -142,33 +129,12 @@ fn connection_cut_before_complete() {
     cut_test(Cut::AtFrame(FrameKind::Complete, 0), |p| matches!(p, Phase::VcpuState | Phase::AwaitResume));
 }
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn receiver_process_killed_mid_precopy() {
     let cfg = config(WorkloadKind::Ab, DirtySource::Ring);
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(migaccel_bin())
-        .args(["receive", "--listen", &addr])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait for "listening on ..." so the source does not race the bind.
-    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-    assert!(line.contains("listening on"), "{line}");
-    let child = Killed(child);
+    let r = spawn_receive_process(&[]);
     let src = session::boot_source(&cfg).unwrap();
-    let pid = child.0.id() as i32;
+    let pid = r.child.id();
     let mut on = |e: Event| {
         if let Event::Round(r) = e {
             if r.round == 0 {
@@ -176,7 +142,7 @@ fn receiver_process_killed_mid_precopy() {
             }
         }
     };
-    let err = session::send(&cfg, &src, &addr, &mut on).expect_err("the peer died");
+    let err = session::send(&cfg, &src, &r.addr, &mut on).expect_err("the peer died");
     // Killed after round 0: socket buffers may carry the source further before it notices.
     assert!(err.phase() != Phase::Handshake, "{err}");
     assert!(err.to_string().contains(&err.phase().to_string()), "error names the phase: {err}");

@@ -175,6 +175,40 @@ fn forward_frames(mut src: TcpStream, mut dst: TcpStream, cut: Cut, flag: &Atomi
     let _ = dst.shutdown(Shutdown::Write);
 }
 
+/// A `migaccel receive` process listening on a free loopback port; killed on drop.
+pub struct ReceiveProcess {
+    pub addr: String,
+    pub child: std::process::Child,
+}
+
+impl Drop for ReceiveProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `migaccel receive` with `extra` flags and return once it listens (its first log
+/// line says so, so a source never races the bind); the rest of its log is drained.
+pub fn spawn_receive_process(extra: &[&str]) -> ReceiveProcess {
+    use std::io::BufRead;
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(migaccel_bin())
+        .args(["receive", "--listen", &addr])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("listening on"), "receiver: {line}");
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    ReceiveProcess { addr, child }
+}
+
 /// A failure after `Complete` left the source leaves it paused (the destination might run
 /// the VM). A test that knows the destination never resumed (it was cut off or killed
 /// before) resumes the source, as an operator would; any other failure left it running.

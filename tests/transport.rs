@@ -2,7 +2,7 @@
 //! short reads, and zero-copy sends racing guest writes.
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
@@ -15,9 +15,7 @@ use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use kvm_hooks::dirty::DirtySet;
 use kvm_hooks::uring::{Piece, SendMode, UringSender};
 use kvm_hooks::vm::DirtyPreference;
-use migaccel_tests::{
-    assert_ram_eq, assert_running, config, migaccel_bin, spawn_receiver, wait_for_reports, Cut, Proxy,
-};
+use migaccel_tests::{assert_ram_eq, assert_running, config, spawn_receiver, wait_for_reports, Cut, Proxy};
 
 fn cfg(mode: TransportMode, streams: u32) -> Config {
     let mut c = config(WorkloadKind::Ab, DirtySource::Ring);
@@ -183,25 +181,16 @@ fn retry(c: &Config, src: &Machine) {
 #[test]
 fn receiver_killed_during_zero_copy_streams() {
     let c = cfg(TransportMode::Zerocopy, 4);
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(migaccel_bin())
-        .args(["receive", "--listen", &addr, "--transport", "zerocopy"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stderr.take().unwrap()), &mut line).unwrap();
+    let mut r = migaccel_tests::spawn_receive_process(&["--transport", "zerocopy"]);
     let src = session::boot_source(&c).unwrap();
-    let pid = child.id().to_string();
+    let pid = r.child.id().to_string();
     let mut on = |e: Event| {
-        if matches!(e, Event::Round(r) if r.round == 0) {
+        if matches!(e, Event::Round(x) if x.round == 0) {
             let _ = Command::new("kill").args(["-9", &pid]).status();
         }
     };
-    let err = session::send(&c, &src, &addr, &mut on).expect_err("the receiver died");
-    let _ = child.wait();
+    let err = session::send(&c, &src, &r.addr, &mut on).expect_err("the receiver died");
+    let _ = r.child.wait();
     // Socket buffers may carry the source past round 0 before it notices: any phase after
     // the kill is right.
     assert!(err.phase() != Phase::Handshake, "{err}");

@@ -61,7 +61,10 @@ fn missing_kvm_device() {
         &["demo", "--kvm-device", "/nonexistent/kvm"],
         &["KVM device /nonexistent/kvm is not available", "No such file"],
     );
-    one_line_error(&["send", "--to", "127.0.0.1:9", "--kvm-device", "/nonexistent/kvm"], &["/nonexistent/kvm"]);
+    one_line_error(
+        &["send", "--to", "127.0.0.1:9", "--kvm-device", "/nonexistent/kvm", "--insecure"],
+        &["/nonexistent/kvm"],
+    );
 }
 
 #[test]
@@ -76,10 +79,35 @@ fn bad_flag_values() {
 #[test]
 fn send_to_nobody_names_the_phase() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let k = migaccel_tests::test_key_file();
+    let k = k.to_str().unwrap();
     one_line_error(
-        &["send", "--to", &format!("127.0.0.1:{port}"), "--ram", "64MiB", "--warmup-ms", "10"],
+        &["send", "--to", &format!("127.0.0.1:{port}"), "--ram", "64MiB", "--warmup-ms", "10", "--auth-key", k],
         &["handshake", "connect", "refused"],
     );
+}
+
+/// Both ends refuse to start without a key unless told `--insecure`; `keygen` writes a key
+/// only its owner can read and never overwrites one.
+#[test]
+fn authentication_is_required_and_keygen_writes_keys() {
+    for cmd in [&["receive", "--listen", "127.0.0.1:0"][..], &["send", "--to", "127.0.0.1:9"][..]] {
+        one_line_error(cmd, &["auth.key_file is not set", "migaccel keygen", "--insecure"]);
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let p = std::env::temp_dir().join(format!("migaccel-cli-{}-keygen.key", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    let path = p.to_str().unwrap();
+    let o = run(&["keygen", path]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&p).unwrap();
+    assert!(text.len() == 65 && text.trim().chars().all(|c| c.is_ascii_hexdigit()), "{text:?}");
+    one_line_error(&["keygen", path], &["keygen", path, "exists"]);
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), text, "an existing key is never overwritten");
+    let loose = key("auth-loose", 0o644);
+    one_line_error(&["send", "--to", "127.0.0.1:9", "--auth-key", &loose], &["auth.key_file", "chmod 600"]);
+    std::fs::remove_file(&p).unwrap();
 }
 
 #[test]

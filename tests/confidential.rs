@@ -35,6 +35,14 @@ fn confidential(workload: WorkloadKind, tag: &str) -> Config {
 
 use migaccel_tests::spawn_receiver as receiver;
 
+/// The host is the adversary of a confidential VM: it holds the channel's key and sees every
+/// frame in clear. Tests that watch or edit the stream as the host would run the channel
+/// without its own sealing, so what they check is the Migration Handler's protection alone
+/// (the channel's is tested in `tests/auth.rs`).
+fn host_view(c: &mut Config) {
+    c.auth.insecure = true;
+}
+
 /// Source and destination RAM equal outside the MH region (each side's own).
 fn assert_same_ram(src: &Machine, dst: &[u8]) {
     let mut a = src.ram().snapshot();
@@ -85,6 +93,7 @@ fn hot_confidential() {
 #[test]
 fn private_pages_never_cross_the_wire_in_clear() {
     let mut c = confidential(WorkloadKind::Canary, "canary");
+    host_view(&mut c);
     c.migration.streams = 1; // one connection: the tap sees everything
     let src = session::boot_source(&c).unwrap();
     let (addr, t) = receiver(&c);
@@ -154,6 +163,7 @@ fn hostile(tag: &str, tamper: Option<Tamper>, dest_key: Option<u8>, want: &str) 
 
 fn hostile_with(workload: WorkloadKind, tag: &str, tamper: Option<Tamper>, dest_key: Option<u8>, want: &str) {
     let mut c = confidential(workload, tag);
+    host_view(&mut c);
     c.migration.streams = 1;
     c.migration.max_rounds = 4;
     // The tap keeps the failed destination's socket half open: fail fast.
@@ -324,6 +334,7 @@ fn hostile_completion_ring_aborts_the_migration() {
 #[test]
 fn ebpf_page_state_map_classifies_a_confidential_migration() {
     let mut c = confidential(WorkloadKind::Canary, "ps-ebpf");
+    host_view(&mut c);
     c.confidential.page_state_source = PageStateSource::Ebpf;
     c.migration.streams = 1; // one connection: the tap sees everything
     let src = session::boot_source(&c).unwrap();
@@ -353,6 +364,7 @@ fn ebpf_page_state_map_classifies_a_confidential_migration() {
 /// (page states from eBPF, one stream), the machine, the probe and the first page.
 fn source_with_a_wrong_page_state_map(name: &str) -> (Config, Machine, Arc<PageStateProbe>, u64) {
     let mut c = confidential(WorkloadKind::Idle, name);
+    host_view(&mut c);
     c.confidential.page_state_source = PageStateSource::Ebpf;
     c.migration.streams = 1;
     let mut src = Machine::boot(c.guest_spec(), c.dirty_preference()).unwrap();

@@ -12,7 +12,8 @@ use accel_user::session;
 use accel_user::source::{Event, Phase, SendError};
 use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use migaccel_tests::{
-    assert_ram_eq, assert_running, config, migaccel_bin, resume_if_fenced, spawn_receive_process, Cut, Proxy,
+    assert_ram_eq, assert_running, config, migaccel_bin, resume_if_fenced, spawn_receive_process, test_key_file, Cut,
+    Proxy,
 };
 
 use migaccel_tests::spawn_receiver as receiver;
@@ -115,6 +116,8 @@ fn lost_resumed_between_processes_exits_with_3() {
     let proxy = Proxy::start(r.addr.clone(), Cut::SwallowResumed);
     let out = Command::new(migaccel_bin())
         .args(["send", "--to", &proxy.addr, "--ram", "128MiB", "--workload", "idle", "--streams", "1"])
+        .arg("--auth-key")
+        .arg(test_key_file())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -205,9 +208,13 @@ fn hostile(client: impl FnOnce(&mut TcpStream) + Send + 'static) -> (RecvError, 
     hostile_with(&hostile_config(), client)
 }
 
-/// The receiver's config for hostile peers: short I/O timeout and wait for a source.
+/// The receiver's config for hostile peers: short I/O timeout and wait for a source. These
+/// peers speak the plain protocol to reach the decoders and state machine behind the
+/// authentication (a peer with the key, or `auth.insecure`); `tests/auth.rs` shows that
+/// without the key they get no further than the handshake.
 fn hostile_config() -> Config {
     let mut cfg = Config::default();
+    cfg.auth.insecure = true;
     cfg.migration.io_timeout_ms = 3000;
     // Longer than the I/O timeout, after which the receiver drops a silent connection.
     cfg.receiver.wait_ms = 6000;
@@ -433,7 +440,10 @@ fn meddling_proxy(upstream: String) -> String {
             let Ok(c) = c else { break };
             if i == 1 {
                 let mut stray = TcpStream::connect(&upstream).unwrap();
-                let _ = stray.write_all(&frame(FrameKind::Join, 0, &protocol::encode_join(0x5eed_5eed, 0)));
+                // Shaped like a sealed Join (payload and tag), sealed with no key of this session.
+                let mut join = frame(FrameKind::Join, 0, &protocol::encode_join(0x5eed_5eed, 0));
+                join.extend_from_slice(&[0x77; accel_user::seal::TAG_LEN]);
+                let _ = stray.write_all(&join);
                 keep.push(stray);
                 keep.push(TcpStream::connect(&upstream).unwrap());
             }

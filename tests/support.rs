@@ -15,9 +15,30 @@ use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
 pub mod qemu;
 use accel_user::protocol::{FrameKind, HEADER_LEN};
 
+/// This test process's pre-shared key: random per run, the same for every test in it.
+pub fn test_key() -> accel_user::keys::TransportKey {
+    static KEY: std::sync::OnceLock<accel_user::keys::TransportKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| accel_user::auth::ephemeral_key().expect("random key")).clone()
+}
+
+/// [`test_key`] as a key file (mode 0600) for `migaccel` processes (`--auth-key`).
+pub fn test_key_file() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("migaccel-test-psk-{}", std::process::id()));
+        let hex: String = test_key().0.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&p, hex).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    })
+    .clone()
+}
+
 /// A small, quick config for tests.
 pub fn config(workload: WorkloadKind, dirty: DirtySource) -> Config {
     let mut c = Config::default();
+    c.auth.key = Some(test_key());
     c.guest.ram = ByteSize(128 << 20);
     c.guest.vcpus = 2;
     c.guest.workload = workload;
@@ -108,9 +129,25 @@ impl Drop for Proxy {
     }
 }
 
+/// Bytes that follow a frame's header on the wire: its payload and, once the connection
+/// authenticated (its first frame was `AuthInit` or `AuthReply`), the tag of every sealed
+/// frame after the handshake.
+pub fn body_len(h: &[u8; HEADER_LEN], authenticated: &mut bool) -> usize {
+    let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+    match FrameKind::from_u16(u16::from_le_bytes([h[6], h[7]])) {
+        Some(FrameKind::AuthInit | FrameKind::AuthReply | FrameKind::AuthConfirm) => {
+            *authenticated = true;
+            len
+        }
+        _ if *authenticated => len + accel_user::seal::TAG_LEN,
+        _ => len,
+    }
+}
+
 /// Relay the destination's frames to the source until `Resumed`, which is dropped: the
 /// source's connection is reset instead.
 fn swallow_resumed(mut dst: TcpStream, mut src: TcpStream, flag: &AtomicBool) {
+    let mut auth = false;
     loop {
         let mut h = [0u8; HEADER_LEN];
         if dst.read_exact(&mut h).is_err() {
@@ -122,7 +159,7 @@ fn swallow_resumed(mut dst: TcpStream, mut src: TcpStream, flag: &AtomicBool) {
             let _ = dst.shutdown(Shutdown::Both);
             return;
         }
-        let mut body = vec![0u8; u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize];
+        let mut body = vec![0u8; body_len(&h, &mut auth)];
         if dst.read_exact(&mut body).is_err() || src.write_all(&h).is_err() || src.write_all(&body).is_err() {
             break;
         }
@@ -133,6 +170,7 @@ fn swallow_resumed(mut dst: TcpStream, mut src: TcpStream, flag: &AtomicBool) {
 fn forward_frames(mut src: TcpStream, mut dst: TcpStream, cut: Cut, flag: &AtomicBool) {
     let mut seen = 0usize;
     let mut buf = vec![0u8; 1 << 20];
+    let mut auth = false;
     loop {
         let mut h = [0u8; HEADER_LEN];
         if src.read_exact(&mut h).is_err() {
@@ -156,7 +194,7 @@ fn forward_frames(mut src: TcpStream, mut dst: TcpStream, cut: Cut, flag: &Atomi
                 return;
             }
         }
-        let mut left = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+        let mut left = body_len(&h, &mut auth);
         while left > 0 {
             let n = left.min(buf.len());
             if src.read_exact(&mut buf[..n]).is_err() {
@@ -196,6 +234,8 @@ pub fn spawn_receive_process(extra: &[&str]) -> ReceiveProcess {
     let addr = format!("127.0.0.1:{port}");
     let mut child = std::process::Command::new(migaccel_bin())
         .args(["receive", "--listen", &addr])
+        .arg("--auth-key")
+        .arg(test_key_file())
         .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -338,12 +378,13 @@ impl Tap {
                 let _ = s.shutdown(Shutdown::Write);
             });
             let mut counts = std::collections::HashMap::new();
+            let mut auth = false;
             loop {
                 let mut h = [0u8; HEADER_LEN];
                 if src.read_exact(&mut h).is_err() {
                     break;
                 }
-                let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+                let len = body_len(&h, &mut auth);
                 let mut p = vec![0u8; len];
                 if src.read_exact(&mut p).is_err() {
                     break;

@@ -32,26 +32,39 @@ fn cfg(mode: TransportMode, streams: u32) -> Config {
 fn matrix(mode: TransportMode) {
     for streams in [1, 2, 4] {
         let c = cfg(mode, streams);
-        let out = session::demo(&c, &mut |_| {}).unwrap_or_else(|e| panic!("{mode:?} x {streams}: {e:#}"));
-        let r = &out.report;
-        assert!(r.verification.ok(), "{mode:?} x {streams}: {:?}", r.verification);
-        assert!(r.source.precopy_rounds.len() >= 3, "{mode:?} x {streams}: {} rounds", r.source.precopy_rounds.len());
-        assert_eq!(r.source.streams, streams);
-        let t = &r.source.transport;
-        match mode {
-            TransportMode::Blocking => assert!(t.contains("blocking"), "{t}"),
-            TransportMode::Copy => assert!(t.contains("io_uring copy"), "{t}"),
-            TransportMode::Zerocopy => {
-                assert!(t.contains("zero-copy, fixed buffers"), "{t}");
-                let z = r.source.zerocopy.expect("zero-copy counters");
-                assert!(z.notifications > 0 && z.zerocopy + z.copied == z.notifications, "{z:?}");
-            }
-            TransportMode::Auto => {
-                let z = r.source.zerocopy.expect("zero-copy counters");
-                // Loopback copies every send: auto must notice once it saw enough of them.
-                if z.notifications >= 16 * u64::from(streams) {
-                    assert!(t.contains("io_uring copy"), "{t} after {z:?}");
-                }
+        run_matrix_cell(&c, mode, streams);
+    }
+}
+
+/// One migration of the matrix: verified page for page, on the transport asked for, sealed
+/// unless the config says `auth.insecure`.
+fn run_matrix_cell(c: &Config, mode: TransportMode, streams: u32) {
+    let out = session::demo(c, &mut |_| {}).unwrap_or_else(|e| panic!("{mode:?} x {streams}: {e:#}"));
+    let r = &out.report;
+    assert!(r.verification.ok(), "{mode:?} x {streams}: {:?}", r.verification);
+    assert!(r.source.precopy_rounds.len() >= 3, "{mode:?} x {streams}: {} rounds", r.source.precopy_rounds.len());
+    assert_eq!(r.source.streams, streams);
+    let t = &r.source.transport;
+    assert_eq!(t.contains("sealed (AES-256-GCM)"), !c.auth.insecure, "{t}");
+    match mode {
+        TransportMode::Blocking => assert!(t.contains("blocking"), "{t}"),
+        TransportMode::Copy => assert!(t.contains("io_uring copy"), "{t}"),
+        // Sealed frames go from copies; unauthenticated ones straight from guest RAM.
+        TransportMode::Zerocopy if c.auth.insecure => {
+            assert!(t.contains("zero-copy, fixed buffers"), "{t}");
+            let z = r.source.zerocopy.expect("zero-copy counters");
+            assert!(z.notifications > 0 && z.zerocopy + z.copied == z.notifications, "{z:?}");
+        }
+        TransportMode::Zerocopy => {
+            assert!(t.contains("zero-copy") && !t.contains("fixed"), "{t}");
+            let z = r.source.zerocopy.expect("zero-copy counters");
+            assert!(z.notifications > 0 && z.zerocopy + z.copied == z.notifications, "{z:?}");
+        }
+        TransportMode::Auto => {
+            let z = r.source.zerocopy.expect("zero-copy counters");
+            // Loopback copies every send: auto must notice once it saw enough of them.
+            if z.notifications >= 16 * u64::from(streams) {
+                assert!(t.contains("io_uring copy"), "{t} after {z:?}");
             }
         }
     }
@@ -73,6 +86,15 @@ fn uring_zerocopy_1_2_4_streams() {
 fn uring_auto_1_2_4_streams() {
     matrix(TransportMode::Auto);
 }
+/// Without authentication pages go zero-copy straight from guest RAM (fixed buffers).
+#[test]
+fn uring_zerocopy_from_guest_ram_unauthenticated() {
+    for streams in [1, 2] {
+        let mut c = cfg(TransportMode::Zerocopy, streams);
+        c.auth.insecure = true;
+        run_matrix_cell(&c, TransportMode::Zerocopy, streams);
+    }
+}
 
 /// Regression: small Pages frames between large ones, zero-copy with fixed buffers on two
 /// streams. Zero-copied header bytes were copied by loopback only when the peer's socket took
@@ -82,6 +104,7 @@ fn uring_auto_1_2_4_streams() {
 fn zerocopy_small_frames_keep_framing() {
     for _ in 0..4 {
         let mut c = cfg(TransportMode::Zerocopy, 2);
+        c.auth.insecure = true; // the guest-RAM zero-copy path
         c.guest.workload = WorkloadKind::Hot;
         c.guest.hot_working_set = ByteSize(32 << 20);
         c.guest.hot_rate = 100_000;
@@ -133,7 +156,10 @@ fn read_frame(s: &mut TcpStream) -> (Header, Vec<u8>) {
 /// the middle of the first zero-copy burst (the source's next sends meet a reset).
 #[test]
 fn peer_reset_mid_zero_copy_burst() {
-    let c = cfg(TransportMode::Zerocopy, 2);
+    let mut c = cfg(TransportMode::Zerocopy, 2);
+    // A plain peer, and zero-copy straight from guest RAM: the unauthenticated path
+    // (sealed frames are sent from copies).
+    c.auth.insecure = true;
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let fake = std::thread::spawn(move || {

@@ -274,6 +274,23 @@ impl Default for ConfidentialConfig {
     }
 }
 
+/// Authentication (`[auth]`): both ends prove they hold the same pre-shared key before a
+/// VM is created, and every frame is sealed (`docs/security.md`). On unless `insecure`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// File holding the 32-byte pre-shared key (raw, or 64 hex digits), the same on both
+    /// hosts, mode 0600 or stricter. `migaccel keygen FILE` writes one.
+    pub key_file: Option<PathBuf>,
+    /// Migrate without authentication or integrity: any process that reaches the
+    /// receiver's port can make it run a VM of its choosing.
+    pub insecure: bool,
+    /// A key handed over by a program that runs both ends itself (the demo, benches,
+    /// tests); never read from a file.
+    #[serde(skip)]
+    pub key: Option<crate::keys::TransportKey>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -282,9 +299,28 @@ pub struct Config {
     pub migration: MigrationConfig,
     pub receiver: ReceiverConfig,
     pub confidential: ConfidentialConfig,
+    pub auth: AuthConfig,
 }
 
 impl Config {
+    /// The pre-shared key migrations authenticate with; `None` only with `auth.insecure`.
+    pub fn auth_key(&self) -> Result<Option<crate::keys::TransportKey>, String> {
+        let a = &self.auth;
+        if a.insecure {
+            return Ok(None);
+        }
+        if let Some(k) = &a.key {
+            return Ok(Some(k.clone()));
+        }
+        match &a.key_file {
+            Some(p) => crate::keys::load(p).map(Some).map_err(|e| format!("auth.key_file: {e}")),
+            None => Err("migrations are authenticated and auth.key_file is not set: give both hosts the same \
+                 key file (`migaccel keygen FILE` writes one; --auth-key FILE or auth.key_file), or pass \
+                 --insecure to migrate without authentication"
+                .into()),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Config::parse(&text).map_err(|e| match e {
@@ -370,6 +406,9 @@ impl Config {
         }
         if cf.enabled && cf.key_file.is_none() {
             return Err(invalid("confidential.key_file", "confidential migration needs a transport key file"));
+        }
+        if self.auth.insecure && self.auth.key_file.is_some() {
+            return Err(invalid("auth.insecure", "contradicts auth.key_file: choose one"));
         }
         if !cf.enabled && cf.page_state_source == PageStateSource::Ebpf {
             return Err(invalid(

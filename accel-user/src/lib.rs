@@ -11,6 +11,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod dest;
 #[cfg(test)]
@@ -23,6 +24,7 @@ pub mod lobby;
 pub mod policy;
 pub mod protocol;
 pub mod report;
+pub mod seal;
 pub mod session;
 pub mod source;
 pub mod streams;

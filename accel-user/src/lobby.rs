@@ -38,14 +38,25 @@ impl<'a> Lobby<'a> {
         &self.dropped
     }
 
+    /// Record that the receiver dropped `peer`'s connection, and why.
+    pub fn dropped_peer(&mut self, peer: &str, why: &str) {
+        tracing::warn!("dropped a connection from {peer}: {why}");
+        self.dropped.push(format!("{peer}: {why}"));
+    }
+
     /// The next connection whose whole first frame arrived, well formed and of `kind`, in
     /// blocking mode with that frame still unread; waits at most `timeout` (`None`: for
-    /// ever).
-    pub fn next(&mut self, kind: FrameKind, timeout: Option<Duration>) -> Result<TcpStream, TransportError> {
+    /// ever). `trailer` bytes follow the frame's payload (a sealed frame's tag).
+    pub fn next(
+        &mut self,
+        kind: FrameKind,
+        trailer: usize,
+        timeout: Option<Duration>,
+    ) -> Result<TcpStream, TransportError> {
         let t0 = Instant::now();
         loop {
             self.accept_all()?;
-            if let Some(s) = self.take_ready(kind) {
+            if let Some(s) = self.take_ready(kind, trailer) {
                 s.set_nonblocking(false).map_err(|source| TransportError::Io { op: "accept", source })?;
                 return Ok(s);
             }
@@ -73,7 +84,7 @@ impl<'a> Lobby<'a> {
 
     /// Remove and return the first pending connection that sent a whole first frame of
     /// `kind`; drop those that sent anything else, closed, or stalled too long.
-    fn take_ready(&mut self, kind: FrameKind) -> Option<TcpStream> {
+    fn take_ready(&mut self, kind: FrameKind, trailer: usize) -> Option<TcpStream> {
         let mut i = 0;
         while i < self.pending.len() {
             let (s, since) = &self.pending[i];
@@ -82,11 +93,15 @@ impl<'a> Lobby<'a> {
                 Ok(0) => Err("closed before its first frame".to_string()),
                 Ok(n) if n < HEADER_LEN => Ok(false),
                 Ok(n) => match Header::decode(&header_of(&buf)) {
+                    Ok(h) if h.kind == FrameKind::Hello && kind == FrameKind::AuthInit => Err(
+                        "sent Hello without authenticating (a source with auth.insecure?); this receiver requires authentication"
+                            .to_string(),
+                    ),
                     Ok(h) if h.kind != kind => Err(format!("sent {:?} where {kind:?} was expected", h.kind)),
-                    Ok(h) if h.len as usize > FIRST_FRAME_MAX => {
+                    Ok(h) if h.len as usize + trailer > FIRST_FRAME_MAX => {
                         Err(format!("its first frame of {} bytes is larger than a {kind:?}", h.len))
                     }
-                    Ok(h) => Ok(n >= HEADER_LEN + h.len as usize),
+                    Ok(h) => Ok(n >= HEADER_LEN + h.len as usize + trailer),
                     Err(e) => Err(e.to_string()),
                 },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
@@ -103,14 +118,17 @@ impl<'a> Lobby<'a> {
                 Ok(false) => i += 1,
                 Err(why) => {
                     let (s, _) = self.pending.swap_remove(i);
-                    let peer = s.peer_addr().map_or_else(|_| "a peer".to_string(), |a| a.to_string());
-                    tracing::warn!("dropped a connection from {peer}: {why}");
-                    self.dropped.push(format!("{peer}: {why}"));
+                    self.dropped_peer(&peer(&s), &why);
                 }
             }
         }
         None
     }
+}
+
+/// The address of `s`'s peer, for messages.
+pub fn peer(s: &TcpStream) -> String {
+    s.peer_addr().map_or_else(|_| "a peer".to_string(), |a| a.to_string())
 }
 
 /// The frame header at the start of `buf`.
@@ -146,11 +164,11 @@ mod tests {
         stalled.write_all(&Header { kind: FrameKind::Hello, len: 8, seq: 0 }.encode()).unwrap();
         let mut hello = TcpStream::connect(addr).unwrap();
         hello.write_all(&header(FrameKind::Hello)).unwrap();
-        let got = lobby.next(FrameKind::Hello, Some(Duration::from_secs(60))).unwrap();
+        let got = lobby.next(FrameKind::Hello, 0, Some(Duration::from_secs(60))).unwrap();
         assert_eq!(got.peer_addr().unwrap(), hello.local_addr().unwrap());
         // Nothing else qualifies; the silent, the half-sent and the stalled connection are
         // dropped once silent for 300 ms.
-        let e = lobby.next(FrameKind::Hello, Some(Duration::from_millis(600))).unwrap_err();
+        let e = lobby.next(FrameKind::Hello, 0, Some(Duration::from_millis(600))).unwrap_err();
         assert!(matches!(e, TransportError::Timeout(_)), "{e}");
         let d = lobby.dropped();
         assert_eq!(d.len(), 5, "{d:?}");

@@ -1,4 +1,4 @@
-//! Wire protocol v2: framed, versioned, little-endian.
+//! Wire protocol v4: framed, versioned, little-endian.
 //!
 //! Every frame starts with a fixed 24-byte header:
 //! ```text
@@ -16,7 +16,9 @@ use kvm_hooks::migratable::VmShape;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MGAX");
 /// 2: confidential migrations carry the page-state record (`PageStates`).
 /// 3: `Hello` carries the VM's shape only (RAM, vCPUs), no guest workload.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: connections are authenticated (`AuthInit`/`AuthReply`/`AuthConfirm`) and every later
+/// frame is sealed: its payload encrypted, a 16-byte tag after it (see `seal.rs`).
+pub const PROTOCOL_VERSION: u16 = 4;
 pub const HEADER_LEN: usize = 24;
 pub const PAGE: u64 = 4096;
 /// Most runs in one Pages frame.
@@ -63,6 +65,14 @@ pub enum FrameKind {
     /// Source → destination (confidential mode): the guest's shared ranges at switchover,
     /// so the destination VMM's page-state record matches (see [`encode_page_states`]).
     PageStates = 11,
+    /// Source → destination, first frame of an authenticated control connection: the
+    /// source's nonce and ephemeral key (see `auth.rs`).
+    AuthInit = 12,
+    /// Destination → source: the destination's nonce and ephemeral key, and its proof that
+    /// it holds the pre-shared key.
+    AuthReply = 13,
+    /// Source → destination: the source's proof. Every frame after it is sealed.
+    AuthConfirm = 14,
 }
 
 impl FrameKind {
@@ -80,6 +90,9 @@ impl FrameKind {
             9 => Join,
             10 => Blobs,
             11 => PageStates,
+            12 => AuthInit,
+            13 => AuthReply,
+            14 => AuthConfirm,
             _ => return None,
         })
     }
@@ -99,6 +112,9 @@ impl FrameKind {
             FrameKind::Join => 16,
             FrameKind::Blobs => 8 + mh_abi::NSLOTS * BLOB_LEN as u32,
             FrameKind::PageStates => 8 + 16 * MAX_STATE_RANGES,
+            FrameKind::AuthInit => crate::auth::INIT_LEN as u32,
+            FrameKind::AuthReply => crate::auth::REPLY_LEN as u32,
+            FrameKind::AuthConfirm => crate::auth::CONFIRM_LEN as u32,
         }
     }
 }
@@ -120,6 +136,8 @@ pub enum ProtocolError {
     Sequence { got: u64, want: u64 },
     #[error("{kind:?} payload: {msg}")]
     Payload { kind: FrameKind, msg: String },
+    #[error("{kind:?} frame {seq} failed authentication (edited, replayed, reordered or sealed with another key)")]
+    Unauthentic { kind: FrameKind, seq: u64 },
 }
 
 fn perr(kind: FrameKind, msg: impl Into<String>) -> ProtocolError {

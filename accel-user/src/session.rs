@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 use embedded_vmm::vmm::Machine;
 use serde::Serialize;
 
+use crate::auth::{self, Conn};
 use crate::config::Config;
 use crate::dest::{Received, RecvError};
-use crate::lobby::Lobby;
-use crate::protocol::FrameKind;
+use crate::lobby::{self, Lobby};
+use crate::protocol::{FrameKind, HEADER_LEN, MAX_STREAMS};
 use crate::report::{DestReport, SourceReport};
+use crate::seal::{self, Sealed, TAG_LEN};
 use crate::source::{self, Event, Phase, SendError};
 use crate::transport::{self, Transport, TransportError};
 use crate::verify;
@@ -101,9 +103,19 @@ pub fn attach_page_states(m: &Machine) -> Result<Arc<accel_ebpf::PageStateProbe>
 pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
     let mc = &cfg.migration;
     let o = cfg.send_options();
+    let psk = cfg.auth_key().map_err(SendError::Auth)?;
+    if psk.is_none() {
+        tracing::warn!("auth.insecure: this migration is neither authenticated nor protected from tampering");
+    }
     let setup = |source| SendError::Transport { phase: Phase::Handshake, source };
     let t0 = Instant::now();
-    let prepare = |ram| transport::prepare(mc.transport, ram, mc.fixed_buffers, cfg.io_timeout());
+    // Sealed frames are sent from copies, never from guest RAM: registering RAM as fixed
+    // buffers (which pins all of it) is for unauthenticated migrations only.
+    let fixed = mc.fixed_buffers && psk.is_none();
+    if mc.fixed_buffers && !fixed {
+        tracing::info!("migration.fixed_buffers has no effect on an authenticated migration (pages are sealed copies)");
+    }
+    let prepare = |ram| transport::prepare(mc.transport, ram, fixed, cfg.io_timeout());
     // With data streams the control connection carries no pages: no RAM to register there.
     let control_ram = (o.streams == 0).then(|| m.ram().as_ref());
     let control = prepare(control_ram).map_err(setup)?;
@@ -111,10 +123,24 @@ pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> R
         (0..o.streams).map(|_| prepare(Some(m.ram())).map(Some)).collect::<Result<Vec<_>, _>>().map_err(setup)?;
     let prepare_time = t0.elapsed();
     let mut t = transport::connect(to, control, cfg.connect_timeout()).map_err(setup)?;
+    // Authenticate before anything of the VM leaves; from then on every frame is sealed.
+    let keys = match &psk {
+        Some(k) => Some(auth::source(&mut *t, k).map_err(|e| SendError::Auth(e.to_string()))?),
+        None => None,
+    };
+    if let Some(k) = &keys {
+        t = Box::new(Sealed::new(t, k.keys(Conn::Control).map_err(|e| SendError::Auth(e.to_string()))?));
+    }
     let mut data = |i: u32| {
         let p = streams.get_mut(i as usize).and_then(Option::take);
         let p = p.ok_or_else(|| TransportError::Guest(format!("data stream {i} was not prepared")))?;
-        transport::connect(to, p, cfg.connect_timeout())
+        let d = transport::connect(to, p, cfg.connect_timeout())?;
+        Ok(match &keys {
+            Some(k) => {
+                Box::new(Sealed::new(d, k.keys(Conn::Data(i)).map_err(|e| TransportError::Guest(e.to_string()))?))
+            }
+            None => d,
+        })
     };
     let mut rep = source::migrate_streams(m, &mut *t, &o, &mut data, on)?;
     rep.prepare = prepare_time;
@@ -136,6 +162,7 @@ pub fn receive(cfg: &Config, l: &TcpListener, capture: bool) -> (Receiver, Resul
 /// guest RAM allocated ahead. Call it before listening so a source never waits for it.
 pub fn receiver(cfg: &Config, capture: bool) -> Result<Receiver, RecvError> {
     kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
+    cfg.auth_key().map_err(RecvError::Prepare)?;
     let mut opts = cfg.recv_options(capture);
     let mut key_error = None;
     if cfg.confidential.enabled {
@@ -166,9 +193,17 @@ pub fn receiver(cfg: &Config, capture: bool) -> Result<Receiver, RecvError> {
 }
 
 /// Accept one connection on `l` and receive a VM into `r` (from [`receiver`]).
+///
+/// With authentication (the default) the receiver takes the first connection that
+/// completes the handshake; one that fails it is dropped with its reason and the next one
+/// taken, so a peer without the key neither gets in nor keeps the real source out.
 pub fn receive_with(cfg: &Config, l: &TcpListener, mut r: Receiver) -> (Receiver, Result<Received, RecvError>) {
     let mode = cfg.migration.transport;
     let timeout = cfg.io_timeout();
+    let psk = match cfg.auth_key() {
+        Ok(k) => k,
+        Err(e) => return (r, Err(RecvError::Prepare(e))),
+    };
     let lobby = match Lobby::new(l, timeout) {
         Ok(lobby) => std::cell::RefCell::new(lobby),
         Err(source) => {
@@ -176,24 +211,71 @@ pub fn receive_with(cfg: &Config, l: &TcpListener, mut r: Receiver) -> (Receiver
             return (r, Err(RecvError::Transport { state, source: TransportError::Io { op: "listen", source } }));
         }
     };
-    // Data streams: the next connection that says Join; one that never comes must not hang
-    // the receiver.
-    let mut accept = || -> Result<Box<dyn Transport>, TransportError> {
-        let s = lobby.borrow_mut().next(FrameKind::Join, Some(timeout))?;
-        transport::wrap(s, mode, None, false, timeout)
-    };
     let wait = (cfg.receiver.wait_ms > 0).then(|| Duration::from_millis(cfg.receiver.wait_ms));
-    let control = lobby.borrow_mut().next(FrameKind::Hello, wait);
-    let res = match control {
-        Ok(s) => match transport::wrap(s, mode, None, false, timeout) {
-            Ok(mut t) => r.run_streams(&mut *t, &mut accept),
-            Err(source) => Err(RecvError::Transport { state: r.state(), source }),
-        },
-        Err(TransportError::Timeout(waited)) => {
-            Err(RecvError::NoSource { waited, dropped: lobby.borrow().dropped().to_vec() })
+    let t0 = Instant::now();
+    let first = if psk.is_some() { FrameKind::AuthInit } else { FrameKind::Hello };
+    // The control connection: the first that authenticates (or says Hello, insecure).
+    let control = loop {
+        let left = wait.map(|w| w.saturating_sub(t0.elapsed()));
+        let next = lobby.borrow_mut().next(first, 0, left);
+        let s = match next {
+            Ok(s) => s,
+            Err(TransportError::Timeout(_)) => {
+                let waited = wait.unwrap_or_else(|| t0.elapsed());
+                return (r, Err(RecvError::NoSource { waited, dropped: lobby.borrow().dropped().to_vec() }));
+            }
+            Err(source) => {
+                let state = r.state();
+                return (r, Err(RecvError::Transport { state, source }));
+            }
+        };
+        let peer = lobby::peer(&s);
+        let mut t = match transport::wrap(s, mode, None, false, timeout) {
+            Ok(t) => t,
+            Err(source) => {
+                let state = r.state();
+                return (r, Err(RecvError::Transport { state, source }));
+            }
+        };
+        let Some(k) = &psk else { break (t, None) };
+        match auth::destination(&mut *t, k).and_then(|keys| Ok((keys.keys(Conn::Control)?, keys))) {
+            Ok((control, keys)) => break (Box::new(Sealed::new(t, control)) as Box<dyn Transport>, Some(keys)),
+            Err(e) => {
+                t.shutdown();
+                lobby.borrow_mut().dropped_peer(&peer, &e.to_string());
+            }
         }
-        Err(source) => Err(RecvError::Transport { state: r.state(), source }),
     };
+    let (mut t, keys) = control;
+    // The keys a Join of data stream i opens under: the stream a connection claims is
+    // known only once its Join opens.
+    let joins =
+        match keys.as_ref().map(|k| (0..MAX_STREAMS).map(|i| k.keys(Conn::Data(i))).collect::<Result<Vec<_>, _>>()) {
+            Some(Err(e)) => return (r, Err(RecvError::Prepare(e.to_string()))),
+            Some(Ok(v)) => Some(v),
+            None => None,
+        };
+    // Data streams: the next connection whose Join opens; one that never comes must not
+    // hang the receiver.
+    let mut accept = || -> Result<Box<dyn Transport>, TransportError> {
+        loop {
+            let trailer = if joins.is_some() { TAG_LEN } else { 0 };
+            let s = lobby.borrow_mut().next(FrameKind::Join, trailer, Some(timeout))?;
+            let Some(joins) = &joins else { return transport::wrap(s, mode, None, false, timeout) };
+            let mut first = [0u8; HEADER_LEN + 16 + TAG_LEN];
+            let n = s.peek(&mut first).map_err(|source| TransportError::Io { op: "peek", source })?;
+            match joins.iter().position(|(_, rx)| seal::opens(rx, &first[..n])) {
+                Some(i) => {
+                    return Ok(Box::new(Sealed::new(transport::wrap(s, mode, None, false, timeout)?, joins[i].clone())))
+                }
+                None => {
+                    let peer = lobby::peer(&s);
+                    lobby.borrow_mut().dropped_peer(&peer, "its Join failed authentication (not this session's keys)");
+                }
+            }
+        }
+    };
+    let res = r.run_streams(&mut *t, &mut accept);
     (r, res)
 }
 
@@ -314,6 +396,12 @@ pub fn demo_opts(
     on: &mut dyn FnMut(&Machine, Event),
 ) -> anyhow::Result<DemoOutcome> {
     let t0 = Instant::now();
+    // Both ends run here: without a key file they share a fresh key.
+    let mut cfg = cfg.clone();
+    if !cfg.auth.insecure && cfg.auth.key.is_none() && cfg.auth.key_file.is_none() {
+        cfg.auth.key = Some(crate::auth::ephemeral_key()?);
+    }
+    let cfg = &cfg;
     let src = boot_source(cfg)?;
     // The destination is ready (RAM prepared, if configured) before the source starts.
     let r = receiver(cfg, verify_ram)?;
@@ -321,7 +409,11 @@ pub fn demo_opts(
     tracing::info!("source guest booted in {:?}", t0.elapsed());
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?.to_string();
-    let rcfg = cfg.clone();
+    let mut rcfg = cfg.clone();
+    if rcfg.receiver.wait_ms == 0 {
+        // A source that fails before it connects must not leave the receiver waiting.
+        rcfg.receiver.wait_ms = (cfg.connect_timeout() + cfg.io_timeout()).as_millis() as u64;
+    }
     let liveness_timeout = Duration::from_millis(cfg.receiver.liveness_timeout_ms);
     let dest = std::thread::spawn(move || {
         let (r, res) = receive_with(&rcfg, &l, r);

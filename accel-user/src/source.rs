@@ -95,6 +95,9 @@ pub enum SendError {
     },
     #[error("migration failed in {phase}: {msg}")]
     Confidential { phase: Phase, msg: String },
+    /// No authenticated channel: nothing of the VM was sent.
+    #[error("migration failed in handshake: {0}")]
+    Auth(String),
     #[error("{first}; and resuming the source VM failed too: {resume}")]
     ResumeFailed { first: Box<SendError>, resume: kvm_hooks::Error },
     /// The whole VM was sent and `Complete` went out, then the destination's answer was
@@ -119,6 +122,7 @@ impl SendError {
             | SendError::Confidential { phase, .. } => *phase,
             SendError::ResumeFailed { first, .. } => first.phase(),
             SendError::HandoverUnknown { .. } => Phase::AwaitResume,
+            SendError::Auth(_) => Phase::Handshake,
         }
     }
 }

@@ -59,6 +59,15 @@ fn frame_header(kind: FrameKind, parts: &[Part<'_>], seq: u64) -> Result<[u8; HE
     Ok(Header { kind, len, seq }.encode())
 }
 
+/// Check that a raw frame's header continues this stream's sequence.
+fn check_raw(hdr: &[u8; HEADER_LEN], send_seq: u64) -> Result<(), TransportError> {
+    let h = Header::decode(hdr)?;
+    if h.seq != send_seq {
+        return Err(TransportError::Guest(format!("raw frame with sequence {}, expected {send_seq}", h.seq)));
+    }
+    Ok(())
+}
+
 /// Decode a received header and check it continues this stream's sequence.
 fn check_header(b: &[u8; HEADER_LEN], recv_seq: &mut u64) -> Result<Header, TransportError> {
     let h = Header::decode(b)?;
@@ -74,6 +83,11 @@ pub trait Transport: Send {
     /// Send one frame made of `parts`; guest parts are read from `ram` without staging.
     fn send_frame(&mut self, kind: FrameKind, parts: &[Part<'_>], ram: Option<&GuestRam>)
         -> Result<(), TransportError>;
+    /// Send a frame built elsewhere (a sealed one): `hdr` must carry [`Transport::send_seq`],
+    /// `body` is everything after it. `body` may be reused once this returns.
+    fn send_raw(&mut self, hdr: &[u8; HEADER_LEN], body: &[u8]) -> Result<(), TransportError>;
+    /// Sequence number of the next frame sent.
+    fn send_seq(&self) -> u64;
     /// Receive and validate the next frame header (magic, version, caps, sequence).
     fn recv_header(&mut self) -> Result<Header, TransportError>;
     /// Receive exactly `buf.len()` payload bytes.
@@ -134,6 +148,34 @@ impl TcpTransport {
         stream.set_write_timeout(Some(timeout))?;
         Ok(TcpTransport { stream, send_seq: 0, recv_seq: 0, timeout, sent: 0 })
     }
+
+    /// Write every byte `iov` points at, resuming after short writes.
+    fn write_all(&mut self, iov: &mut [libc::iovec]) -> Result<(), TransportError> {
+        let mut idx = 0;
+        while idx < iov.len() {
+            let n = match kvm_hooks::writev_raw(self.stream.as_fd(), &iov[idx..]) {
+                Ok(0) => return Err(TransportError::Closed),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(TransportError::io("send", e, self.timeout)),
+            };
+            self.sent += n as u64;
+            let mut n = n;
+            while n > 0 && idx < iov.len() {
+                if n >= iov[idx].iov_len {
+                    n -= iov[idx].iov_len;
+                    idx += 1;
+                } else {
+                    // Short write: resume inside this iovec.
+                    // Pointer arithmetic only; the kernel reads the memory later.
+                    iov[idx].iov_base = (iov[idx].iov_base as usize + n) as *mut _;
+                    iov[idx].iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Transport for TcpTransport {
@@ -158,31 +200,24 @@ impl Transport for TcpTransport {
                 }
             }
         }
-        let mut idx = 0;
-        while idx < iov.len() {
-            let n = match kvm_hooks::writev_raw(self.stream.as_fd(), &iov[idx..]) {
-                Ok(0) => return Err(TransportError::Closed),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(TransportError::io("send", e, self.timeout)),
-            };
-            self.sent += n as u64;
-            let mut n = n;
-            while n > 0 && idx < iov.len() {
-                if n >= iov[idx].iov_len {
-                    n -= iov[idx].iov_len;
-                    idx += 1;
-                } else {
-                    // Short write: resume inside this iovec.
-                    // Pointer arithmetic only; the kernel reads the memory later.
-                    iov[idx].iov_base = (iov[idx].iov_base as usize + n) as *mut _;
-                    iov[idx].iov_len -= n;
-                    n = 0;
-                }
-            }
-        }
+        self.write_all(&mut iov)?;
         self.send_seq += 1;
         Ok(())
+    }
+
+    fn send_raw(&mut self, hdr: &[u8; HEADER_LEN], body: &[u8]) -> Result<(), TransportError> {
+        check_raw(hdr, self.send_seq)?;
+        let mut iov = vec![
+            libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: HEADER_LEN },
+            libc::iovec { iov_base: body.as_ptr() as *mut _, iov_len: body.len() },
+        ];
+        self.write_all(&mut iov)?;
+        self.send_seq += 1;
+        Ok(())
+    }
+
+    fn send_seq(&self) -> u64 {
+        self.send_seq
     }
 
     fn recv_header(&mut self) -> Result<Header, TransportError> {
@@ -320,6 +355,30 @@ impl UringTransport {
     fn map(&self, op: &'static str, e: io::Error) -> TransportError {
         TransportError::io(op, e, self.timeout)
     }
+
+    /// `auto`: once enough notifications came back, keep zero-copy only if the kernel
+    /// really avoided the copy.
+    fn decide(&mut self) -> Result<(), TransportError> {
+        if !self.decided && self.tx.stats.notifs >= AUTO_DECIDE_AFTER {
+            self.decided = true;
+            let st = self.tx.stats;
+            if st.zerocopy == 0 {
+                tracing::info!(
+                    copied = st.copied,
+                    "auto: the kernel copied every zero-copy send (loopback/veth): switching to io_uring copy sends"
+                );
+                self.tx.flush().map_err(|e| self.map("io_uring flush", e))?;
+                self.tx.set_mode(kvm_hooks::uring::SendMode::Copy);
+            } else {
+                tracing::info!(
+                    zerocopy = st.zerocopy,
+                    copied = st.copied,
+                    "auto: zero-copy works on this path: keeping it"
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Transport for UringTransport {
@@ -352,25 +411,25 @@ impl Transport for UringTransport {
         let n = self.tx.send(&pieces, ram).map_err(|e| self.map("io_uring send", e))?;
         self.sent += n as u64;
         self.send_seq += 1;
-        if !self.decided && self.tx.stats.notifs >= AUTO_DECIDE_AFTER {
-            self.decided = true;
-            let st = self.tx.stats;
-            if st.zerocopy == 0 {
-                tracing::info!(
-                    copied = st.copied,
-                    "auto: the kernel copied every zero-copy send (loopback/veth): switching to io_uring copy sends"
-                );
-                self.tx.flush().map_err(|e| self.map("io_uring flush", e))?;
-                self.tx.set_mode(kvm_hooks::uring::SendMode::Copy);
-            } else {
-                tracing::info!(
-                    zerocopy = st.zerocopy,
-                    copied = st.copied,
-                    "auto: zero-copy works on this path: keeping it"
-                );
-            }
+        self.decide()
+    }
+
+    fn send_raw(&mut self, hdr: &[u8; HEADER_LEN], body: &[u8]) -> Result<(), TransportError> {
+        use kvm_hooks::uring::Piece;
+        check_raw(hdr, self.send_seq)?;
+        let n =
+            self.tx.send(&[Piece::Host(hdr), Piece::Bytes(body)], None).map_err(|e| self.map("io_uring send", e))?;
+        // A zero-copy send still reads `body` after it returns: the caller reuses it next.
+        if self.tx.mode() == kvm_hooks::uring::SendMode::ZeroCopy {
+            self.tx.flush().map_err(|e| self.map("waiting for zero-copy completions", e))?;
         }
-        Ok(())
+        self.sent += n as u64;
+        self.send_seq += 1;
+        self.decide()
+    }
+
+    fn send_seq(&self) -> u64 {
+        self.send_seq
     }
 
     fn recv_header(&mut self) -> Result<Header, TransportError> {

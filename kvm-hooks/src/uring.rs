@@ -84,6 +84,9 @@ pub enum Piece<'a> {
         gpa: u64,
         len: u64,
     },
+    /// Host memory sent like guest RAM (not staged): with zero-copy the caller keeps it
+    /// unchanged until [`UringSender::flush`] returns.
+    Bytes(&'a [u8]),
 }
 
 struct Segment {
@@ -249,13 +252,21 @@ impl UringSender {
                     segs[0].iov.push(libc::iovec { iov_base: base.cast(), iov_len: b.len() });
                     off += b.len();
                 }
-                Piece::Guest { gpa, len } => {
+                Piece::Guest { .. } | Piece::Bytes(_) => {
                     seen_guest = true;
-                    let ram =
-                        ram.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "guest piece without RAM"))?;
-                    let v =
-                        ram.iovec(gpa, len).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-                    let fx = if self.mode == SendMode::ZeroCopy { self.fixed_index(gpa, len) } else { None };
+                    let (v, fx) = match *p {
+                        Piece::Guest { gpa, len } => {
+                            let ram = ram.ok_or_else(|| {
+                                io::Error::new(io::ErrorKind::InvalidInput, "guest piece without RAM")
+                            })?;
+                            let v = ram
+                                .iovec(gpa, len)
+                                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+                            (v, if self.mode == SendMode::ZeroCopy { self.fixed_index(gpa, len) } else { None })
+                        }
+                        Piece::Bytes(b) => (libc::iovec { iov_base: b.as_ptr() as *mut _, iov_len: b.len() }, None),
+                        Piece::Host(_) => unreachable!("matched above"),
+                    };
                     let n = segs.len();
                     let last = segs.last_mut().expect("segment 0 exists");
                     if self.mode == SendMode::Copy && last.iov.len() < MAX_IOV {

@@ -54,6 +54,12 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Write a fresh random pre-shared key to FILE (mode 0600; refuses to overwrite), for
+    /// `--auth-key` / `auth.key_file` on both hosts.
+    Keygen {
+        /// Where to write the key (64 hex digits and a newline).
+        file: PathBuf,
+    },
     /// Report what this host supports.
     Doctor,
     /// Boot the embedded guest described by the config and let it run (a VMM, nothing
@@ -140,6 +146,14 @@ struct Common {
     /// Confidential mode: classify pages by the VMM's record or by the eBPF page-state map.
     #[arg(long, value_enum)]
     page_state_source: Option<PageStateSource>,
+    /// Pre-shared key both ends authenticate with (32 raw bytes or 64 hex digits, mode
+    /// 0600; the same file on both hosts). `migaccel keygen FILE` writes one.
+    #[arg(long, value_name = "FILE")]
+    auth_key: Option<PathBuf>,
+    /// Migrate without authentication or integrity: any process that reaches the
+    /// receiver can make it run a VM of its choosing. For isolated test networks only.
+    #[arg(long)]
+    insecure: bool,
     /// Report format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     report: Format,
@@ -216,6 +230,14 @@ impl Common {
         }
         if let Some(v) = &self.kvm_device {
             c.host.kvm_device = v.clone();
+        }
+        if let Some(k) = &self.auth_key {
+            c.auth.key_file = Some(k.clone());
+            c.auth.insecure = false;
+        }
+        if self.insecure {
+            c.auth.insecure = true;
+            c.auth.key_file = None;
         }
         if let Some(k) = &self.confidential_key {
             c.confidential.enabled = true;
@@ -307,6 +329,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Send { to, common } => {
             let cfg = load(&cli, common)?;
             let json = common.report == Format::Json;
+            // No guest boots for a migration that cannot authenticate.
+            cfg.auth_key().map_err(anyhow::Error::msg)?;
             let m = session::boot_source(&cfg)?;
             let rep = session::send(&cfg, &m, to, &mut progress(json))?;
             if let Some(p) = &common.dump_memory {
@@ -339,10 +363,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let l = TcpListener::bind(&cfg.receiver.listen)
                 .with_context(|| format!("listen on {}", cfg.receiver.listen))?;
             // One line: callers wait for it and may stop reading after it.
-            eprintln!(
-                "listening on {} (migrations are not authenticated yet: any process that can reach this address can send a VM to run here; listen only where nothing untrusted can connect, docs/security.md)",
-                l.local_addr()?
-            );
+            if cfg.auth.insecure {
+                eprintln!(
+                    "listening on {} (INSECURE: authentication is off, any process that can reach this address can send a VM to run here; docs/security.md)",
+                    l.local_addr()?
+                );
+            } else {
+                eprintln!("listening on {} (authenticated: pre-shared key)", l.local_addr()?);
+            }
             let (r, res) = session::receive_with(&cfg, &l, r);
             let got = res?;
             let m = r.into_machine().context("receiver finished without a VM")?;
@@ -368,6 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Keygen { file } => keygen(file),
         Cmd::Doctor => doctor(),
         Cmd::Run { seconds, dirty_log, common } => {
             let cfg = load(&cli, common)?;
@@ -413,6 +442,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn keygen(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = accel_user::auth::ephemeral_key()?;
+    let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("keygen: create {}", path.display()))?;
+    writeln!(f, "{hex}").with_context(|| format!("keygen: write {}", path.display()))?;
+    eprintln!("wrote a new pre-shared key to {} (copy it to the other host over a trusted channel)", path.display());
+    Ok(())
 }
 
 /// A positive, finite number of seconds.

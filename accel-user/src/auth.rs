@@ -1,0 +1,341 @@
+//! Mutual authentication of a migration with a pre-shared key, and the keys that seal its
+//! frames (`seal.rs`).
+//!
+//! The handshake is the first thing on the control connection (plain frames):
+//! ```text
+//! S→D AuthInit     suite u32, reserved u32, nonce_s [32], X25519 public e_s [32]
+//! D→S AuthReply    suite u32, reserved u32, nonce_d [32], X25519 public e_d [32], proof_d [32]
+//! S→D AuthConfirm  proof_s [32]
+//!
+//! th      = SHA-256(AuthInit frame ‖ AuthReply frame without proof_d)
+//! secret  = HKDF-Extract(salt = nonce_s ‖ nonce_d, ikm = psk ‖ X25519(e_s, e_d))
+//! proof_d = HKDF-Expand(secret, "migaccel/4 destination proof" ‖ th)
+//! proof_s = HKDF-Expand(secret, "migaccel/4 source proof" ‖ th)
+//! key     = HKDF-Expand(secret, "migaccel/4 key " ‖ stream ‖ direction ‖ th)
+//! ```
+//! The destination proves that it holds the key before the source sends anything of the
+//! VM; the source proves it before the destination creates a VM. Both sides' nonces and
+//! ephemeral keys enter every key, so a recorded migration opens under no later session,
+//! and pages recorded today stay secret if the pre-shared key leaks later.
+use openssl::derive::Deriver;
+use openssl::hash::MessageDigest;
+use openssl::pkey::{Id, PKey};
+use openssl::sign::Signer;
+
+use crate::keys::TransportKey;
+use crate::protocol::{self, FrameKind, Header};
+use crate::seal::FrameKey;
+use crate::transport::{Part, Transport, TransportError};
+
+/// X25519, HKDF-SHA-256, AES-256-GCM, pre-shared key.
+pub const SUITE: u32 = 1;
+pub const INIT_LEN: usize = 8 + 32 + 32;
+pub const REPLY_LEN: usize = 8 + 32 + 32 + 32;
+pub const CONFIRM_LEN: usize = 32;
+const LABEL: &[u8] = b"migaccel/4 ";
+
+/// Which end of the migration this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Destination,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("authentication handshake: {0}")]
+    Transport(#[from] TransportError),
+    #[error("authentication handshake: the peer sent {0:?} where {1:?} was expected")]
+    Unexpected(FrameKind, FrameKind),
+    #[error("authentication handshake: the peer refused: {0}")]
+    Refused(String),
+    #[error("authentication handshake: the peer offers cipher suite {0}; this build speaks suite {SUITE}")]
+    Suite(u32),
+    #[error("authentication failed: the {0} does not hold the same key (auth.key_file differs on the two hosts, or the handshake was tampered with)")]
+    BadProof(Role),
+    #[error("authentication handshake: crypto: {0}")]
+    Crypto(#[from] openssl::error::ErrorStack),
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        })
+    }
+}
+
+/// What a completed handshake yields: the secret every frame key derives from.
+pub struct SessionKeys {
+    secret: [u8; 32],
+    th: [u8; 32],
+    role: Role,
+}
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionKeys").field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+impl Drop for SessionKeys {
+    fn drop(&mut self) {
+        self.secret.fill(0);
+        std::hint::black_box(&self.secret);
+    }
+}
+
+/// Which connection a key seals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conn {
+    Control,
+    Data(u32),
+}
+
+impl SessionKeys {
+    /// This side's (send, receive) keys for `conn`.
+    pub fn keys(&self, conn: Conn) -> Result<(FrameKey, FrameKey), AuthError> {
+        let name = match conn {
+            Conn::Control => "control".to_string(),
+            Conn::Data(i) => format!("data {i}"),
+        };
+        let s2d = FrameKey::new(expand(&self.secret, &[LABEL, b"key ", name.as_bytes(), b" s2d", &self.th])?);
+        let d2s = FrameKey::new(expand(&self.secret, &[LABEL, b"key ", name.as_bytes(), b" d2s", &self.th])?);
+        Ok(match self.role {
+            Role::Source => (s2d, d2s),
+            Role::Destination => (d2s, s2d),
+        })
+    }
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> Result<[u8; 32], AuthError> {
+    let k = PKey::hmac(key)?;
+    let mut s = Signer::new(MessageDigest::sha256(), &k)?;
+    for p in parts {
+        s.update(p)?;
+    }
+    let mut out = [0u8; 32];
+    s.sign(&mut out)?;
+    Ok(out)
+}
+
+/// HKDF-Expand (RFC 5869) for one 32-byte block: `HMAC(prk, info ‖ 0x01)`.
+fn expand(prk: &[u8; 32], info: &[&[u8]]) -> Result<[u8; 32], AuthError> {
+    let mut parts: Vec<&[u8]> = info.to_vec();
+    parts.push(&[1]);
+    hmac(prk, &parts)
+}
+
+fn random32() -> Result<[u8; 32], AuthError> {
+    let mut b = [0u8; 32];
+    openssl::rand::rand_bytes(&mut b)?;
+    Ok(b)
+}
+
+/// An ephemeral X25519 key pair: (private key, raw public key).
+fn ephemeral() -> Result<(PKey<openssl::pkey::Private>, [u8; 32]), AuthError> {
+    let k = PKey::generate_x25519()?;
+    let raw = k.raw_public_key()?;
+    let mut p = [0u8; 32];
+    p.copy_from_slice(&raw);
+    Ok((k, p))
+}
+
+fn shared(mine: &PKey<openssl::pkey::Private>, theirs: &[u8]) -> Result<Vec<u8>, AuthError> {
+    let peer = PKey::public_key_from_raw_bytes(theirs, Id::X25519)?;
+    let mut d = Deriver::new(mine)?;
+    d.set_peer(&peer)?;
+    Ok(d.derive_to_vec()?)
+}
+
+fn schedule(
+    psk: &TransportKey,
+    nonce_s: &[u8],
+    nonce_d: &[u8],
+    dh: &[u8],
+    init_frame: &[u8],
+    reply_frame: &[u8],
+    role: Role,
+) -> Result<SessionKeys, AuthError> {
+    let salt = [nonce_s, nonce_d].concat();
+    let secret = hmac(&salt, &[&psk.0, dh])?;
+    let mut h = openssl::sha::Sha256::new();
+    h.update(init_frame);
+    h.update(reply_frame);
+    Ok(SessionKeys { secret, th: h.finish(), role })
+}
+
+/// A whole plain frame as it goes on the wire (header ‖ payload), for the transcript.
+fn frame_bytes(kind: FrameKind, seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut v = Header { kind, len: payload.len() as u32, seq }.encode().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// The part of the reply the proofs cover: its header (whose length counts the proof) and
+/// every field before the proof.
+fn reply_transcript(h: &Header, fields: &[u8]) -> Vec<u8> {
+    let mut v = h.encode().to_vec();
+    v.extend_from_slice(fields);
+    v
+}
+
+/// Receive one handshake frame of `want` (an `Abort` says why the peer gave up).
+fn recv(t: &mut dyn Transport, want: FrameKind) -> Result<(Header, Vec<u8>), AuthError> {
+    let h = t.recv_header()?;
+    let mut p = vec![0u8; h.len as usize]; // bounded by the kind's cap in Header::decode
+    t.recv_exact(&mut p)?;
+    if h.kind == FrameKind::Abort {
+        return Err(AuthError::Refused(protocol::decode_abort(&p).unwrap_or_else(|e| e.to_string())));
+    }
+    if h.kind != want {
+        return Err(AuthError::Unexpected(h.kind, want));
+    }
+    let need = want.max_len() as usize;
+    if p.len() != need {
+        return Err(TransportError::Protocol(protocol::ProtocolError::Payload {
+            kind: want,
+            msg: format!("{} bytes, expected {need}", p.len()),
+        })
+        .into());
+    }
+    Ok((h, p))
+}
+
+fn check_suite(p: &[u8]) -> Result<(), AuthError> {
+    let suite = u32::from_le_bytes(p[0..4].try_into().expect("4"));
+    if suite != SUITE {
+        return Err(AuthError::Suite(suite));
+    }
+    Ok(())
+}
+
+/// The source's side of the handshake on the control connection `t` (fresh: nothing sent
+/// or received on it yet).
+pub fn source(t: &mut dyn Transport, psk: &TransportKey) -> Result<SessionKeys, AuthError> {
+    let nonce_s = random32()?;
+    let (e_s, pub_s) = ephemeral()?;
+    let mut init = Vec::with_capacity(INIT_LEN);
+    init.extend_from_slice(&SUITE.to_le_bytes());
+    init.extend_from_slice(&0u32.to_le_bytes());
+    init.extend_from_slice(&nonce_s);
+    init.extend_from_slice(&pub_s);
+    t.send_frame(FrameKind::AuthInit, &[Part::Buf(&init)], None)?;
+    let (h, reply) = recv(t, FrameKind::AuthReply)?;
+    check_suite(&reply)?;
+    let (nonce_d, pub_d, proof_d) = (&reply[8..40], &reply[40..72], &reply[72..104]);
+    let dh = shared(&e_s, pub_d)?;
+    let keys = schedule(
+        psk,
+        &nonce_s,
+        nonce_d,
+        &dh,
+        &frame_bytes(FrameKind::AuthInit, 0, &init),
+        &reply_transcript(&h, &reply[..72]),
+        Role::Source,
+    )?;
+    let want = expand(&keys.secret, &[LABEL, b"destination proof", &keys.th])?;
+    if !openssl::memcmp::eq(&want, proof_d) {
+        return Err(AuthError::BadProof(Role::Destination));
+    }
+    let proof_s = expand(&keys.secret, &[LABEL, b"source proof", &keys.th])?;
+    t.send_frame(FrameKind::AuthConfirm, &[Part::Buf(&proof_s)], None)?;
+    Ok(keys)
+}
+
+/// The destination's side of the handshake on a control connection whose first frame is an
+/// `AuthInit`. A peer that fails is told only that authentication failed.
+pub fn destination(t: &mut dyn Transport, psk: &TransportKey) -> Result<SessionKeys, AuthError> {
+    let (h, init) = recv(t, FrameKind::AuthInit)?;
+    check_suite(&init)?;
+    let (nonce_s, pub_s) = (&init[8..40], &init[40..72]);
+    let nonce_d = random32()?;
+    let (e_d, pub_d) = ephemeral()?;
+    let mut reply = Vec::with_capacity(REPLY_LEN);
+    reply.extend_from_slice(&SUITE.to_le_bytes());
+    reply.extend_from_slice(&0u32.to_le_bytes());
+    reply.extend_from_slice(&nonce_d);
+    reply.extend_from_slice(&pub_d);
+    let dh = shared(&e_d, pub_s)?;
+    let reply_h = Header { kind: FrameKind::AuthReply, len: REPLY_LEN as u32, seq: t.send_seq() };
+    let keys = schedule(
+        psk,
+        nonce_s,
+        &nonce_d,
+        &dh,
+        &frame_bytes(h.kind, h.seq, &init),
+        &reply_transcript(&reply_h, &reply),
+        Role::Destination,
+    )?;
+    let proof_d = expand(&keys.secret, &[LABEL, b"destination proof", &keys.th])?;
+    reply.extend_from_slice(&proof_d);
+    t.send_frame(FrameKind::AuthReply, &[Part::Buf(&reply)], None)?;
+    let (_, proof_s) = recv(t, FrameKind::AuthConfirm)?;
+    let want = expand(&keys.secret, &[LABEL, b"source proof", &keys.th])?;
+    if !openssl::memcmp::eq(&want, &proof_s) {
+        let _ = t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort("authentication failed"))], None);
+        return Err(AuthError::BadProof(Role::Source));
+    }
+    Ok(keys)
+}
+
+/// A fresh random key, for a source and destination in one process (demo, benches).
+pub fn ephemeral_key() -> Result<TransportKey, AuthError> {
+    Ok(TransportKey(random32()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seal::Sealed;
+    use crate::transport::TcpTransport;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    fn pair() -> (Box<dyn Transport>, Box<dyn Transport>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let t = Duration::from_secs(10);
+        (Box::new(TcpTransport::new(a, t).unwrap()), Box::new(TcpTransport::new(b, t).unwrap()))
+    }
+
+    type Side = Result<(Box<dyn Transport>, SessionKeys), AuthError>;
+
+    /// Run both sides; (source result, destination result).
+    fn handshake(ks: TransportKey, kd: TransportKey) -> (Side, Side) {
+        let (mut s, mut d) = pair();
+        let dest = std::thread::spawn(move || destination(&mut *d, &kd).map(|k| (d, k)));
+        // A source that fails drops (closes) its end: the destination stops waiting.
+        let src = source(&mut *s, &ks).map(|k| (s, k));
+        (src, dest.join().unwrap())
+    }
+
+    #[test]
+    fn both_sides_derive_the_same_keys_and_fresh_ones_each_time() {
+        let k = TransportKey([9; 32]);
+        let (s, d) = handshake(k.clone(), k.clone());
+        let ((ts, ks), (td, kd)) = (s.unwrap(), d.unwrap());
+        let mut ts = Sealed::new(ts, ks.keys(Conn::Control).unwrap());
+        let mut td = Sealed::new(td, kd.keys(Conn::Control).unwrap());
+        ts.send_frame(FrameKind::Complete, &[Part::Buf(&protocol::encode_complete(3, 2, 99))], None).unwrap();
+        let h = td.recv_header().unwrap();
+        let mut p = vec![0u8; h.len as usize];
+        td.recv_exact(&mut p).unwrap();
+        assert_eq!(protocol::decode_complete(&p).unwrap(), (3, 2, 99));
+        // A second session with the same key has other keys: its frames do not open the first's.
+        let (s2, _) = handshake(k.clone(), k);
+        let (_, ks2) = s2.unwrap();
+        let (a, b) = (ks.keys(Conn::Data(0)).unwrap().0, ks2.keys(Conn::Data(0)).unwrap().0);
+        assert!(a != b, "every session has its own keys");
+        assert!(ks.keys(Conn::Data(0)).unwrap().0 != ks.keys(Conn::Data(1)).unwrap().0, "and every stream");
+    }
+
+    #[test]
+    fn a_different_key_fails_on_both_sides() {
+        let (s, d) = handshake(TransportKey([1; 32]), TransportKey([2; 32]));
+        assert!(matches!(s, Err(AuthError::BadProof(Role::Destination))), "{:?}", s.err());
+        assert!(d.is_err(), "the destination never completes a handshake with the wrong key");
+    }
+}

@@ -474,3 +474,35 @@ fn ebpf_page_states_in_flux_during_a_confidential_migration() {
     assert!(applied > 1000, "{desc}");
     eprintln!("{desc}; {} page(s) deferred", s.pages_deferred);
 }
+
+/// A recorded confidential migration replayed in full to a new destination holding the same
+/// transport key, by someone who holds everything a host holds: the new destination MH's
+/// challenge is not the one the recorded blobs are bound to, so it refuses the first blob
+/// (the Begin marker) and nothing resumes.
+#[test]
+fn a_recorded_confidential_migration_never_resumes_again() {
+    let mut c = confidential(WorkloadKind::Ab, "replay");
+    host_view(&mut c);
+    c.migration.streams = 1;
+    let src = session::boot_source(&c).unwrap();
+    let (addr, t) = receiver(&c);
+    let tap = Tap::start(addr, None);
+    session::send(&c, &src, &tap.addr, &mut |_| {}).expect("the recorded migration");
+    let captured = tap.captured.clone();
+    drop(tap);
+    t.join().unwrap().1.expect("the recorded migration is received");
+    let recording = captured.lock().unwrap().clone();
+    let mut rc = c.clone();
+    rc.receiver.wait_ms = 10_000;
+    let (addr, t) = receiver(&rc);
+    let replay = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let _ = std::io::Write::write_all(&mut s, &recording); // the receiver hangs up partway
+    });
+    let (r, res) = t.join().unwrap();
+    let e = res.expect_err("a replayed confidential migration must not be received").to_string();
+    assert!(e.contains("MH refused Marker") && e.contains("bound to another migration"), "{e}");
+    assert!(!r.machine().is_some_and(|m| m.is_running()), "the replayed VM must never run");
+    drop(r); // closes the receiver's sockets: the replay stops writing
+    replay.join().unwrap();
+}

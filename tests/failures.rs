@@ -243,7 +243,7 @@ fn hello(s: &mut TcpStream) {
     assert_eq!(h.kind, FrameKind::HelloAck);
     let mut p = vec![0u8; h.len as usize];
     s.read_exact(&mut p).unwrap();
-    assert_eq!(protocol::decode_status(h.kind, &p).unwrap().0, 0);
+    assert_eq!(protocol::decode_hello_ack(&p).unwrap().status, 0);
 }
 
 #[test]

@@ -695,15 +695,21 @@ impl<F: VmFactory> Receiver<F> {
                 *self.shared.received.lock().unwrap_or_else(|e| e.into_inner()) = received;
                 self.states = vec![None; spec.vcpus as usize];
                 let ram = m.ram().clone();
+                // Confidential: the source MH binds its blobs to this MH's challenge.
+                let challenge = match m.mh().as_ref() {
+                    Some(h) => h.challenge().map_err(|source| RecvError::Mh { state: self.state, source })?,
+                    None => 0,
+                };
                 self.machine = Some(m);
-                t.send_frame(FrameKind::HelloAck, &[Part::Buf(&protocol::encode_status(0, "accepted"))], None)
-                    .map_err(|e| self.terr(e))?;
+                let ack = protocol::encode_hello_ack(0, challenge, "accepted");
+                t.send_frame(FrameKind::HelloAck, &[Part::Buf(&ack)], None).map_err(|e| self.terr(e))?;
                 self.join_streams(hello.streams, hello.session, ram, accept)?;
                 self.state = RecvState::Precopy { round: 0 };
                 Ok(())
             }
             Err(reason) => {
-                let _ = t.send_frame(FrameKind::HelloAck, &[Part::Buf(&protocol::encode_status(1, &reason))], None);
+                let _ =
+                    t.send_frame(FrameKind::HelloAck, &[Part::Buf(&protocol::encode_hello_ack(1, 0, &reason))], None);
                 Err(RecvError::Refused(reason))
             }
         }

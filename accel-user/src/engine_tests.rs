@@ -74,7 +74,7 @@ fn destination(script: Script, ram_bytes: u64) -> (String, Outcome) {
             match h.kind {
                 FrameKind::Hello => {
                     let status = if matches!(script, Script::Refuse) { 1 } else { 0 };
-                    reply(&mut s, FrameKind::HelloAck, seq, &protocol::encode_status(status, "scripted"));
+                    reply(&mut s, FrameKind::HelloAck, seq, &protocol::encode_hello_ack(status, 0, "scripted"));
                     seq += 1;
                     if status != 0 {
                         break;

@@ -16,8 +16,8 @@ pub mod config;
 pub mod dest;
 #[cfg(test)]
 mod engine_tests;
-#[cfg(test)]
-mod fake_vm;
+#[cfg(any(test, feature = "fake-vm"))]
+pub mod fake_vm;
 pub mod host;
 pub mod keys;
 pub mod lobby;

@@ -102,7 +102,7 @@ impl FrameKind {
         match self {
             FrameKind::Invalid => 0,
             FrameKind::Hello => 64,
-            FrameKind::HelloAck => 8 + MAX_TEXT as u32,
+            FrameKind::HelloAck => 16 + MAX_TEXT as u32,
             FrameKind::Pages => MAX_FRAME,
             FrameKind::EndOfRound => 16,
             FrameKind::VcpuState => 8 + kvm_hooks::state::MAX_ENCODED as u32,
@@ -388,20 +388,32 @@ pub fn decode_join(p: &[u8]) -> Result<(u64, u32), ProtocolError> {
     Ok((session, stream))
 }
 
-/// HelloAck: status (0 = accepted, 1 = refused) and a reason.
-pub fn encode_status(status: u32, text: &str) -> Vec<u8> {
+/// HelloAck: status (0 = accepted, 1 = refused), the destination MH's challenge (confidential
+/// only, else 0) and a reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloAck {
+    pub status: u32,
+    /// The blobs of this migration must be bound to it (`docs/mh-protocol.md`).
+    pub challenge: u64,
+    pub text: String,
+}
+
+pub fn encode_hello_ack(status: u32, challenge: u64, text: &str) -> Vec<u8> {
     let t = truncate(text);
-    let mut v = Vec::with_capacity(8 + t.len());
+    let mut v = Vec::with_capacity(16 + t.len());
     v.extend_from_slice(&status.to_le_bytes());
     v.extend_from_slice(&(t.len() as u32).to_le_bytes());
+    v.extend_from_slice(&challenge.to_le_bytes());
     v.extend_from_slice(t.as_bytes());
     v
 }
 
-pub fn decode_status(kind: FrameKind, p: &[u8]) -> Result<(u32, String), ProtocolError> {
+pub fn decode_hello_ack(p: &[u8]) -> Result<HelloAck, ProtocolError> {
+    let kind = FrameKind::HelloAck;
     let mut r = Reader::new(kind, p);
     let status = r.u32("status")?;
     let n = r.u32("text length")? as usize;
+    let challenge = r.u64("challenge")?;
     if n > MAX_TEXT {
         return Err(perr(kind, format!("text of {n} bytes exceeds {MAX_TEXT}")));
     }
@@ -409,10 +421,13 @@ pub fn decode_status(kind: FrameKind, p: &[u8]) -> Result<(u32, String), Protoco
     if t.len() != n {
         return Err(perr(kind, format!("text length {n} but {} bytes follow", t.len())));
     }
-    Ok((status, String::from_utf8_lossy(t).into_owned()))
+    let text = String::from_utf8_lossy(t).into_owned();
+    if status > 1 {
+        return Err(perr(kind, format!("unknown status {status}")));
+    }
+    Ok(HelloAck { status, challenge, text })
 }
 
-/// Abort: a reason.
 pub fn encode_abort(text: &str) -> Vec<u8> {
     let t = truncate(text);
     let mut v = Vec::with_capacity(4 + t.len());
@@ -737,9 +752,10 @@ mod tests {
 
     #[test]
     fn status_abort_and_state_frames() {
-        let (s, t) = decode_status(FrameKind::HelloAck, &encode_status(1, "too big")).unwrap();
-        assert_eq!((s, t.as_str()), (1, "too big"));
-        assert!(decode_status(FrameKind::HelloAck, &encode_status(1, "x")[..8]).is_err());
+        let a = decode_hello_ack(&encode_hello_ack(1, 0x1234, "too big")).unwrap();
+        assert_eq!(a, HelloAck { status: 1, challenge: 0x1234, text: "too big".into() });
+        assert!(decode_hello_ack(&encode_hello_ack(1, 7, "x")[..16]).is_err());
+        assert!(decode_hello_ack(&encode_hello_ack(2, 7, "x")).unwrap_err().to_string().contains("status 2"));
         assert_eq!(decode_abort(&encode_abort("boom")).unwrap(), "boom");
         let long = "é".repeat(2000);
         assert!(decode_abort(&encode_abort(&long)).unwrap().len() <= MAX_TEXT);

@@ -213,37 +213,15 @@ pub fn receive_with(cfg: &Config, l: &TcpListener, mut r: Receiver) -> (Receiver
     };
     let wait = (cfg.receiver.wait_ms > 0).then(|| Duration::from_millis(cfg.receiver.wait_ms));
     let t0 = Instant::now();
-    let first = if psk.is_some() { FrameKind::AuthInit } else { FrameKind::Hello };
-    // The control connection: the first that authenticates (or says Hello, insecure).
-    let control = loop {
-        let left = wait.map(|w| w.saturating_sub(t0.elapsed()));
-        let next = lobby.borrow_mut().next(first, 0, left);
-        let s = match next {
-            Ok(s) => s,
-            Err(TransportError::Timeout(_)) => {
-                let waited = wait.unwrap_or_else(|| t0.elapsed());
-                return (r, Err(RecvError::NoSource { waited, dropped: lobby.borrow().dropped().to_vec() }));
-            }
-            Err(source) => {
-                let state = r.state();
-                return (r, Err(RecvError::Transport { state, source }));
-            }
-        };
-        let peer = lobby::peer(&s);
-        let mut t = match transport::wrap(s, mode, None, false, timeout) {
-            Ok(t) => t,
-            Err(source) => {
-                let state = r.state();
-                return (r, Err(RecvError::Transport { state, source }));
-            }
-        };
-        let Some(k) = &psk else { break (t, None) };
-        match auth::destination(&mut *t, k).and_then(|keys| Ok((keys.keys(Conn::Control)?, keys))) {
-            Ok((control, keys)) => break (Box::new(Sealed::new(t, control)) as Box<dyn Transport>, Some(keys)),
-            Err(e) => {
-                t.shutdown();
-                lobby.borrow_mut().dropped_peer(&peer, &e.to_string());
-            }
+    let control = match accept_control(&lobby, psk.as_ref(), wait, mode, timeout) {
+        Ok(c) => c,
+        Err(TransportError::Timeout(_)) => {
+            let waited = wait.unwrap_or_else(|| t0.elapsed());
+            return (r, Err(RecvError::NoSource { waited, dropped: lobby.borrow().dropped().to_vec() }));
+        }
+        Err(source) => {
+            let state = r.state();
+            return (r, Err(RecvError::Transport { state, source }));
         }
     };
     let (mut t, keys) = control;
@@ -277,6 +255,65 @@ pub fn receive_with(cfg: &Config, l: &TcpListener, mut r: Receiver) -> (Receiver
     };
     let res = r.run_streams(&mut *t, &mut accept);
     (r, res)
+}
+
+/// Handshakes in progress at once: a peer that starts one and stalls holds only its own.
+const MAX_HANDSHAKES: usize = 8;
+
+/// A control connection and, when authenticated, its session's keys.
+type Control = (Box<dyn Transport>, Option<auth::SessionKeys>);
+
+/// The control connection: the first whose handshake completes (insecure: the first that
+/// says `Hello`). Handshakes run side by side, each bounded by `timeout`, so a peer without
+/// the key that stalls halfway through its handshake never delays the real source; one
+/// that fails is dropped with its reason. `Timeout`: nothing within `wait`.
+fn accept_control(
+    lobby: &std::cell::RefCell<Lobby<'_>>,
+    psk: Option<&crate::keys::TransportKey>,
+    wait: Option<Duration>,
+    mode: transport::TransportMode,
+    timeout: Duration,
+) -> Result<Control, TransportError> {
+    let t0 = Instant::now();
+    let first = if psk.is_some() { FrameKind::AuthInit } else { FrameKind::Hello };
+    let (tx, rx) = std::sync::mpsc::channel::<(String, Result<Control, String>)>();
+    let mut running = 0usize;
+    loop {
+        while let Ok((peer, res)) = rx.try_recv() {
+            running -= 1;
+            match res {
+                Ok(control) => return Ok(control),
+                Err(e) => lobby.borrow_mut().dropped_peer(&peer, &e),
+            }
+        }
+        if let Some(w) = wait.filter(|&w| t0.elapsed() >= w) {
+            return Err(TransportError::Timeout(w));
+        }
+        if running >= MAX_HANDSHAKES {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let s = match lobby.borrow_mut().next(first, 0, Some(Duration::from_millis(20))) {
+            Ok(s) => s,
+            Err(TransportError::Timeout(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        let peer = lobby::peer(&s);
+        let mut t = transport::wrap(s, mode, None, false, timeout)?;
+        let Some(k) = psk.cloned() else { return Ok((t, None)) };
+        let tx = tx.clone();
+        running += 1;
+        let spawned = std::thread::Builder::new().name("recv-handshake".into()).spawn(move || {
+            let res = auth::destination(&mut *t, &k)
+                .and_then(|keys| Ok((keys.keys(Conn::Control)?, keys)))
+                .map(|(control, keys)| (Box::new(Sealed::new(t, control)) as Box<dyn Transport>, Some(keys)))
+                .map_err(|e| e.to_string());
+            let _ = tx.send((peer, res));
+        });
+        if let Err(e) = spawned {
+            return Err(TransportError::Io { op: "spawn a handshake thread", source: e });
+        }
+    }
 }
 
 /// Watch a resumed destination VM until every vCPU has reported progress since the resume,

@@ -261,16 +261,17 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         .map_err(|e| tx(ph, e))?;
     c.t.set_recv_timeout(c.o.ack_timeout);
     let (h, p) = recv_small(c.t).map_err(|e| tx(ph, e))?;
-    match h {
+    let challenge = match h {
         FrameKind::HelloAck => {
-            let (status, reason) = protocol::decode_status(h, &p).map_err(|e| tx(ph, e.into()))?;
-            if status != 0 {
-                return Err(SendError::Refused { phase: ph, reason });
+            let ack = protocol::decode_hello_ack(&p).map_err(|e| tx(ph, e.into()))?;
+            if ack.status != 0 {
+                return Err(SendError::Refused { phase: ph, reason: ack.text });
             }
+            ack.challenge
         }
         FrameKind::Abort => return Err(aborted(ph, &p)),
         k => return Err(SendError::Unexpected { phase: ph, kind: k }),
-    }
+    };
     if c.o.streams > 0 {
         let mut ts = Vec::with_capacity(c.o.streams as usize);
         for i in 0..c.o.streams {
@@ -281,7 +282,10 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         }
         c.data = Some(DataStreams::start(ts, c.m.ram().clone(), c.o.io_timeout));
     }
-    if c.mh.is_some() {
+    if let Some(h) = c.mh.as_ref() {
+        // Every blob of this migration is bound to the destination MH's fresh challenge,
+        // so no blob of it opens in any other migration, and none recorded earlier here.
+        h.bind_export(challenge).map_err(|source| SendError::Mh { phase: ph, source })?;
         // Opens the blob stream: the destination MH accepts nothing before it.
         send_marker(c, Op::Begin, 0).map_err(|e| e.at(ph, c.t))?;
     }

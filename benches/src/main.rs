@@ -93,6 +93,11 @@ enum Cmd {
         /// Only these modes (blocking, copy, zerocopy, zerocopy-fixed).
         #[arg(long, value_delimiter = ',')]
         modes: Vec<String>,
+        /// Channels: `sealed` (authenticated, every frame AES-256-GCM, the default of
+        /// `migaccel`) and/or `insecure` (`auth.insecure`). With both, a table of
+        /// sealed ÷ insecure ratios from the same repetitions follows.
+        #[arg(long, value_delimiter = ',', default_value = "sealed,insecure")]
+        channel: Vec<String>,
     },
     /// QEMU's own migration of its guest against migaccel's of the embedded guest: same RAM,
     /// same workload class (idle or a full-speed hot range, both prefilled), interleaved.
@@ -307,17 +312,28 @@ fn fill(m: &embedded_vmm::vmm::Machine) -> anyhow::Result<()> {
     Ok(embedded_vmm::guest::prefill(m.ram())?)
 }
 
+/// Which rows the transport bench runs: transport modes and channels (empty modes: all).
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    modes: &'a [String],
+    channels: &'a [String],
+}
+
 fn transport_bench(
     rams: &[ByteSize],
     streams: &[u32],
     secs: u64,
     prefault: bool,
     dests: &[String],
-    only: &[String],
+    rows: Rows<'_>,
     reps: u32,
 ) -> anyhow::Result<()> {
+    let Rows { modes: only, channels } = rows;
     for d in dests {
         anyhow::ensure!(d == "fresh" || d == "prepared", "--dest {d}: expected fresh or prepared");
+    }
+    for c in channels {
+        anyhow::ensure!(c == "sealed" || c == "insecure", "--channel {c}: expected sealed or insecure");
     }
     use accel_user::transport::TransportMode;
     println!("## loopback ceilings (same run)");
@@ -359,8 +375,8 @@ fn transport_bench(
         }
     }
     println!();
-    println!("| guest | destination RAM | mode | streams | total ms | GiB/s | vs iperf3 1 stream | vs RAM->RAM 1 stream | round 0 GiB/s | CPU s/GiB (both ends) | zero-copy sends | kernel: no copy / copied |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| guest | destination RAM | mode | channel | streams | total ms | GiB/s | vs iperf3 1 stream | vs RAM->RAM 1 stream | round 0 GiB/s | CPU s/GiB (both ends) | zero-copy sends | kernel: no copy / copied |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let modes = [
         ("blocking writev", TransportMode::Blocking, false),
         ("io_uring SEND(MSG)", TransportMode::Copy, false),
@@ -368,13 +384,21 @@ fn transport_bench(
         ("io_uring SEND(MSG)_ZC + fixed buffers", TransportMode::Zerocopy, true),
     ];
     let keys = ["blocking", "copy", "zerocopy", "zerocopy-fixed"];
-    // (mode index, streams) in table order.
-    let configs: Vec<(usize, u32)> = (0..modes.len())
-        .filter(|&k| only.is_empty() || only.iter().any(|o| o == keys[k]))
-        .flat_map(|k| streams.iter().map(move |&n| (k, n)))
+    // (mode index, streams, sealed) in table order. Sealed frames are sent from copies:
+    // fixed buffers (guest RAM registered for zero-copy) only serve insecure migrations.
+    let configs: Vec<(usize, u32, bool)> = channels
+        .iter()
+        .map(|c| c == "sealed")
+        .flat_map(|sealed| {
+            (0..modes.len())
+                .filter(move |&k| only.is_empty() || only.iter().any(|o| o == keys[k]))
+                .filter(move |&k| !(sealed && modes[k].2))
+                .flat_map(move |k| streams.iter().map(move |&n| (k, n, sealed)))
+        })
         .collect();
     let mut prep_ms: Vec<(u64, f64)> = Vec::new();
     let mut paired: Vec<String> = Vec::new();
+    let mut sealing: Vec<String> = Vec::new();
     for (&ram, &ram_at_start) in rams.iter().zip(&ram_ceiling) {
         // With repetitions, each one measures RAM -> RAM over one stream right before it,
         // on a pair kept for this size (filling and pre-faulting it again would take longer
@@ -387,9 +411,10 @@ fn transport_bench(
             let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
             for rep in 0..reps as usize {
                 for i in (0..configs.len()).map(|i| (i + rep) % configs.len()) {
-                    let (k, n) = configs[i];
+                    let (k, n, sealed) = configs[i];
                     let (name, mode, fixed) = modes[k];
                     let mut c = Config::default();
+                    c.auth.insecure = !sealed;
                     c.guest.ram = ram;
                     c.guest.vcpus = 2;
                     c.guest.workload = WorkloadKind::Idle;
@@ -450,7 +475,8 @@ fn transport_bench(
                     });
                 }
             }
-            for (i, &(k, n)) in configs.iter().enumerate() {
+            for (i, &(k, n, sealed)) in configs.iter().enumerate() {
+                let channel = if sealed { "sealed" } else { "insecure" };
                 let s = &samples[i];
                 let col = |f: fn(&Sample) -> f64| -> Vec<f64> { s.iter().map(f).collect() };
                 let rates = col(|x| x.rate);
@@ -475,7 +501,7 @@ fn transport_bench(
                     None => ("-".to_string(), "-".to_string()),
                 };
                 println!(
-                    "| {} MiB | {dest} | {} | {n} | {:.0} | {:.2}{spread} | {} | {} | {:.2} | {:.2} | {zs} | {zc} |",
+                    "| {} MiB | {dest} | {} | {channel} | {n} | {:.0} | {:.2}{spread} | {} | {} | {:.2} | {:.2} | {zs} | {zc} |",
                     ram.0 >> 20,
                     modes[k].0,
                     median(&mut col(|x| x.total_ms)),
@@ -496,7 +522,7 @@ fn transport_bench(
                             format!("{:.3} ± {:.3}", m, h)
                         }
                     };
-                    let blocking = |streams: u32| configs.iter().position(|&c| c == (0, streams));
+                    let blocking = |streams: u32| configs.iter().position(|&c| c == (0, streams, sealed));
                     let cpu_vs = |j: Option<usize>| -> Vec<f64> {
                         match j {
                             Some(j) if j != i => s.iter().zip(&samples[j]).map(|(a, b)| a.cpu / b.cpu).collect(),
@@ -505,7 +531,7 @@ fn transport_bench(
                     };
                     let ceil: Vec<f64> = s.iter().filter_map(|x| x.ceiling_ratio).collect();
                     paired.push(format!(
-                        "| {} MiB | {dest} | {} | {n} | {} | {} | {} | {:.0} |",
+                        "| {} MiB | {dest} | {} | {channel} | {n} | {} | {} | {} | {:.0} |",
                         ram.0 >> 20,
                         modes[k].0,
                         ci(&ceil),
@@ -514,7 +540,31 @@ fn transport_bench(
                         median(&mut col(|x| x.switches))
                     ));
                 }
+                // Sealing's cost: this sealed row against the insecure row of the same mode
+                // and streams, repetition by repetition (interleaved, so the same minutes).
+                if let Some(j) = configs.iter().position(|&c| c == (k, n, false)).filter(|_| sealed) {
+                    let ratio = |f: fn(&Sample) -> f64| -> Vec<f64> {
+                        s.iter().zip(&samples[j]).map(|(a, b)| f(a) / f(b)).collect()
+                    };
+                    sealing.push(format!(
+                        "| {} MiB | {dest} | {} | {n} | {:.2} | {:.2} | {:.2} |",
+                        ram.0 >> 20,
+                        modes[k].0,
+                        median(&mut ratio(|x| x.rate)),
+                        median(&mut ratio(|x| x.total_ms)),
+                        median(&mut ratio(|x| x.cpu)),
+                    ));
+                }
             }
+        }
+    }
+    if !sealing.is_empty() {
+        println!();
+        println!("## sealing's cost: sealed ÷ insecure, same mode and streams, median of per-repetition ratios");
+        println!("| guest | destination RAM | mode | streams | GiB/s | total ms | CPU s/GiB |");
+        println!("|---|---|---|---|---|---|---|");
+        for row in &sealing {
+            println!("{row}");
         }
     }
     for &ram in rams {
@@ -533,8 +583,8 @@ fn transport_bench(
     if !paired.is_empty() {
         println!();
         println!("## repetition by repetition: mean ± 95 % CI of per-repetition ratios ({reps} repetitions, rows interleaved)");
-        println!("| guest | destination RAM | mode | streams | GiB/s ÷ iperf3 1 stream just before | CPU ÷ blocking, same streams, same repetition | CPU ÷ blocking 1 stream, same repetition | context switches per GiB (median) |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| guest | destination RAM | mode | channel | streams | GiB/s ÷ iperf3 1 stream just before | CPU ÷ blocking, same streams, same repetition | CPU ÷ blocking 1 stream, same repetition | context switches per GiB (median) |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for row in &paired {
             println!("{row}");
         }
@@ -692,8 +742,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ebpf { window_ms, cycles, vms, harvest_ms, pid } => ebpf_bench(window_ms, cycles, vms, harvest_ms, !pid)?,
         Cmd::Mh { pages, batches, migrate_ram } => mh::mh_bench(pages, &batches, migrate_ram)?,
         Cmd::VsQemu { ram, hot, reps, warmup_ms } => vs_qemu::vs_qemu(&ram, hot, reps, warmup_ms)?,
-        Cmd::Transport { ram, streams, ceiling_secs, prefault, dest, modes, reps } => {
-            transport_bench(&ram, &streams, ceiling_secs, prefault, &dest, &modes, reps.max(1))?
+        Cmd::Transport { ram, streams, ceiling_secs, prefault, dest, modes, reps, channel } => {
+            let rows = Rows { modes: &modes, channels: &channel };
+            transport_bench(&ram, &streams, ceiling_secs, prefault, &dest, rows, reps.max(1))?
         }
         Cmd::Migrate {
             ram,

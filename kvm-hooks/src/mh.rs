@@ -232,6 +232,16 @@ impl MhHost {
         }
     }
 
+    /// This MH's challenge: as an importer it opens only blobs bound to it.
+    pub fn challenge(&self) -> Result<u64> {
+        Ok(self.ram.read_u64(abi::HEADER + abi::header::CHALLENGE)?)
+    }
+
+    /// Bind the next export (from its Begin on) to the importing MH's `challenge`.
+    pub fn bind_export(&self, challenge: u64) -> Result<()> {
+        Ok(self.ram.write_u64(abi::HEADER + abi::header::PEER_CHALLENGE, challenge)?)
+    }
+
     /// Requests posted and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.inflight.len()

@@ -42,7 +42,8 @@ pub const SLOTS: u64 = REGION + 0x10_0000;
 pub const NSLOTS: u32 = 256;
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MIGACCMH");
-pub const VERSION: u32 = 1;
+/// 2: blobs are bound to the importing MH's challenge (`header::CHALLENGE`).
+pub const VERSION: u32 = 2;
 
 /// Port the MH vCPU uses to talk to its host thread (`out dx, eax` with a [`Kick`]).
 pub const PORT: u16 = 0x700;
@@ -95,6 +96,12 @@ pub mod header {
     /// Doorbells the MH waited for (Wait kicks) and requests handled.
     pub const WAITS: u64 = 0x48;
     pub const REQUESTS: u64 = 0x50;
+    /// MH-set at start: a random value of its own. As an importer it opens only blobs
+    /// bound to it, so blobs recorded from any earlier migration never open here.
+    pub const CHALLENGE: u64 = 0x58;
+    /// Host-set before an export's Begin: the importing MH's challenge (relayed from the
+    /// destination). The exporter binds every blob of that migration to it.
+    pub const PEER_CHALLENGE: u64 = 0x60;
 }
 
 /// Secret-page fields (offsets from [`SECRET`]).
@@ -248,7 +255,9 @@ impl CompStatus {
             CompStatus::Ok => "ok",
             CompStatus::BadRequest => "malformed request (op, count or slot range)",
             CompStatus::BadGfn => "gfn outside guest RAM or inside the MH region",
-            CompStatus::AuthFailed => "blob failed authentication (tampered, wrong key or relocated)",
+            CompStatus::AuthFailed => {
+                "blob failed authentication (tampered, wrong key, relocated, or bound to another migration)"
+            }
             CompStatus::BadSequence => "blob out of sequence (replayed, reordered or missing)",
             CompStatus::BadRound => "blob round went backwards",
             CompStatus::NoStream => "no open blob stream (missing Begin, or after End)",
@@ -352,16 +361,18 @@ pub fn nonce(vm_id: u32, seq: u64) -> [u8; 12] {
     n
 }
 
-/// Additional data of a blob: binds it to (VM id, gfn, round, sequence, kind), so a blob
-/// replayed, reordered or presented for another page fails authentication.
-pub fn aad(vm_id: u32, gfn: u64, round: u32, seq: u64, kind: Kind) -> [u8; 36] {
-    let mut a = [0u8; 36];
-    a[0..8].copy_from_slice(b"MGMHBLB1");
+/// Additional data of a blob: binds it to (VM id, the importer's challenge, gfn, round,
+/// sequence, kind), so a blob replayed from another migration, reordered or presented for
+/// another page fails authentication.
+pub fn aad(vm_id: u32, challenge: u64, gfn: u64, round: u32, seq: u64, kind: Kind) -> [u8; 44] {
+    let mut a = [0u8; 44];
+    a[0..8].copy_from_slice(b"MGMHBLB2");
     a[8..12].copy_from_slice(&vm_id.to_le_bytes());
-    a[12..20].copy_from_slice(&gfn.to_le_bytes());
-    a[20..24].copy_from_slice(&round.to_le_bytes());
-    a[24..32].copy_from_slice(&seq.to_le_bytes());
-    a[32..36].copy_from_slice(&(kind as u32).to_le_bytes());
+    a[12..20].copy_from_slice(&challenge.to_le_bytes());
+    a[20..28].copy_from_slice(&gfn.to_le_bytes());
+    a[28..32].copy_from_slice(&round.to_le_bytes());
+    a[32..40].copy_from_slice(&seq.to_le_bytes());
+    a[40..44].copy_from_slice(&(kind as u32).to_le_bytes());
     a
 }
 
@@ -408,12 +419,13 @@ mod tests {
 
     #[test]
     fn binding_differs_per_field() {
-        let base = aad(1, 2, 3, 4, Kind::Page);
-        assert_ne!(base, aad(9, 2, 3, 4, Kind::Page));
-        assert_ne!(base, aad(1, 9, 3, 4, Kind::Page));
-        assert_ne!(base, aad(1, 2, 9, 4, Kind::Page));
-        assert_ne!(base, aad(1, 2, 3, 9, Kind::Page));
-        assert_ne!(base, aad(1, 2, 3, 4, Kind::Cpu));
+        let base = aad(1, 5, 2, 3, 4, Kind::Page);
+        assert_ne!(base, aad(9, 5, 2, 3, 4, Kind::Page));
+        assert_ne!(base, aad(1, 9, 2, 3, 4, Kind::Page), "the importer's challenge");
+        assert_ne!(base, aad(1, 5, 9, 3, 4, Kind::Page));
+        assert_ne!(base, aad(1, 5, 2, 9, 4, Kind::Page));
+        assert_ne!(base, aad(1, 5, 2, 3, 9, Kind::Page));
+        assert_ne!(base, aad(1, 5, 2, 3, 4, Kind::Cpu));
         assert_ne!(nonce(1, 2), nonce(1, 3));
     }
 }

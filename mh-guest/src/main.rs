@@ -141,6 +141,10 @@ struct PageBuf([u8; 4096]);
 struct Mh {
     cipher: Aes256Gcm,
     vm_id: u32,
+    /// Imports open only blobs bound to this (published in the header at start).
+    challenge: u64,
+    /// Exports bind to this: the importer's challenge, read at the export's Begin.
+    bind: u64,
     ram_pages: u64,
     /// Export: next sequence number (random high half per boot, so nonces never repeat).
     seq: u64,
@@ -164,6 +168,8 @@ extern "C" fn mh_main() -> ! {
     let mut mh = Mh {
         cipher: Aes256Gcm::new(&Array::from(key)),
         vm_id: rd32(abi::SECRET + abi::secret::VM_ID),
+        challenge: random(),
+        bind: 0,
         ram_pages: rd64(abi::SECRET + abi::secret::RAM_SIZE) / abi::PAGE,
         seq: (random() & !0xffff_ffff) | 1,
         open: false,
@@ -172,6 +178,7 @@ extern "C" fn mh_main() -> ! {
         buf: PageBuf([0; 4096]),
     };
     key.fill(0);
+    wr64(h + abi::header::CHALLENGE, mh.challenge);
     wr32(h + abi::header::STATUS, abi::Status::Ready as u32);
     kick(Kick::Ready);
     mh.serve()
@@ -268,7 +275,7 @@ impl Mh {
         let seq = self.seq;
         self.seq = seq.wrapping_add(1);
         let nonce = Array::from(abi::nonce(self.vm_id, seq));
-        let aad = abi::aad(self.vm_id, gfn, round, seq, kind);
+        let aad = abi::aad(self.vm_id, self.bind, gfn, round, seq, kind);
         let tag = match self.cipher.encrypt_inout_detached(&nonce, &aad, (&mut self.buf.0[..]).into()) {
             Ok(t) => t,
             Err(_) => fault(abi::Fault::BadRing),
@@ -293,6 +300,11 @@ impl Mh {
     }
 
     fn marker_out(&mut self, r: &Request, kind: Kind) -> (CompStatus, u32) {
+        if kind == Kind::Begin {
+            // A new export: bound to the importer the host names now (a wrong one only
+            // makes the importer refuse every blob).
+            self.bind = rd64(abi::HEADER + abi::header::PEER_CHALLENGE);
+        }
         self.buf.0.fill(0);
         self.buf.0[0..8].copy_from_slice(&self.seq.to_le_bytes());
         self.seal(r.slot, 0, r.round, kind);
@@ -323,7 +335,7 @@ impl Mh {
         copy_in(&mut b, abi::SLOTS + u64::from(slot) * abi::PAGE);
         self.buf.0 = b;
         let nonce = Array::from(abi::nonce(self.vm_id, d.seq));
-        let aad = abi::aad(self.vm_id, gfn, d.round, d.seq, kind);
+        let aad = abi::aad(self.vm_id, self.challenge, gfn, d.round, d.seq, kind);
         let tag = Array::from(d.tag);
         if self.cipher.decrypt_inout_detached(&nonce, &aad, (&mut self.buf.0[..]).into(), &tag).is_err() {
             bump(abi::header::REFUSED, 1);

@@ -1,0 +1,12 @@
+//! The vCPU state decoder: any bytes decode to a state or to an error naming the field;
+//! what decodes encodes back to the same bytes.
+#![no_main]
+use kvm_hooks::state::VcpuState;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(s) = VcpuState::decode(data) {
+        let again = VcpuState::decode(&s.encode()).expect("an encoded state decodes");
+        assert_eq!(again.encode(), s.encode());
+    }
+});

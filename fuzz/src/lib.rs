@@ -1,0 +1,146 @@
+//! What the fuzz targets share: a transport over the fuzzer's bytes, the receiver they
+//! drive, and the fixed keys and seed stream of the sealed target.
+use std::time::Duration;
+
+use accel_user::dest::{Receiver, RecvOptions};
+use accel_user::fake_vm::FakeVms;
+use accel_user::protocol::{self, FrameKind, Header, ProtocolError, Run, HEADER_LEN, RUN_ZERO};
+use accel_user::seal::FrameKey;
+use accel_user::transport::{Part, Transport, TransportError};
+use kvm_hooks::memory::GuestRam;
+
+/// A peer that sends the fuzzer's bytes and swallows whatever the receiver answers.
+pub struct Bytes {
+    data: Vec<u8>,
+    at: usize,
+    recv_seq: u64,
+    send_seq: u64,
+}
+
+impl Bytes {
+    pub fn new(data: &[u8]) -> Self {
+        Bytes { data: data.to_vec(), at: 0, recv_seq: 0, send_seq: 0 }
+    }
+    fn take(&mut self, n: usize) -> Result<&[u8], TransportError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.data.len()).ok_or(TransportError::Closed)?;
+        let at = std::mem::replace(&mut self.at, end);
+        Ok(&self.data[at..end])
+    }
+}
+
+impl Transport for Bytes {
+    fn send_frame(&mut self, _: FrameKind, _: &[Part<'_>], _: Option<&GuestRam>) -> Result<(), TransportError> {
+        self.send_seq += 1;
+        Ok(())
+    }
+    fn send_raw(&mut self, _: &[u8; HEADER_LEN], _: &[u8]) -> Result<(), TransportError> {
+        self.send_seq += 1;
+        Ok(())
+    }
+    fn send_seq(&self) -> u64 {
+        self.send_seq
+    }
+    fn recv_header(&mut self) -> Result<Header, TransportError> {
+        let b: [u8; HEADER_LEN] = self.take(HEADER_LEN)?.try_into().expect("HEADER_LEN bytes");
+        let h = Header::decode(&b)?;
+        if h.seq != self.recv_seq {
+            return Err(ProtocolError::Sequence { got: h.seq, want: self.recv_seq }.into());
+        }
+        self.recv_seq += 1;
+        Ok(h)
+    }
+    fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+        buf.copy_from_slice(self.take(buf.len())?);
+        Ok(())
+    }
+    fn recv_into_guest(&mut self, ram: &GuestRam, gpa: u64, len: u64) -> Result<(), TransportError> {
+        let b = self.take(usize::try_from(len).map_err(|_| TransportError::Closed)?)?;
+        ram.write(gpa, b).map_err(|e| TransportError::Guest(e.to_string()))
+    }
+    fn set_recv_timeout(&mut self, _: Duration) {}
+    fn shutdown(&mut self) {}
+    fn bytes_sent(&self) -> u64 {
+        0
+    }
+}
+
+/// A receiver as `migaccel receive` runs it, on VMs without KVM, capped at 64 MiB.
+pub fn receiver() -> Receiver<FakeVms> {
+    let o = RecvOptions {
+        max_ram: 64 << 20,
+        max_vcpus: 4,
+        capture: false,
+        io_timeout: Duration::from_secs(5),
+        prefault: false,
+        confidential: None,
+        max_rounds: 16,
+        deadline: Duration::from_secs(60),
+        check_host_memory: false,
+    };
+    Receiver::new(o, FakeVms)
+}
+
+/// The keys the sealed target's stream is sealed with (as after a handshake).
+pub fn keys() -> (FrameKey, FrameKey) {
+    (FrameKey::new([0x5a; 32]), FrameKey::new([0xa5; 32]))
+}
+
+/// A whole valid migration of a 64 MiB, one-vCPU VM, as the source sends it: every page in
+/// round 0 (zero runs and a few data pages), two pages again in round 1, the vCPU state,
+/// Complete. The frames as (kind, payload).
+pub fn migration() -> Vec<(FrameKind, Vec<u8>)> {
+    let shape = kvm_hooks::migratable::VmShape { ram_bytes: 64 << 20, vcpus: 1 };
+    let pages = shape.ram_bytes / protocol::PAGE;
+    let mut f = vec![(FrameKind::Hello, protocol::encode_hello(&shape))];
+    let mut pages_frame = |round: u32, runs: &[Run], fill: u8| {
+        let mut p = Vec::new();
+        protocol::encode_pages_meta(round, runs, &mut p);
+        for r in runs.iter().filter(|r| !r.is_zero()) {
+            p.extend(std::iter::repeat_n(fill, r.data_bytes() as usize));
+        }
+        f.push((FrameKind::Pages, p));
+    };
+    pages_frame(0, &[Run { gfn: 0, npages: 2, flags: 0 }, Run { gfn: 2, npages: (pages - 2) as u32, flags: RUN_ZERO }], 0x11);
+    let mut f2 = std::mem::take(&mut f);
+    f2.push((FrameKind::EndOfRound, protocol::encode_end_of_round(0, pages)));
+    let mut p = Vec::new();
+    protocol::encode_pages_meta(1, &[Run { gfn: 7, npages: 2, flags: 0 }], &mut p);
+    p.extend(std::iter::repeat_n(0x22, 2 * protocol::PAGE as usize));
+    f2.push((FrameKind::Pages, p));
+    f2.push((FrameKind::EndOfRound, protocol::encode_end_of_round(1, 2)));
+    let state = kvm_hooks::state::VcpuState::default().encode();
+    let mut v = protocol::encode_vcpu_state_prefix(0, state.len() as u32).to_vec();
+    v.extend_from_slice(&state);
+    f2.push((FrameKind::VcpuState, v));
+    f2.push((FrameKind::Complete, protocol::encode_complete(2, 1, pages + 2)));
+    f2
+}
+
+/// `frames` as plain wire bytes (header ‖ payload each).
+pub fn plain(frames: &[(FrameKind, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (seq, (kind, p)) in frames.iter().enumerate() {
+        out.extend_from_slice(&Header { kind: *kind, len: p.len() as u32, seq: seq as u64 }.encode());
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// `frames` sealed with [`keys`], as a source sends them after the handshake.
+pub fn sealed(frames: &[(FrameKind, Vec<u8>)]) -> Vec<u8> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("loopback");
+    let a = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (mut b, _) = l.accept().expect("accept");
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut b, &mut v).expect("read");
+        v
+    });
+    let inner = accel_user::transport::TcpTransport::new(a, Duration::from_secs(5)).expect("transport");
+    let mut t = accel_user::seal::Sealed::new(Box::new(inner), keys());
+    for (kind, p) in frames {
+        t.send_frame(*kind, &[Part::Buf(p)], None).expect("seal");
+    }
+    drop(t);
+    reader.join().expect("reader")
+}

@@ -71,6 +71,12 @@ pub struct FakeVm {
     mh: Mutex<Option<MhHost>>,
 }
 
+impl Default for FakeVm {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl FakeVm {
     /// A running 64 MiB, one-vCPU VM whose RAM is all zero.
     pub fn new() -> Self {

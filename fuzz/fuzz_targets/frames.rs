@@ -5,7 +5,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: migaccel_fuzz::migration_seed("frames", false), |data: &[u8]| {
     let mut r = migaccel_fuzz::receiver();
     let mut t = migaccel_fuzz::Bytes::new(data);
     let _ = r.run(&mut t);

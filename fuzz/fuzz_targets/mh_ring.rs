@@ -15,7 +15,7 @@ fn ram() -> &'static Arc<GuestRam> {
     R.get_or_init(|| Arc::new(GuestRam::new(64 << 20).expect("guest RAM")))
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: migaccel_fuzz::seed("mh_ring", "empty", || vec![0u8; 64]), |data: &[u8]| {
     let ram = ram();
     ram.zero(abi::REGION, abi::REGION_SIZE).expect("zero the MH region");
     let mut h = MhHost::new(ram.clone(), Arc::new(Bell::default()), Duration::ZERO, 1);

@@ -4,7 +4,6 @@
 #![no_main]
 use std::sync::OnceLock;
 
-use accel_user::seal::Sealed;
 use libfuzzer_sys::fuzz_target;
 
 fn valid() -> &'static [u8] {
@@ -12,11 +11,8 @@ fn valid() -> &'static [u8] {
     V.get_or_init(|| migaccel_fuzz::sealed(&migaccel_fuzz::migration()))
 }
 
-fuzz_target!(|data: &[u8]| {
-    let (s2d, d2s) = migaccel_fuzz::keys();
-    let mut t = Sealed::new(Box::new(migaccel_fuzz::Bytes::new(data)), (d2s, s2d));
-    let mut r = migaccel_fuzz::receiver();
-    if r.run(&mut t).is_ok() {
+fuzz_target!(init: migaccel_fuzz::migration_seed("sealed", true), |data: &[u8]| {
+    if migaccel_fuzz::receive(data, true).is_ok() {
         assert!(data.starts_with(valid()), "a stream that is not the sealed original resumed a VM");
     }
 });

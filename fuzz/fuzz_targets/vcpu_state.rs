@@ -4,7 +4,7 @@
 use kvm_hooks::state::VcpuState;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: migaccel_fuzz::seed("vcpu_state", "default", || kvm_hooks::state::VcpuState::default().encode()), |data: &[u8]| {
     if let Ok(s) = VcpuState::decode(data) {
         let again = VcpuState::decode(&s.encode()).expect("an encoded state decodes");
         assert_eq!(again.encode(), s.encode());

@@ -100,7 +100,11 @@ pub fn migration() -> Vec<(FrameKind, Vec<u8>)> {
         }
         f.push((FrameKind::Pages, p));
     };
-    pages_frame(0, &[Run { gfn: 0, npages: 2, flags: 0 }, Run { gfn: 2, npages: (pages - 2) as u32, flags: RUN_ZERO }], 0x11);
+    pages_frame(
+        0,
+        &[Run { gfn: 0, npages: 2, flags: 0 }, Run { gfn: 2, npages: (pages - 2) as u32, flags: RUN_ZERO }],
+        0x11,
+    );
     let mut f2 = std::mem::take(&mut f);
     f2.push((FrameKind::EndOfRound, protocol::encode_end_of_round(0, pages)));
     let mut p = Vec::new();
@@ -143,4 +147,37 @@ pub fn sealed(frames: &[(FrameKind, Vec<u8>)]) -> Vec<u8> {
     }
     drop(t);
     reader.join().expect("reader")
+}
+
+/// Write `bytes` as seed `name` of `target` under `$MIGACCEL_FUZZ_SEEDS` (when set). Called
+/// from each target's init, which runs before libFuzzer reads its corpus directories.
+pub fn seed(target: &str, name: &str, bytes: impl FnOnce() -> Vec<u8>) {
+    if let Some(dir) = std::env::var_os("MIGACCEL_FUZZ_SEEDS") {
+        let d = std::path::Path::new(&dir).join(target);
+        std::fs::create_dir_all(&d).expect("create the seed directory");
+        std::fs::write(d.join(name), bytes()).expect("write a seed");
+    }
+}
+
+/// Receive `stream` (sealed with [`keys`] when `sealed`); whether a VM was resumed.
+pub fn receive(stream: &[u8], sealed: bool) -> Result<(), String> {
+    let mut r = receiver();
+    let res = if sealed {
+        let (s2d, d2s) = keys();
+        r.run(&mut accel_user::seal::Sealed::new(Box::new(Bytes::new(stream)), (d2s, s2d)))
+    } else {
+        r.run(&mut Bytes::new(stream))
+    };
+    res.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// The init of the two stream targets: write the whole-migration seed, and make sure it is
+/// received (a seed that is not starts the fuzzer at the first frame instead of everywhere).
+pub fn migration_seed(target: &str, sealed_stream: bool) {
+    let m = migration();
+    let stream = if sealed_stream { sealed(&m) } else { plain(&m) };
+    if let Err(e) = receive(&stream, sealed_stream) {
+        panic!("the {target} seed is not received: {e}");
+    }
+    seed(target, "migration", || stream);
 }

@@ -51,7 +51,8 @@ struct Run {
 /// Move `pages` data pages from `src` to `dst` through both MHs, `batch` pages per doorbell.
 fn transfer(sh: &mut MhHost, dh: &mut MhHost, pages: u64, batch: u32, round: u32) -> anyhow::Result<Run> {
     let mut blob = Blob::zeroed();
-    // Open the stream.
+    // Open the stream, bound to the importer's challenge.
+    sh.bind_export(dh.challenge()?)?;
     sh.run(&[Request { op: Op::Begin as u16, id: 0, count: 1, slot: 0, gfn: 0, round }])?;
     sh.read_slot(0, &mut blob)?;
     dh.write_slot(0, &blob)?;

@@ -87,6 +87,11 @@ fn export_then_import_moves_pages_and_never_shows_plaintext() {
     let (src, mut sh) = vm_with_mh(KEY);
     let gfn = DATA_START / 4096 + 10;
     fill(&src, gfn, 64, 0x5a);
+    // The importer starts first; the export is bound to its challenge.
+    let mut dst = Machine::destination(spec(), RING).unwrap();
+    dst.launch_mh(&launch(KEY), Duration::from_secs(5)).unwrap();
+    let mut dh = dst.take_mh().unwrap();
+    sh.bind_export(dh.challenge().unwrap()).unwrap();
     let begin = marker(&mut sh, Op::Begin, 0);
     let blobs = export(&mut sh, gfn, 64, 1);
     let end = marker(&mut sh, Op::End, 1);
@@ -97,9 +102,6 @@ fn export_then_import_moves_pages_and_never_shows_plaintext() {
     let seqs: Vec<u64> = blobs.iter().map(|b| b.seq).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "sequence numbers are contiguous");
 
-    let mut dst = Machine::destination(spec(), RING).unwrap();
-    dst.launch_mh(&launch(KEY), Duration::from_secs(5)).unwrap();
-    let mut dh = dst.take_mh().unwrap();
     open_stream(&mut dh, &begin);
     import(&mut dh, gfn, &blobs).unwrap();
     assert!(!dh.counters().unwrap().complete, "not complete before End");
@@ -113,62 +115,81 @@ fn export_then_import_moves_pages_and_never_shows_plaintext() {
     assert_eq!(sh.counters().unwrap().exported, 64);
 }
 
+/// A destination MH (with `key`) and, exported for it by `sh`, a Begin marker and two
+/// rounds of 4 pages at `gfn`.
+struct Fresh {
+    d: Machine,
+    h: MhHost,
+    begin: Blob,
+    r1: Vec<Blob>,
+    r2: Vec<Blob>,
+}
+
+fn fresh(sh: &mut MhHost, key: [u8; 32], gfn: u64) -> Fresh {
+    let mut d = Machine::destination(spec(), RING).unwrap();
+    d.launch_mh(&launch(key), Duration::from_secs(5)).unwrap();
+    let h = d.take_mh().unwrap();
+    sh.bind_export(h.challenge().unwrap()).unwrap();
+    let begin = marker(sh, Op::Begin, 0);
+    let r1 = export(sh, gfn, 4, 1);
+    let r2 = export(sh, gfn, 4, 2);
+    Fresh { d, h, begin, r1, r2 }
+}
+
 #[test]
 fn hostile_blobs_are_refused() {
     let (src, mut sh) = vm_with_mh(KEY);
     let gfn = DATA_START / 4096;
     fill(&src, gfn, 8, 0x11);
-    let begin = marker(&mut sh, Op::Begin, 0);
-    let r1 = export(&mut sh, gfn, 4, 1);
-    let r2 = export(&mut sh, gfn, 4, 2);
-
-    let fresh = |key| {
-        let mut d = Machine::destination(spec(), RING).unwrap();
-        d.launch_mh(&launch(key), Duration::from_secs(5)).unwrap();
-        let mut h = d.take_mh().unwrap();
-        open_stream(&mut h, &begin);
-        (d, h)
+    let opened = |sh: &mut MhHost| {
+        let mut f = fresh(sh, KEY, gfn);
+        open_stream(&mut f.h, &f.begin);
+        f
     };
     // Tampered ciphertext.
-    let (d, mut h) = fresh(KEY);
-    let mut bad = r1.clone();
+    let mut f = opened(&mut sh);
+    let mut bad = f.r1.clone();
     bad[2].data[100] ^= 1;
-    assert_eq!(refused(import(&mut h, gfn, &bad)), CompStatus::AuthFailed);
-    assert_eq!(page(&d, gfn + 2), vec![0; 4096], "nothing written for the tampered page");
+    assert_eq!(refused(import(&mut f.h, gfn, &bad)), CompStatus::AuthFailed);
+    assert_eq!(page(&f.d, gfn + 2), vec![0; 4096], "nothing written for the tampered page");
     // Tampered tag.
-    let (_d, mut h) = fresh(KEY);
-    let mut bad = r1.clone();
+    let mut f = opened(&mut sh);
+    let mut bad = f.r1.clone();
     bad[0].tag[0] ^= 0x80;
-    assert_eq!(refused(import(&mut h, gfn, &bad)), CompStatus::AuthFailed);
+    assert_eq!(refused(import(&mut f.h, gfn, &bad)), CompStatus::AuthFailed);
     // Blob for gfn A presented as gfn B.
-    let (d, mut h) = fresh(KEY);
-    assert_eq!(refused(import(&mut h, gfn + 1, &r1[..1])), CompStatus::AuthFailed);
-    assert_eq!(page(&d, gfn + 1), vec![0; 4096]);
+    let mut f = opened(&mut sh);
+    assert_eq!(refused(import(&mut f.h, gfn + 1, &f.r1[..1])), CompStatus::AuthFailed);
+    assert_eq!(page(&f.d, gfn + 1), vec![0; 4096]);
     // Round label rewritten.
-    let (_d, mut h) = fresh(KEY);
-    let mut bad = r1.clone();
+    let mut f = opened(&mut sh);
+    let mut bad = f.r1.clone();
     bad[0].round = 7;
-    assert_eq!(refused(import(&mut h, gfn, &bad[..1])), CompStatus::AuthFailed);
+    assert_eq!(refused(import(&mut f.h, gfn, &bad[..1])), CompStatus::AuthFailed);
     // Replay of an earlier round after a later one, and a duplicate within a stream.
-    let (_d, mut h) = fresh(KEY);
-    import(&mut h, gfn, &r1).unwrap();
-    import(&mut h, gfn, &r2).unwrap();
-    assert_eq!(refused(import(&mut h, gfn, &r1[..1])), CompStatus::BadSequence);
-    assert_eq!(refused(import(&mut h, gfn + 3, &r2[3..])), CompStatus::BadSequence);
+    let mut f = opened(&mut sh);
+    import(&mut f.h, gfn, &f.r1).unwrap();
+    import(&mut f.h, gfn, &f.r2).unwrap();
+    assert_eq!(refused(import(&mut f.h, gfn, &f.r1[..1])), CompStatus::BadSequence);
+    assert_eq!(refused(import(&mut f.h, gfn + 3, &f.r2[3..])), CompStatus::BadSequence);
     // Reordered / missing blob.
-    let (_d, mut h) = fresh(KEY);
-    assert_eq!(refused(import(&mut h, gfn + 1, &r1[1..2])), CompStatus::BadSequence);
+    let mut f = opened(&mut sh);
+    assert_eq!(refused(import(&mut f.h, gfn + 1, &f.r1[1..2])), CompStatus::BadSequence);
     // Import without a Begin.
-    let mut d2 = Machine::destination(spec(), RING).unwrap();
-    d2.launch_mh(&launch(KEY), Duration::from_secs(5)).unwrap();
-    let mut h2 = d2.take_mh().unwrap();
-    assert_eq!(refused(import(&mut h2, gfn, &r1)), CompStatus::NoStream);
+    let mut f = fresh(&mut sh, KEY, gfn);
+    assert_eq!(refused(import(&mut f.h, gfn, &f.r1)), CompStatus::NoStream);
     // Wrong key: even the Begin marker fails.
-    let mut d3 = Machine::destination(spec(), RING).unwrap();
-    d3.launch_mh(&launch([0x43; 32]), Duration::from_secs(5)).unwrap();
-    let mut h3 = d3.take_mh().unwrap();
-    h3.write_slot(0, &begin).unwrap();
-    assert_eq!(refused(h3.run(&[req(Op::Marker, 0, 1, 0, 0)])), CompStatus::AuthFailed);
+    let mut f = fresh(&mut sh, [0x43; 32], gfn);
+    f.h.write_slot(0, &f.begin).unwrap();
+    assert_eq!(refused(f.h.run(&[req(Op::Marker, 0, 1, 0, 0)])), CompStatus::AuthFailed);
+    // Blobs bound to another importer (a migration recorded and replayed elsewhere): the
+    // Begin marker fails already.
+    let other = fresh(&mut sh, KEY, gfn);
+    let mut f = fresh(&mut sh, KEY, gfn);
+    f.h.write_slot(0, &other.begin).unwrap();
+    assert_eq!(refused(f.h.run(&[req(Op::Marker, 0, 1, 0, 0)])), CompStatus::AuthFailed);
+    open_stream(&mut f.h, &f.begin);
+    import(&mut f.h, gfn, &f.r1).unwrap();
 }
 
 #[test]

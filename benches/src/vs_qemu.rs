@@ -202,8 +202,11 @@ fn free_port() -> anyhow::Result<u16> {
 fn migaccel_run(ram: u64, hot: u64, prepared: bool, warmup: Duration) -> anyhow::Result<Run> {
     let bin = std::env::current_exe()?.with_file_name("migaccel");
     let addr = format!("127.0.0.1:{}", free_port()?);
+    // QEMU migrates over plain TCP here (no `tls-creds`): like for like, migaccel runs
+    // without its channel protection too (`--insecure`); `transport --channel` measures
+    // what sealing costs.
     let mut recv = Command::new(&bin);
-    recv.args(["receive", "--listen", &addr, "--report", "json"]);
+    recv.args(["receive", "--listen", &addr, "--report", "json", "--insecure"]);
     if prepared {
         recv.args(["--prepare-ram", &ram.to_string()]);
     }
@@ -234,7 +237,7 @@ fn migaccel_run(ram: u64, hot: u64, prepared: bool, warmup: Duration) -> anyhow:
         ]
     };
     let out = Command::new(&bin)
-        .args(["send", "--to", &addr, "--report", "json", "--prefill", "--vcpus", "1"])
+        .args(["send", "--to", &addr, "--report", "json", "--prefill", "--vcpus", "1", "--insecure"])
         .args(["--ram", &format!("{ram}"), "--warmup-ms", &warmup.as_millis().to_string()])
         .args(&workload)
         .stderr(Stdio::piped())

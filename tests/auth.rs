@@ -8,7 +8,9 @@ use accel_user::config::{Config, DirtySource, WorkloadKind};
 use accel_user::protocol::{FrameKind, Header, HEADER_LEN};
 use accel_user::session;
 use accel_user::source::SendError;
-use migaccel_tests::{assert_ram_eq, assert_running, config, spawn_receiver as receiver, Tamper, Tap};
+use migaccel_tests::{
+    assert_ram_eq, assert_running, config, record_migration, replay, spawn_receiver as receiver, Tamper, Tap,
+};
 
 /// One connection (a tap sees everything), a few rounds.
 fn cfg() -> Config {
@@ -79,24 +81,16 @@ fn edited_vcpu_state_is_refused() {
 fn a_recorded_migration_never_runs_again() {
     let c = cfg();
     let src = session::boot_source(&c).unwrap();
-    let (addr, t) = receiver(&c);
-    let tap = Tap::start(addr, None);
-    session::send(&c, &src, &tap.addr, &mut |_| {}).expect("the recorded migration");
-    let captured = tap.captured.clone();
-    drop(tap);
-    t.join().unwrap().1.expect("the recorded migration is received");
-    let recording = captured.lock().unwrap().clone();
+    let recording = record_migration(&c, &src);
     assert!(recording.len() as u64 > c.guest.ram.0 / 8, "the recording holds the migration");
     let (addr, t) = receiver(&impatient(&c));
-    let replay = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(addr).unwrap();
-        let _ = s.write_all(&recording); // the receiver hangs up partway
-    });
+    let replay = replay(addr, recording);
     let (r, res) = t.join().unwrap();
-    replay.join().unwrap();
     let e = res.expect_err("a replay must not be received").to_string();
     assert!(r.machine().is_none(), "a replay must not even create a VM");
     assert!(e.contains("authentication failed: the source does not hold the same key"), "{e}");
+    drop(r);
+    replay.join().unwrap();
 }
 
 /// Source and destination hold different keys: the source finds out from the destination's

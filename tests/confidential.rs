@@ -485,20 +485,11 @@ fn a_recorded_confidential_migration_never_resumes_again() {
     host_view(&mut c);
     c.migration.streams = 1;
     let src = session::boot_source(&c).unwrap();
-    let (addr, t) = receiver(&c);
-    let tap = Tap::start(addr, None);
-    session::send(&c, &src, &tap.addr, &mut |_| {}).expect("the recorded migration");
-    let captured = tap.captured.clone();
-    drop(tap);
-    t.join().unwrap().1.expect("the recorded migration is received");
-    let recording = captured.lock().unwrap().clone();
+    let recording = migaccel_tests::record_migration(&c, &src);
     let mut rc = c.clone();
     rc.receiver.wait_ms = 10_000;
     let (addr, t) = receiver(&rc);
-    let replay = std::thread::spawn(move || {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        let _ = std::io::Write::write_all(&mut s, &recording); // the receiver hangs up partway
-    });
+    let replay = migaccel_tests::replay(addr, recording);
     let (r, res) = t.join().unwrap();
     let e = res.expect_err("a replayed confidential migration must not be received").to_string();
     assert!(e.contains("MH refused Marker") && e.contains("bound to another migration"), "{e}");

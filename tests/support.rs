@@ -455,3 +455,24 @@ pub fn assert_ram_eq(src: &[u8], dst: &[u8], context: &dyn std::fmt::Debug) {
         d.iter().map(|&g| format!("gfn {g}: source {} destination {}", show(src, g), show(dst, g))).collect();
     panic!("pages differ {d:?}; {context:?}; {detail:#?}");
 }
+
+/// Migrate `src` to a fresh receiver of `cfg` through a [`Tap`]; the bytes the source sent.
+pub fn record_migration(cfg: &Config, src: &embedded_vmm::vmm::Machine) -> Vec<u8> {
+    let (addr, t) = spawn_receiver(cfg);
+    let tap = Tap::start(addr, None);
+    accel_user::session::send(cfg, src, &tap.addr, &mut |_| {}).expect("the recorded migration");
+    let captured = tap.captured.clone();
+    drop(tap);
+    t.join().unwrap().1.expect("the recorded migration is received");
+    let recording = captured.lock().unwrap().clone();
+    recording
+}
+
+/// Send `recording` to `addr` byte for byte, as a replaying peer would (the receiver may
+/// hang up partway; the writer stops then, or once the receiver's sockets close).
+pub fn replay(addr: String, recording: Vec<u8>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let _ = s.write_all(&recording);
+    })
+}

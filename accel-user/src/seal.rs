@@ -158,15 +158,8 @@ impl Transport for Sealed {
         parts: &[Part<'_>],
         ram: Option<&GuestRam>,
     ) -> Result<(), TransportError> {
-        let len: u64 = parts
-            .iter()
-            .map(|p| match p {
-                Part::Buf(b) => b.len() as u64,
-                Part::Guest { len, .. } => *len,
-            })
-            .sum();
-        let len32 = u32::try_from(len).map_err(|_| TransportError::Guest(format!("frame of {len} bytes")))?;
-        let len = len as usize;
+        let len32 = crate::transport::payload_len(parts)?;
+        let len = len32 as usize;
         // The sequence continues the connection's (the handshake's frames came first).
         let seq = self.inner.send_seq();
         let hdr = Header { kind, len: len32, seq }.encode();

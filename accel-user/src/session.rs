@@ -236,9 +236,12 @@ pub fn receive_with(cfg: &Config, l: &TcpListener, mut r: Receiver) -> (Receiver
     // Data streams: the next connection whose Join opens; one that never comes must not
     // hang the receiver.
     let mut accept = || -> Result<Box<dyn Transport>, TransportError> {
+        // Bad joins are dropped and the next taken, all within one I/O timeout.
+        let t0 = Instant::now();
         loop {
             let trailer = if joins.is_some() { TAG_LEN } else { 0 };
-            let s = lobby.borrow_mut().next(FrameKind::Join, trailer, Some(timeout))?;
+            let left = timeout.checked_sub(t0.elapsed()).ok_or(TransportError::Timeout(timeout))?;
+            let s = lobby.borrow_mut().next(FrameKind::Join, trailer, Some(left))?;
             let Some(joins) = &joins else { return transport::wrap(s, mode, None, false, timeout) };
             let mut first = [0u8; HEADER_LEN + 16 + TAG_LEN];
             let n = s.peek(&mut first).map_err(|source| TransportError::Io { op: "peek", source })?;

@@ -46,8 +46,8 @@ impl TransportError {
     }
 }
 
-/// The header for a frame of `parts`.
-fn frame_header(kind: FrameKind, parts: &[Part<'_>], seq: u64) -> Result<[u8; HEADER_LEN], TransportError> {
+/// The payload length of a frame made of `parts`.
+pub(crate) fn payload_len(parts: &[Part<'_>]) -> Result<u32, TransportError> {
     let len: u64 = parts
         .iter()
         .map(|p| match p {
@@ -55,8 +55,12 @@ fn frame_header(kind: FrameKind, parts: &[Part<'_>], seq: u64) -> Result<[u8; HE
             Part::Guest { len, .. } => *len,
         })
         .sum();
-    let len = u32::try_from(len).map_err(|_| TransportError::Guest(format!("frame of {len} bytes")))?;
-    Ok(Header { kind, len, seq }.encode())
+    u32::try_from(len).map_err(|_| TransportError::Guest(format!("frame of {len} bytes")))
+}
+
+/// The header for a frame of `parts`.
+fn frame_header(kind: FrameKind, parts: &[Part<'_>], seq: u64) -> Result<[u8; HEADER_LEN], TransportError> {
+    Ok(Header { kind, len: payload_len(parts)?, seq }.encode())
 }
 
 /// Check that a raw frame's header continues this stream's sequence.

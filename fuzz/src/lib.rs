@@ -171,13 +171,65 @@ pub fn receive(stream: &[u8], sealed: bool) -> Result<(), String> {
     res.map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// The init of the two stream targets: write the whole-migration seed, and make sure it is
-/// received (a seed that is not starts the fuzzer at the first frame instead of everywhere).
-pub fn migration_seed(target: &str, sealed_stream: bool) {
-    let m = migration();
-    let stream = if sealed_stream { sealed(&m) } else { plain(&m) };
-    if let Err(e) = receive(&stream, sealed_stream) {
-        panic!("the {target} seed is not received: {e}");
+/// Split a plain recording into its frames.
+pub fn frames_of(rec: &[u8]) -> Option<Vec<(FrameKind, Vec<u8>)>> {
+    let (mut at, mut out) = (0usize, Vec::new());
+    while at < rec.len() {
+        let h: [u8; HEADER_LEN] = rec.get(at..at + HEADER_LEN)?.try_into().ok()?;
+        let h = Header::decode(&h).ok()?;
+        let body = rec.get(at + HEADER_LEN..at + HEADER_LEN + h.len as usize)?;
+        out.push((h.kind, body.to_vec()));
+        at += HEADER_LEN + h.len as usize;
     }
-    seed(target, "migration", || stream);
+    Some(out)
+}
+
+/// Real migrations recorded by `tests/fuzz_seeds.rs` into `$MIGACCEL_FUZZ_SEEDS/frames`
+/// (name, frames); none when the variable is unset.
+pub fn recorded() -> Vec<(String, Vec<(FrameKind, Vec<u8>)>)> {
+    let Some(dir) = std::env::var_os("MIGACCEL_FUZZ_SEEDS") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(std::path::Path::new(&dir).join("frames")) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("recorded-") {
+            let rec = std::fs::read(e.path()).expect("read a recorded seed");
+            let frames = frames_of(&rec).unwrap_or_else(|| panic!("{name} is not a sequence of frames"));
+            out.push((name, frames));
+        }
+    }
+    out
+}
+
+/// Every whole valid migration the stream targets start from: the constructed one and the
+/// recorded ones.
+pub fn valid_migrations() -> Vec<(String, Vec<(FrameKind, Vec<u8>)>)> {
+    let mut v = vec![("migration".to_string(), migration())];
+    v.extend(recorded());
+    v
+}
+
+/// The init of the two stream targets: write every whole-migration seed, and make sure each
+/// is received (a seed that is not starts the fuzzer at the first frame instead of
+/// everywhere).
+pub fn migration_seed(target: &str, sealed_stream: bool) {
+    for (name, m) in valid_migrations() {
+        let stream = if sealed_stream { sealed(&m) } else { plain(&m) };
+        if let Err(e) = receive(&stream, sealed_stream) {
+            panic!("the {target} seed {name} is not received: {e}");
+        }
+        seed(target, &name, || stream);
+    }
+}
+
+/// The init of the vCPU state target: an encoded default state, and every real vCPU state
+/// of the recorded migrations.
+pub fn vcpu_state_seeds() {
+    seed("vcpu_state", "default", || kvm_hooks::state::VcpuState::default().encode());
+    for (name, frames) in recorded() {
+        let states = frames.iter().filter(|(k, p)| *k == FrameKind::VcpuState && p.len() > 8);
+        for (i, (_, p)) in states.enumerate() {
+            seed("vcpu_state", &format!("{name}-vcpu{i}"), || p[8..].to_vec());
+        }
+    }
 }

@@ -11,6 +11,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod auth;
 pub mod config;
 pub mod dest;

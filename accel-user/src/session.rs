@@ -7,15 +7,14 @@ use std::time::{Duration, Instant};
 use embedded_vmm::vmm::Machine;
 use serde::Serialize;
 
+use crate::accept::Incoming;
 use crate::auth::{self, Conn};
 use crate::config::Config;
 use crate::dest::{Received, RecvError};
-use crate::lobby::{self, Lobby};
-use crate::protocol::{FrameKind, HEADER_LEN, MAX_STREAMS};
 use crate::report::{DestReport, SourceReport};
-use crate::seal::{self, Sealed, TAG_LEN};
+use crate::seal::Sealed;
 use crate::source::{self, Event, Phase, SendError};
-use crate::transport::{self, Transport, TransportError};
+use crate::transport::{self, TransportError};
 use crate::verify;
 
 /// A receiver whose VMs are the embedded VMM's.
@@ -198,14 +197,13 @@ pub fn receiver(cfg: &Config, capture: bool) -> Result<Receiver, RecvError> {
 /// completes the handshake; one that fails it is dropped with its reason and the next one
 /// taken, so a peer without the key neither gets in nor keeps the real source out.
 pub fn receive_with(cfg: &Config, l: &TcpListener, mut r: Receiver) -> (Receiver, Result<Received, RecvError>) {
-    let mode = cfg.migration.transport;
     let timeout = cfg.io_timeout();
     let psk = match cfg.auth_key() {
         Ok(k) => k,
         Err(e) => return (r, Err(RecvError::Prepare(e))),
     };
-    let lobby = match Lobby::new(l, timeout) {
-        Ok(lobby) => std::cell::RefCell::new(lobby),
+    let incoming = match Incoming::new(l, cfg.migration.transport, timeout) {
+        Ok(i) => i,
         Err(source) => {
             let state = r.state();
             return (r, Err(RecvError::Transport { state, source: TransportError::Io { op: "listen", source } }));
@@ -213,110 +211,20 @@ pub fn receive_with(cfg: &Config, l: &TcpListener, mut r: Receiver) -> (Receiver
     };
     let wait = (cfg.receiver.wait_ms > 0).then(|| Duration::from_millis(cfg.receiver.wait_ms));
     let t0 = Instant::now();
-    let control = match accept_control(&lobby, psk.as_ref(), wait, mode, timeout) {
+    let (mut t, joins) = match incoming.control(psk.as_ref(), wait) {
         Ok(c) => c,
         Err(TransportError::Timeout(_)) => {
             let waited = wait.unwrap_or_else(|| t0.elapsed());
-            return (r, Err(RecvError::NoSource { waited, dropped: lobby.borrow().dropped().to_vec() }));
+            return (r, Err(RecvError::NoSource { waited, dropped: incoming.dropped() }));
         }
         Err(source) => {
             let state = r.state();
             return (r, Err(RecvError::Transport { state, source }));
         }
     };
-    let (mut t, keys) = control;
-    // The keys a Join of data stream i opens under: the stream a connection claims is
-    // known only once its Join opens.
-    let joins =
-        match keys.as_ref().map(|k| (0..MAX_STREAMS).map(|i| k.keys(Conn::Data(i))).collect::<Result<Vec<_>, _>>()) {
-            Some(Err(e)) => return (r, Err(RecvError::Prepare(e.to_string()))),
-            Some(Ok(v)) => Some(v),
-            None => None,
-        };
-    // Data streams: the next connection whose Join opens; one that never comes must not
-    // hang the receiver.
-    let mut accept = || -> Result<Box<dyn Transport>, TransportError> {
-        // Bad joins are dropped and the next taken, all within one I/O timeout.
-        let t0 = Instant::now();
-        loop {
-            let trailer = if joins.is_some() { TAG_LEN } else { 0 };
-            let left = timeout.checked_sub(t0.elapsed()).ok_or(TransportError::Timeout(timeout))?;
-            let s = lobby.borrow_mut().next(FrameKind::Join, trailer, Some(left))?;
-            let Some(joins) = &joins else { return transport::wrap(s, mode, None, false, timeout) };
-            let mut first = [0u8; HEADER_LEN + 16 + TAG_LEN];
-            let n = s.peek(&mut first).map_err(|source| TransportError::Io { op: "peek", source })?;
-            match joins.iter().position(|(_, rx)| seal::opens(rx, &first[..n])) {
-                Some(i) => {
-                    return Ok(Box::new(Sealed::new(transport::wrap(s, mode, None, false, timeout)?, joins[i].clone())))
-                }
-                None => {
-                    let peer = lobby::peer(&s);
-                    lobby.borrow_mut().dropped_peer(&peer, "its Join failed authentication (not this session's keys)");
-                }
-            }
-        }
-    };
+    let mut accept = || incoming.data(joins.as_ref());
     let res = r.run_streams(&mut *t, &mut accept);
     (r, res)
-}
-
-/// Handshakes in progress at once: a peer that starts one and stalls holds only its own.
-const MAX_HANDSHAKES: usize = 8;
-
-/// A control connection and, when authenticated, its session's keys.
-type Control = (Box<dyn Transport>, Option<auth::SessionKeys>);
-
-/// The control connection: the first whose handshake completes (insecure: the first that
-/// says `Hello`). Handshakes run side by side, each bounded by `timeout`, so a peer without
-/// the key that stalls halfway through its handshake never delays the real source; one
-/// that fails is dropped with its reason. `Timeout`: nothing within `wait`.
-fn accept_control(
-    lobby: &std::cell::RefCell<Lobby<'_>>,
-    psk: Option<&crate::keys::TransportKey>,
-    wait: Option<Duration>,
-    mode: transport::TransportMode,
-    timeout: Duration,
-) -> Result<Control, TransportError> {
-    let t0 = Instant::now();
-    let first = if psk.is_some() { FrameKind::AuthInit } else { FrameKind::Hello };
-    let (tx, rx) = std::sync::mpsc::channel::<(String, Result<Control, String>)>();
-    let mut running = 0usize;
-    loop {
-        while let Ok((peer, res)) = rx.try_recv() {
-            running -= 1;
-            match res {
-                Ok(control) => return Ok(control),
-                Err(e) => lobby.borrow_mut().dropped_peer(&peer, &e),
-            }
-        }
-        if let Some(w) = wait.filter(|&w| t0.elapsed() >= w) {
-            return Err(TransportError::Timeout(w));
-        }
-        if running >= MAX_HANDSHAKES {
-            std::thread::sleep(Duration::from_millis(5));
-            continue;
-        }
-        let s = match lobby.borrow_mut().next(first, 0, Some(Duration::from_millis(20))) {
-            Ok(s) => s,
-            Err(TransportError::Timeout(_)) => continue,
-            Err(e) => return Err(e),
-        };
-        let peer = lobby::peer(&s);
-        let mut t = transport::wrap(s, mode, None, false, timeout)?;
-        let Some(k) = psk.cloned() else { return Ok((t, None)) };
-        let tx = tx.clone();
-        running += 1;
-        let spawned = std::thread::Builder::new().name("recv-handshake".into()).spawn(move || {
-            let res = auth::destination(&mut *t, &k)
-                .and_then(|keys| Ok((keys.keys(Conn::Control)?, keys)))
-                .map(|(control, keys)| (Box::new(Sealed::new(t, control)) as Box<dyn Transport>, Some(keys)))
-                .map_err(|e| e.to_string());
-            let _ = tx.send((peer, res));
-        });
-        if let Err(e) = spawned {
-            return Err(TransportError::Io { op: "spawn a handshake thread", source: e });
-        }
-    }
 }
 
 /// Watch a resumed destination VM until every vCPU has reported progress since the resume,

@@ -94,6 +94,15 @@ pub enum Conn {
 }
 
 impl SessionKeys {
+    /// What `who` sends to prove it holds the pre-shared key.
+    fn proof(&self, who: Role) -> Result<[u8; 32], AuthError> {
+        let label: &[u8] = match who {
+            Role::Source => b"source proof",
+            Role::Destination => b"destination proof",
+        };
+        expand(&self.secret, &[LABEL, label, &self.th])
+    }
+
     /// This side's (send, receive) keys for `conn`.
     pub fn keys(&self, conn: Conn) -> Result<(FrameKey, FrameKey), AuthError> {
         let name = match conn {
@@ -149,35 +158,35 @@ fn shared(mine: &PKey<openssl::pkey::Private>, theirs: &[u8]) -> Result<Vec<u8>,
     Ok(d.derive_to_vec()?)
 }
 
+/// The session's secret and transcript hash. `init` and `reply` are the handshake frames as
+/// they go on the wire (header, then payload; the reply without its proof, its header's
+/// length still counting it).
 fn schedule(
     psk: &TransportKey,
     nonce_s: &[u8],
     nonce_d: &[u8],
     dh: &[u8],
-    init_frame: &[u8],
-    reply_frame: &[u8],
+    init: (&Header, &[u8]),
+    reply: (&Header, &[u8]),
     role: Role,
 ) -> Result<SessionKeys, AuthError> {
     let salt = [nonce_s, nonce_d].concat();
     let secret = hmac(&salt, &[&psk.0, dh])?;
     let mut h = openssl::sha::Sha256::new();
-    h.update(init_frame);
-    h.update(reply_frame);
+    for (hdr, payload) in [init, reply] {
+        h.update(&hdr.encode());
+        h.update(payload);
+    }
     Ok(SessionKeys { secret, th: h.finish(), role })
 }
 
-/// A whole plain frame as it goes on the wire (header ‖ payload), for the transcript.
-fn frame_bytes(kind: FrameKind, seq: u64, payload: &[u8]) -> Vec<u8> {
-    let mut v = Header { kind, len: payload.len() as u32, seq }.encode().to_vec();
-    v.extend_from_slice(payload);
-    v
-}
-
-/// The part of the reply the proofs cover: its header (whose length counts the proof) and
-/// every field before the proof.
-fn reply_transcript(h: &Header, fields: &[u8]) -> Vec<u8> {
-    let mut v = h.encode().to_vec();
-    v.extend_from_slice(fields);
+/// The part of `AuthInit` and `AuthReply` both sides send alike: suite, nonce, key share.
+fn key_share(nonce: &[u8; 32], public: &[u8; 32], capacity: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(capacity);
+    v.extend_from_slice(&SUITE.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v.extend_from_slice(nonce);
+    v.extend_from_slice(public);
     v
 }
 
@@ -216,31 +225,18 @@ fn check_suite(p: &[u8]) -> Result<(), AuthError> {
 pub fn source(t: &mut dyn Transport, psk: &TransportKey) -> Result<SessionKeys, AuthError> {
     let nonce_s = random32()?;
     let (e_s, pub_s) = ephemeral()?;
-    let mut init = Vec::with_capacity(INIT_LEN);
-    init.extend_from_slice(&SUITE.to_le_bytes());
-    init.extend_from_slice(&0u32.to_le_bytes());
-    init.extend_from_slice(&nonce_s);
-    init.extend_from_slice(&pub_s);
+    let init = key_share(&nonce_s, &pub_s, INIT_LEN);
+    let init_h = Header { kind: FrameKind::AuthInit, len: INIT_LEN as u32, seq: t.send_seq() };
     t.send_frame(FrameKind::AuthInit, &[Part::Buf(&init)], None)?;
     let (h, reply) = recv(t, FrameKind::AuthReply)?;
     check_suite(&reply)?;
     let (nonce_d, pub_d, proof_d) = (&reply[8..40], &reply[40..72], &reply[72..104]);
     let dh = shared(&e_s, pub_d)?;
-    let keys = schedule(
-        psk,
-        &nonce_s,
-        nonce_d,
-        &dh,
-        &frame_bytes(FrameKind::AuthInit, 0, &init),
-        &reply_transcript(&h, &reply[..72]),
-        Role::Source,
-    )?;
-    let want = expand(&keys.secret, &[LABEL, b"destination proof", &keys.th])?;
-    if !openssl::memcmp::eq(&want, proof_d) {
+    let keys = schedule(psk, &nonce_s, nonce_d, &dh, (&init_h, &init), (&h, &reply[..72]), Role::Source)?;
+    if !openssl::memcmp::eq(&keys.proof(Role::Destination)?, proof_d) {
         return Err(AuthError::BadProof(Role::Destination));
     }
-    let proof_s = expand(&keys.secret, &[LABEL, b"source proof", &keys.th])?;
-    t.send_frame(FrameKind::AuthConfirm, &[Part::Buf(&proof_s)], None)?;
+    t.send_frame(FrameKind::AuthConfirm, &[Part::Buf(&keys.proof(Role::Source)?)], None)?;
     Ok(keys)
 }
 
@@ -252,28 +248,14 @@ pub fn destination(t: &mut dyn Transport, psk: &TransportKey) -> Result<SessionK
     let (nonce_s, pub_s) = (&init[8..40], &init[40..72]);
     let nonce_d = random32()?;
     let (e_d, pub_d) = ephemeral()?;
-    let mut reply = Vec::with_capacity(REPLY_LEN);
-    reply.extend_from_slice(&SUITE.to_le_bytes());
-    reply.extend_from_slice(&0u32.to_le_bytes());
-    reply.extend_from_slice(&nonce_d);
-    reply.extend_from_slice(&pub_d);
+    let mut reply = key_share(&nonce_d, &pub_d, REPLY_LEN);
     let dh = shared(&e_d, pub_s)?;
     let reply_h = Header { kind: FrameKind::AuthReply, len: REPLY_LEN as u32, seq: t.send_seq() };
-    let keys = schedule(
-        psk,
-        nonce_s,
-        &nonce_d,
-        &dh,
-        &frame_bytes(h.kind, h.seq, &init),
-        &reply_transcript(&reply_h, &reply),
-        Role::Destination,
-    )?;
-    let proof_d = expand(&keys.secret, &[LABEL, b"destination proof", &keys.th])?;
-    reply.extend_from_slice(&proof_d);
+    let keys = schedule(psk, nonce_s, &nonce_d, &dh, (&h, &init), (&reply_h, &reply), Role::Destination)?;
+    reply.extend_from_slice(&keys.proof(Role::Destination)?);
     t.send_frame(FrameKind::AuthReply, &[Part::Buf(&reply)], None)?;
     let (_, proof_s) = recv(t, FrameKind::AuthConfirm)?;
-    let want = expand(&keys.secret, &[LABEL, b"source proof", &keys.th])?;
-    if !openssl::memcmp::eq(&want, &proof_s) {
+    if !openssl::memcmp::eq(&keys.proof(Role::Source)?, &proof_s) {
         let _ = t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort("authentication failed"))], None);
         return Err(AuthError::BadProof(Role::Source));
     }

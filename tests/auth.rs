@@ -2,14 +2,14 @@
 //! the handshake and never causes a VM to be created; nothing recorded, edited or replayed
 //! on the way makes a destination run a VM; a source that fails that way keeps running.
 use std::io::{Read, Write};
-use std::net::TcpStream;
 
 use accel_user::config::{Config, DirtySource, WorkloadKind};
 use accel_user::protocol::{FrameKind, Header, HEADER_LEN};
 use accel_user::session;
 use accel_user::source::SendError;
 use migaccel_tests::{
-    assert_ram_eq, assert_running, config, record_migration, replay, spawn_receiver as receiver, Tamper, Tap,
+    assert_ram_eq, assert_running, config, keyless_auth_init, record_migration, replay, spawn_receiver as receiver,
+    Tamper, Tap,
 };
 
 /// One connection (a tap sees everything), a few rounds.
@@ -136,13 +136,7 @@ fn a_peer_without_the_key_does_not_keep_the_source_out() {
     let c = cfg();
     let src = session::boot_source(&c).unwrap();
     let (addr, t) = receiver(&c);
-    let mut s = TcpStream::connect(&addr).unwrap();
-    let mut init =
-        Header { kind: FrameKind::AuthInit, len: accel_user::auth::INIT_LEN as u32, seq: 0 }.encode().to_vec();
-    init.extend_from_slice(&accel_user::auth::SUITE.to_le_bytes());
-    init.extend_from_slice(&[0; 4]);
-    init.extend_from_slice(&[0x11; 64]); // a nonce and an X25519 public key
-    s.write_all(&init).unwrap();
+    let mut s = keyless_auth_init(&addr);
     let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h).unwrap();
     let h = Header::decode(&h).unwrap();

@@ -5,15 +5,14 @@
 //!
 //! The suite runs a short soak; `MIGACCEL_SOAK=100 cargo test --release -p migaccel-tests
 //! --test soak -- --nocapture` runs 100 migrations (figures in `docs/testing.md`).
-use std::io::Write;
-use std::net::TcpStream;
 use std::time::Instant;
 
 use accel_user::config::{ByteSize, DirtySource, WorkloadKind};
-use accel_user::protocol::{FrameKind, Header};
+use accel_user::protocol::FrameKind;
 use accel_user::session;
 use migaccel_tests::{
-    assert_ram_eq, assert_running, config, resume_if_fenced, spawn_receiver as receiver, Cut, Proxy, Tamper, Tap,
+    assert_ram_eq, assert_running, config, keyless_auth_init, resume_if_fenced, spawn_receiver as receiver, Cut, Proxy,
+    Tamper, Tap,
 };
 
 /// What this process holds: open file descriptors, resident memory, BPF programs and maps.
@@ -68,17 +67,6 @@ fn edit_end_of_round() -> Tamper {
     })
 }
 
-/// A peer that connects first and starts the handshake it cannot finish.
-fn keyless_peer(addr: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let mut f = Header { kind: FrameKind::AuthInit, len: accel_user::auth::INIT_LEN as u32, seq: 0 }.encode().to_vec();
-    f.extend_from_slice(&accel_user::auth::SUITE.to_le_bytes());
-    f.extend_from_slice(&[0; 4]);
-    f.extend_from_slice(&[0x33; 64]);
-    s.write_all(&f).unwrap();
-    s
-}
-
 #[test]
 fn migrations_back_and_forth_with_faults_stay_bounded() {
     let n: usize = std::env::var("MIGACCEL_SOAK").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
@@ -109,7 +97,8 @@ fn migrations_back_and_forth_with_faults_stay_bounded() {
                 session::send(&cfg, &src, &tap.addr, &mut |_| {})
             }
             _ => {
-                let _peer = (fault == 3).then(|| keyless_peer(&addr));
+                // A peer without the key that starts the handshake first and stalls.
+                let _peer = (fault == 3).then(|| keyless_auth_init(&addr));
                 session::send(&cfg, &src, &addr, &mut |_| {})
             }
         };

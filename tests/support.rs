@@ -476,3 +476,18 @@ pub fn replay(addr: String, recording: Vec<u8>) -> JoinHandle<()> {
         let _ = s.write_all(&recording);
     })
 }
+
+/// Connect to `addr` and send a well-formed `AuthInit` with a made-up nonce and X25519 key,
+/// as a peer without the pre-shared key can: the receiver answers it, nothing more.
+pub fn keyless_auth_init(addr: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut f =
+        accel_user::protocol::Header { kind: FrameKind::AuthInit, len: accel_user::auth::INIT_LEN as u32, seq: 0 }
+            .encode()
+            .to_vec();
+    f.extend_from_slice(&accel_user::auth::SUITE.to_le_bytes());
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&[0x11; 64]);
+    s.write_all(&f).unwrap();
+    s
+}

@@ -72,8 +72,9 @@ fn check_raw(hdr: &[u8; HEADER_LEN], send_seq: u64) -> Result<(), TransportError
     Ok(())
 }
 
-/// Decode a received header and check it continues this stream's sequence.
-fn check_header(b: &[u8; HEADER_LEN], recv_seq: &mut u64) -> Result<Header, TransportError> {
+/// Decode a received header and check it continues this stream's sequence (`recv_seq`,
+/// advanced on success). Every transport's `recv_header` ends here.
+pub fn check_header(b: &[u8; HEADER_LEN], recv_seq: &mut u64) -> Result<Header, TransportError> {
     let h = Header::decode(b)?;
     if h.seq != *recv_seq {
         return Err(ProtocolError::Sequence { got: h.seq, want: *recv_seq }.into());

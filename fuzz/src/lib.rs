@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use accel_user::dest::{Receiver, RecvOptions};
 use accel_user::fake_vm::FakeVms;
-use accel_user::protocol::{self, FrameKind, Header, ProtocolError, Run, HEADER_LEN, RUN_ZERO};
+use accel_user::protocol::{self, FrameKind, Header, Run, HEADER_LEN, RUN_ZERO};
 use accel_user::seal::FrameKey;
 use accel_user::transport::{Part, Transport, TransportError};
 use kvm_hooks::memory::GuestRam;
@@ -42,12 +42,7 @@ impl Transport for Bytes {
     }
     fn recv_header(&mut self) -> Result<Header, TransportError> {
         let b: [u8; HEADER_LEN] = self.take(HEADER_LEN)?.try_into().expect("HEADER_LEN bytes");
-        let h = Header::decode(&b)?;
-        if h.seq != self.recv_seq {
-            return Err(ProtocolError::Sequence { got: h.seq, want: self.recv_seq }.into());
-        }
-        self.recv_seq += 1;
-        Ok(h)
+        accel_user::transport::check_header(&b, &mut self.recv_seq)
     }
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
         buf.copy_from_slice(self.take(buf.len())?);
@@ -216,7 +211,10 @@ pub fn migration_seed(target: &str, sealed_stream: bool) {
     for (name, m) in valid_migrations() {
         let stream = if sealed_stream { sealed(&m) } else { plain(&m) };
         if let Err(e) = receive(&stream, sealed_stream) {
-            panic!("the {target} seed {name} is not received: {e}");
+            panic!(
+                "the {target} seed {name} is not received: {e} (recorded by another version? \
+                 delete target/fuzz-seeds and target/fuzz-corpus to record again)"
+            );
         }
         seed(target, &name, || stream);
     }

@@ -116,10 +116,10 @@ impl<'l> Incoming<'l> {
                     let t = transport::wrap(s, self.mode, None, false, self.timeout)?;
                     return Ok(Box::new(Sealed::new(t, keys[i].clone())));
                 }
-                None => self
-                    .lobby
-                    .borrow_mut()
-                    .dropped_peer(&lobby::peer(&s), "its Join failed authentication (not this session's keys)"),
+                None => self.lobby.borrow_mut().dropped_peer(
+                    &lobby::peer(&s),
+                    "its Join failed authentication (none of this migration's keys opens it)",
+                ),
             }
         }
     }

@@ -715,7 +715,7 @@ impl<F: VmFactory> Receiver<F> {
         }
     }
 
-    /// Accept the source's data streams; each must first say Join with this session.
+    /// Accept the source's data streams; each must first say Join with this migration's session id.
     fn join_streams(
         &mut self,
         n: u32,

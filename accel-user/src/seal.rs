@@ -138,10 +138,10 @@ impl Sealed {
         Ok(())
     }
 
-    /// The open frame, if it has at least `n` payload bytes left.
-    fn take(&mut self, n: u64) -> Result<&mut Opening, TransportError> {
-        match self.opening.as_mut() {
-            Some(o) if o.left >= n => Ok(o),
+    /// Check that a frame is open with at least `n` payload bytes left.
+    fn check_left(&self, n: u64) -> Result<(), TransportError> {
+        match &self.opening {
+            Some(o) if o.left >= n => Ok(()),
             Some(o) => Err(TransportError::Guest(format!(
                 "read of {n} bytes past the end of {:?} frame {} ({} bytes left)",
                 o.header.kind, o.header.seq, o.left
@@ -205,16 +205,16 @@ impl Transport for Sealed {
     }
 
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
-        self.take(buf.len() as u64)?;
+        self.check_left(buf.len() as u64)?;
         self.inner.recv_exact(buf)?;
-        let o = self.opening.as_mut().expect("taken above");
+        let o = self.opening.as_mut().expect("checked above");
         o.ctx.cipher_update_inplace(buf, buf.len()).map_err(crypto)?;
         self.consumed(buf.len())
     }
 
     fn recv_into_guest(&mut self, ram: &GuestRam, gpa: u64, len: u64) -> Result<(), TransportError> {
         ram.iovec(gpa, len).map_err(|e| TransportError::Guest(e.to_string()))?;
-        self.take(len)?;
+        self.check_left(len)?;
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(CHUNK as u64) as usize;
@@ -222,7 +222,7 @@ impl Transport for Sealed {
                 self.bounce.resize(n, 0);
             }
             self.inner.recv_exact(&mut self.bounce[..n])?;
-            let o = self.opening.as_mut().expect("taken above");
+            let o = self.opening.as_mut().expect("checked above");
             o.ctx.cipher_update_inplace(&mut self.bounce[..n], n).map_err(crypto)?;
             ram.write(gpa + done, &self.bounce[..n]).map_err(|e| TransportError::Guest(e.to_string()))?;
             done += n as u64;

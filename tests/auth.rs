@@ -71,7 +71,7 @@ fn edited_guest_ram_is_refused() {
 
 #[test]
 fn edited_vcpu_state_is_refused() {
-    edited(FrameKind::VcpuState, flip(FrameKind::VcpuState));
+    edited(FrameKind::State, flip(FrameKind::State));
 }
 
 /// A recording of a whole successful migration, replayed byte for byte to a receiver with

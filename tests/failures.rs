@@ -74,7 +74,7 @@ fn connection_cut_mid_precopy() {
     // source write on, so it may notice in any later phase, up to waiting for `Resumed`.
     cut_test(Cut::AtFrame(FrameKind::EndOfRound, 1), |p| {
         matches!(p, Phase::Precopy { round } if round >= 1)
-            || matches!(p, Phase::StopAndCopy | Phase::VcpuState | Phase::AwaitResume)
+            || matches!(p, Phase::StopAndCopy | Phase::MachineState | Phase::AwaitResume)
     });
 }
 
@@ -82,8 +82,8 @@ fn connection_cut_mid_precopy() {
 fn connection_cut_during_stop_and_copy() {
     // Cut when the first vCPU state is due: the source had stopped its vCPUs and sent the
     // final pages; it must resume and keep those pages dirty.
-    cut_test(Cut::AtFrame(FrameKind::VcpuState, 0), |p| {
-        matches!(p, Phase::VcpuState | Phase::StopAndCopy | Phase::AwaitResume)
+    cut_test(Cut::AtFrame(FrameKind::State, 0), |p| {
+        matches!(p, Phase::MachineState | Phase::StopAndCopy | Phase::AwaitResume)
     });
 }
 
@@ -129,7 +129,7 @@ fn lost_resumed_between_processes_exits_with_3() {
 
 #[test]
 fn connection_cut_before_complete() {
-    cut_test(Cut::AtFrame(FrameKind::Complete, 0), |p| matches!(p, Phase::VcpuState | Phase::AwaitResume));
+    cut_test(Cut::AtFrame(FrameKind::Complete, 0), |p| matches!(p, Phase::MachineState | Phase::AwaitResume));
 }
 
 #[test]
@@ -314,9 +314,9 @@ fn receiver_never_resumes_incomplete_memory() {
         s.write_all(&frame(FrameKind::Pages, 1, &p)).unwrap();
         s.write_all(&frame(FrameKind::EndOfRound, 2, &protocol::encode_end_of_round(0, 16))).unwrap();
         let st = kvm_hooks::state::VcpuState::default().encode();
-        let mut sp = protocol::encode_vcpu_state_prefix(0, st.len() as u32).to_vec();
+        let mut sp = protocol::encode_state_prefix(0, st.len() as u32).to_vec();
         sp.extend_from_slice(&st);
-        s.write_all(&frame(FrameKind::VcpuState, 3, &sp)).unwrap();
+        s.write_all(&frame(FrameKind::State, 3, &sp)).unwrap();
         s.write_all(&frame(FrameKind::Complete, 4, &protocol::encode_complete(1, 1, 16))).unwrap();
     });
     assert!(!resumed, "a VM with missing pages must never resume");
@@ -360,9 +360,9 @@ fn receiver_rejects_bad_vcpu_state() {
     let (e, resumed) = hostile(|s| {
         hello(s);
         s.write_all(&frame(FrameKind::EndOfRound, 1, &protocol::encode_end_of_round(0, 0))).unwrap();
-        let mut sp = protocol::encode_vcpu_state_prefix(0, 8).to_vec();
+        let mut sp = protocol::encode_state_prefix(0, 8).to_vec();
         sp.extend_from_slice(b"NOTVCPU!");
-        s.write_all(&frame(FrameKind::VcpuState, 2, &sp)).unwrap();
+        s.write_all(&frame(FrameKind::State, 2, &sp)).unwrap();
     });
     assert!(!resumed);
     assert!(e.to_string().contains("vCPU state"), "{e}");

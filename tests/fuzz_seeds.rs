@@ -36,7 +36,7 @@ fn record_fuzz_seeds() {
         let k = kinds(&rec);
         assert_eq!(k.first(), Some(&FrameKind::Hello));
         assert_eq!(k.last(), Some(&FrameKind::Complete));
-        assert_eq!(k.iter().filter(|&&k| k == FrameKind::VcpuState).count(), vcpus as usize);
+        assert_eq!(k.iter().filter(|&&k| k == FrameKind::State).count(), vcpus as usize);
         if let Some(dir) = std::env::var_os("MIGACCEL_FUZZ_SEEDS") {
             let d = std::path::Path::new(&dir).join("frames");
             std::fs::create_dir_all(&d).unwrap();

@@ -3,13 +3,13 @@
 //! ```text
 //! AwaitHello --Hello(ok)--> Precopy{round} --Pages(round)--> Precopy{round}
 //!                                        --EndOfRound(round)--> Precopy{round+1}
-//!                                        --VcpuState--> States --VcpuState--> States
+//!                                        --State--> States --State--> States
 //!                                                              --Complete(verified)--> Resumed
 //! any state --Abort / bad frame / EOF / timeout--> Failed (the VM is never resumed)
 //! ```
 //! Every length and gfn from the peer is checked against caps and guest RAM before any
 //! allocation or write. The VM resumes only if every page arrived, each round's page count
-//! matches the source's, and every vCPU's state decoded and restored.
+//! matches the source's, and the VM took the machine state (every section, in order).
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 use kvm_hooks::dirty::DirtySet;
 use kvm_hooks::memory::GuestRam;
 use kvm_hooks::memory::PAGE_SIZE;
-use kvm_hooks::migratable::{Incoming, VmFactory, VmShape};
-use kvm_hooks::state::VcpuState;
+use kvm_hooks::migratable::{Incoming, MachineState, VmError, VmFactory, VmShape, MAX_MACHINE_STATE};
 
 use mh_abi::{Kind, Op, Request};
 
@@ -74,7 +73,7 @@ impl std::fmt::Display for RecvState {
         match self {
             RecvState::AwaitHello => write!(f, "handshake"),
             RecvState::Precopy { round } => write!(f, "precopy round {round}"),
-            RecvState::States => write!(f, "vCPU state transfer"),
+            RecvState::States => write!(f, "machine state transfer"),
             RecvState::Resumed => write!(f, "resumed"),
             RecvState::Failed => write!(f, "failed"),
         }
@@ -107,11 +106,11 @@ pub enum RecvError {
     Incomplete { state: RecvState, msg: String },
     #[error("no source connected within {waited:?}{}", dropped_list(dropped))]
     NoSource { waited: Duration, dropped: Vec<String> },
-    #[error("receive failed in {state}: KVM: {source}")]
-    Kvm {
+    #[error("receive failed in {state}: VM: {source}")]
+    Vm {
         state: RecvState,
         #[source]
-        source: kvm_hooks::Error,
+        source: VmError,
     },
     #[error("receive failed in {state}: Migration Handler: {source}")]
     Mh {
@@ -381,7 +380,9 @@ pub struct Receiver<F: VmFactory> {
     round_pages: u64,
     total_pages: u64,
     bytes: u64,
-    states: Vec<Option<VcpuState>>,
+    /// Machine-state sections received so far, in order, and their bytes.
+    sections: Vec<Vec<u8>>,
+    section_bytes: usize,
     shared: Arc<Shared>,
     streams: u32,
     workers: Vec<JoinHandle<()>>,
@@ -413,7 +414,8 @@ impl<F: VmFactory> Receiver<F> {
             round_pages: 0,
             total_pages: 0,
             bytes: 0,
-            states: Vec::new(),
+            sections: Vec::new(),
+            section_bytes: 0,
             shared: Arc::new(Shared {
                 received: Mutex::new(DirtySet::default()),
                 completed: Mutex::new(Vec::new()),
@@ -585,11 +587,11 @@ impl<F: VmFactory> Receiver<F> {
                 }
                 (RecvState::States, FrameKind::Blobs) if self.confidential => self.on_blobs(t, &h, None)?,
                 (RecvState::States, FrameKind::PageStates) if self.confidential => self.on_page_states(t, &h)?,
-                (RecvState::Precopy { round }, FrameKind::VcpuState) if round > 0 && !self.confidential => {
+                (RecvState::Precopy { round }, FrameKind::State) if round > 0 && !self.confidential => {
                     self.state = RecvState::States;
                     self.on_state(t, &h)?;
                 }
-                (RecvState::States, FrameKind::VcpuState) if !self.confidential => self.on_state(t, &h)?,
+                (RecvState::States, FrameKind::State) if !self.confidential => self.on_state(t, &h)?,
                 (RecvState::States, FrameKind::Complete) => return self.on_complete(t, &h, t0),
                 (_, FrameKind::Abort) => {
                     let p = self.small(t, &h)?;
@@ -647,6 +649,8 @@ impl<F: VmFactory> Receiver<F> {
             ))
         } else if spec.vcpus > self.o.max_vcpus {
             Some(format!("{} vCPUs exceeds this receiver's limit of {}", spec.vcpus, self.o.max_vcpus))
+        } else if hello.kind != self.factory.kind() {
+            Some(format!("the source sends {}; this receiver creates {}", hello.kind, self.factory.kind()))
         } else if hello.confidential && self.o.confidential.is_none() {
             Some("the source VM is confidential, but this receiver has no transport key (confidential.key_file)".into())
         } else if !hello.confidential && self.o.confidential.is_some() {
@@ -661,14 +665,17 @@ impl<F: VmFactory> Receiver<F> {
                 ram.size() >> 20,
                 spec.ram_bytes >> 20
             )),
-            (None, ram) => self.factory.create(spec, ram).map_err(|e| format!("cannot create the VM here: {e}")),
+            (None, ram) => {
+                self.factory.create(spec, &hello.layout, ram).map_err(|e| format!("cannot create the VM here: {e}"))
+            }
         };
         // Confidential: the VM starts now, before any page arrives, with its MH running.
         let machine = machine.and_then(|mut m| {
             if let Some(c) = &self.o.confidential {
                 let launch = kvm_hooks::mh::Launch { key: c.key.0, vm_id: hello.vm_id, spin: c.mh_spin };
                 m.launch_mh(&launch, c.mh_timeout).map_err(|e| format!("cannot start the Migration Handler: {e}"))?;
-                if let Some(h) = m.mh().as_mut() {
+                let conf = m.confidential().ok_or("the VM runs no Migration Handler after its launch")?;
+                if let Some(h) = conf.mh().as_mut() {
                     h.spin = c.host_spin;
                 }
             }
@@ -693,10 +700,11 @@ impl<F: VmFactory> Receiver<F> {
                 }
                 self.confidential = hello.confidential;
                 *self.shared.received.lock().unwrap_or_else(|e| e.into_inner()) = received;
-                self.states = vec![None; spec.vcpus as usize];
+                self.sections.clear();
+                self.section_bytes = 0;
                 let ram = m.ram().clone();
                 // Confidential: the source MH binds its blobs to this MH's challenge.
-                let challenge = match m.mh().as_ref() {
+                let challenge = match m.confidential().map(|c| c.mh()).as_ref().and_then(|g| g.as_ref()) {
                     Some(h) => h.challenge().map_err(|source| RecvError::Mh { state: self.state, source })?,
                     None => 0,
                 };
@@ -866,8 +874,11 @@ impl<F: VmFactory> Receiver<F> {
         }
         let mhe = |source| RecvError::Mh { state: st, source };
         {
-            let mut g = m.mh();
-            let mh = g.as_mut().ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
+            let mut g = m.confidential().map(|c| c.mh());
+            let mh = g
+                .as_mut()
+                .and_then(|g| g.as_mut())
+                .ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
             for (i, b) in blobs.iter().enumerate() {
                 mh.write_slot_parts(i as u32, &b.desc, b.data).map_err(mhe)?;
             }
@@ -887,28 +898,27 @@ impl<F: VmFactory> Receiver<F> {
         Ok(())
     }
 
-    /// Confidential: the vCPU states the destination MH decrypted into the VMSA pages.
-    fn states_from_vmsa(&self, m: &F::Vm) -> Result<Vec<VcpuState>, RecvError> {
+    /// Confidential: the machine state the destination MH decrypted into the VMSA pages,
+    /// `sections` of it.
+    fn states_from_vmsa(&self, m: &F::Vm, sections: u32) -> Result<MachineState, RecvError> {
         let cap = (mh_abi::VMSA_PAGES * mh_abi::PAGE) as usize;
         let mut v = vec![0u8; cap];
-        m.ram().read(mh_abi::VMSA, &mut v).map_err(|e| RecvError::Kvm { state: self.state, source: e })?;
+        m.ram().read(mh_abi::VMSA, &mut v).map_err(|e| RecvError::Vm { state: self.state, source: e.into() })?;
         let n = u32::from_le_bytes(v[0..4].try_into().expect("4")) as usize;
-        if n != self.states.len() {
-            return Err(self.incomplete(format!("VMSA area holds {n} vCPU states, the VM has {}", self.states.len())));
+        if n != sections as usize || 4 + 4 * n > cap {
+            return Err(self.incomplete(format!("VMSA area holds {n} state sections, the source sent {sections}")));
         }
         let mut off = 4 + 4 * n;
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
             let len = u32::from_le_bytes(v[4 + 4 * i..8 + 4 * i].try_into().expect("4")) as usize;
-            let end = off.checked_add(len).filter(|&e| e <= cap && len <= kvm_hooks::state::MAX_ENCODED);
+            let end = off.checked_add(len).filter(|&e| e <= cap);
             let end =
-                end.ok_or_else(|| self.incomplete(format!("vCPU {i} state of {len} bytes overruns the VMSA area")))?;
-            out.push(
-                VcpuState::decode(&v[off..end]).map_err(|e| RecvError::Kvm { state: RecvState::States, source: e })?,
-            );
+                end.ok_or_else(|| self.incomplete(format!("state section {i} of {len} bytes overruns the VMSA area")))?;
+            out.push(v[off..end].to_vec());
             off = end;
         }
-        Ok(out)
+        Ok(MachineState { sections: out })
     }
 
     /// Confidential: the source's shared ranges, into this VM's page-state record. Checked
@@ -938,7 +948,8 @@ impl<F: VmFactory> Receiver<F> {
             self.states_end = end;
         }
         for &(g, n) in &ranges {
-            m.mark_shared(g, n).map_err(|e| RecvError::Kvm { state: self.state, source: e })?;
+            let conf = m.confidential().ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
+            conf.mark_shared(g, n).map_err(|e| RecvError::Vm { state: self.state, source: e.into() })?;
         }
         self.states_done = last;
         Ok(())
@@ -946,23 +957,24 @@ impl<F: VmFactory> Receiver<F> {
 
     fn on_state(&mut self, t: &mut dyn Transport, h: &Header) -> Result<(), RecvError> {
         let p = self.small(t, h)?;
-        let (i, blob) = protocol::decode_vcpu_state(&p).map_err(|e| self.perr(e))?;
-        let n = self.states.len();
-        let slot = self.states.get_mut(i as usize).ok_or_else(|| RecvError::Incomplete {
-            state: RecvState::States,
-            msg: format!("state for vCPU {i}, VM has {n}"),
-        })?;
-        if slot.is_some() {
-            return Err(self.incomplete(format!("state for vCPU {i} sent twice")));
+        let (i, blob) = protocol::decode_state(&p).map_err(|e| self.perr(e))?;
+        if i as usize != self.sections.len() {
+            return Err(self.incomplete(format!(
+                "machine-state section {i} arrived where section {} was due",
+                self.sections.len()
+            )));
         }
-        let s = VcpuState::decode(blob).map_err(|e| RecvError::Kvm { state: RecvState::States, source: e })?;
-        *slot = Some(s);
+        if self.section_bytes + blob.len() > MAX_MACHINE_STATE {
+            return Err(self.incomplete(format!("machine state beyond the cap of {MAX_MACHINE_STATE} bytes")));
+        }
+        self.section_bytes += blob.len();
+        self.sections.push(blob.to_vec());
         Ok(())
     }
 
     fn on_complete(&mut self, t: &mut dyn Transport, h: &Header, t0: Instant) -> Result<Received, RecvError> {
         let p = self.small(t, h)?;
-        let (rounds, vcpus, pages_sent) = protocol::decode_complete(&p).map_err(|e| self.perr(e))?;
+        let (rounds, sections, pages_sent) = protocol::decode_complete(&p).map_err(|e| self.perr(e))?;
         let m = self.machine.as_ref().ok_or_else(|| self.incomplete("complete before a VM exists".into()))?;
         let total = m.ram().pages();
         self.total_pages += self.shared.total_pages.load(Ordering::Acquire);
@@ -973,11 +985,11 @@ impl<F: VmFactory> Receiver<F> {
         if pages_sent != self.total_pages {
             return Err(self.incomplete(format!("source sent {pages_sent} pages, {} arrived", self.total_pages)));
         }
-        if vcpus as usize != self.states.len() {
-            return Err(self.incomplete(format!("source has {vcpus} vCPUs, VM has {}", self.states.len())));
-        }
-        let states: Vec<VcpuState> = if self.confidential {
-            let done = m.mh().as_ref().and_then(|h| h.counters().ok()).is_some_and(|c| c.complete);
+        let state = if self.confidential {
+            let done = m
+                .confidential()
+                .and_then(|c| c.mh().as_ref().and_then(|h| h.counters().ok()))
+                .is_some_and(|c| c.complete);
             if !done {
                 return Err(
                     self.incomplete("the MH did not confirm a complete blob stream (no valid End marker)".into())
@@ -986,22 +998,27 @@ impl<F: VmFactory> Receiver<F> {
             if !self.states_done {
                 return Err(self.incomplete("the source's page states never arrived".into()));
             }
-            self.states_from_vmsa(m)?
+            self.states_from_vmsa(m, sections)?
         } else {
-            match self.states.iter().cloned().collect::<Option<Vec<_>>>() {
-                Some(s) => s,
-                None => {
-                    let missing = self.states.iter().position(Option::is_none).unwrap_or(0);
-                    return Err(self.incomplete(format!("no state for vCPU {missing}")));
-                }
+            if sections as usize != self.sections.len() {
+                return Err(self.incomplete(format!(
+                    "the source sent a machine state of {sections} sections, {} arrived",
+                    self.sections.len()
+                )));
             }
+            MachineState { sections: std::mem::take(&mut self.sections) }
         };
-        let kvm = |source| RecvError::Kvm { state: RecvState::States, source };
+        let kvm = |source| RecvError::Vm { state: RecvState::States, source };
         // Past the deadline (or after any stream failed) nothing resumes, however complete.
         if let Some(e) = self.shared.error() {
             return Err(self.incomplete(e));
         }
-        m.restore_states(&states).map_err(kvm)?;
+        let m = self.machine.as_mut().ok_or_else(|| RecvError::Incomplete {
+            state: RecvState::States,
+            msg: "complete before a VM exists".into(),
+        })?;
+        m.restore_machine_state(&state).map_err(kvm)?;
+        let m = self.machine.as_ref().expect("checked above");
         let c0 = Instant::now();
         let snapshot = self.o.capture.then(|| m.ram().snapshot());
         let capture_time = c0.elapsed();

@@ -228,7 +228,8 @@ fn fake_vm_to_fake_vm() {
     let got = res.expect("the destination receives the VM");
     let m = r.machine().expect("a VM was created");
     assert!(m.resumed.load(Ordering::Acquire));
-    assert_eq!(m.restored.lock().unwrap().as_ref().map(Vec::len), Some(1), "one vCPU state restored");
+    let restored = m.restored.lock().unwrap().clone();
+    assert_eq!(restored, Some(crate::fake_vm::fake_state(1)), "the source's machine state restored");
     let d = crate::verify::diff_pages(&vm.ram().snapshot(), got.snapshot.as_deref().unwrap(), 8);
     assert!(d.is_empty(), "pages differ: {d:?}");
 }

@@ -5,11 +5,13 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kvm_hooks::layout::RamLayout;
 use kvm_hooks::memory::{GuestRam, PAGE_SIZE};
 use kvm_hooks::mh::{Launch, MhError, MhHost};
-use kvm_hooks::migratable::VmShape;
-use kvm_hooks::migratable::{DirtyCounters, DirtyLog, ExternalPageStates, Incoming, Migratable, VmFactory};
-use kvm_hooks::state::VcpuState;
+use kvm_hooks::migratable::{
+    ConfidentialIncoming, ConfidentialSource, DirtyCounters, DirtyLog, ExternalPageStates, Incoming, MachineState,
+    Migratable, VmError, VmFactory, VmKind, VmResult, VmShape,
+};
 
 #[derive(Debug, Default)]
 pub struct FakeDirty {
@@ -102,7 +104,15 @@ impl FakeVm {
     }
 }
 
+/// The fake's machine state: one section per vCPU, naming it.
+pub fn fake_state(vcpus: u32) -> MachineState {
+    MachineState { sections: (0..vcpus).map(|i| format!("fake vCPU {i}").into_bytes()).collect() }
+}
+
 impl Migratable for FakeVm {
+    fn kind(&self) -> VmKind {
+        VmKind::Embedded
+    }
     fn shape(&self) -> VmShape {
         self.shape
     }
@@ -115,11 +125,11 @@ impl Migratable for FakeVm {
     fn dirty_log(&self) -> &dyn DirtyLog {
         &self.dirty
     }
-    fn pause(&self) -> kvm_hooks::Result<()> {
+    fn pause(&self) -> VmResult<()> {
         self.running.store(false, Ordering::Release);
         Ok(())
     }
-    fn resume(&self) -> kvm_hooks::Result<()> {
+    fn resume(&self) -> VmResult<()> {
         self.running.store(true, Ordering::Release);
         Ok(())
     }
@@ -132,9 +142,18 @@ impl Migratable for FakeVm {
     fn throttle(&self) -> u8 {
         self.throttle.load(Ordering::Relaxed)
     }
-    fn save_states(&self) -> kvm_hooks::Result<Vec<VcpuState>> {
-        Ok(vec![VcpuState::default(); self.shape.vcpus as usize])
+    fn save_machine_state(&self) -> VmResult<MachineState> {
+        if self.is_running() {
+            return Err(VmError::State("the fake VM saves its state only while paused".into()));
+        }
+        Ok(fake_state(self.shape.vcpus))
     }
+    fn confidential(&self) -> Option<&dyn ConfidentialSource> {
+        Some(self)
+    }
+}
+
+impl ConfidentialSource for FakeVm {
     fn mh(&self) -> MutexGuard<'_, Option<MhHost>> {
         self.mh.lock().unwrap()
     }
@@ -159,13 +178,28 @@ pub struct FakeIncoming {
     shape: VmShape,
     ram: Arc<GuestRam>,
     mh: Mutex<Option<MhHost>>,
-    pub restored: Mutex<Option<Vec<VcpuState>>>,
+    pub restored: Mutex<Option<MachineState>>,
     pub resumed: AtomicBool,
+}
+
+impl ConfidentialIncoming for FakeIncoming {
+    fn mh(&self) -> MutexGuard<'_, Option<MhHost>> {
+        self.mh.lock().unwrap()
+    }
+    fn mark_shared(&self, _gfn: u64, _npages: u64) -> kvm_hooks::Result<()> {
+        Ok(())
+    }
 }
 
 impl VmFactory for FakeVms {
     type Vm = FakeIncoming;
-    fn create(&self, shape: VmShape, ram: Option<GuestRam>) -> kvm_hooks::Result<FakeIncoming> {
+    fn kind(&self) -> VmKind {
+        VmKind::Embedded
+    }
+    fn create(&self, shape: VmShape, layout: &RamLayout, ram: Option<GuestRam>) -> VmResult<FakeIncoming> {
+        if !layout.is_linear() {
+            return Err(VmError::Unsupported("the fake VM keeps RAM at GPA 0 only".into()));
+        }
         let ram = match ram {
             Some(r) => r,
             None => GuestRam::new(shape.ram_bytes)?,
@@ -190,17 +224,17 @@ impl Incoming for FakeIncoming {
     fn launch_mh(&mut self, _launch: &Launch, _timeout: std::time::Duration) -> Result<(), MhError> {
         Err(MhError::Faulted("the fake VM runs no Migration Handler".into()))
     }
-    fn mh(&self) -> MutexGuard<'_, Option<MhHost>> {
-        self.mh.lock().unwrap()
+    fn confidential(&self) -> Option<&dyn ConfidentialIncoming> {
+        Some(self)
     }
-    fn mark_shared(&self, _gfn: u64, _npages: u64) -> kvm_hooks::Result<()> {
+    fn restore_machine_state(&mut self, state: &MachineState) -> VmResult<()> {
+        if *state != fake_state(self.shape.vcpus) {
+            return Err(VmError::State(format!("{} sections the fake VM did not write", state.sections.len())));
+        }
+        *self.restored.lock().unwrap() = Some(state.clone());
         Ok(())
     }
-    fn restore_states(&self, states: &[VcpuState]) -> kvm_hooks::Result<()> {
-        *self.restored.lock().unwrap() = Some(states.to_vec());
-        Ok(())
-    }
-    fn resume(&self) -> kvm_hooks::Result<()> {
+    fn resume(&self) -> VmResult<()> {
         self.resumed.store(true, Ordering::Release);
         Ok(())
     }

@@ -16,7 +16,7 @@ const POLL: Duration = Duration::from_millis(2);
 /// Largest first frame waited for whole (`Hello` and `Join` are far smaller): a connection
 /// is handed over only once its whole first frame has arrived, so a peer that stalls
 /// halfway through it stalls in the lobby, never in the receiver.
-const FIRST_FRAME_MAX: usize = 256;
+const FIRST_FRAME_MAX: usize = 1024;
 
 pub struct Lobby<'a> {
     l: &'a TcpListener,

@@ -1,4 +1,4 @@
-//! Wire protocol v4: framed, versioned, little-endian.
+//! Wire protocol v5: framed, versioned, little-endian.
 //!
 //! Every frame starts with a fixed 24-byte header:
 //! ```text
@@ -11,14 +11,17 @@
 //! ```
 //! Payload layouts are in `docs/protocol.md`. Every length is checked against a per-kind
 //! cap before anything is allocated or read.
-use kvm_hooks::migratable::VmShape;
+use kvm_hooks::layout::RamLayout;
+use kvm_hooks::migratable::{VmKind, VmShape, MAX_SECTION};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MGAX");
 /// 2: confidential migrations carry the page-state record (`PageStates`).
 /// 3: `Hello` carries the VM's shape only (RAM, vCPUs), no guest workload.
 /// 4: connections are authenticated (`AuthInit`/`AuthReply`/`AuthConfirm`) and every later
 /// frame is sealed: its payload encrypted, a 16-byte tag after it (see `seal.rs`).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: `Hello` names the kind of VM and carries its RAM layout; the machine state travels
+/// as opaque `State` sections (vCPU registers, or QEMU's device stream), counted in `Complete`.
+pub const PROTOCOL_VERSION: u16 = 5;
 pub const HEADER_LEN: usize = 24;
 pub const PAGE: u64 = 4096;
 /// Most runs in one Pages frame.
@@ -49,8 +52,9 @@ pub enum FrameKind {
     Pages = 3,
     /// Source → destination: round `n` is complete.
     EndOfRound = 4,
-    /// Source → destination: one vCPU's encoded state.
-    VcpuState = 5,
+    /// Source → destination: one section of the VM's machine state (see
+    /// [`encode_state_prefix`]).
+    State = 5,
     /// Source → destination: everything sent; verify and resume.
     Complete = 6,
     /// Destination → source: the VM is running.
@@ -83,7 +87,7 @@ impl FrameKind {
             2 => HelloAck,
             3 => Pages,
             4 => EndOfRound,
-            5 => VcpuState,
+            5 => State,
             6 => Complete,
             7 => Resumed,
             8 => Abort,
@@ -101,11 +105,11 @@ impl FrameKind {
     pub fn max_len(self) -> u32 {
         match self {
             FrameKind::Invalid => 0,
-            FrameKind::Hello => 64,
+            FrameKind::Hello => 64 + 24 * kvm_hooks::layout::MAX_REGIONS as u32,
             FrameKind::HelloAck => 16 + MAX_TEXT as u32,
             FrameKind::Pages => MAX_FRAME,
             FrameKind::EndOfRound => 16,
-            FrameKind::VcpuState => 8 + kvm_hooks::state::MAX_ENCODED as u32,
+            FrameKind::State => 8 + MAX_SECTION as u32,
             FrameKind::Complete => 32,
             FrameKind::Resumed => 16,
             FrameKind::Abort => 4 + MAX_TEXT as u32,
@@ -228,9 +232,14 @@ impl<'a> Reader<'a> {
 /// Most data streams one migration may use.
 pub const MAX_STREAMS: u32 = 16;
 
-/// Hello: the VM's shape, how many data streams follow and a session id they quote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Hello: the VM's kind, shape and RAM layout, how many data streams follow and a session
+/// id they quote.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
+    /// Which kind of VM reads the machine state back.
+    pub kind: VmKind,
+    /// Where the guest sees its RAM (the destination must give it the same).
+    pub layout: RamLayout,
     /// RAM size and vCPUs travel; what the guest runs does not (it is in RAM and vCPU
     /// state).
     pub shape: VmShape,
@@ -246,9 +255,17 @@ pub struct Hello {
 /// Hello flag: confidential migration.
 pub const HELLO_CONFIDENTIAL: u32 = 1;
 
-/// Hello payload (56 bytes).
+/// Hello payload of an embedded VM with RAM at GPA 0 (tests and tools).
 pub fn encode_hello(shape: &VmShape) -> Vec<u8> {
-    encode_hello_full(&Hello { shape: *shape, streams: 0, session: 0, confidential: false, vm_id: 0 })
+    encode_hello_full(&Hello {
+        kind: VmKind::Embedded,
+        layout: RamLayout::linear(shape.ram_bytes),
+        shape: *shape,
+        streams: 0,
+        session: 0,
+        confidential: false,
+        vm_id: 0,
+    })
 }
 
 pub fn encode_hello_full(h: &Hello) -> Vec<u8> {
@@ -257,12 +274,13 @@ pub fn encode_hello_full(h: &Hello) -> Vec<u8> {
     v.extend_from_slice(&(PAGE as u32).to_le_bytes());
     v.extend_from_slice(&spec.vcpus.to_le_bytes());
     v.extend_from_slice(&spec.ram_bytes.to_le_bytes());
-    v.extend_from_slice(&0u32.to_le_bytes()); // reserved
+    v.extend_from_slice(&(h.kind as u32).to_le_bytes());
     v.extend_from_slice(&h.streams.to_le_bytes());
     v.extend_from_slice(&[0u8; 16]); // reserved
     v.extend_from_slice(&h.session.to_le_bytes());
     v.extend_from_slice(&(if h.confidential { HELLO_CONFIDENTIAL } else { 0 }).to_le_bytes());
     v.extend_from_slice(&h.vm_id.to_le_bytes());
+    v.extend_from_slice(&h.layout.encode());
     v
 }
 
@@ -279,14 +297,22 @@ pub fn decode_hello_full(p: &[u8]) -> Result<Hello, ProtocolError> {
     }
     let vcpus = r.u32("vcpus")?;
     let ram_bytes = r.u64("ram_bytes")?;
-    let reserved_a = r.u32("reserved")?;
+    let kind = r.u32("vm kind")?;
     let streams = r.u32("streams")?;
     let reserved_b = r.u64("reserved")? | r.u64("reserved")?;
     let session = r.u64("session")?;
     let flags = r.u32("flags")?;
     let vm_id = r.u32("vm_id")?;
-    r.finish()?;
-    if reserved_a != 0 || reserved_b != 0 {
+    let kind = VmKind::from_u32(kind).ok_or_else(|| perr(k, format!("unknown VM kind {kind}")))?;
+    if ram_bytes % PAGE != 0 {
+        return Err(perr(k, format!("guest RAM of {ram_bytes} bytes is not whole pages")));
+    }
+    let rest = r.rest();
+    let (layout, n) = RamLayout::decode(rest, ram_bytes).map_err(|e| perr(k, e.to_string()))?;
+    if n != rest.len() {
+        return Err(perr(k, format!("{} bytes after the RAM layout", rest.len() - n)));
+    }
+    if reserved_b != 0 {
         return Err(perr(k, "reserved fields must be 0".to_string()));
     }
     if flags & !HELLO_CONFIDENTIAL != 0 {
@@ -296,6 +322,8 @@ pub fn decode_hello_full(p: &[u8]) -> Result<Hello, ProtocolError> {
         return Err(perr(k, format!("{streams} data streams exceeds the cap of {MAX_STREAMS}")));
     }
     Ok(Hello {
+        kind,
+        layout,
         shape: VmShape { ram_bytes, vcpus },
         streams,
         session,
@@ -597,18 +625,18 @@ pub fn decode_page_states(p: &[u8]) -> Result<(Vec<(u64, u64)>, bool), ProtocolE
     Ok((out, flags & STATES_LAST != 0))
 }
 
-/// Complete: `rounds u32, vcpus u32, pages_sent u64`.
-pub fn encode_complete(rounds: u32, vcpus: u32, pages_sent: u64) -> Vec<u8> {
+/// Complete: `rounds u32, sections u32, pages_sent u64` (sections: of the machine state).
+pub fn encode_complete(rounds: u32, sections: u32, pages_sent: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(16);
     v.extend_from_slice(&rounds.to_le_bytes());
-    v.extend_from_slice(&vcpus.to_le_bytes());
+    v.extend_from_slice(&sections.to_le_bytes());
     v.extend_from_slice(&pages_sent.to_le_bytes());
     v
 }
 
 pub fn decode_complete(p: &[u8]) -> Result<(u32, u32, u64), ProtocolError> {
     let mut r = Reader::new(FrameKind::Complete, p);
-    let t = (r.u32("rounds")?, r.u32("vcpus")?, r.u64("pages_sent")?);
+    let t = (r.u32("rounds")?, r.u32("sections")?, r.u64("pages_sent")?);
     r.finish()?;
     Ok(t)
 }
@@ -629,24 +657,24 @@ pub fn decode_resumed(p: &[u8]) -> Result<u64, ProtocolError> {
     Ok(c)
 }
 
-/// VcpuState: `vcpu u32, len u32`, then the encoded state.
-pub fn encode_vcpu_state_prefix(vcpu: u32, len: u32) -> [u8; 8] {
+/// State: `index u32, len u32`, then the section's bytes.
+pub fn encode_state_prefix(index: u32, len: u32) -> [u8; 8] {
     let mut b = [0u8; 8];
-    b[..4].copy_from_slice(&vcpu.to_le_bytes());
+    b[..4].copy_from_slice(&index.to_le_bytes());
     b[4..].copy_from_slice(&len.to_le_bytes());
     b
 }
 
-pub fn decode_vcpu_state(p: &[u8]) -> Result<(u32, &[u8]), ProtocolError> {
-    let k = FrameKind::VcpuState;
+pub fn decode_state(p: &[u8]) -> Result<(u32, &[u8]), ProtocolError> {
+    let k = FrameKind::State;
     let mut r = Reader::new(k, p);
-    let vcpu = r.u32("vcpu")?;
-    let len = r.u32("state length")? as usize;
+    let index = r.u32("section index")?;
+    let len = r.u32("section length")? as usize;
     let rest = r.rest();
     if rest.len() != len {
-        return Err(perr(k, format!("state length {len} but {} bytes follow", rest.len())));
+        return Err(perr(k, format!("section length {len} but {} bytes follow", rest.len())));
     }
-    Ok((vcpu, rest))
+    Ok((index, rest))
 }
 
 #[cfg(test)]
@@ -675,17 +703,60 @@ mod tests {
 
     #[test]
     fn hello_roundtrip() {
+        use kvm_hooks::layout::{Gpa, RamRegion};
         for (ram_bytes, vcpus) in [(1 << 30, 3), (64 << 20, 1), (64 << 30, 64)] {
             let s = VmShape { ram_bytes, vcpus };
             assert_eq!(decode_hello(&encode_hello(&s)).unwrap(), s);
-            let h = Hello { shape: s, streams: 4, session: 0xdead_beef, confidential: true, vm_id: 9 };
+            let layout = RamLayout::linear(ram_bytes);
+            let h = Hello {
+                kind: VmKind::Qemu,
+                layout,
+                shape: s,
+                streams: 4,
+                session: 0xdead_beef,
+                confidential: true,
+                vm_id: 9,
+            };
             assert_eq!(decode_hello_full(&encode_hello_full(&h)).unwrap(), h);
         }
+        // QEMU's pc machine with 4 GiB: RAM beyond 3 GiB sits at 4 GiB.
+        let g = 1u64 << 30;
+        let split = RamLayout::new(
+            vec![
+                RamRegion { gpa: Gpa(0), len: 3 * g, offset: 0 },
+                RamRegion { gpa: Gpa(4 * g), len: g, offset: 3 * g },
+            ],
+            4 * g,
+        )
+        .unwrap();
+        let h = Hello {
+            kind: VmKind::Qemu,
+            layout: split,
+            shape: VmShape { ram_bytes: 4 * g, vcpus: 1 },
+            streams: 0,
+            session: 1,
+            confidential: false,
+            vm_id: 0,
+        };
+        let e = encode_hello_full(&h);
+        assert!(e.len() as u32 + HEADER_LEN as u32 <= 24 + FrameKind::Hello.max_len());
+        assert_eq!(decode_hello_full(&e).unwrap(), h);
+        let mut bad = e.clone();
+        bad[16] = 7; // VM kind
+        assert!(decode_hello_full(&bad).unwrap_err().to_string().contains("unknown VM kind 7"));
+        let mut bad = e.clone();
+        bad.push(0);
+        assert!(decode_hello_full(&bad).unwrap_err().to_string().contains("after the RAM layout"));
+        let mut bad = e.clone();
+        bad[8..16].copy_from_slice(&(2 * g).to_le_bytes()); // RAM smaller than the layout
+        assert!(decode_hello_full(&bad).unwrap_err().to_string().contains("RAM layout"));
         let mut e = encode_hello(&VmShape { ram_bytes: 1 << 30, vcpus: 1 });
-        e[16] = 99;
+        e[24] = 99;
         assert!(decode_hello(&e).unwrap_err().to_string().contains("reserved fields must be 0"));
         assert!(decode_hello(&e[..10]).is_err());
         let mut e = encode_hello_full(&Hello {
+            kind: VmKind::Embedded,
+            layout: RamLayout::linear(1 << 30),
             shape: VmShape { ram_bytes: 1 << 30, vcpus: 1 },
             streams: 99,
             session: 1,
@@ -765,11 +836,11 @@ mod tests {
         assert_eq!(decode_page_states(&encode_page_states(&[], false)).unwrap(), (vec![], false));
         assert_eq!(decode_complete(&encode_complete(5, 2, 77)).unwrap(), (5, 2, 77));
         assert_eq!(decode_resumed(&encode_resumed(12)).unwrap(), 12);
-        let mut p = encode_vcpu_state_prefix(1, 3).to_vec();
+        let mut p = encode_state_prefix(1, 3).to_vec();
         p.extend_from_slice(b"abc");
-        assert_eq!(decode_vcpu_state(&p).unwrap(), (1, &b"abc"[..]));
+        assert_eq!(decode_state(&p).unwrap(), (1, &b"abc"[..]));
         p.push(0);
-        assert!(decode_vcpu_state(&p).is_err());
+        assert!(decode_state(&p).is_err());
     }
 
     #[test]

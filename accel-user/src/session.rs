@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use embedded_vmm::vmm::Machine;
+use kvm_hooks::migratable::{Migratable, VmFactory};
 use serde::Serialize;
 
 use crate::accept::Incoming;
@@ -100,6 +101,18 @@ pub fn attach_page_states(m: &Machine) -> Result<Arc<accel_ebpf::PageStateProbe>
 /// (see [`transport::Prepared`]): from the handshake on, the destination only waits for
 /// bytes, never for work the source could have done before.
 pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
+    let mut rep = send_vm(cfg, m, to, on)?;
+    rep.guest_last_report_unix_us = m.last_report_unix_us().into_iter().filter(|&t| t > 0).min();
+    Ok(rep)
+}
+
+/// [`send`] for any VM behind the engine's boundary (an embedded VM, an attached QEMU).
+pub fn send_vm(
+    cfg: &Config,
+    m: &dyn Migratable,
+    to: &str,
+    on: &mut dyn FnMut(Event),
+) -> Result<SourceReport, SendError> {
     let mc = &cfg.migration;
     let o = cfg.send_options();
     let psk = cfg.auth_key().map_err(SendError::Auth)?;
@@ -143,7 +156,6 @@ pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> R
     };
     let mut rep = source::migrate_streams(m, &mut *t, &o, &mut data, on)?;
     rep.prepare = prepare_time;
-    rep.guest_last_report_unix_us = m.last_report_unix_us().into_iter().filter(|&t| t > 0).min();
     Ok(rep)
 }
 
@@ -160,6 +172,15 @@ pub fn receive(cfg: &Config, l: &TcpListener, capture: bool) -> (Receiver, Resul
 /// The receiver `cfg` describes: transport key loaded and, with `receiver.prepare_ram`,
 /// guest RAM allocated ahead. Call it before listening so a source never waits for it.
 pub fn receiver(cfg: &Config, capture: bool) -> Result<Receiver, RecvError> {
+    receiver_for(cfg, capture, embedded_vms(cfg))
+}
+
+/// [`receiver`] whose VMs `factory` creates (embedded VMs, or an attached QEMU).
+pub fn receiver_for<F: VmFactory>(
+    cfg: &Config,
+    capture: bool,
+    factory: F,
+) -> Result<crate::dest::Receiver<F>, RecvError> {
     kvm_hooks::vm::set_kvm_device(&cfg.host.kvm_device);
     cfg.auth_key().map_err(RecvError::Prepare)?;
     let mut opts = cfg.recv_options(capture);
@@ -179,7 +200,7 @@ pub fn receiver(cfg: &Config, capture: bool) -> Result<Receiver, RecvError> {
             None => key_error = Some("confidential.key_file is not set".into()),
         }
     }
-    let mut r = Receiver::new(opts, embedded_vms(cfg));
+    let mut r = crate::dest::Receiver::new(opts, factory);
     if let Some(e) = key_error {
         return Err(RecvError::Refused(e));
     }
@@ -196,7 +217,11 @@ pub fn receiver(cfg: &Config, capture: bool) -> Result<Receiver, RecvError> {
 /// With authentication (the default) the receiver takes the first connection that
 /// completes the handshake; one that fails it is dropped with its reason and the next one
 /// taken, so a peer without the key neither gets in nor keeps the real source out.
-pub fn receive_with(cfg: &Config, l: &TcpListener, mut r: Receiver) -> (Receiver, Result<Received, RecvError>) {
+pub fn receive_with<F: VmFactory>(
+    cfg: &Config,
+    l: &TcpListener,
+    mut r: crate::dest::Receiver<F>,
+) -> (crate::dest::Receiver<F>, Result<Received, RecvError>) {
     let timeout = cfg.io_timeout();
     let psk = match cfg.auth_key() {
         Ok(k) => k,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kvm_hooks::memory::PAGE_SIZE;
 use kvm_hooks::mh::{MhError, MhHost};
-use kvm_hooks::migratable::Migratable;
+use kvm_hooks::migratable::{MachineState, Migratable, VmError};
 use mh_abi::{self as abi, Kind, Op, Request};
 
 use crate::policy::{decide, next_throttle, Decision, PolicyConfig, RoundStats, SwitchReason};
@@ -51,7 +51,7 @@ pub enum Phase {
     Handshake,
     Precopy { round: u32 },
     StopAndCopy,
-    VcpuState,
+    MachineState,
     AwaitResume,
 }
 
@@ -61,7 +61,7 @@ impl std::fmt::Display for Phase {
             Phase::Handshake => write!(f, "handshake"),
             Phase::Precopy { round } => write!(f, "precopy round {round}"),
             Phase::StopAndCopy => write!(f, "stop-and-copy"),
-            Phase::VcpuState => write!(f, "vCPU state transfer"),
+            Phase::MachineState => write!(f, "machine state transfer"),
             Phase::AwaitResume => write!(f, "waiting for the destination to resume"),
         }
     }
@@ -81,11 +81,11 @@ pub enum SendError {
     PeerAborted { phase: Phase, reason: String },
     #[error("migration failed in {phase}: unexpected {kind:?} frame from the destination")]
     Unexpected { phase: Phase, kind: FrameKind },
-    #[error("migration failed in {phase}: KVM: {source}")]
-    Kvm {
+    #[error("migration failed in {phase}: VM: {source}")]
+    Vm {
         phase: Phase,
         #[source]
-        source: kvm_hooks::Error,
+        source: VmError,
     },
     #[error("migration failed in {phase}: Migration Handler: {source}")]
     Mh {
@@ -99,7 +99,7 @@ pub enum SendError {
     #[error("migration failed in handshake: {0}")]
     Auth(String),
     #[error("{first}; and resuming the source VM failed too: {resume}")]
-    ResumeFailed { first: Box<SendError>, resume: kvm_hooks::Error },
+    ResumeFailed { first: Box<SendError>, resume: VmError },
     /// The whole VM was sent and `Complete` went out, then the destination's answer was
     /// lost: it may run the VM now. Only its `Abort` proves it did not, so the source stays
     /// paused rather than risk two running copies.
@@ -117,7 +117,7 @@ impl SendError {
             | SendError::Refused { phase, .. }
             | SendError::PeerAborted { phase, .. }
             | SendError::Unexpected { phase, .. }
-            | SendError::Kvm { phase, .. }
+            | SendError::Vm { phase, .. }
             | SendError::Mh { phase, .. }
             | SendError::Confidential { phase, .. } => *phase,
             SendError::ResumeFailed { first, .. } => first.phase(),
@@ -156,6 +156,9 @@ struct Ctx<'a> {
     wire: Vec<u8>,
 }
 
+/// Rounds after the final one for pages the VMM itself writes while the guest is paused.
+const MAX_LATE_ROUNDS: u32 = 3;
+
 /// Opens data stream `i` (a connected, wrapped transport).
 pub type Connector<'a> = &'a mut dyn FnMut(u32) -> Result<Box<dyn Transport>, TransportError>;
 
@@ -179,8 +182,9 @@ pub fn migrate_streams(
     connect: Connector<'_>,
     on: &mut dyn FnMut(Event),
 ) -> Result<SourceReport, SendError> {
-    let mut guard = m.mh();
-    let mh = match (o.confidential, guard.as_mut()) {
+    let conf = m.confidential();
+    let mut guard = conf.map(|c| c.mh());
+    let mh = match (o.confidential, guard.as_mut().and_then(|g| g.as_mut())) {
         (Some(_), Some(h)) => Some(h),
         (Some(_), None) => {
             return Err(SendError::Confidential {
@@ -250,13 +254,22 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     let writes0 = c.m.page_writes();
     let shape = c.m.shape();
     let total_pages = c.m.ram().pages();
-    let kvm = |phase: Phase| move |source| SendError::Kvm { phase, source };
+    let kvm = |phase: Phase| move |source: kvm_hooks::Error| SendError::Vm { phase, source: source.into() };
+    let vm = |phase: Phase| move |source| SendError::Vm { phase, source };
 
     // Handshake: the destination creates the VM before any page is sent.
     let ph = Phase::Handshake;
     let session = session_id();
     let (confidential, vm_id) = (c.mh.is_some(), c.mh.as_ref().map_or(0, |h| h.vm_id));
-    let hello = protocol::Hello { shape, streams: c.o.streams, session, confidential, vm_id };
+    let hello = protocol::Hello {
+        kind: c.m.kind(),
+        layout: c.m.ram().layout().clone(),
+        shape,
+        streams: c.o.streams,
+        session,
+        confidential,
+        vm_id,
+    };
     c.t.send_frame(FrameKind::Hello, &[Part::Buf(&protocol::encode_hello_full(&hello))], None)
         .map_err(|e| tx(ph, e))?;
     c.t.set_recv_timeout(c.o.ack_timeout);
@@ -318,9 +331,11 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         rounds.push(st);
         on(Event::Round(st));
         if let Some(f) = c.m.fault() {
-            return Err(SendError::Kvm { phase: ph, source: kvm_hooks::Error::Vcpu { vcpu: 0, msg: f } });
+            return Err(SendError::Vm { phase: ph, source: VmError::Kvm(kvm_hooks::Error::Vcpu { vcpu: 0, msg: f }) });
         }
-        if let Decision::Switchover(r) = decide(&c.o.policy, &rounds, gfns.len() as u64) {
+        // Pages held back until they are safe to copy are still to send.
+        let remaining = gfns.len() as u64 + c.m.dirty_log().pending();
+        if let Decision::Switchover(r) = decide(&c.o.policy, &rounds, remaining) {
             // The final harvest after the pause picks these up again.
             c.m.dirty_log().restore(&gfns);
             c.inflight = InFlight::Nothing;
@@ -339,34 +354,66 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     let ph = Phase::StopAndCopy;
     let t_stop = Instant::now();
     let writes_stop = c.m.page_writes();
-    c.m.pause().map_err(kvm(ph))?;
+    c.m.pause().map_err(vm(ph))?;
     c.paused = true;
     c.m.set_throttle(0);
     if c.mh.is_some() {
         check_page_states(c).map_err(|e| e.at(ph, c.t))?;
     }
     round += 1;
-    let final_gfns = c.m.dirty_log().take().map_err(kvm(ph))?;
+    let final_gfns = c.m.dirty_log().take_final().map_err(kvm(ph))?;
     c.inflight = InFlight::Pages(final_gfns.clone());
     let start = Instant::now();
     let mut fin = RoundStats { round, ..Default::default() };
     send_pages(c, round, final_gfns.iter().copied(), &mut fin, None).map_err(|e| e.at(ph, c.t))?;
     end_round(c, round, &mut fin).map_err(|e| peer_error(c.t, ph, e))?;
 
-    let ph = Phase::VcpuState;
-    let states = c.m.save_states().map_err(kvm(ph))?;
+    let ph = Phase::MachineState;
+    let state = c.m.save_machine_state().map_err(vm(ph))?;
+    // Pages the VMM wrote itself while the guest was paused (QEMU's device models or its
+    // debugger write guest RAM; no vCPU did): they go in one more round, and a VMM that
+    // keeps writing is refused rather than handed over with RAM that may differ.
+    let mut extra = 0;
+    loop {
+        let mut late = c.m.dirty_log().take_final().map_err(kvm(ph))?;
+        if c.mh.is_some() {
+            late.retain(|&g| !abi::in_region(g)); // the MH's own pages never travel
+        }
+        if late.is_empty() {
+            break;
+        }
+        c.inflight = InFlight::Pages(late.clone());
+        if extra == MAX_LATE_ROUNDS {
+            return Err(SendError::Vm {
+                phase: ph,
+                source: VmError::State(format!(
+                    "the VMM kept writing guest RAM while the VM was paused: {} page(s) changed after {extra} extra \
+                     rounds (first: page {:#x})",
+                    late.len(),
+                    late[0]
+                )),
+            });
+        }
+        extra += 1;
+        round += 1;
+        let mut st = RoundStats { round, ..Default::default() };
+        send_pages(c, round, late.iter().copied(), &mut st, None).map_err(|e| e.at(ph, c.t))?;
+        end_round(c, round, &mut st).map_err(|e| peer_error(c.t, ph, e))?;
+        tracing::info!(round, pages = st.pages, "pages written by the VMM while paused sent");
+        fin.pages += st.pages;
+        fin.zero_pages += st.zero_pages;
+        fin.bytes += st.bytes;
+    }
     let mut state_bytes = 0u64;
     if c.mh.is_some() {
-        state_bytes = send_states_via_mh(c, &states, round).map_err(|e| e.at(ph, c.t))?;
+        state_bytes = send_states_via_mh(c, &state, round).map_err(|e| e.at(ph, c.t))?;
         send_page_states(c).map_err(|e| peer_error(c.t, ph, e))?;
         send_marker(c, Op::End, round).map_err(|e| e.at(ph, c.t))?;
     }
-    for (i, s) in states.iter().enumerate().filter(|_| c.mh.is_none()) {
-        let enc = s.encode();
-        let pre = protocol::encode_vcpu_state_prefix(i as u32, enc.len() as u32);
-        c.t.send_frame(FrameKind::VcpuState, &[Part::Buf(&pre), Part::Buf(&enc)], None)
-            .map_err(|e| peer_error(c.t, ph, e))?;
-        state_bytes += (HEADER_LEN + pre.len() + enc.len()) as u64;
+    for (i, s) in state.sections.iter().enumerate().filter(|_| c.mh.is_none()) {
+        let pre = protocol::encode_state_prefix(i as u32, s.len() as u32);
+        c.t.send_frame(FrameKind::State, &[Part::Buf(&pre), Part::Buf(s)], None).map_err(|e| peer_error(c.t, ph, e))?;
+        state_bytes += (HEADER_LEN + pre.len() + s.len()) as u64;
     }
     let pages_sent: u64 = rounds.iter().map(|r| r.pages).sum::<u64>() + fin.pages;
     // Last check before the commit point: a destination that already gave up (closed its
@@ -380,7 +427,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     }
     c.t.send_frame(
         FrameKind::Complete,
-        &[Part::Buf(&protocol::encode_complete(round + 1, shape.vcpus, pages_sent))],
+        &[Part::Buf(&protocol::encode_complete(round + 1, state.sections.len() as u32, pages_sent))],
         None,
     )
     .map_err(|e| peer_error(c.t, ph, e))?;
@@ -433,7 +480,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     rep.zerocopy = zc.map(Into::into);
     rep.mh_exported = c.mh.as_ref().and_then(|h| h.counters().ok()).map(|x| x.exported);
     if c.mh.is_some() {
-        rep.page_states = c.m.external_page_states().map(|x| x.describe());
+        rep.page_states = c.m.confidential().and_then(|x| x.external_page_states()).map(|x| x.describe());
         rep.pages_deferred = rep.precopy_rounds.iter().map(|r| r.deferred).sum::<u64>() + rep.final_round.deferred;
     }
     Ok(rep)
@@ -464,7 +511,7 @@ fn peer_error(t: &mut dyn Transport, phase: Phase, e: TransportError) -> SendErr
 /// Receive a frame whose payload is small (every kind the destination sends).
 fn recv_small(t: &mut dyn Transport) -> Result<(FrameKind, Vec<u8>), TransportError> {
     let h = t.recv_header()?;
-    if matches!(h.kind, FrameKind::Pages | FrameKind::VcpuState | FrameKind::Hello) {
+    if matches!(h.kind, FrameKind::Pages | FrameKind::State | FrameKind::Hello) {
         return Ok((h.kind, Vec::new()));
     }
     let mut p = vec![0u8; h.len as usize]; // bounded by the kind's cap in Header::decode
@@ -535,7 +582,9 @@ fn send_pages(
     // Classification by an external record (the eBPF page-state map), brought up to date
     // now; pages on which it and the VMM disagree are not read. Once the guest is paused,
     // `check_page_states` has found the two equal, so the VMM's record stands for both.
-    let external = match c.m.external_page_states().filter(|_| confidential && !c.paused) {
+    let m = c.m;
+    let cs = m.confidential();
+    let external = match cs.and_then(|x| x.external_page_states()).filter(|_| confidential && !c.paused) {
         Some(x) => Some(x.shared_bitmap().map_err(|e| PathError::Other(format!("page-state map: {e}")))?),
         None => None,
     };
@@ -548,7 +597,7 @@ fn send_pages(
         }
         if confidential && !hole {
             // A hole is zero and sent as such whatever its state; any other page by its state.
-            let vmm = c.m.is_shared(gfn);
+            let vmm = cs.is_some_and(|x| x.is_shared(gfn));
             let shared = match &external {
                 Some(bits) => bits.get((gfn / 64) as usize).is_some_and(|w| w & (1 << (gfn % 64)) != 0),
                 None => vmm,
@@ -606,9 +655,10 @@ fn send_pages(
 /// paused (both are final then): the record the destination gets must be the one pages were
 /// classified by.
 fn check_page_states(c: &Ctx<'_>) -> Result<(), PathError> {
-    let Some(x) = c.m.external_page_states() else { return Ok(()) };
+    let Some(cs) = c.m.confidential() else { return Ok(()) };
+    let Some(x) = cs.external_page_states() else { return Ok(()) };
     let ext = x.shared_bitmap().map_err(|e| PathError::Other(format!("page-state map: {e}")))?;
-    let vmm = c.m.shared_bitmap();
+    let vmm = cs.shared_bitmap();
     let differ = |i: usize| vmm[i] ^ ext.get(i).copied().unwrap_or(0);
     let n: u64 = (0..vmm.len()).map(|i| u64::from(differ(i).count_ones())).sum();
     let Some(i) = (0..vmm.len()).find(|&i| differ(i) != 0) else { return Ok(()) };
@@ -617,7 +667,7 @@ fn check_page_states(c: &Ctx<'_>) -> Result<(), PathError> {
     Err(PathError::Other(format!(
         "the eBPF page-state map and the VMM disagree on {n} page(s) at switchover (first: gfn {first:#x}, \
          VMM says {}); none of them was read",
-        if c.m.is_shared(first) { "shared" } else { "private" },
+        if cs.is_shared(first) { "shared" } else { "private" },
     )))
 }
 
@@ -626,7 +676,8 @@ fn check_page_states(c: &Ctx<'_>) -> Result<(), PathError> {
 fn send_page_states(c: &mut Ctx<'_>) -> Result<(), TransportError> {
     let (rs, re) = (abi::REGION_GFNS.start, abi::REGION_GFNS.end);
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for (g, n) in c.m.shared_ranges() {
+    let shared = c.m.confidential().map(|cs| cs.shared_ranges()).unwrap_or_default();
+    for (g, n) in shared {
         // Cut the MH region out of the range.
         let end = g + n;
         if g < rs {
@@ -730,20 +781,20 @@ fn send_marker(c: &mut Ctx<'_>, op: Op, round: u32) -> Result<(), PathError> {
 /// SEV-ES style: the vCPU states are placed in the VMSA pages (as the hardware keeps a VMSA
 /// in guest memory), encrypted by the MH and sent as Cpu blobs; no host-side copy travels.
 /// VMSA area: `count u32`, `count` x `len u32`, then the encoded states.
-fn send_states_via_mh(c: &mut Ctx<'_>, states: &[kvm_hooks::state::VcpuState], round: u32) -> Result<u64, PathError> {
-    let mut v = (states.len() as u32).to_le_bytes().to_vec();
-    let enc: Vec<Vec<u8>> = states.iter().map(|s| s.encode()).collect();
-    for e in &enc {
+fn send_states_via_mh(c: &mut Ctx<'_>, state: &MachineState, round: u32) -> Result<u64, PathError> {
+    let mut v = (state.sections.len() as u32).to_le_bytes().to_vec();
+    let enc = &state.sections;
+    for e in enc {
         v.extend_from_slice(&(e.len() as u32).to_le_bytes());
     }
-    for e in &enc {
+    for e in enc {
         v.extend_from_slice(e);
     }
     let cap = (abi::VMSA_PAGES * abi::PAGE) as usize;
     if v.len() > cap {
         return Err(PathError::Other(format!(
-            "{} vCPU states take {} bytes, the MH's VMSA area holds {cap}",
-            states.len(),
+            "{} machine-state sections take {} bytes, the MH's VMSA area holds {cap}",
+            enc.len(),
             v.len()
         )));
     }

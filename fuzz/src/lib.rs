@@ -108,9 +108,9 @@ pub fn migration() -> Vec<(FrameKind, Vec<u8>)> {
     f2.push((FrameKind::Pages, p));
     f2.push((FrameKind::EndOfRound, protocol::encode_end_of_round(1, 2)));
     let state = kvm_hooks::state::VcpuState::default().encode();
-    let mut v = protocol::encode_vcpu_state_prefix(0, state.len() as u32).to_vec();
+    let mut v = protocol::encode_state_prefix(0, state.len() as u32).to_vec();
     v.extend_from_slice(&state);
-    f2.push((FrameKind::VcpuState, v));
+    f2.push((FrameKind::State, v));
     f2.push((FrameKind::Complete, protocol::encode_complete(2, 1, pages + 2)));
     f2
 }
@@ -225,7 +225,7 @@ pub fn migration_seed(target: &str, sealed_stream: bool) {
 pub fn vcpu_state_seeds() {
     seed("vcpu_state", "default", || kvm_hooks::state::VcpuState::default().encode());
     for (name, frames) in recorded() {
-        let states = frames.iter().filter(|(k, p)| *k == FrameKind::VcpuState && p.len() > 8);
+        let states = frames.iter().filter(|(k, p)| *k == FrameKind::State && p.len() > 8);
         for (i, (_, p)) in states.enumerate() {
             seed("vcpu_state", &format!("{name}-vcpu{i}"), || p[8..].to_vec());
         }

@@ -10,6 +10,7 @@
 pub mod boot;
 pub mod dirty;
 pub mod error;
+pub mod layout;
 pub mod memory;
 pub mod mh;
 pub mod migratable;

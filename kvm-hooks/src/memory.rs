@@ -1,6 +1,10 @@
-//! Guest RAM: one memfd, mapped once, split into KVM memslots.
+//! Guest RAM: one memfd (or another process's RAM file), mapped once, split into KVM
+//! memslots, with the table of where the guest sees it ([`RamLayout`]).
 //!
-//! The memfd lets another process (a helper, a test, a foreign VMM) map the same RAM.
+//! The memfd lets another process (a helper, a test, a foreign VMM) map the same RAM, and
+//! [`GuestRam::from_file`] maps a foreign VMM's RAM file (QEMU's `memory-backend-memfd`).
+//! Addresses passed to the methods below are offsets into the RAM file (for RAM at GPA 0,
+//! the guest-physical address).
 //! Guest RAM is shared with running vCPUs, so it is never handed out as `&[u8]`: reads and
 //! writes go through the copy helpers below, which tolerate concurrent guest writes.
 use std::fs::File;
@@ -9,6 +13,7 @@ use std::os::fd::AsFd;
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
+use crate::layout::RamLayout;
 use crate::sys;
 
 /// Size of a guest page.
@@ -44,6 +49,7 @@ pub struct GuestRam {
     map: MmapRaw,
     size: u64,
     slots: Vec<Memslot>,
+    layout: RamLayout,
 }
 
 impl GuestRam {
@@ -53,6 +59,19 @@ impl GuestRam {
         let fd = sys::memfd_create("migaccel-guest-ram").map_err(|e| Error::Memory(format!("memfd_create: {e}")))?;
         let file = File::from(fd);
         file.set_len(size).map_err(|e| Error::Memory(format!("ftruncate to {size}: {e}")))?;
+        GuestRam::from_file(file, size, RamLayout::linear(size))
+    }
+
+    /// Map `size` bytes of an existing RAM file shared with its owner (another process's
+    /// guest RAM, obtained through `pidfd_getfd`), seen by the guest as `layout` says.
+    /// Writes go to the file: the owner sees them.
+    pub fn from_file(file: File, size: u64, layout: RamLayout) -> Result<Self> {
+        validate_ram_size(size)?;
+        let have = file.metadata().map_err(|e| Error::Memory(format!("fstat of the RAM file: {e}")))?.len();
+        if have < size {
+            return Err(Error::Memory(format!("the RAM file holds {have} bytes, fewer than the {size} of guest RAM")));
+        }
+        RamLayout::new(layout.regions().to_vec(), size)?;
         let map = MmapOptions::new()
             .len(size as usize)
             .map_raw(&file)
@@ -60,7 +79,12 @@ impl GuestRam {
         let slots = (0..size.div_ceil(SLOT_SIZE))
             .map(|i| Memslot { id: i as u32, gpa: i * SLOT_SIZE, size: SLOT_SIZE.min(size - i * SLOT_SIZE) })
             .collect();
-        Ok(GuestRam { file, map, size, slots })
+        Ok(GuestRam { file, map, size, slots, layout })
+    }
+
+    /// Where the guest sees this RAM.
+    pub fn layout(&self) -> &RamLayout {
+        &self.layout
     }
 
     pub fn size(&self) -> u64 {

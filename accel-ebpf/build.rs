@@ -4,10 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let src = "bpf/migaccel.bpf.c";
-    println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-env-changed=BPF_CLANG");
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("migaccel.bpf.o");
     let candidates: Vec<String> = match std::env::var("BPF_CLANG") {
         Ok(c) => vec![c],
         Err(_) => ["clang", "clang-20", "clang-19", "clang-18", "clang-17", "clang-16"]
@@ -22,6 +19,16 @@ fn main() {
              (./dev setup does), or set BPF_CLANG to a clang that targets BPF."
         );
     };
+    for name in ["migaccel", "qemu"] {
+        compile(clang, name);
+    }
+}
+
+/// Compile `bpf/NAME.bpf.c` into `$OUT_DIR/NAME.bpf.o`.
+fn compile(clang: &str, name: &str) {
+    let src = format!("bpf/{name}.bpf.c");
+    println!("cargo:rerun-if-changed={src}");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join(format!("{name}.bpf.o"));
     let arch_inc = format!("/usr/include/{}-linux-gnu", std::env::consts::ARCH);
     let o = Command::new(clang)
         .args([
@@ -36,7 +43,7 @@ fn main() {
             "-I",
             &arch_inc,
             "-c",
-            src,
+            &src,
             "-o",
         ])
         .arg(&out)

@@ -1,9 +1,10 @@
 //! QEMU for the tests and the vs-qemu bench: the multiboot guest (`qemu/guest.S`) and a QEMU
 //! process with its QMP connection.
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -212,4 +213,100 @@ impl Drop for Qemu {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Bytes arriving on a QEMU serial port (a `-chardev socket` server), each read timestamped:
+/// the guest's heartbeat.
+pub struct Heartbeat {
+    beats: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Heartbeat {
+    pub fn listen(sock: &Path) -> anyhow::Result<Heartbeat> {
+        let t0 = Instant::now();
+        let mut s = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(_) if t0.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => bail!("serial socket {}: {e}", sock.display()),
+            }
+        };
+        let beats = Arc::new(Mutex::new(Vec::new()));
+        let b = beats.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                b.lock().unwrap().push(Instant::now());
+            }
+        });
+        Ok(Heartbeat { beats })
+    }
+    pub fn last(&self) -> Option<Instant> {
+        self.beats.lock().unwrap().last().copied()
+    }
+    pub fn first_after(&self, t: Instant) -> Option<Instant> {
+        self.beats.lock().unwrap().iter().find(|&&b| b >= t).copied()
+    }
+    pub fn count(&self) -> usize {
+        self.beats.lock().unwrap().len()
+    }
+}
+
+/// QEMU the way migaccel attaches to it: guest RAM in a shared memfd backend, KVM's dirty
+/// ring on, a second QMP socket `NAME-mig.sock` for migaccel (QEMU serves one client per
+/// monitor; the test keeps the first) and COM1 on `NAME-serial.sock` for the heartbeat.
+pub fn qemu_for_migaccel(
+    dir: &Path,
+    name: &str,
+    ram_mib: u64,
+    kernel: &Path,
+    incoming: bool,
+    extra: &[&str],
+) -> anyhow::Result<(Qemu, Heartbeat, PathBuf)> {
+    let serial = dir.join(format!("{name}-serial.sock"));
+    let mig = dir.join(format!("{name}-mig.sock"));
+    let _ = std::fs::remove_file(&serial);
+    let _ = std::fs::remove_file(&mig);
+    let chardev = format!("socket,id=hb,path={},server=on,wait=off", serial.display());
+    let backend = format!("memory-backend-memfd,id=ram0,size={ram_mib}M,share=on");
+    let qmp = format!("unix:{},server=on,wait=off", mig.display());
+    let mut args = vec!["-object", &backend, "-machine", "memory-backend=ram0", "-qmp", &qmp];
+    args.extend(["-chardev", &chardev, "-serial", "chardev:hb"]);
+    if incoming {
+        args.extend(["-incoming", "defer", "-S"]);
+    }
+    args.extend(extra);
+    let q = Qemu::start(dir, name, "kvm,dirty-ring-size=4096", ram_mib, kernel, &args)?;
+    let hb = Heartbeat::listen(&serial)?;
+    Ok((q, hb, mig))
+}
+
+/// Compare two QEMU processes' guest RAM files page by page; the differing RAM offsets.
+pub fn ram_diff(a: u32, b: u32, size: u64) -> anyhow::Result<Vec<u64>> {
+    let open = |pid: u32| -> anyhow::Result<std::fs::File> {
+        let fd = kvm_hooks::process::Pidfd::open(pid)?;
+        Ok(qemu_vm::process::ram_file(&fd, size)?.file)
+    };
+    use std::os::unix::fs::FileExt;
+    let (fa, fb) = (open(a)?, open(b)?);
+    let chunk = 64usize << 20;
+    let (mut ba, mut bb) = (vec![0u8; chunk], vec![0u8; chunk]);
+    let mut diff = Vec::new();
+    let mut off = 0u64;
+    while off < size {
+        let n = chunk.min((size - off) as usize);
+        // Positioned reads: the descriptors share their file offset with QEMU's.
+        fa.read_exact_at(&mut ba[..n], off)?;
+        fb.read_exact_at(&mut bb[..n], off)?;
+        for (i, (pa, pb)) in ba[..n].chunks(4096).zip(bb[..n].chunks(4096)).enumerate() {
+            if pa != pb {
+                diff.push(off + i as u64 * 4096);
+            }
+        }
+        off += n as u64;
+    }
+    Ok(diff)
 }

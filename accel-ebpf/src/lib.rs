@@ -25,6 +25,8 @@ use aya::programs::RawTracePoint;
 use aya::{Ebpf, EbpfLoader, RawTracePointRunOptions, TestRun};
 use memmap2::{MmapOptions, MmapRaw};
 
+pub mod qemu;
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/migaccel.bpf.o"));
 
 /// Words in the dirty bitmap map (`MAX_WORDS` in the C source): 64 GiB of guest space.

@@ -291,6 +291,19 @@ pub struct AuthConfig {
     pub key: Option<crate::keys::TransportKey>,
 }
 
+/// A running QEMU VM to migrate instead of the embedded guest (`[qemu]`): `send` migrates
+/// it, `receive` fills it (`docs/qemu.md`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    /// QEMU's process id (0: no QEMU; the embedded guest).
+    pub pid: u32,
+    /// QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
+    pub qmp: Option<PathBuf>,
+    /// Destination: leave the VM paused after migration (QEMU started with `-S`).
+    pub leave_paused: bool,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -300,6 +313,7 @@ pub struct Config {
     pub receiver: ReceiverConfig,
     pub confidential: ConfidentialConfig,
     pub auth: AuthConfig,
+    pub qemu: QemuConfig,
 }
 
 impl Config {
@@ -340,6 +354,16 @@ impl Config {
 
     /// Check every value; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let q = &self.qemu;
+        if q.pid != 0 && q.qmp.is_none() {
+            return Err(invalid("qemu.qmp", "qemu.pid is set: give QEMU's QMP socket too (--qmp PATH)"));
+        }
+        if q.pid == 0 && q.qmp.is_some() {
+            return Err(invalid("qemu.pid", "qemu.qmp is set: give QEMU's process id too (--qemu-pid PID)"));
+        }
+        if q.pid != 0 && self.confidential.enabled {
+            return Err(invalid("confidential.enabled", "a QEMU VM migrates without an in-guest Migration Handler"));
+        }
         let g = &self.guest;
         kvm_hooks::memory::validate_ram_size(g.ram.0).map_err(|e| invalid("guest.ram", e.to_string()))?;
         if g.vcpus == 0 || g.vcpus > embedded_vmm::vmm::MAX_VCPUS {

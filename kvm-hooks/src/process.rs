@@ -32,6 +32,19 @@ impl Pidfd {
         self.pid
     }
 
+    /// A duplicate of the process's file descriptor `fd` (`pidfd_getfd`): the same open
+    /// file (a guest-RAM memfd), now also ours. Needs ptrace access to the process (root).
+    pub fn get_fd(&self, fd: i32) -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags, and returns a
+        // new descriptor or -1; it touches no memory of ours.
+        let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.fd.as_raw_fd(), fd, 0) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `r` is a descriptor the kernel just installed for us alone.
+        Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    }
+
     /// Wait up to `timeout` for the process to exit; true once it has.
     pub fn wait_exit(&self, timeout: Duration) -> io::Result<bool> {
         let mut p = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -49,6 +62,27 @@ impl Pidfd {
             }
         }
     }
+}
+
+/// The process at the other end of a connected Unix socket (`SO_PEERCRED`).
+pub fn peer_pid(sock: &impl AsRawFd) -> io::Result<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given; the kernel writes
+    // at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.pid as u32)
 }
 
 /// How many KVM VMs `pid` holds (its `anon_inode:kvm-vm` file descriptors).

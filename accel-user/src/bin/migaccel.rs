@@ -10,6 +10,7 @@ use accel_user::session;
 use accel_user::source::Event;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kvm_hooks::migratable::Migratable;
 
 #[derive(Parser)]
 #[command(name = "migaccel", version, about = "Fast live migration of KVM guests")]
@@ -51,6 +52,9 @@ enum Cmd {
         /// have exactly this much).
         #[arg(long, value_parser = parse_size)]
         prepare_ram: Option<ByteSize>,
+        /// With --qemu-pid: leave the received VM paused (QEMU started with -S).
+        #[arg(long)]
+        leave_paused: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -160,6 +164,13 @@ struct Common {
     /// Write guest RAM as it stood at switchover (source) / at resume (destination).
     #[arg(long, value_name = "PATH")]
     dump_memory: Option<PathBuf>,
+    /// Migrate (send) or fill (receive) this running QEMU process's VM instead of the
+    /// embedded guest (docs/qemu.md).
+    #[arg(long, value_name = "PID")]
+    qemu_pid: Option<u32>,
+    /// That QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
+    #[arg(long, value_name = "PATH")]
+    qmp: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -175,6 +186,12 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
 
 impl Common {
     fn apply(&self, c: &mut Config) {
+        if let Some(p) = self.qemu_pid {
+            c.qemu.pid = p;
+        }
+        if let Some(p) = &self.qmp {
+            c.qemu.qmp = Some(p.clone());
+        }
         let g = &mut c.guest;
         if let Some(v) = self.ram {
             g.ram = v;
@@ -284,6 +301,80 @@ fn progress(quiet: bool) -> impl FnMut(Event) {
     }
 }
 
+/// `send --qemu-pid`: attach to the running QEMU and migrate its VM.
+fn send_qemu(cfg: &Config, to: &str, common: &Common) -> anyhow::Result<()> {
+    let json = common.report == Format::Json;
+    let qmp = cfg.qemu.qmp.as_deref().context("qemu.qmp")?;
+    let vm = qemu_vm::QemuVm::attach(cfg.qemu.pid, qmp)?;
+    eprintln!("attached to {}", vm.describe());
+    let rep = session::send_vm(cfg, &vm, to, &mut progress(json));
+    let rep = match rep {
+        Ok(r) => r,
+        Err(e) => {
+            drop(vm); // dirty logging off before the error is reported
+            return Err(e.into());
+        }
+    };
+    if let Some(p) = &common.dump_memory {
+        dump(p, &vm.ram().snapshot())?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        print!("{}", rep.text());
+    }
+    Ok(())
+}
+
+/// `receive --qemu-pid`: fill the waiting QEMU (`-incoming defer`) and resume it.
+fn receive_qemu(cfg: &Config, common: &Common) -> anyhow::Result<()> {
+    let qmp = cfg.qemu.qmp.as_deref().context("qemu.qmp")?;
+    anyhow::ensure!(
+        cfg.receiver.prepare_ram.0 == 0,
+        "--prepare-ram: a QEMU destination receives into QEMU's own RAM; leave it out"
+    );
+    let vms = qemu_vm::QemuVms::attach(cfg.qemu.pid, qmp, cfg.qemu.leave_paused)?;
+    let r = session::receiver_for(cfg, common.dump_memory.is_some(), vms)?;
+    let l = TcpListener::bind(&cfg.receiver.listen).with_context(|| format!("listen on {}", cfg.receiver.listen))?;
+    listening_line(cfg, &l)?;
+    let (r, res) = session::receive_with(cfg, &l, r);
+    let got = res?;
+    let m = r.into_machine().context("receiver finished without a VM")?;
+    if let Some(p) = &common.dump_memory {
+        dump(p, got.snapshot.as_deref().unwrap_or_default())?;
+    }
+    let status = m.status()?;
+    if common.report == Format::Json {
+        let v = serde_json::json!({
+            "pages": got.pages, "rounds": got.rounds, "bytes": got.bytes,
+            "total_ms": got.total_time.as_secs_f64() * 1e3, "qemu_pid": m.pid(), "qemu_status": status,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "received {} pages in {} rounds ({:.1} ms); QEMU process {} is {status}",
+            got.pages,
+            got.rounds,
+            got.total_time.as_secs_f64() * 1e3,
+            m.pid()
+        );
+    }
+    Ok(())
+}
+
+/// The line callers wait for (they may stop reading after it).
+fn listening_line(cfg: &Config, l: &TcpListener) -> anyhow::Result<()> {
+    if cfg.auth.insecure {
+        eprintln!(
+            "listening on {} (INSECURE: authentication is off, any process that can reach this address can send a VM to run here; docs/security.md)",
+            l.local_addr()?
+        );
+    } else {
+        eprintln!("listening on {} (authenticated: pre-shared key)", l.local_addr()?);
+    }
+    Ok(())
+}
+
 fn dump(path: &Path, ram: &[u8]) -> anyhow::Result<()> {
     let mut f = std::fs::File::create(path).with_context(|| format!("--dump-memory {}", path.display()))?;
     f.write_all(ram).with_context(|| format!("--dump-memory {}", path.display()))?;
@@ -331,6 +422,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let json = common.report == Format::Json;
             // No guest boots for a migration that cannot authenticate.
             cfg.auth_key().map_err(anyhow::Error::msg)?;
+            if cfg.qemu.pid != 0 {
+                return send_qemu(&cfg, to, common);
+            }
             let m = session::boot_source(&cfg)?;
             let rep = session::send(&cfg, &m, to, &mut progress(json))?;
             if let Some(p) = &common.dump_memory {
@@ -343,7 +437,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Receive { listen, max_ram, liveness_timeout_ms, prepare_ram, common } => {
+        Cmd::Receive { listen, max_ram, liveness_timeout_ms, prepare_ram, leave_paused, common } => {
             let mut cfg = load(&cli, common)?;
             if let Some(l) = listen {
                 cfg.receiver.listen = l.clone();
@@ -357,20 +451,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(v) = prepare_ram {
                 cfg.receiver.prepare_ram = *v;
             }
+            cfg.qemu.leave_paused |= *leave_paused;
             cfg.validate()?;
+            if cfg.qemu.pid != 0 {
+                return receive_qemu(&cfg, common);
+            }
             // Prepared before listening: a source that connects finds the destination ready.
             let r = session::receiver(&cfg, common.dump_memory.is_some())?;
             let l = TcpListener::bind(&cfg.receiver.listen)
                 .with_context(|| format!("listen on {}", cfg.receiver.listen))?;
             // One line: callers wait for it and may stop reading after it.
-            if cfg.auth.insecure {
-                eprintln!(
-                    "listening on {} (INSECURE: authentication is off, any process that can reach this address can send a VM to run here; docs/security.md)",
-                    l.local_addr()?
-                );
-            } else {
-                eprintln!("listening on {} (authenticated: pre-shared key)", l.local_addr()?);
-            }
+            listening_line(&cfg, &l)?;
             let (r, res) = session::receive_with(&cfg, &l, r);
             let got = res?;
             let m = r.into_machine().context("receiver finished without a VM")?;

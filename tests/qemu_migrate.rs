@@ -1,0 +1,235 @@
+//! QEMU → QEMU migrations by migaccel: real QEMU processes, migaccel attached to both
+//! through pidfds and QMP, the guest's RAM moved by migaccel and only the device state by
+//! QEMU (`x-ignore-shared`). The destination starts paused (`-S`) and is left paused, so
+//! both RAM files can be compared page for page before it runs.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use accel_user::config::Config;
+use accel_user::session;
+use accel_user::source::Event;
+use migaccel_tests::qemu::{guest_image, qemu_for_migaccel, ram_diff, GuestImage, Heartbeat, Qemu, WRITE_COUNT_GPA};
+use qemu_vm::{QemuVm, QemuVms};
+use serde_json::json;
+
+/// The destination QEMU writes this page itself while it loads the device state (the
+/// chipset's shadow-BIOS area below 1 MiB): not a page migaccel moves wrong.
+const WRITTEN_BY_DESTINATION_QEMU: u64 = 0xe8000;
+
+struct Pair {
+    dir: PathBuf,
+    src: Qemu,
+    src_hb: Heartbeat,
+    src_mig: PathBuf,
+    dst: Qemu,
+    dst_hb: Heartbeat,
+    dst_mig: PathBuf,
+    ram: u64,
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("migaccel-qm-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A source guest that prefilled its RAM and writes `hot` bytes of it at full speed, with
+/// a heartbeat every ~1 ms; and a destination QEMU waiting for it.
+fn pair(tag: &str, ram: u64, hot: u64, src_extra: &[&str]) -> Pair {
+    let dir = tmpdir(tag);
+    let kernel = guest_image(&dir, &GuestImage::filled(ram, hot, Some(3_000_000))).unwrap();
+    let (mut src, src_hb, src_mig) = qemu_for_migaccel(&dir, "src", ram >> 20, &kernel, false, src_extra).unwrap();
+    src.wait_prefilled(Duration::from_secs(600)).unwrap();
+    let (dst, dst_hb, dst_mig) = qemu_for_migaccel(&dir, "dst", ram >> 20, &kernel, true, &[]).unwrap();
+    Pair { dir, src, src_hb, src_mig, dst, dst_hb, dst_mig, ram }
+}
+
+fn config() -> Config {
+    let mut c = Config::default();
+    c.auth.key = Some(migaccel_tests::test_key());
+    c.receiver.listen = "127.0.0.1:0".into();
+    c
+}
+
+/// Migrate in this process: a receiver thread filling the destination QEMU (left paused),
+/// the source attached here. `on` sees the source's events.
+fn migrate(p: &Pair, c: &Config, on: &mut dyn FnMut(Event)) -> accel_user::report::SourceReport {
+    let vms = QemuVms::attach(p.dst.pid(), &p.dst_mig, true).expect("attach to the destination QEMU");
+    let r = session::receiver_for(c, false, vms).expect("receiver");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let cc = c.clone();
+    let t = std::thread::spawn(move || {
+        let (r, res) = session::receive_with(&cc, &l, r);
+        res.map(|got| (got, r.into_machine().map(|m| m.pid())))
+    });
+    let vm = QemuVm::attach(p.src.pid(), &p.src_mig).expect("attach to the source QEMU");
+    let rep = session::send_vm(c, &vm, &addr, on).expect("migration");
+    let (got, pid) = t.join().unwrap().expect("the destination receives the VM");
+    assert_eq!(pid, Some(p.dst.pid()));
+    assert!(got.pages >= p.ram / 4096, "every page arrived at least once");
+    rep
+}
+
+/// After a migration: both QEMUs paused, RAM equal page for page, the source's QEMU moved
+/// only device state, and once resumed the destination guest runs (heartbeat, page writes).
+fn check_handover(p: &mut Pair) {
+    assert_eq!(p.src.cmd("query-status", json!({})).unwrap()["status"], "postmigrate");
+    assert_eq!(p.dst.cmd("query-status", json!({})).unwrap()["status"], "paused");
+    let diff = ram_diff(p.src.pid(), p.dst.pid(), p.ram).unwrap();
+    let unexpected: Vec<String> =
+        diff.iter().filter(|&&o| o != WRITTEN_BY_DESTINATION_QEMU).map(|o| format!("{o:#x}")).collect();
+    assert!(
+        unexpected.is_empty(),
+        "{} page(s) differ, first: {:?}",
+        unexpected.len(),
+        &unexpected[..unexpected.len().min(8)]
+    );
+    let m = p.src.cmd("query-migrate", json!({})).unwrap();
+    assert_eq!(m["status"], "completed", "{m}");
+    let moved = m["ram"]["transferred"].as_u64().unwrap();
+    eprintln!("QEMU's own stream: {moved} bytes of RAM sections (device memory such as VGA, firmware)");
+    assert!(moved < 32 << 20, "QEMU moved {moved} bytes: guest RAM went through QEMU, not migaccel");
+    // The destination runs the guest on: its heartbeat and its page writes go on.
+    let writes = p.dst.read_u64(WRITE_COUNT_GPA).unwrap();
+    let before = p.dst_hb.count();
+    let resumed = Instant::now();
+    p.dst.cmd("cont", json!({})).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.dst_hb.first_after(resumed).is_none() || p.dst.read_u64(WRITE_COUNT_GPA).unwrap() == writes {
+        assert!(Instant::now() < deadline, "the destination guest does not run after resume");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(p.dst_hb.count() > before);
+    let _ = std::fs::remove_dir_all(&p.dir);
+}
+
+fn full_speed(tag: &str, ram: u64) {
+    let mut p = pair(tag, ram, 256 << 20, &[]);
+    let rep = migrate(&p, &config(), &mut |_| {});
+    eprintln!(
+        "{tag}: total {:?}, downtime {:?}, {} rounds, {} MiB",
+        rep.total,
+        rep.downtime,
+        rep.precopy_rounds.len(),
+        rep.bytes_total >> 20
+    );
+    let last_src = p.src_hb.last().expect("the source guest sent heartbeats");
+    assert!(last_src > Instant::now() - Duration::from_secs(600));
+    check_handover(&mut p);
+}
+
+/// 1 GiB, prefilled, 256 MiB written at full speed, over loopback.
+#[test]
+fn qemu_to_qemu_1g_full_speed() {
+    full_speed("1g", 1 << 30);
+}
+
+/// 4 GiB: QEMU's pc machine puts 1 GiB of it above the PCI hole (GPA 4 GiB = RAM offset
+/// 3 GiB); the guest prefills and writes both parts.
+#[test]
+fn qemu_to_qemu_4g_above_the_pci_hole() {
+    full_speed("4g", 4 << 30);
+}
+
+/// QEMU writes guest RAM itself (its gdb stub's `M` packet) on pages the guest never
+/// touches, after round 0 has read them: the uprobes on QEMU's write functions report
+/// them, and the destination ends with those bytes.
+#[test]
+fn writes_qemu_makes_itself_reach_the_destination() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let gdb = format!("tcp:127.0.0.1:{port}");
+    let mut p = pair("gdb", 256 << 20, 32 << 20, &["-gdb", &gdb]);
+    // Pages past the guest's range at 16 MiB .. 48 MiB: the guest never writes 200 MiB.
+    let target: u64 = 200 << 20;
+    let mut g = Gdb::connect(port);
+    let mut wrote = false;
+    let rep = migrate(&p, &config(), &mut |e| {
+        if let Event::Round(r) = e {
+            if r.round == 0 {
+                // Round 0 has read these pages (as they were) and harvested: the writes
+                // reach no KVM dirty log.
+                for i in 0..4u64 {
+                    g.write(target + i * 4096 + 8 * i, &[0xA5, 0x5A, i as u8, 0xC3]);
+                }
+                wrote = true;
+            }
+        }
+    });
+    assert!(wrote && rep.precopy_rounds.len() + 1 >= 2);
+    drop(g);
+    for i in 0..4u64 {
+        let v = p.dst.read_u64(target + i * 4096 + 8 * i).unwrap();
+        assert_eq!(v & 0xffff_ffff, u64::from(u32::from_le_bytes([0xA5, 0x5A, i as u8, 0xC3])), "page {i}");
+    }
+    // The gdb stub stopped the source guest: compare RAM, not liveness.
+    let diff = ram_diff(p.src.pid(), p.dst.pid(), p.ram).unwrap();
+    assert!(diff.iter().all(|&o| o == WRITTEN_BY_DESTINATION_QEMU), "{diff:x?}");
+    let _ = std::fs::remove_dir_all(&p.dir);
+    let _ = &mut p;
+}
+
+/// A minimal gdb remote-protocol client: enough to write guest memory.
+struct Gdb {
+    s: TcpStream,
+}
+
+impl Gdb {
+    fn connect(port: u16) -> Gdb {
+        let t0 = Instant::now();
+        let s = loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(t0.elapsed() < Duration::from_secs(30), "gdb stub: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut g = Gdb { s };
+        g.packet("?");
+        g
+    }
+
+    /// Send one packet and return the reply's payload.
+    fn packet(&mut self, body: &str) -> String {
+        let sum: u8 = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
+        write!(self.s, "${body}#{sum:02x}").unwrap();
+        self.reply()
+    }
+
+    /// The next packet's payload (acknowledged).
+    fn reply(&mut self) -> String {
+        let mut reply = Vec::new();
+        let mut b = [0u8; 1];
+        loop {
+            self.s.read_exact(&mut b).unwrap();
+            match b[0] {
+                b'+' if reply.is_empty() => continue,
+                b'#' => {
+                    let mut cs = [0u8; 2];
+                    self.s.read_exact(&mut cs).unwrap();
+                    self.s.write_all(b"+").unwrap();
+                    let text = String::from_utf8_lossy(&reply).into_owned();
+                    return text.trim_start_matches('$').to_string();
+                }
+                c => reply.push(c),
+            }
+        }
+    }
+
+    fn write(&mut self, addr: u64, bytes: &[u8]) {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut r = self.packet(&format!("M{addr:x},{:x}:{hex}", bytes.len()));
+        // Stop notifications (the stub reports the VM stopping) may come first.
+        while r.starts_with('T') || r.starts_with('S') {
+            r = self.reply();
+        }
+        assert_eq!(r, "OK", "gdb M at {addr:#x}");
+    }
+}

@@ -56,7 +56,7 @@ fn config() -> Config {
 /// Migrate in this process: a receiver thread filling the destination QEMU (left paused),
 /// the source attached here. `on` sees the source's events.
 fn migrate(p: &Pair, c: &Config, on: &mut dyn FnMut(Event)) -> accel_user::report::SourceReport {
-    let vms = QemuVms::attach(p.dst.pid(), &p.dst_mig, true).expect("attach to the destination QEMU");
+    let vms = QemuVms::attach(p.dst.pid(), &p.dst_mig, true, true).expect("attach to the destination QEMU");
     let r = session::receiver_for(c, false, vms).expect("receiver");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
@@ -232,4 +232,200 @@ impl Gdb {
         }
         assert_eq!(r, "OK", "gdb M at {addr:#x}");
     }
+}
+
+fn attach_err(pid: u32, qmp: &std::path::Path) -> String {
+    match QemuVm::attach(pid, qmp) {
+        Ok(_) => panic!("attached to process {pid}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Everything that keeps migaccel from attaching is refused with what to do about it.
+#[test]
+fn attach_refuses_what_it_cannot_migrate() {
+    let dir = tmpdir("attach");
+    let kernel = guest_image(&dir, &GuestImage::default()).unwrap();
+    let nowhere = dir.join("nowhere.sock");
+    let e = attach_err(1 << 22, &nowhere);
+    assert!(e.contains("no process 4194304"), "{e}");
+    let e = attach_err(std::process::id(), &nowhere);
+    assert!(e.contains("is not QEMU"), "{e}");
+    // Private RAM (QEMU's default), dirty ring on.
+    let mig = dir.join("private-mig.sock");
+    let qmp = format!("unix:{},server=on,wait=off", mig.display());
+    let private = Qemu::start(&dir, "private", "kvm,dirty-ring-size=4096", 128, &kernel, &["-qmp", &qmp]).unwrap();
+    let e = attach_err(private.pid(), &mig);
+    assert!(e.contains("not shared memory") && e.contains("memory-backend-memfd,id=ram0,size=<RAM>,share=on"), "{e}");
+    // The socket of another QEMU.
+    let (other, _hb, other_mig) = qemu_for_migaccel(&dir, "other", 128, &kernel, false, &[]).unwrap();
+    let e = attach_err(private.pid(), &other_mig);
+    assert!(e.contains(&format!("served by process {}", other.pid())), "{e}");
+    // A socket that does not exist.
+    let e = attach_err(other.pid(), &nowhere);
+    assert!(e.contains("cannot connect") && e.contains("-qmp unix:"), "{e}");
+    // Shared RAM, no dirty ring.
+    let nr = dir.join("noring-mig.sock");
+    let nr_qmp = format!("unix:{},server=on,wait=off", nr.display());
+    let noring = Qemu::start(
+        &dir,
+        "noring",
+        "kvm",
+        128,
+        &kernel,
+        &[
+            "-object",
+            "memory-backend-memfd,id=ram0,size=128M,share=on",
+            "-machine",
+            "memory-backend=ram0",
+            "-qmp",
+            &nr_qmp,
+        ],
+    )
+    .unwrap();
+    let e = attach_err(noring.pid(), &nr);
+    assert!(e.contains("without KVM's dirty ring") && e.contains("-accel kvm,dirty-ring-size=4096"), "{e}");
+    // A destination that is not waiting for a migration.
+    let e = QemuVms::attach(other.pid(), &other_mig, false, false).err().expect("refused").to_string();
+    assert!(e.contains("-incoming defer"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A destination QEMU of another RAM size is refused at the handshake; nothing moved, the
+/// source runs on and its QEMU is as it was (no dirty limit, capability restored).
+#[test]
+fn a_destination_that_cannot_match_is_refused() {
+    let dir = tmpdir("mismatch");
+    let kernel = guest_image(&dir, &GuestImage::default()).unwrap();
+    let (mut src, _hb, src_mig) = qemu_for_migaccel(&dir, "src", 256, &kernel, false, &[]).unwrap();
+    let (dst, _dhb, dst_mig) = qemu_for_migaccel(&dir, "dst", 512, &kernel, true, &[]).unwrap();
+    let c = config();
+    let vms = QemuVms::attach(dst.pid(), &dst_mig, true, false).unwrap();
+    let r = session::receiver_for(&c, false, vms).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let cc = c.clone();
+    let t = std::thread::spawn(move || session::receive_with(&cc, &l, r).1.map(|_| ()));
+    let vm = QemuVm::attach(src.pid(), &src_mig).unwrap();
+    let e = session::send_vm(&c, &vm, &addr, &mut |_| {}).expect_err("refused").to_string();
+    assert!(e.contains("cannot take this VM") && e.contains("512 MiB") && e.contains("256 MiB"), "{e}");
+    assert!(t.join().unwrap().is_err());
+    drop(vm);
+    assert_eq!(src.cmd("query-status", json!({})).unwrap()["status"], "running");
+    assert_eq!(src.cmd("query-vcpu-dirty-limit", json!({})).unwrap(), json!([]));
+    let caps = src.cmd("query-migrate-capabilities", json!({})).unwrap();
+    let ignore = caps.as_array().unwrap().iter().find(|c| c["capability"] == "x-ignore-shared").unwrap();
+    assert_eq!(ignore["state"], false);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The source QEMU killed during precopy: the migration fails with "exited", and the
+/// destination never runs.
+#[test]
+fn source_qemu_killed_mid_precopy() {
+    let mut p = pair("srckill", 256 << 20, 32 << 20, &[]);
+    let c = config();
+    let vms = QemuVms::attach(p.dst.pid(), &p.dst_mig, false, false).unwrap();
+    let r = session::receiver_for(&c, false, vms).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let cc = c.clone();
+    let t = std::thread::spawn(move || session::receive_with(&cc, &l, r).1.map(|_| ()));
+    let vm = QemuVm::attach(p.src.pid(), &p.src_mig).unwrap();
+    let pid = p.src.pid() as i32;
+    let e = session::send_vm(&c, &vm, &addr, &mut |e| {
+        if let Event::Round(r) = e {
+            if r.round == 0 {
+                // SAFETY: signalling a child process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    })
+    .expect_err("the source QEMU died");
+    assert!(e.to_string().contains(&format!("QEMU process {pid} exited")), "{e}");
+    assert!(t.join().unwrap().is_err(), "the destination must not resume");
+    assert_eq!(p.dst.cmd("query-status", json!({})).unwrap()["status"], "inmigrate");
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&p.dir);
+}
+
+/// The destination QEMU killed before it got the device state: the receiver cannot resume
+/// it, and the source guest runs on with dirty logging off.
+#[test]
+fn destination_qemu_killed_before_device_state() {
+    let mut p = pair("dstkill", 256 << 20, 32 << 20, &[]);
+    let c = config();
+    let vms = QemuVms::attach(p.dst.pid(), &p.dst_mig, false, false).unwrap();
+    let r = session::receiver_for(&c, false, vms).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let cc = c.clone();
+    let t = std::thread::spawn(move || session::receive_with(&cc, &l, r).1.map(|_| ()));
+    let vm = QemuVm::attach(p.src.pid(), &p.src_mig).unwrap();
+    let dpid = p.dst.pid() as i32;
+    let e = session::send_vm(&c, &vm, &addr, &mut |e| {
+        if let Event::Switchover(_) = e {
+            // SAFETY: signalling a child process this test started.
+            unsafe { libc::kill(dpid, libc::SIGKILL) };
+        }
+    })
+    .expect_err("the destination QEMU died");
+    eprintln!("{e}");
+    let rerr = t.join().unwrap().expect_err("the receiver cannot resume a dead QEMU").to_string();
+    assert!(rerr.contains(&format!("QEMU process {dpid}")), "{rerr}");
+    drop(vm);
+    assert_eq!(p.src.cmd("query-status", json!({})).unwrap()["status"], "running");
+    assert_eq!(p.src.cmd("query-vcpu-dirty-limit", json!({})).unwrap(), json!([]));
+    let w = p.src.read_u64(WRITE_COUNT_GPA).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.src.read_u64(WRITE_COUNT_GPA).unwrap() == w {
+        assert!(Instant::now() < deadline, "the source guest does not run after the failed migration");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = std::fs::remove_dir_all(&p.dir);
+}
+
+/// Two hosts: `migaccel receive` and `migaccel send` as processes in two network
+/// namespaces joined by a veth pair, each attached to its QEMU; 1 GiB at full speed.
+#[test]
+fn qemu_to_qemu_between_network_namespaces() {
+    use std::io::BufRead;
+    let ns = migaccel_tests::NetnsPair::create("qm").expect("network namespaces (root, iproute2)");
+    let mut p = pair("netns", 1 << 30, 256 << 20, &[]);
+    let key = migaccel_tests::test_key_file();
+    let bin = migaccel_tests::migaccel_bin();
+    let listen = format!("{}:47190", ns.dst_ip);
+    let mut recv = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.dst])
+        .arg(&bin)
+        .args(["receive", "--listen", &listen, "--leave-paused", "--report", "json", "--auth-key"])
+        .arg(&key)
+        .args(["--qemu-pid", &p.dst.pid().to_string(), "--qmp"])
+        .arg(&p.dst_mig)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(recv.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("listening on"), "receiver: {line}");
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::stderr()));
+    let send = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.src])
+        .arg(&bin)
+        .args(["send", "--to", &listen, "--report", "json", "--auth-key"])
+        .arg(&key)
+        .args(["--qemu-pid", &p.src.pid().to_string(), "--qmp"])
+        .arg(&p.src_mig)
+        .output()
+        .unwrap();
+    assert!(send.status.success(), "send: {}", String::from_utf8_lossy(&send.stderr));
+    let rep: serde_json::Value = serde_json::from_slice(&send.stdout).unwrap();
+    let out = recv.wait_with_output().unwrap();
+    assert!(out.status.success(), "receive failed");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["qemu_status"], "paused", "{got}");
+    eprintln!("netns: total {} ms, downtime {} ms", rep["total_ms"], rep["downtime_ms"]);
+    check_handover(&mut p);
 }

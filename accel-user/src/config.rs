@@ -293,7 +293,7 @@ pub struct AuthConfig {
 
 /// A running QEMU VM to migrate instead of the embedded guest (`[qemu]`): `send` migrates
 /// it, `receive` fills it (`docs/qemu.md`).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QemuConfig {
     /// QEMU's process id (0: no QEMU; the embedded guest).
@@ -302,6 +302,15 @@ pub struct QemuConfig {
     pub qmp: Option<PathBuf>,
     /// Destination: leave the VM paused after migration (QEMU started with `-S`).
     pub leave_paused: bool,
+    /// Destination: allocate all of QEMU's guest RAM when attaching, before any source
+    /// connects (QEMU's `-mem-prealloc`, done by migaccel). Default on.
+    pub populate: bool,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig { pid: 0, qmp: None, leave_paused: false, populate: true }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

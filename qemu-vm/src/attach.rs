@@ -41,6 +41,20 @@ impl Attached {
     pub fn exited(&self) -> bool {
         self.pidfd.wait_exit(std::time::Duration::ZERO).unwrap_or(true)
     }
+
+    /// `e`, or [`QemuError::Exited`] when QEMU is gone: a monitor connection that breaks is
+    /// often the first sign of an exit the kernel has not finished yet.
+    pub fn explain(&self, e: QemuError) -> QemuError {
+        let gone = match &e {
+            QemuError::Qmp { .. } => self.pidfd.wait_exit(std::time::Duration::from_secs(2)).unwrap_or(true),
+            _ => self.exited(),
+        };
+        if gone {
+            QemuError::Exited { pid: self.pid }
+        } else {
+            e
+        }
+    }
 }
 
 /// Attach to QEMU process `pid` through its QMP socket `qmp`: check that it is QEMU, that

@@ -27,7 +27,10 @@ pub struct QemuVms {
 
 impl QemuVms {
     /// Attach to QEMU process `pid` (started with `-incoming defer`) through its QMP socket.
-    pub fn attach(pid: u32, qmp: &Path, leave_paused: bool) -> Result<QemuVms, QemuError> {
+    /// With `populate`, allocate every page of QEMU's RAM file now, before any source
+    /// connects (as QEMU's `-mem-prealloc` would): a first write to a fresh shared-memory
+    /// page costs microseconds, and paid during the migration it bounds how fast RAM arrives.
+    pub fn attach(pid: u32, qmp: &Path, leave_paused: bool, populate: bool) -> Result<QemuVms, QemuError> {
         let a = attach(pid, qmp)?;
         if a.status != "inmigrate" {
             return Err(QemuError::Attach {
@@ -39,6 +42,19 @@ impl QemuVms {
                     a.status
                 ),
             });
+        }
+        if populate {
+            let t = Instant::now();
+            a.ram.populate().map_err(|e| QemuError::Attach {
+                pid,
+                what: "allocating guest RAM",
+                msg: e.to_string(),
+            })?;
+            tracing::info!(
+                "QEMU process {pid}: {} MiB of guest RAM allocated in {:?}",
+                a.shape.ram_bytes >> 20,
+                t.elapsed()
+            );
         }
         Ok(QemuVms { a: Mutex::new(Some(a)), leave_paused })
     }
@@ -191,11 +207,14 @@ impl Incoming for QemuIncoming {
     fn resume(&self) -> VmResult<()> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).take();
         let state = state.ok_or_else(|| VmError::State("resume before the device state arrived".into()))?;
-        self.load(&state.stream())?;
-        let status = self.a.qmp().status()?;
-        if status == "paused" && !self.leave_paused {
-            self.a.qmp().cmd("cont", json!({}))?;
-        }
-        Ok(())
+        let run = || -> Result<(), QemuError> {
+            self.load(&state.stream())?;
+            let status = self.a.qmp().status()?;
+            if status == "paused" && !self.leave_paused {
+                self.a.qmp().cmd("cont", json!({}))?;
+            }
+            Ok(())
+        };
+        run().map_err(|e| self.a.explain(e).into())
     }
 }

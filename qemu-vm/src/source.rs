@@ -94,10 +94,7 @@ impl QemuVm {
     }
 
     fn vmm(&self, e: QemuError) -> VmError {
-        if self.a.exited() {
-            return QemuError::Exited { pid: self.a.pid }.into();
-        }
-        e.into()
+        self.a.explain(e).into()
     }
 
     /// Run QEMU's migration of its devices into a socket of ours and return the stream.
@@ -208,7 +205,7 @@ impl Migratable for QemuVm {
                 Some(format!("QEMU reports the VM {s}"))
             }
             Ok(_) => None,
-            Err(e) => Some(e.to_string()),
+            Err(e) => Some(self.a.explain(e).to_string()),
         }
     }
     fn set_throttle(&self, _percent: u8) {}

@@ -333,7 +333,7 @@ fn receive_qemu(cfg: &Config, common: &Common) -> anyhow::Result<()> {
         cfg.receiver.prepare_ram.0 == 0,
         "--prepare-ram: a QEMU destination receives into QEMU's own RAM; leave it out"
     );
-    let vms = qemu_vm::QemuVms::attach(cfg.qemu.pid, qmp, cfg.qemu.leave_paused)?;
+    let vms = qemu_vm::QemuVms::attach(cfg.qemu.pid, qmp, cfg.qemu.leave_paused, cfg.qemu.populate)?;
     let r = session::receiver_for(cfg, common.dump_memory.is_some(), vms)?;
     let l = TcpListener::bind(&cfg.receiver.listen).with_context(|| format!("listen on {}", cfg.receiver.listen))?;
     listening_line(cfg, &l)?;

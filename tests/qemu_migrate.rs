@@ -429,3 +429,19 @@ fn qemu_to_qemu_between_network_namespaces() {
     eprintln!("netns: total {} ms, downtime {} ms", rep["total_ms"], rep["downtime_ms"]);
     check_handover(&mut p);
 }
+
+/// An attached QEMU VM meets the boundary's conformance suite (as the embedded VMM and the
+/// fake VM do); afterwards its QEMU runs on as it was.
+#[test]
+fn qemu_vm_conforms() {
+    let dir = tmpdir("conform");
+    let kernel = guest_image(&dir, &GuestImage::filled(256 << 20, 32 << 20, None)).unwrap();
+    let (mut q, _hb, mig) = qemu_for_migaccel(&dir, "c", 256, &kernel, false, &[]).unwrap();
+    q.wait_prefilled(Duration::from_secs(600)).unwrap();
+    let vm = QemuVm::attach(q.pid(), &mig).unwrap();
+    kvm_hooks::conformance::check_source(&vm, &mut || None).unwrap();
+    drop(vm);
+    assert_eq!(q.cmd("query-status", json!({})).unwrap()["status"], "running");
+    assert_eq!(q.cmd("query-vcpu-dirty-limit", json!({})).unwrap(), json!([]));
+    let _ = std::fs::remove_dir_all(&dir);
+}

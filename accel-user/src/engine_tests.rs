@@ -252,3 +252,21 @@ fn a_vanished_source_is_never_resumed() {
     assert!(e.contains("precopy round 0"), "{e}");
     assert!(!r.machine().expect("the VM was created at Hello").resumed.load(Ordering::Acquire));
 }
+
+/// The fake VM meets the boundary's conformance suite (as the embedded VMM and QEMU do in
+/// their own tests).
+#[test]
+fn fake_vm_conforms() {
+    let vm = FakeVm::new();
+    let mut n = 0u64;
+    let mut poke = || {
+        n += 1;
+        let pages = vec![3 * n, 3 * n + 1];
+        for &p in &pages {
+            vm.write(p, n as u8);
+        }
+        Some(pages)
+    };
+    kvm_hooks::conformance::check_source(&vm, &mut poke).unwrap();
+    assert!(vm.is_running());
+}

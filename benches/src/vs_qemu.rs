@@ -9,21 +9,25 @@
 //! a ratio to the best QEMU configuration of the same cell and repetition that treats its
 //! destination's memory alike (fresh / preallocated), and its total also to the best of all.
 //!
+//! "QEMU + migaccel" is the product: the same QEMU guest, migaccel attached to both QEMU
+//! processes (`send`/`receive --qemu-pid`), moving RAM itself while QEMU moves only its
+//! devices; with a fresh destination (compared with QEMU without preallocation) and with
+//! the destination's RAM allocated by migaccel when it attaches (compared with
+//! `-mem-prealloc`).
+//!
 //! The guest-visible blackout is measured by each guest's heartbeat: QEMU's guest writes a
 //! byte to its serial port every millisecond of TSC time (timestamped by this process as it
 //! arrives from each QEMU); the embedded guest's progress reports are stamped by its VMM
 //! (idle: one per millisecond; walking: one per 4096 pages). Blackout = the destination's
 //! first heartbeat after the migration minus the source's last one.
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use accel_user::config::ByteSize;
 use anyhow::{bail, Context};
-use migaccel_tests::qemu::{guest_image, GuestImage, Qemu, WRITE_COUNT_GPA};
+use migaccel_tests::qemu::{guest_image, qemu_for_migaccel, GuestImage, Heartbeat, Qemu, WRITE_COUNT_GPA};
 use serde_json::{json, Value};
 
 /// One migration's figures (NaN where a system cannot report one).
@@ -59,42 +63,6 @@ const QEMU_CFGS: [QemuCfg; 6] = [
     QemuCfg { name: "QEMU multifd 4, prealloc", multifd: 4, dirty_ring: false, prealloc: true },
     QemuCfg { name: "QEMU dirty ring, prealloc", multifd: 0, dirty_ring: true, prealloc: true },
 ];
-
-/// Bytes arriving on a QEMU serial port, each read timestamped.
-struct Heartbeat {
-    beats: Arc<Mutex<Vec<Instant>>>,
-}
-
-impl Heartbeat {
-    fn listen(sock: &Path) -> anyhow::Result<Heartbeat> {
-        let t0 = Instant::now();
-        let mut s = loop {
-            match UnixStream::connect(sock) {
-                Ok(s) => break s,
-                Err(_) if t0.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(10)),
-                Err(e) => bail!("serial socket {}: {e}", sock.display()),
-            }
-        };
-        let beats = Arc::new(Mutex::new(Vec::new()));
-        let b = beats.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                b.lock().unwrap().push(Instant::now());
-            }
-        });
-        Ok(Heartbeat { beats })
-    }
-    fn last(&self) -> Option<Instant> {
-        self.beats.lock().unwrap().last().copied()
-    }
-    fn first_after(&self, t: Instant) -> Option<Instant> {
-        self.beats.lock().unwrap().iter().find(|&&b| b >= t).copied()
-    }
-}
 
 fn start_qemu(
     dir: &Path,
@@ -205,23 +173,12 @@ fn migaccel_run(ram: u64, hot: u64, prepared: bool, warmup: Duration) -> anyhow:
     // QEMU migrates over plain TCP here (no `tls-creds`): like for like, migaccel runs
     // without its channel protection too (`--insecure`); `transport --channel` measures
     // what sealing costs.
-    let mut recv = Command::new(&bin);
-    recv.args(["receive", "--listen", &addr, "--report", "json", "--insecure"]);
+    let mut args: Vec<String> =
+        ["receive", "--listen", &addr, "--report", "json", "--insecure"].map(String::from).into();
     if prepared {
-        recv.args(["--prepare-ram", &ram.to_string()]);
+        args.extend(["--prepare-ram".into(), ram.to_string()]);
     }
-    let mut recv = recv.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("migaccel receive")?;
-    let mut err = BufReader::new(recv.stderr.take().context("receiver stderr")?);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        anyhow::ensure!(err.read_line(&mut line)? > 0, "the receiver exited before listening");
-        if line.contains("listening on") {
-            break;
-        }
-    }
-    // Keep draining the receiver's log so it never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let recv = spawn_receiver(&bin, &args)?;
     // The embedded guest's data RAM starts at 4 MiB; QEMU's at 16 MiB: the same hot pages.
     let working_set = if hot == u64::MAX { ram - (16 << 20) } else { hot };
     let workload: Vec<String> = if hot == 0 {
@@ -260,6 +217,82 @@ fn migaccel_run(ram: u64, hot: u64, prepared: bool, warmup: Duration) -> anyhow:
         writes_before: f(&s, "guest_writes_per_s_setup"),
         writes_during: f(&s, "guest_writes_per_s_precopy"),
         cpu_s: (f(&s, "cpu_ms") + f(&d, "cpu_ms")) / 1e3,
+    })
+}
+
+/// Start `migaccel receive` with `args` and wait for its listening line; its log is drained.
+fn spawn_receiver(bin: &Path, args: &[String]) -> anyhow::Result<std::process::Child> {
+    let mut recv = Command::new(bin).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut err = BufReader::new(recv.stderr.take().context("receiver stderr")?);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        anyhow::ensure!(err.read_line(&mut line)? > 0, "the receiver exited before listening");
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    Ok(recv)
+}
+
+/// QEMU's guest migrated QEMU → QEMU by migaccel attached to both processes.
+fn migaccel_qemu_run(dir: &Path, kernel: &Path, ram: u64, prepared: bool, warmup: Duration) -> anyhow::Result<Run> {
+    let bin = std::env::current_exe()?.with_file_name("migaccel");
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let (dst, dst_hb, dst_mig) = qemu_for_migaccel(dir, "mdst", ram >> 20, kernel, true, &[])?;
+    let (mut src, src_hb, src_mig) = qemu_for_migaccel(dir, "msrc", ram >> 20, kernel, false, &[])?;
+    src.wait_prefilled(Duration::from_secs(600))?;
+    std::thread::sleep(warmup);
+    let mut args: Vec<String> =
+        ["receive", "--listen", &addr, "--report", "json", "--insecure"].map(String::from).into();
+    args.extend(["--qemu-pid".into(), dst.pid().to_string(), "--qmp".into(), dst_mig.display().to_string()]);
+    if !prepared {
+        args.push("--no-populate".into());
+    }
+    // Attaching (and, prepared, allocating RAM) happens before the listening line.
+    let recv = spawn_receiver(&bin, &args)?;
+    let (w0, tw0) = (src.read_u64(WRITE_COUNT_GPA)?, Instant::now());
+    std::thread::sleep(Duration::from_millis(500));
+    let (w1, tw1) = (src.read_u64(WRITE_COUNT_GPA)?, Instant::now());
+    let cpu0 = src.cpu_time()? + dst.cpu_time()?;
+    let out = Command::new(&bin)
+        .args(["send", "--to", &addr, "--report", "json", "--insecure", "--qemu-pid", &src.pid().to_string()])
+        .arg("--qmp")
+        .arg(&src_mig)
+        .stderr(Stdio::piped())
+        .output()
+        .context("migaccel send")?;
+    let cpu = (src.cpu_time()? + dst.cpu_time()?).saturating_sub(cpu0);
+    let r = recv.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "send: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(r.status.success(), "receive failed");
+    let w2 = src.read_u64(WRITE_COUNT_GPA)?;
+    let s: Value = serde_json::from_slice(&out.stdout)?;
+    let d: Value = serde_json::from_slice(&r.stdout).context("the receiver's JSON report")?;
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let last_src = src_hb.last().context("the source guest sent no heartbeat")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first_dst = loop {
+        if let Some(b) = dst_hb.first_after(last_src) {
+            break b;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the destination guest sent no heartbeat within 30 s");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let precopy_s = (f(&s, "total_ms") - f(&s, "downtime_ms")) / 1e3;
+    let _ = d;
+    Ok(Run {
+        total_ms: f(&s, "total_ms"),
+        setup_ms: f(&s, "setup_ms"),
+        downtime_ms: f(&s, "downtime_ms"),
+        blackout_ms: (first_dst - last_src).as_secs_f64() * 1e3,
+        mib: f(&s, "bytes_total") / (1 << 20) as f64,
+        rounds: s["precopy_rounds"].as_array().map_or(f64::NAN, |r| r.len() as f64 + 1.0),
+        writes_before: (w1 - w0) as f64 / (tw1 - tw0).as_secs_f64(),
+        writes_during: w2.saturating_sub(w1) as f64 / precopy_s,
+        // Both QEMUs (vCPU threads included) and migaccel's two processes.
+        cpu_s: cpu.as_secs_f64() + (f(&s, "cpu_ms") + f(&d, "cpu_ms")) / 1e3,
     })
 }
 
@@ -305,6 +338,8 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> a
     let mut systems: Vec<String> = QEMU_CFGS.iter().map(|c| c.name.to_string()).collect();
     systems.push("migaccel".into());
     systems.push("migaccel, prepared destination".into());
+    systems.push("QEMU + migaccel".into());
+    systems.push("QEMU + migaccel, prepared destination".into());
     let nq = QEMU_CFGS.len();
     println!("# vs-qemu: {reps} repetition(s), interleaved; 1 vCPU; warm-up {warmup_ms} ms after the prefill");
     println!();
@@ -316,14 +351,16 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> a
         for &(class, hot) in &classes {
             let kernel = guest_image(&dir, &GuestImage::filled(ram.0, hot, Some(ticks)))?;
             let mut runs: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
-            let mut ratios: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); 2];
+            let mut ratios: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); 4];
             for rep in 0..reps as usize {
                 let mut this: Vec<Option<Run>> = vec![None; systems.len()];
                 for k in (0..systems.len()).map(|k| (k + rep) % systems.len()) {
                     let r = if k < nq {
                         qemu_run(&dir, &kernel, ram.0, &QEMU_CFGS[k], warmup)
-                    } else {
+                    } else if k < nq + 2 {
                         migaccel_run(ram.0, hot, k == nq + 1, warmup)
+                    } else {
+                        migaccel_qemu_run(&dir, &kernel, ram.0, k == nq + 3, warmup)
                     }
                     .with_context(|| format!("{} MiB, {class}, {}", ram.0 >> 20, systems[k]))?;
                     eprintln!(
@@ -343,7 +380,7 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> a
                 for (j, m) in this[nq..].iter().enumerate() {
                     let m = m.expect("every migaccel cell ran");
                     let best = |f: fn(&Run) -> f64, all: bool| {
-                        let same = |c: &QemuCfg| all || c.prealloc == (j == 1);
+                        let same = |c: &QemuCfg| all || c.prealloc == (j % 2 == 1);
                         q.iter()
                             .zip(&QEMU_CFGS)
                             .filter(|(_, c)| same(c))

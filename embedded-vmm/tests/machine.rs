@@ -60,3 +60,17 @@ fn state_moves_to_a_second_vm_and_guest_continues() {
     let after = wait_progress(&dst, before.iter().copied().max().unwrap() + 2);
     assert!(after.iter().zip(&before).all(|(a, b)| a > b), "{after:?} vs {before:?}");
 }
+
+/// The embedded VMM meets the boundary's conformance suite (as the fake VM and QEMU do).
+#[test]
+fn embedded_vm_conforms() {
+    use kvm_hooks::migratable::Migratable;
+    for dirty in [RING, DirtyPreference::Bitmap] {
+        let m = Machine::boot(spec(Workload::Ab), dirty).unwrap();
+        m.resume().unwrap();
+        wait_progress(&m, 1);
+        // The guest writes by itself; which pages, the suite learns from the dirty log.
+        kvm_hooks::conformance::check_source(&m as &dyn Migratable, &mut || None).unwrap();
+        assert!(m.fault().is_none());
+    }
+}

@@ -8,6 +8,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod boot;
+pub mod conformance;
 pub mod dirty;
 pub mod error;
 pub mod layout;

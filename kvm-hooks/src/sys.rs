@@ -205,6 +205,18 @@ pub fn populate(fd: &impl AsRawFd, addr: *mut u8, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Map the pages of `addr..+len` (a shared mapping of the caller's) into this process for
+/// reading (`MADV_POPULATE_READ`), so later reads take no page faults.
+pub fn populate_read(addr: *mut u8, len: u64) -> io::Result<()> {
+    const MADV_POPULATE_READ: i32 = 22;
+    // SAFETY: `addr..addr+len` lies inside a mapping the caller owns; populating page
+    // tables for reading changes no memory.
+    if unsafe { libc::madvise(addr.cast(), len as usize, MADV_POPULATE_READ) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Wait until `fd` is readable (data, end of stream or an error to report), at most
 /// `timeout`. `Ok(false)`: nothing arrived in time. An interrupted wait counts as nothing.
 pub fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {

@@ -208,7 +208,9 @@ impl Incoming for QemuIncoming {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).take();
         let state = state.ok_or_else(|| VmError::State("resume before the device state arrived".into()))?;
         let run = || -> Result<(), QemuError> {
+            let t = Instant::now();
             self.load(&state.stream())?;
+            tracing::info!(ms = t.elapsed().as_secs_f64() * 1e3, "QEMU loaded the device state");
             let status = self.a.qmp().status()?;
             if status == "paused" && !self.leave_paused {
                 self.a.qmp().cmd("cont", json!({}))?;

@@ -75,6 +75,10 @@ impl QemuVm {
             gfn_end: a.layout().gfn_end(),
         };
         let probe = QemuProbe::attach(&target).map_err(|source| QemuError::Ebpf { pid, source })?;
+        // Our mapping of QEMU's RAM starts empty: map it now, not one fault per page in round 0.
+        let t = Instant::now();
+        a.ram.populate_read().map_err(|e| err("mapping guest RAM", e.to_string()))?;
+        tracing::info!("QEMU process {pid}: guest RAM mapped for reading in {:?}", t.elapsed());
         let dirty = QemuDirtyLog::new(probe, a.qmp.clone(), a.layout().clone(), a.ram.pages());
         Ok(QemuVm { a, dirty, ignore_shared_before })
     }
@@ -213,8 +217,9 @@ impl Migratable for QemuVm {
         0
     }
     fn save_machine_state(&self) -> VmResult<MachineState> {
+        let t = Instant::now();
         let stream = self.save_devices().map_err(|e| self.vmm(e))?;
-        tracing::info!(bytes = stream.len(), "QEMU's device state saved");
+        tracing::info!(bytes = stream.len(), ms = t.elapsed().as_secs_f64() * 1e3, "QEMU's device state saved");
         Ok(MachineState::from_stream(&stream))
     }
 }

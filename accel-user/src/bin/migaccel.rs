@@ -55,6 +55,9 @@ enum Cmd {
         /// With --qemu-pid: leave the received VM paused (QEMU started with -S).
         #[arg(long)]
         leave_paused: bool,
+        /// With --qemu-pid: do not allocate QEMU's guest RAM when attaching (qemu.populate).
+        #[arg(long)]
+        no_populate: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -347,7 +350,8 @@ fn receive_qemu(cfg: &Config, common: &Common) -> anyhow::Result<()> {
     if common.report == Format::Json {
         let v = serde_json::json!({
             "pages": got.pages, "rounds": got.rounds, "bytes": got.bytes,
-            "total_ms": got.total_time.as_secs_f64() * 1e3, "qemu_pid": m.pid(), "qemu_status": status,
+            "total_ms": got.total_time.as_secs_f64() * 1e3, "cpu_ms": got.cpu.as_secs_f64() * 1e3,
+            "qemu_pid": m.pid(), "qemu_status": status,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -437,7 +441,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Receive { listen, max_ram, liveness_timeout_ms, prepare_ram, leave_paused, common } => {
+        Cmd::Receive { listen, max_ram, liveness_timeout_ms, prepare_ram, leave_paused, no_populate, common } => {
             let mut cfg = load(&cli, common)?;
             if let Some(l) = listen {
                 cfg.receiver.listen = l.clone();
@@ -452,6 +456,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.receiver.prepare_ram = *v;
             }
             cfg.qemu.leave_paused |= *leave_paused;
+            if *no_populate {
+                cfg.qemu.populate = false;
+            }
             cfg.validate()?;
             if cfg.qemu.pid != 0 {
                 return receive_qemu(&cfg, common);

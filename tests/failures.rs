@@ -359,13 +359,24 @@ fn receiver_rejects_out_of_sequence_frame() {
 fn receiver_rejects_bad_vcpu_state() {
     let (e, resumed) = hostile(|s| {
         hello(s);
-        s.write_all(&frame(FrameKind::EndOfRound, 1, &protocol::encode_end_of_round(0, 0))).unwrap();
+        // Every page (as one zero run), so the receiver gets as far as the machine state.
+        let pages = SPEC.shape().ram_bytes / 4096;
+        let mut p = Vec::new();
+        protocol::encode_pages_meta(
+            0,
+            &[protocol::Run { gfn: 0, npages: pages as u32, flags: protocol::RUN_ZERO }],
+            &mut p,
+        );
+        s.write_all(&frame(FrameKind::Pages, 1, &p)).unwrap();
+        s.write_all(&frame(FrameKind::EndOfRound, 2, &protocol::encode_end_of_round(0, pages))).unwrap();
+        s.write_all(&frame(FrameKind::EndOfRound, 3, &protocol::encode_end_of_round(1, 0))).unwrap();
         let mut sp = protocol::encode_state_prefix(0, 8).to_vec();
         sp.extend_from_slice(b"NOTVCPU!");
-        s.write_all(&frame(FrameKind::State, 2, &sp)).unwrap();
+        s.write_all(&frame(FrameKind::State, 4, &sp)).unwrap();
+        s.write_all(&frame(FrameKind::Complete, 5, &protocol::encode_complete(2, 1, pages))).unwrap();
     });
     assert!(!resumed);
-    assert!(e.to_string().contains("vCPU state"), "{e}");
+    assert!(e.to_string().contains("machine state: vCPU 0"), "{e}");
 }
 
 /// A VM bigger than this host can hold is refused at the handshake, before anything is

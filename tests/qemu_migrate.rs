@@ -445,3 +445,91 @@ fn qemu_vm_conforms() {
     assert_eq!(q.cmd("query-vcpu-dirty-limit", json!({})).unwrap(), json!([]));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// BPF program ids a process holds (its fdinfo names them).
+fn bpf_prog_ids(pid: u32) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+        if let Ok(text) = std::fs::read_to_string(e.path()) {
+            for l in text.lines() {
+                if let Some(v) = l.strip_prefix("prog_id:") {
+                    ids.extend(v.trim().parse::<u64>().ok());
+                }
+            }
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// `migaccel send` killed with SIGKILL mid-precopy: its BPF programs and uprobes go with it;
+/// QEMU's dirty limit stays, a new attach names it and the QMP command of docs/qemu.md
+/// clears it; the guest runs on.
+#[test]
+fn a_killed_migaccel_leaves_only_what_the_docs_name() {
+    use std::io::BufRead;
+    let mut p = pair("kill9", 256 << 20, 32 << 20, &[]);
+    // A destination that accepts the VM and then stops reading: the source blocks in round 0.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let stall = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut h = [0u8; accel_user::protocol::HEADER_LEN];
+        s.read_exact(&mut h).unwrap();
+        let h = accel_user::protocol::Header::decode(&h).unwrap();
+        let mut body = vec![0u8; h.len as usize];
+        s.read_exact(&mut body).unwrap();
+        let ack = accel_user::protocol::encode_hello_ack(0, 0, "accepted");
+        let hdr = accel_user::protocol::Header {
+            kind: accel_user::protocol::FrameKind::HelloAck,
+            len: ack.len() as u32,
+            seq: 0,
+        };
+        s.write_all(&hdr.encode()).unwrap();
+        s.write_all(&ack).unwrap();
+        s // kept open, never read again
+    });
+    let mut send = std::process::Command::new(migaccel_tests::migaccel_bin())
+        .args(["send", "--to", &addr, "--insecure", "--streams", "1", "--qemu-pid", &p.src.pid().to_string(), "--qmp"])
+        .arg(&p.src_mig)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(send.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("destination accepted the VM") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "send exited early");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.src.cmd("query-vcpu-dirty-limit", json!({})).unwrap() == json!([]) {
+        assert!(Instant::now() < deadline, "dirty logging never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let progs = bpf_prog_ids(send.id());
+    assert!(progs.len() >= 4, "the probes are loaded: {progs:?}");
+    send.kill().unwrap();
+    send.wait().unwrap();
+    let _conn = stall.join().unwrap();
+    // The kernel frees programs whose last descriptor closed.
+    let live = |id: u64| {
+        std::process::Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string()])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while progs.iter().any(|&id| live(id)) {
+        assert!(Instant::now() < deadline, "BPF programs of the killed migaccel are still loaded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(p.src.cmd("query-status", json!({})).unwrap()["status"], "running");
+    let e = attach_err(p.src.pid(), &p.src_mig);
+    assert!(e.contains("cancel-vcpu-dirty-limit"), "{e}");
+    p.src.cmd("cancel-vcpu-dirty-limit", json!({})).unwrap();
+    drop(QemuVm::attach(p.src.pid(), &p.src_mig).expect("attaches once the limit is cleared"));
+    let _ = std::fs::remove_dir_all(&p.dir);
+}

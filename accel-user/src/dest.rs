@@ -33,8 +33,10 @@ pub struct RecvOptions {
     /// Largest VM accepted.
     pub max_ram: u64,
     pub max_vcpus: u32,
-    /// Snapshot guest RAM just before resuming (verification, `--dump-memory`). The time it
-    /// takes is reported to the source and excluded from downtime.
+    /// Snapshot guest RAM once every page has arrived (verification, `--dump-memory`): at the
+    /// first machine-state section, so nothing but the resume runs between `Complete` and
+    /// `Resumed`; confidential VMs (whose MH writes RAM until its End marker) just before
+    /// resuming. The time it takes is reported to the source and excluded from downtime.
     pub capture: bool,
     /// How long to wait for the next frame.
     pub io_timeout: Duration,
@@ -380,6 +382,9 @@ pub struct Receiver<F: VmFactory> {
     round_pages: u64,
     total_pages: u64,
     bytes: u64,
+    /// Guest RAM as it stood when the last page arrived (with `capture`), and what taking it
+    /// cost.
+    snapshot: Option<(Vec<u8>, Duration)>,
     /// Machine-state sections received so far, in order, and their bytes.
     sections: Vec<Vec<u8>>,
     section_bytes: usize,
@@ -414,6 +419,7 @@ impl<F: VmFactory> Receiver<F> {
             round_pages: 0,
             total_pages: 0,
             bytes: 0,
+            snapshot: None,
             sections: Vec::new(),
             section_bytes: 0,
             shared: Arc::new(Shared {
@@ -589,6 +595,11 @@ impl<F: VmFactory> Receiver<F> {
                 (RecvState::States, FrameKind::PageStates) if self.confidential => self.on_page_states(t, &h)?,
                 (RecvState::Precopy { round }, FrameKind::State) if round > 0 && !self.confidential => {
                     self.state = RecvState::States;
+                    // Every page is in: the data streams are done, and RAM is final now, so a
+                    // snapshot taken here costs the handover nothing (between Complete and
+                    // Resumed only the resume runs).
+                    self.end_data_streams();
+                    self.capture_now();
                     self.on_state(t, &h)?;
                 }
                 (RecvState::States, FrameKind::State) if !self.confidential => self.on_state(t, &h)?,
@@ -955,6 +966,30 @@ impl<F: VmFactory> Receiver<F> {
         Ok(())
     }
 
+    /// Every round is over: stop the data-stream workers (their silence from now on is not
+    /// the source's).
+    fn end_data_streams(&mut self) {
+        if self.workers.is_empty() {
+            return;
+        }
+        self.shared.stop.store(true, Ordering::Release);
+        for s in self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()).iter().skip(1) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+
+    /// With `capture`, snapshot guest RAM now (every page has arrived).
+    fn capture_now(&mut self) {
+        if let (true, Some(m)) = (self.o.capture, self.machine.as_ref()) {
+            let t = Instant::now();
+            let s = m.ram().snapshot();
+            self.snapshot = Some((s, t.elapsed()));
+        }
+    }
+
     fn on_state(&mut self, t: &mut dyn Transport, h: &Header) -> Result<(), RecvError> {
         let p = self.small(t, h)?;
         let (i, blob) = protocol::decode_state(&p).map_err(|e| self.perr(e))?;
@@ -1020,8 +1055,11 @@ impl<F: VmFactory> Receiver<F> {
         m.restore_machine_state(&state).map_err(kvm)?;
         let m = self.machine.as_ref().expect("checked above");
         let c0 = Instant::now();
-        let snapshot = self.o.capture.then(|| m.ram().snapshot());
-        let capture_time = c0.elapsed();
+        // Confidential VMs: the MH writes guest RAM until its End marker, so only now.
+        let (snapshot, capture_time) = match self.snapshot.take() {
+            Some(s) => (Some(s.0), s.1),
+            None => (self.o.capture.then(|| m.ram().snapshot()), c0.elapsed()),
+        };
         m.resume().map_err(kvm)?;
         self.state = RecvState::Resumed;
         let ack = protocol::encode_resumed(capture_time.as_micros() as u64);

@@ -270,3 +270,29 @@ fn fake_vm_conforms() {
     kvm_hooks::conformance::check_source(&vm, &mut poke).unwrap();
     assert!(vm.is_running());
 }
+
+/// The switchover estimate counts what the machine state costs: a VM whose state alone
+/// takes the whole downtime target never converges and switches over at the round limit.
+#[test]
+fn the_machine_state_cost_counts_against_the_downtime_target() {
+    use crate::policy::SwitchReason;
+    for (cost, converges) in [(Duration::ZERO, true), (Duration::from_millis(50), false)] {
+        let mut vm = FakeVm::new();
+        vm.switchover_cost = cost;
+        let (addr, dest) = fake_receiver(false);
+        let mut reason = None;
+        // Two rounds at least: from round 1 on, each round finds the page written after the
+        // one before, so the final round is never empty.
+        send(&vm, &addr, 2, &mut |e| match e {
+            Event::Round(r) => vm.write(u64::from(r.round) + 5, 1),
+            Event::Switchover(r) => reason = Some(r),
+            _ => {}
+        })
+        .expect("migration");
+        dest.join().unwrap().1.expect("received");
+        match reason.expect("a switchover") {
+            SwitchReason::Converged { .. } => assert!(converges, "cost {cost:?}"),
+            SwitchReason::RoundLimit { .. } => assert!(!converges, "cost {cost:?}"),
+        }
+    }
+}

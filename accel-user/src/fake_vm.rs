@@ -71,6 +71,8 @@ pub struct FakeVm {
     running: AtomicBool,
     throttle: AtomicU8,
     mh: Mutex<Option<MhHost>>,
+    /// What the fake says its machine state costs at switchover.
+    pub switchover_cost: std::time::Duration,
 }
 
 impl Default for FakeVm {
@@ -87,7 +89,15 @@ impl FakeVm {
         let pages = ram.pages();
         let dirty = FakeDirty { pages, ..Default::default() };
         dirty.mark_all();
-        FakeVm { shape, ram, dirty, running: AtomicBool::new(true), throttle: AtomicU8::new(0), mh: Mutex::new(None) }
+        FakeVm {
+            shape,
+            ram,
+            dirty,
+            running: AtomicBool::new(true),
+            throttle: AtomicU8::new(0),
+            mh: Mutex::new(None),
+            switchover_cost: std::time::Duration::ZERO,
+        }
     }
 
     /// A guest write: `byte` at the start of page `gfn`, seen by dirty logging if it is on.
@@ -150,6 +160,9 @@ impl Migratable for FakeVm {
     }
     fn confidential(&self) -> Option<&dyn ConfidentialSource> {
         Some(self)
+    }
+    fn switchover_cost(&self) -> std::time::Duration {
+        self.switchover_cost
     }
 }
 

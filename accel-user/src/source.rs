@@ -335,7 +335,10 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         }
         // Pages held back until they are safe to copy are still to send.
         let remaining = gfns.len() as u64 + c.m.dirty_log().pending();
-        if let Decision::Switchover(r) = decide(&c.o.policy, &rounds, remaining) {
+        // The final pages get what the machine state leaves of the downtime target.
+        let mut policy = c.o.policy;
+        policy.downtime_target = policy.downtime_target.saturating_sub(c.m.switchover_cost());
+        if let Decision::Switchover(r) = decide(&policy, &rounds, remaining) {
             // The final harvest after the pause picks these up again.
             c.m.dirty_log().restore(&gfns);
             c.inflight = InFlight::Nothing;

@@ -208,6 +208,11 @@ pub trait Migratable {
     fn throttle(&self) -> u8;
     /// Everything but RAM (the VM must be paused and its last dirty pages taken).
     fn save_machine_state(&self) -> VmResult<MachineState>;
+    /// What the switchover costs besides the final pages (saving, sending and loading the
+    /// machine state), so the downtime estimate counts it.
+    fn switchover_cost(&self) -> Duration {
+        Duration::ZERO
+    }
     /// The Migration Handler and page-state record, for VMs that can run one (its `mh()`
     /// says whether one runs now).
     fn confidential(&self) -> Option<&dyn ConfidentialSource> {

@@ -22,6 +22,11 @@ use crate::error::QemuError;
 /// hung QEMU reaches it.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What QEMU's device state costs at switchover (saved by the source QEMU, carried, loaded
+/// by the destination), measured here for the pc machine: 5 ms to save and 10 ms to load
+/// 0.9 MB.
+pub const DEVICE_STATE_COST: Duration = Duration::from_millis(15);
+
 pub struct QemuVm {
     a: Attached,
     dirty: QemuDirtyLog,
@@ -215,6 +220,9 @@ impl Migratable for QemuVm {
     fn set_throttle(&self, _percent: u8) {}
     fn throttle(&self) -> u8 {
         0
+    }
+    fn switchover_cost(&self) -> Duration {
+        DEVICE_STATE_COST
     }
     fn save_machine_state(&self) -> VmResult<MachineState> {
         let t = Instant::now();

@@ -234,6 +234,15 @@ impl Gdb {
     }
 }
 
+/// A receiver thread filling `vms` on a loopback port: its address, and its outcome.
+fn receiving(c: &Config, vms: QemuVms) -> (String, std::thread::JoinHandle<Result<(), accel_user::dest::RecvError>>) {
+    let r = session::receiver_for(c, false, vms).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let cc = c.clone();
+    (addr, std::thread::spawn(move || session::receive_with(&cc, &l, r).1.map(|_| ())))
+}
+
 fn attach_err(pid: u32, qmp: &std::path::Path) -> String {
     match QemuVm::attach(pid, qmp) {
         Ok(_) => panic!("attached to process {pid}"),
@@ -301,11 +310,7 @@ fn a_destination_that_cannot_match_is_refused() {
     let (dst, _dhb, dst_mig) = qemu_for_migaccel(&dir, "dst", 512, &kernel, true, &[]).unwrap();
     let c = config();
     let vms = QemuVms::attach(dst.pid(), &dst_mig, true, false).unwrap();
-    let r = session::receiver_for(&c, false, vms).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let cc = c.clone();
-    let t = std::thread::spawn(move || session::receive_with(&cc, &l, r).1.map(|_| ()));
+    let (addr, t) = receiving(&c, vms);
     let vm = QemuVm::attach(src.pid(), &src_mig).unwrap();
     let e = session::send_vm(&c, &vm, &addr, &mut |_| {}).expect_err("refused").to_string();
     assert!(e.contains("cannot take this VM") && e.contains("512 MiB") && e.contains("256 MiB"), "{e}");
@@ -326,11 +331,7 @@ fn source_qemu_killed_mid_precopy() {
     let mut p = pair("srckill", 256 << 20, 32 << 20, &[]);
     let c = config();
     let vms = QemuVms::attach(p.dst.pid(), &p.dst_mig, false, false).unwrap();
-    let r = session::receiver_for(&c, false, vms).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let cc = c.clone();
-    let t = std::thread::spawn(move || session::receive_with(&cc, &l, r).1.map(|_| ()));
+    let (addr, t) = receiving(&c, vms);
     let vm = QemuVm::attach(p.src.pid(), &p.src_mig).unwrap();
     let pid = p.src.pid() as i32;
     let e = session::send_vm(&c, &vm, &addr, &mut |e| {
@@ -356,11 +357,7 @@ fn destination_qemu_killed_before_device_state() {
     let mut p = pair("dstkill", 256 << 20, 32 << 20, &[]);
     let c = config();
     let vms = QemuVms::attach(p.dst.pid(), &p.dst_mig, false, false).unwrap();
-    let r = session::receiver_for(&c, false, vms).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let cc = c.clone();
-    let t = std::thread::spawn(move || session::receive_with(&cc, &l, r).1.map(|_| ()));
+    let (addr, t) = receiving(&c, vms);
     let vm = QemuVm::attach(p.src.pid(), &p.src_mig).unwrap();
     let dpid = p.dst.pid() as i32;
     let e = session::send_vm(&c, &vm, &addr, &mut |e| {

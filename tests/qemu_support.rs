@@ -253,6 +253,18 @@ impl Heartbeat {
     pub fn count(&self) -> usize {
         self.beats.lock().unwrap().len()
     }
+    /// Wait for the first beat at or after `t`; a guest that beats every millisecond is
+    /// late by `timeout` only when it does not run.
+    pub fn wait_after(&self, t: Instant, timeout: Duration) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(b) = self.first_after(t) {
+                return Ok(b);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no heartbeat within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 /// QEMU the way migaccel attaches to it: guest RAM in a shared memfd backend, KVM's dirty

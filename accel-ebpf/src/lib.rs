@@ -225,25 +225,8 @@ impl DirtyProbe {
 
     /// Take every recorded page (atomic swap of each word to 0) and call `f(gfn)` for each.
     /// Returns the number of pages.
-    pub fn harvest(&self, mut f: impl FnMut(u64)) -> u64 {
-        let base = self.bitmap.as_mut_ptr().cast::<AtomicU64>();
-        let mut n = 0;
-        for i in 0..self.words {
-            // SAFETY: i < words <= MAX_WORDS, so the word lies inside the mapping of the map's
-            // MAX_WORDS u64 values; the kernel updates it with atomic ops, so we do too.
-            let w = unsafe { &*base.add(i) };
-            if w.load(Ordering::Relaxed) == 0 {
-                continue;
-            }
-            let mut bits = w.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                let t = bits.trailing_zeros() as u64;
-                f(i as u64 * 64 + t);
-                bits &= bits - 1;
-                n += 1;
-            }
-        }
-        n
+    pub fn harvest(&self, f: impl FnMut(u64)) -> u64 {
+        harvest_bitmap(&self.bitmap, self.words, f)
     }
 
     pub fn stats(&self) -> Result<ProbeStats, EbpfError> {
@@ -363,6 +346,31 @@ impl NoopProbe {
     pub fn run_time(&self) -> Result<RunTime, EbpfError> {
         run_time(&self.ebpf, "dirty_noop")
     }
+}
+
+/// Take every bit set in the first `words` words of a mapped BPF bitmap (an atomic swap of
+/// each word to 0, as the programs set bits atomically) and call `f(bit)` for each.
+/// Returns the number of bits.
+fn harvest_bitmap(bitmap: &MmapRaw, words: usize, mut f: impl FnMut(u64)) -> u64 {
+    assert!(words <= MAX_WORDS && bitmap.len() >= words * 8, "the bitmap mapping holds {words} words");
+    let base = bitmap.as_mut_ptr().cast::<AtomicU64>();
+    let mut n = 0;
+    for i in 0..words {
+        // SAFETY: i < words, and the mapping holds at least `words` u64 values (checked
+        // above), 8-byte aligned (page-aligned mapping); the kernel updates them with
+        // atomic ops, so we do too.
+        let w = unsafe { &*base.add(i) };
+        if w.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        let mut bits = w.swap(0, Ordering::AcqRel);
+        while bits != 0 {
+            f(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+            bits &= bits - 1;
+            n += 1;
+        }
+    }
+    n
 }
 
 fn map_bitmap(md: &MapData) -> Result<MmapRaw, EbpfError> {

@@ -201,24 +201,8 @@ impl QemuProbe {
     }
 
     /// Take every guest frame pushed since the last call (an atomic swap per word).
-    pub fn take_pushed(&self, mut f: impl FnMut(u64)) -> u64 {
-        let base = self.dirty.as_mut_ptr().cast::<AtomicU64>();
-        let mut n = 0;
-        for i in 0..self.words {
-            // SAFETY: i < words <= MAX_WORDS: inside the mapping of the map's MAX_WORDS u64
-            // values, which the programs update with atomic ops, as we do.
-            let w = unsafe { &*base.add(i) };
-            if w.load(Ordering::Relaxed) == 0 {
-                continue;
-            }
-            let mut bits = w.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                f(i as u64 * 64 + u64::from(bits.trailing_zeros()));
-                bits &= bits - 1;
-                n += 1;
-            }
-        }
-        n
+    pub fn take_pushed(&self, f: impl FnMut(u64)) -> u64 {
+        crate::harvest_bitmap(&self.dirty, self.words, f)
     }
 
     /// Drop every push recorded so far (before logging starts).

@@ -140,14 +140,7 @@ fn qemu_run(dir: &Path, kernel: &Path, ram: u64, c: &QemuCfg, warmup: Duration) 
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     anyhow::ensure!(f("total-time") > 0.0, "QEMU reported a completed migration without its time: {r}");
     let last_src = src_hb.last().context("the source guest sent no heartbeat")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let first_dst = loop {
-        if let Some(b) = dst_hb.first_after(last_src) {
-            break b;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the destination guest sent no heartbeat within 30 s");
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let first_dst = dst_hb.wait_after(last_src, Duration::from_secs(30)).context("the destination guest")?;
     let precopy_s = (f("total-time") - f("downtime")) / 1e3;
     Ok(Run {
         total_ms: f("total-time"),
@@ -272,14 +265,7 @@ fn migaccel_qemu_run(dir: &Path, kernel: &Path, ram: u64, prepared: bool, warmup
     let d: Value = serde_json::from_slice(&r.stdout).context("the receiver's JSON report")?;
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let last_src = src_hb.last().context("the source guest sent no heartbeat")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let first_dst = loop {
-        if let Some(b) = dst_hb.first_after(last_src) {
-            break b;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the destination guest sent no heartbeat within 30 s");
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let first_dst = dst_hb.wait_after(last_src, Duration::from_secs(30)).context("the destination guest")?;
     let precopy_s = (f(&s, "total_ms") - f(&s, "downtime_ms")) / 1e3;
     let _ = d;
     Ok(Run {

@@ -318,11 +318,16 @@ fn send_qemu(cfg: &Config, to: &str, common: &Common) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
+    finish_send(common, &vm.ram().snapshot(), &rep)
+}
+
+/// After a successful `send`: `--dump-memory`, then the report.
+fn finish_send(common: &Common, ram: &[u8], rep: &accel_user::report::SourceReport) -> anyhow::Result<()> {
     if let Some(p) = &common.dump_memory {
-        dump(p, &vm.ram().snapshot())?;
+        dump(p, ram)?;
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
+    if common.report == Format::Json {
+        println!("{}", serde_json::to_string_pretty(rep)?);
     } else {
         print!("{}", rep.text());
     }
@@ -431,15 +436,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let m = session::boot_source(&cfg)?;
             let rep = session::send(&cfg, &m, to, &mut progress(json))?;
-            if let Some(p) = &common.dump_memory {
-                dump(p, &m.ram().snapshot())?;
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rep)?);
-            } else {
-                print!("{}", rep.text());
-            }
-            Ok(())
+            finish_send(common, &m.ram().snapshot(), &rep)
         }
         Cmd::Receive { listen, max_ram, liveness_timeout_ms, prepare_ram, leave_paused, no_populate, common } => {
             let mut cfg = load(&cli, common)?;

@@ -108,6 +108,14 @@ fn check_handover(p: &mut Pair) {
 
 fn full_speed(tag: &str, ram: u64) {
     let mut p = pair(tag, ram, 256 << 20, &[]);
+    // The destination's RAM holds something already (as after an earlier, failed receive)
+    // where the source's RAM is zero: it must not survive the migration.
+    {
+        use std::os::unix::fs::FileExt;
+        let fd = kvm_hooks::process::Pidfd::open(p.dst.pid()).unwrap();
+        let f = qemu_vm::process::ram_file(&fd, p.ram).unwrap().file;
+        f.write_all_at(&[0xEE; 4096], 8 << 20).unwrap();
+    }
     let rep = migrate(&p, &config(), &mut |_| {});
     eprintln!(
         "{tag}: total {:?}, downtime {:?}, {} rounds, {} MiB",

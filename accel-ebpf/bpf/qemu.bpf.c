@@ -31,6 +31,15 @@ volatile const __u64 io_as = 0;
 /* QEMU's mapping of guest RAM: host-pointer writes inside it are RAM writes. */
 volatile const __u64 ram_host = 0;
 volatile const __u64 ram_len = 0;
+/* Guest frames past the backend's RAM: pushes there (video memory, firmware) are QEMU's. */
+volatile const __u64 gfn_end = 0;
+/* A fault's frame belongs to a push on the same thread only this soon after it: KVM emits
+ * both inside one fault, under its MMU lock. */
+#define FAULT_FRESH_NS 50000ULL
+/* Rings (vCPUs) whose resets are committed at the ioctl's exit. */
+#define COMMIT_RINGS 64
+/* A committed reset index carries this bit: the ring was seen reset since attach. */
+#define RESET_SEEN (1ULL << 32)
 
 enum {
 	QS_PUSHES,
@@ -39,6 +48,10 @@ enum {
 	QS_RESETS,
 	QS_HOST_WRITES, /* QEMU writes recorded */
 	QS_HOST_DROPPED,/* QEMU writes lost (ring buffer full) */
+	QS_OUTSIDE,     /* pushes past the backend's RAM (QEMU migrates those blocks) */
+	QS_SMM,         /* pushes in the SMM address space: userspace resends all RAM */
+	QS_MISMATCH,    /* a fault's frame disagreed with its slot's base: both marked */
+	QS_LOG_ON,      /* QEMU switched global dirty logging on (memory_global_dirty_log_start) */
 	QS_MAX,
 };
 
@@ -66,13 +79,39 @@ struct {
 	__uint(map_flags, BPF_F_MMAPABLE);
 } push_seq SEC(".maps");
 
-/* Per ring (vCPU): the reset index last seen. */
+/* Per ring (vCPU): the reset index as of the last KVM_RESET_DIRTY_RINGS that returned
+ * (RESET_SEEN | index): only then are its pages write-protected and the TLBs flushed. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAX_RINGS);
 	__type(key, __u32);
 	__type(value, __u64);
 } ring_reset SEC(".maps");
+
+/* Per ring: the reset index the running reset ioctl reached (committed at its exit). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_RINGS);
+	__type(key, __u32);
+	__type(value, __u64);
+} staged_reset SEC(".maps");
+
+/* Threads inside a reset ioctl. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u32);
+} resetting SEC(".maps");
+
+/* Per memslot: a base the last mismatching fault suggested (+1), adopted when a second
+ * fault agrees. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} slot_candidate SEC(".maps");
 
 /* Per memslot (address space x id): first guest frame + 1, 0 while unknown. */
 struct {
@@ -86,6 +125,7 @@ struct fault {
 	__u32 tid;
 	__u32 pad;
 	__u64 gfn;
+	__u64 ns;
 };
 
 /* Per CPU: the guest frame of the fault being handled (KVM handles it without sleeping). */
@@ -142,7 +182,27 @@ int q_spte(struct spte_requested *ctx)
 	if (f) {
 		f->tid = (__u32)bpf_get_current_pid_tgid();
 		f->gfn = ctx->gfn;
+		f->ns = bpf_ktime_get_ns();
 	}
+	return 0;
+}
+
+/* Set the dirty bit of `gfn` and record the ring entry of its push; 0 if recorded. */
+static __always_inline int mark(__u64 gfn, struct ring_push *ctx)
+{
+	if (gfn >= gfn_end) {
+		bump(QS_OUTSIDE);
+		return 0;
+	}
+	__u32 word = gfn / 64;
+	__u64 *w = gfn / 64 < MAX_WORDS ? bpf_map_lookup_elem(&qdirty, &word) : 0;
+	__u32 g = gfn;
+	__u64 *seq = bpf_map_lookup_elem(&push_seq, &g);
+	if (!w || !seq)
+		return -1;
+	/* The entry this push filled: the tracepoint fires after dirty_index advanced. */
+	*seq = ((__u64)(__u32)ctx->index << 32) | (__u32)(ctx->dirty_index - 1);
+	__sync_fetch_and_or(w, 1ULL << (gfn % 64));
 	return 0;
 }
 
@@ -155,48 +215,57 @@ int q_push(struct ring_push *ctx)
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	__u32 as = ctx->slot >> 16, id = ctx->slot & 0xffff;
 	__u64 offset = ctx->offset;
+	if (as == 1) {
+		/* SMRAM is not in the system address space's layout. */
+		bump(QS_SMM);
+		return 0;
+	}
 	if (as > 1 || id >= MAX_SLOTS) {
 		bump(QS_LOST);
 		return 0;
 	}
-	__u32 key = as * MAX_SLOTS + id;
+	__u32 key = id;
 	__u64 *base = bpf_map_lookup_elem(&slot_base, &key);
-	if (!base) {
+	__u64 *cand = bpf_map_lookup_elem(&slot_candidate, &key);
+	if (!base || !cand) {
 		bump(QS_LOST);
 		return 0;
 	}
 	__u32 zero = 0;
 	struct fault *f = bpf_map_lookup_elem(&last_fault, &zero);
-	__u64 gfn;
-	if (f && f->tid == tid && f->gfn >= offset) {
-		/* This push is the fault's own: its frame is authoritative. */
-		gfn = f->gfn;
-		if (*base != gfn - offset + 1) {
-			*base = gfn - offset + 1;
+	__u64 fault_gfn = 0;
+	int fresh = 0;
+	if (f && f->tid == tid && f->gfn >= offset && bpf_ktime_get_ns() - f->ns < FAULT_FRESH_NS) {
+		fresh = 1;
+		fault_gfn = f->gfn;
+		f->tid = 0;
+	}
+	if (!*base) {
+		if (!fresh) {
+			bump(QS_LOST);
+			return 0;
+		}
+		*base = fault_gfn - offset + 1;
+		bump(QS_LEARNED);
+	}
+	__u64 gfn = *base - 1 + offset;
+	if (mark(gfn, ctx)) {
+		bump(QS_LOST);
+		return 0;
+	}
+	if (fresh && fault_gfn != gfn) {
+		/* The slot moved, or the fault was not this push's: mark both frames, and adopt
+		 * the new base once a second fault agrees. */
+		bump(QS_MISMATCH);
+		if (mark(fault_gfn, ctx))
+			bump(QS_LOST);
+		__u64 nb = fault_gfn - offset + 1;
+		if (*cand == nb) {
+			*base = nb;
 			bump(QS_LEARNED);
 		}
-		f->tid = 0;
-	} else if (*base) {
-		gfn = *base - 1 + offset;
-	} else {
-		bump(QS_LOST);
-		return 0;
+		*cand = nb;
 	}
-	__u32 word = gfn / 64;
-	__u64 *w = gfn / 64 < MAX_WORDS ? bpf_map_lookup_elem(&qdirty, &word) : 0;
-	__u32 g = gfn;
-	__u64 *seq = gfn < 0xffffffffULL ? bpf_map_lookup_elem(&push_seq, &g) : 0;
-	if (!w || !seq) {
-		bump(QS_LOST);
-		return 0;
-	}
-	/* The entry this push filled: the tracepoint fires after dirty_index advanced. */
-	*seq = ((__u64)(__u32)ctx->index << 32) | (__u32)(ctx->dirty_index - 1);
-	__u32 ring = ctx->index;
-	__u64 *r = ring < MAX_RINGS ? bpf_map_lookup_elem(&ring_reset, &ring) : 0;
-	if (r)
-		*r = ctx->reset_index;
-	__sync_fetch_and_or(w, 1ULL << (gfn % 64));
 	return 0;
 }
 
@@ -207,9 +276,31 @@ int q_reset(struct ring_reset_rec *ctx)
 		return 0;
 	bump(QS_RESETS);
 	__u32 ring = ctx->index;
-	__u64 *r = ring < MAX_RINGS ? bpf_map_lookup_elem(&ring_reset, &ring) : 0;
+	__u64 *r = ring < MAX_RINGS ? bpf_map_lookup_elem(&staged_reset, &ring) : 0;
 	if (r)
-		*r = ctx->reset_index;
+		*r = RESET_SEEN | ctx->reset_index;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid(), one = 1;
+	bpf_map_update_elem(&resetting, &tid, &one, BPF_ANY);
+	return 0;
+}
+
+/* The reset ioctl returned: KVM has re-protected the pages and flushed the TLBs. */
+SEC("tracepoint/syscalls/sys_exit_ioctl")
+int q_ioctl_exit(void *ctx)
+{
+	if (!ours())
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	if (!bpf_map_lookup_elem(&resetting, &tid))
+		return 0;
+	bpf_map_delete_elem(&resetting, &tid);
+	for (__u32 i = 0; i < COMMIT_RINGS; i++) {
+		__u32 k = i;
+		__u64 *st = bpf_map_lookup_elem(&staged_reset, &k);
+		__u64 *co = bpf_map_lookup_elem(&ring_reset, &k);
+		if (st && co && *st)
+			*co = *st;
+	}
 	return 0;
 }
 
@@ -240,9 +331,9 @@ struct {
 } host_writes SEC(".maps");
 
 /* Calls in flight, by thread and function (the cookie's low byte): recorded on entry,
- * reported on return. */
+ * reported on return. A plain hash: an entry is never evicted, a full map is counted. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u64);
 	__type(value, struct host_write);
@@ -258,7 +349,8 @@ static __always_inline int enter(struct regs *ctx, __u32 kind, __u64 addr, __u64
 	__u64 cookie = bpf_get_attach_cookie(ctx);
 	__u64 key = call_key(cookie);
 	struct host_write w = { .kind = kind, .func = cookie & 0xff, .addr = addr, .len = len };
-	bpf_map_update_elem(&inflight, &key, &w, BPF_ANY);
+	if (bpf_map_update_elem(&inflight, &key, &w, BPF_ANY))
+		bump(QS_HOST_DROPPED);
 	return 0;
 }
 
@@ -312,7 +404,7 @@ static __always_inline int enter_host(struct regs *ctx, __u64 ptr, __u64 len)
 {
 	if (ptr < ram_host || ptr - ram_host >= ram_len)
 		return 0;
-	return enter(ctx, HW_HOST, ptr, len);
+	return enter(ctx, HW_HOST, ptr - ram_host, len);
 }
 
 /* (as, buffer, len, is_write, access_len): address_space_unmap (DMA). */
@@ -333,6 +425,14 @@ int q_cache_invalidate(struct regs *ctx)
 	if (bpf_probe_read_user(&ptr, sizeof(ptr), (void *)ctx->di) || !ptr)
 		return 0;
 	return enter_host(ctx, ptr + ctx->si, ctx->dx);
+}
+
+/* QEMU switched global dirty logging on: its memslots carry KVM_MEM_LOG_DIRTY_PAGES now. */
+SEC("uretprobe")
+int q_log_on(struct regs *ctx)
+{
+	bump(QS_LOG_ON);
+	return 0;
 }
 
 SEC("uretprobe")

@@ -56,6 +56,14 @@ pub struct QemuStats {
     pub host_writes: u64,
     /// QEMU writes that could not be recorded: the record of them is incomplete.
     pub host_dropped: u64,
+    /// Pushes past the backend's RAM (QEMU's own blocks: video memory, firmware).
+    pub outside: u64,
+    /// Pushes in the SMM address space, whose pages the layout does not place.
+    pub smm: u64,
+    /// Faults whose frame disagreed with their memslot's base (both frames were marked).
+    pub mismatches: u64,
+    /// Times QEMU switched its global dirty logging on.
+    pub log_on: u64,
 }
 
 /// QEMU's exported functions that write guest memory, with the program that reads their
@@ -160,6 +168,7 @@ impl QemuProbe {
             .override_global("io_as", &t.io_as, true)
             .override_global("ram_host", &t.ram_host, true)
             .override_global("ram_len", &t.ram_len, true)
+            .override_global("gfn_end", &t.gfn_end, true)
             .map_max_entries("push_seq", seq_entries)
             .load(OBJECT)
             .map_err(|e| EbpfError::Load(e.to_string()))?;
@@ -169,6 +178,7 @@ impl QemuProbe {
             ("q_spte", "kvmmmu", "kvm_mmu_spte_requested"),
             ("q_push", "kvm", "kvm_dirty_ring_push"),
             ("q_reset", "kvm", "kvm_dirty_ring_reset"),
+            ("q_ioctl_exit", "syscalls", "sys_exit_ioctl"),
         ] {
             let p: &mut TracePoint = ebpf
                 .program_mut(prog)
@@ -221,12 +231,14 @@ impl QemuProbe {
         Some(((v >> 32) as u32, v as u32))
     }
 
-    /// The reset index of ring `ring` as last seen.
-    pub fn reset_index(&self, ring: u32) -> Result<u32, EbpfError> {
+    /// The reset index of ring `ring` as of the last reset ioctl that returned (its pages
+    /// re-protected, TLBs flushed); `None` while no reset of it was seen since attaching.
+    pub fn reset_index(&self, ring: u32) -> Result<Option<u32>, EbpfError> {
         let a: Array<_, u64> =
             Array::try_from(self.ebpf.map("ring_reset").ok_or_else(|| merr("ring_reset")("missing".into()))?)
                 .map_err(|e| merr("ring_reset")(e.to_string()))?;
-        a.get(&ring, 0).map(|v| v as u32).map_err(|e| merr("ring_reset")(e.to_string()))
+        let v = a.get(&ring, 0).map_err(|e| merr("ring_reset")(e.to_string()))?;
+        Ok((v >> 32 == 1).then_some(v as u32))
     }
 
     /// Every write QEMU made to guest RAM since the last call, in order.
@@ -249,6 +261,10 @@ impl QemuProbe {
             resets: g(3),
             host_writes: g(4),
             host_dropped: g(5) + malformed,
+            outside: g(6),
+            smm: g(7),
+            mismatches: g(8),
+            log_on: g(9),
         })
     }
 }
@@ -256,6 +272,19 @@ impl QemuProbe {
 fn attach_uprobes(ebpf: &mut Ebpf, t: &QemuTarget) -> Result<(), EbpfError> {
     let pid = std::num::NonZeroU32::new(t.pid).ok_or_else(|| EbpfError::Layout("pid 0".into()))?;
     let scope = UProbeScope::OneProcess(pid);
+    {
+        let p: &mut UProbe = ebpf
+            .program_mut("q_log_on")
+            .ok_or(EbpfError::Program { program: "q_log_on", step: "lookup", msg: "not in the object".into() })?
+            .try_into()
+            .map_err(perr("q_log_on", "type"))?;
+        p.load().map_err(perr("q_log_on", "verifier load"))?;
+        p.attach("memory_global_dirty_log_start", &t.exe, scope).map_err(|e| EbpfError::Program {
+            program: "q_log_on",
+            step: "attach",
+            msg: format!("memory_global_dirty_log_start in {}: {e}", t.exe.display()),
+        })?;
+    }
     let mut loaded: Vec<&'static str> = Vec::new();
     for (i, &(func, prog, width)) in WRITERS.iter().enumerate() {
         let cookie = (width << 8) | i as u64;

@@ -184,6 +184,12 @@ impl GuestRam {
             .map_err(|e| Error::Memory(format!("pre-allocating guest RAM: {e}")))
     }
 
+    /// Make all of guest RAM zero by freeing its pages (a destination whose RAM file held
+    /// something before: pages the source sends as zero runs are not written).
+    pub fn discard(&self) -> Result<()> {
+        sys::punch_hole(&self.file, self.size).map_err(|e| Error::Memory(format!("freeing guest RAM: {e}")))
+    }
+
     /// Map every page that holds data (never the holes, which would allocate them) into this
     /// process for reading: a source reading another process's RAM file then takes no page
     /// fault per page during the migration.

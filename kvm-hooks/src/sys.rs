@@ -205,6 +205,19 @@ pub fn populate(fd: &impl AsRawFd, addr: *mut u8, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Free every page of the file's first `len` bytes (they read as zero again), keeping its
+/// size.
+pub fn punch_hole(fd: &impl AsRawFd, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate only changes the file's allocation; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(fd.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, len as i64)
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Map the pages of `addr..+len` (a shared mapping of the caller's) into this process for
 /// reading (`MADV_POPULATE_READ`), so later reads take no page faults.
 pub fn populate_read(addr: *mut u8, len: u64) -> io::Result<()> {

@@ -21,6 +21,10 @@ use crate::qmp::Qmp;
 /// vCPU: far above what a vCPU can write.
 const NO_LIMIT_MBPS: u64 = 100_000;
 
+/// Longest QEMU may take to switch logging on after `set-vcpu-dirty-limit` (milliseconds
+/// normally): only a hung QEMU reaches it.
+const LOGGING_ON_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct QemuDirtyLog {
     probe: QemuProbe,
     qmp: Arc<Mutex<Qmp>>,
@@ -32,6 +36,8 @@ pub struct QemuDirtyLog {
 #[derive(Default)]
 struct State {
     logging: bool,
+    /// The probes' counters when logging started: anything lost since fails the migration.
+    base: accel_ebpf::qemu::QemuStats,
     /// Every page is to be sent (logging was off, or a full resend was asked for).
     all: bool,
     /// Guest frames reported by the ring whose entry was not yet re-protected.
@@ -59,13 +65,21 @@ impl QemuDirtyLog {
         self.probe.stats().ok()
     }
 
-    fn check_complete(&self) -> Result<()> {
+    fn check_complete(&self, st: &mut State) -> Result<()> {
         let s = self.probe.stats().map_err(|e| Error::Dirty(e.to_string()))?;
-        if s.lost > 0 {
-            return Err(Error::Dirty(format!("the eBPF probe could not place {} dirty-ring report(s)", s.lost)));
+        let lost = s.lost - st.base.lost;
+        if lost > 0 {
+            return Err(Error::Dirty(format!("the eBPF probe could not place {lost} dirty-ring report(s)")));
         }
-        if s.host_dropped > 0 {
-            return Err(Error::Dirty(format!("{} write(s) QEMU made to guest RAM were lost", s.host_dropped)));
+        let dropped = s.host_dropped - st.base.host_dropped;
+        if dropped > 0 {
+            return Err(Error::Dirty(format!("{dropped} write(s) QEMU made to guest RAM were lost")));
+        }
+        if s.smm > st.base.smm {
+            // The guest wrote memory through its SMM view, which the layout does not place.
+            tracing::info!("the guest wrote SMM memory: all of RAM is sent again");
+            st.base.smm = s.smm;
+            st.all = true;
         }
         Ok(())
     }
@@ -73,8 +87,11 @@ impl QemuDirtyLog {
     /// Collect what the probes recorded since the last call; with `paused`, every held
     /// report counts as safe (no vCPU runs).
     fn collect(&self, st: &mut State, paused: bool) -> Result<()> {
+        let layout = &self.layout;
         self.probe.take_pushed(|gfn| {
-            if !st.held.insert(gfn) {
+            // Frames outside this backend's RAM (video memory, firmware) travel in QEMU's
+            // own device stream.
+            if layout.page_of(Gfn(gfn)).is_some() && !st.held.insert(gfn) {
                 st.duplicates += 1;
             }
         });
@@ -98,7 +115,7 @@ impl QemuDirtyLog {
             };
             st.ready.extend(pages);
         }
-        let mut resets: HashMap<u32, u32> = HashMap::new();
+        let mut resets: HashMap<u32, Option<u32>> = HashMap::new();
         let held = std::mem::take(&mut st.held);
         for gfn in held {
             let safe = paused || {
@@ -111,8 +128,9 @@ impl QemuDirtyLog {
                         r
                     }
                 };
-                // Entry numbers wrap at 2^32; a ring holds at most 2^16 entries.
-                (reset.wrapping_sub(entry) as i32) > 0
+                // Entry numbers wrap at 2^32; a ring holds at most 2^16 entries. A ring not
+                // reset since attaching proves nothing.
+                reset.is_some_and(|r| (r.wrapping_sub(entry) as i32) > 0)
             };
             if !safe {
                 st.held.insert(gfn);
@@ -124,7 +142,7 @@ impl QemuDirtyLog {
                 st.ready.insert(p.0);
             }
         }
-        self.check_complete()
+        self.check_complete(st)
     }
 
     fn take_with(&self, paused: bool) -> Result<Vec<u64>> {
@@ -151,9 +169,29 @@ impl DirtyLog for QemuDirtyLog {
         let _ = self.probe.take_host_writes();
         st.held.clear();
         st.ready.clear();
-        let mut q = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
-        q.cmd("set-vcpu-dirty-limit", json!({ "dirty-rate": NO_LIMIT_MBPS }))
+        let before = self.probe.stats().map_err(|e| Error::Dirty(e.to_string()))?;
+        self.qmp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cmd("set-vcpu-dirty-limit", json!({ "dirty-rate": NO_LIMIT_MBPS }))
             .map_err(|e| Error::Dirty(format!("switching QEMU's dirty logging on: {e}")))?;
+        // QEMU switches logging on from a thread of its own after it answered: round 0 may
+        // read a page only once a write to it would be reported.
+        let t0 = std::time::Instant::now();
+        loop {
+            let s = self.probe.stats().map_err(|e| Error::Dirty(e.to_string()))?;
+            if s.log_on > before.log_on {
+                st.base = s;
+                break;
+            }
+            if t0.elapsed() > LOGGING_ON_TIMEOUT {
+                let _ = self.qmp.lock().unwrap_or_else(|e| e.into_inner()).cmd("cancel-vcpu-dirty-limit", json!({}));
+                return Err(Error::Dirty(format!(
+                    "QEMU did not switch dirty logging on within {LOGGING_ON_TIMEOUT:?}"
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
         st.logging = true;
         st.all = false;
         Ok(())

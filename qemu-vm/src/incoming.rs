@@ -43,6 +43,9 @@ impl QemuVms {
                 ),
             });
         }
+        // Whatever QEMU (or an earlier, failed receive) put in its RAM is not the source's:
+        // pages the source sends as zero runs are not written, so RAM starts zero.
+        a.ram.discard().map_err(|e| QemuError::Attach { pid, what: "clearing guest RAM", msg: e.to_string() })?;
         if populate {
             let t = Instant::now();
             a.ram.populate().map_err(|e| QemuError::Attach {
@@ -217,6 +220,15 @@ impl Incoming for QemuIncoming {
             }
             Ok(())
         };
-        run().map_err(|e| self.a.explain(e).into())
+        run().map_err(|e| {
+            // Whether QEMU runs the VM is unknown after a failed load or resume: it must not,
+            // since the source will resume its own copy.
+            let e = self.a.explain(e);
+            match self.a.pidfd.kill(Duration::from_secs(30)) {
+                Ok(true) => tracing::warn!("QEMU process {} killed: {e}", self.a.pid),
+                r => tracing::error!("QEMU process {} could not be killed ({r:?}) after: {e}", self.a.pid),
+            }
+            e.into()
+        })
     }
 }

@@ -71,7 +71,7 @@ pub fn ram_file(pidfd: &Pidfd, size: u64) -> Result<RamFile, QemuError> {
     for e in fds.flatten() {
         let Ok(target) = std::fs::read_link(e.path()) else { continue };
         let t = target.to_string_lossy();
-        if !(t.starts_with("/memfd:") || t.starts_with('/')) || t.starts_with("/dev/") {
+        if !t.starts_with('/') {
             continue;
         }
         let Some(n) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };

@@ -16,6 +16,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Qmp {
     path: PathBuf,
     conn: BufReader<UnixStream>,
+    /// A read or write failed: a late answer would be taken for the next command's, so
+    /// the connection is not used again.
+    broken: bool,
 }
 
 impl Qmp {
@@ -31,7 +34,7 @@ impl Qmp {
             return Err(bad(format!("the socket is served by process {peer}, not by QEMU process {pid}")));
         }
         s.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(|e| bad(e.to_string()))?;
-        let mut q = Qmp { path: path.to_path_buf(), conn: BufReader::new(s) };
+        let mut q = Qmp { path: path.to_path_buf(), conn: BufReader::new(s), broken: false };
         let greeting = q.read_message()?;
         if greeting.get("QMP").is_none() {
             return Err(bad(format!("not a QMP monitor: it greeted with {greeting}")));
@@ -42,7 +45,13 @@ impl Qmp {
 
     fn read_message(&mut self) -> Result<Value, QemuError> {
         let mut line = String::new();
-        let n = self.conn.read_line(&mut line).map_err(|e| self.err(format!("read: {e}")))?;
+        let n = match self.conn.read_line(&mut line) {
+            Ok(n) => n,
+            Err(e) => {
+                self.broken = true;
+                return Err(self.err(format!("read: {e}")));
+            }
+        };
         if n == 0 {
             return Err(self.err("QEMU closed the QMP connection (did it exit?)".into()));
         }
@@ -55,8 +64,14 @@ impl Qmp {
 
     /// Run `name` with `args`; its `return` value, or QEMU's error as [`QemuError::Command`].
     pub fn cmd(&mut self, name: &str, args: Value) -> Result<Value, QemuError> {
+        if self.broken {
+            return Err(self.err(format!("{name}: the connection failed earlier")));
+        }
         let line = json!({ "execute": name, "arguments": args }).to_string();
-        writeln!(self.conn.get_mut(), "{line}").map_err(|e| self.err(format!("write {name}: {e}")))?;
+        if let Err(e) = writeln!(self.conn.get_mut(), "{line}") {
+            self.broken = true;
+            return Err(self.err(format!("write {name}: {e}")));
+        }
         loop {
             let v = self.read_message()?;
             if v.get("event").is_some() {

@@ -30,6 +30,8 @@ pub const DEVICE_STATE_COST: Duration = Duration::from_millis(15);
 pub struct QemuVm {
     a: Attached,
     dirty: QemuDirtyLog,
+    /// The VM was paused when migaccel attached: a failed migration leaves it paused.
+    was_paused: bool,
     /// `x-ignore-shared` as it was before attaching, put back on drop.
     ignore_shared_before: bool,
 }
@@ -82,10 +84,14 @@ impl QemuVm {
         let probe = QemuProbe::attach(&target).map_err(|source| QemuError::Ebpf { pid, source })?;
         // Our mapping of QEMU's RAM starts empty: map it now, not one fault per page in round 0.
         let t = Instant::now();
-        a.ram.populate_read().map_err(|e| err("mapping guest RAM", e.to_string()))?;
-        tracing::info!("QEMU process {pid}: guest RAM mapped for reading in {:?}", t.elapsed());
+        match a.ram.populate_read() {
+            Ok(()) => tracing::info!("QEMU process {pid}: guest RAM mapped for reading in {:?}", t.elapsed()),
+            // Only slower: round 0 then faults each page in.
+            Err(e) => tracing::warn!("QEMU process {pid}: {e}"),
+        }
         let dirty = QemuDirtyLog::new(probe, a.qmp.clone(), a.layout().clone(), a.ram.pages());
-        Ok(QemuVm { a, dirty, ignore_shared_before })
+        let was_paused = a.status == "paused";
+        Ok(QemuVm { a, dirty, was_paused, ignore_shared_before })
     }
 
     pub fn pid(&self) -> u32 {
@@ -112,6 +118,7 @@ impl QemuVm {
         let derr = |msg: String| QemuError::DeviceState { pid, msg };
         let dir = private_dir(pid)?;
         let sock = dir.join("devices.sock");
+        let mut started = false;
         let res = (|| {
             let l = UnixListener::bind(&sock).map_err(|e| derr(format!("bind {}: {e}", sock.display())))?;
             l.set_nonblocking(true).map_err(|e| derr(e.to_string()))?;
@@ -119,6 +126,7 @@ impl QemuVm {
                 let mut q = self.a.qmp();
                 q.set_capabilities(&[("x-ignore-shared", true)])?;
                 q.cmd("migrate", json!({ "uri": format!("unix:{}", sock.display()) }))?;
+                started = true;
             }
             let t0 = Instant::now();
             let mut conn = loop {
@@ -168,7 +176,25 @@ impl QemuVm {
             Ok(stream)
         })();
         let _ = std::fs::remove_dir_all(&dir);
+        if res.is_err() && started && !self.a.exited() {
+            // QEMU's migration must be over before the source resumes the guest.
+            self.cancel_migration();
+        }
         res
+    }
+
+    /// Cancel QEMU's migration and wait until it has ended (bounded).
+    fn cancel_migration(&self) {
+        let _ = self.a.qmp().cmd("migrate_cancel", json!({}));
+        let t0 = Instant::now();
+        while t0.elapsed() < SAVE_TIMEOUT {
+            match self.a.qmp().cmd("query-migrate", json!({})) {
+                Ok(m) if matches!(m["status"].as_str(), Some("failed" | "cancelled" | "completed" | "none")) => return,
+                Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                Err(_) => return,
+            }
+        }
+        tracing::error!("QEMU process {}: its migration did not end after migrate_cancel", self.a.pid);
     }
 
     /// Why QEMU's migration failed, if it did.
@@ -203,6 +229,9 @@ impl Migratable for QemuVm {
         self.a.qmp().cmd("stop", json!({})).map(|_| ()).map_err(|e| self.vmm(e))
     }
     fn resume(&self) -> VmResult<()> {
+        if self.was_paused {
+            return Ok(());
+        }
         self.a.qmp().cmd("cont", json!({})).map(|_| ()).map_err(|e| self.vmm(e))
     }
     fn fault(&self) -> Option<String> {

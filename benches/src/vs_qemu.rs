@@ -155,6 +155,24 @@ fn qemu_run(dir: &Path, kernel: &Path, ram: u64, c: &QemuCfg, warmup: Duration) 
     })
 }
 
+impl Run {
+    /// A cell that did not run to the end.
+    fn failed() -> Run {
+        let n = f64::NAN;
+        Run {
+            total_ms: n,
+            setup_ms: n,
+            downtime_ms: n,
+            blackout_ms: n,
+            mib: n,
+            rounds: n,
+            writes_before: n,
+            writes_during: n,
+            cpu_s: n,
+        }
+    }
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -348,7 +366,13 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> a
                     } else {
                         migaccel_qemu_run(&dir, &kernel, ram.0, k == nq + 3, warmup)
                     }
-                    .with_context(|| format!("{} MiB, {class}, {}", ram.0 >> 20, systems[k]))?;
+                    .with_context(|| format!("{} MiB, {class}, {}", ram.0 >> 20, systems[k]));
+                    // A system that fails a cell (QEMU itself has crashed here) leaves it
+                    // empty; the other systems' figures still count.
+                    let r = r.unwrap_or_else(|e| {
+                        eprintln!("FAILED: {e:#}");
+                        Run::failed()
+                    });
                     eprintln!(
                         "{} MiB, {class}, {}: total {:.0} ms, downtime {:.1} ms, blackout {:.1} ms",
                         ram.0 >> 20,

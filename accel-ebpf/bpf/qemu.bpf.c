@@ -52,6 +52,7 @@ enum {
 	QS_SMM,         /* pushes in the SMM address space: userspace resends all RAM */
 	QS_MISMATCH,    /* a fault's frame disagreed with its slot's base: both marked */
 	QS_LOG_ON,      /* QEMU switched global dirty logging on (memory_global_dirty_log_start) */
+	QS_UNPLACED,    /* pushes on a memslot whose base is not known yet: userspace resends all RAM */
 	QS_MAX,
 };
 
@@ -242,7 +243,9 @@ int q_push(struct ring_push *ctx)
 	}
 	if (!*base) {
 		if (!fresh) {
-			bump(QS_LOST);
+			/* No fault names this push's frame (KVM wrote guest memory itself): the
+			 * page is unknown, so all of RAM goes again. */
+			bump(QS_UNPLACED);
 			return 0;
 		}
 		*base = fault_gfn - offset + 1;

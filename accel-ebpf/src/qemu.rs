@@ -64,6 +64,8 @@ pub struct QemuStats {
     pub mismatches: u64,
     /// Times QEMU switched its global dirty logging on.
     pub log_on: u64,
+    /// Pushes on a memslot whose base was not known yet, with no fault naming their frame.
+    pub unplaced: u64,
 }
 
 /// QEMU's exported functions that write guest memory, with the program that reads their
@@ -265,6 +267,7 @@ impl QemuProbe {
             smm: g(7),
             mismatches: g(8),
             log_on: g(9),
+            unplaced: g(10),
         })
     }
 }

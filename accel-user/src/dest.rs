@@ -629,9 +629,9 @@ impl<F: VmFactory> Receiver<F> {
 
     /// Read a payload whose cap is small (checked by `Header::decode`).
     /// The memory this host has available, when a VM of `ram` bytes would not fit in it
-    /// (prepared RAM is already allocated and counts as fitting).
+    /// (prepared RAM, and a VM whose RAM exists already, count as fitting).
     fn host_memory_short(&self, ram: u64) -> Option<u64> {
-        if !self.o.check_host_memory || self.prepared.is_some() {
+        if !self.o.check_host_memory || self.prepared.is_some() || self.factory.has_ram() {
             return None;
         }
         crate::host::mem_available().filter(|&avail| ram > avail)
@@ -1088,7 +1088,7 @@ mod tests {
 
     /// Preparation needs no VM: a factory that is never asked.
     fn no_vms() -> crate::fake_vm::FakeVms {
-        crate::fake_vm::FakeVms
+        crate::fake_vm::FakeVms::default()
     }
 
     #[test]
@@ -1098,6 +1098,20 @@ mod tests {
         let ram = r.prepared.as_ref().expect("prepared RAM");
         // Every page of the memfd is allocated: one data extent over all of it.
         assert_eq!(ram.data_extents().unwrap(), vec![(0, 64 << 20)]);
+    }
+
+    /// A VM whose RAM exists already (a QEMU destination holds it) is not measured against
+    /// the host's free memory; any other VM is.
+    #[test]
+    fn existing_ram_is_not_checked_against_free_memory() {
+        let Some(avail) = crate::host::mem_available() else { return };
+        let huge = (avail + (2 << 30)).next_multiple_of(2 << 20);
+        let mut o = crate::config::Config::default().recv_options(false);
+        o.check_host_memory = true;
+        let fresh = Receiver::new(o.clone(), crate::fake_vm::FakeVms { has_ram: false });
+        assert!(fresh.host_memory_short(huge).is_some());
+        let existing = Receiver::new(o, crate::fake_vm::FakeVms { has_ram: true });
+        assert_eq!(existing.host_memory_short(huge), None);
     }
 
     #[test]

@@ -202,7 +202,7 @@ fn fake_receiver(capture: bool) -> (String, FakeReceive) {
     let h = std::thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
         let mut t = TcpTransport::new(s, Duration::from_secs(30)).unwrap();
-        let mut r = Receiver::new(crate::config::Config::default().recv_options(capture), FakeVms);
+        let mut r = Receiver::new(crate::config::Config::default().recv_options(capture), FakeVms::default());
         let res = r.run(&mut t);
         (r, res)
     });

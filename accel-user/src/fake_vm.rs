@@ -185,7 +185,11 @@ impl ConfidentialSource for FakeVm {
 }
 
 /// Destination VMs without KVM: RAM is a memfd mapping; restore and resume are recorded.
-pub struct FakeVms;
+/// `has_ram`: the factory stands for a VMM whose RAM exists before the migration.
+#[derive(Default)]
+pub struct FakeVms {
+    pub has_ram: bool,
+}
 
 pub struct FakeIncoming {
     shape: VmShape,
@@ -208,6 +212,9 @@ impl VmFactory for FakeVms {
     type Vm = FakeIncoming;
     fn kind(&self) -> VmKind {
         VmKind::Embedded
+    }
+    fn has_ram(&self) -> bool {
+        self.has_ram
     }
     fn create(&self, shape: VmShape, layout: &RamLayout, ram: Option<GuestRam>) -> VmResult<FakeIncoming> {
         if !layout.is_linear() {

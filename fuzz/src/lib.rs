@@ -72,7 +72,7 @@ pub fn receiver() -> Receiver<FakeVms> {
         deadline: Duration::from_secs(60),
         check_host_memory: false,
     };
-    Receiver::new(o, FakeVms)
+    Receiver::new(o, FakeVms::default())
 }
 
 /// The keys the sealed target's stream is sealed with (as after a handshake).

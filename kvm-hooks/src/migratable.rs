@@ -287,6 +287,11 @@ pub trait VmFactory: Send {
     type Vm: Incoming;
     /// The kind of VM this factory creates (a source of another kind is refused).
     fn kind(&self) -> VmKind;
+    /// The VM's RAM exists already (a QEMU waiting for the migration holds it): the
+    /// receiver does not check the host's free memory for it.
+    fn has_ram(&self) -> bool {
+        false
+    }
     /// A paused VM of `shape` whose RAM the guest sees as `layout`, over `ram` when the
     /// destination allocated it ahead. A layout it cannot give the guest is refused.
     fn create(&self, shape: VmShape, layout: &RamLayout, ram: Option<GuestRam>) -> VmResult<Self::Vm>;

@@ -81,6 +81,15 @@ impl QemuDirtyLog {
             st.base.smm = s.smm;
             st.all = true;
         }
+        if s.unplaced > st.base.unplaced {
+            // A page reported with no fault naming it, on a memslot not placed yet.
+            tracing::info!(
+                "{} dirty page(s) could not be placed: all of RAM is sent again",
+                s.unplaced - st.base.unplaced
+            );
+            st.base.unplaced = s.unplaced;
+            st.all = true;
+        }
         Ok(())
     }
 

@@ -74,6 +74,9 @@ impl VmFactory for QemuVms {
     fn kind(&self) -> VmKind {
         VmKind::Qemu
     }
+    fn has_ram(&self) -> bool {
+        true
+    }
     fn create(&self, shape: VmShape, layout: &RamLayout, ram: Option<GuestRam>) -> VmResult<QemuIncoming> {
         if ram.is_some() {
             return Err(VmError::Unsupported(

@@ -56,15 +56,6 @@ impl QemuDirtyLog {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn is_logging(&self) -> bool {
-        self.lock().logging
-    }
-
-    /// The probes' counters, for reports.
-    pub fn stats(&self) -> Option<accel_ebpf::qemu::QemuStats> {
-        self.probe.stats().ok()
-    }
-
     fn check_complete(&self, st: &mut State) -> Result<()> {
         let s = self.probe.stats().map_err(|e| Error::Dirty(e.to_string()))?;
         let lost = s.lost - st.base.lost;
@@ -245,13 +236,5 @@ impl DirtyLog for QemuDirtyLog {
 
     fn counters(&self) -> DirtyCounters {
         DirtyCounters { ring_full_exits: 0, duplicates: self.lock().duplicates }
-    }
-}
-
-/// The guest-physical address of RAM page `page`, for messages.
-pub fn describe_page(layout: &RamLayout, page: u64) -> String {
-    match layout.gfn_of(kvm_hooks::layout::RamPage(page)) {
-        Some(g) => format!("GPA {:#x}", g.gpa().0),
-        None => format!("RAM offset {:#x}", page * PAGE_SIZE),
     }
 }

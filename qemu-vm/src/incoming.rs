@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use kvm_hooks::layout::RamLayout;
 use kvm_hooks::memory::GuestRam;
 use kvm_hooks::migratable::{Incoming, MachineState, VmError, VmFactory, VmKind, VmResult, VmShape};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::attach::{attach, private_dir, Attached};
 use crate::error::QemuError;
+use crate::qmp::Migration;
 
 /// Longest QEMU may take to load the device stream: only a hung QEMU reaches it.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -60,12 +61,6 @@ impl QemuVms {
             );
         }
         Ok(QemuVms { a: Mutex::new(Some(a)), leave_paused })
-    }
-
-    /// The destination's shape and layout, before any source connects.
-    pub fn shape(&self) -> Option<(VmShape, RamLayout)> {
-        let g = self.a.lock().unwrap_or_else(|e| e.into_inner());
-        g.as_ref().map(|a| (a.shape, a.layout().clone()))
     }
 }
 
@@ -175,13 +170,9 @@ impl QemuIncoming {
                 if self.a.exited() {
                     return Err(derr("QEMU exited while loading the device stream (its log says why)".into()));
                 }
-                let m = self.a.qmp().cmd("query-migrate", json!({}))?;
-                match m.get("status").and_then(Value::as_str).unwrap_or("none") {
-                    "completed" => return Ok(()),
-                    "failed" => {
-                        let why = m.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
-                        return Err(derr(format!("QEMU refused the device stream: {why}")));
-                    }
+                match self.a.qmp().migration()? {
+                    Migration::Completed => return Ok(()),
+                    Migration::Failed(why) => return Err(derr(format!("QEMU refused the device stream: {why}"))),
                     _ if t0.elapsed() > LOAD_TIMEOUT => {
                         return Err(derr(format!("QEMU did not load the device stream within {LOAD_TIMEOUT:?}")))
                     }

@@ -13,6 +13,17 @@ use crate::error::QemuError;
 /// socket that is not a QMP monitor) reaches it.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// QEMU's own migration, as `query-migrate` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Migration {
+    None,
+    /// Under way; the whole report.
+    Active(String),
+    Completed,
+    /// Failed or cancelled, and why.
+    Failed(String),
+}
+
 pub struct Qmp {
     path: PathBuf,
     conn: BufReader<UnixStream>,
@@ -95,6 +106,18 @@ impl Qmp {
     pub fn status(&mut self) -> Result<String, QemuError> {
         let v = self.cmd("query-status", json!({}))?;
         Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
+    }
+
+    /// Where QEMU's own migration stands (`query-migrate`).
+    pub fn migration(&mut self) -> Result<Migration, QemuError> {
+        let m = self.cmd("query-migrate", json!({}))?;
+        let why = || m.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given").to_string();
+        Ok(match m.get("status").and_then(Value::as_str).unwrap_or("none") {
+            "completed" => Migration::Completed,
+            "failed" | "cancelled" => Migration::Failed(why()),
+            "none" => Migration::None,
+            _ => Migration::Active(m.to_string()),
+        })
     }
 
     /// Set migration capabilities (`name` → on/off).

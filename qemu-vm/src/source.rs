@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use crate::attach::{attach, private_dir, Attached};
 use crate::dirty::QemuDirtyLog;
 use crate::error::QemuError;
+use crate::qmp::Migration;
 
 /// Longest QEMU may take to save its device state (a few milliseconds normally): only a
 /// hung QEMU reaches it.
@@ -98,16 +99,6 @@ impl QemuVm {
         self.a.pid
     }
 
-    /// The probes' counters (reports and tests).
-    pub fn probe_stats(&self) -> Option<accel_ebpf::qemu::QemuStats> {
-        self.dirty.stats()
-    }
-
-    /// QEMU's run state now.
-    pub fn status(&self) -> Result<String, QemuError> {
-        self.a.qmp().status()
-    }
-
     fn vmm(&self, e: QemuError) -> VmError {
         self.a.explain(e).into()
     }
@@ -133,7 +124,7 @@ impl QemuVm {
                 match l.accept() {
                     Ok((c, _)) => break c,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if let Some(f) = self.migration_failed()? {
+                        if let Migration::Failed(f) = self.a.qmp().migration()? {
                             return Err(derr(format!("QEMU's migration failed before connecting: {f}")));
                         }
                         if t0.elapsed() > SAVE_TIMEOUT {
@@ -160,15 +151,13 @@ impl QemuVm {
             }
             // QEMU closes the stream before it calls the migration complete.
             loop {
-                let m = self.a.qmp().cmd("query-migrate", json!({}))?;
-                match m.get("status").and_then(Value::as_str).unwrap_or("none") {
-                    "completed" => break,
-                    "failed" | "cancelled" => {
-                        let why = m.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
-                        return Err(derr(format!("QEMU's migration of its devices failed: {why}")));
+                match self.a.qmp().migration()? {
+                    Migration::Completed => break,
+                    Migration::Failed(why) => {
+                        return Err(derr(format!("QEMU's migration of its devices failed: {why}")))
                     }
-                    _ if t0.elapsed() > SAVE_TIMEOUT => {
-                        return Err(derr(format!("QEMU's migration did not complete within {SAVE_TIMEOUT:?}: {m}")))
+                    m if t0.elapsed() > SAVE_TIMEOUT => {
+                        return Err(derr(format!("QEMU's migration did not complete within {SAVE_TIMEOUT:?}: {m:?}")))
                     }
                     _ => std::thread::sleep(Duration::from_millis(1)),
                 }
@@ -188,24 +177,12 @@ impl QemuVm {
         let _ = self.a.qmp().cmd("migrate_cancel", json!({}));
         let t0 = Instant::now();
         while t0.elapsed() < SAVE_TIMEOUT {
-            match self.a.qmp().cmd("query-migrate", json!({})) {
-                Ok(m) if matches!(m["status"].as_str(), Some("failed" | "cancelled" | "completed" | "none")) => return,
-                Ok(_) => std::thread::sleep(Duration::from_millis(1)),
-                Err(_) => return,
+            match self.a.qmp().migration() {
+                Ok(Migration::Active(_)) => std::thread::sleep(Duration::from_millis(1)),
+                _ => return,
             }
         }
         tracing::error!("QEMU process {}: its migration did not end after migrate_cancel", self.a.pid);
-    }
-
-    /// Why QEMU's migration failed, if it did.
-    fn migration_failed(&self) -> Result<Option<String>, QemuError> {
-        let m = self.a.qmp().cmd("query-migrate", json!({}))?;
-        Ok(match m.get("status").and_then(Value::as_str) {
-            Some("failed") | Some("cancelled") => {
-                Some(m.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given").to_string())
-            }
-            _ => None,
-        })
     }
 }
 

@@ -111,6 +111,9 @@ enum Cmd {
         /// How long each guest runs after its prefill before the migration starts.
         #[arg(long, default_value_t = 1000)]
         warmup_ms: u64,
+        /// Run only this system (its name as printed; repeat for more); the default runs all.
+        #[arg(long)]
+        only: Vec<String>,
     },
     /// The in-guest Migration Handler: export+import throughput per batch size against the
     /// AES-256-GCM ceiling, doorbell kinds, and direct vs confidential migrations.
@@ -741,7 +744,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Ebpf { window_ms, cycles, vms, harvest_ms, pid } => ebpf_bench(window_ms, cycles, vms, harvest_ms, !pid)?,
         Cmd::Mh { pages, batches, migrate_ram } => mh::mh_bench(pages, &batches, migrate_ram)?,
-        Cmd::VsQemu { ram, hot, reps, warmup_ms } => vs_qemu::vs_qemu(&ram, hot, reps, warmup_ms)?,
+        Cmd::VsQemu { ram, hot, reps, warmup_ms, only } => vs_qemu::vs_qemu(&ram, hot, reps, warmup_ms, &only)?,
         Cmd::Transport { ram, streams, ceiling_secs, prefault, dest, modes, reps, channel } => {
             let rows = Rows { modes: &modes, channels: &channel };
             transport_bench(&ram, &streams, ceiling_secs, prefault, &dest, rows, reps.max(1))?

@@ -326,7 +326,9 @@ fn tsc_ticks_per_ms() -> anyhow::Result<u64> {
     Ok((mhz * 1e3) as u64)
 }
 
-pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> anyhow::Result<()> {
+/// `only`: the systems to run (exact names as printed); empty runs all of them. A system
+/// left out leaves its rows empty, and ratios against it are NaN.
+pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64, only: &[String]) -> anyhow::Result<()> {
     for r in rams {
         // Source and destination hold the guest's RAM at once.
         if 2 * r.0 + (1 << 30) > accel_user::host::mem_available().unwrap_or(u64::MAX) {
@@ -345,6 +347,10 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> a
     systems.push("QEMU + migaccel".into());
     systems.push("QEMU + migaccel, prepared destination".into());
     let nq = QEMU_CFGS.len();
+    if let Some(bad) = only.iter().find(|o| !systems.contains(o)) {
+        bail!("--only {bad:?}: no such system (one of: {})", systems.join(", "));
+    }
+    let selected = |k: usize| only.is_empty() || only.contains(&systems[k]);
     println!("# vs-qemu: {reps} repetition(s), interleaved; 1 vCPU; warm-up {warmup_ms} ms after the prefill");
     println!();
     println!(
@@ -359,6 +365,11 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> a
             for rep in 0..reps as usize {
                 let mut this: Vec<Option<Run>> = vec![None; systems.len()];
                 for k in (0..systems.len()).map(|k| (k + rep) % systems.len()) {
+                    if !selected(k) {
+                        this[k] = Some(Run::failed());
+                        runs[k].push(Run::failed());
+                        continue;
+                    }
                     let r = if k < nq {
                         qemu_run(&dir, &kernel, ram.0, &QEMU_CFGS[k], warmup)
                     } else if k < nq + 2 {
@@ -391,11 +402,7 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> a
                     let m = m.expect("every migaccel cell ran");
                     let best = |f: fn(&Run) -> f64, all: bool| {
                         let same = |c: &QemuCfg| all || c.prealloc == (j % 2 == 1);
-                        q.iter()
-                            .zip(&QEMU_CFGS)
-                            .filter(|(_, c)| same(c))
-                            .map(|(r, _)| f(r))
-                            .fold(f64::INFINITY, f64::min)
+                        q.iter().zip(&QEMU_CFGS).filter(|(_, c)| same(c)).map(|(r, _)| f(r)).fold(f64::NAN, f64::min)
                     };
                     ratios[j].push((
                         m.total_ms / best(|r| r.total_ms, false),
@@ -405,7 +412,7 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64) -> a
                     ));
                 }
             }
-            for (k, name) in systems.iter().enumerate() {
+            for (k, name) in systems.iter().enumerate().filter(|&(k, _)| selected(k)) {
                 let col = |f: fn(&Run) -> f64| median(runs[k].iter().map(f).collect());
                 let ratio = |f: fn(&(f64, f64, f64, f64)) -> f64| {
                     if k < nq {

@@ -8,9 +8,10 @@ use accel_user::protocol::{FrameKind, Header, HEADER_LEN};
 use accel_user::session;
 use accel_user::source::SendError;
 use migaccel_tests::{
-    assert_ram_eq, assert_running, config, keyless_auth_init, record_migration, replay, spawn_receiver as receiver,
-    Tamper, Tap,
+    assert_ram_eq, assert_running, config, keyless_auth_init, migaccel_bin, record_migration, replay,
+    spawn_receiver as receiver, test_key_file, try_keyless_auth_init, StallProxy, Tamper, Tap,
 };
+use std::time::Duration;
 
 /// One connection (a tap sees everything), a few rounds.
 fn cfg() -> Config {
@@ -153,5 +154,204 @@ fn a_peer_without_the_key_does_not_keep_the_source_out() {
     let (r, res) = t.join().unwrap();
     let got = res.expect("received");
     assert_ram_eq(&src.ram().snapshot(), &got.snapshot.unwrap_or_default(), &"migration after a failed peer");
+    assert_running(r.machine().unwrap());
+}
+
+/// A link that stalls during a `Pages` send: the send times out and the source gives up,
+/// its VM running. No two frames on the wire carry one sequence number (one nonce under one
+/// key), and the frame that timed out never arrives whole — not even when the link moves
+/// again after the source gave up: the destination fails and never resumes.
+#[test]
+fn a_stalled_send_never_lands_later_nor_shares_a_nonce() {
+    use accel_user::transport::TransportMode;
+    use std::sync::atomic::Ordering::SeqCst;
+    for mode in [TransportMode::Auto, TransportMode::Blocking] {
+        let mut c = cfg();
+        c.migration.transport = mode;
+        // The source gives up on a send that makes no progress for 1 s; the destination
+        // waits out the stall (a test that hangs fails after its own limit).
+        c.migration.io_timeout_ms = 1000;
+        let mut dc = c.clone();
+        dc.migration.io_timeout_ms = 600_000;
+        let src = session::boot_source(&c).unwrap();
+        let (addr, t) = receiver(&dc);
+        // The 4th Pages frame of round 0: the socket buffers fill behind the stall.
+        let proxy = StallProxy::start(addr, FrameKind::Pages, 3);
+        let err = session::send(&c, &src, &proxy.addr, &mut |_| {}).expect_err("the stalled send fails the migration");
+        assert!(proxy.stalled.load(SeqCst), "{mode:?}: the link never stalled: {err}");
+        assert!(err.to_string().contains("timed out"), "{mode:?}: {err}");
+        assert_running(&src);
+        // The link moves again, after the source gave up.
+        proxy.release();
+        let (r, res) = t.join().unwrap();
+        assert!(res.is_err(), "{mode:?}: the destination must fail");
+        assert!(r.machine().is_none_or(|m| !m.is_running()), "{mode:?}: the destination resumed");
+        let frames = proxy.frames.clone();
+        drop(proxy);
+        let frames = frames.lock().unwrap().clone();
+        let mut seqs: Vec<u64> = frames.iter().map(|f| f.seq).collect();
+        seqs.dedup();
+        assert_eq!(seqs.len(), frames.len(), "{mode:?}: two frames with one sequence number: {frames:?}");
+        // The source says which frames it counts as not sent: none of them arrives whole
+        // (a frame whose bytes all reached the kernel before the stall counts as sent).
+        let unsent = err
+            .to_string()
+            .split("frames from sequence number ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next()?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{mode:?}: the error does not say which frames were not sent: {err}"));
+        for f in &frames {
+            assert!(
+                !(f.whole && f.seq >= unsent),
+                "{mode:?}: frame {f:?} arrived whole although the source counted it as not sent ({err}); {frames:?}"
+            );
+        }
+        let last = frames.last().expect("frames were relayed");
+        assert_eq!(last.kind, Some(FrameKind::Pages), "{mode:?}: something followed the stalled frames: {frames:?}");
+    }
+}
+
+/// Keyless peers that start handshakes they cannot finish — a flood of `AuthInit`s, and
+/// eight peers trickling their `AuthConfirm` a byte at a time — while the real source
+/// connects: the source migrates, within its own default timeouts (the receiver answers
+/// each handshake at once and keeps at most 64 waiting, oldest dropped first; see
+/// docs/security.md).
+#[test]
+fn a_flood_and_trickling_handshakes_do_not_keep_the_source_out() {
+    use accel_user::transport::TransportMode;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::Arc;
+    let mut c = cfg();
+    c.migration.transport = TransportMode::Blocking;
+    // Long deadlines, as on a real host: a trickler may hold its handshake for a minute.
+    c.migration.io_timeout_ms = 60_000;
+    let src = session::boot_source(&c).unwrap();
+    let (addr, t) = receiver(&c);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut helpers = Vec::new();
+    for _ in 0..8 {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        helpers.push(std::thread::spawn(move || {
+            let Ok(mut s) = try_keyless_auth_init(&addr) else { return };
+            let mut h = [0u8; HEADER_LEN];
+            if s.read_exact(&mut h).is_err() {
+                return;
+            }
+            let confirm = Header { kind: FrameKind::AuthConfirm, len: 32, seq: 1 }.encode();
+            for b in confirm {
+                if stop.load(SeqCst) || s.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }));
+    }
+    let flooded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (addr, stop, flooded) = (addr.clone(), stop.clone(), flooded.clone());
+        helpers.push(std::thread::spawn(move || {
+            // Keep the latest 200 open, as a flooding peer would.
+            let mut open = std::collections::VecDeque::new();
+            while !stop.load(SeqCst) {
+                // Refused once the receiver has taken its migration and closed.
+                if let Ok(s) = try_keyless_auth_init(&addr) {
+                    open.push_back(s);
+                    if open.len() > 200 {
+                        open.pop_front();
+                    }
+                    flooded.fetch_add(1, SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }));
+    }
+    // The flood is under way before the source connects.
+    while flooded.load(SeqCst) < 100 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let res = session::send(&c, &src, &addr, &mut |_| {});
+    stop.store(true, SeqCst);
+    for h in helpers {
+        h.join().unwrap();
+    }
+    res.expect("the real source migrates");
+    let (r, res) = t.join().unwrap();
+    let got = res.expect("received");
+    assert_ram_eq(&src.ram().snapshot(), &got.snapshot.unwrap_or_default(), &"migration through a flood");
+    assert_running(r.machine().unwrap());
+    assert!(flooded.load(SeqCst) >= 100);
+}
+
+/// 2,000 silent connections against a `migaccel receive` process whose open-file limit is
+/// far lower: it runs out of descriptors, drops the oldest waiting connections and goes on;
+/// then a real source migrates to it.
+#[test]
+fn two_thousand_silent_connections_do_not_stop_the_receiver() {
+    use std::process::{Command, Stdio};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("migaccel-test-silent-{}.log", std::process::id()));
+    // A soft and hard limit of 128 descriptors: `receive` cannot raise it.
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=128:128")
+        .arg(migaccel_bin())
+        .args(["receive", "--listen", &addr, "--auth-key"])
+        .arg(test_key_file())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("listening") {
+        assert!(t0.elapsed() < migaccel_tests::HANG, "the receiver never listened");
+        assert!(child.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    accel_user::host::raise_open_files().unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..2000 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)) {
+            silent.push(s);
+        }
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the receiver exited: {}", std::fs::read_to_string(&log).unwrap());
+    let connected = silent.len();
+    drop(silent);
+    let out = Command::new(migaccel_bin())
+        .args(["send", "--to", &addr, "--ram", "128MiB", "--workload", "idle", "--auth-key"])
+        .arg(test_key_file())
+        .output()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(out.status.success(), "send: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(status.success(), "receive: {text}");
+    assert!(connected > 1000, "only {connected} of 2000 connections were made");
+    assert!(text.contains("Too many open files"), "the receiver never ran out of descriptors: {text}");
+}
+
+/// `auth.destination_id` binds the destination's identity into the handshake: a source
+/// that means another host than the receiver's own stops at the destination's proof, before
+/// sending anything, and no VM is created; naming the right host migrates.
+#[test]
+fn a_migration_meant_for_another_host_never_runs_here() {
+    let mut c = cfg();
+    c.auth.destination_id = Some("host-b".into());
+    let src = session::boot_source(&c).unwrap();
+    let mut here = impatient(&c);
+    here.auth.destination_id = Some("host-a".into());
+    let (addr, t) = receiver(&here);
+    let e = session::send(&c, &src, &addr, &mut |_| {}).expect_err("meant for host-b").to_string();
+    assert!(e.contains("authentication failed") && e.contains("destination_id"), "{e}");
+    assert_running(&src);
+    let (r, res) = t.join().unwrap();
+    assert!(res.is_err() && r.machine().is_none(), "no VM is created for a migration meant elsewhere");
+    // Named right, and with the same key file, it migrates.
+    c.auth.destination_id = Some("host-a".into());
+    let (addr, t) = receiver(&here);
+    session::send(&c, &src, &addr, &mut |_| {}).expect("meant for host-a");
+    let (r, res) = t.join().unwrap();
+    assert_ram_eq(&src.ram().snapshot(), &res.expect("received").snapshot.unwrap_or_default(), &"host-a");
     assert_running(r.machine().unwrap());
 }

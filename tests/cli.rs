@@ -110,6 +110,48 @@ fn authentication_is_required_and_keygen_writes_keys() {
     std::fs::remove_file(&p).unwrap();
 }
 
+/// Hostile key files get a one-line error from both ends, never a panic (exit 101) and
+/// never the key's text: a multi-byte character across a digit pair, an all-zero key, a
+/// symbolic link to a good key.
+#[test]
+fn hostile_key_files_are_refused_without_panic_or_leak() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir();
+    let write = |name: &str, body: &[u8]| {
+        let p = dir.join(format!("migaccel-cli-{}-{name}.key", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    };
+    let good = key("hostile-good", 0o600);
+    let good_text = std::fs::read_to_string(&good).unwrap();
+    let mut utf8 = good_text.clone().into_bytes();
+    utf8[20..22].copy_from_slice("é".as_bytes());
+    let utf8 = write("utf8", &utf8);
+    let zero = write("zero", &[0u8; 32]);
+    let link = dir.join(format!("migaccel-cli-{}-link.key", std::process::id()));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+    let cases = [(&utf8, "non-hex digit at offset 20"), (&zero, "distinct byte values"), (&link, "symbolic link")];
+    for (path, want) in cases {
+        let k = path.to_str().unwrap();
+        for cmd in [
+            &["send", "--to", "127.0.0.1:9", "--auth-key", k][..],
+            &["receive", "--listen", "127.0.0.1:0", "--auth-key", k][..],
+        ] {
+            let o = run(cmd);
+            assert_ne!(o.status.code(), Some(101), "{cmd:?} panicked");
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success() && err.contains(want), "{cmd:?}: {err}");
+            assert!(!err.contains(&good_text.trim()[..16]), "{cmd:?} printed key text: {err}");
+        }
+    }
+    for p in [utf8, zero, link] {
+        std::fs::remove_file(p).unwrap();
+    }
+}
+
 #[test]
 fn doctor_reports_host() {
     let o = run(&["doctor"]);
@@ -123,7 +165,8 @@ fn doctor_reports_host() {
 fn key(name: &str, mode: u32) -> String {
     use std::os::unix::fs::PermissionsExt;
     let p = std::env::temp_dir().join(format!("migaccel-cli-{}-{name}.key", std::process::id()));
-    std::fs::write(&p, "11".repeat(32)).unwrap();
+    let hex: String = (0..32u8).map(|i| format!("{:02x}", 0x11 ^ i.wrapping_mul(0x3b))).collect();
+    std::fs::write(&p, hex).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
     p.to_string_lossy().into_owned()
 }

@@ -15,10 +15,11 @@ use embedded_vmm::guest::{PRIVATE_CANARY, SHARED_CANARY};
 use embedded_vmm::vmm::Machine;
 use migaccel_tests::{assert_ram_eq, assert_running, config, contains, RecvThread, Tamper, Tap};
 
-/// A 0600 key file with `byte` repeated.
+/// A 0600 key file derived from `byte` (different bytes give different keys).
 fn key_file(tag: &str, byte: u8) -> PathBuf {
     let p = std::env::temp_dir().join(format!("migaccel-test-{tag}-{}.key", std::process::id()));
-    std::fs::write(&p, [byte; 32]).unwrap();
+    let key: [u8; 32] = std::array::from_fn(|i| byte ^ (i as u8).wrapping_mul(0x3b));
+    std::fs::write(&p, key).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
@@ -496,4 +497,126 @@ fn a_recorded_confidential_migration_never_resumes_again() {
     assert!(!r.machine().is_some_and(|m| m.is_running()), "the replayed VM must never run");
     drop(r); // closes the receiver's sockets: the replay stops writing
     replay.join().unwrap();
+}
+
+/// A blob as it travels (`kind u32, round u32, gfn u64, seq u64, tag [16], data [4096]`),
+/// split into the slot descriptor and the ciphertext.
+fn wire_blob(b: &[u8]) -> (mh_abi::Desc, Vec<u8>) {
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let d = mh_abi::Desc {
+        kind: u32_at(0),
+        round: u32_at(4),
+        gfn: u64_at(8),
+        seq: u64_at(16),
+        tag: b[24..40].try_into().unwrap(),
+    };
+    (d, b[40..40 + 4096].to_vec())
+}
+
+/// The first Begin marker and the first page blob the source sent, as a recording host
+/// keeps them.
+type Recorded = Arc<std::sync::Mutex<(Option<Vec<u8>>, Option<Vec<u8>>)>>;
+
+fn recorder(rec: &Recorded) -> Option<Tamper> {
+    let rec = rec.clone();
+    on_blobs(move |_, p| {
+        let count = u32::from_le_bytes(p[4..8].try_into().unwrap()) as usize;
+        let mut g = rec.lock().unwrap();
+        for i in 0..count {
+            let b = &p[B0 + i * BLOB_LEN..B0 + (i + 1) * BLOB_LEN];
+            match u32::from_le_bytes(b[0..4].try_into().unwrap()) {
+                k if k == mh_abi::Kind::Begin as u32 && g.0.is_none() => g.0 = Some(b.to_vec()),
+                k if k == mh_abi::Kind::Page as u32 && g.1.is_none() => g.1 = Some(b.to_vec()),
+                _ => {}
+            }
+        }
+    })
+}
+
+/// Put a recorded blob in slot 0 and run `op` on it; the MH's answer.
+fn replay(h: &mut kvm_hooks::mh::MhHost, blob: &[u8], op: mh_abi::Op) -> Result<(), kvm_hooks::mh::MhError> {
+    let (d, data) = wire_blob(blob);
+    h.write_slot_parts(0, &d, &data).unwrap();
+    h.run(&[mh_abi::Request { op: op as u16, id: 0, count: 1, slot: 0, gfn: d.gfn, round: d.round }])
+}
+
+fn refused_with(r: Result<(), kvm_hooks::mh::MhError>, want: mh_abi::CompStatus, what: &str) {
+    match r {
+        Err(kvm_hooks::mh::MhError::Refused { status, .. }) if status == want => {}
+        other => panic!("{what}: expected a refusal with {want:?}, got {other:?}"),
+    }
+}
+
+/// The destination host is the adversary after an import too: with a finished import, a
+/// `Reset`, the recorded Begin marker and an earlier blob are all refused and the page
+/// keeps its migrated content (no rollback). An unfinished import may be reset, but the
+/// reset draws a fresh challenge, so the recorded stream no longer verifies.
+#[test]
+fn recorded_stream_cannot_roll_back_the_destination() {
+    use mh_abi::{CompStatus, Op};
+    let mut c = confidential(WorkloadKind::Ab, "rollback");
+    host_view(&mut c);
+    c.migration.streams = 1;
+    let src = session::boot_source(&c).unwrap();
+    let rec: Recorded = Arc::default();
+    let (addr, t) = receiver(&c);
+    let tap = Tap::start(addr, recorder(&rec));
+    session::send(&c, &src, &tap.addr, &mut |_| {}).expect("migration");
+    let (r, res) = t.join().unwrap();
+    res.expect("destination");
+    drop(tap);
+    let (begin, page) = rec.lock().unwrap().clone();
+    let (begin, page) = (begin.expect("a Begin marker crossed the wire"), page.expect("a page blob crossed the wire"));
+    let m = r.machine().expect("destination VM");
+    let gfn = wire_blob(&page).0.gfn;
+    let mut before = vec![0u8; 4096];
+    m.ram().read(gfn * 4096, &mut before).unwrap();
+    {
+        let mut g = m.mh();
+        let h = g.as_mut().expect("destination MH");
+        let reset = [mh_abi::Request { op: Op::Reset as u16, id: 0, count: 1, slot: 0, gfn: 0, round: 0 }];
+        refused_with(h.run(&reset), CompStatus::NoStream, "Reset after a finished import");
+        refused_with(replay(h, &begin, Op::Marker), CompStatus::NoStream, "replayed Begin after a finished import");
+        refused_with(replay(h, &page, Op::Import), CompStatus::NoStream, "replayed page after a finished import");
+        // The header the host can write does not reopen it either.
+        m.ram().write_u64(mh_abi::HEADER + mh_abi::header::COMPLETE, 0).unwrap();
+        refused_with(replay(h, &begin, Op::Marker), CompStatus::NoStream, "Begin with COMPLETE cleared by the host");
+    }
+    let mut after = vec![0u8; 4096];
+    m.ram().read(gfn * 4096, &mut after).unwrap();
+    assert!(before == after, "page {gfn:#x} changed after the import finished");
+    drop(r);
+    drop(src);
+
+    // An import cut short (tampered mid-stream) is unfinished: Reset is allowed, and
+    // draws a fresh challenge, so the recorded Begin no longer opens. (A new source: the
+    // first one handed its VM over.)
+    let src = session::boot_source(&c).unwrap();
+    let rec: Recorded = Arc::default();
+    let rec2 = rec.clone();
+    let mut record = recorder(&rec2).unwrap();
+    let tamper: Tamper = Box::new(move |k, n, p| {
+        record(k, n, p);
+        if k == FrameKind::Blobs && n == 2 {
+            p[B0 + 40 + 7] ^= 0x01;
+        }
+    });
+    let (addr, t) = receiver(&c);
+    let tap = Tap::start(addr, Some(tamper));
+    session::send(&c, &src, &tap.addr, &mut |_| {}).expect_err("the tampered blob fails the migration");
+    let (r, res) = t.join().unwrap();
+    assert!(res.is_err());
+    drop(tap);
+    let begin = rec.lock().unwrap().0.clone().expect("a Begin marker crossed the wire");
+    let m = r.machine().expect("the failed destination's VM");
+    let mut g = m.mh();
+    let h = g.as_mut().expect("destination MH");
+    let old = h.challenge().unwrap();
+    h.run(&[mh_abi::Request { op: Op::Reset as u16, id: 0, count: 1, slot: 0, gfn: 0, round: 0 }])
+        .expect("an unfinished import may be reset");
+    assert_ne!(h.challenge().unwrap(), old, "a reset draws a fresh challenge");
+    refused_with(replay(h, &begin, Op::Marker), CompStatus::AuthFailed, "recorded Begin after a reset");
+    drop(g);
+    assert_running(&src);
 }

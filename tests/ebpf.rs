@@ -311,7 +311,7 @@ fn engine_refuses_ebpf_mode_without_bpf() {
     assert!(!String::from_utf8_lossy(&o.stdout).contains("verification"), "no migration may run");
     // The same for page states: no silent fallback to the VMM's record.
     let key = std::env::temp_dir().join(format!("migaccel-test-nobpf-{}.key", std::process::id()));
-    std::fs::write(&key, [0x42u8; 32]).unwrap();
+    std::fs::write(&key, std::array::from_fn::<u8, 32, _>(|i| 0x42 ^ (i as u8).wrapping_mul(0x3b))).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let o = Command::new("setpriv")
         .args(["--bounding-set=-all", "--inh-caps=-all"])

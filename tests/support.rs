@@ -213,6 +213,100 @@ fn forward_frames(mut src: TcpStream, mut dst: TcpStream, cut: Cut, flag: &Atomi
     let _ = dst.shutdown(Shutdown::Write);
 }
 
+/// One frame as a [`StallProxy`] relayed it: its kind (`None`: unknown), sequence number,
+/// and whether its whole body arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relayed {
+    pub kind: Option<FrameKind>,
+    pub seq: u64,
+    pub whole: bool,
+}
+
+/// A relay of one connection that stops reading what the source sends at the start of its
+/// `n`-th (0-based) frame of `kind` — a stalled link: the source's sends fill the socket
+/// buffers and then wait — until the test releases it; it then relays everything that
+/// still comes, to the end of the stream. Every frame header it relays is recorded.
+pub struct StallProxy {
+    pub addr: String,
+    /// Set once the stall began.
+    pub stalled: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
+    pub frames: Arc<std::sync::Mutex<Vec<Relayed>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl StallProxy {
+    pub fn start(target: String, kind: FrameKind, n: usize) -> StallProxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let release = Arc::new(AtomicBool::new(false));
+        let frames = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (st, rel, fr) = (stalled.clone(), release.clone(), frames.clone());
+        let handle = std::thread::spawn(move || {
+            let Ok((mut src, _)) = l.accept() else { return };
+            let Ok(mut dst) = TcpStream::connect(&target) else { return };
+            let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+            let back = std::thread::spawn(move || {
+                let (mut d, mut s) = (dst2, src2);
+                let _ = std::io::copy(&mut d, &mut s);
+                let _ = s.shutdown(Shutdown::Write);
+            });
+            let (mut seen, mut auth) = (0usize, false);
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let mut h = [0u8; HEADER_LEN];
+                if src.read_exact(&mut h).is_err() {
+                    break;
+                }
+                let k = FrameKind::from_u16(u16::from_le_bytes([h[6], h[7]]));
+                let seq = u64::from_le_bytes(h[16..24].try_into().unwrap());
+                if k == Some(kind) {
+                    if seen == n {
+                        st.store(true, Ordering::SeqCst);
+                        while !rel.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                    seen += 1;
+                }
+                let _ = dst.write_all(&h);
+                let mut left = body_len(&h, &mut auth);
+                while left > 0 {
+                    let m = left.min(buf.len());
+                    let Ok(got) = src.read(&mut buf[..m]) else { break };
+                    if got == 0 {
+                        break;
+                    }
+                    let _ = dst.write_all(&buf[..got]);
+                    left -= got;
+                }
+                fr.lock().unwrap().push(Relayed { kind: k, seq, whole: left == 0 });
+                if left > 0 {
+                    break;
+                }
+            }
+            let _ = dst.shutdown(Shutdown::Write);
+            let _ = back.join();
+        });
+        StallProxy { addr, stalled, release, frames, handle: Some(handle) }
+    }
+
+    /// Let the stalled link move again.
+    pub fn release(&self) {
+        self.release.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.release();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// A `migaccel receive` process listening on a free loopback port; killed on drop.
 pub struct ReceiveProcess {
     pub addr: String,
@@ -480,7 +574,13 @@ pub fn replay(addr: String, recording: Vec<u8>) -> JoinHandle<()> {
 /// Connect to `addr` and send a well-formed `AuthInit` with a made-up nonce and X25519 key,
 /// as a peer without the pre-shared key can: the receiver answers it, nothing more.
 pub fn keyless_auth_init(addr: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
+    try_keyless_auth_init(addr).unwrap()
+}
+
+/// [`keyless_auth_init`] for peers that go on when the receiver has gone (a flood outlives
+/// the migration it tries to keep out).
+pub fn try_keyless_auth_init(addr: &str) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
     let mut f =
         accel_user::protocol::Header { kind: FrameKind::AuthInit, len: accel_user::auth::INIT_LEN as u32, seq: 0 }
             .encode()
@@ -488,6 +588,6 @@ pub fn keyless_auth_init(addr: &str) -> TcpStream {
     f.extend_from_slice(&accel_user::auth::SUITE.to_le_bytes());
     f.extend_from_slice(&[0; 4]);
     f.extend_from_slice(&[0x11; 64]);
-    s.write_all(&f).unwrap();
-    s
+    s.write_all(&f)?;
+    Ok(s)
 }

@@ -1,28 +1,46 @@
 //! Which incoming connections become a migration's control connection and data streams.
-//! With authentication the control connection is the first whose handshake completes
-//! (handshakes run side by side, so a peer without the key that stalls never delays the
-//! real source), and a data stream is a connection whose `Join` opens under one of the
-//! session's stream keys. Everything else is dropped with its reason (see `lobby.rs`).
+//! With authentication the control connection is the first whose handshake completes, and
+//! a data stream is a connection whose `Join` opens under one of the session's stream keys.
+//! Everything else is dropped with its reason (see `lobby.rs`).
+//!
+//! Handshakes wait side by side without a thread each: an `AuthInit` that arrived whole is
+//! answered at once, and the handshake then waits, as a few hundred bytes of state, for its
+//! `AuthConfirm`. Each has a deadline counted from its connection's start (not per byte),
+//! and at most [`MAX_HANDSHAKES`] wait at once, the oldest dropped first. A real source
+//! answers within one round trip, so a keyless peer — flooding `AuthInit`s or trickling its
+//! `AuthConfirm` — never keeps it out: it gets in unless more than [`MAX_HANDSHAKES`]
+//! other handshakes start during its own round trip.
 use std::cell::RefCell;
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, Conn};
+use crate::auth::{self, AwaitingConfirm, Conn};
 use crate::keys::TransportKey;
 use crate::lobby::{self, Lobby};
-use crate::protocol::{FrameKind, HEADER_LEN, MAX_STREAMS};
+use crate::protocol::{FrameKind, Header, HEADER_LEN, MAX_STREAMS};
 use crate::seal::{self, FrameKey, Sealed, TAG_LEN};
-use crate::transport::{self, Transport, TransportError, TransportMode};
+use crate::transport::{self, TcpTransport, Transport, TransportError, TransportMode};
 
-/// Handshakes in progress at once: a peer that starts one and stalls holds only its own.
-const MAX_HANDSHAKES: usize = 8;
+/// Handshakes waiting for their `AuthConfirm` at once; one more drops the oldest.
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// How long the lobby is asked for a new connection before waiting handshakes are looked
+/// at again.
+const TURN: Duration = Duration::from_millis(2);
 
 /// Each data stream's (send, receive) keys, by stream index.
 pub type StreamKeys = Vec<(FrameKey, FrameKey)>;
 
-/// What a handshake thread hands back: the sealed control connection and the session's
-/// stream keys, or why the peer was dropped.
-type Handshake = Result<(Box<dyn Transport>, StreamKeys), String>;
+/// An authenticated control connection, sealed, and the session's stream keys.
+type Control = (Box<dyn Transport>, StreamKeys);
+
+/// A handshake that answered `AuthInit` and waits for the source's proof.
+struct Waiting {
+    t: TcpTransport,
+    half: AwaitingConfirm,
+    peer: String,
+    deadline: Instant,
+}
 
 /// A receiver's listening socket, seen through its lobby.
 pub struct Incoming<'l> {
@@ -33,14 +51,19 @@ pub struct Incoming<'l> {
 
 impl<'l> Incoming<'l> {
     /// Connections on `l`, wrapped in `mode` transports with I/O timeout `timeout` (which
-    /// also bounds each handshake and a connection's silence in the lobby).
+    /// also bounds each handshake from its connection's start, and a connection's silence
+    /// in the lobby).
     pub fn new(l: &'l TcpListener, mode: TransportMode, timeout: Duration) -> std::io::Result<Self> {
         Ok(Incoming { lobby: RefCell::new(Lobby::new(l, timeout)?), mode, timeout })
     }
 
-    /// Why each dropped connection was dropped.
+    /// Why dropped connections were dropped.
     pub fn dropped(&self) -> Vec<String> {
-        self.lobby.borrow().dropped().to_vec()
+        self.lobby.borrow().dropped()
+    }
+
+    fn drop_peer(&self, peer: &str, why: &str) {
+        self.lobby.borrow_mut().dropped_peer(peer, why);
     }
 
     /// The control connection: the first whose handshake with `psk` completes, sealed, and
@@ -52,49 +75,91 @@ impl<'l> Incoming<'l> {
         wait: Option<Duration>,
     ) -> Result<(Box<dyn Transport>, Option<StreamKeys>), TransportError> {
         let t0 = Instant::now();
-        let first = if psk.is_some() { FrameKind::AuthInit } else { FrameKind::Hello };
-        let (tx, rx) = std::sync::mpsc::channel::<(String, Handshake)>();
-        let mut running = 0usize;
+        let Some(psk) = psk else {
+            let (s, _) = self.lobby.borrow_mut().next(FrameKind::Hello, 0, wait)?;
+            return transport::wrap(s, self.mode, None, false, self.timeout).map(|t| (t, None));
+        };
+        let mut waiting: std::collections::VecDeque<Waiting> = Default::default();
         loop {
-            while let Ok((peer, res)) = rx.try_recv() {
-                running -= 1;
-                match res {
-                    Ok((t, keys)) => return Ok((t, Some(keys))),
-                    Err(e) => self.lobby.borrow_mut().dropped_peer(&peer, &e),
-                }
+            if let Some(done) = self.settle(&mut waiting) {
+                return done.map(|(t, k)| (t, Some(k)));
             }
             if let Some(w) = wait.filter(|&w| t0.elapsed() >= w) {
                 return Err(TransportError::Timeout(w));
             }
-            if running >= MAX_HANDSHAKES {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            let next = self.lobby.borrow_mut().next(first, 0, Some(Duration::from_millis(20)));
-            let s = match next {
-                Ok(s) => s,
+            let (s, since) = match self.lobby.borrow_mut().next(FrameKind::AuthInit, 0, Some(TURN)) {
+                Ok(x) => x,
                 Err(TransportError::Timeout(_)) => continue,
                 Err(e) => return Err(e),
             };
             let peer = lobby::peer(&s);
-            let mut t = transport::wrap(s, self.mode, None, false, self.timeout)?;
-            let Some(k) = psk.cloned() else { return Ok((t, None)) };
-            let tx = tx.clone();
-            running += 1;
-            let spawned = std::thread::Builder::new().name("recv-handshake".into()).spawn(move || {
-                let res = auth::destination(&mut *t, &k)
-                    .and_then(|keys| {
-                        let control = keys.keys(Conn::Control)?;
-                        let streams = (0..MAX_STREAMS).map(|i| keys.keys(Conn::Data(i))).collect::<Result<_, _>>()?;
-                        Ok((Box::new(Sealed::new(t, control)) as Box<dyn Transport>, streams))
-                    })
-                    .map_err(|e| e.to_string());
-                let _ = tx.send((peer, res));
-            });
-            if let Err(e) = spawned {
-                return Err(TransportError::Io { op: "spawn a handshake thread", source: e });
+            // The AuthInit is in the socket whole and the AuthReply fits its empty send
+            // buffer: neither step waits on the peer.
+            let mut t = match TcpTransport::new(s, self.timeout) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.drop_peer(&peer, &format!("cannot configure its socket: {e}"));
+                    continue;
+                }
+            };
+            match auth::destination_reply(&mut t, psk) {
+                Ok(half) => {
+                    if waiting.len() >= MAX_HANDSHAKES {
+                        if let Some(old) = waiting.pop_front() {
+                            let why = format!("handshake evicted: {MAX_HANDSHAKES} were waiting for their AuthConfirm");
+                            self.drop_peer(&old.peer, &why);
+                        }
+                    }
+                    waiting.push_back(Waiting { t, half, peer, deadline: since + self.timeout });
+                }
+                Err(e) => self.drop_peer(&peer, &e.to_string()),
             }
         }
+    }
+
+    /// Finish the first waiting handshake whose `AuthConfirm` arrived whole; drop those that
+    /// failed, closed, sent something else, or passed their deadline.
+    fn settle(&self, waiting: &mut std::collections::VecDeque<Waiting>) -> Option<Result<Control, TransportError>> {
+        let mut i = 0;
+        while i < waiting.len() {
+            let w = &waiting[i];
+            match confirm_arrived(w.t.socket()) {
+                Ok(false) if Instant::now() < w.deadline => {
+                    i += 1;
+                    continue;
+                }
+                Ok(false) => {
+                    let why = format!("authentication handshake: not complete within {:?} of connecting", self.timeout);
+                    self.drop_peer(&w.peer, &why);
+                }
+                Err(why) => self.drop_peer(&w.peer, &why),
+                Ok(true) => {
+                    let w = waiting.remove(i).expect("index checked");
+                    match self.finish(w) {
+                        Ok(done) => return Some(Ok(done)),
+                        Err((peer, why)) => self.drop_peer(&peer, &why),
+                    }
+                    continue;
+                }
+            }
+            waiting.remove(i);
+        }
+        None
+    }
+
+    /// Check the source's proof and seal the connection in the configured transport.
+    fn finish(&self, w: Waiting) -> Result<Control, (String, String)> {
+        let Waiting { mut t, half, peer, .. } = w;
+        let fail = |e: &dyn std::fmt::Display| (peer.clone(), e.to_string());
+        let keys = auth::destination_confirm(&mut t, half).map_err(|e| fail(&e))?;
+        let control = keys.keys(Conn::Control).map_err(|e| fail(&e))?;
+        let streams =
+            (0..MAX_STREAMS).map(|i| keys.keys(Conn::Data(i))).collect::<Result<_, _>>().map_err(|e| fail(&e))?;
+        let (s, sent, received) = t.into_parts();
+        let t = transport::prepare(self.mode, None, false, self.timeout)
+            .and_then(|p| p.bind_after(s, sent, received))
+            .map_err(|e| fail(&e))?;
+        Ok((Box::new(Sealed::new(t, control)), streams))
     }
 
     /// The next data stream: a connection whose `Join` opens under one of `keys` (sealed with
@@ -105,7 +170,7 @@ impl<'l> Incoming<'l> {
         loop {
             let trailer = if keys.is_some() { TAG_LEN } else { 0 };
             let left = self.timeout.checked_sub(t0.elapsed()).ok_or(TransportError::Timeout(self.timeout))?;
-            let s = self.lobby.borrow_mut().next(FrameKind::Join, trailer, Some(left))?;
+            let (s, _) = self.lobby.borrow_mut().next(FrameKind::Join, trailer, Some(left))?;
             let Some(keys) = keys else { return transport::wrap(s, self.mode, None, false, self.timeout) };
             // Which stream this is shows only in which key opens its Join: try them on the
             // frame still in the socket.
@@ -122,5 +187,35 @@ impl<'l> Incoming<'l> {
                 ),
             }
         }
+    }
+}
+
+/// Whether a whole `AuthConfirm` waits in `s` (`Err`: the peer closed, or sent something
+/// else). Looks without reading, and without waiting.
+fn confirm_arrived(s: &TcpStream) -> Result<bool, String> {
+    match kvm_hooks::wait_readable(std::os::fd::AsFd::as_fd(s), Duration::ZERO) {
+        Ok(true) => {}
+        Ok(false) => return Ok(false),
+        Err(e) => return Err(format!("authentication handshake: poll: {e}")),
+    }
+    let mut buf = [0u8; HEADER_LEN + auth::CONFIRM_LEN];
+    // Readable: data (or the end of the stream) is there, so this peek does not block.
+    let n = s.peek(&mut buf).map_err(|e| format!("authentication handshake: {e}"))?;
+    if n == 0 {
+        return Err("authentication handshake: the peer closed the connection before its AuthConfirm".into());
+    }
+    if n < HEADER_LEN {
+        return Ok(false);
+    }
+    let mut h = [0u8; HEADER_LEN];
+    h.copy_from_slice(&buf[..HEADER_LEN]);
+    // Only a whole AuthConfirm of its exact size is ever read; anything else (an Abort
+    // included) ends the handshake here, so no read can wait on a trickling peer.
+    match Header::decode(&h) {
+        Ok(h) if h.kind == FrameKind::AuthConfirm && h.len as usize == auth::CONFIRM_LEN => Ok(n == buf.len()),
+        Ok(h) => {
+            Err(format!("authentication handshake: sent {:?} ({} bytes) where AuthConfirm was expected", h.kind, h.len))
+        }
+        Err(e) => Err(format!("authentication handshake: {e}")),
     }
 }

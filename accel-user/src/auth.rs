@@ -51,7 +51,7 @@ pub enum AuthError {
     Refused(String),
     #[error("authentication handshake: the peer offers cipher suite {0}; this build speaks suite {SUITE}")]
     Suite(u32),
-    #[error("authentication failed: the {0} does not hold the same key (auth.key_file differs on the two hosts, or the handshake was tampered with)")]
+    #[error("authentication failed: the {0} does not hold the same key (auth.key_file differs on the two hosts, auth.destination_id names another host, or the handshake was tampered with)")]
     BadProof(Role),
     #[error("authentication handshake: crypto: {0}")]
     Crypto(#[from] openssl::error::ErrorStack),
@@ -151,6 +151,12 @@ fn ephemeral() -> Result<(PKey<openssl::pkey::Private>, [u8; 32]), AuthError> {
     Ok((k, p))
 }
 
+/// Overwrite key material that is no longer needed.
+fn wipe(b: &mut [u8]) {
+    b.fill(0);
+    std::hint::black_box(b);
+}
+
 fn shared(mine: &PKey<openssl::pkey::Private>, theirs: &[u8]) -> Result<Vec<u8>, AuthError> {
     let peer = PKey::public_key_from_raw_bytes(theirs, Id::X25519)?;
     let mut d = Deriver::new(mine)?;
@@ -190,25 +196,30 @@ fn key_share(nonce: &[u8; 32], public: &[u8; 32], capacity: usize) -> Vec<u8> {
     v
 }
 
-/// Receive one handshake frame of `want` (an `Abort` says why the peer gave up).
+/// Receive one handshake frame of `want` (an `Abort` says why the peer gave up). The
+/// header is checked before anything is allocated or read: from a peer that has not
+/// authenticated, only `want`'s exact size, or an `Abort` (at most 1,028 bytes, its cap),
+/// is ever read.
 fn recv(t: &mut dyn Transport, want: FrameKind) -> Result<(Header, Vec<u8>), AuthError> {
     let h = t.recv_header()?;
-    let mut p = vec![0u8; h.len as usize]; // bounded by the kind's cap in Header::decode
-    t.recv_exact(&mut p)?;
     if h.kind == FrameKind::Abort {
+        let mut p = vec![0u8; h.len as usize]; // at most Abort's cap, checked by Header::decode
+        t.recv_exact(&mut p)?;
         return Err(AuthError::Refused(protocol::decode_abort(&p).unwrap_or_else(|e| e.to_string())));
     }
     if h.kind != want {
         return Err(AuthError::Unexpected(h.kind, want));
     }
-    let need = want.max_len() as usize;
-    if p.len() != need {
+    let need = want.max_len();
+    if h.len != need {
         return Err(TransportError::Protocol(protocol::ProtocolError::Payload {
             kind: want,
-            msg: format!("{} bytes, expected {need}", p.len()),
+            msg: format!("{} bytes, expected {need}", h.len),
         })
         .into());
     }
+    let mut p = vec![0u8; need as usize];
+    t.recv_exact(&mut p)?;
     Ok((h, p))
 }
 
@@ -231,8 +242,10 @@ pub fn source(t: &mut dyn Transport, psk: &TransportKey) -> Result<SessionKeys, 
     let (h, reply) = recv(t, FrameKind::AuthReply)?;
     check_suite(&reply)?;
     let (nonce_d, pub_d, proof_d) = (&reply[8..40], &reply[40..72], &reply[72..104]);
-    let dh = shared(&e_s, pub_d)?;
-    let keys = schedule(psk, &nonce_s, nonce_d, &dh, (&init_h, &init), (&h, &reply[..72]), Role::Source)?;
+    let mut dh = shared(&e_s, pub_d)?;
+    let keys = schedule(psk, &nonce_s, nonce_d, &dh, (&init_h, &init), (&h, &reply[..72]), Role::Source);
+    wipe(&mut dh);
+    let keys = keys?;
     if !openssl::memcmp::eq(&keys.proof(Role::Destination)?, proof_d) {
         return Err(AuthError::BadProof(Role::Destination));
     }
@@ -243,23 +256,52 @@ pub fn source(t: &mut dyn Transport, psk: &TransportKey) -> Result<SessionKeys, 
 /// The destination's side of the handshake on a control connection whose first frame is an
 /// `AuthInit`. A peer that fails is told only that authentication failed.
 pub fn destination(t: &mut dyn Transport, psk: &TransportKey) -> Result<SessionKeys, AuthError> {
+    let half = destination_reply(t, psk)?;
+    destination_confirm(t, half)
+}
+
+/// A destination's handshake that answered `AuthInit` and waits for the source's proof.
+/// Holding one costs a few hundred bytes, so a receiver can keep many while it waits for
+/// the real source, none of them on a thread of its own.
+#[derive(Debug)]
+pub struct AwaitingConfirm(SessionKeys);
+
+/// The destination's first half: read `AuthInit` and send `AuthReply` (with the
+/// destination's proof). Neither blocks on a peer whose `AuthInit` has arrived whole.
+pub fn destination_reply(t: &mut dyn Transport, psk: &TransportKey) -> Result<AwaitingConfirm, AuthError> {
     let (h, init) = recv(t, FrameKind::AuthInit)?;
     check_suite(&init)?;
     let (nonce_s, pub_s) = (&init[8..40], &init[40..72]);
     let nonce_d = random32()?;
     let (e_d, pub_d) = ephemeral()?;
     let mut reply = key_share(&nonce_d, &pub_d, REPLY_LEN);
-    let dh = shared(&e_d, pub_s)?;
+    let mut dh = shared(&e_d, pub_s)?;
     let reply_h = Header { kind: FrameKind::AuthReply, len: REPLY_LEN as u32, seq: t.send_seq() };
-    let keys = schedule(psk, nonce_s, &nonce_d, &dh, (&h, &init), (&reply_h, &reply), Role::Destination)?;
+    let keys = schedule(psk, nonce_s, &nonce_d, &dh, (&h, &init), (&reply_h, &reply), Role::Destination);
+    wipe(&mut dh);
+    let keys = keys?;
     reply.extend_from_slice(&keys.proof(Role::Destination)?);
     t.send_frame(FrameKind::AuthReply, &[Part::Buf(&reply)], None)?;
+    Ok(AwaitingConfirm(keys))
+}
+
+/// The destination's second half: read the source's `AuthConfirm` and check its proof.
+pub fn destination_confirm(t: &mut dyn Transport, half: AwaitingConfirm) -> Result<SessionKeys, AuthError> {
+    let keys = half.0;
     let (_, proof_s) = recv(t, FrameKind::AuthConfirm)?;
     if !openssl::memcmp::eq(&keys.proof(Role::Source)?, &proof_s) {
         let _ = t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort("authentication failed"))], None);
         return Err(AuthError::BadProof(Role::Source));
     }
     Ok(keys)
+}
+
+/// The pre-shared key bound to a destination identity: `HMAC-SHA-256(psk, "migaccel
+/// destination " ‖ id)`. Both ends authenticate with it in place of the key file's key, so
+/// a source that names another destination than the receiver's own fails at the
+/// destination's proof, before it sends anything of the VM.
+pub fn bind_destination(psk: &TransportKey, id: &str) -> Result<TransportKey, AuthError> {
+    Ok(TransportKey(hmac(&psk.0, &[b"migaccel destination ", id.as_bytes()])?))
 }
 
 /// A fresh random key, for a source and destination in one process (demo, benches).
@@ -312,6 +354,28 @@ mod tests {
         let (a, b) = (ks.keys(Conn::Data(0)).unwrap().0, ks2.keys(Conn::Data(0)).unwrap().0);
         assert!(a != b, "every session has its own keys");
         assert!(ks.keys(Conn::Data(0)).unwrap().0 != ks.keys(Conn::Data(1)).unwrap().0, "and every stream");
+    }
+
+    /// A header announcing a big frame where a handshake frame belongs is refused before
+    /// a byte of it is read or allocated (a peer without the key once made the receiver
+    /// allocate and fill 16 MiB per handshake): the error comes at once, with the peer
+    /// still connected and sending nothing more.
+    #[test]
+    fn oversized_handshake_frames_are_refused_unread() {
+        use std::io::Write;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let mut d: Box<dyn Transport> = Box::new(TcpTransport::new(b, Duration::from_secs(600)).unwrap());
+        a.write_all(&Header { kind: FrameKind::Pages, len: 16 << 20, seq: 0 }.encode()).unwrap();
+        let e = destination(&mut *d, &TransportKey([9; 32])).unwrap_err();
+        assert!(matches!(e, AuthError::Unexpected(FrameKind::Pages, FrameKind::AuthInit)), "{e}");
+        let mut raw = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let mut d: Box<dyn Transport> = Box::new(TcpTransport::new(b, Duration::from_secs(600)).unwrap());
+        raw.write_all(&Header { kind: FrameKind::AuthInit, len: 8, seq: 0 }.encode()).unwrap();
+        let e = destination(&mut *d, &TransportKey([9; 32])).unwrap_err();
+        assert!(e.to_string().contains("8 bytes, expected 72"), "{e}");
     }
 
     #[test]

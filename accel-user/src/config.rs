@@ -285,6 +285,12 @@ pub struct AuthConfig {
     /// Migrate without authentication or integrity: any process that reaches the
     /// receiver's port can make it run a VM of its choosing.
     pub insecure: bool,
+    /// The destination host's identity, bound into the handshake: on `receive` this
+    /// host's name, on `send` the name of the host the VM is meant for. When they differ the
+    /// handshake fails (the destination's proof does not verify), so a migration meant
+    /// for one host never runs on another holding the same key. Unset on both ends: no
+    /// identity. 1 ..= 255 bytes.
+    pub destination_id: Option<String>,
     /// A key handed over by a program that runs both ends itself (the demo, benches,
     /// tests); never read from a file.
     #[serde(skip)]
@@ -332,15 +338,21 @@ impl Config {
         if a.insecure {
             return Ok(None);
         }
-        if let Some(k) = &a.key {
-            return Ok(Some(k.clone()));
-        }
-        match &a.key_file {
-            Some(p) => crate::keys::load(p).map(Some).map_err(|e| format!("auth.key_file: {e}")),
-            None => Err("migrations are authenticated and auth.key_file is not set: give both hosts the same \
-                 key file (`migaccel keygen FILE` writes one; --auth-key FILE or auth.key_file), or pass \
-                 --insecure to migrate without authentication"
-                .into()),
+        let key = match (&a.key, &a.key_file) {
+            (Some(k), _) => k.clone(),
+            (None, Some(p)) => crate::keys::load(p).map_err(|e| format!("auth.key_file: {e}"))?,
+            (None, None) => {
+                return Err("migrations are authenticated and auth.key_file is not set: give both hosts the same \
+                     key file (`migaccel keygen FILE` writes one; --auth-key FILE or auth.key_file), or pass \
+                     --insecure to migrate without authentication"
+                    .into())
+            }
+        };
+        match &a.destination_id {
+            Some(id) => {
+                crate::auth::bind_destination(&key, id).map(Some).map_err(|e| format!("auth.destination_id: {e}"))
+            }
+            None => Ok(Some(key)),
         }
     }
 
@@ -439,6 +451,17 @@ impl Config {
         }
         if cf.enabled && cf.key_file.is_none() {
             return Err(invalid("confidential.key_file", "confidential migration needs a transport key file"));
+        }
+        if let Some(id) = &self.auth.destination_id {
+            if id.is_empty() || id.len() > 255 {
+                return Err(invalid("auth.destination_id", "must be 1 ..= 255 bytes"));
+            }
+            if self.auth.insecure {
+                return Err(invalid(
+                    "auth.destination_id",
+                    "needs authentication (it is bound into the handshake); drop --insecure",
+                ));
+            }
         }
         if self.auth.insecure && self.auth.key_file.is_some() {
             return Err(invalid("auth.insecure", "contradicts auth.key_file: choose one"));

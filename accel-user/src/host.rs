@@ -6,6 +6,19 @@ pub fn mem_available() -> Option<u64> {
     parse_mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
 }
 
+/// Raise this process's open-file limit to its hard limit: a receiver keeps one
+/// descriptor per waiting connection, and the default soft limit (1,024) is what a flood
+/// of connections reaches first. Returns the limit in force.
+pub fn raise_open_files() -> std::io::Result<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        l.current = l.maximum;
+        setrlimit(Resource::Nofile, l).map_err(std::io::Error::from)?;
+    }
+    Ok(l.current.unwrap_or(u64::MAX))
+}
+
 fn parse_mem_available(meminfo: &str) -> Option<u64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let mut f = line.split_whitespace().skip(1);

@@ -13,6 +13,14 @@ use crate::transport::TransportError;
 /// How often pending connections are looked at.
 const POLL: Duration = Duration::from_millis(2);
 
+/// Connections kept waiting for their first frame. A new one beyond this evicts the
+/// oldest: a flood of silent connections then holds at most this many descriptors, and a
+/// real peer, which sends its first frame at once, is never the one evicted for long.
+pub const MAX_PENDING: usize = 256;
+
+/// Drop reasons kept for the final error message; later ones are only counted.
+const MAX_REASONS: usize = 64;
+
 /// Largest first frame waited for whole (`Hello` and `Join` are far smaller): a connection
 /// is handed over only once its whole first frame has arrived, so a peer that stalls
 /// halfway through it stalls in the lobby, never in the receiver.
@@ -20,9 +28,14 @@ const FIRST_FRAME_MAX: usize = 1024;
 
 pub struct Lobby<'a> {
     l: &'a TcpListener,
-    pending: Vec<(TcpStream, Instant)>,
+    /// Oldest first.
+    pending: std::collections::VecDeque<(TcpStream, Instant)>,
     silence: Duration,
     dropped: Vec<String>,
+    /// Drops beyond the reasons kept.
+    more: usize,
+    /// When `accept` last failed for want of descriptors (logged once per episode).
+    starved: bool,
 }
 
 impl<'a> Lobby<'a> {
@@ -30,18 +43,39 @@ impl<'a> Lobby<'a> {
     /// `silence` of its connect.
     pub fn new(l: &'a TcpListener, silence: Duration) -> io::Result<Self> {
         l.set_nonblocking(true)?;
-        Ok(Lobby { l, pending: Vec::new(), silence, dropped: Vec::new() })
+        Ok(Lobby { l, pending: Default::default(), silence, dropped: Vec::new(), more: 0, starved: false })
     }
 
-    /// Why each dropped connection was dropped ("127.0.0.1:4711: bad magic …").
-    pub fn dropped(&self) -> &[String] {
-        &self.dropped
+    /// Why dropped connections were dropped ("127.0.0.1:4711: bad magic …"): the first
+    /// [`MAX_REASONS`], then a count of the rest.
+    pub fn dropped(&self) -> Vec<String> {
+        let mut v = self.dropped.clone();
+        if self.more > 0 {
+            v.push(format!("and {} more", self.more));
+        }
+        v
     }
 
     /// Record that the receiver dropped `peer`'s connection, and why.
     pub fn dropped_peer(&mut self, peer: &str, why: &str) {
-        tracing::warn!("dropped a connection from {peer}: {why}");
-        self.dropped.push(format!("{peer}: {why}"));
+        if self.dropped.len() < MAX_REASONS {
+            tracing::warn!("dropped a connection from {peer}: {why}");
+            self.dropped.push(format!("{peer}: {why}"));
+        } else {
+            tracing::debug!("dropped a connection from {peer}: {why}");
+            self.more += 1;
+        }
+    }
+
+    /// Drop the connection that has waited longest, to make room.
+    fn evict_oldest(&mut self, why: &str) -> bool {
+        match self.pending.pop_front() {
+            Some((s, _)) => {
+                self.dropped_peer(&peer(&s), why);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The next connection whose whole first frame arrived, well formed and of `kind`, in
@@ -52,13 +86,13 @@ impl<'a> Lobby<'a> {
         kind: FrameKind,
         trailer: usize,
         timeout: Option<Duration>,
-    ) -> Result<TcpStream, TransportError> {
+    ) -> Result<(TcpStream, Instant), TransportError> {
         let t0 = Instant::now();
         loop {
             self.accept_all()?;
-            if let Some(s) = self.take_ready(kind, trailer) {
+            if let Some((s, since)) = self.take_ready(kind, trailer) {
                 s.set_nonblocking(false).map_err(|source| TransportError::Io { op: "accept", source })?;
-                return Ok(s);
+                return Ok((s, since));
             }
             if let Some(limit) = timeout.filter(|&l| t0.elapsed() >= l) {
                 return Err(TransportError::Timeout(limit));
@@ -71,12 +105,33 @@ impl<'a> Lobby<'a> {
         loop {
             match self.l.accept() {
                 Ok((s, _)) => {
-                    s.set_nonblocking(true).map_err(|source| TransportError::Io { op: "accept", source })?;
-                    self.pending.push((s, Instant::now()));
+                    self.starved = false;
+                    if s.set_nonblocking(true).is_err() {
+                        continue; // already gone
+                    }
+                    if self.pending.len() >= MAX_PENDING {
+                        let why = format!("evicted: {MAX_PENDING} connections were waiting for their first frame");
+                        self.evict_oldest(&why);
+                    }
+                    self.pending.push_back((s, Instant::now()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 // A connection reset before it was accepted is its own business.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                // Out of descriptors or buffers: a flood of connections, not a reason to
+                // stop. Free the oldest waiting one and accept again; with nothing to free,
+                // look again at the next poll (the kernel keeps the rest queued).
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) =>
+                {
+                    if !self.starved {
+                        tracing::warn!("accept: {e}; dropping the oldest waiting connection and going on");
+                        self.starved = true;
+                    }
+                    if !self.evict_oldest(&format!("evicted: accept failed ({e})")) {
+                        return Ok(());
+                    }
+                }
                 Err(source) => return Err(TransportError::Io { op: "accept", source }),
             }
         }
@@ -84,7 +139,7 @@ impl<'a> Lobby<'a> {
 
     /// Remove and return the first pending connection that sent a whole first frame of
     /// `kind`; drop those that sent anything else, closed, or stalled too long.
-    fn take_ready(&mut self, kind: FrameKind, trailer: usize) -> Option<TcpStream> {
+    fn take_ready(&mut self, kind: FrameKind, trailer: usize) -> Option<(TcpStream, Instant)> {
         let mut i = 0;
         while i < self.pending.len() {
             let (s, since) = &self.pending[i];
@@ -114,11 +169,12 @@ impl<'a> Lobby<'a> {
                 v => v,
             };
             match verdict {
-                Ok(true) => return Some(self.pending.swap_remove(i).0),
+                Ok(true) => return self.pending.remove(i),
                 Ok(false) => i += 1,
                 Err(why) => {
-                    let (s, _) = self.pending.swap_remove(i);
-                    self.dropped_peer(&peer(&s), &why);
+                    if let Some((s, _)) = self.pending.remove(i) {
+                        self.dropped_peer(&peer(&s), &why);
+                    }
                 }
             }
         }
@@ -164,7 +220,7 @@ mod tests {
         stalled.write_all(&Header { kind: FrameKind::Hello, len: 8, seq: 0 }.encode()).unwrap();
         let mut hello = TcpStream::connect(addr).unwrap();
         hello.write_all(&header(FrameKind::Hello)).unwrap();
-        let got = lobby.next(FrameKind::Hello, 0, Some(Duration::from_secs(60))).unwrap();
+        let (got, _) = lobby.next(FrameKind::Hello, 0, Some(Duration::from_secs(60))).unwrap();
         assert_eq!(got.peer_addr().unwrap(), hello.local_addr().unwrap());
         // Nothing else qualifies; the silent, the half-sent and the stalled connection are
         // dropped once silent for 300 ms.

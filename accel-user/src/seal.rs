@@ -7,8 +7,9 @@
 //!
 //! Pages are sealed from a copy: the guest keeps running while a page is sent, and a page
 //! that changed between sealing and sending would fail to open on the other side. The
-//! receiver opens page data in chunks on its way into guest RAM; a frame that fails to open
-//! fails the migration, and a destination never resumes after a failure.
+//! receiver reads a whole frame and checks its tag before anyone sees a byte of it: a
+//! `Pages` frame's run table is acted on, and its pages written to guest RAM, only once
+//! the frame is known to be the peer's.
 use std::time::Duration;
 
 use kvm_hooks::memory::GuestRam;
@@ -19,8 +20,6 @@ use crate::protocol::{FrameKind, Header, ProtocolError, HEADER_LEN};
 use crate::transport::{Part, Transport, TransportError};
 
 pub const TAG_LEN: usize = 16;
-/// Page data is opened in pieces of at most this many bytes.
-const CHUNK: usize = 1 << 20;
 
 /// One direction's AES-256-GCM key. Its Debug output never shows the bytes; dropped keys
 /// are overwritten.
@@ -94,11 +93,12 @@ pub fn opens(key: &FrameKey, frame: &[u8]) -> bool {
     c.cipher_update_inplace(&mut plain, body.len()).is_ok() && c.set_tag(tag).is_ok() && c.cipher_final(&mut []).is_ok()
 }
 
-/// The frame being opened: what is left of its payload.
+/// A received frame whose tag checked out: its plaintext is `Sealed::opened[at..end]`,
+/// handed out by the reads that follow its header.
 struct Opening {
     header: Header,
-    ctx: CipherCtx,
-    left: u64,
+    at: usize,
+    end: usize,
 }
 
 /// A transport whose frames are sealed with per-direction keys.
@@ -106,48 +106,68 @@ pub struct Sealed {
     inner: Box<dyn Transport>,
     tx: FrameKey,
     rx: FrameKey,
+    /// The nonce of the next frame sealed. It advances when a frame is sealed, not when it
+    /// is sent, so no two ciphertexts ever share one.
+    next_seq: u64,
+    /// A sealed frame failed to go out (why, and its sequence number): nothing is sealed or
+    /// sent on this connection again.
+    broken: Option<(String, u64)>,
     /// The frame being sealed (payload ‖ tag); grows to the largest frame sent.
     staging: Vec<u8>,
     opening: Option<Opening>,
-    /// Page data on its way into guest RAM, opened a chunk at a time.
-    bounce: Vec<u8>,
+    /// The last frame received (payload ‖ tag), opened in place; grows to the largest
+    /// frame received (bounded by the protocol's frame caps, checked with the header).
+    opened: Vec<u8>,
 }
 
 impl Sealed {
     /// Seal everything `inner` carries from now on: frames sent with `tx`, received with `rx`.
     pub fn new(inner: Box<dyn Transport>, (tx, rx): (FrameKey, FrameKey)) -> Self {
-        Sealed { inner, tx, rx, staging: Vec::new(), opening: None, bounce: Vec::new() }
+        let next_seq = inner.send_seq();
+        Sealed { inner, tx, rx, next_seq, broken: None, staging: Vec::new(), opening: None, opened: Vec::new() }
     }
 
-    /// Account for `n` payload bytes just opened; at the frame's end check its tag.
-    fn consumed(&mut self, n: usize) -> Result<(), TransportError> {
-        let o = self.opening.as_mut().expect("checked by the caller");
-        o.left -= n as u64;
-        if o.left == 0 {
-            self.finish_frame()?;
+    /// Receive the rest of the frame `h` (payload and tag) and open it in place. Nothing of
+    /// it is handed out unless its tag checks out; a frame that fails is wiped.
+    fn open_frame(&mut self, h: &Header) -> Result<(), TransportError> {
+        let len = h.len as usize;
+        if self.opened.len() < len + TAG_LEN {
+            self.opened.resize(len + TAG_LEN, 0);
         }
-        Ok(())
-    }
-
-    fn finish_frame(&mut self) -> Result<(), TransportError> {
-        let mut o = self.opening.take().expect("a frame is open");
-        let mut tag = [0u8; TAG_LEN];
-        self.inner.recv_exact(&mut tag)?;
-        o.ctx.set_tag(&tag).map_err(crypto)?;
-        o.ctx.cipher_final(&mut []).map_err(|_| unauthentic(&o.header))?;
-        Ok(())
-    }
-
-    /// Check that a frame is open with at least `n` payload bytes left.
-    fn check_left(&self, n: u64) -> Result<(), TransportError> {
-        match &self.opening {
-            Some(o) if o.left >= n => Ok(()),
-            Some(o) => Err(TransportError::Guest(format!(
-                "read of {n} bytes past the end of {:?} frame {} ({} bytes left)",
-                o.header.kind, o.header.seq, o.left
-            ))),
-            None => Err(TransportError::Guest(format!("read of {n} payload bytes with no frame open"))),
+        self.inner.recv_exact(&mut self.opened[..len + TAG_LEN])?;
+        let r = (|| {
+            let mut c = start(&self.rx, &h.encode(), h.seq, false)?;
+            let (payload, tag) = self.opened[..len + TAG_LEN].split_at_mut(len);
+            c.cipher_update_inplace(payload, len).map_err(crypto)?;
+            c.set_tag(tag).map_err(crypto)?;
+            c.cipher_final(&mut []).map(drop).map_err(|_| unauthentic(h))
+        })();
+        if r.is_err() {
+            self.opened[..len].fill(0);
         }
+        r
+    }
+
+    /// The next `n` bytes of the open frame's plaintext; the frame closes at its end.
+    fn take(&mut self, n: u64) -> Result<std::ops::Range<usize>, TransportError> {
+        let o = match &mut self.opening {
+            Some(o) if (o.end - o.at) as u64 >= n => o,
+            Some(o) => {
+                return Err(TransportError::Guest(format!(
+                    "read of {n} bytes past the end of {:?} frame {} ({} bytes left)",
+                    o.header.kind,
+                    o.header.seq,
+                    o.end - o.at
+                )))
+            }
+            None => return Err(TransportError::Guest(format!("read of {n} payload bytes with no frame open"))),
+        };
+        let r = o.at..o.at + n as usize;
+        o.at = r.end;
+        if o.at == o.end {
+            self.opening = None;
+        }
+        Ok(r)
     }
 }
 
@@ -158,10 +178,19 @@ impl Transport for Sealed {
         parts: &[Part<'_>],
         ram: Option<&GuestRam>,
     ) -> Result<(), TransportError> {
+        if let Some((why, _)) = &self.broken {
+            return Err(TransportError::Broken(why.clone()));
+        }
+        // The connection below may have failed after its last frame went out (that frame
+        // still references the staging buffer in the kernel): seal nothing more.
+        if let Some((unsent, why)) = self.inner.unsent() {
+            self.broken = Some((why.clone(), unsent));
+            return Err(TransportError::Broken(why));
+        }
         let len32 = crate::transport::payload_len(parts)?;
         let len = len32 as usize;
         // The sequence continues the connection's (the handshake's frames came first).
-        let seq = self.inner.send_seq();
+        let seq = self.next_seq;
         let hdr = Header { kind, len: len32, seq }.encode();
         if self.staging.len() < len + TAG_LEN {
             self.staging.resize(len + TAG_LEN, 0);
@@ -181,54 +210,50 @@ impl Transport for Sealed {
                 }
             }
         }
-        let mut c = start(&self.tx, &hdr, seq, true)?;
-        c.cipher_update_inplace(&mut self.staging[..len], len).map_err(crypto)?;
-        c.cipher_final(&mut []).map_err(crypto)?;
-        c.tag(&mut self.staging[len..len + TAG_LEN]).map_err(crypto)?;
-        self.inner.send_raw(&hdr, &self.staging[..len + TAG_LEN])
+        // From here on the nonce is spent, whatever the send does.
+        self.next_seq += 1;
+        let sealed = (|| {
+            let mut c = start(&self.tx, &hdr, seq, true)?;
+            c.cipher_update_inplace(&mut self.staging[..len], len).map_err(crypto)?;
+            c.cipher_final(&mut []).map_err(crypto)?;
+            c.tag(&mut self.staging[len..len + TAG_LEN]).map_err(crypto)
+        })();
+        let r = sealed.and_then(|()| self.inner.send_raw(&hdr, &self.staging[..len + TAG_LEN]));
+        if let Err(e) = &r {
+            self.broken = Some((e.to_string(), seq));
+            self.inner.shutdown_write();
+        }
+        r
     }
 
     fn recv_header(&mut self) -> Result<Header, TransportError> {
         if let Some(o) = &self.opening {
             return Err(TransportError::Guest(format!(
                 "{:?} frame {} was not read to its end ({} bytes left)",
-                o.header.kind, o.header.seq, o.left
+                o.header.kind,
+                o.header.seq,
+                o.end - o.at
             )));
         }
+        // The inner transport checked the header (sequence, kind, the kind's size cap).
         let h = self.inner.recv_header()?;
-        let ctx = start(&self.rx, &h.encode(), h.seq, false)?;
-        self.opening = Some(Opening { header: h, ctx, left: u64::from(h.len) });
-        if h.len == 0 {
-            self.finish_frame()?;
+        self.open_frame(&h)?;
+        if h.len > 0 {
+            self.opening = Some(Opening { header: h, at: 0, end: h.len as usize });
         }
         Ok(h)
     }
 
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
-        self.check_left(buf.len() as u64)?;
-        self.inner.recv_exact(buf)?;
-        let o = self.opening.as_mut().expect("checked above");
-        o.ctx.cipher_update_inplace(buf, buf.len()).map_err(crypto)?;
-        self.consumed(buf.len())
+        let r = self.take(buf.len() as u64)?;
+        buf.copy_from_slice(&self.opened[r]);
+        Ok(())
     }
 
     fn recv_into_guest(&mut self, ram: &GuestRam, gpa: u64, len: u64) -> Result<(), TransportError> {
         ram.iovec(gpa, len).map_err(|e| TransportError::Guest(e.to_string()))?;
-        self.check_left(len)?;
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            if self.bounce.len() < n {
-                self.bounce.resize(n, 0);
-            }
-            self.inner.recv_exact(&mut self.bounce[..n])?;
-            let o = self.opening.as_mut().expect("checked above");
-            o.ctx.cipher_update_inplace(&mut self.bounce[..n], n).map_err(crypto)?;
-            ram.write(gpa + done, &self.bounce[..n]).map_err(|e| TransportError::Guest(e.to_string()))?;
-            done += n as u64;
-            self.consumed(n)?;
-        }
-        Ok(())
+        let r = self.take(len)?;
+        ram.write(gpa, &self.opened[r]).map_err(|e| TransportError::Guest(e.to_string()))
     }
 
     fn send_raw(&mut self, _hdr: &[u8; HEADER_LEN], _body: &[u8]) -> Result<(), TransportError> {
@@ -236,7 +261,17 @@ impl Transport for Sealed {
     }
 
     fn send_seq(&self) -> u64 {
-        self.inner.send_seq()
+        self.next_seq
+    }
+
+    fn unsent(&self) -> Option<(u64, String)> {
+        self.broken.as_ref().map(|(why, seq)| (*seq, why.clone())).or_else(|| self.inner.unsent())
+    }
+
+    fn shutdown_write(&mut self) {
+        let seq = self.next_seq;
+        self.broken.get_or_insert_with(|| ("the connection was shut down for sending".into(), seq));
+        self.inner.shutdown_write();
     }
 
     fn set_recv_timeout(&mut self, t: Duration) {
@@ -344,6 +379,87 @@ mod tests {
         let e = read_all(&mut receiver(&[a.clone(), b.clone()].concat(), key(3)), &ram).unwrap_err();
         assert!(e.to_string().contains("EndOfRound frame 0 failed authentication"), "{e}");
         assert!(opens(&key(1), &a) && !opens(&key(3), &a) && !opens(&key(1), &a[..a.len() - 1]));
+    }
+
+    /// Tag before use: a `Pages` frame with one page byte changed fails whole, before its
+    /// run table is handed out or any of its pages reaches guest RAM.
+    #[test]
+    fn a_frame_that_fails_its_tag_writes_nothing() {
+        let (a, mut b) = wire();
+        b[HEADER_LEN + 24 + 100] ^= 0x01;
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let mut r = receiver(&[a, b].concat(), key(1));
+        let h = r.recv_header().unwrap();
+        let mut p = vec![0u8; h.len as usize];
+        r.recv_exact(&mut p).unwrap();
+        let e = r.recv_header().unwrap_err();
+        assert!(e.to_string().contains("Pages frame 1 failed authentication"), "{e}");
+        let mut meta = [0u8; 24];
+        assert!(r.recv_exact(&mut meta).is_err(), "the run table of a forged frame is handed out");
+        assert!(r.recv_into_guest(&ram, PAGE, 2 * PAGE).is_err());
+        let mut pages = vec![0u8; 2 * PAGE as usize];
+        ram.read(PAGE, &mut pages).unwrap();
+        assert!(pages.iter().all(|&x| x == 0), "a forged frame's pages reached guest RAM");
+    }
+
+    /// A send that times out on a peer that stopped reading: its nonce is spent, nothing
+    /// is sent on the connection again (an `Abort` under the same nonce once leaked the
+    /// timed-out frame), and when the peer reads again it finds the frames sent before,
+    /// then the timed-out one cut short, then the end of the stream: the frame counted as
+    /// not sent never arrives whole.
+    #[test]
+    fn a_send_that_timed_out_spends_its_nonce_and_is_never_delivered() {
+        use crate::transport::{self, TransportMode};
+        for mode in [TransportMode::Blocking, TransportMode::Copy, TransportMode::Zerocopy] {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (mut b, _) = l.accept().unwrap();
+            let t = transport::wrap(a, mode, None, false, Duration::from_millis(200)).unwrap();
+            let mut s = Sealed::new(t, (key(1), key(2)));
+            let body = vec![0x5au8; 1 << 20];
+            let mut sent = 0u64;
+            let err = loop {
+                match s.send_frame(FrameKind::State, &[Part::Buf(&body)], None) {
+                    Ok(()) => sent += 1,
+                    Err(e) => break e,
+                }
+                assert!(sent < 1024, "{mode:?}: 1 GiB went into a socket nobody reads");
+            };
+            // A copy send times out with the frame cut short; a zero-copy one may have put
+            // the whole frame in the kernel and time out on its notifications: then that
+            // frame counts as sent and the next one finds the connection broken.
+            let (unsent, _) = s.unsent().expect("the failure is recorded");
+            match err {
+                TransportError::Timeout(_) => {
+                    assert_eq!(unsent, sent, "{mode:?}");
+                    assert_eq!(s.send_seq(), sent + 1, "{mode:?}: the timed-out frame spent its nonce");
+                }
+                TransportError::Broken(ref why) if mode == TransportMode::Zerocopy => {
+                    assert!(why.contains("timed out"), "{mode:?}: {why}");
+                    assert_eq!(unsent, sent, "{mode:?}");
+                }
+                e => panic!("{mode:?}: {e}"),
+            }
+            let again = s.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort("x"))], None).unwrap_err();
+            assert!(matches!(again, TransportError::Broken(_)), "{mode:?}: {again}");
+            // The peer reads again: everything the kernel still holds, then the end.
+            b.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut all = Vec::new();
+            b.read_to_end(&mut all).expect("the sender shut its side: the stream ends");
+            let frame = HEADER_LEN + body.len() + TAG_LEN;
+            let whole = all.len() / frame;
+            assert_eq!(
+                whole as u64,
+                unsent,
+                "{mode:?}: {} bytes arrived: a frame counted as not sent arrived whole",
+                all.len()
+            );
+            for (i, f) in all.chunks(frame).enumerate() {
+                let h = Header::decode(f[..HEADER_LEN].try_into().unwrap()).unwrap();
+                assert_eq!(h.seq, i as u64, "{mode:?}: frame {i} carries sequence {}", h.seq);
+            }
+            drop(s);
+        }
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub fn send_vm(
     if psk.is_none() {
         tracing::warn!("auth.insecure: this migration is neither authenticated nor protected from tampering");
     }
-    let setup = |source| SendError::Transport { phase: Phase::Handshake, source };
+    let setup = |source| SendError::Transport { phase: Phase::Handshake, source, unsent: None };
     let t0 = Instant::now();
     // Sealed frames are sent from copies, never from guest RAM: registering RAM as fixed
     // buffers (which pins all of it) is for unauthenticated migrations only.
@@ -227,6 +227,9 @@ pub fn receive_with<F: VmFactory>(
         Ok(k) => k,
         Err(e) => return (r, Err(RecvError::Prepare(e))),
     };
+    if let Err(e) = crate::host::raise_open_files() {
+        tracing::warn!("cannot raise the open-file limit ({e}); a flood of connections reaches it sooner");
+    }
     let incoming = match Incoming::new(l, cfg.migration.transport, timeout) {
         Ok(i) => i,
         Err(source) => {

@@ -69,11 +69,13 @@ impl std::fmt::Display for Phase {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    #[error("migration failed in {phase}: {source}")]
+    #[error("migration failed in {phase}: {source}{}", unsent_note(*unsent))]
     Transport {
         phase: Phase,
         #[source]
         source: TransportError,
+        /// The first frame on the connection that does not count as sent, if a send failed.
+        unsent: Option<u64>,
     },
     #[error("migration failed in {phase}: destination refused the VM: {reason}")]
     Refused { phase: Phase, reason: String },
@@ -490,7 +492,11 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
 }
 
 fn tx(phase: Phase, source: TransportError) -> SendError {
-    SendError::Transport { phase, source }
+    SendError::Transport { phase, source, unsent: None }
+}
+
+fn unsent_note(unsent: Option<u64>) -> String {
+    unsent.map(|s| format!(" (frames from sequence number {s} on were not sent)")).unwrap_or_default()
 }
 
 fn aborted(phase: Phase, p: &[u8]) -> SendError {
@@ -502,13 +508,16 @@ fn aborted(phase: Phase, p: &[u8]) -> SendError {
 
 /// A send failed: if the destination left an Abort frame explaining why, report that.
 fn peer_error(t: &mut dyn Transport, phase: Phase, e: TransportError) -> SendError {
-    if matches!(e, TransportError::Io { .. } | TransportError::Closed | TransportError::Timeout(_)) {
+    if matches!(
+        e,
+        TransportError::Io { .. } | TransportError::Closed | TransportError::Timeout(_) | TransportError::Broken(_)
+    ) {
         t.set_recv_timeout(Duration::from_millis(500));
         if let Ok((FrameKind::Abort, p)) = recv_small(t) {
             return aborted(phase, &p);
         }
     }
-    tx(phase, e)
+    SendError::Transport { phase, source: e, unsent: t.unsent().map(|u| u.0) }
 }
 
 /// Receive a frame whose payload is small (every kind the destination sends).

@@ -34,6 +34,12 @@ pub enum TransportError {
     Protocol(#[from] ProtocolError),
     #[error("guest RAM: {0}")]
     Guest(String),
+    /// A send on this connection failed or timed out earlier. The connection was shut
+    /// down for writing then, and nothing is ever sent on it again: a frame sealed for a
+    /// failed send must not be followed by another under the same nonce, and a frame
+    /// counted as not sent must not arrive later.
+    #[error("not sent: an earlier send on this connection failed ({0}); nothing more is sent on it")]
+    Broken(String),
 }
 
 impl TransportError {
@@ -93,6 +99,13 @@ pub trait Transport: Send {
     fn send_raw(&mut self, hdr: &[u8; HEADER_LEN], body: &[u8]) -> Result<(), TransportError>;
     /// Sequence number of the next frame sent.
     fn send_seq(&self) -> u64;
+    /// After a send failed: the sequence number of the first frame that does not count as
+    /// sent (that frame and every later one never reach the peer whole), and why. A frame
+    /// whose bytes all reached the kernel counts as sent, even if the connection failed
+    /// afterwards.
+    fn unsent(&self) -> Option<(u64, String)> {
+        None
+    }
     /// Receive and validate the next frame header (magic, version, caps, sequence).
     fn recv_header(&mut self) -> Result<Header, TransportError>;
     /// Receive exactly `buf.len()` payload bytes.
@@ -103,6 +116,9 @@ pub trait Transport: Send {
     fn set_recv_timeout(&mut self, t: Duration);
     /// Tear the connection down (both directions).
     fn shutdown(&mut self);
+    /// Stop sending for good (the peer sees the end of the stream after what was queued);
+    /// receiving goes on, so the peer's `Abort` can still be read.
+    fn shutdown_write(&mut self);
     /// Bytes sent so far (headers included).
     fn bytes_sent(&self) -> u64;
     /// Wait until everything sent so far no longer references guest RAM or send buffers
@@ -144,6 +160,11 @@ pub struct TcpTransport {
     recv_seq: u64,
     timeout: Duration,
     sent: u64,
+    /// How long a send may make no progress (receives have their own, changeable limit).
+    send_timeout: Duration,
+    /// A send failed (why, and the first frame not sent): the write side is shut and stays
+    /// unused.
+    broken: Option<(String, u64)>,
 }
 
 impl TcpTransport {
@@ -151,18 +172,43 @@ impl TcpTransport {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        Ok(TcpTransport { stream, send_seq: 0, recv_seq: 0, timeout, sent: 0 })
+        Ok(TcpTransport { stream, send_seq: 0, recv_seq: 0, timeout, sent: 0, send_timeout: timeout, broken: None })
     }
 
-    /// Write every byte `iov` points at, resuming after short writes.
+    /// The socket, to look at what waits in it.
+    pub fn socket(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// The socket back, with the sequence numbers the connection reached (sent,
+    /// received), for a transport that continues it ([`Prepared::bind_after`]).
+    pub fn into_parts(self) -> (TcpStream, u64, u64) {
+        (self.stream, self.send_seq, self.recv_seq)
+    }
+
+    /// Write every byte `iov` points at, resuming after short writes. On failure the
+    /// write side is shut down: bytes already queued go out as a frame cut short, which
+    /// no peer accepts, and nothing else follows.
     fn write_all(&mut self, iov: &mut [libc::iovec]) -> Result<(), TransportError> {
+        if let Some((why, _)) = &self.broken {
+            return Err(TransportError::Broken(why.clone()));
+        }
+        let r = self.write_iov(iov);
+        if let Err(e) = &r {
+            self.broken = Some((e.to_string(), self.send_seq));
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        }
+        r
+    }
+
+    fn write_iov(&mut self, iov: &mut [libc::iovec]) -> Result<(), TransportError> {
         let mut idx = 0;
         while idx < iov.len() {
             let n = match kvm_hooks::writev_raw(self.stream.as_fd(), &iov[idx..]) {
                 Ok(0) => return Err(TransportError::Closed),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(TransportError::io("send", e, self.timeout)),
+                Err(e) => return Err(TransportError::io("send", e, self.send_timeout)),
             };
             self.sent += n as u64;
             let mut n = n;
@@ -225,6 +271,10 @@ impl Transport for TcpTransport {
         self.send_seq
     }
 
+    fn unsent(&self) -> Option<(u64, String)> {
+        self.broken.as_ref().map(|(why, seq)| (*seq, why.clone()))
+    }
+
     fn recv_header(&mut self) -> Result<Header, TransportError> {
         let mut b = [0u8; HEADER_LEN];
         self.recv_exact(&mut b)?;
@@ -257,6 +307,12 @@ impl Transport for TcpTransport {
 
     fn shutdown(&mut self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn shutdown_write(&mut self) {
+        let seq = self.send_seq;
+        self.broken.get_or_insert_with(|| ("the connection was shut down for sending".into(), seq));
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -301,6 +357,11 @@ pub struct UringTransport {
     recv_seq: u64,
     timeout: Duration,
     sent: u64,
+    /// How long a send may make no progress (receives have their own, changeable limit).
+    send_timeout: Duration,
+    /// A send failed or timed out (why, and the first frame not sent): the sender shut the
+    /// write side (see `UringSender`'s timeout handling) and nothing more is sent.
+    broken: Option<(String, u64)>,
 }
 
 impl UringTransport {
@@ -354,7 +415,48 @@ impl UringTransport {
             recv_seq: 0,
             timeout,
             sent: 0,
+            send_timeout: timeout,
+            broken: None,
         })
+    }
+
+    /// Send one frame's pieces; any failure leaves the connection broken for sending.
+    fn send_pieces(
+        &mut self,
+        pieces: &[kvm_hooks::uring::Piece<'_>],
+        ram: Option<&GuestRam>,
+    ) -> Result<usize, TransportError> {
+        if let Some((why, _)) = &self.broken {
+            return Err(TransportError::Broken(why.clone()));
+        }
+        match self.tx.send(pieces, ram) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                let e = TransportError::io("io_uring send", e, self.send_timeout);
+                self.break_off(&e, self.send_seq);
+                Err(e)
+            }
+        }
+    }
+
+    /// Nothing is sent on this connection again; frames from `unsent` on do not count as
+    /// sent. The sender already shut the socket after a timeout; any other failure shuts it
+    /// here, so a later send cannot slip out either.
+    fn break_off(&mut self, why: &TransportError, unsent: u64) {
+        self.broken.get_or_insert_with(|| (why.to_string(), unsent));
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// A frame reached the kernel whole (it counts as sent), but what followed its send
+    /// failed (waiting for zero-copy notifications): the frame stays sent, the connection
+    /// sends nothing more.
+    fn after_send(&mut self, r: Result<(), TransportError>) -> Result<(), TransportError> {
+        if let Err(e) = r {
+            tracing::warn!("{e} after frame {} was sent: the connection sends nothing more", self.send_seq - 1);
+            let seq = self.send_seq;
+            self.break_off(&e, seq);
+        }
+        Ok(())
     }
 
     fn map(&self, op: &'static str, e: io::Error) -> TransportError {
@@ -372,7 +474,7 @@ impl UringTransport {
                     copied = st.copied,
                     "auto: the kernel copied every zero-copy send (loopback/veth): switching to io_uring copy sends"
                 );
-                self.tx.flush().map_err(|e| self.map("io_uring flush", e))?;
+                self.tx.flush().map_err(|e| TransportError::io("io_uring flush", e, self.send_timeout))?;
                 self.tx.set_mode(kvm_hooks::uring::SendMode::Copy);
             } else {
                 tracing::info!(
@@ -413,28 +515,38 @@ impl Transport for UringTransport {
                 }
             }
         }
-        let n = self.tx.send(&pieces, ram).map_err(|e| self.map("io_uring send", e))?;
+        let n = self.send_pieces(&pieces, ram)?;
         self.sent += n as u64;
         self.send_seq += 1;
-        self.decide()
+        let r = self.decide();
+        self.after_send(r)
     }
 
     fn send_raw(&mut self, hdr: &[u8; HEADER_LEN], body: &[u8]) -> Result<(), TransportError> {
         use kvm_hooks::uring::Piece;
         check_raw(hdr, self.send_seq)?;
-        let n =
-            self.tx.send(&[Piece::Host(hdr), Piece::Bytes(body)], None).map_err(|e| self.map("io_uring send", e))?;
-        // A zero-copy send still reads `body` after it returns: the caller reuses it next.
-        if self.tx.mode() == kvm_hooks::uring::SendMode::ZeroCopy {
-            self.tx.flush().map_err(|e| self.map("waiting for zero-copy completions", e))?;
-        }
+        let n = self.send_pieces(&[Piece::Host(hdr), Piece::Bytes(body)], None)?;
         self.sent += n as u64;
         self.send_seq += 1;
-        self.decide()
+        // A zero-copy send still reads `body` after it returns: the caller reuses it next.
+        // If the notifications do not come, the frame is in the kernel all the same.
+        let mut r = Ok(());
+        if self.tx.mode() == kvm_hooks::uring::SendMode::ZeroCopy {
+            r = self
+                .tx
+                .flush()
+                .map_err(|e| TransportError::io("waiting for zero-copy completions", e, self.send_timeout));
+        }
+        let r = r.and_then(|()| self.decide());
+        self.after_send(r)
     }
 
     fn send_seq(&self) -> u64 {
         self.send_seq
+    }
+
+    fn unsent(&self) -> Option<(u64, String)> {
+        self.broken.as_ref().map(|(why, seq)| (*seq, why.clone()))
     }
 
     fn recv_header(&mut self) -> Result<Header, TransportError> {
@@ -461,12 +573,18 @@ impl Transport for UringTransport {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
+    fn shutdown_write(&mut self) {
+        let seq = self.send_seq;
+        self.broken.get_or_insert_with(|| ("the connection was shut down for sending".into(), seq));
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
     fn bytes_sent(&self) -> u64 {
         self.sent
     }
 
     fn flush(&mut self) -> Result<(), TransportError> {
-        self.tx.flush().map_err(|e| self.map("waiting for zero-copy completions", e))
+        self.tx.flush().map_err(|e| TransportError::io("waiting for zero-copy completions", e, self.send_timeout))
     }
 
     fn zc_stats(&self) -> Option<kvm_hooks::uring::ZcStats> {
@@ -529,12 +647,25 @@ pub fn prepare(
 impl Prepared {
     /// The transport over the connected `stream`.
     pub fn bind(self, stream: TcpStream) -> Result<Box<dyn Transport>, TransportError> {
+        self.bind_after(stream, 0, 0)
+    }
+
+    /// The transport over `stream`, continuing a connection that already carried `sent`
+    /// and `received` frames (a handshake run over a [`TcpTransport`]): sequence numbers,
+    /// and so nonces, go on from there and are never reused.
+    pub fn bind_after(self, stream: TcpStream, sent: u64, received: u64) -> Result<Box<dyn Transport>, TransportError> {
         Ok(match self.uring {
-            None => Box::new(
-                TcpTransport::new(stream, self.timeout)
-                    .map_err(|source| TransportError::Io { op: "configure socket", source })?,
-            ),
-            Some(tx) => Box::new(UringTransport::bind(stream, self.mode, tx, self.timeout)?),
+            None => {
+                let mut t = TcpTransport::new(stream, self.timeout)
+                    .map_err(|source| TransportError::Io { op: "configure socket", source })?;
+                (t.send_seq, t.recv_seq) = (sent, received);
+                Box::new(t)
+            }
+            Some(tx) => {
+                let mut t = UringTransport::bind(stream, self.mode, tx, self.timeout)?;
+                (t.send_seq, t.recv_seq) = (sent, received);
+                Box::new(t)
+            }
         })
     }
 }

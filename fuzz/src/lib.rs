@@ -54,6 +54,7 @@ impl Transport for Bytes {
     }
     fn set_recv_timeout(&mut self, _: Duration) {}
     fn shutdown(&mut self) {}
+    fn shutdown_write(&mut self) {}
     fn bytes_sent(&self) -> u64 {
         0
     }

@@ -251,6 +251,20 @@ pub fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: std::time::Durati
     }
 }
 
+/// Shut a socket down for writing: queued and later sends fail with `EPIPE`; what the
+/// kernel already holds still goes out, followed by the end of the stream.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: shutdown(2) on a descriptor the caller owns; no memory is passed.
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } != 0 {
+        let e = io::Error::last_os_error();
+        // Already disconnected: nothing can be sent on it either.
+        if e.raw_os_error() != Some(libc::ENOTCONN) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// The calling thread's kernel id.
 pub fn gettid() -> u64 {
     // SAFETY: gettid has no arguments and cannot fail.

@@ -31,6 +31,8 @@ pub const HOST_SLOT: usize = (80 << 10) + mh_abi::NSLOTS as usize * (4096 + 64);
 const RING_ENTRIES: u32 = 256;
 /// `UIO_MAXIOV`: most iovecs one sendmsg takes.
 const MAX_IOV: usize = 1024;
+/// Longest wait for a timed-out send's operations to complete once the socket is shut down.
+const ABANDON_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendMode {
@@ -352,7 +354,25 @@ impl UringSender {
                 if ids.iter().all(|id| results.contains_key(id)) {
                     break;
                 }
-                self.wait(1, deadline)?;
+                match self.wait(1, deadline) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        self.abandon(&ids, &mut results)?;
+                        if Self::chain_done(&ids, &results, &segs[i..]) {
+                            // The whole frame reached the kernel before the shutdown: it
+                            // was sent, whatever happens to the connection next.
+                            break;
+                        }
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "io_uring send timed out after {:?}; the connection was shut down before the rest of the frame reached the kernel",
+                                self.timeout
+                            ),
+                        ));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let mut restart = None;
             for (n, id) in ids.iter().enumerate() {
@@ -382,6 +402,36 @@ impl UringSender {
             }
         }
         Ok(())
+    }
+
+    /// A send timed out: make sure its operations can no longer deliver anything later.
+    /// Shutting the socket down for writing fails every queued send (`EPIPE`) at once, and
+    /// a send the kernel finishes afterwards cannot exist; the completions then say how much
+    /// of the frame the kernel really took (a partial frame is never accepted by a peer: it
+    /// ends before its length, or fails its tag). Without this, a send counted as not sent
+    /// stayed queued and could reach the peer after the caller had decided it did not.
+    fn abandon(&mut self, ids: &[u64], results: &mut HashMap<u64, i32>) -> io::Result<()> {
+        crate::sys::shutdown_write(self.fd)?;
+        // After the shutdown the kernel completes every queued send promptly; this bound
+        // only guards against a kernel that does not.
+        let deadline = Instant::now() + ABANDON_WAIT;
+        while ids.iter().any(|id| !results.contains_key(id)) {
+            self.reap(results);
+            if ids.iter().all(|id| results.contains_key(id)) {
+                break;
+            }
+            self.wait(1, deadline).map_err(|_| {
+                io::Error::other(format!(
+                    "io_uring send timed out and its operations did not complete within {ABANDON_WAIT:?} of shutting the socket down: the frame may still be sent"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether every operation of a chain completed with all its bytes.
+    fn chain_done(ids: &[u64], results: &HashMap<u64, i32>, segs: &[Segment]) -> bool {
+        ids.iter().zip(segs).all(|(id, seg)| results.get(id).is_some_and(|&r| r >= 0 && r as usize >= seg.len()))
     }
 
     /// Drain completions: first completions go into `results`; notifications settle the

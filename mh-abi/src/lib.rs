@@ -156,7 +156,9 @@ pub enum Op {
     SaveCpu = 3,
     /// Decrypt slots into VMSA pages `[0, count)`.
     RestoreCpu = 4,
-    /// Forget the import stream (next blob must be Begin); keeps the key.
+    /// Forget an unfinished import stream (next blob must be Begin) and draw a fresh
+    /// challenge (`header::CHALLENGE`), so no blob bound to the old one verifies; keeps the
+    /// key. Refused (`NoStream`) once an import finished: its memory is final.
     Reset = 5,
     /// Export: produce a Begin marker in `slot` (starts a blob stream).
     Begin = 6,
@@ -232,7 +234,7 @@ pub enum CompStatus {
     BadSequence = 5,
     /// Round went backwards.
     BadRound = 6,
-    /// Import before a Begin marker, or after End.
+    /// Import before a Begin marker, or after End; a Begin or Reset after a finished import.
     NoStream = 7,
 }
 

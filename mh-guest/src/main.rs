@@ -150,6 +150,9 @@ struct Mh {
     seq: u64,
     /// Import: a Begin opened the stream; `next_seq` is what the next blob must carry.
     open: bool,
+    /// An import ended (its End marker opened): this VM's memory is final. Kept here, not
+    /// in the shared header the host can rewrite; no Reset clears it.
+    finished: bool,
     next_seq: u64,
     last_round: u32,
     buf: PageBuf,
@@ -173,6 +176,7 @@ extern "C" fn mh_main() -> ! {
         ram_pages: rd64(abi::SECRET + abi::secret::RAM_SIZE) / abi::PAGE,
         seq: (random() & !0xffff_ffff) | 1,
         open: false,
+        finished: false,
         next_seq: 0,
         last_round: 0,
         buf: PageBuf([0; 4096]),
@@ -249,7 +253,13 @@ impl Mh {
             && r.slot.checked_add(r.count).is_some_and(|e| e <= abi::NSLOTS);
         match op {
             Op::Invalid => (CompStatus::BadRequest, 0),
+            // A finished import is never reopened: replaying it would roll memory back.
+            Op::Reset if self.finished => (CompStatus::NoStream, 0),
             Op::Reset => {
+                // A fresh challenge: blobs bound to the old one (everything a host may have
+                // recorded) no longer verify.
+                self.challenge = random();
+                wr64(abi::HEADER + abi::header::CHALLENGE, self.challenge);
                 self.open = false;
                 self.next_seq = 0;
                 self.last_round = 0;
@@ -367,7 +377,7 @@ impl Mh {
         copy_in(&mut raw, abi::SLOT_DESC + u64::from(r.slot) * abi::DESC_SIZE);
         match Kind::from_u32(Desc::decode(&raw).kind) {
             Kind::Begin => {
-                if self.open || rd64(abi::HEADER + abi::header::COMPLETE) != 0 {
+                if self.open || self.finished {
                     return (CompStatus::NoStream, 0);
                 }
                 if let Err(e) = self.open_blob(r.slot, 0, Kind::Begin) {
@@ -381,6 +391,7 @@ impl Mh {
                     return (e, 0);
                 }
                 self.open = false;
+                self.finished = true;
                 wr64(abi::HEADER + abi::header::COMPLETE, 1);
                 (CompStatus::Ok, 1)
             }

@@ -161,6 +161,10 @@ struct Common {
     /// receiver can make it run a VM of its choosing. For isolated test networks only.
     #[arg(long)]
     insecure: bool,
+    /// The destination's identity, bound into the handshake (`auth.destination_id`): on
+    /// `receive` this host's name, on `send` the host the VM is meant for.
+    #[arg(long, value_name = "NAME")]
+    destination_id: Option<String>,
     /// Report format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     report: Format,
@@ -259,6 +263,9 @@ impl Common {
             c.auth.insecure = true;
             c.auth.key_file = None;
         }
+        if let Some(id) = &self.destination_id {
+            c.auth.destination_id = Some(id.clone());
+        }
         if let Some(k) = &self.confidential_key {
             c.confidential.enabled = true;
             c.confidential.key_file = Some(k.clone());
@@ -318,13 +325,19 @@ fn send_qemu(cfg: &Config, to: &str, common: &Common) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    finish_send(common, &vm.ram().snapshot(), &rep)
+    finish_send(common, vm.ram(), &rep)
 }
 
 /// After a successful `send`: `--dump-memory`, then the report.
-fn finish_send(common: &Common, ram: &[u8], rep: &accel_user::report::SourceReport) -> anyhow::Result<()> {
+/// Guest RAM is read only when it is dumped: copying it whole (8 GiB for an 8 GiB VM) to
+/// print a report once got the sender killed for memory.
+fn finish_send(
+    common: &Common,
+    ram: &kvm_hooks::memory::GuestRam,
+    rep: &accel_user::report::SourceReport,
+) -> anyhow::Result<()> {
     if let Some(p) = &common.dump_memory {
-        dump(p, ram)?;
+        dump_ram(p, ram)?;
     }
     if common.report == Format::Json {
         println!("{}", serde_json::to_string_pretty(rep)?);
@@ -391,6 +404,22 @@ fn dump(path: &Path, ram: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Write guest RAM to `path` from its mapping, a piece at a time.
+fn dump_ram(path: &Path, ram: &kvm_hooks::memory::GuestRam) -> anyhow::Result<()> {
+    let ctx = || format!("--dump-memory {}", path.display());
+    let mut f = std::fs::File::create(path).with_context(ctx)?;
+    let mut buf = vec![0u8; 64 << 20];
+    let mut at = 0u64;
+    while at < ram.size() {
+        let n = (ram.size() - at).min(buf.len() as u64) as usize;
+        ram.read(at, &mut buf[..n]).with_context(ctx)?;
+        f.write_all(&buf[..n]).with_context(ctx)?;
+        at += n as u64;
+    }
+    eprintln!("wrote {} bytes of guest RAM to {}", ram.size(), path.display());
+    Ok(())
+}
+
 fn suffixed(p: &Path, s: &str) -> PathBuf {
     let mut o = p.as_os_str().to_owned();
     o.push(s);
@@ -436,7 +465,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let m = session::boot_source(&cfg)?;
             let rep = session::send(&cfg, &m, to, &mut progress(json))?;
-            finish_send(common, &m.ram().snapshot(), &rep)
+            finish_send(common, m.ram(), &rep)
         }
         Cmd::Receive { listen, max_ram, liveness_timeout_ms, prepare_ram, leave_paused, no_populate, common } => {
             let mut cfg = load(&cli, common)?;

@@ -127,13 +127,14 @@ fn hostile_key_files_are_refused_without_panic_or_leak() {
     let good = key("hostile-good", 0o600);
     let good_text = std::fs::read_to_string(&good).unwrap();
     let mut utf8 = good_text.clone().into_bytes();
-    utf8[20..22].copy_from_slice("é".as_bytes());
+    // Across a digit pair (offsets 21 and 22): slicing the text by pairs once panicked here.
+    utf8[21..23].copy_from_slice("é".as_bytes());
     let utf8 = write("utf8", &utf8);
     let zero = write("zero", &[0u8; 32]);
     let link = dir.join(format!("migaccel-cli-{}-link.key", std::process::id()));
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&good, &link).unwrap();
-    let cases = [(&utf8, "non-hex digit at offset 20"), (&zero, "distinct byte values"), (&link, "symbolic link")];
+    let cases = [(&utf8, "non-hex digit at offset 21"), (&zero, "distinct byte values"), (&link, "symbolic link")];
     for (path, want) in cases {
         let k = path.to_str().unwrap();
         for cmd in [

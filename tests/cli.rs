@@ -186,3 +186,17 @@ fn confidential_demo_runs_and_loose_keys_are_refused() {
     let c = config_file("nokey", "[confidential]\nenabled = true\n");
     one_line_error(&["--config", &c, "demo"], &["confidential.key_file"]);
 }
+
+/// Papercuts an operator meets first: every one answered at once, in one line that names
+/// the option or key at fault, before a guest boots or a connection opens.
+#[test]
+fn bad_options_are_named_before_anything_runs() {
+    // A size in TiB is a size (here one the guest limits refuse, naming the limit).
+    one_line_error(&["demo", "--ram", "1TiB"], &["guest.ram", "64 GiB maximum"]);
+    // A dump path that cannot be written: no guest boots, nothing connects (port 9 would
+    // refuse the connection, and the message would say so).
+    for p in ["/nonexistent/x", "/proc/self/status/x"] {
+        one_line_error(&["send", "--to", "127.0.0.1:9", "--insecure", "--dump-memory", p], &["--dump-memory", p]);
+    }
+    one_line_error(&["receive", "--insecure", "--max-ram", "0"], &["receiver.max_ram", "refuse every VM"]);
+}

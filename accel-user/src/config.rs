@@ -45,7 +45,8 @@ impl std::str::FromStr for ByteSize {
             "k" | "kb" | "kib" => 1 << 10,
             "m" | "mb" | "mib" => 1 << 20,
             "g" | "gb" | "gib" => 1 << 30,
-            u => return Err(format!("unknown size unit {u:?} in {s:?} (use KiB, MiB or GiB)")),
+            "t" | "tb" | "tib" => 1 << 40,
+            u => return Err(format!("unknown size unit {u:?} in {s:?} (use KiB, MiB, GiB or TiB)")),
         };
         n.checked_mul(mul).map(ByteSize).ok_or_else(|| format!("{s:?} overflows"))
     }
@@ -479,6 +480,9 @@ impl Config {
         if r.liveness_timeout_ms == 0 {
             return Err(invalid("receiver.liveness_timeout_ms", "must be at least 1"));
         }
+        if r.max_ram.0 == 0 {
+            return Err(invalid("receiver.max_ram", "must be more than 0 (0 would refuse every VM)"));
+        }
         if r.max_vcpus == 0 {
             return Err(invalid("receiver.max_vcpus", "must be at least 1"));
         }
@@ -585,6 +589,8 @@ mod tests {
         assert_eq!("64 MiB".parse::<ByteSize>().unwrap(), ByteSize(64 << 20));
         assert_eq!("4096".parse::<ByteSize>().unwrap(), ByteSize(4096));
         assert!("12XB".parse::<ByteSize>().unwrap_err().contains("unit"));
+        assert_eq!("1TiB".parse::<ByteSize>().unwrap(), ByteSize(1 << 40));
+        assert!("16777216TiB".parse::<ByteSize>().unwrap_err().contains("overflows"));
         assert!("lots".parse::<ByteSize>().is_err());
         let c = Config::parse("[guest]\nram = 134217728\n").unwrap();
         assert_eq!(c.guest.ram.0, 128 << 20);
@@ -616,6 +622,8 @@ mod tests {
         assert!(e.contains("hot_working_set"), "{e}");
         let e = Config::parse("[receiver]\nprepare_ram = \"3MiB\"\n").unwrap_err().to_string();
         assert!(e.contains("receiver.prepare_ram"), "{e}");
+        let e = Config::parse("[receiver]\nmax_ram = 0\n").unwrap_err().to_string();
+        assert!(e.contains("receiver.max_ram") && e.contains("refuse every VM"), "{e}");
         let e = Config::parse("[receiver]\nprepare_ram = \"2GiB\"\nmax_ram = \"1GiB\"\n").unwrap_err().to_string();
         assert!(e.contains("receiver.prepare_ram") && e.contains("max_ram"), "{e}");
         let e = Config::parse("[confidential]\npage_state_source = \"ebpf\"\n").unwrap_err().to_string();

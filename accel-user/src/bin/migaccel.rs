@@ -283,7 +283,25 @@ fn load(cli: &Cli, common: &Common) -> anyhow::Result<Config> {
     };
     common.apply(&mut c);
     c.validate()?;
+    if let Some(p) = &common.dump_memory {
+        check_dump_target(p)?;
+    }
     Ok(c)
+}
+
+/// `--dump-memory` is checked before a guest boots or a connection opens: a migration
+/// must not run only to fail at its end on a path that cannot be written.
+fn check_dump_target(p: &Path) -> anyhow::Result<()> {
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let what = || format!("--dump-memory {}", p.display());
+    let meta = std::fs::metadata(dir).with_context(|| format!("{}: directory {}", what(), dir.display()))?;
+    anyhow::ensure!(meta.is_dir(), "{}: {} is not a directory", what(), dir.display());
+    rustix::fs::access(dir, rustix::fs::Access::WRITE_OK)
+        .with_context(|| format!("{}: directory {} is not writable", what(), dir.display()))?;
+    Ok(())
 }
 
 fn progress(quiet: bool) -> impl FnMut(Event) {

@@ -20,6 +20,8 @@ use crate::protocol::{FrameKind, Header, ProtocolError, HEADER_LEN};
 use crate::transport::{Part, Transport, TransportError};
 
 pub const TAG_LEN: usize = 16;
+/// A frame is received in pieces of at most this many bytes.
+const RECV_PIECE: usize = 1 << 20;
 
 /// One direction's AES-256-GCM key. Its Debug output never shows the bytes; dropped keys
 /// are overwritten.
@@ -134,7 +136,11 @@ impl Sealed {
         if self.opened.len() < len + TAG_LEN {
             self.opened.resize(len + TAG_LEN, 0);
         }
-        self.inner.recv_exact(&mut self.opened[..len + TAG_LEN])?;
+        // In pieces: each receive has its own time limit, so a large frame on a slow link
+        // is judged by its silences, not by its length.
+        for piece in self.opened[..len + TAG_LEN].chunks_mut(RECV_PIECE) {
+            self.inner.recv_exact(piece)?;
+        }
         let r = (|| {
             let mut c = start(&self.rx, &h.encode(), h.seq, false)?;
             let (payload, tag) = self.opened[..len + TAG_LEN].split_at_mut(len);

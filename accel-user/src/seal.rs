@@ -17,7 +17,7 @@ use openssl::cipher::Cipher;
 use openssl::cipher_ctx::CipherCtx;
 
 use crate::protocol::{FrameKind, Header, ProtocolError, HEADER_LEN};
-use crate::transport::{Part, Transport, TransportError};
+use crate::transport::{Part, SendFence, Transport, TransportError, SHUT_FOR_SENDING};
 
 pub const TAG_LEN: usize = 16;
 /// A frame is received in pieces of at most this many bytes.
@@ -111,9 +111,8 @@ pub struct Sealed {
     /// The nonce of the next frame sealed. It advances when a frame is sealed, not when it
     /// is sent, so no two ciphertexts ever share one.
     next_seq: u64,
-    /// A sealed frame failed to go out (why, and its sequence number): nothing is sealed or
-    /// sent on this connection again.
-    broken: Option<(String, u64)>,
+    /// A sealed frame failed to go out: nothing is sealed or sent on this connection again.
+    fence: SendFence,
     /// The frame being sealed (payload ‖ tag); grows to the largest frame sent.
     staging: Vec<u8>,
     opening: Option<Opening>,
@@ -126,7 +125,16 @@ impl Sealed {
     /// Seal everything `inner` carries from now on: frames sent with `tx`, received with `rx`.
     pub fn new(inner: Box<dyn Transport>, (tx, rx): (FrameKey, FrameKey)) -> Self {
         let next_seq = inner.send_seq();
-        Sealed { inner, tx, rx, next_seq, broken: None, staging: Vec::new(), opening: None, opened: Vec::new() }
+        Sealed {
+            inner,
+            tx,
+            rx,
+            next_seq,
+            fence: SendFence::default(),
+            staging: Vec::new(),
+            opening: None,
+            opened: Vec::new(),
+        }
     }
 
     /// Receive the rest of the frame `h` (payload and tag) and open it in place. Nothing of
@@ -184,13 +192,11 @@ impl Transport for Sealed {
         parts: &[Part<'_>],
         ram: Option<&GuestRam>,
     ) -> Result<(), TransportError> {
-        if let Some((why, _)) = &self.broken {
-            return Err(TransportError::Broken(why.clone()));
-        }
+        self.fence.check()?;
         // The connection below may have failed after its last frame went out (that frame
         // still references the staging buffer in the kernel): seal nothing more.
         if let Some((unsent, why)) = self.inner.unsent() {
-            self.broken = Some((why.clone(), unsent));
+            self.fence.close(&why, unsent);
             return Err(TransportError::Broken(why));
         }
         let len32 = crate::transport::payload_len(parts)?;
@@ -226,7 +232,7 @@ impl Transport for Sealed {
         })();
         let r = sealed.and_then(|()| self.inner.send_raw(&hdr, &self.staging[..len + TAG_LEN]));
         if let Err(e) = &r {
-            self.broken = Some((e.to_string(), seq));
+            self.fence.close(e, seq);
             self.inner.shutdown_write();
         }
         r
@@ -271,12 +277,11 @@ impl Transport for Sealed {
     }
 
     fn unsent(&self) -> Option<(u64, String)> {
-        self.broken.as_ref().map(|(why, seq)| (*seq, why.clone())).or_else(|| self.inner.unsent())
+        self.fence.unsent().or_else(|| self.inner.unsent())
     }
 
     fn shutdown_write(&mut self) {
-        let seq = self.next_seq;
-        self.broken.get_or_insert_with(|| ("the connection was shut down for sending".into(), seq));
+        self.fence.close(SHUT_FOR_SENDING, self.next_seq);
         self.inner.shutdown_write();
     }
 

@@ -52,6 +52,36 @@ impl TransportError {
     }
 }
 
+/// The sending side of a connection once a send failed: nothing is sent on it again. Holds
+/// why, and the sequence number of the first frame that does not count as sent; the first
+/// failure is kept.
+#[derive(Debug, Default)]
+pub(crate) struct SendFence(Option<(String, u64)>);
+
+impl SendFence {
+    /// `Broken` once closed.
+    pub(crate) fn check(&self) -> Result<(), TransportError> {
+        match &self.0 {
+            Some((why, _)) => Err(TransportError::Broken(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Close for good: frames from `unsent` on do not count as sent (a later call keeps
+    /// the first failure).
+    pub(crate) fn close(&mut self, why: impl std::fmt::Display, unsent: u64) {
+        self.0.get_or_insert_with(|| (why.to_string(), unsent));
+    }
+
+    /// See [`Transport::unsent`].
+    pub(crate) fn unsent(&self) -> Option<(u64, String)> {
+        self.0.as_ref().map(|(why, seq)| (*seq, why.clone()))
+    }
+}
+
+/// Why a connection closed by `shutdown_write` sends no more.
+pub(crate) const SHUT_FOR_SENDING: &str = "the connection was shut down for sending";
+
 /// The payload length of a frame made of `parts`.
 pub(crate) fn payload_len(parts: &[Part<'_>]) -> Result<u32, TransportError> {
     let len: u64 = parts
@@ -162,9 +192,8 @@ pub struct TcpTransport {
     sent: u64,
     /// How long a send may make no progress (receives have their own, changeable limit).
     send_timeout: Duration,
-    /// A send failed (why, and the first frame not sent): the write side is shut and stays
-    /// unused.
-    broken: Option<(String, u64)>,
+    /// A send failed: the write side is shut and stays unused.
+    fence: SendFence,
 }
 
 impl TcpTransport {
@@ -172,7 +201,15 @@ impl TcpTransport {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        Ok(TcpTransport { stream, send_seq: 0, recv_seq: 0, timeout, sent: 0, send_timeout: timeout, broken: None })
+        Ok(TcpTransport {
+            stream,
+            send_seq: 0,
+            recv_seq: 0,
+            timeout,
+            sent: 0,
+            send_timeout: timeout,
+            fence: SendFence::default(),
+        })
     }
 
     /// The socket, to look at what waits in it.
@@ -190,12 +227,10 @@ impl TcpTransport {
     /// write side is shut down: bytes already queued go out as a frame cut short, which
     /// no peer accepts, and nothing else follows.
     fn write_all(&mut self, iov: &mut [libc::iovec]) -> Result<(), TransportError> {
-        if let Some((why, _)) = &self.broken {
-            return Err(TransportError::Broken(why.clone()));
-        }
+        self.fence.check()?;
         let r = self.write_iov(iov);
         if let Err(e) = &r {
-            self.broken = Some((e.to_string(), self.send_seq));
+            self.fence.close(e, self.send_seq);
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
         }
         r
@@ -272,7 +307,7 @@ impl Transport for TcpTransport {
     }
 
     fn unsent(&self) -> Option<(u64, String)> {
-        self.broken.as_ref().map(|(why, seq)| (*seq, why.clone()))
+        self.fence.unsent()
     }
 
     fn recv_header(&mut self) -> Result<Header, TransportError> {
@@ -310,8 +345,7 @@ impl Transport for TcpTransport {
     }
 
     fn shutdown_write(&mut self) {
-        let seq = self.send_seq;
-        self.broken.get_or_insert_with(|| ("the connection was shut down for sending".into(), seq));
+        self.fence.close(SHUT_FOR_SENDING, self.send_seq);
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 
@@ -359,9 +393,9 @@ pub struct UringTransport {
     sent: u64,
     /// How long a send may make no progress (receives have their own, changeable limit).
     send_timeout: Duration,
-    /// A send failed or timed out (why, and the first frame not sent): the sender shut the
-    /// write side (see `UringSender`'s timeout handling) and nothing more is sent.
-    broken: Option<(String, u64)>,
+    /// A send failed or timed out: the sender shut the write side (see `UringSender`'s
+    /// timeout handling) and nothing more is sent.
+    fence: SendFence,
 }
 
 impl UringTransport {
@@ -416,7 +450,7 @@ impl UringTransport {
             timeout,
             sent: 0,
             send_timeout: timeout,
-            broken: None,
+            fence: SendFence::default(),
         })
     }
 
@@ -426,9 +460,7 @@ impl UringTransport {
         pieces: &[kvm_hooks::uring::Piece<'_>],
         ram: Option<&GuestRam>,
     ) -> Result<usize, TransportError> {
-        if let Some((why, _)) = &self.broken {
-            return Err(TransportError::Broken(why.clone()));
-        }
+        self.fence.check()?;
         match self.tx.send(pieces, ram) {
             Ok(n) => Ok(n),
             Err(e) => {
@@ -443,7 +475,7 @@ impl UringTransport {
     /// sent. The sender already shut the socket after a timeout; any other failure shuts it
     /// here, so a later send cannot slip out either.
     fn break_off(&mut self, why: &TransportError, unsent: u64) {
-        self.broken.get_or_insert_with(|| (why.to_string(), unsent));
+        self.fence.close(why, unsent);
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 
@@ -546,7 +578,7 @@ impl Transport for UringTransport {
     }
 
     fn unsent(&self) -> Option<(u64, String)> {
-        self.broken.as_ref().map(|(why, seq)| (*seq, why.clone()))
+        self.fence.unsent()
     }
 
     fn recv_header(&mut self) -> Result<Header, TransportError> {
@@ -574,8 +606,7 @@ impl Transport for UringTransport {
     }
 
     fn shutdown_write(&mut self) {
-        let seq = self.send_seq;
-        self.broken.get_or_insert_with(|| ("the connection was shut down for sending".into(), seq));
+        self.fence.close(SHUT_FOR_SENDING, self.send_seq);
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 

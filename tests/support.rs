@@ -130,8 +130,8 @@ impl Drop for Proxy {
 }
 
 /// Bytes that follow a frame's header on the wire: its payload and, once the connection
-/// authenticated (its first frame was `AuthInit` or `AuthReply`), the tag of every sealed
-/// frame after the handshake.
+/// authenticated (its first frame was `AuthInit` or `AuthReply`), the tags of the records
+/// of every sealed frame after the handshake.
 pub fn body_len(h: &[u8; HEADER_LEN], authenticated: &mut bool) -> usize {
     let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
     match FrameKind::from_u16(u16::from_le_bytes([h[6], h[7]])) {
@@ -139,7 +139,7 @@ pub fn body_len(h: &[u8; HEADER_LEN], authenticated: &mut bool) -> usize {
             *authenticated = true;
             len
         }
-        _ if *authenticated => len + accel_user::seal::TAG_LEN,
+        _ if *authenticated => accel_user::seal::wire_len(len),
         _ => len,
     }
 }

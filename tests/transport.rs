@@ -45,7 +45,7 @@ fn run_matrix_cell(c: &Config, mode: TransportMode, streams: u32) {
     assert!(r.source.precopy_rounds.len() >= 3, "{mode:?} x {streams}: {} rounds", r.source.precopy_rounds.len());
     assert_eq!(r.source.streams, streams);
     let t = &r.source.transport;
-    assert_eq!(t.contains("sealed (AES-256-GCM)"), !c.auth.insecure, "{t}");
+    assert_eq!(t.contains("sealed (AEGIS-256X4)"), !c.auth.insecure, "{t}");
     match mode {
         TransportMode::Blocking => assert!(t.contains("blocking"), "{t}"),
         TransportMode::Copy => assert!(t.contains("io_uring copy"), "{t}"),

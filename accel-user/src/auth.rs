@@ -27,8 +27,8 @@ use crate::protocol::{self, FrameKind, Header};
 use crate::seal::FrameKey;
 use crate::transport::{Part, Transport, TransportError};
 
-/// X25519, HKDF-SHA-256, AES-256-GCM, pre-shared key.
-pub const SUITE: u32 = 1;
+/// X25519, HKDF-SHA-256, pre-shared key; frames sealed with AEGIS-256X4 in records.
+pub const SUITE: u32 = 2;
 pub const INIT_LEN: usize = 8 + 32 + 32;
 pub const REPLY_LEN: usize = 8 + 32 + 32 + 32;
 pub const CONFIRM_LEN: usize = 32;

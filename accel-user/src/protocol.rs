@@ -21,7 +21,7 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"MGAX");
 /// frame is sealed: its payload encrypted, a 16-byte tag after it (see `seal.rs`).
 /// 5: `Hello` names the kind of VM and carries its RAM layout; the machine state travels
 /// as opaque `State` sections (vCPU registers, or QEMU's device stream), counted in `Complete`.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 pub const HEADER_LEN: usize = 24;
 pub const PAGE: u64 = 4096;
 /// Most runs in one Pages frame.

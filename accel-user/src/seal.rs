@@ -1,36 +1,59 @@
-//! Sealed frames: after the handshake (`auth.rs`) every frame on a connection is
-//! AES-256-GCM sealed. The 24-byte header travels in clear and is authenticated; the
-//! payload is encrypted; a 16-byte tag follows it (the header's `len` does not count it).
-//! Each direction of each connection has its own key and the frame's sequence number is
-//! its nonce, so a frame that is edited, replayed, reordered, dropped or moved to another
-//! connection fails to open.
+//! Sealed frames: after the handshake (`auth.rs`) every frame on a connection is sealed
+//! with AEGIS-256X4. The 24-byte header travels in clear; the payload is cut into records
+//! of [`RECORD`] bytes (the last one shorter, at least one record even for an empty
+//! payload), each encrypted and followed by its 16-byte tag (the header's `len` counts
+//! neither tags). Every record authenticates the header too. Each direction of each
+//! connection has its own key, and a record's nonce is its frame's sequence number and its
+//! index in the frame, so a record or frame that is edited, replayed, reordered, dropped,
+//! cut short or moved to another connection fails to open.
 //!
-//! Pages are sealed from a copy: the guest keeps running while a page is sent, and a page
-//! that changed between sealing and sending would fail to open on the other side. The
-//! receiver reads a whole frame and checks its tag before anyone sees a byte of it: a
-//! `Pages` frame's run table is acted on, and its pages written to guest RAM, only once
-//! the frame is known to be the peer's.
+//! One pass on each side, in cache-sized pieces: a record is sealed straight from guest
+//! RAM into a send buffer of one record and sent from there (the guest keeps running, and
+//! the sealed copy is what goes out, so a page that changes during the send cannot make
+//! the frame fail to open); a received record is opened in place and then copied to guest
+//! RAM. Nothing of a record is handed out before its tag checks out: a `Pages` frame's
+//! run table (in its first record, with the header) is acted on, and each page written to
+//! guest RAM, only once the bytes are known to be the peer's.
+//! `docs/security.md` says why AEGIS-256X4 and records, and what was measured.
 use std::time::Duration;
 
+use aegis::aegis256x4::Aegis256X4;
 use kvm_hooks::memory::GuestRam;
-use openssl::cipher::Cipher;
-use openssl::cipher_ctx::CipherCtx;
 
 use crate::protocol::{FrameKind, Header, ProtocolError, HEADER_LEN};
 use crate::transport::{Part, SendFence, Transport, TransportError, SHUT_FOR_SENDING};
 
 pub const TAG_LEN: usize = 16;
-/// A frame is received in pieces of at most this many bytes.
-const RECV_PIECE: usize = 1 << 20;
+/// Plaintext bytes of a record: small enough that a record being sealed or opened stays
+/// in cache between the cipher and the socket copy.
+pub const RECORD: usize = 256 << 10;
 
-/// One direction's AES-256-GCM key. Its Debug output never shows the bytes; dropped keys
-/// are overwritten.
+/// The frame cipher: AEGIS-256X4 with a 256-bit key, a 256-bit nonce and a 128-bit tag.
+type Aead = Aegis256X4<TAG_LEN>;
+
+/// Records of a payload of `len` bytes (an empty payload still has one, which
+/// authenticates the header).
+fn records(len: usize) -> usize {
+    len.div_ceil(RECORD).max(1)
+}
+
+/// Bytes on the wire after the header of a sealed frame whose payload is `len` bytes.
+pub fn wire_len(len: usize) -> usize {
+    len + records(len) * TAG_LEN
+}
+
+/// One direction's 256-bit key. Its Debug output never shows the bytes; dropped keys are
+/// overwritten.
 #[derive(Clone)]
 pub struct FrameKey([u8; 32]);
 
 impl FrameKey {
     pub fn new(k: [u8; 32]) -> Self {
         FrameKey(k)
+    }
+
+    fn aead(&self, seq: u64, record: u32) -> Aead {
+        Aead::new(&self.0, &nonce(seq, record))
     }
 }
 
@@ -53,54 +76,101 @@ impl Drop for FrameKey {
     }
 }
 
-fn nonce(seq: u64) -> [u8; 12] {
-    let mut n = [0u8; 12];
-    n[4..].copy_from_slice(&seq.to_le_bytes());
+/// The nonce of record `record` of the frame with sequence number `seq`: a key seals at
+/// most one record per pair, and the sequence never repeats on a connection.
+fn nonce(seq: u64, record: u32) -> [u8; 32] {
+    let mut n = [0u8; 32];
+    n[..8].copy_from_slice(&seq.to_le_bytes());
+    n[8..12].copy_from_slice(&record.to_le_bytes());
     n
-}
-
-fn crypto(e: openssl::error::ErrorStack) -> TransportError {
-    TransportError::Guest(format!("AES-GCM: {e}"))
 }
 
 fn unauthentic(h: &Header) -> TransportError {
     ProtocolError::Unauthentic { kind: h.kind, seq: h.seq }.into()
 }
 
-/// A cipher context for the frame with header `hdr`, its header already authenticated.
-fn start(key: &FrameKey, hdr: &[u8; HEADER_LEN], seq: u64, encrypt: bool) -> Result<CipherCtx, TransportError> {
-    let mut c = CipherCtx::new().map_err(crypto)?;
-    let gcm = Some(Cipher::aes_256_gcm());
-    if encrypt {
-        c.encrypt_init(gcm, Some(&key.0), Some(&nonce(seq))).map_err(crypto)?;
-    } else {
-        c.decrypt_init(gcm, Some(&key.0), Some(&nonce(seq))).map_err(crypto)?;
+/// Open record `record` (`ciphertext ‖ tag`) of the frame with header `hdr` in place. On
+/// failure the record is wiped.
+fn open_in_place(key: &FrameKey, hdr: &[u8; HEADER_LEN], seq: u64, record: u32, sealed: &mut [u8]) -> bool {
+    let (payload, tag) = sealed.split_at_mut(sealed.len() - TAG_LEN);
+    let tag: &[u8; TAG_LEN] = (&*tag).try_into().expect("split at TAG_LEN");
+    let ok = key.aead(seq, record).decrypt_in_place(payload, tag, hdr).is_ok();
+    if !ok {
+        payload.fill(0);
     }
-    c.cipher_update(hdr, None).map_err(crypto)?;
-    Ok(c)
+    ok
 }
 
-/// Whether `frame` (header ‖ payload ‖ tag, at sequence 0) opens under `key`. The receiver
+/// Whether `frame` (header ‖ one record, at sequence 0) opens under `key`. The receiver
 /// uses it to learn which data stream a `Join` is without reading it off the socket.
 pub fn opens(key: &FrameKey, frame: &[u8]) -> bool {
     let Some(hdr) = frame.get(..HEADER_LEN) else { return false };
     let hdr: [u8; HEADER_LEN] = hdr.try_into().expect("sliced to HEADER_LEN");
     let Ok(h) = Header::decode(&hdr) else { return false };
-    let end = HEADER_LEN + h.len as usize;
-    let (Some(body), Some(tag)) = (frame.get(HEADER_LEN..end), frame.get(end..end + TAG_LEN)) else {
+    let len = h.len as usize;
+    if records(len) != 1 {
         return false;
-    };
-    let Ok(mut c) = start(key, &hdr, h.seq, false) else { return false };
-    let mut plain = body.to_vec();
-    c.cipher_update_inplace(&mut plain, body.len()).is_ok() && c.set_tag(tag).is_ok() && c.cipher_final(&mut []).is_ok()
+    }
+    let Some(sealed) = frame.get(HEADER_LEN..HEADER_LEN + wire_len(len)) else { return false };
+    open_in_place(key, &hdr, h.seq, 0, &mut sealed.to_vec())
 }
 
-/// A received frame whose tag checked out: its plaintext is `Sealed::opened[at..end]`,
-/// handed out by the reads that follow its header.
+/// Where sealing has got to in a frame's parts: part `part`, byte `at` of it.
+struct Cursor {
+    part: usize,
+    at: u64,
+}
+
+impl Cursor {
+    /// Seal the next `out.len()` bytes of `parts` into `out`.
+    fn seal(
+        &mut self,
+        e: &mut aegis::aegis256x4::Encryptor<TAG_LEN>,
+        parts: &[Part<'_>],
+        ram: Option<&GuestRam>,
+        out: &mut [u8],
+    ) -> Result<(), TransportError> {
+        let mut off = 0;
+        while off < out.len() {
+            let p = parts.get(self.part).ok_or_else(|| TransportError::Guest("frame parts end early".into()))?;
+            let (gpa, plen) = match *p {
+                Part::Buf(b) => (None, b.len() as u64),
+                Part::Guest { gpa, len } => (Some(gpa), len),
+            };
+            let n = (plen - self.at).min((out.len() - off) as u64);
+            let dst = &mut out[off..off + n as usize];
+            match (*p, gpa) {
+                (Part::Buf(b), _) => e.update(&b[self.at as usize..(self.at + n) as usize], dst),
+                (_, Some(gpa)) => {
+                    let ram = ram.ok_or_else(|| TransportError::Guest("guest bytes without guest RAM".into()))?;
+                    // Straight from guest RAM into the sealed buffer.
+                    ram.with_bytes(gpa + self.at, n, |b| e.update(b, dst))
+                        .map_err(|e| TransportError::Guest(e.to_string()))?;
+                }
+                _ => unreachable!("a guest part has an address"),
+            }
+            off += n as usize;
+            self.at += n;
+            if self.at == plen {
+                self.part += 1;
+                self.at = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The frame being read: its header, the record open in `Sealed::opened[at..end]`, and
+/// what is still to come.
 struct Opening {
     header: Header,
+    hdr: [u8; HEADER_LEN],
+    /// Index of the next record to open.
+    record: u32,
     at: usize,
     end: usize,
+    /// Payload bytes in records not yet received.
+    left: usize,
 }
 
 /// A transport whose frames are sealed with per-direction keys.
@@ -113,11 +183,10 @@ pub struct Sealed {
     next_seq: u64,
     /// A sealed frame failed to go out: nothing is sealed or sent on this connection again.
     fence: SendFence,
-    /// The frame being sealed (payload ‖ tag); grows to the largest frame sent.
+    /// The record being sealed (ciphertext ‖ tag).
     staging: Vec<u8>,
     opening: Option<Opening>,
-    /// The last frame received (payload ‖ tag), opened in place; grows to the largest
-    /// frame received (bounded by the protocol's frame caps, checked with the header).
+    /// The last record received (ciphertext ‖ tag), opened in place.
     opened: Vec<u8>,
 }
 
@@ -137,51 +206,86 @@ impl Sealed {
         }
     }
 
-    /// Receive the rest of the frame `h` (payload and tag) and open it in place. Nothing of
-    /// it is handed out unless its tag checks out; a frame that fails is wiped.
-    fn open_frame(&mut self, h: &Header) -> Result<(), TransportError> {
-        let len = h.len as usize;
-        if self.opened.len() < len + TAG_LEN {
-            self.opened.resize(len + TAG_LEN, 0);
+    /// Seal frame `seq` record by record and send each record as it is sealed.
+    fn seal_and_send(
+        &mut self,
+        hdr: &[u8; HEADER_LEN],
+        seq: u64,
+        len: usize,
+        parts: &[Part<'_>],
+        ram: Option<&GuestRam>,
+    ) -> Result<(), TransportError> {
+        let n = records(len);
+        let mut cur = Cursor { part: 0, at: 0 };
+        for i in 0..n {
+            let rlen = (len - i * RECORD).min(RECORD);
+            if self.staging.len() < rlen + TAG_LEN {
+                self.staging.resize(rlen + TAG_LEN, 0);
+            }
+            let mut e = self.tx.aead(seq, i as u32).encryptor(hdr);
+            cur.seal(&mut e, parts, ram, &mut self.staging[..rlen])?;
+            self.staging[rlen..rlen + TAG_LEN].copy_from_slice(&e.finalize());
+            self.inner.send_raw((i == 0).then_some(hdr), &self.staging[..rlen + TAG_LEN], i + 1 == n)?;
         }
-        // In pieces: each receive has its own time limit, so a large frame on a slow link
-        // is judged by its silences, not by its length.
-        for piece in self.opened[..len + TAG_LEN].chunks_mut(RECV_PIECE) {
-            self.inner.recv_exact(piece)?;
-        }
-        let r = (|| {
-            let mut c = start(&self.rx, &h.encode(), h.seq, false)?;
-            let (payload, tag) = self.opened[..len + TAG_LEN].split_at_mut(len);
-            c.cipher_update_inplace(payload, len).map_err(crypto)?;
-            c.set_tag(tag).map_err(crypto)?;
-            c.cipher_final(&mut []).map(drop).map_err(|_| unauthentic(h))
-        })();
-        if r.is_err() {
-            self.opened[..len].fill(0);
-        }
-        r
+        Ok(())
     }
 
-    /// The next `n` bytes of the open frame's plaintext; the frame closes at its end.
-    fn take(&mut self, n: u64) -> Result<std::ops::Range<usize>, TransportError> {
-        let o = match &mut self.opening {
-            Some(o) if (o.end - o.at) as u64 >= n => o,
+    /// Receive the next record of the open frame and open it in place. Nothing of it is
+    /// handed out unless its tag checks out; a record that fails is wiped.
+    fn open_record(&mut self) -> Result<(), TransportError> {
+        let o = self.opening.as_mut().expect("a frame is open");
+        let rlen = o.left.min(RECORD);
+        if self.opened.len() < rlen + TAG_LEN {
+            self.opened.resize(rlen + TAG_LEN, 0);
+        }
+        let rec = &mut self.opened[..rlen + TAG_LEN];
+        self.inner.recv_exact(rec)?;
+        if !open_in_place(&self.rx, &o.hdr, o.header.seq, o.record, rec) {
+            let e = unauthentic(&o.header);
+            self.opening = None;
+            return Err(e);
+        }
+        o.record += 1;
+        o.left -= rlen;
+        o.at = 0;
+        o.end = rlen;
+        Ok(())
+    }
+
+    /// Hand the next `n` bytes of the open frame's plaintext to `to`, record by record;
+    /// the frame closes at its end.
+    fn take(&mut self, n: usize, mut to: impl FnMut(usize, &[u8]) -> Result<(), TransportError>) -> Result<(), TransportError> {
+        match &self.opening {
+            Some(o) if o.end - o.at + o.left >= n => {}
             Some(o) => {
                 return Err(TransportError::Guest(format!(
                     "read of {n} bytes past the end of {:?} frame {} ({} bytes left)",
                     o.header.kind,
                     o.header.seq,
-                    o.end - o.at
+                    o.end - o.at + o.left
                 )))
             }
             None => return Err(TransportError::Guest(format!("read of {n} payload bytes with no frame open"))),
-        };
-        let r = o.at..o.at + n as usize;
-        o.at = r.end;
-        if o.at == o.end {
-            self.opening = None;
         }
-        Ok(r)
+        let mut done = 0;
+        while done < n {
+            let o = self.opening.as_mut().expect("checked above");
+            if o.at == o.end {
+                self.open_record()?;
+                continue;
+            }
+            let k = (o.end - o.at).min(n - done);
+            let at = o.at;
+            o.at += k;
+            to(done, &self.opened[at..at + k])?;
+            done += k;
+        }
+        if let Some(o) = &self.opening {
+            if o.at == o.end && o.left == 0 {
+                self.opening = None;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -200,37 +304,12 @@ impl Transport for Sealed {
             return Err(TransportError::Broken(why));
         }
         let len32 = crate::transport::payload_len(parts)?;
-        let len = len32 as usize;
         // The sequence continues the connection's (the handshake's frames came first).
         let seq = self.next_seq;
         let hdr = Header { kind, len: len32, seq }.encode();
-        if self.staging.len() < len + TAG_LEN {
-            self.staging.resize(len + TAG_LEN, 0);
-        }
-        let mut off = 0;
-        for p in parts {
-            match *p {
-                Part::Buf(b) => {
-                    self.staging[off..off + b.len()].copy_from_slice(b);
-                    off += b.len();
-                }
-                Part::Guest { gpa, len } => {
-                    let ram = ram.ok_or_else(|| TransportError::Guest("guest bytes without guest RAM".into()))?;
-                    let n = len as usize;
-                    ram.read(gpa, &mut self.staging[off..off + n]).map_err(|e| TransportError::Guest(e.to_string()))?;
-                    off += n;
-                }
-            }
-        }
-        // From here on the nonce is spent, whatever the send does.
+        // From here on the frame's nonces are spent, whatever the send does.
         self.next_seq += 1;
-        let sealed = (|| {
-            let mut c = start(&self.tx, &hdr, seq, true)?;
-            c.cipher_update_inplace(&mut self.staging[..len], len).map_err(crypto)?;
-            c.cipher_final(&mut []).map_err(crypto)?;
-            c.tag(&mut self.staging[len..len + TAG_LEN]).map_err(crypto)
-        })();
-        let r = sealed.and_then(|()| self.inner.send_raw(&hdr, &self.staging[..len + TAG_LEN]));
+        let r = self.seal_and_send(&hdr, seq, len32 as usize, parts, ram);
         if let Err(e) = &r {
             self.fence.close(e, seq);
             self.inner.shutdown_write();
@@ -244,31 +323,41 @@ impl Transport for Sealed {
                 "{:?} frame {} was not read to its end ({} bytes left)",
                 o.header.kind,
                 o.header.seq,
-                o.end - o.at
+                o.end - o.at + o.left
             )));
         }
         // The inner transport checked the header (sequence, kind, the kind's size cap).
         let h = self.inner.recv_header()?;
-        self.open_frame(&h)?;
-        if h.len > 0 {
-            self.opening = Some(Opening { header: h, at: 0, end: h.len as usize });
+        // The first record authenticates the header before it is handed out.
+        self.opening = Some(Opening {
+            header: h,
+            hdr: h.encode(),
+            record: 0,
+            at: 0,
+            end: 0,
+            left: h.len as usize,
+        });
+        self.open_record()?;
+        if h.len == 0 {
+            self.opening = None;
         }
         Ok(h)
     }
 
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
-        let r = self.take(buf.len() as u64)?;
-        buf.copy_from_slice(&self.opened[r]);
-        Ok(())
+        self.take(buf.len(), |at, b| {
+            buf[at..at + b.len()].copy_from_slice(b);
+            Ok(())
+        })
     }
 
     fn recv_into_guest(&mut self, ram: &GuestRam, gpa: u64, len: u64) -> Result<(), TransportError> {
         ram.iovec(gpa, len).map_err(|e| TransportError::Guest(e.to_string()))?;
-        let r = self.take(len)?;
-        ram.write(gpa, &self.opened[r]).map_err(|e| TransportError::Guest(e.to_string()))
+        let n = usize::try_from(len).map_err(|_| TransportError::Guest(format!("read of {len} bytes")))?;
+        self.take(n, |at, b| ram.write(gpa + at as u64, b).map_err(|e| TransportError::Guest(e.to_string())))
     }
 
-    fn send_raw(&mut self, _hdr: &[u8; HEADER_LEN], _body: &[u8]) -> Result<(), TransportError> {
+    fn send_raw(&mut self, _: Option<&[u8; HEADER_LEN]>, _: &[u8], _: bool) -> Result<(), TransportError> {
         Err(TransportError::Guest("raw frames cannot go through a sealed connection".into()))
     }
 
@@ -306,7 +395,7 @@ impl Transport for Sealed {
     }
 
     fn describe(&self) -> String {
-        format!("{}, sealed (AES-256-GCM)", self.inner.describe())
+        format!("{}, sealed (AEGIS-256X4)", self.inner.describe())
     }
 
     fn shutdown_handle(&self) -> Option<std::net::TcpStream> {
@@ -457,7 +546,7 @@ mod tests {
             b.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
             let mut all = Vec::new();
             b.read_to_end(&mut all).expect("the sender shut its side: the stream ends");
-            let frame = HEADER_LEN + body.len() + TAG_LEN;
+            let frame = HEADER_LEN + wire_len(body.len());
             let whole = all.len() / frame;
             assert_eq!(
                 whole as u64,
@@ -470,6 +559,92 @@ mod tests {
                 assert_eq!(h.seq, i as u64, "{mode:?}: frame {i} carries sequence {}", h.seq);
             }
             drop(s);
+        }
+    }
+
+    /// One `Pages` frame of 3 MiB of guest data (a run of 768 pages from gfn 16, each page
+    /// filled with its gfn's low byte), as it goes on the wire: header, then 13 records.
+    fn large_frame() -> Vec<u8> {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        for g in 16..16 + 768u64 {
+            ram.write(g * PAGE, &[g as u8; PAGE as usize]).unwrap();
+        }
+        let (mut s, mut raw) = sender();
+        let runs = [protocol::Run { gfn: 16, npages: 768, flags: 0 }];
+        let mut meta = Vec::new();
+        protocol::encode_pages_meta(1, &runs, &mut meta);
+        s.send_frame(FrameKind::Pages, &[Part::Buf(&meta), Part::Guest { gpa: 16 * PAGE, len: 768 * PAGE }], Some(&ram))
+            .unwrap();
+        drop(s);
+        let mut all = Vec::new();
+        raw.read_to_end(&mut all).unwrap();
+        assert_eq!(all.len(), HEADER_LEN + wire_len(24 + 768 * PAGE as usize));
+        assert_eq!(records(24 + 768 * PAGE as usize), 13);
+        all
+    }
+
+    /// Receive `large_frame`'s bytes into `ram`.
+    fn read_large(bytes: &[u8], ram: &GuestRam) -> Result<(), TransportError> {
+        let mut r = receiver(bytes, key(1));
+        let h = r.recv_header()?;
+        let mut meta = [0u8; 24];
+        r.recv_exact(&mut meta)?;
+        r.recv_into_guest(ram, 16 * PAGE, u64::from(h.len) - 24)
+    }
+
+    /// Where record `i` of `large_frame` starts on the wire.
+    fn record_at(i: usize) -> usize {
+        HEADER_LEN + i * (RECORD + TAG_LEN)
+    }
+
+    #[test]
+    fn a_frame_of_many_records_arrives_whole_and_in_order() {
+        let wire = large_frame();
+        let ram = GuestRam::new(64 << 20).unwrap();
+        read_large(&wire, &ram).unwrap();
+        for g in 16..16 + 768u64 {
+            assert_eq!(ram.read_u64(g * PAGE).unwrap(), u64::from_le_bytes([g as u8; 8]), "gfn {g}");
+        }
+        // Two records swapped: each carries its index in its nonce.
+        let mut swapped = wire.clone();
+        let (a, b) = (record_at(2), record_at(3));
+        let rec = RECORD + TAG_LEN;
+        let second = swapped[b..b + rec].to_vec();
+        swapped.copy_within(a..a + rec, b);
+        swapped[a..a + rec].copy_from_slice(&second);
+        let e = read_large(&swapped, &GuestRam::new(64 << 20).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("Pages frame 0 failed authentication"), "{e}");
+        // The last record dropped: the frame never completes.
+        let e = read_large(&wire[..record_at(12)], &GuestRam::new(64 << 20).unwrap()).unwrap_err();
+        assert!(matches!(e, TransportError::Closed), "{e}");
+        // A record replayed in place of the next one.
+        let mut replayed = wire.clone();
+        replayed.copy_within(record_at(4)..record_at(5), record_at(5));
+        let e = read_large(&replayed, &GuestRam::new(64 << 20).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("Pages frame 0 failed authentication"), "{e}");
+    }
+
+    /// A forged record stops the frame there: the records before it are the peer's and may
+    /// have landed; nothing of the forged record, or of any after it, reaches guest RAM.
+    #[test]
+    fn a_forged_record_writes_none_of_its_pages() {
+        let mut wire = large_frame();
+        wire[record_at(5) + 1000] ^= 0x40;
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let e = read_large(&wire, &ram).unwrap_err();
+        assert!(e.to_string().contains("Pages frame 0 failed authentication"), "{e}");
+        // Payload bytes before record 5: the 24-byte run table, then page data.
+        let first_unverified = (5 * RECORD - 24) as u64;
+        for g in 16..16 + 768u64 {
+            let off = (g - 16) * PAGE;
+            let got = ram.read_u64(g * PAGE).unwrap();
+            if off + PAGE <= first_unverified {
+                assert_eq!(got, u64::from_le_bytes([g as u8; 8]), "gfn {g}, before the forged record");
+            } else if off >= first_unverified {
+                let mut page = vec![0u8; PAGE as usize];
+                ram.read(g * PAGE, &mut page).unwrap();
+                assert!(page.iter().all(|&b| b == 0), "gfn {g}: bytes of a forged record reached guest RAM");
+            }
         }
     }
 

@@ -99,13 +99,21 @@ fn frame_header(kind: FrameKind, parts: &[Part<'_>], seq: u64) -> Result<[u8; HE
     Ok(Header { kind, len: payload_len(parts)?, seq }.encode())
 }
 
-/// Check that a raw frame's header continues this stream's sequence.
-fn check_raw(hdr: &[u8; HEADER_LEN], send_seq: u64) -> Result<(), TransportError> {
-    let h = Header::decode(hdr)?;
-    if h.seq != send_seq {
-        return Err(TransportError::Guest(format!("raw frame with sequence {}, expected {send_seq}", h.seq)));
+/// Check a raw frame's piece: the header comes with the first piece only (`open`: a frame
+/// is under way) and continues this stream's sequence.
+fn check_raw(hdr: Option<&[u8; HEADER_LEN]>, send_seq: u64, open: bool) -> Result<(), TransportError> {
+    match (hdr, open) {
+        (Some(hdr), false) => {
+            let h = Header::decode(hdr)?;
+            if h.seq != send_seq {
+                return Err(TransportError::Guest(format!("raw frame with sequence {}, expected {send_seq}", h.seq)));
+            }
+            Ok(())
+        }
+        (None, true) => Ok(()),
+        (Some(_), true) => Err(TransportError::Guest(format!("a header inside raw frame {send_seq}"))),
+        (None, false) => Err(TransportError::Guest("a raw frame's piece without its header".into())),
     }
-    Ok(())
 }
 
 /// Decode a received header and check it continues this stream's sequence (`recv_seq`,
@@ -124,9 +132,10 @@ pub trait Transport: Send {
     /// Send one frame made of `parts`; guest parts are read from `ram` without staging.
     fn send_frame(&mut self, kind: FrameKind, parts: &[Part<'_>], ram: Option<&GuestRam>)
         -> Result<(), TransportError>;
-    /// Send a frame built elsewhere (a sealed one): `hdr` must carry [`Transport::send_seq`],
-    /// `body` is everything after it. `body` may be reused once this returns.
-    fn send_raw(&mut self, hdr: &[u8; HEADER_LEN], body: &[u8]) -> Result<(), TransportError>;
+    /// Send a piece of a frame built elsewhere (a sealed one). The first piece brings the
+    /// header, which must carry [`Transport::send_seq`]; the frame counts as sent once its
+    /// `last` piece is out. `body` may be reused once this returns.
+    fn send_raw(&mut self, hdr: Option<&[u8; HEADER_LEN]>, body: &[u8], last: bool) -> Result<(), TransportError>;
     /// Sequence number of the next frame sent.
     fn send_seq(&self) -> u64;
     /// After a send failed: the sequence number of the first frame that does not count as
@@ -194,6 +203,8 @@ pub struct TcpTransport {
     send_timeout: Duration,
     /// A send failed: the write side is shut and stays unused.
     fence: SendFence,
+    /// A raw frame's first pieces went out, its last has not.
+    raw_open: bool,
 }
 
 impl TcpTransport {
@@ -209,6 +220,7 @@ impl TcpTransport {
             sent: 0,
             send_timeout: timeout,
             fence: SendFence::default(),
+            raw_open: false,
         })
     }
 
@@ -291,14 +303,18 @@ impl Transport for TcpTransport {
         Ok(())
     }
 
-    fn send_raw(&mut self, hdr: &[u8; HEADER_LEN], body: &[u8]) -> Result<(), TransportError> {
-        check_raw(hdr, self.send_seq)?;
-        let mut iov = vec![
-            libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: HEADER_LEN },
-            libc::iovec { iov_base: body.as_ptr() as *mut _, iov_len: body.len() },
-        ];
+    fn send_raw(&mut self, hdr: Option<&[u8; HEADER_LEN]>, body: &[u8], last: bool) -> Result<(), TransportError> {
+        check_raw(hdr, self.send_seq, self.raw_open)?;
+        let mut iov = Vec::with_capacity(2);
+        if let Some(hdr) = hdr {
+            iov.push(libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: HEADER_LEN });
+        }
+        iov.push(libc::iovec { iov_base: body.as_ptr() as *mut _, iov_len: body.len() });
         self.write_all(&mut iov)?;
-        self.send_seq += 1;
+        self.raw_open = !last;
+        if last {
+            self.send_seq += 1;
+        }
         Ok(())
     }
 
@@ -396,6 +412,8 @@ pub struct UringTransport {
     /// A send failed or timed out: the sender shut the write side (see `UringSender`'s
     /// timeout handling) and nothing more is sent.
     fence: SendFence,
+    /// A raw frame's first pieces went out, its last has not.
+    raw_open: bool,
 }
 
 impl UringTransport {
@@ -451,6 +469,7 @@ impl UringTransport {
             sent: 0,
             send_timeout: timeout,
             fence: SendFence::default(),
+            raw_open: false,
         })
     }
 
@@ -554,12 +573,18 @@ impl Transport for UringTransport {
         self.after_send(r)
     }
 
-    fn send_raw(&mut self, hdr: &[u8; HEADER_LEN], body: &[u8]) -> Result<(), TransportError> {
+    fn send_raw(&mut self, hdr: Option<&[u8; HEADER_LEN]>, body: &[u8], last: bool) -> Result<(), TransportError> {
         use kvm_hooks::uring::Piece;
-        check_raw(hdr, self.send_seq)?;
-        let n = self.send_pieces(&[Piece::Host(hdr), Piece::Bytes(body)], None)?;
+        check_raw(hdr, self.send_seq, self.raw_open)?;
+        let n = match hdr {
+            Some(hdr) => self.send_pieces(&[Piece::Host(hdr), Piece::Bytes(body)], None)?,
+            None => self.send_pieces(&[Piece::Bytes(body)], None)?,
+        };
         self.sent += n as u64;
-        self.send_seq += 1;
+        self.raw_open = !last;
+        if last {
+            self.send_seq += 1;
+        }
         // A zero-copy send still reads `body` after it returns: the caller reuses it next.
         // If the notifications do not come, the frame is in the kernel all the same.
         let mut r = Ok(());
@@ -570,7 +595,11 @@ impl Transport for UringTransport {
                 .map_err(|e| TransportError::io("waiting for zero-copy completions", e, self.send_timeout));
         }
         let r = r.and_then(|()| self.decide());
-        self.after_send(r)
+        if last {
+            return self.after_send(r);
+        }
+        // A frame cut short does not count as sent.
+        r.inspect_err(|e| self.break_off(e, self.send_seq))
     }
 
     fn send_seq(&self) -> u64 {

@@ -33,8 +33,8 @@ impl Transport for Bytes {
         self.send_seq += 1;
         Ok(())
     }
-    fn send_raw(&mut self, _: &[u8; HEADER_LEN], _: &[u8]) -> Result<(), TransportError> {
-        self.send_seq += 1;
+    fn send_raw(&mut self, _: Option<&[u8; HEADER_LEN]>, _: &[u8], last: bool) -> Result<(), TransportError> {
+        self.send_seq += u64::from(last);
         Ok(())
     }
     fn send_seq(&self) -> u64 {

@@ -220,6 +220,18 @@ impl GuestRam {
         Ok(libc::iovec { iov_base: self.host_addr(gpa)?.cast(), iov_len: len as usize })
     }
 
+    /// Lend the guest bytes at `gpa..gpa + len` to `f`, for a consumer that loads each byte
+    /// once and needs no stable copy (a cipher sealing from RAM into its own buffer). The
+    /// guest may change the bytes while `f` runs; `f` then sees one of their values.
+    pub fn with_bytes<R>(&self, gpa: u64, len: u64, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        self.check(gpa, len)?;
+        // SAFETY: the range is inside the mapping (checked above), which lives as long as
+        // `self` and so outlives the borrow handed to `f`. Bytes a running guest changes
+        // meanwhile are read as either value by consumers that load each byte once.
+        let bytes = unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(gpa as usize), len as usize) };
+        Ok(f(bytes))
+    }
+
     /// Snapshot all of guest RAM (tests and `--dump-memory`).
     pub fn snapshot(&self) -> Vec<u8> {
         let mut v = vec![0u8; self.size as usize];

@@ -254,7 +254,11 @@ impl Sealed {
 
     /// Hand the next `n` bytes of the open frame's plaintext to `to`, record by record;
     /// the frame closes at its end.
-    fn take(&mut self, n: usize, mut to: impl FnMut(usize, &[u8]) -> Result<(), TransportError>) -> Result<(), TransportError> {
+    fn take(
+        &mut self,
+        n: usize,
+        mut to: impl FnMut(usize, &[u8]) -> Result<(), TransportError>,
+    ) -> Result<(), TransportError> {
         match &self.opening {
             Some(o) if o.end - o.at + o.left >= n => {}
             Some(o) => {
@@ -329,14 +333,7 @@ impl Transport for Sealed {
         // The inner transport checked the header (sequence, kind, the kind's size cap).
         let h = self.inner.recv_header()?;
         // The first record authenticates the header before it is handed out.
-        self.opening = Some(Opening {
-            header: h,
-            hdr: h.encode(),
-            record: 0,
-            at: 0,
-            end: 0,
-            left: h.len as usize,
-        });
+        self.opening = Some(Opening { header: h, hdr: h.encode(), record: 0, at: 0, end: 0, left: h.len as usize });
         self.open_record()?;
         if h.len == 0 {
             self.opening = None;
@@ -573,8 +570,12 @@ mod tests {
         let runs = [protocol::Run { gfn: 16, npages: 768, flags: 0 }];
         let mut meta = Vec::new();
         protocol::encode_pages_meta(1, &runs, &mut meta);
-        s.send_frame(FrameKind::Pages, &[Part::Buf(&meta), Part::Guest { gpa: 16 * PAGE, len: 768 * PAGE }], Some(&ram))
-            .unwrap();
+        s.send_frame(
+            FrameKind::Pages,
+            &[Part::Buf(&meta), Part::Guest { gpa: 16 * PAGE, len: 768 * PAGE }],
+            Some(&ram),
+        )
+        .unwrap();
         drop(s);
         let mut all = Vec::new();
         raw.read_to_end(&mut all).unwrap();

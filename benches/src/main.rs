@@ -129,6 +129,39 @@ enum Cmd {
     },
 }
 
+/// Single-core AEGIS-256X4 sealing and opening of 256 KiB records that stay in cache (one
+/// second each): the cipher's share of the sealed channel's cost. Bytes/s.
+fn aegis_rates() -> (f64, f64) {
+    use aegis::aegis256x4::Aegis256X4;
+    let (key, hdr) = ([7u8; 32], [1u8; 24]);
+    let mut buf = vec![0x5au8; 256 << 10];
+    let mut tags = Vec::new();
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed() < Duration::from_secs(1) {
+        let mut nonce = [0u8; 32];
+        nonce[..8].copy_from_slice(&n.to_le_bytes());
+        tags.push(Aegis256X4::<16>::new(&key, &nonce).encrypt_in_place(&mut buf, &hdr));
+        n += 1;
+    }
+    let seal = (n * buf.len() as u64) as f64 / t0.elapsed().as_secs_f64();
+    // Open the last record sealed, again and again, each time from a copy of it.
+    let mut nonce = [0u8; 32];
+    nonce[..8].copy_from_slice(&(n - 1).to_le_bytes());
+    let aead = Aegis256X4::<16>::new(&key, &nonce);
+    let tag = *tags.last().expect("one record sealed");
+    let mut work = buf.clone();
+    let t0 = Instant::now();
+    let mut m = 0u64;
+    while t0.elapsed() < Duration::from_secs(1) {
+        work.copy_from_slice(&buf);
+        aead.decrypt_in_place(&mut work, &tag, &hdr).expect("the record opens");
+        m += 1;
+    }
+    let open = (m * buf.len() as u64) as f64 / t0.elapsed().as_secs_f64();
+    (seal, open)
+}
+
 /// Guest dirtying rate (pages written per second by an `ab` guest whose dirty tracking is
 /// re-armed every `harvest_ms`, as during precopy) without a program, with the dirty probe
 /// and with an empty program on the same tracepoint; the probe's kernel-counted run time;
@@ -355,6 +388,15 @@ fn transport_bench(
     }
     if let Some(c) = one {
         println!("single-stream ceiling (best of the two): {c:.2} GiB/s");
+    }
+    if channels.iter().any(|c| c == "sealed") {
+        println!("## cipher ceilings (same run, one core)");
+        let (seal, open) = aegis_rates();
+        println!("AEGIS-256X4 (the sealed channel's), 256 KiB records in cache: seal {:.2} GB/s, open (from a copy) {:.2} GB/s", seal / 1e9, open / 1e9);
+        match mh::openssl_aes_gcm() {
+            Some(c) => println!("AES-256-GCM (openssl speed, 16 KiB): {:.2} GB/s", c / 1e9),
+            None => println!("openssl not found: no AES-256-GCM ceiling this run"),
+        }
     }
     // RAM -> RAM over one stream: the ceiling for moving this much memory (median of 3).
     let mut ram_ceiling: Vec<f64> = Vec::new();

@@ -18,7 +18,7 @@ use mh_abi::{Kind, Op, Request};
 const KEY: [u8; 32] = *b"migaccel-bench-mh-key-0123456789";
 
 /// Single-core AES-256-GCM over 16 KiB buffers, bytes/s, from `openssl speed`.
-fn openssl_aes_gcm() -> Option<f64> {
+pub(crate) fn openssl_aes_gcm() -> Option<f64> {
     let o = std::process::Command::new("openssl")
         .args(["speed", "-evp", "aes-256-gcm", "-bytes", "16384", "-seconds", "2"])
         .output()

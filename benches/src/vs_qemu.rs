@@ -13,14 +13,16 @@
 //! processes (`send`/`receive --qemu-pid`), moving RAM itself while QEMU moves only its
 //! devices; with a fresh destination (compared with QEMU without preallocation) and with
 //! the destination's RAM allocated by migaccel when it attaches (compared with
-//! `-mem-prealloc`).
+//! `-mem-prealloc`). Those two run `--insecure`, like for like with QEMU over plain TCP; the
+//! two "sealed" systems run migaccel's default channel (authenticated, every frame sealed)
+//! and are set against QEMU with TLS (`tls-creds-psk`, plain precopy and multifd 4).
 //!
 //! The guest-visible blackout is measured by each guest's heartbeat: QEMU's guest writes a
 //! byte to its serial port every millisecond of TSC time (timestamped by this process as it
 //! arrives from each QEMU); the embedded guest's progress reports are stamped by its VMM
 //! (idle: one per millisecond; walking: one per 4096 pages). Blackout = the destination's
 //! first heartbeat after the migration minus the source's last one.
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,6 +48,11 @@ struct Run {
     cpu_s: f64,
 }
 
+/// A migaccel cell against QEMU's best of the same repetition: total, downtime and
+/// blackout against plain QEMU with the same destination memory, total against the best
+/// plain QEMU of all, total against the best QEMU with TLS with the same memory.
+type Ratios = (f64, f64, f64, f64, f64);
+
 /// A QEMU configuration.
 #[derive(Debug, Clone, Copy)]
 struct QemuCfg {
@@ -53,16 +60,42 @@ struct QemuCfg {
     multifd: u32,
     dirty_ring: bool,
     prealloc: bool,
+    /// Encrypted and authenticated: `tls-creds-psk` on both sides (QEMU's own channel
+    /// protection; it refuses zero-copy with TLS).
+    tls: bool,
 }
 
-const QEMU_CFGS: [QemuCfg; 6] = [
-    QemuCfg { name: "QEMU precopy", multifd: 0, dirty_ring: false, prealloc: false },
-    QemuCfg { name: "QEMU multifd 4", multifd: 4, dirty_ring: false, prealloc: false },
-    QemuCfg { name: "QEMU dirty ring", multifd: 0, dirty_ring: true, prealloc: false },
-    QemuCfg { name: "QEMU precopy, prealloc", multifd: 0, dirty_ring: false, prealloc: true },
-    QemuCfg { name: "QEMU multifd 4, prealloc", multifd: 4, dirty_ring: false, prealloc: true },
-    QemuCfg { name: "QEMU dirty ring, prealloc", multifd: 0, dirty_ring: true, prealloc: true },
+const QEMU_CFGS: [QemuCfg; 10] = [
+    QemuCfg { name: "QEMU precopy", multifd: 0, dirty_ring: false, prealloc: false, tls: false },
+    QemuCfg { name: "QEMU multifd 4", multifd: 4, dirty_ring: false, prealloc: false, tls: false },
+    QemuCfg { name: "QEMU dirty ring", multifd: 0, dirty_ring: true, prealloc: false, tls: false },
+    QemuCfg { name: "QEMU precopy, prealloc", multifd: 0, dirty_ring: false, prealloc: true, tls: false },
+    QemuCfg { name: "QEMU multifd 4, prealloc", multifd: 4, dirty_ring: false, prealloc: true, tls: false },
+    QemuCfg { name: "QEMU dirty ring, prealloc", multifd: 0, dirty_ring: true, prealloc: true, tls: false },
+    QemuCfg { name: "QEMU precopy, TLS", multifd: 0, dirty_ring: false, prealloc: false, tls: true },
+    QemuCfg { name: "QEMU multifd 4, TLS", multifd: 4, dirty_ring: false, prealloc: false, tls: true },
+    QemuCfg { name: "QEMU precopy, TLS, prealloc", multifd: 0, dirty_ring: false, prealloc: true, tls: true },
+    QemuCfg { name: "QEMU multifd 4, TLS, prealloc", multifd: 4, dirty_ring: false, prealloc: true, tls: true },
 ];
+
+/// The pre-shared key both QEMUs' `tls-creds-psk` read (`dir/tls/keys.psk`, user `qemu`),
+/// and both migaccel ends' key file (`dir/migaccel.key`): written once per run.
+fn keys(dir: &Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tls = dir.join("tls");
+    let key = dir.join("migaccel.key");
+    if !key.exists() {
+        std::fs::create_dir_all(&tls)?;
+        let mut b = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(tls.join("keys.psk"))?;
+        writeln!(f, "qemu:{hex}")?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key)?;
+        writeln!(f, "{hex}")?;
+    }
+    Ok((tls, key))
+}
 
 fn start_qemu(
     dir: &Path,
@@ -78,6 +111,12 @@ fn start_qemu(
     let mut extra = vec!["-chardev", &chardev, "-serial", "chardev:hb"];
     if c.prealloc {
         extra.push("-mem-prealloc");
+    }
+    let tls_obj;
+    if c.tls {
+        let endpoint = if incoming { "server" } else { "client" };
+        tls_obj = format!("tls-creds-psk,id=tls0,endpoint={endpoint},dir={}", keys(dir)?.0.display());
+        extra.extend(["-object", &tls_obj]);
     }
     if incoming {
         extra.extend(["-incoming", "defer"]);
@@ -104,6 +143,9 @@ fn qemu_run(dir: &Path, kernel: &Path, ram: u64, c: &QemuCfg, warmup: Duration) 
         q.cmd("migrate-set-capabilities", json!({ "capabilities": caps }))?;
         if c.multifd > 0 {
             q.cmd("migrate-set-parameters", json!({"multifd-channels": c.multifd}))?;
+        }
+        if c.tls {
+            q.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}))?;
         }
     }
     let uri = format!("tcp:127.0.0.1:{port}");
@@ -181,9 +223,9 @@ fn free_port() -> anyhow::Result<u16> {
 fn migaccel_run(ram: u64, hot: u64, prepared: bool, warmup: Duration) -> anyhow::Result<Run> {
     let bin = std::env::current_exe()?.with_file_name("migaccel");
     let addr = format!("127.0.0.1:{}", free_port()?);
-    // QEMU migrates over plain TCP here (no `tls-creds`): like for like, migaccel runs
-    // without its channel protection too (`--insecure`); `transport --channel` measures
-    // what sealing costs.
+    // Like for like with QEMU over plain TCP: migaccel runs without its channel protection
+    // too (`--insecure`); the QEMU + migaccel "sealed" systems and `transport --channel`
+    // measure what sealing costs.
     let mut args: Vec<String> =
         ["receive", "--listen", &addr, "--report", "json", "--insecure"].map(String::from).into();
     if prepared {
@@ -247,16 +289,26 @@ fn spawn_receiver(bin: &Path, args: &[String]) -> anyhow::Result<std::process::C
     Ok(recv)
 }
 
-/// QEMU's guest migrated QEMU → QEMU by migaccel attached to both processes.
-fn migaccel_qemu_run(dir: &Path, kernel: &Path, ram: u64, prepared: bool, warmup: Duration) -> anyhow::Result<Run> {
+/// QEMU's guest migrated QEMU → QEMU by migaccel attached to both processes; `sealed`:
+/// with migaccel's default channel (authenticated, every frame sealed), else `--insecure`.
+fn migaccel_qemu_run(
+    dir: &Path,
+    kernel: &Path,
+    ram: u64,
+    prepared: bool,
+    sealed: bool,
+    warmup: Duration,
+) -> anyhow::Result<Run> {
     let bin = std::env::current_exe()?.with_file_name("migaccel");
     let addr = format!("127.0.0.1:{}", free_port()?);
     let (dst, dst_hb, dst_mig) = qemu_for_migaccel(dir, "mdst", ram >> 20, kernel, true, &[])?;
     let (mut src, src_hb, src_mig) = qemu_for_migaccel(dir, "msrc", ram >> 20, kernel, false, &[])?;
     src.wait_prefilled(Duration::from_secs(600))?;
     std::thread::sleep(warmup);
-    let mut args: Vec<String> =
-        ["receive", "--listen", &addr, "--report", "json", "--insecure"].map(String::from).into();
+    let channel: Vec<String> =
+        if sealed { vec!["--auth-key".into(), keys(dir)?.1.display().to_string()] } else { vec!["--insecure".into()] };
+    let mut args: Vec<String> = ["receive", "--listen", &addr, "--report", "json"].map(String::from).into();
+    args.extend(channel.iter().cloned());
     args.extend(["--qemu-pid".into(), dst.pid().to_string(), "--qmp".into(), dst_mig.display().to_string()]);
     if !prepared {
         args.push("--no-populate".into());
@@ -268,7 +320,8 @@ fn migaccel_qemu_run(dir: &Path, kernel: &Path, ram: u64, prepared: bool, warmup
     let (w1, tw1) = (src.read_u64(WRITE_COUNT_GPA)?, Instant::now());
     let cpu0 = src.cpu_time()? + dst.cpu_time()?;
     let out = Command::new(&bin)
-        .args(["send", "--to", &addr, "--report", "json", "--insecure", "--qemu-pid", &src.pid().to_string()])
+        .args(["send", "--to", &addr, "--report", "json", "--qemu-pid", &src.pid().to_string()])
+        .args(&channel)
         .arg("--qmp")
         .arg(&src_mig)
         .stderr(Stdio::piped())
@@ -346,6 +399,8 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64, only
     systems.push("migaccel, prepared destination".into());
     systems.push("QEMU + migaccel".into());
     systems.push("QEMU + migaccel, prepared destination".into());
+    systems.push("QEMU + migaccel, sealed".into());
+    systems.push("QEMU + migaccel, sealed, prepared destination".into());
     let nq = QEMU_CFGS.len();
     if let Some(bad) = only.iter().find(|o| !systems.contains(o)) {
         bail!("--only {bad:?}: no such system (one of: {})", systems.join(", "));
@@ -354,14 +409,14 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64, only
     println!("# vs-qemu: {reps} repetition(s), interleaved; 1 vCPU; warm-up {warmup_ms} ms after the prefill");
     println!();
     println!(
-        "| RAM | class | system | total ms | setup ms | downtime ms | blackout ms | MiB moved | rounds | guest writes/s before | during precopy | CPU s | total / best QEMU | downtime / best QEMU | blackout / best QEMU | total / best QEMU of all |"
+        "| RAM | class | system | total ms | setup ms | downtime ms | blackout ms | MiB moved | rounds | guest writes/s before | during precopy | CPU s | total / best QEMU | downtime / best QEMU | blackout / best QEMU | total / best QEMU of all | total / best QEMU with TLS |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for ram in rams {
         for &(class, hot) in &classes {
             let kernel = guest_image(&dir, &GuestImage::filled(ram.0, hot, Some(ticks)))?;
             let mut runs: Vec<Vec<Run>> = vec![Vec::new(); systems.len()];
-            let mut ratios: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); 4];
+            let mut ratios: Vec<Vec<Ratios>> = vec![Vec::new(); systems.len() - nq];
             for rep in 0..reps as usize {
                 let mut this: Vec<Option<Run>> = vec![None; systems.len()];
                 for k in (0..systems.len()).map(|k| (k + rep) % systems.len()) {
@@ -375,7 +430,8 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64, only
                     } else if k < nq + 2 {
                         migaccel_run(ram.0, hot, k == nq + 1, warmup)
                     } else {
-                        migaccel_qemu_run(&dir, &kernel, ram.0, k == nq + 3, warmup)
+                        let j = k - nq - 2;
+                        migaccel_qemu_run(&dir, &kernel, ram.0, j % 2 == 1, j >= 2, warmup)
                     }
                     .with_context(|| format!("{} MiB, {class}, {}", ram.0 >> 20, systems[k]));
                     // A system that fails a cell (QEMU itself has crashed here) leaves it
@@ -400,21 +456,23 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64, only
                 // preallocation, a prepared one against QEMU with `-mem-prealloc`.
                 for (j, m) in this[nq..].iter().enumerate() {
                     let m = m.expect("every migaccel cell ran");
-                    let best = |f: fn(&Run) -> f64, all: bool| {
-                        let same = |c: &QemuCfg| all || c.prealloc == (j % 2 == 1);
+                    // Plain QEMU (no TLS) for the first four ratios, QEMU with TLS for the last.
+                    let best = |f: fn(&Run) -> f64, all: bool, tls: bool| {
+                        let same = |c: &QemuCfg| c.tls == tls && (all || c.prealloc == (j % 2 == 1));
                         q.iter().zip(&QEMU_CFGS).filter(|(_, c)| same(c)).map(|(r, _)| f(r)).fold(f64::NAN, f64::min)
                     };
                     ratios[j].push((
-                        m.total_ms / best(|r| r.total_ms, false),
-                        m.downtime_ms / best(|r| r.downtime_ms, false),
-                        m.blackout_ms / best(|r| r.blackout_ms, false),
-                        m.total_ms / best(|r| r.total_ms, true),
+                        m.total_ms / best(|r| r.total_ms, false, false),
+                        m.downtime_ms / best(|r| r.downtime_ms, false, false),
+                        m.blackout_ms / best(|r| r.blackout_ms, false, false),
+                        m.total_ms / best(|r| r.total_ms, true, false),
+                        m.total_ms / best(|r| r.total_ms, false, true),
                     ));
                 }
             }
             for (k, name) in systems.iter().enumerate().filter(|&(k, _)| selected(k)) {
                 let col = |f: fn(&Run) -> f64| median(runs[k].iter().map(f).collect());
-                let ratio = |f: fn(&(f64, f64, f64, f64)) -> f64| {
+                let ratio = |f: fn(&Ratios) -> f64| {
                     if k < nq {
                         String::new()
                     } else {
@@ -423,7 +481,7 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64, only
                 };
                 let rate = |v: f64| if v.is_nan() { "–".to_string() } else { format!("{:.1} M", v / 1e6) };
                 println!(
-                    "| {} MiB | {class} | {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} | {:.2} | {} | {} | {} | {} |",
+                    "| {} MiB | {class} | {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} | {:.2} | {} | {} | {} | {} | {} |",
                     ram.0 >> 20,
                     col(|r| r.total_ms),
                     col(|r| r.setup_ms),
@@ -438,13 +496,14 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64, only
                     ratio(|r| r.1),
                     ratio(|r| r.2),
                     ratio(|r| r.3),
+                    ratio(|r| r.4),
                 );
             }
         }
     }
     println!();
     println!(
-        "Medians over repetitions. Ratios are medians of per-repetition ratios against the best QEMU configuration of the same repetition with the same destination memory (fresh: QEMU without preallocation; prepared: QEMU with -mem-prealloc), each column's own best; the last column against the best of all six."
+        "Medians over repetitions. Ratios are medians of per-repetition ratios against the best QEMU configuration without TLS of the same repetition with the same destination memory (fresh: QEMU without preallocation; prepared: QEMU with -mem-prealloc), each column's own best; 'of all' against the best of the six without TLS; 'with TLS' against the best QEMU with tls-creds-psk and the same destination memory."
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

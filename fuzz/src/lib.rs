@@ -190,7 +190,12 @@ pub fn recorded() -> Vec<(String, Vec<(FrameKind, Vec<u8>)>)> {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with("recorded-") {
             let rec = std::fs::read(e.path()).expect("read a recorded seed");
-            let frames = frames_of(&rec).unwrap_or_else(|| panic!("{name} is not a sequence of frames"));
+            let frames = frames_of(&rec).unwrap_or_else(|| {
+                panic!(
+                    "{name} is not a sequence of frames of this protocol version (recorded by another \
+                     version? delete target/fuzz-seeds and target/fuzz-corpus to record again)"
+                )
+            });
             out.push((name, frames));
         }
     }

@@ -132,22 +132,21 @@ impl Cursor {
     ) -> Result<(), TransportError> {
         let mut off = 0;
         while off < out.len() {
-            let p = parts.get(self.part).ok_or_else(|| TransportError::Guest("frame parts end early".into()))?;
-            let (gpa, plen) = match *p {
-                Part::Buf(b) => (None, b.len() as u64),
-                Part::Guest { gpa, len } => (Some(gpa), len),
+            let p = *parts.get(self.part).ok_or_else(|| TransportError::Guest("frame parts end early".into()))?;
+            let plen = match p {
+                Part::Buf(b) => b.len() as u64,
+                Part::Guest { len, .. } => len,
             };
             let n = (plen - self.at).min((out.len() - off) as u64);
             let dst = &mut out[off..off + n as usize];
-            match (*p, gpa) {
-                (Part::Buf(b), _) => e.update(&b[self.at as usize..(self.at + n) as usize], dst),
-                (_, Some(gpa)) => {
+            match p {
+                Part::Buf(b) => e.update(&b[self.at as usize..(self.at + n) as usize], dst),
+                Part::Guest { gpa, .. } => {
                     let ram = ram.ok_or_else(|| TransportError::Guest("guest bytes without guest RAM".into()))?;
                     // Straight from guest RAM into the sealed buffer.
                     ram.with_bytes(gpa + self.at, n, |b| e.update(b, dst))
                         .map_err(|e| TransportError::Guest(e.to_string()))?;
                 }
-                _ => unreachable!("a guest part has an address"),
             }
             off += n as usize;
             self.at += n;
@@ -164,7 +163,6 @@ impl Cursor {
 /// what is still to come.
 struct Opening {
     header: Header,
-    hdr: [u8; HEADER_LEN],
     /// Index of the next record to open.
     record: u32,
     at: usize,
@@ -240,7 +238,7 @@ impl Sealed {
         }
         let rec = &mut self.opened[..rlen + TAG_LEN];
         self.inner.recv_exact(rec)?;
-        if !open_in_place(&self.rx, &o.hdr, o.header.seq, o.record, rec) {
+        if !open_in_place(&self.rx, &o.header.encode(), o.header.seq, o.record, rec) {
             let e = unauthentic(&o.header);
             self.opening = None;
             return Err(e);
@@ -333,7 +331,7 @@ impl Transport for Sealed {
         // The inner transport checked the header (sequence, kind, the kind's size cap).
         let h = self.inner.recv_header()?;
         // The first record authenticates the header before it is handed out.
-        self.opening = Some(Opening { header: h, hdr: h.encode(), record: 0, at: 0, end: 0, left: h.len as usize });
+        self.opening = Some(Opening { header: h, record: 0, at: 0, end: 0, left: h.len as usize });
         self.open_record()?;
         if h.len == 0 {
             self.opening = None;

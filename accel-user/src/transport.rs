@@ -99,20 +99,39 @@ fn frame_header(kind: FrameKind, parts: &[Part<'_>], seq: u64) -> Result<[u8; HE
     Ok(Header { kind, len: payload_len(parts)?, seq }.encode())
 }
 
-/// Check a raw frame's piece: the header comes with the first piece only (`open`: a frame
-/// is under way) and continues this stream's sequence.
-fn check_raw(hdr: Option<&[u8; HEADER_LEN]>, send_seq: u64, open: bool) -> Result<(), TransportError> {
-    match (hdr, open) {
-        (Some(hdr), false) => {
-            let h = Header::decode(hdr)?;
-            if h.seq != send_seq {
-                return Err(TransportError::Guest(format!("raw frame with sequence {}, expected {send_seq}", h.seq)));
+/// Where a frame built elsewhere (a sealed one) and sent in pieces has got to: its first
+/// piece brings the header, and it counts as sent once its last piece is out.
+#[derive(Debug, Default)]
+struct RawFrame {
+    /// The first pieces went out, the last has not.
+    open: bool,
+}
+
+impl RawFrame {
+    /// Check a piece before it is sent: the header comes with the first piece only and
+    /// continues this stream's sequence (`send_seq`).
+    fn check(&self, hdr: Option<&[u8; HEADER_LEN]>, send_seq: u64) -> Result<(), TransportError> {
+        match (hdr, self.open) {
+            (Some(hdr), false) => {
+                let h = Header::decode(hdr)?;
+                if h.seq != send_seq {
+                    return Err(TransportError::Guest(format!(
+                        "raw frame with sequence {}, expected {send_seq}",
+                        h.seq
+                    )));
+                }
+                Ok(())
             }
-            Ok(())
+            (None, true) => Ok(()),
+            (Some(_), true) => Err(TransportError::Guest(format!("a header inside raw frame {send_seq}"))),
+            (None, false) => Err(TransportError::Guest("a raw frame's piece without its header".into())),
         }
-        (None, true) => Ok(()),
-        (Some(_), true) => Err(TransportError::Guest(format!("a header inside raw frame {send_seq}"))),
-        (None, false) => Err(TransportError::Guest("a raw frame's piece without its header".into())),
+    }
+
+    /// A piece went out: after the `last` one the frame is sent and the sequence advances.
+    fn sent(&mut self, last: bool, send_seq: &mut u64) {
+        self.open = !last;
+        *send_seq += u64::from(last);
     }
 }
 
@@ -203,8 +222,7 @@ pub struct TcpTransport {
     send_timeout: Duration,
     /// A send failed: the write side is shut and stays unused.
     fence: SendFence,
-    /// A raw frame's first pieces went out, its last has not.
-    raw_open: bool,
+    raw: RawFrame,
 }
 
 impl TcpTransport {
@@ -220,7 +238,7 @@ impl TcpTransport {
             sent: 0,
             send_timeout: timeout,
             fence: SendFence::default(),
-            raw_open: false,
+            raw: RawFrame::default(),
         })
     }
 
@@ -304,17 +322,14 @@ impl Transport for TcpTransport {
     }
 
     fn send_raw(&mut self, hdr: Option<&[u8; HEADER_LEN]>, body: &[u8], last: bool) -> Result<(), TransportError> {
-        check_raw(hdr, self.send_seq, self.raw_open)?;
+        self.raw.check(hdr, self.send_seq)?;
         let mut iov = Vec::with_capacity(2);
         if let Some(hdr) = hdr {
             iov.push(libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: HEADER_LEN });
         }
         iov.push(libc::iovec { iov_base: body.as_ptr() as *mut _, iov_len: body.len() });
         self.write_all(&mut iov)?;
-        self.raw_open = !last;
-        if last {
-            self.send_seq += 1;
-        }
+        self.raw.sent(last, &mut self.send_seq);
         Ok(())
     }
 
@@ -412,8 +427,7 @@ pub struct UringTransport {
     /// A send failed or timed out: the sender shut the write side (see `UringSender`'s
     /// timeout handling) and nothing more is sent.
     fence: SendFence,
-    /// A raw frame's first pieces went out, its last has not.
-    raw_open: bool,
+    raw: RawFrame,
 }
 
 impl UringTransport {
@@ -469,7 +483,7 @@ impl UringTransport {
             sent: 0,
             send_timeout: timeout,
             fence: SendFence::default(),
-            raw_open: false,
+            raw: RawFrame::default(),
         })
     }
 
@@ -575,16 +589,13 @@ impl Transport for UringTransport {
 
     fn send_raw(&mut self, hdr: Option<&[u8; HEADER_LEN]>, body: &[u8], last: bool) -> Result<(), TransportError> {
         use kvm_hooks::uring::Piece;
-        check_raw(hdr, self.send_seq, self.raw_open)?;
+        self.raw.check(hdr, self.send_seq)?;
         let n = match hdr {
             Some(hdr) => self.send_pieces(&[Piece::Host(hdr), Piece::Bytes(body)], None)?,
             None => self.send_pieces(&[Piece::Bytes(body)], None)?,
         };
         self.sent += n as u64;
-        self.raw_open = !last;
-        if last {
-            self.send_seq += 1;
-        }
+        self.raw.sent(last, &mut self.send_seq);
         // A zero-copy send still reads `body` after it returns: the caller reuses it next.
         // If the notifications do not come, the frame is in the kernel all the same.
         let mut r = Ok(());

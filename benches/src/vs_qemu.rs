@@ -22,7 +22,7 @@
 //! arrives from each QEMU); the embedded guest's progress reports are stamped by its VMM
 //! (idle: one per millisecond; walking: one per 4096 pages). Blackout = the destination's
 //! first heartbeat after the migration minus the source's last one.
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -78,21 +78,20 @@ const QEMU_CFGS: [QemuCfg; 10] = [
     QemuCfg { name: "QEMU multifd 4, TLS, prealloc", multifd: 4, dirty_ring: false, prealloc: true, tls: true },
 ];
 
-/// The pre-shared key both QEMUs' `tls-creds-psk` read (`dir/tls/keys.psk`, user `qemu`),
-/// and both migaccel ends' key file (`dir/migaccel.key`): written once per run.
+/// Both migaccel ends' key file (`dir/migaccel.key`, from `migaccel keygen`) and the same
+/// key for both QEMUs' `tls-creds-psk` (`dir/tls/keys.psk`, user `qemu`): made once per run.
 fn keys(dir: &Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
     use std::os::unix::fs::OpenOptionsExt;
     let tls = dir.join("tls");
     let key = dir.join("migaccel.key");
     if !key.exists() {
+        let bin = std::env::current_exe()?.with_file_name("migaccel");
+        let out = Command::new(bin).arg("keygen").arg(&key).output().context("migaccel keygen")?;
+        anyhow::ensure!(out.status.success(), "migaccel keygen: {}", String::from_utf8_lossy(&out.stderr));
+        let hex = std::fs::read_to_string(&key)?;
         std::fs::create_dir_all(&tls)?;
-        let mut b = [0u8; 32];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(tls.join("keys.psk"))?;
-        writeln!(f, "qemu:{hex}")?;
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key)?;
-        writeln!(f, "{hex}")?;
+        writeln!(f, "qemu:{}", hex.trim())?;
     }
     Ok((tls, key))
 }

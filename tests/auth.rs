@@ -173,6 +173,9 @@ fn a_stalled_send_never_lands_later_nor_shares_a_nonce() {
         c.migration.io_timeout_ms = 1000;
         let mut dc = c.clone();
         dc.migration.io_timeout_ms = 600_000;
+        // The source's queries cannot pass this proxy (it relays one connection): the
+        // destination need not wait for them once its receive failed.
+        dc.receiver.handover_window_ms = 0;
         let src = session::boot_source(&c).unwrap();
         let (addr, t) = receiver(&dc);
         // The 4th Pages frame of round 0: the socket buffers fill behind the stall.
@@ -354,4 +357,39 @@ fn a_migration_meant_for_another_host_never_runs_here() {
     let (r, res) = t.join().unwrap();
     assert_ram_eq(&src.ram().snapshot(), &res.expect("received").snapshot.unwrap_or_default(), &"host-a");
     assert_running(r.machine().unwrap());
+}
+
+/// A handover query from a peer without the session's keys (here: sealed under keys of its
+/// own, mid-migration, when the destination answers queries) is dropped unanswered: it
+/// neither learns anything nor fences the VM, whose handover then goes through.
+#[test]
+fn a_handover_query_without_the_sessions_keys_is_dropped_unanswered() {
+    use accel_user::protocol::{self, Ask};
+    use accel_user::seal::{FrameKey, Sealed};
+    use accel_user::source::Event;
+    use accel_user::transport::{self, Part, Transport, TransportMode};
+    let c = cfg();
+    let src = session::boot_source(&c).unwrap();
+    let (addr, t) = receiver(&c);
+    let mut heard: Option<Vec<u8>> = None;
+    let mut on = |e: Event| {
+        if matches!(&e, Event::Round(r) if r.round == 0) && heard.is_none() {
+            let s = std::net::TcpStream::connect(&addr).unwrap();
+            let mut raw = s.try_clone().unwrap();
+            let w = transport::wrap(s, TransportMode::Blocking, None, false, Duration::from_secs(5)).unwrap();
+            let mut q = Sealed::new(w, (FrameKey::new([0x33; 32]), FrameKey::new([0x44; 32])));
+            q.send_frame(FrameKind::Query, &[Part::Buf(&protocol::encode_query(1, Ask::Runs))], None).unwrap();
+            // Bounded only against a hang: the destination drops the connection at once.
+            raw.set_read_timeout(Some(migaccel_tests::HANG)).unwrap();
+            let mut got = Vec::new();
+            let _ = raw.read_to_end(&mut got);
+            heard = Some(got);
+        }
+    };
+    session::send(&c, &src, &addr, &mut on).expect("a forged query does not stop the handover");
+    assert_eq!(heard.as_deref(), Some(&[][..]), "the forged query got no answer");
+    let (r, res) = t.join().unwrap();
+    res.expect("received");
+    assert_running(r.machine().unwrap());
+    assert!(!src.is_running());
 }

@@ -82,6 +82,18 @@ pub enum Cut {
     /// Forward everything to the destination; drop its `Resumed` and reset the source's
     /// connection instead (the acknowledgement is lost).
     SwallowResumed,
+    /// Take the source's whole `Complete` without forwarding it, then reset both ends: the
+    /// source has sent everything, the destination never hears of it.
+    SwallowComplete,
+}
+
+/// What the proxy does with connections after the first (the source's handover queries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Later {
+    /// Relay them unchanged, as a network that lost one connection still carries new ones.
+    Relay,
+    /// Refuse them: the destination is unreachable from now on.
+    Refuse,
 }
 
 /// A TCP proxy that understands frame headers, so a test can cut the connection at an
@@ -90,39 +102,76 @@ pub enum Cut {
 pub struct Proxy {
     pub addr: String,
     pub cut_happened: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl Proxy {
+    /// Cut the first connection as `cut` says; relay every later one.
     pub fn start(target: String, cut: Cut) -> Proxy {
+        Proxy::start_with(target, cut, Later::Relay)
+    }
+
+    pub fn start_with(target: String, cut: Cut, later: Later) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let flag = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let f = flag.clone();
+        let st = stop.clone();
         let handle = std::thread::spawn(move || {
             let Ok((src, _)) = l.accept() else { return };
+            if st.load(Ordering::SeqCst) {
+                return;
+            }
             let Ok(dst) = TcpStream::connect(&target) else { return };
-            let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-            // destination → source: a plain copy, or frame by frame to drop `Resumed`.
-            let f2 = f.clone();
-            let back = std::thread::spawn(move || {
-                let (mut d, mut s) = (dst2, src2);
-                if matches!(cut, Cut::SwallowResumed) {
-                    swallow_resumed(d, s, &f2);
-                } else {
-                    let _ = std::io::copy(&mut d, &mut s);
-                    let _ = s.shutdown(Shutdown::Write);
+            let first = std::thread::spawn(move || relay(src, dst, cut, &f));
+            // Later connections until the proxy is dropped (which wakes this accept).
+            let mut more = Vec::new();
+            for c in l.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
                 }
-            });
-            forward_frames(src, dst, cut, &f);
-            let _ = back.join();
+                let Ok(src) = c else { continue };
+                if later == Later::Refuse {
+                    drop(src); // closed before a byte is read
+                    continue;
+                }
+                let Ok(dst) = TcpStream::connect(&target) else { continue };
+                let never = Arc::new(AtomicBool::new(false));
+                more.push(std::thread::spawn(move || relay(src, dst, Cut::Never, &never)));
+            }
+            let _ = first.join();
+            for m in more {
+                let _ = m.join();
+            }
         });
-        Proxy { addr, cut_happened: flag, handle: Some(handle) }
+        Proxy { addr, cut_happened: flag, stop, handle: Some(handle) }
     }
+}
+
+/// Relay one connection both ways, cutting the source's side as `cut` says.
+fn relay(src: TcpStream, dst: TcpStream, cut: Cut, flag: &Arc<AtomicBool>) {
+    let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+    // destination → source: a plain copy, or frame by frame to drop `Resumed`.
+    let f2 = flag.clone();
+    let back = std::thread::spawn(move || {
+        let (mut d, mut s) = (dst2, src2);
+        if matches!(cut, Cut::SwallowResumed) {
+            swallow_resumed(d, s, &f2);
+        } else {
+            let _ = std::io::copy(&mut d, &mut s);
+            let _ = s.shutdown(Shutdown::Write);
+        }
+    });
+    forward_frames(src, dst, cut, flag);
+    let _ = back.join();
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(&self.addr); // wakes the accept loop
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -130,14 +179,19 @@ impl Drop for Proxy {
 }
 
 /// Bytes that follow a frame's header on the wire: its payload and, once the connection
-/// authenticated (its first frame was `AuthInit` or `AuthReply`), the tags of the records
-/// of every sealed frame after the handshake.
+/// authenticated (its first frame was `AuthInit` or `AuthReply`, or it is a handover query's,
+/// sealed throughout), the tags of the records of every sealed frame after the handshake.
 pub fn body_len(h: &[u8; HEADER_LEN], authenticated: &mut bool) -> usize {
     let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
     match FrameKind::from_u16(u16::from_le_bytes([h[6], h[7]])) {
         Some(FrameKind::AuthInit | FrameKind::AuthReply | FrameKind::AuthConfirm) => {
             *authenticated = true;
             len
+        }
+        // A handover query's connection is sealed from its first frame on.
+        Some(FrameKind::Query | FrameKind::Answer) => {
+            *authenticated = true;
+            accel_user::seal::wire_len(len)
         }
         _ if *authenticated => accel_user::seal::wire_len(len),
         _ => len,
@@ -177,6 +231,14 @@ fn forward_frames(mut src: TcpStream, mut dst: TcpStream, cut: Cut, flag: &Atomi
             break;
         }
         let kind = FrameKind::from_u16(u16::from_le_bytes([h[6], h[7]]));
+        if matches!(cut, Cut::SwallowComplete) && kind == Some(FrameKind::Complete) {
+            let mut body = vec![0u8; body_len(&h, &mut auth)];
+            let _ = src.read_exact(&mut body);
+            flag.store(true, Ordering::SeqCst);
+            let _ = src.shutdown(Shutdown::Both);
+            let _ = dst.shutdown(Shutdown::Both);
+            return;
+        }
         if let (Cut::AtFrame(k, n), Some(got)) = (cut, kind) {
             if got == k {
                 if seen == n {

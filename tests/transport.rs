@@ -206,7 +206,9 @@ fn retry(c: &Config, src: &Machine) {
 
 #[test]
 fn receiver_killed_during_zero_copy_streams() {
-    let c = cfg(TransportMode::Zerocopy, 4);
+    let mut c = cfg(TransportMode::Zerocopy, 4);
+    // The receiver is dead: asking it about the handover cannot succeed; do not wait long.
+    c.migration.handover_query_ms = 500;
     let mut r = migaccel_tests::spawn_receive_process(&["--transport", "zerocopy"]);
     let src = session::boot_source(&c).unwrap();
     let pid = r.child.id().to_string();

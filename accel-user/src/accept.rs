@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, AwaitingConfirm, Conn};
+use crate::auth::{self, AwaitingConfirm, Conn, MAX_QUERIES};
 use crate::keys::TransportKey;
 use crate::lobby::{self, Lobby};
 use crate::protocol::{FrameKind, Header, HEADER_LEN, MAX_STREAMS};
@@ -28,11 +28,18 @@ pub const MAX_HANDSHAKES: usize = 64;
 /// at again.
 const TURN: Duration = Duration::from_millis(2);
 
-/// Each data stream's (send, receive) keys, by stream index.
+/// Each connection's (send, receive) keys, by index.
 pub type StreamKeys = Vec<(FrameKey, FrameKey)>;
 
-/// An authenticated control connection, sealed, and the session's stream keys.
-type Control = (Box<dyn Transport>, StreamKeys);
+/// The keys of the connections that join an authenticated session after its control
+/// connection: data streams by stream index, handover queries by attempt.
+pub struct JoinKeys {
+    pub data: StreamKeys,
+    pub query: StreamKeys,
+}
+
+/// An authenticated control connection, sealed, and the session's join keys.
+type Control = (Box<dyn Transport>, JoinKeys);
 
 /// A handshake that answered `AuthInit` and waits for the source's proof.
 struct Waiting {
@@ -47,6 +54,8 @@ pub struct Incoming<'l> {
     lobby: RefCell<Lobby<'l>>,
     mode: TransportMode,
     timeout: Duration,
+    /// Stops the wait for a source (an operator's signal).
+    cancel: crate::cancel::Cancel,
 }
 
 impl<'l> Incoming<'l> {
@@ -54,7 +63,13 @@ impl<'l> Incoming<'l> {
     /// also bounds each handshake from its connection's start, and a connection's silence
     /// in the lobby).
     pub fn new(l: &'l TcpListener, mode: TransportMode, timeout: Duration) -> std::io::Result<Self> {
-        Ok(Incoming { lobby: RefCell::new(Lobby::new(l, timeout)?), mode, timeout })
+        Ok(Incoming { lobby: RefCell::new(Lobby::new(l, timeout)?), mode, timeout, cancel: Default::default() })
+    }
+
+    /// The wait for a control connection ends with `Cancelled` once `cancel` is set.
+    pub fn with_cancel(mut self, cancel: crate::cancel::Cancel) -> Self {
+        self.cancel = cancel;
+        self
     }
 
     /// Why dropped connections were dropped.
@@ -67,22 +82,36 @@ impl<'l> Incoming<'l> {
     }
 
     /// The control connection: the first whose handshake with `psk` completes, sealed, and
-    /// the session's stream keys (insecure, `psk` `None`: the first that says `Hello`, and
+    /// the session's join keys (insecure, `psk` `None`: the first that says `Hello`, and
     /// no keys). `Timeout`: nothing within `wait` (`None`: for ever).
     pub fn control(
         &self,
         psk: Option<&TransportKey>,
         wait: Option<Duration>,
-    ) -> Result<(Box<dyn Transport>, Option<StreamKeys>), TransportError> {
+    ) -> Result<(Box<dyn Transport>, Option<JoinKeys>), TransportError> {
         let t0 = Instant::now();
         let Some(psk) = psk else {
-            let (s, _) = self.lobby.borrow_mut().next(FrameKind::Hello, 0, wait)?;
-            return transport::wrap(s, self.mode, None, false, self.timeout).map(|t| (t, None));
+            loop {
+                if let Some(why) = self.cancel.reason() {
+                    return Err(TransportError::Cancelled(why));
+                }
+                match self.lobby.borrow_mut().next(FrameKind::Hello, 0, Some(TURN)) {
+                    Ok((s, _)) => return transport::wrap(s, self.mode, None, false, self.timeout).map(|t| (t, None)),
+                    Err(TransportError::Timeout(_)) => {}
+                    Err(e) => return Err(e),
+                }
+                if let Some(w) = wait.filter(|&w| t0.elapsed() >= w) {
+                    return Err(TransportError::Timeout(w));
+                }
+            }
         };
         let mut waiting: std::collections::VecDeque<Waiting> = Default::default();
         loop {
             if let Some(done) = self.settle(&mut waiting) {
                 return done.map(|(t, k)| (t, Some(k)));
+            }
+            if let Some(why) = self.cancel.reason() {
+                return Err(TransportError::Cancelled(why));
             }
             if let Some(w) = wait.filter(|&w| t0.elapsed() >= w) {
                 return Err(TransportError::Timeout(w));
@@ -153,37 +182,58 @@ impl<'l> Incoming<'l> {
         let fail = |e: &dyn std::fmt::Display| (peer.clone(), e.to_string());
         let keys = auth::destination_confirm(&mut t, half).map_err(|e| fail(&e))?;
         let control = keys.keys(Conn::Control).map_err(|e| fail(&e))?;
-        let streams =
+        let data =
             (0..MAX_STREAMS).map(|i| keys.keys(Conn::Data(i))).collect::<Result<_, _>>().map_err(|e| fail(&e))?;
+        let query =
+            (0..MAX_QUERIES).map(|i| keys.keys(Conn::Query(i))).collect::<Result<_, _>>().map_err(|e| fail(&e))?;
         let (s, sent, received) = t.into_parts();
         let t = transport::prepare(self.mode, None, false, self.timeout)
             .and_then(|p| p.bind_after(s, sent, received))
             .map_err(|e| fail(&e))?;
-        Ok((Box::new(Sealed::new(t, control)), streams))
+        Ok((Box::new(Sealed::new(t, control)), JoinKeys { data, query }))
     }
 
     /// The next data stream: a connection whose `Join` opens under one of `keys` (sealed with
     /// that stream's keys), or, insecure, the next that says `Join`. Connections whose `Join`
     /// opens under no key are dropped and the next taken, all within one I/O timeout.
-    pub fn data(&self, keys: Option<&StreamKeys>) -> Result<Box<dyn Transport>, TransportError> {
+    pub fn data(&self, keys: Option<&JoinKeys>) -> Result<Box<dyn Transport>, TransportError> {
+        let Some(keys) = keys else {
+            let (s, _) = self.lobby.borrow_mut().next(FrameKind::Join, 0, Some(self.timeout))?;
+            return transport::wrap(s, self.mode, None, false, self.timeout);
+        };
+        self.opened(FrameKind::Join, &keys.data, self.timeout).map(|(t, _)| t)
+    }
+
+    /// The next handover query of this session within `wait`: a connection whose `Query`
+    /// opens under one of the query keys, sealed with it, and which attempt it is.
+    pub fn query(&self, keys: &JoinKeys, wait: Duration) -> Result<(Box<dyn Transport>, u32), TransportError> {
+        self.opened(FrameKind::Query, &keys.query, wait).map(|(t, i)| (t, i as u32))
+    }
+
+    /// The first connection within `wait` whose first frame is a `kind` that opens under one
+    /// of `keys`, sealed with that key, and its index. Others are dropped with their reason.
+    fn opened(
+        &self,
+        kind: FrameKind,
+        keys: &StreamKeys,
+        wait: Duration,
+    ) -> Result<(Box<dyn Transport>, usize), TransportError> {
         let t0 = Instant::now();
         loop {
-            let trailer = if keys.is_some() { TAG_LEN } else { 0 };
-            let left = self.timeout.checked_sub(t0.elapsed()).ok_or(TransportError::Timeout(self.timeout))?;
-            let (s, _) = self.lobby.borrow_mut().next(FrameKind::Join, trailer, Some(left))?;
-            let Some(keys) = keys else { return transport::wrap(s, self.mode, None, false, self.timeout) };
-            // Which stream this is shows only in which key opens its Join: try them on the
-            // frame still in the socket.
+            let left = wait.checked_sub(t0.elapsed()).ok_or(TransportError::Timeout(wait))?;
+            let (s, _) = self.lobby.borrow_mut().next(kind, TAG_LEN, Some(left))?;
+            // Which connection this is shows only in which key opens its first frame: try
+            // them on the frame still in the socket.
             let mut first = [0u8; HEADER_LEN + 16 + TAG_LEN];
             let n = s.peek(&mut first).map_err(|source| TransportError::Io { op: "peek", source })?;
             match keys.iter().position(|(_, rx)| seal::opens(rx, &first[..n])) {
                 Some(i) => {
                     let t = transport::wrap(s, self.mode, None, false, self.timeout)?;
-                    return Ok(Box::new(Sealed::new(t, keys[i].clone())));
+                    return Ok((Box::new(Sealed::new(t, keys[i].clone())), i));
                 }
                 None => self.lobby.borrow_mut().dropped_peer(
                     &lobby::peer(&s),
-                    "its Join failed authentication (none of this migration's keys opens it)",
+                    &format!("its {kind:?} failed authentication (none of this migration's keys opens it)"),
                 ),
             }
         }

@@ -91,7 +91,13 @@ impl Drop for SessionKeys {
 pub enum Conn {
     Control,
     Data(u32),
+    /// The source's `i`-th handover query of the session: each has keys of its own, so no
+    /// two query connections ever seal under one key and nonce.
+    Query(u32),
 }
+
+/// Most handover queries one session may make.
+pub const MAX_QUERIES: u32 = 32;
 
 impl SessionKeys {
     /// What `who` sends to prove it holds the pre-shared key.
@@ -108,6 +114,7 @@ impl SessionKeys {
         let name = match conn {
             Conn::Control => "control".to_string(),
             Conn::Data(i) => format!("data {i}"),
+            Conn::Query(i) => format!("query {i}"),
         };
         let s2d = FrameKey::new(expand(&self.secret, &[LABEL, b"key ", name.as_bytes(), b" s2d", &self.th])?);
         let d2s = FrameKey::new(expand(&self.secret, &[LABEL, b"key ", name.as_bytes(), b" d2s", &self.th])?);

@@ -7,7 +7,7 @@ use kvm_hooks::vm::DirtyPreference;
 use serde::{de, Deserialize, Deserializer, Serialize};
 
 use crate::dest::RecvOptions;
-use crate::policy::{AutoConverge, PolicyConfig};
+use crate::policy::{AutoConverge, LimitAction, PolicyConfig, TimeLimit};
 use crate::source::SendOptions;
 use crate::transport::TransportMode;
 
@@ -161,6 +161,15 @@ pub struct MigrationConfig {
     pub connect_timeout_ms: u64,
     pub io_timeout_ms: u64,
     pub ack_timeout_ms: u64,
+    /// After `Complete`, when `Resumed` never came: how long the source keeps asking the
+    /// destination on new connections whether it runs the VM (0: never ask; the source
+    /// then stays paused until an operator decides).
+    pub handover_query_ms: u64,
+    /// Longest a migration may run, connect to switchover (0: no limit), and what then.
+    pub time_limit_ms: u64,
+    pub time_limit_action: LimitAction,
+    /// Most bytes per second precopy rounds send (0: no cap); the final round is not capped.
+    pub max_bandwidth: ByteSize,
     /// How pages travel: blocking, copy (io_uring), zerocopy (io_uring) or auto.
     pub transport: TransportMode,
     /// Page streams: 1 sends pages on the control connection, N > 1 opens N data streams.
@@ -186,6 +195,10 @@ impl Default for MigrationConfig {
             connect_timeout_ms: 5_000,
             io_timeout_ms: 10_000,
             ack_timeout_ms: 30_000,
+            handover_query_ms: 60_000,
+            time_limit_ms: 0,
+            time_limit_action: LimitAction::Cancel,
+            max_bandwidth: ByteSize(0),
             transport: TransportMode::Auto,
             streams: 2,
             fixed_buffers: false,
@@ -218,6 +231,10 @@ pub struct ReceiverConfig {
     /// Longest a migration may take from the source's first byte to the resume; a peer
     /// that sends too slowly to finish by then is cut off.
     pub deadline_ms: u64,
+    /// When the source's control connection fails at the end of a migration (or the
+    /// source's `Done` does not come after the resume): how long to keep answering its
+    /// handover queries (0: do not wait for them).
+    pub handover_window_ms: u64,
 }
 
 impl Default for ReceiverConfig {
@@ -232,6 +249,7 @@ impl Default for ReceiverConfig {
             max_rounds: 1000,
             wait_ms: 0,
             deadline_ms: 3_600_000,
+            handover_window_ms: 90_000,
         }
     }
 }
@@ -330,6 +348,10 @@ pub struct Config {
     pub confidential: ConfidentialConfig,
     pub auth: AuthConfig,
     pub qemu: QemuConfig,
+    /// Not a setting: the flag an operator's signal sets to cancel the migrations run with
+    /// this config (`docs/architecture.md`, "Cancel").
+    #[serde(skip)]
+    pub cancel: crate::cancel::Cancel,
 }
 
 impl Config {
@@ -542,6 +564,12 @@ impl Config {
             batch_pages: m.batch_pages,
             zero_detect: m.zero_pages,
             ack_timeout: Duration::from_millis(m.ack_timeout_ms),
+            handover_query: Duration::from_millis(m.handover_query_ms),
+            queries: !self.auth.insecure,
+            time_limit: (m.time_limit_ms > 0)
+                .then(|| TimeLimit { after: Duration::from_millis(m.time_limit_ms), action: m.time_limit_action }),
+            max_bandwidth: m.max_bandwidth.0,
+            cancel: self.cancel.clone(),
             io_timeout: Duration::from_millis(m.io_timeout_ms),
             streams: if m.streams > 1 { m.streams } else { 0 },
             confidential: self
@@ -562,6 +590,7 @@ impl Config {
             max_rounds: self.receiver.max_rounds,
             deadline: Duration::from_millis(self.receiver.deadline_ms),
             check_host_memory: true,
+            cancel: self.cancel.clone(),
         }
     }
 

@@ -24,6 +24,7 @@ use kvm_hooks::migratable::{Incoming, MachineState, VmError, VmFactory, VmShape,
 
 use mh_abi::{Kind, Op, Request};
 
+use crate::handover::{Handover, Outcome};
 use crate::protocol::{self, FrameKind, Header, ProtocolError, MAX_RUNS};
 use crate::transport::{Part, Transport, TransportError};
 
@@ -34,9 +35,10 @@ pub struct RecvOptions {
     pub max_ram: u64,
     pub max_vcpus: u32,
     /// Snapshot guest RAM once every page has arrived (verification, `--dump-memory`): at the
-    /// first machine-state section, so nothing but the resume runs between `Complete` and
-    /// `Resumed`; confidential VMs (whose MH writes RAM until its End marker) just before
-    /// resuming. The time it takes is reported to the source and excluded from downtime.
+    /// first machine-state section, or for confidential VMs (whose MH writes RAM until its
+    /// End marker) once the MH imported that marker, so nothing but the resume runs between
+    /// `Complete` and `Resumed`. The time it takes is reported to the source and excluded
+    /// from downtime.
     pub capture: bool,
     /// How long to wait for the next frame.
     pub io_timeout: Duration,
@@ -50,6 +52,8 @@ pub struct RecvOptions {
     pub deadline: Duration,
     /// Refuse a VM larger than the memory this host has available at the handshake.
     pub check_host_memory: bool,
+    /// Set by the operator (a signal): discard the VM unless it already runs here.
+    pub cancel: crate::cancel::Cancel,
 }
 
 /// Receiver side of confidential mode.
@@ -108,6 +112,8 @@ pub enum RecvError {
     Incomplete { state: RecvState, msg: String },
     #[error("no source connected within {waited:?}{}", dropped_list(dropped))]
     NoSource { waited: Duration, dropped: Vec<String> },
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     #[error("receive failed in {state}: VM: {source}")]
     Vm {
         state: RecvState,
@@ -148,6 +154,9 @@ fn dropped_list(dropped: &[String]) -> String {
     }
 }
 
+/// How often a running receive looks at its cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
+
 /// State shared by the control thread and the data-stream workers.
 struct Shared {
     received: Mutex<DirtySet>,
@@ -185,13 +194,28 @@ impl Shared {
     fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
-    /// Fail the receive with `msg` unless it finished within `limit` of now.
-    fn watch_deadline(&self, limit: Duration, msg: String) {
-        let g = self.finished.lock().unwrap_or_else(|e| e.into_inner());
-        let (g, _) = self.finished_cv.wait_timeout_while(g, limit, |done| !*done).unwrap_or_else(|e| e.into_inner());
-        if !*g {
-            drop(g);
-            self.fail(msg);
+    /// Fail the receive with `msg` unless it finished within `limit` of now, and with the
+    /// cancel's reason once `cancel` is set, unless the VM runs here already (the handover
+    /// then decides: a VM that runs is never discarded).
+    fn watch(&self, limit: Duration, msg: String, cancel: &crate::cancel::Cancel, handover: &Handover) {
+        let t0 = Instant::now();
+        let mut g = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        while !*g {
+            if let Some(why) = cancel.reason() {
+                if handover.fence() {
+                    drop(g);
+                    self.fail(format!("cancelled ({why}); the VM is discarded here"));
+                } else {
+                    tracing::warn!("cancel ({why}) came after the VM resumed here: it runs on");
+                }
+                return;
+            }
+            let Some(left) = limit.checked_sub(t0.elapsed()) else {
+                drop(g);
+                self.fail(msg);
+                return;
+            };
+            g = self.finished_cv.wait_timeout(g, left.min(CANCEL_POLL)).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
     fn finish(&self) {
@@ -403,6 +427,8 @@ pub struct Receiver<F: VmFactory> {
     prepared: Option<GuestRam>,
     /// Set by [`Receiver::prepare`]; a Hello either uses that RAM or is refused.
     prepare_time: Option<Duration>,
+    /// The resume, serialised with the source's handover queries.
+    handover: Arc<Handover>,
 }
 
 /// Accepts the next data-stream connection.
@@ -444,7 +470,14 @@ impl<F: VmFactory> Receiver<F> {
             states_done: false,
             prepared: None,
             prepare_time: None,
+            handover: Arc::default(),
         }
+    }
+
+    /// The handover this receiver resumes through; answer the source's queries with it
+    /// (`handover::serve`).
+    pub fn handover(&self) -> Arc<Handover> {
+        self.handover.clone()
     }
 
     /// Allocate and pre-fault `ram_bytes` of guest RAM now, before any source connects, as a
@@ -493,12 +526,16 @@ impl<F: VmFactory> Receiver<F> {
         if let Some(h) = t.shutdown_handle() {
             self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()).push(h);
         }
-        // A peer that keeps every stream barely alive is still cut off at the deadline.
+        // A peer that keeps every stream barely alive is still cut off at the deadline; an
+        // operator's cancel discards the VM unless it runs here already.
         let (sh, limit) = (self.shared.clone(), self.o.deadline);
+        let (cancel, handover) = (self.o.cancel.clone(), self.handover.clone());
         let msg =
             format!("the migration did not finish within this receiver's deadline of {limit:?} (receiver.deadline_ms)");
-        let watchdog =
-            std::thread::Builder::new().name("recv-deadline".into()).spawn(move || sh.watch_deadline(limit, msg)).ok();
+        let watchdog = std::thread::Builder::new()
+            .name("recv-deadline".into())
+            .spawn(move || sh.watch(limit, msg, &cancel, &handover))
+            .ok();
         let mut r = self.drive(t, accept, t0);
         self.shared.finish();
         if let Some(w) = watchdog {
@@ -507,6 +544,10 @@ impl<F: VmFactory> Receiver<F> {
         // A failing data stream shuts the control stream down; report its cause instead.
         if let (Err(_), Some(msg)) = (&r, self.shared.error()) {
             r = Err(RecvError::Incomplete { state: self.state, msg });
+        }
+        // An operator's cancel fenced the VM: say so rather than what it cut short.
+        if let (Err(_), Some(why), Outcome::NeverRuns) = (&r, self.o.cancel.reason(), self.handover.outcome()) {
+            r = Err(RecvError::Cancelled(format!("{why}, in {}: the VM is discarded here", self.state)));
         }
         self.shared.stop.store(true, Ordering::Release);
         if let Err(e) = &r {
@@ -723,6 +764,8 @@ impl<F: VmFactory> Receiver<F> {
                 let ack = protocol::encode_hello_ack(0, challenge, "accepted");
                 t.send_frame(FrameKind::HelloAck, &[Part::Buf(&ack)], None).map_err(|e| self.terr(e))?;
                 self.join_streams(hello.streams, hello.session, ram, accept)?;
+                // Every connection of the session is in: any later one may be a query.
+                self.handover.open(hello.session);
                 self.state = RecvState::Precopy { round: 0 };
                 Ok(())
             }
@@ -906,6 +949,11 @@ impl<F: VmFactory> Receiver<F> {
         if cpu > 0 {
             self.state = RecvState::States;
         }
+        // The MH imported everything up to its End marker (`run` waits for it): RAM is
+        // final, so a snapshot taken here costs the handover nothing.
+        if kinds.contains(&Kind::End) {
+            self.capture_now();
+        }
         Ok(())
     }
 
@@ -1055,12 +1103,22 @@ impl<F: VmFactory> Receiver<F> {
         m.restore_machine_state(&state).map_err(kvm)?;
         let m = self.machine.as_ref().expect("checked above");
         let c0 = Instant::now();
-        // Confidential VMs: the MH writes guest RAM until its End marker, so only now.
+        // Taken when RAM became final (the first machine-state section, or the MH's End
+        // marker); a VM that got here without either is captured now.
         let (snapshot, capture_time) = match self.snapshot.take() {
             Some(s) => (Some(s.0), s.1),
             None => (self.o.capture.then(|| m.ram().snapshot()), c0.elapsed()),
         };
-        m.resume().map_err(kvm)?;
+        // A source that asked, on another connection, whether the VM runs here before this
+        // point was told it never will, and runs it again: this copy must stay paused.
+        if !self.handover.resume(|| m.resume()).map_err(kvm)? {
+            return Err(self.incomplete(match self.o.cancel.reason() {
+                Some(why) => format!("cancelled ({why}) before the VM resumed; the VM is discarded here"),
+                None => {
+                    "the source asked whether the VM runs here before it resumed, and was told it never will".into()
+                }
+            }));
+        }
         self.state = RecvState::Resumed;
         let ack = protocol::encode_resumed(capture_time.as_micros() as u64);
         if let Err(e) = t.send_frame(FrameKind::Resumed, &[Part::Buf(&ack)], None) {

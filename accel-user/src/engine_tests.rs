@@ -38,6 +38,11 @@ fn options(min_rounds: u32) -> SendOptions {
         batch_pages: 256,
         zero_detect: true,
         ack_timeout: Duration::from_secs(30),
+        handover_query: Duration::ZERO,
+        queries: false,
+        time_limit: None,
+        max_bandwidth: 0,
+        cancel: crate::cancel::Cancel::new(),
         io_timeout: Duration::from_secs(30),
         streams: 0,
         confidential: None,
@@ -293,6 +298,7 @@ fn the_machine_state_cost_counts_against_the_downtime_target() {
         match reason.expect("a switchover") {
             SwitchReason::Converged { .. } => assert!(converges, "cost {cost:?}"),
             SwitchReason::RoundLimit { .. } => assert!(!converges, "cost {cost:?}"),
+            SwitchReason::TimeLimit { .. } => panic!("no time limit is set"),
         }
     }
 }

@@ -74,6 +74,47 @@ pub enum SwitchReason {
     Converged { predicted_ms: f64 },
     /// The round limit was reached; downtime may exceed the target.
     RoundLimit { predicted_ms: f64 },
+    /// The migration's time limit passed with `force` as its action; downtime may exceed
+    /// the target.
+    TimeLimit { predicted_ms: f64 },
+}
+
+/// What to do when a migration's time limit passes (`migration.time_limit_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitAction {
+    /// Stop the migration as a cancel does: the source runs on.
+    #[default]
+    Cancel,
+    /// Switch over now, whatever the downtime (reported as it was).
+    Force,
+}
+
+/// A migration's time limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeLimit {
+    pub after: Duration,
+    pub action: LimitAction,
+}
+
+/// What the time limit asks for once the migration has run for `elapsed` (`None`: nothing yet).
+pub fn over_limit(limit: Option<TimeLimit>, elapsed: Duration) -> Option<LimitAction> {
+    limit.filter(|l| elapsed >= l.after).map(|l| l.action)
+}
+
+/// The switchover a forced time limit makes, with its predicted downtime.
+pub fn forced(rounds: &[RoundStats], pending: u64) -> SwitchReason {
+    let p = predict(rounds, pending);
+    SwitchReason::TimeLimit { predicted_ms: if p == Duration::MAX { f64::INFINITY } else { p.as_secs_f64() * 1e3 } }
+}
+
+/// How long to wait before sending more, so that `sent` bytes since `elapsed` ago stay
+/// within `rate` bytes per second (0: no cap).
+pub fn pace(rate: u64, sent: u64, elapsed: Duration) -> Duration {
+    if rate == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(sent as f64 / rate as f64).saturating_sub(elapsed)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -161,6 +202,19 @@ mod tests {
         // 100k pages = 410 MB = 410 ms > 50 ms.
         assert_eq!(decide(&cfg, &rounds, 100_000), Decision::Continue);
         assert!(matches!(decide(&cfg, &rounds, 0), Decision::Switchover(SwitchReason::Converged { .. })));
+    }
+
+    #[test]
+    fn time_limit_and_pacing() {
+        let l = Some(TimeLimit { after: Duration::from_secs(2), action: LimitAction::Force });
+        assert_eq!(over_limit(l, Duration::from_secs(1)), None);
+        assert_eq!(over_limit(l, Duration::from_secs(2)), Some(LimitAction::Force));
+        assert_eq!(over_limit(None, Duration::from_secs(99)), None);
+        assert!(matches!(forced(&[r(0, 1_000_000_000, 1000)], 100), SwitchReason::TimeLimit { .. }));
+        // 1 MiB at 1 MiB/s: due at 1 s; 0.25 s in, 0.75 s to wait; 2 s in, none.
+        assert_eq!(pace(1 << 20, 1 << 20, Duration::from_millis(250)), Duration::from_millis(750));
+        assert_eq!(pace(1 << 20, 1 << 20, Duration::from_secs(2)), Duration::ZERO);
+        assert_eq!(pace(0, u64::MAX, Duration::ZERO), Duration::ZERO, "no cap");
     }
 
     #[test]

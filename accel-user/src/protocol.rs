@@ -1,4 +1,4 @@
-//! Wire protocol v5: framed, versioned, little-endian.
+//! Wire protocol v7: framed, versioned, little-endian.
 //!
 //! Every frame starts with a fixed 24-byte header:
 //! ```text
@@ -21,7 +21,11 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"MGAX");
 /// frame is sealed: its payload encrypted, a 16-byte tag after it (see `seal.rs`).
 /// 5: `Hello` names the kind of VM and carries its RAM layout; the machine state travels
 /// as opaque `State` sections (vCPU registers, or QEMU's device stream), counted in `Complete`.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// 6: sealed frames travel as AEGIS-256X4 records of at most 256 KiB (see `seal.rs`).
+/// 7: the handover query: a source that lost its link after `Complete` asks on a new
+/// connection whether the destination runs the VM (`Query`/`Answer`), and says `Done` once
+/// it learnt that it does.
+pub const PROTOCOL_VERSION: u16 = 7;
 pub const HEADER_LEN: usize = 24;
 pub const PAGE: u64 = 4096;
 /// Most runs in one Pages frame.
@@ -77,6 +81,14 @@ pub enum FrameKind {
     AuthReply = 13,
     /// Source → destination: the source's proof. Every frame after it is sealed.
     AuthConfirm = 14,
+    /// Source → destination, first frame of a query connection: does the VM of this
+    /// session run there (see [`encode_query`])? Sealed with a query key of the session.
+    Query = 15,
+    /// Destination → source on a query connection: the VM runs here, or it never will.
+    Answer = 16,
+    /// Source → destination, after `Resumed`: the source knows the VM runs there and asks
+    /// nothing more.
+    Done = 17,
 }
 
 impl FrameKind {
@@ -97,6 +109,9 @@ impl FrameKind {
             12 => AuthInit,
             13 => AuthReply,
             14 => AuthConfirm,
+            15 => Query,
+            16 => Answer,
+            17 => Done,
             _ => return None,
         })
     }
@@ -119,6 +134,9 @@ impl FrameKind {
             FrameKind::AuthInit => crate::auth::INIT_LEN as u32,
             FrameKind::AuthReply => crate::auth::REPLY_LEN as u32,
             FrameKind::AuthConfirm => crate::auth::CONFIRM_LEN as u32,
+            FrameKind::Query => 16,
+            FrameKind::Answer => 8,
+            FrameKind::Done => 0,
         }
     }
 }
@@ -414,6 +432,69 @@ pub fn decode_join(p: &[u8]) -> Result<(u64, u32), ProtocolError> {
     r.u32("reserved")?;
     r.finish()?;
     Ok((session, stream))
+}
+
+/// Why a source asks the destination about a session (`Query`; 0 is never valid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Ask {
+    /// After `Complete`, without `Resumed` or `Abort`: does the VM run there?
+    Runs = 1,
+    /// Before `Complete`, with the control link lost: the source runs the VM again, so the
+    /// destination must never resume it.
+    Withdraw = 2,
+}
+
+/// What the destination answers (`Answer`). Either answer holds for good: a destination
+/// that ran the VM keeps saying so, and one that said it never will, never does (0 is
+/// never valid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Answer {
+    /// The VM runs on the destination.
+    Runs = 1,
+    /// The destination did not resume the VM and now never will.
+    NeverRuns = 2,
+}
+
+/// Query: `session u64, ask u32 (Ask), reserved u32`.
+pub fn encode_query(session: u64, ask: Ask) -> Vec<u8> {
+    let mut v = session.to_le_bytes().to_vec();
+    v.extend_from_slice(&(ask as u32).to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v
+}
+
+pub fn decode_query(p: &[u8]) -> Result<(u64, Ask), ProtocolError> {
+    let mut r = Reader::new(FrameKind::Query, p);
+    let session = r.u64("session")?;
+    let ask = match r.u32("ask")? {
+        1 => Ask::Runs,
+        2 => Ask::Withdraw,
+        v => return Err(perr(FrameKind::Query, format!("ask {v} is neither 1 (runs?) nor 2 (withdraw)"))),
+    };
+    r.u32("reserved")?;
+    r.finish()?;
+    Ok((session, ask))
+}
+
+/// Answer: `answer u32 (Answer), reserved u32`.
+pub fn encode_answer(a: Answer) -> Vec<u8> {
+    let mut v = (a as u32).to_le_bytes().to_vec();
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v
+}
+
+pub fn decode_answer(p: &[u8]) -> Result<Answer, ProtocolError> {
+    let mut r = Reader::new(FrameKind::Answer, p);
+    let a = match r.u32("answer")? {
+        1 => Answer::Runs,
+        2 => Answer::NeverRuns,
+        v => return Err(perr(FrameKind::Answer, format!("answer {v} is neither 1 (runs) nor 2 (never runs)"))),
+    };
+    r.u32("reserved")?;
+    r.finish()?;
+    Ok(a)
 }
 
 /// HelloAck: status (0 = accepted, 1 = refused), the destination MH's challenge (confidential
@@ -771,6 +852,31 @@ mod tests {
         assert!(decode_hello_full(&e).is_err());
         assert_eq!(decode_join(&encode_join(7, 3)).unwrap(), (7, 3));
         assert!(decode_join(&encode_join(7, 3)[..12]).is_err());
+    }
+
+    #[test]
+    fn handover_query_and_answer_are_checked() {
+        for ask in [Ask::Runs, Ask::Withdraw] {
+            assert_eq!(decode_query(&encode_query(0xfeed, ask)).unwrap(), (0xfeed, ask));
+        }
+        for a in [Answer::Runs, Answer::NeverRuns] {
+            assert_eq!(decode_answer(&encode_answer(a)).unwrap(), a);
+        }
+        let mut q = encode_query(1, Ask::Runs);
+        q[8] = 0;
+        assert!(decode_query(&q).unwrap_err().to_string().contains("ask 0"));
+        q[8] = 3;
+        assert!(decode_query(&q).unwrap_err().to_string().contains("ask 3"));
+        assert!(decode_query(&encode_query(1, Ask::Runs)[..12]).is_err());
+        let mut a = encode_answer(Answer::Runs);
+        a[0] = 0;
+        assert!(decode_answer(&a).unwrap_err().to_string().contains("answer 0"));
+        a[0] = 1;
+        a.push(0);
+        assert!(decode_answer(&a).is_err(), "trailing bytes");
+        for k in [FrameKind::Query, FrameKind::Answer, FrameKind::Done] {
+            assert_eq!(FrameKind::from_u16(k as u16), Some(k));
+        }
     }
 
     #[test]

@@ -79,6 +79,12 @@ pub struct SourceReport {
     pub page_states: Option<String>,
     /// Pages held back for a later round because the page-state records disagreed.
     pub pages_deferred: u64,
+    /// The destination's `Resumed` was lost (why), and the destination, asked on a new
+    /// connection, said it runs the VM: downtime then counts up to that answer.
+    pub handover_query: Option<String>,
+    /// A cancel that came after the commit point (why): the handover went on, since the
+    /// destination may already run the VM.
+    pub cancelled_after_commit: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -145,6 +151,8 @@ impl SourceReport {
             mh_exported: None,
             page_states: None,
             pages_deferred: 0,
+            handover_query: None,
+            cancelled_after_commit: None,
         }
     }
 
@@ -179,6 +187,12 @@ impl SourceReport {
             );
         }
         let _ = writeln!(s, "switchover: {:?}", self.switchover);
+        if let Some(why) = &self.cancelled_after_commit {
+            let _ = writeln!(s, "cancel ({why}) came after the commit point: the handover went on");
+        }
+        if let Some(why) = &self.handover_query {
+            let _ = writeln!(s, "handover: Resumed was lost ({why}); the destination, asked, runs the VM");
+        }
         let _ = writeln!(
             s,
             "total {:.1} ms, setup {:.1} ms (after {:.1} ms preparing transports), downtime {:.1} ms, {:.1} MiB at {:.0} MiB/s (precopy {:.0} MiB/s), dirty rate {:.0} pages/s",

@@ -154,7 +154,12 @@ pub fn send_vm(
             None => d,
         })
     };
-    let mut rep = source::migrate_streams(m, &mut *t, &o, &mut data, on)?;
+    // An answer nobody authenticated could start a second copy: without a key, no query.
+    let mut ask = |i: u32, session: u64, what: crate::protocol::Ask| match &keys {
+        Some(k) => crate::handover::ask(to, k, i, session, what, cfg.connect_timeout(), cfg.io_timeout()),
+        None => Err(TransportError::Guest("an unauthenticated migration (auth.insecure) cannot ask".into())),
+    };
+    let mut rep = source::migrate_streams(m, &mut *t, &o, &mut data, &mut ask, on)?;
     rep.prepare = prepare_time;
     Ok(rep)
 }
@@ -231,7 +236,7 @@ pub fn receive_with<F: VmFactory>(
         tracing::warn!("cannot raise the open-file limit ({e}); a flood of connections reaches it sooner");
     }
     let incoming = match Incoming::new(l, cfg.migration.transport, timeout) {
-        Ok(i) => i,
+        Ok(i) => i.with_cancel(cfg.cancel.clone()),
         Err(source) => {
             let state = r.state();
             return (r, Err(RecvError::Transport { state, source: TransportError::Io { op: "listen", source } }));
@@ -245,14 +250,76 @@ pub fn receive_with<F: VmFactory>(
             let waited = wait.unwrap_or_else(|| t0.elapsed());
             return (r, Err(RecvError::NoSource { waited, dropped: incoming.dropped() }));
         }
+        Err(TransportError::Cancelled(why)) => {
+            return (r, Err(RecvError::Cancelled(format!("{why}, before any source connected"))))
+        }
         Err(source) => {
             let state = r.state();
             return (r, Err(RecvError::Transport { state, source }));
         }
     };
     let mut accept = || incoming.data(joins.as_ref());
-    let res = r.run_streams(&mut *t, &mut accept);
+    let handover = r.handover();
+    let window = Duration::from_millis(cfg.receiver.handover_window_ms);
+    let res = std::thread::scope(|s| {
+        // Once every connection of the session joined, later ones may be handover queries.
+        if let Some(keys) = joins.as_ref() {
+            let h = &handover;
+            let mode = cfg.migration.transport;
+            let spawned = std::thread::Builder::new().name("handover".into()).spawn_scoped(s, move || {
+                match Incoming::new(l, mode, timeout) {
+                    Ok(inc) => crate::handover::serve(h, inc, keys, timeout),
+                    Err(e) => tracing::warn!("cannot answer handover queries: {e}"),
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot answer handover queries: {e}");
+            }
+        }
+        let res = r.run_streams(&mut *t, &mut accept);
+        if joins.is_some() && handover.is_open() {
+            settle(&mut *t, &handover, &res, window);
+        }
+        handover.close();
+        res
+    });
     (r, res)
+}
+
+/// After the receive: wait, within `window`, until the source can no longer need an answer
+/// to a handover query: it said `Done`, a query was answered, or (when the control link
+/// still works) the outcome reached it there.
+fn settle(
+    t: &mut dyn crate::transport::Transport,
+    h: &crate::handover::Handover,
+    res: &Result<Received, RecvError>,
+    window: Duration,
+) {
+    match res {
+        Ok(_) => {
+            // The source says Done once Resumed reached it; without it, it may ask.
+            t.set_recv_timeout(window);
+            match t.recv_header() {
+                Ok(hd) if hd.kind == crate::protocol::FrameKind::Done => h.done(),
+                Ok(hd) => tracing::warn!("the source sent {:?} after Resumed", hd.kind),
+                Err(e) => {
+                    tracing::warn!(
+                        "no Done from the source ({e}); answering its handover queries for up to {window:?}"
+                    );
+                    h.wait_settled(window);
+                }
+            }
+        }
+        // The source said why it gave up: it asks nothing.
+        Err(RecvError::SourceAborted { .. }) => {}
+        // The control link failed: this receiver's Abort may not have reached the source,
+        // which may have sent Complete and now asks.
+        Err(RecvError::Transport { .. }) => {
+            h.wait_settled(window);
+        }
+        // The source hears this receiver's Abort on the working control link.
+        Err(_) => {}
+    }
 }
 
 /// Watch a resumed destination VM until every vCPU has reported progress since the resume,

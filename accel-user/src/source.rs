@@ -14,8 +14,12 @@ use kvm_hooks::mh::{MhError, MhHost};
 use kvm_hooks::migratable::{MachineState, Migratable, VmError};
 use mh_abi::{self as abi, Kind, Op, Request};
 
-use crate::policy::{decide, next_throttle, Decision, PolicyConfig, RoundStats, SwitchReason};
-use crate::protocol::{self, FrameKind, Run, HEADER_LEN, MAX_RUNS, RUN_ZERO};
+use crate::cancel::Cancel;
+use crate::policy::{
+    decide, forced, next_throttle, over_limit, pace, Decision, LimitAction, PolicyConfig, RoundStats, SwitchReason,
+    TimeLimit,
+};
+use crate::protocol::{self, Answer, Ask, FrameKind, Run, HEADER_LEN, MAX_RUNS, RUN_ZERO};
 use crate::report::SourceReport;
 use crate::streams::DataStreams;
 use crate::transport::{Part, Transport, TransportError};
@@ -30,6 +34,18 @@ pub struct SendOptions {
     pub zero_detect: bool,
     /// How long to wait for the destination to accept the VM and to resume it.
     pub ack_timeout: Duration,
+    /// After `Complete`, when `Resumed` never came: how long to keep asking the destination
+    /// whether it runs the VM (zero: never ask).
+    pub handover_query: Duration,
+    /// The destination answers handover queries (an authenticated session): the source may
+    /// ask it, and says `Done` once `Resumed` came.
+    pub queries: bool,
+    /// Longest the migration may run before the switchover, and what then.
+    pub time_limit: Option<TimeLimit>,
+    /// Most bytes per second a precopy round sends (0: no cap).
+    pub max_bandwidth: u64,
+    /// Set by the operator (a signal) to stop the migration where stopping is clean.
+    pub cancel: Cancel,
     /// Longest wait for a stream to take or flush data.
     pub io_timeout: Duration,
     /// Data streams besides the control connection (0: pages go on the control stream).
@@ -97,16 +113,29 @@ pub enum SendError {
     },
     #[error("migration failed in {phase}: {msg}")]
     Confidential { phase: Phase, msg: String },
+    /// Cancelled before the commit point (a signal, or the time limit with `cancel`): the
+    /// source VM runs on with every dirty bit kept, the destination discards its copy.
+    #[error("migration cancelled in {phase}: {reason}; the source VM keeps running")]
+    Cancelled { phase: Phase, reason: String },
     /// No authenticated channel: nothing of the VM was sent.
     #[error("migration failed in handshake: {0}")]
     Auth(String),
     #[error("{first}; and resuming the source VM failed too: {resume}")]
     ResumeFailed { first: Box<SendError>, resume: VmError },
     /// The whole VM was sent and `Complete` went out, then the destination's answer was
-    /// lost: it may run the VM now. Only its `Abort` proves it did not, so the source stays
-    /// paused rather than risk two running copies.
-    #[error("{source}; the migration was complete when the link failed, so the destination may be running the VM: the source VM stays paused (resume it only once the destination is known not to run it)")]
+    /// lost and asking it on a new connection failed too: it may run the VM now. Only its
+    /// word proves it does not, so the source stays paused rather than risk two running copies.
+    #[error("{source}; the migration was complete when the link failed and the destination could not be asked ({query}), so it may be running the VM: the source VM stays paused (resume it only once the destination is known not to run it)")]
     HandoverUnknown {
+        #[source]
+        source: Box<SendError>,
+        /// Why the handover query got no answer.
+        query: String,
+    },
+    /// `Complete` went out and the destination's answer was lost; asked on a new
+    /// connection, the destination said it had not resumed the VM and now never will.
+    #[error("{source}; asked on a new connection, the destination said it never resumed the VM and never will: the source VM runs again")]
+    NotResumed {
         #[source]
         source: Box<SendError>,
     },
@@ -121,9 +150,10 @@ impl SendError {
             | SendError::Unexpected { phase, .. }
             | SendError::Vm { phase, .. }
             | SendError::Mh { phase, .. }
-            | SendError::Confidential { phase, .. } => *phase,
+            | SendError::Confidential { phase, .. }
+            | SendError::Cancelled { phase, .. } => *phase,
             SendError::ResumeFailed { first, .. } => first.phase(),
-            SendError::HandoverUnknown { .. } => Phase::AwaitResume,
+            SendError::HandoverUnknown { .. } | SendError::NotResumed { .. } => Phase::AwaitResume,
             SendError::Auth(_) => Phase::Handshake,
         }
     }
@@ -156,6 +186,19 @@ struct Ctx<'a> {
     /// Confidential mode: the source MH's rings and the frame buffer.
     mh: Option<&'a mut MhHost>,
     wire: Vec<u8>,
+    ask: Asker<'a>,
+    /// The session, once the destination accepted it and every stream joined.
+    session: Option<u64>,
+    /// Handover queries made (each uses the next attempt's keys).
+    queries: u32,
+    /// `Complete` went out whole: the destination may resume from now on.
+    committed: bool,
+    /// When the migration started (the time limit counts from here).
+    t0: Instant,
+    /// The time limit passed with `force`: switch over after this round, uncapped.
+    force: bool,
+    /// Bytes sent in this precopy round and when it started (the bandwidth cap).
+    paced: (u64, Instant),
 }
 
 /// Rounds after the final one for pages the VMM itself writes while the guest is paused.
@@ -163,6 +206,13 @@ const MAX_LATE_ROUNDS: u32 = 3;
 
 /// Opens data stream `i` (a connected, wrapped transport).
 pub type Connector<'a> = &'a mut dyn FnMut(u32) -> Result<Box<dyn Transport>, TransportError>;
+
+/// Asks the destination, on a new connection, about the handover of `session`: query
+/// attempt `i` (each attempt seals under keys of its own), for the reason `Ask`.
+pub type Asker<'a> = &'a mut dyn FnMut(u32, u64, Ask) -> Result<Answer, TransportError>;
+
+/// Most query attempts per migration (every attempt uses keys of its own).
+const MAX_ASKS: u32 = crate::auth::MAX_QUERIES;
 
 /// Migrate `m` over `t`. On success the source vCPUs stay paused (the destination owns the
 /// VM now); on failure they run again and no dirty page is lost.
@@ -173,15 +223,18 @@ pub fn migrate(
     on: &mut dyn FnMut(Event),
 ) -> Result<SourceReport, SendError> {
     let mut none = |_| Err(TransportError::Guest("no data streams configured".into()));
-    migrate_streams(m, t, o, &mut none, on)
+    let mut no_ask = |_, _, _| Err(TransportError::Guest("no handover query configured".into()));
+    migrate_streams(m, t, o, &mut none, &mut no_ask, on)
 }
 
-/// [`migrate`] with `o.streams` data streams opened through `connect`.
+/// [`migrate`] with `o.streams` data streams opened through `connect`, and handover
+/// queries made through `ask`.
 pub fn migrate_streams(
     m: &dyn Migratable,
     t: &mut dyn Transport,
     o: &SendOptions,
     connect: Connector<'_>,
+    ask: Asker<'_>,
     on: &mut dyn FnMut(Event),
 ) -> Result<SourceReport, SendError> {
     let conf = m.confidential();
@@ -206,6 +259,13 @@ pub fn migrate_streams(
         data: None,
         mh,
         wire: Vec::new(),
+        ask,
+        session: None,
+        queries: 0,
+        committed: false,
+        t0: Instant::now(),
+        force: false,
+        paced: (0, Instant::now()),
     };
     let r = run(&mut c, connect, on);
     if let Err(e) = r {
@@ -229,25 +289,105 @@ fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
     } else {
         tracing::warn!("{e}; aborting, source VM keeps running");
     }
-    drop(c.data.take()); // stops the workers and closes the data streams
-    if !fenced {
-        let _ = c.t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort(&e.to_string()))], None);
-    }
-    c.t.shutdown();
     match c.inflight {
         InFlight::Nothing => {}
         InFlight::All => c.m.dirty_log().mark_all(),
-        InFlight::Pages(p) => c.m.dirty_log().restore(&p),
+        InFlight::Pages(ref p) => c.m.dirty_log().restore(p),
     }
     c.m.set_throttle(0);
     stop_logging(c.m);
     // Dirty bits are kept either way: a source resumed later by hand migrates again whole.
-    if c.paused && !fenced {
-        if let Err(r) = c.m.resume() {
-            return SendError::ResumeFailed { first: Box::new(e), resume: r };
+    // Before the commit point the destination cannot resume, so the source runs first.
+    let resumed = if c.paused && !fenced { c.m.resume() } else { Ok(()) };
+    if !fenced {
+        // The destination hears why on the control connection before the data streams
+        // close under it (it would report their end instead), and closes its end once it
+        // has read it.
+        let abort = protocol::encode_abort(&e.to_string());
+        if c.t.send_frame(FrameKind::Abort, &[Part::Buf(&abort)], None).is_ok() {
+            let _ = c.t.wait_readable(c.o.io_timeout);
         }
     }
-    e
+    drop(c.data.take()); // stops the workers and closes the data streams
+    c.t.shutdown();
+    // Before the commit point a lost link leaves the destination waiting for frames: tell
+    // it, on a new connection, that the VM runs here again (it fences its copy at once).
+    if let (Some(session), true, false, SendError::Transport { .. }) = (c.session, c.o.queries, c.committed, &e) {
+        match (c.ask)(c.queries, session, Ask::Withdraw) {
+            Ok(a) => tracing::info!("withdrew the VM from the destination: {a:?}"),
+            Err(w) => {
+                tracing::info!("could not withdraw the VM from the destination ({w}); it never resumes it anyway")
+            }
+        }
+    }
+    match resumed {
+        Ok(()) => e,
+        Err(r) => SendError::ResumeFailed { first: Box::new(e), resume: r },
+    }
+}
+
+/// Where stopping is clean (between frames, before the commit point): stop for a cancel or
+/// a time limit that says so, note a forced switchover, and hold precopy to the bandwidth
+/// cap before `bytes` more go out.
+fn gate(c: &mut Ctx<'_>, bytes: u64) -> Result<(), PathError> {
+    if c.committed {
+        return Ok(());
+    }
+    if let Some(why) = c.o.cancel.reason() {
+        return Err(PathError::Cancelled(why));
+    }
+    match over_limit(c.o.time_limit, c.t0.elapsed()) {
+        Some(LimitAction::Cancel) => {
+            let after = c.o.time_limit.map_or(Duration::ZERO, |l| l.after);
+            return Err(PathError::Cancelled(format!("the time limit of {after:?} passed (migration.time_limit_ms)")));
+        }
+        Some(LimitAction::Force) if !c.force => {
+            tracing::warn!("the time limit passed: switching over after this round, whatever the downtime");
+            c.force = true;
+        }
+        _ => {}
+    }
+    if !c.paused && !c.force {
+        c.paced.0 += bytes;
+        let wait = pace(c.o.max_bandwidth, c.paced.0, c.paced.1.elapsed());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok(())
+}
+
+fn cancelled(c: &mut Ctx<'_>, phase: Phase) -> Result<(), SendError> {
+    gate(c, 0).map_err(|e| e.at(phase, c.t))
+}
+
+/// Ask the destination, on new connections, whether it runs the VM, until it answers or
+/// `handover_query` passes. `lost` is why the control connection gave no answer.
+fn ask_destination(c: &mut Ctx<'_>, lost: &SendError) -> Result<Answer, String> {
+    let Some(session) = c.session.filter(|_| c.o.queries) else {
+        return Err("an unauthenticated destination answers no handover query".into());
+    };
+    if c.o.handover_query.is_zero() {
+        return Err("migration.handover_query_ms is 0".into());
+    }
+    let t0 = Instant::now();
+    let mut pause = Duration::from_millis(100);
+    let mut last = String::new();
+    while c.queries < MAX_ASKS {
+        let i = c.queries;
+        c.queries += 1;
+        tracing::warn!("{lost}; asking the destination whether it runs the VM (attempt {i})");
+        match (c.ask)(i, session, Ask::Runs) {
+            Ok(a) => return Ok(a),
+            Err(e) => last = format!("attempt {i}: {e}"),
+        }
+        if t0.elapsed() + pause > c.o.handover_query {
+            return Err(format!("no answer within {:?}; last {last}", c.o.handover_query));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+    Err(format!("no answer in {MAX_ASKS} attempts; last {last}"))
 }
 
 fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
@@ -297,6 +437,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         }
         c.data = Some(DataStreams::start(ts, c.m.ram().clone(), c.o.io_timeout));
     }
+    c.session = Some(session);
     if let Some(h) = c.mh.as_ref() {
         // Every blob of this migration is bound to the destination MH's fresh challenge,
         // so no blob of it opens in any other migration, and none recorded earlier here.
@@ -306,6 +447,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     }
     let setup = t0.elapsed();
     on(Event::Accepted);
+    cancelled(c, ph)?;
 
     // Round 0: all of RAM. Tracking restarts now, so anything written from here on is seen.
     let (t_precopy, writes_precopy) = (Instant::now(), c.m.page_writes());
@@ -318,6 +460,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         let ph = Phase::Precopy { round };
         let start = Instant::now();
         let mut st = RoundStats { round, throttle_pct: c.m.throttle(), ..Default::default() };
+        c.paced = (0, start);
         if round == 0 {
             // Never-written RAM (memfd holes) is zero: known without reading it.
             let extents = c.m.ram().data_extents().map_err(kvm(ph))?;
@@ -340,7 +483,12 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         // The final pages get what the machine state leaves of the downtime target.
         let mut policy = c.o.policy;
         policy.downtime_target = policy.downtime_target.saturating_sub(c.m.switchover_cost());
-        if let Decision::Switchover(r) = decide(&policy, &rounds, remaining) {
+        cancelled(c, ph)?;
+        let decision = match c.force {
+            true => Decision::Switchover(forced(&rounds, remaining)),
+            false => decide(&policy, &rounds, remaining),
+        };
+        if let Decision::Switchover(r) = decision {
             // The final harvest after the pause picks these up again.
             c.m.dirty_log().restore(&gfns);
             c.inflight = InFlight::Nothing;
@@ -421,8 +569,12 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         state_bytes += (HEADER_LEN + pre.len() + s.len()) as u64;
     }
     let pages_sent: u64 = rounds.iter().map(|r| r.pages).sum::<u64>() + fin.pages;
-    // Last check before the commit point: a destination that already gave up (closed its
-    // end, or said Abort) will never resume, so the source still may.
+    // Last check before the commit point: an operator's cancel still stops it here, and a
+    // destination that already gave up (closed its end, or said Abort) will never resume,
+    // so the source still may.
+    if let Some(why) = c.o.cancel.reason() {
+        return Err(SendError::Cancelled { phase: ph, reason: why });
+    }
     if c.t.wait_readable(Duration::ZERO).map_err(|e| tx(ph, e))? {
         return Err(match recv_small(c.t) {
             Ok((FrameKind::Abort, p)) => aborted(ph, &p),
@@ -436,19 +588,39 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         None,
     )
     .map_err(|e| peer_error(c.t, ph, e))?;
+    c.committed = true;
     fin.elapsed = start.elapsed();
     on(Event::Final(fin));
 
     // The commit point: once `Complete` is out, the destination may resume at any moment.
     // Its `Resumed` hands the VM over; its `Abort` proves it did not resume; anything else
-    // (a lost link, a bad answer) leaves the source paused.
+    // (a lost link, a bad answer) is settled by asking it on a new connection, and the
+    // source stays paused when even that gets no answer.
     let ph = Phase::AwaitResume;
-    let unknown = |e: SendError| SendError::HandoverUnknown { source: Box::new(e) };
-    let (h, p) = recv_small(c.t).map_err(|e| unknown(tx(ph, e)))?;
-    let capture_us = match h {
-        FrameKind::Resumed => protocol::decode_resumed(&p).map_err(|e| unknown(tx(ph, e.into())))?,
-        FrameKind::Abort => return Err(aborted(ph, &p)),
-        k => return Err(unknown(SendError::Unexpected { phase: ph, kind: k })),
+    let lost = match recv_small(c.t) {
+        Ok((FrameKind::Resumed, p)) => protocol::decode_resumed(&p).map_err(|e| tx(ph, e.into())),
+        Ok((FrameKind::Abort, p)) => return Err(aborted(ph, &p)),
+        Ok((k, _)) => Err(SendError::Unexpected { phase: ph, kind: k }),
+        Err(e) => Err(tx(ph, e)),
+    };
+    let (capture_us, handover_query) = match lost {
+        Ok(capture_us) => {
+            // The source asks nothing more: the destination need not wait for its queries.
+            if c.o.queries {
+                if let Err(e) = c.t.send_frame(FrameKind::Done, &[], None) {
+                    tracing::debug!("Done not sent ({e}); the destination keeps answering queries a while");
+                }
+            }
+            (capture_us, None)
+        }
+        Err(lost) => match ask_destination(c, &lost) {
+            Ok(Answer::Runs) => {
+                tracing::warn!("{lost}; the destination, asked on a new connection, runs the VM");
+                (0, Some(lost.to_string()))
+            }
+            Ok(Answer::NeverRuns) => return Err(SendError::NotResumed { source: Box::new(lost) }),
+            Err(query) => return Err(SendError::HandoverUnknown { source: Box::new(lost), query }),
+        },
     };
     // The destination owns the VM now; the source stays paused for good.
     c.inflight = InFlight::Nothing;
@@ -482,6 +654,8 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     rep.cpu = kvm_hooks::process_usage().0.saturating_sub(cpu0);
     rep.transport = desc;
     rep.streams = c.o.streams.max(1);
+    rep.handover_query = handover_query;
+    rep.cancelled_after_commit = c.o.cancel.reason();
     rep.zerocopy = zc.map(Into::into);
     rep.mh_exported = c.mh.as_ref().and_then(|h| h.counters().ok()).map(|x| x.exported);
     if c.mh.is_some() {
@@ -718,6 +892,7 @@ pub(crate) enum PathError {
     Tx(TransportError),
     Mh(MhError),
     Other(String),
+    Cancelled(String),
 }
 
 impl From<TransportError> for PathError {
@@ -737,6 +912,7 @@ impl PathError {
             PathError::Tx(e) => peer_error(t, phase, e),
             PathError::Mh(source) => SendError::Mh { phase, source },
             PathError::Other(msg) => SendError::Confidential { phase, msg },
+            PathError::Cancelled(reason) => SendError::Cancelled { phase, reason },
         }
     }
 }
@@ -753,8 +929,10 @@ fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) 
                 _ => reqs.push(Request { op: Op::Export as u16, id: 0, count: 1, slot: slot as u32, gfn, round }),
             }
         }
+        let frame = (HEADER_LEN + 8 + chunk.len() * protocol::BLOB_LEN) as u64;
+        gate(c, frame)?;
         export_and_send(c, round, &reqs, chunk.iter().map(|&g| (Kind::Page, g)))?;
-        st.bytes += (HEADER_LEN + 8 + chunk.len() * protocol::BLOB_LEN) as u64;
+        st.bytes += frame;
     }
     Ok(())
 }
@@ -822,10 +1000,12 @@ fn send_states_via_mh(c: &mut Ctx<'_>, state: &MachineState, round: u32) -> Resu
     Ok((HEADER_LEN + 8 + pages as usize * protocol::BLOB_LEN) as u64)
 }
 
-fn flush(c: &mut Ctx<'_>, round: u32, runs: &mut Vec<Run>, st: &mut RoundStats) -> Result<(), TransportError> {
+fn flush(c: &mut Ctx<'_>, round: u32, runs: &mut Vec<Run>, st: &mut RoundStats) -> Result<(), PathError> {
+    let frame = (HEADER_LEN + 8 + 16 * runs.len()) as u64 + runs.iter().map(Run::data_bytes).sum::<u64>();
+    gate(c, frame)?;
     if let Some(d) = c.data.as_mut() {
-        st.bytes += (HEADER_LEN + 8 + 16 * runs.len()) as u64 + runs.iter().map(Run::data_bytes).sum::<u64>();
-        return d.send_pages(round, std::mem::take(runs));
+        st.bytes += frame;
+        return Ok(d.send_pages(round, std::mem::take(runs))?);
     }
     protocol::encode_pages_meta(round, runs, &mut c.meta);
     let mut parts: Vec<Part<'_>> = Vec::with_capacity(runs.len() + 1);

@@ -40,6 +40,9 @@ pub enum TransportError {
     /// counted as not sent must not arrive later.
     #[error("not sent: an earlier send on this connection failed ({0}); nothing more is sent on it")]
     Broken(String),
+    /// The operator cancelled while this waited for a connection.
+    #[error("cancelled ({0})")]
+    Cancelled(String),
 }
 
 impl TransportError {

@@ -880,6 +880,7 @@ fn main() -> anyhow::Result<()> {
                     match r.switchover {
                         accel_user::policy::SwitchReason::Converged { .. } => "converged",
                         accel_user::policy::SwitchReason::RoundLimit { .. } => "round limit",
+                        accel_user::policy::SwitchReason::TimeLimit { .. } => "time limit",
                     }
                 );
             }

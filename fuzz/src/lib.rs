@@ -72,6 +72,7 @@ pub fn receiver() -> Receiver<FakeVms> {
         max_rounds: 16,
         deadline: Duration::from_secs(60),
         check_host_memory: false,
+        cancel: Default::default(),
     };
     Receiver::new(o, FakeVms::default())
 }

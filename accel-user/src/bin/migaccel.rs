@@ -127,6 +127,19 @@ struct Common {
     max_rounds: Option<u32>,
     #[arg(long)]
     batch_pages: Option<u32>,
+    /// Most bytes per second a precopy round sends (e.g. 100MiB; 0 = no cap).
+    #[arg(long, value_parser = parse_size)]
+    max_bandwidth: Option<ByteSize>,
+    /// Longest the migration may run before it switches over (0 = no limit); then
+    /// `--time-limit-action` says what happens.
+    #[arg(long)]
+    time_limit_ms: Option<u64>,
+    /// At the time limit: cancel (the source runs on) or force a switchover.
+    #[arg(long, value_enum)]
+    time_limit_action: Option<accel_user::policy::LimitAction>,
+    /// Progress on stderr: plain lines, or one JSON object per line (for tools).
+    #[arg(long, value_enum)]
+    progress: Option<ProgressFormat>,
     #[arg(long, value_enum)]
     dirty_source: Option<DirtySource>,
     #[arg(long)]
@@ -178,6 +191,17 @@ struct Common {
     /// That QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+enum ProgressFormat {
+    /// One line per round and phase.
+    #[default]
+    Text,
+    /// One JSON object per line, the fields of QMP's `query-migrate` where they apply.
+    Json,
+    /// Nothing.
+    None,
 }
 
 #[derive(Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -233,6 +257,15 @@ impl Common {
         }
         if let Some(v) = self.batch_pages {
             m.batch_pages = v;
+        }
+        if let Some(v) = self.max_bandwidth {
+            m.max_bandwidth = v;
+        }
+        if let Some(v) = self.time_limit_ms {
+            m.time_limit_ms = v;
+        }
+        if let Some(v) = self.time_limit_action {
+            m.time_limit_action = v;
         }
         if let Some(v) = self.dirty_source {
             m.dirty_source = v;
@@ -304,38 +337,29 @@ fn check_dump_target(p: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress(quiet: bool) -> impl FnMut(Event) {
+/// Progress lines on stderr, as `--progress` says (default: text, none with `--report json`).
+fn progress(common: &Common, ram_bytes: u64) -> impl FnMut(Event) {
+    use accel_user::progress::{Progress, Style};
+    let json = common.report == Format::Json;
+    let style = match common.progress.unwrap_or(if json { ProgressFormat::None } else { ProgressFormat::Text }) {
+        ProgressFormat::Text => Some(Style::Text),
+        ProgressFormat::Json => Some(Style::Json),
+        ProgressFormat::None => None,
+    };
+    let mut p = style.map(|s| Progress::new(s, ram_bytes));
     move |e| {
-        if quiet {
-            return;
-        }
-        match e {
-            Event::Accepted => eprintln!("destination accepted the VM"),
-            Event::Round(r) => eprintln!(
-                "round {:>3}: {:>8} pages ({:>8} zero) {:>9.1} MiB in {:>7.1} ms; {} dirty",
-                r.round,
-                r.pages,
-                r.zero_pages,
-                r.bytes as f64 / (1 << 20) as f64,
-                r.elapsed.as_secs_f64() * 1e3,
-                r.dirty_after
-            ),
-            Event::Switchover(s) => eprintln!("switchover: {s:?}"),
-            Event::Final(r) => eprintln!("final round {}: {} pages, vCPUs stopped", r.round, r.pages),
-            Event::Resumed { downtime } => {
-                eprintln!("destination resumed; downtime {:.1} ms", downtime.as_secs_f64() * 1e3)
-            }
+        if let Some(p) = p.as_mut() {
+            eprintln!("{}", p.line(&e));
         }
     }
 }
 
 /// `send --qemu-pid`: attach to the running QEMU and migrate its VM.
 fn send_qemu(cfg: &Config, to: &str, common: &Common) -> anyhow::Result<()> {
-    let json = common.report == Format::Json;
     let qmp = cfg.qemu.qmp.as_deref().context("qemu.qmp")?;
     let vm = qemu_vm::QemuVm::attach(cfg.qemu.pid, qmp)?;
     eprintln!("attached to {}", vm.describe());
-    let rep = session::send_vm(cfg, &vm, to, &mut progress(json));
+    let rep = session::send_vm(cfg, &vm, to, &mut progress(common, vm.ram().size()));
     let rep = match rep {
         Ok(r) => r,
         Err(e) => {
@@ -444,12 +468,34 @@ fn suffixed(p: &Path, s: &str) -> PathBuf {
     o.into()
 }
 
+/// SIGINT and SIGTERM cancel the migration where stopping is clean (before the commit point
+/// the source runs on and the destination discards its copy); a second one ends the process
+/// at once.
+fn cancel_on_signals(cfg: &Config) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("install signal handlers")?;
+    let cancel = cfg.cancel.clone();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for sig in signals.forever() {
+            let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+            if cancel.is_cancelled() {
+                eprintln!("migaccel: {name} again: exiting now");
+                std::process::exit(130);
+            }
+            eprintln!("migaccel: {name}: cancelling the migration (once more to exit at once)");
+            cancel.cancel(name);
+        }
+    })?;
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.cmd {
         Cmd::Demo(common) => {
             let cfg = load(&cli, common)?;
+            cancel_on_signals(&cfg)?;
             let json = common.report == Format::Json;
-            let out = session::demo(&cfg, &mut progress(json))?;
+            let out = session::demo(&cfg, &mut progress(common, cfg.guest.ram.0))?;
             if let Some(p) = &common.dump_memory {
                 dump(&suffixed(p, ".src"), &out.source_ram)?;
                 dump(&suffixed(p, ".dst"), &out.dest_ram)?;
@@ -475,14 +521,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Send { to, common } => {
             let cfg = load(&cli, common)?;
-            let json = common.report == Format::Json;
+            cancel_on_signals(&cfg)?;
             // No guest boots for a migration that cannot authenticate.
             cfg.auth_key().map_err(anyhow::Error::msg)?;
             if cfg.qemu.pid != 0 {
                 return send_qemu(&cfg, to, common);
             }
             let m = session::boot_source(&cfg)?;
-            let rep = session::send(&cfg, &m, to, &mut progress(json))?;
+            let rep = session::send(&cfg, &m, to, &mut progress(common, m.ram().size()))?;
             finish_send(common, m.ram(), &rep)
         }
         Cmd::Receive { listen, max_ram, liveness_timeout_ms, prepare_ram, leave_paused, no_populate, common } => {
@@ -504,6 +550,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.qemu.populate = false;
             }
             cfg.validate()?;
+            cancel_on_signals(&cfg)?;
             if cfg.qemu.pid != 0 {
                 return receive_qemu(&cfg, common);
             }
@@ -691,8 +738,12 @@ fn main() -> ExitCode {
             eprintln!("migaccel: error: {msg}");
             // A handover whose outcome is unknown leaves the source paused: its own exit code,
             // so whoever runs migaccel can tell it from a failure after which the source runs.
-            match e.downcast_ref::<accel_user::source::SendError>() {
-                Some(accel_user::source::SendError::HandoverUnknown { .. }) => ExitCode::from(3),
+            // A cancelled migration has its own too: the source runs on, the destination
+            // discarded its copy.
+            match (e.downcast_ref::<accel_user::source::SendError>(), e.downcast_ref::<accel_user::dest::RecvError>()) {
+                (Some(accel_user::source::SendError::HandoverUnknown { .. }), _) => ExitCode::from(3),
+                (Some(accel_user::source::SendError::Cancelled { .. }), _)
+                | (_, Some(accel_user::dest::RecvError::Cancelled(_))) => ExitCode::from(4),
                 _ => ExitCode::FAILURE,
             }
         }

@@ -29,9 +29,8 @@ use crate::transport::{Part, Transport, TransportError};
 
 /// X25519, HKDF-SHA-256, pre-shared key; frames sealed with AEGIS-256X4 in records.
 pub const SUITE: u32 = 2;
-pub const INIT_LEN: usize = 8 + 32 + 32;
-pub const REPLY_LEN: usize = 8 + 32 + 32 + 32;
-pub const CONFIRM_LEN: usize = 32;
+/// The handshake frames' lengths (the wire format's, named here as the handshake uses them).
+pub use crate::protocol::{AUTH_CONFIRM_LEN as CONFIRM_LEN, AUTH_INIT_LEN as INIT_LEN, AUTH_REPLY_LEN as REPLY_LEN};
 const LABEL: &[u8] = b"migaccel/4 ";
 
 /// Which end of the migration this is.

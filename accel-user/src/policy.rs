@@ -5,6 +5,11 @@ use serde::Serialize;
 
 use crate::protocol::PAGE;
 
+/// Durations in round metrics and reports serialise as milliseconds.
+pub fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
 /// What happened in one precopy round.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct RoundStats {
@@ -18,7 +23,7 @@ pub struct RoundStats {
     /// vCPU throttle (percent) in force during the round.
     pub throttle_pct: u8,
     /// Wall time of the round.
-    #[serde(serialize_with = "crate::report::ser_ms")]
+    #[serde(serialize_with = "ser_ms")]
     pub elapsed: Duration,
     /// Pages found dirty when the round ended (sent by the next round).
     pub dirty_after: u64,

@@ -41,6 +41,13 @@ pub const MAX_STATE_RANGES: u32 = 65536;
 /// PageStates flag: the last frame of the record.
 pub const STATES_LAST: u32 = 1;
 
+/// `AuthInit`: suite, reserved, nonce, ephemeral public key (`auth.rs`).
+pub const AUTH_INIT_LEN: usize = 8 + 32 + 32;
+/// `AuthReply`: suite, reserved, nonce, ephemeral public key, proof.
+pub const AUTH_REPLY_LEN: usize = 8 + 32 + 32 + 32;
+/// `AuthConfirm`: the source's proof.
+pub const AUTH_CONFIRM_LEN: usize = 32;
+
 /// Run flag: the run's pages are all zero; no data follows for it.
 pub const RUN_ZERO: u32 = 1;
 
@@ -131,9 +138,9 @@ impl FrameKind {
             FrameKind::Join => 16,
             FrameKind::Blobs => 8 + mh_abi::NSLOTS * BLOB_LEN as u32,
             FrameKind::PageStates => 8 + 16 * MAX_STATE_RANGES,
-            FrameKind::AuthInit => crate::auth::INIT_LEN as u32,
-            FrameKind::AuthReply => crate::auth::REPLY_LEN as u32,
-            FrameKind::AuthConfirm => crate::auth::CONFIRM_LEN as u32,
+            FrameKind::AuthInit => AUTH_INIT_LEN as u32,
+            FrameKind::AuthReply => AUTH_REPLY_LEN as u32,
+            FrameKind::AuthConfirm => AUTH_CONFIRM_LEN as u32,
             FrameKind::Query => 16,
             FrameKind::Answer => 8,
             FrameKind::Done => 0,

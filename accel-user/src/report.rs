@@ -2,13 +2,11 @@
 use std::time::Duration;
 
 use kvm_hooks::migratable::VmShape;
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 
 use crate::policy::{RoundStats, SwitchReason};
 
-pub fn ser_ms<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1e3)
-}
+pub use crate::policy::ser_ms;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GuestInfo {

@@ -7,7 +7,9 @@
 //! GPA 4 GiB is file offset 3 GiB. Dirty trackers report guest frames ([`Gfn`]) and
 //! translate them here.
 use crate::error::{Error, Result};
-use crate::memory::PAGE_SIZE;
+
+/// Size of a guest page.
+pub const PAGE_SIZE: u64 = 4096;
 
 /// A guest-physical address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

@@ -16,8 +16,7 @@ use crate::error::{Error, Result};
 use crate::layout::RamLayout;
 use crate::sys;
 
-/// Size of a guest page.
-pub const PAGE_SIZE: u64 = 4096;
+pub use crate::layout::PAGE_SIZE;
 /// Smallest guest RAM the embedded VMM accepts.
 pub const MIN_RAM: u64 = 64 << 20;
 /// Largest guest RAM the embedded VMM accepts (page tables cover 64 GiB).

@@ -197,6 +197,29 @@ fn bad_options_are_named_before_anything_runs() {
     // refuse the connection, and the message would say so).
     for p in ["/nonexistent/x", "/proc/self/status/x"] {
         one_line_error(&["send", "--to", "127.0.0.1:9", "--insecure", "--dump-memory", p], &["--dump-memory", p]);
+        one_line_error(&["send", "--to", "127.0.0.1:9", "--insecure", "--plot", p], &["--plot", p]);
     }
     one_line_error(&["receive", "--insecure", "--max-ram", "0"], &["receiver.max_ram", "refuse every VM"]);
+}
+
+/// `demo --plot`: the migration's timeline is written as SVG that parses and names every
+/// series; `--progress json` prints one JSON object per line on stderr, the last
+/// `completed`.
+#[test]
+fn demo_plots_its_timeline_and_reports_progress_as_json() {
+    let svg = std::env::temp_dir().join(format!("migaccel-cli-{}-timeline.svg", std::process::id()));
+    let o = run(&["demo", "--ram", "128MiB", "--workload", "hot", "--progress", "json", "--plot", svg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let text = std::fs::read_to_string(&svg).expect("the plot was written");
+    assert!(text.starts_with("<svg"), "{}", &text[..text.len().min(200)]);
+    for s in accel_user::plot::SERIES {
+        assert!(text.contains(s), "series {s:?} missing from the plot");
+    }
+    let lines: Vec<serde_json::Value> =
+        err.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).expect(l)).collect();
+    assert!(lines.len() >= 4, "{err}");
+    assert_eq!(lines.last().unwrap()["status"], "completed", "{err}");
+    assert!(lines.iter().any(|l| l["status"] == "active" && l["ram"]["transferred"].as_u64() > Some(0)), "{err}");
+    let _ = std::fs::remove_file(&svg);
 }

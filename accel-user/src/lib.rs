@@ -25,6 +25,7 @@ pub mod handover;
 pub mod host;
 pub mod keys;
 pub mod lobby;
+pub mod plot;
 pub mod policy;
 pub mod progress;
 pub mod protocol;

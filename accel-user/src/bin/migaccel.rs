@@ -184,6 +184,10 @@ struct Common {
     /// Write guest RAM as it stood at switchover (source) / at resume (destination).
     #[arg(long, value_name = "PATH")]
     dump_memory: Option<PathBuf>,
+    /// Draw the migration's timeline (per round: pages sent, dirty pages found,
+    /// throughput, the guest's dirtying rate; downtime in the title) as SVG into FILE.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
     /// Migrate (send) or fill (receive) this running QEMU process's VM instead of the
     /// embedded guest (docs/qemu.md).
     #[arg(long, value_name = "PID")]
@@ -317,19 +321,23 @@ fn load(cli: &Cli, common: &Common) -> anyhow::Result<Config> {
     common.apply(&mut c);
     c.validate()?;
     if let Some(p) = &common.dump_memory {
-        check_dump_target(p)?;
+        check_target("--dump-memory", p)?;
+    }
+    if let Some(p) = &common.plot {
+        check_target("--plot", p)?;
     }
     Ok(c)
 }
 
-/// `--dump-memory` is checked before a guest boots or a connection opens: a migration
-/// must not run only to fail at its end on a path that cannot be written.
-fn check_dump_target(p: &Path) -> anyhow::Result<()> {
+/// Output paths (`--dump-memory`, `--plot`) are checked before a guest boots or a
+/// connection opens: a migration must not run only to fail at its end on a path that
+/// cannot be written.
+fn check_target(flag: &str, p: &Path) -> anyhow::Result<()> {
     let dir = match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let what = || format!("--dump-memory {}", p.display());
+    let what = || format!("{flag} {}", p.display());
     let meta = std::fs::metadata(dir).with_context(|| format!("{}: directory {}", what(), dir.display()))?;
     anyhow::ensure!(meta.is_dir(), "{}: {} is not a directory", what(), dir.display());
     rustix::fs::access(dir, rustix::fs::Access::WRITE_OK)
@@ -381,11 +389,27 @@ fn finish_send(
     if let Some(p) = &common.dump_memory {
         dump_ram(p, ram)?;
     }
+    plot(common, rep)?;
     if common.report == Format::Json {
         println!("{}", serde_json::to_string_pretty(rep)?);
     } else {
         print!("{}", rep.text());
     }
+    Ok(())
+}
+
+/// `--plot FILE`: the timeline of the migration `rep` reports.
+fn plot(common: &Common, rep: &accel_user::report::SourceReport) -> anyhow::Result<()> {
+    let Some(path) = &common.plot else { return Ok(()) };
+    let rounds: Vec<_> = rep.precopy_rounds.iter().chain(std::iter::once(&rep.final_round)).copied().collect();
+    let switchover = match rep.switchover {
+        accel_user::policy::SwitchReason::Converged { .. } => "converged",
+        accel_user::policy::SwitchReason::RoundLimit { .. } => "round limit",
+        accel_user::policy::SwitchReason::TimeLimit { .. } => "time limit",
+    };
+    let svg = accel_user::plot::timeline(&rounds, switchover, rep.total, rep.downtime).map_err(anyhow::Error::msg)?;
+    std::fs::write(path, svg).with_context(|| format!("--plot {}", path.display()))?;
+    eprintln!("wrote the migration's timeline to {}", path.display());
     Ok(())
 }
 
@@ -500,6 +524,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dump(&suffixed(p, ".src"), &out.source_ram)?;
                 dump(&suffixed(p, ".dst"), &out.dest_ram)?;
             }
+            plot(common, &out.report.source)?;
             let r = &out.report;
             if json {
                 println!("{}", serde_json::to_string_pretty(r)?);

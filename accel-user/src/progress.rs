@@ -128,6 +128,11 @@ impl Progress {
         }
     }
 
+    /// Bytes sent so far.
+    pub fn transferred(&self) -> u64 {
+        self.transferred
+    }
+
     fn account(&mut self, pages: u64, zero: u64, bytes: u64) {
         self.pages += pages;
         self.zero += zero;

@@ -345,9 +345,11 @@ fn check_target(flag: &str, p: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Progress lines on stderr, as `--progress` says (default: text, none with `--report json`).
+/// Progress on stderr, as `--progress` says (default: text, none with `--report json`):
+/// text is a progress bar on a terminal and one line per event otherwise.
 fn progress(common: &Common, ram_bytes: u64) -> impl FnMut(Event) {
     use accel_user::progress::{Progress, Style};
+    use std::io::IsTerminal;
     let json = common.report == Format::Json;
     let style = match common.progress.unwrap_or(if json { ProgressFormat::None } else { ProgressFormat::Text }) {
         ProgressFormat::Text => Some(Style::Text),
@@ -355,9 +357,28 @@ fn progress(common: &Common, ram_bytes: u64) -> impl FnMut(Event) {
         ProgressFormat::None => None,
     };
     let mut p = style.map(|s| Progress::new(s, ram_bytes));
+    let bar = (style == Some(Style::Text) && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(ram_bytes);
+        if let Ok(s) = indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {wide_msg}",
+        ) {
+            b.set_style(s);
+        }
+        b
+    });
     move |e| {
-        if let Some(p) = p.as_mut() {
-            eprintln!("{}", p.line(&e));
+        let Some(p) = p.as_mut() else { return };
+        let line = p.line(&e);
+        match &bar {
+            Some(b) => {
+                b.set_length(b.length().unwrap_or(0).max(p.transferred()));
+                b.set_position(p.transferred());
+                match e {
+                    Event::Resumed { .. } => b.finish_with_message(line),
+                    _ => b.set_message(line),
+                }
+            }
+            None => eprintln!("{line}"),
         }
     }
 }

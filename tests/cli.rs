@@ -208,7 +208,8 @@ fn bad_options_are_named_before_anything_runs() {
 #[test]
 fn demo_plots_its_timeline_and_reports_progress_as_json() {
     let svg = std::env::temp_dir().join(format!("migaccel-cli-{}-timeline.svg", std::process::id()));
-    let o = run(&["demo", "--ram", "128MiB", "--workload", "hot", "--progress", "json", "--plot", svg.to_str().unwrap()]);
+    let o =
+        run(&["demo", "--ram", "128MiB", "--workload", "hot", "--progress", "json", "--plot", svg.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     let text = std::fs::read_to_string(&svg).expect("the plot was written");

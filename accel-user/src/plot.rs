@@ -13,7 +13,12 @@ use crate::protocol::PAGE;
 pub const SERIES: [&str; 4] = ["pages sent", "dirty pages found", "throughput (MiB/s)", "guest dirtying (MiB/s)"];
 
 /// The chart of `rounds` (precopy rounds, then the final round), as SVG text.
-pub fn timeline(rounds: &[RoundStats], switchover: &str, total: Duration, downtime: Duration) -> Result<String, String> {
+pub fn timeline(
+    rounds: &[RoundStats],
+    switchover: &str,
+    total: Duration,
+    downtime: Duration,
+) -> Result<String, String> {
     let err = |e: &dyn std::fmt::Display| format!("plot: {e}");
     let n = rounds.len().max(1) as u32;
     let pages: Vec<(u32, u64)> = rounds.iter().enumerate().map(|(i, r)| (i as u32, r.pages)).collect();

@@ -138,14 +138,21 @@ fn a_cancelled_destination_discards_the_vm() {
     assert!(e.to_string().contains("discarded"), "{e}");
 }
 
-#[test]
-fn time_limit_with_cancel_stops_the_migration() {
+/// A source whose round 0 crawls far past a 300 ms time limit with `action`, and its
+/// destination.
+fn past_the_limit(action: LimitAction) -> (Config, Machine, String, RecvThread) {
     let mut c = cfg();
     c.migration.max_bandwidth = ByteSize(CRAWL);
     c.migration.time_limit_ms = 300;
-    c.migration.time_limit_action = LimitAction::Cancel;
+    c.migration.time_limit_action = action;
     let src = session::boot_source(&c).unwrap();
     let (addr, t) = receiver(&dest(&c));
+    (c, src, addr, t)
+}
+
+#[test]
+fn time_limit_with_cancel_stops_the_migration() {
+    let (c, src, addr, t) = past_the_limit(LimitAction::Cancel);
     let err = session::send(&c, &src, &addr, &mut |_| {}).expect_err("round 0 alone outlasts the limit");
     assert!(matches!(err, SendError::Cancelled { phase: Phase::Precopy { round: 0 }, .. }), "{err}");
     assert!(err.to_string().contains("time limit"), "{err}");
@@ -154,12 +161,7 @@ fn time_limit_with_cancel_stops_the_migration() {
 
 #[test]
 fn time_limit_with_force_switches_over_and_reports_the_downtime() {
-    let mut c = cfg();
-    c.migration.max_bandwidth = ByteSize(CRAWL);
-    c.migration.time_limit_ms = 300;
-    c.migration.time_limit_action = LimitAction::Force;
-    let src = session::boot_source(&c).unwrap();
-    let (addr, t) = receiver(&dest(&c));
+    let (c, src, addr, t) = past_the_limit(LimitAction::Force);
     let rep = session::send(&c, &src, &addr, &mut |_| {}).expect("forced through");
     assert!(matches!(rep.switchover, SwitchReason::TimeLimit { .. }), "{:?}", rep.switchover);
     assert_eq!(rep.precopy_rounds.len(), 1, "round 0 outlasted the limit; the switchover followed it");

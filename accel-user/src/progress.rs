@@ -98,7 +98,14 @@ impl Progress {
             .to_string(),
             Style::Text => {
                 let mib = |b: u64| b as f64 / (1 << 20) as f64;
-                let mut s = format!("[{:>8.1} ms] {phase}", total);
+                let what = match e {
+                    Event::Accepted => "destination accepted the VM",
+                    Event::Round(_) => "precopy round",
+                    Event::Switchover(_) => "switchover",
+                    Event::Final(_) => "final round (vCPUs stopped)",
+                    Event::Resumed { .. } => "destination resumed",
+                };
+                let mut s = format!("[{total:>8.1} ms] {what}");
                 if let Some(r) = round {
                     s += &format!(" {r}");
                 }
@@ -190,7 +197,8 @@ mod tests {
     fn text_lines_name_the_phase_and_what_is_left() {
         let mut p = Progress::new(Style::Text, 1000 * 4096);
         let lines: Vec<String> = events().iter().map(|e| p.line(e)).collect();
-        assert!(lines[1].contains("precopy 0") && lines[1].contains("0.2 MiB left"), "{}", lines[1]);
+        assert!(lines[0].contains("destination accepted the VM"), "{}", lines[0]);
+        assert!(lines[1].contains("precopy round 0") && lines[1].contains("0.2 MiB left"), "{}", lines[1]);
         assert!(lines[4].contains("downtime 12.0 ms"), "{}", lines[4]);
     }
 }

@@ -379,6 +379,15 @@ impl Config {
         }
     }
 
+    /// Read `auth.key_file` now, once, into the config: every later [`Config::auth_key`]
+    /// uses that key (a file replaced mid-run cannot give two ends of one run two keys).
+    pub fn resolve_key(&mut self) -> Result<(), String> {
+        if let (false, None, Some(p)) = (self.auth.insecure, &self.auth.key, &self.auth.key_file) {
+            self.auth.key = Some(crate::keys::load(p).map_err(|e| format!("auth.key_file: {e}"))?);
+        }
+        Ok(())
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Config::parse(&text).map_err(|e| match e {
@@ -605,6 +614,23 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_file_is_read_once() {
+        use std::os::unix::fs::PermissionsExt;
+        let p = std::env::temp_dir().join(format!("migaccel-config-key-{}", std::process::id()));
+        std::fs::write(&p, "0123456789abcdef".repeat(4)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut c = Config::default();
+        c.auth.key_file = Some(p.clone());
+        c.resolve_key().unwrap();
+        std::fs::remove_file(&p).unwrap();
+        let k = c.auth_key().expect("the key read at load time").expect("authenticated");
+        assert_eq!(k.0[..2], [0x01, 0x23]);
+        let mut missing = Config::default();
+        missing.auth.key_file = Some(p);
+        assert!(missing.resolve_key().unwrap_err().contains("auth.key_file"));
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -320,6 +320,7 @@ fn load(cli: &Cli, common: &Common) -> anyhow::Result<Config> {
     };
     common.apply(&mut c);
     c.validate()?;
+    c.resolve_key().map_err(anyhow::Error::msg)?;
     if let Some(p) = &common.dump_memory {
         check_target("--dump-memory", p)?;
     }

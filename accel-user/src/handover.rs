@@ -191,7 +191,9 @@ pub fn serve(h: &Handover, inc: Incoming<'_>, keys: &JoinKeys, io_timeout: Durat
     }
 }
 
-fn answer(h: &Handover, t: &mut dyn Transport, session: u64, attempt: u32) -> Result<Answer, String> {
+/// Read one query of attempt `attempt` from `t` (opened under that attempt's key) and
+/// answer it for `session`; the error says why a connection got no answer.
+pub fn answer(h: &Handover, t: &mut dyn Transport, session: u64, attempt: u32) -> Result<Answer, String> {
     let hd = t.recv_header().map_err(|e| e.to_string())?;
     if hd.kind != FrameKind::Query {
         return Err(format!("sent {:?} where Query was expected", hd.kind));

@@ -87,9 +87,93 @@ pub fn timeline(
     Ok(svg)
 }
 
+/// One group of bars: its name and each series' value in it (NaN: no bar).
+pub type Group = (String, Vec<(String, f64)>);
+
+/// Grouped bars as SVG text: one group per entry of `groups` along x, one colour per series
+/// (in order of first appearance), values on a common y axis described by `y_desc`. The
+/// bench suite draws its comparison tables with it.
+pub fn bars(title: &str, y_desc: &str, groups: &[Group]) -> Result<String, String> {
+    let err = |e: &dyn std::fmt::Display| format!("plot: {e}");
+    let mut series: Vec<&str> = Vec::new();
+    for (_, vals) in groups {
+        for (name, _) in vals {
+            if !series.contains(&name.as_str()) {
+                series.push(name);
+            }
+        }
+    }
+    let ymax = groups.iter().flat_map(|g| g.1.iter().map(|v| v.1)).filter(|v| v.is_finite()).fold(1.0, f64::max) * 1.1;
+    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK, RGBColor(255, 140, 0), RGBColor(128, 0, 128)];
+    let colour = |i: usize| {
+        let c = palette[i % palette.len()];
+        if i < palette.len() {
+            c.mix(0.8)
+        } else {
+            c.mix(0.4)
+        }
+    };
+    let n = groups.len().max(1);
+    let width = (n * (series.len() + 1) * 14).max(900) as u32;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..n as f64, 0f64..ymax)
+            .map_err(|e| err(&e))?;
+        let names: Vec<String> = groups.iter().map(|g| g.0.clone()).collect();
+        c.configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n)
+            .x_label_formatter(&|x| names.get(x.floor() as usize).cloned().unwrap_or_default())
+            .y_desc(y_desc)
+            .draw()
+            .map_err(|e| err(&e))?;
+        let w = 0.8 / series.len().max(1) as f64;
+        for (k, name) in series.iter().enumerate() {
+            let col = colour(k);
+            let rects = groups.iter().enumerate().filter_map(|(g, (_, vals))| {
+                let v = vals.iter().find(|(s, _)| s == name).map(|x| x.1).filter(|v| v.is_finite())?;
+                let x0 = g as f64 + 0.1 + k as f64 * w;
+                Some(Rectangle::new([(x0, 0.0), (x0 + w, v)], col.filled()))
+            });
+            c.draw_series(rects)
+                .map_err(|e| err(&e))?
+                .label(*name)
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], col.filled()));
+        }
+        c.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    Ok(svg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bars_hold_every_group_and_series() {
+        let g =
+            |name: &str, a: f64, b: f64| (name.to_string(), vec![("QEMU".to_string(), a), ("migaccel".to_string(), b)]);
+        let groups =
+            [g("1 GiB idle", 2400.0, 1200.0), g("1 GiB hot", 3100.0, f64::NAN), g("4 GiB idle", 9000.0, 4000.0)];
+        let svg = bars("total time", "ms", &groups).unwrap();
+        let doc = roxmltree::Document::parse(&svg).expect("well-formed SVG");
+        let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).collect();
+        for t in ["QEMU", "migaccel", "1 GiB idle", "4 GiB idle", "total time"] {
+            assert!(texts.iter().any(|x| x.contains(t)), "{t:?} missing: {texts:?}");
+        }
+        // Five bars (the NaN draws none) and two legend swatches.
+        let coloured = |n: &roxmltree::Node| !matches!(n.attribute("fill"), Some("#FFFFFF" | "none") | None);
+        let filled = doc.descendants().filter(|n| n.has_tag_name("rect") && coloured(n)).count();
+        assert_eq!(filled, 5 + 2, "{svg}");
+    }
 
     #[test]
     fn the_svg_parses_and_holds_every_series() {

@@ -114,6 +114,9 @@ enum Cmd {
         /// Run only this system (its name as printed; repeat for more); the default runs all.
         #[arg(long)]
         only: Vec<String>,
+        /// Also draw the totals as grouped bars (one group per RAM size and class) into FILE.svg.
+        #[arg(long, value_name = "FILE")]
+        plot: Option<std::path::PathBuf>,
     },
     /// The in-guest Migration Handler: export+import throughput per batch size against the
     /// AES-256-GCM ceiling, doorbell kinds, and direct vs confidential migrations.
@@ -786,7 +789,9 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Ebpf { window_ms, cycles, vms, harvest_ms, pid } => ebpf_bench(window_ms, cycles, vms, harvest_ms, !pid)?,
         Cmd::Mh { pages, batches, migrate_ram } => mh::mh_bench(pages, &batches, migrate_ram)?,
-        Cmd::VsQemu { ram, hot, reps, warmup_ms, only } => vs_qemu::vs_qemu(&ram, hot, reps, warmup_ms, &only)?,
+        Cmd::VsQemu { ram, hot, reps, warmup_ms, only, plot } => {
+            vs_qemu::vs_qemu(&ram, hot, reps, warmup_ms, &only, plot.as_deref())?
+        }
         Cmd::Transport { ram, streams, ceiling_secs, prefault, dest, modes, reps, channel } => {
             let rows = Rows { modes: &modes, channels: &channel };
             transport_bench(&ram, &streams, ceiling_secs, prefault, &dest, rows, reps.max(1))?

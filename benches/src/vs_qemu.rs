@@ -380,7 +380,14 @@ fn tsc_ticks_per_ms() -> anyhow::Result<u64> {
 
 /// `only`: the systems to run (exact names as printed); empty runs all of them. A system
 /// left out leaves its rows empty, and ratios against it are NaN.
-pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64, only: &[String]) -> anyhow::Result<()> {
+pub fn vs_qemu(
+    rams: &[ByteSize],
+    hot: ByteSize,
+    reps: u32,
+    warmup_ms: u64,
+    only: &[String],
+    plot: Option<&Path>,
+) -> anyhow::Result<()> {
     for r in rams {
         // Source and destination hold the guest's RAM at once.
         if 2 * r.0 + (1 << 30) > accel_user::host::mem_available().unwrap_or(u64::MAX) {
@@ -411,6 +418,8 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64, only
         "| RAM | class | system | total ms | setup ms | downtime ms | blackout ms | MiB moved | rounds | guest writes/s before | during precopy | CPU s | total / best QEMU | downtime / best QEMU | blackout / best QEMU | total / best QEMU of all | total / best QEMU with TLS |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    // Per cell (RAM, class): each system's median total, for the chart.
+    let mut chart: Vec<accel_user::plot::Group> = Vec::new();
     for ram in rams {
         for &(class, hot) in &classes {
             let kernel = guest_image(&dir, &GuestImage::filled(ram.0, hot, Some(ticks)))?;
@@ -469,6 +478,16 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64, only
                     ));
                 }
             }
+            let short = class.split(',').next().unwrap_or(class);
+            chart.push((
+                format!("{} GiB {short}", ram.0 as f64 / (1u64 << 30) as f64),
+                systems
+                    .iter()
+                    .enumerate()
+                    .filter(|&(k, _)| selected(k))
+                    .map(|(k, name)| (name.clone(), median(runs[k].iter().map(|r| r.total_ms).collect())))
+                    .collect(),
+            ));
             for (k, name) in systems.iter().enumerate().filter(|&(k, _)| selected(k)) {
                 let col = |f: fn(&Run) -> f64| median(runs[k].iter().map(f).collect());
                 let ratio = |f: fn(&Ratios) -> f64| {
@@ -504,6 +523,12 @@ pub fn vs_qemu(rams: &[ByteSize], hot: ByteSize, reps: u32, warmup_ms: u64, only
     println!(
         "Medians over repetitions. Ratios are medians of per-repetition ratios against the best QEMU configuration without TLS of the same repetition with the same destination memory (fresh: QEMU without preallocation; prepared: QEMU with -mem-prealloc), each column's own best; 'of all' against the best of the six without TLS; 'with TLS' against the best QEMU with tls-creds-psk and the same destination memory."
     );
+    if let Some(p) = plot {
+        let title = format!("total migration time per system (median of {reps}; lower is better)");
+        let svg = accel_user::plot::bars(&title, "total ms", &chart).map_err(anyhow::Error::msg)?;
+        std::fs::write(p, svg).with_context(|| format!("--plot {}", p.display()))?;
+        eprintln!("wrote the chart to {}", p.display());
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

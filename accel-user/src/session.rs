@@ -155,8 +155,10 @@ pub fn send_vm(
         })
     };
     // An answer nobody authenticated could start a second copy: without a key, no query.
-    let mut ask = |i: u32, session: u64, what: crate::protocol::Ask| match &keys {
-        Some(k) => crate::handover::ask(to, k, i, session, what, cfg.connect_timeout(), cfg.io_timeout()),
+    let mut ask = |i: u32, session: u64, what: crate::protocol::Ask, limit: Duration| match &keys {
+        Some(k) => {
+            crate::handover::ask(to, k, i, session, what, cfg.connect_timeout().min(limit), cfg.io_timeout().min(limit))
+        }
         None => Err(TransportError::Guest("an unauthenticated migration (auth.insecure) cannot ask".into())),
     };
     let mut rep = source::migrate_streams(m, &mut *t, &o, &mut data, &mut ask, on)?;

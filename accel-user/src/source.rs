@@ -208,8 +208,9 @@ const MAX_LATE_ROUNDS: u32 = 3;
 pub type Connector<'a> = &'a mut dyn FnMut(u32) -> Result<Box<dyn Transport>, TransportError>;
 
 /// Asks the destination, on a new connection, about the handover of `session`: query
-/// attempt `i` (each attempt seals under keys of its own), for the reason `Ask`.
-pub type Asker<'a> = &'a mut dyn FnMut(u32, u64, Ask) -> Result<Answer, TransportError>;
+/// attempt `i` (each attempt seals under keys of its own), for the reason `Ask`, waiting at
+/// most the given time for the connection and for the answer each.
+pub type Asker<'a> = &'a mut dyn FnMut(u32, u64, Ask, Duration) -> Result<Answer, TransportError>;
 
 /// Most query attempts per migration (every attempt uses keys of its own).
 const MAX_ASKS: u32 = crate::auth::MAX_QUERIES;
@@ -223,7 +224,7 @@ pub fn migrate(
     on: &mut dyn FnMut(Event),
 ) -> Result<SourceReport, SendError> {
     let mut none = |_| Err(TransportError::Guest("no data streams configured".into()));
-    let mut no_ask = |_, _, _| Err(TransportError::Guest("no handover query configured".into()));
+    let mut no_ask = |_, _, _, _| Err(TransportError::Guest("no handover query configured".into()));
     migrate_streams(m, t, o, &mut none, &mut no_ask, on)
 }
 
@@ -313,7 +314,8 @@ fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
     // Before the commit point a lost link leaves the destination waiting for frames: tell
     // it, on a new connection, that the VM runs here again (it fences its copy at once).
     if let (Some(session), true, false, SendError::Transport { .. }) = (c.session, c.o.queries, c.committed, &e) {
-        match (c.ask)(c.queries, session, Ask::Withdraw) {
+        // Best effort, after the source already runs: a short wait, never the whole query time.
+        match (c.ask)(c.queries, session, Ask::Withdraw, c.o.io_timeout.min(Duration::from_secs(5))) {
             Ok(a) => tracing::info!("withdrew the VM from the destination: {a:?}"),
             Err(w) => {
                 tracing::info!("could not withdraw the VM from the destination ({w}); it never resumes it anyway")
@@ -377,7 +379,8 @@ fn ask_destination(c: &mut Ctx<'_>, lost: &SendError) -> Result<Answer, String> 
         let i = c.queries;
         c.queries += 1;
         tracing::warn!("{lost}; asking the destination whether it runs the VM (attempt {i})");
-        match (c.ask)(i, session, Ask::Runs) {
+        let left = c.o.handover_query.saturating_sub(t0.elapsed()).max(Duration::from_millis(100));
+        match (c.ask)(i, session, Ask::Runs, left) {
             Ok(a) => return Ok(a),
             Err(e) => last = format!("attempt {i}: {e}"),
         }

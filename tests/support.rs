@@ -50,7 +50,11 @@ pub fn config(workload: WorkloadKind, dirty: DirtySource) -> Config {
     c.migration.dirty_source = dirty;
     c.migration.max_rounds = 8;
     c.migration.io_timeout_ms = 5_000;
-    c.migration.ack_timeout_ms = 10_000;
+    // Generous: it guards against a hang, and a destination under load may need seconds
+    // between `Complete` and `Resumed` (a test's verification snapshot of a large guest is
+    // taken there); past it the source asks and, when the destination had not resumed yet,
+    // the migration fails (safely: the source runs on).
+    c.migration.ack_timeout_ms = 60_000;
     // Generous: the check ends as soon as every vCPU reported; only a dead guest waits it out.
     c.receiver.liveness_timeout_ms = 30_000;
     c

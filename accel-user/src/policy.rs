@@ -109,8 +109,16 @@ pub fn over_limit(limit: Option<TimeLimit>, elapsed: Duration) -> Option<LimitAc
 
 /// The switchover a forced time limit makes, with its predicted downtime.
 pub fn forced(rounds: &[RoundStats], pending: u64) -> SwitchReason {
-    let p = predict(rounds, pending);
-    SwitchReason::TimeLimit { predicted_ms: if p == Duration::MAX { f64::INFINITY } else { p.as_secs_f64() * 1e3 } }
+    SwitchReason::TimeLimit { predicted_ms: millis(predict(rounds, pending)) }
+}
+
+/// A prediction in milliseconds (infinite when the bandwidth is unknown).
+fn millis(p: Duration) -> f64 {
+    if p == Duration::MAX {
+        f64::INFINITY
+    } else {
+        p.as_secs_f64() * 1e3
+    }
 }
 
 /// How long to wait before sending more, so that `sent` bytes since `elapsed` ago stay
@@ -153,7 +161,7 @@ pub fn predict(rounds: &[RoundStats], pending: u64) -> Duration {
 /// Decide after a round whether to switch over, given `pending` dirty pages.
 pub fn decide(cfg: &PolicyConfig, rounds: &[RoundStats], pending: u64) -> Decision {
     let p = predict(rounds, pending);
-    let ms = if p == Duration::MAX { f64::INFINITY } else { p.as_secs_f64() * 1e3 };
+    let ms = millis(p);
     let done = rounds.len() as u32;
     if p <= cfg.downtime_target && done >= cfg.min_rounds.min(cfg.max_rounds) {
         Decision::Switchover(SwitchReason::Converged { predicted_ms: ms })

@@ -1013,13 +1013,11 @@ fn flush(c: &mut Ctx<'_>, round: u32, runs: &mut Vec<Run>, st: &mut RoundStats) 
     protocol::encode_pages_meta(round, runs, &mut c.meta);
     let mut parts: Vec<Part<'_>> = Vec::with_capacity(runs.len() + 1);
     parts.push(Part::Buf(&c.meta));
-    let mut bytes = (HEADER_LEN + c.meta.len()) as u64;
     for r in runs.iter().filter(|r| !r.is_zero()) {
         parts.push(Part::Guest { gpa: r.gfn * PAGE_SIZE, len: r.data_bytes() });
-        bytes += r.data_bytes();
     }
     c.t.send_frame(FrameKind::Pages, &parts, Some(c.m.ram()))?;
-    st.bytes += bytes;
+    st.bytes += frame;
     runs.clear();
     Ok(())
 }

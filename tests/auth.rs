@@ -3,10 +3,10 @@
 //! on the way makes a destination run a VM; a source that fails that way keeps running.
 use std::io::{Read, Write};
 
-use accel_user::config::{Config, DirtySource, WorkloadKind};
-use accel_user::protocol::{FrameKind, Header, HEADER_LEN};
-use accel_user::session;
+use accel_user::app::config::{Config, DirtySource, WorkloadKind};
+use accel_user::app::session;
 use accel_user::source::SendError;
+use accel_user::wire::frame::{FrameKind, Header, HEADER_LEN};
 use migaccel_tests::{
     assert_ram_eq, assert_running, config, keyless_auth_init, migaccel_bin, record_migration, replay,
     spawn_receiver as receiver, test_key_file, try_keyless_auth_init, StallProxy, Tamper, Tap,
@@ -101,7 +101,7 @@ fn a_different_key_is_refused_before_anything_is_sent() {
     let c = cfg();
     let src = session::boot_source(&c).unwrap();
     let mut other = impatient(&c);
-    other.auth.key = Some(accel_user::auth::ephemeral_key().unwrap());
+    other.auth.key = Some(accel_user::wire::auth::ephemeral_key().unwrap());
     let (addr, t) = receiver(&other);
     let err = session::send(&c, &src, &addr, &mut |_| {}).expect_err("different keys");
     let e = err.to_string();
@@ -163,7 +163,7 @@ fn a_peer_without_the_key_does_not_keep_the_source_out() {
 /// again after the source gave up: the destination fails and never resumes.
 #[test]
 fn a_stalled_send_never_lands_later_nor_shares_a_nonce() {
-    use accel_user::transport::TransportMode;
+    use accel_user::wire::transport::TransportMode;
     use std::sync::atomic::Ordering::SeqCst;
     for mode in [TransportMode::Auto, TransportMode::Blocking] {
         let mut c = cfg();
@@ -221,7 +221,7 @@ fn a_stalled_send_never_lands_later_nor_shares_a_nonce() {
 /// docs/security.md).
 #[test]
 fn a_flood_and_trickling_handshakes_do_not_keep_the_source_out() {
-    use accel_user::transport::TransportMode;
+    use accel_user::wire::transport::TransportMode;
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use std::sync::Arc;
     let mut c = cfg();
@@ -364,10 +364,11 @@ fn a_migration_meant_for_another_host_never_runs_here() {
 /// neither learns anything nor fences the VM, whose handover then goes through.
 #[test]
 fn a_handover_query_without_the_sessions_keys_is_dropped_unanswered() {
-    use accel_user::protocol::{self, Ask};
-    use accel_user::seal::{FrameKey, Sealed};
     use accel_user::source::Event;
-    use accel_user::transport::{self, Part, Transport, TransportMode};
+    use accel_user::wire::connect;
+    use accel_user::wire::payload::{self, Ask};
+    use accel_user::wire::seal::{FrameKey, Sealed};
+    use accel_user::wire::transport::{Part, Transport, TransportMode};
     let c = cfg();
     let src = session::boot_source(&c).unwrap();
     let (addr, t) = receiver(&c);
@@ -376,9 +377,10 @@ fn a_handover_query_without_the_sessions_keys_is_dropped_unanswered() {
         if matches!(&e, Event::Round(r) if r.round == 0) && heard.is_none() {
             let s = std::net::TcpStream::connect(&addr).unwrap();
             let mut raw = s.try_clone().unwrap();
-            let w = transport::wrap(s, TransportMode::Blocking, None, false, Duration::from_secs(5)).unwrap();
+            let w = connect::wrap(s, TransportMode::Blocking, None, false, Duration::from_secs(5)).unwrap();
             let mut q = Sealed::new(w, (FrameKey::new([0x33; 32]), FrameKey::new([0x44; 32])));
-            q.send_frame(FrameKind::Query, &[Part::Buf(&protocol::encode_query(1, Ask::Runs))], None).unwrap();
+            q.send_frame(FrameKind::Query, &[Part::Buf(&payload::Query { session: 1, ask: Ask::Runs }.encode())], None)
+                .unwrap();
             // Bounded only against a hang: the destination drops the connection at once.
             raw.set_read_timeout(Some(migaccel_tests::HANG)).unwrap();
             let mut got = Vec::new();

@@ -9,11 +9,11 @@
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
+use accel_user::app::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::app::session;
 use accel_user::cancel::Cancel;
-use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
 use accel_user::dest::RecvError;
 use accel_user::policy::{LimitAction, SwitchReason};
-use accel_user::session;
 use accel_user::source::{Event, Phase, SendError};
 use embedded_vmm::vmm::Machine;
 use migaccel_tests::{

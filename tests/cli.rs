@@ -214,7 +214,7 @@ fn demo_plots_its_timeline_and_reports_progress_as_json() {
     assert!(o.status.success(), "{err}");
     let text = std::fs::read_to_string(&svg).expect("the plot was written");
     assert!(text.starts_with("<svg"), "{}", &text[..text.len().min(200)]);
-    for s in accel_user::plot::SERIES {
+    for s in accel_user::app::plot::SERIES {
         assert!(text.contains(s), "series {s:?} missing from the plot");
     }
     let lines: Vec<serde_json::Value> =

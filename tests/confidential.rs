@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accel_ebpf::{PageStateEvent, PageStateKind, PageStateProbe, ATTR_ENCRYPTED};
-use accel_user::config::{Config, DirtySource, PageStateSource, WorkloadKind};
+use accel_user::app::config::{Config, DirtySource, PageStateSource, WorkloadKind};
+use accel_user::app::session;
 use accel_user::dest::RecvState;
-use accel_user::protocol::{FrameKind, BLOB_LEN};
-use accel_user::session;
 use accel_user::source::{Event, Phase};
+use accel_user::wire::frame::FrameKind;
+use accel_user::wire::payload::BLOB_LEN;
 use embedded_vmm::guest::{PRIVATE_CANARY, SHARED_CANARY};
 use embedded_vmm::vmm::Machine;
 use migaccel_tests::{assert_ram_eq, assert_running, config, contains, RecvThread, Tamper, Tap};

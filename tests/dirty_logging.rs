@@ -2,9 +2,9 @@
 //! a successful migration as one that was never migrated.
 use std::time::Instant;
 
-use accel_user::config::{ByteSize, DirtySource, WorkloadKind};
-use accel_user::protocol::FrameKind;
-use accel_user::session;
+use accel_user::app::config::{ByteSize, DirtySource, WorkloadKind};
+use accel_user::app::session;
+use accel_user::wire::frame::FrameKind;
 use embedded_vmm::vmm::Machine;
 use migaccel_tests::{config, spawn_receiver, wait_for_reports, Cut, Proxy};
 

@@ -8,8 +8,8 @@ use accel_ebpf::{
     DirtyProbe, EbpfError, PageStateKind, PageStates, Target, ATTR_ENCRYPTED, PSF_HUGE, PSF_OVERFLOW, PSF_UNALIGNED,
     PSF_ZERO_PAGES,
 };
-use accel_user::config::{DirtySource, WorkloadKind};
-use accel_user::session;
+use accel_user::app::config::{DirtySource, WorkloadKind};
+use accel_user::app::session;
 use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use kvm_hooks::dirty::DirtySet;
 use kvm_hooks::vm::DirtyPreference;

@@ -5,11 +5,12 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::app::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::app::session;
 use accel_user::dest::RecvError;
-use accel_user::protocol::{self, FrameKind, Header, Run, HEADER_LEN};
-use accel_user::session;
 use accel_user::source::{Event, Phase, SendError};
+use accel_user::wire::frame::{self, FrameKind, Header, HEADER_LEN};
+use accel_user::wire::payload::{self, Run};
 use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use migaccel_tests::{
     assert_ram_eq, assert_running, config, migaccel_bin, resume_if_fenced, spawn_receive_process, test_key_file, Cut,
@@ -24,7 +25,7 @@ fn assert_dirty_covers(src: &Machine, dst: &Machine) {
     src.pause().unwrap();
     let pending = src.dirty().peek().unwrap();
     let (a, b) = (src.ram().snapshot(), dst.ram().snapshot());
-    let diff = accel_user::verify::diff_pages(&a, &b, usize::MAX);
+    let diff = accel_user::app::verify::diff_pages(&a, &b, usize::MAX);
     assert!(!diff.is_empty(), "the failed destination should lack something");
     let lost: Vec<u64> = diff.iter().copied().filter(|g| !pending.contains(*g)).take(10).collect();
     assert!(lost.is_empty(), "{} differing pages, not dirty at the source: {lost:?}", diff.len());
@@ -289,14 +290,14 @@ fn hostile_with(cfg: &Config, client: impl FnOnce(&mut TcpStream) + Send + 'stat
 }
 
 fn hello(s: &mut TcpStream) {
-    s.write_all(&frame(FrameKind::Hello, 0, &protocol::encode_hello(&SPEC.shape()))).unwrap();
+    s.write_all(&frame(FrameKind::Hello, 0, &payload::Hello::embedded(&SPEC.shape()).encode())).unwrap();
     let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h).unwrap();
     let h = Header::decode(&h).unwrap();
     assert_eq!(h.kind, FrameKind::HelloAck);
     let mut p = vec![0u8; h.len as usize];
     s.read_exact(&mut p).unwrap();
-    assert_eq!(protocol::decode_hello_ack(&p).unwrap().status, 0);
+    assert_eq!(payload::HelloAck::decode(&p).unwrap().status, 0);
 }
 
 #[test]
@@ -311,11 +312,11 @@ fn receiver_rejects_garbage() {
 #[test]
 fn receiver_rejects_unknown_version() {
     let (e, _) = hostile(|s| {
-        let mut f = frame(FrameKind::Hello, 0, &protocol::encode_hello(&SPEC.shape()));
-        f[4..6].copy_from_slice(&(protocol::PROTOCOL_VERSION + 1).to_le_bytes());
+        let mut f = frame(FrameKind::Hello, 0, &payload::Hello::embedded(&SPEC.shape()).encode());
+        f[4..6].copy_from_slice(&(frame::PROTOCOL_VERSION + 1).to_le_bytes());
         s.write_all(&f).unwrap();
     });
-    assert!(e.to_string().contains(&format!("unsupported protocol version {}", protocol::PROTOCOL_VERSION + 1)), "{e}");
+    assert!(e.to_string().contains(&format!("unsupported protocol version {}", frame::PROTOCOL_VERSION + 1)), "{e}");
 }
 
 #[test]
@@ -336,7 +337,7 @@ fn receiver_rejects_truncated_frame() {
     // handshake fails the receive.
     let (e, resumed) = hostile(|s| {
         hello(s);
-        let f = frame(FrameKind::EndOfRound, 1, &protocol::encode_end_of_round(0, 0));
+        let f = frame(FrameKind::EndOfRound, 1, &payload::EndOfRound { round: 0, pages: 0 }.encode());
         s.write_all(&f[..HEADER_LEN + 4]).unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
     });
@@ -350,7 +351,7 @@ fn receiver_rejects_gfn_outside_ram() {
         hello(s);
         let pages = SPEC.ram_bytes / 4096;
         let mut p = Vec::new();
-        protocol::encode_pages_meta(0, &[Run { gfn: pages, npages: 1, flags: 0 }], &mut p);
+        payload::PagesHead::encode(0, &[Run { gfn: pages, npages: 1, flags: 0 }], &mut p);
         p.extend_from_slice(&[0x41; 4096]);
         let _ = s.write_all(&frame(FrameKind::Pages, 1, &p));
     });
@@ -363,14 +364,19 @@ fn receiver_never_resumes_incomplete_memory() {
     let (e, resumed) = hostile(|s| {
         hello(s);
         let mut p = Vec::new();
-        protocol::encode_pages_meta(0, &[Run { gfn: 0, npages: 16, flags: protocol::RUN_ZERO }], &mut p);
+        payload::PagesHead::encode(0, &[Run { gfn: 0, npages: 16, flags: frame::RUN_ZERO }], &mut p);
         s.write_all(&frame(FrameKind::Pages, 1, &p)).unwrap();
-        s.write_all(&frame(FrameKind::EndOfRound, 2, &protocol::encode_end_of_round(0, 16))).unwrap();
+        s.write_all(&frame(FrameKind::EndOfRound, 2, &payload::EndOfRound { round: 0, pages: 16 }.encode())).unwrap();
         let st = kvm_hooks::state::VcpuState::default().encode();
-        let mut sp = protocol::encode_state_prefix(0, st.len() as u32).to_vec();
+        let mut sp = payload::State::prefix(0, st.len() as u32).to_vec();
         sp.extend_from_slice(&st);
         s.write_all(&frame(FrameKind::State, 3, &sp)).unwrap();
-        s.write_all(&frame(FrameKind::Complete, 4, &protocol::encode_complete(1, 1, 16))).unwrap();
+        s.write_all(&frame(
+            FrameKind::Complete,
+            4,
+            &payload::Complete { rounds: 1, sections: 1, pages_sent: 16 }.encode(),
+        ))
+        .unwrap();
     });
     assert!(!resumed, "a VM with missing pages must never resume");
     assert!(e.to_string().contains("only 16 of 16384 pages"), "{e}");
@@ -393,7 +399,7 @@ fn receiver_gives_up_on_a_silent_source() {
 fn receiver_checks_round_page_counts() {
     let (e, resumed) = hostile(|s| {
         hello(s);
-        s.write_all(&frame(FrameKind::EndOfRound, 1, &protocol::encode_end_of_round(0, 5))).unwrap();
+        s.write_all(&frame(FrameKind::EndOfRound, 1, &payload::EndOfRound { round: 0, pages: 5 }.encode())).unwrap();
     });
     assert!(!resumed);
     assert!(e.to_string().contains("source sent 5 pages in round 0, 0 arrived"), "{e}");
@@ -403,7 +409,7 @@ fn receiver_checks_round_page_counts() {
 fn receiver_rejects_out_of_sequence_frame() {
     let (e, _) = hostile(|s| {
         hello(s);
-        s.write_all(&frame(FrameKind::EndOfRound, 9, &protocol::encode_end_of_round(0, 0))).unwrap();
+        s.write_all(&frame(FrameKind::EndOfRound, 9, &payload::EndOfRound { round: 0, pages: 0 }.encode())).unwrap();
     });
     assert!(e.to_string().contains("sequence 9, expected 1"), "{e}");
 }
@@ -415,18 +421,19 @@ fn receiver_rejects_bad_vcpu_state() {
         // Every page (as one zero run), so the receiver gets as far as the machine state.
         let pages = SPEC.shape().ram_bytes / 4096;
         let mut p = Vec::new();
-        protocol::encode_pages_meta(
-            0,
-            &[protocol::Run { gfn: 0, npages: pages as u32, flags: protocol::RUN_ZERO }],
-            &mut p,
-        );
+        payload::PagesHead::encode(0, &[payload::Run { gfn: 0, npages: pages as u32, flags: frame::RUN_ZERO }], &mut p);
         s.write_all(&frame(FrameKind::Pages, 1, &p)).unwrap();
-        s.write_all(&frame(FrameKind::EndOfRound, 2, &protocol::encode_end_of_round(0, pages))).unwrap();
-        s.write_all(&frame(FrameKind::EndOfRound, 3, &protocol::encode_end_of_round(1, 0))).unwrap();
-        let mut sp = protocol::encode_state_prefix(0, 8).to_vec();
+        s.write_all(&frame(FrameKind::EndOfRound, 2, &payload::EndOfRound { round: 0, pages }.encode())).unwrap();
+        s.write_all(&frame(FrameKind::EndOfRound, 3, &payload::EndOfRound { round: 1, pages: 0 }.encode())).unwrap();
+        let mut sp = payload::State::prefix(0, 8).to_vec();
         sp.extend_from_slice(b"NOTVCPU!");
         s.write_all(&frame(FrameKind::State, 4, &sp)).unwrap();
-        s.write_all(&frame(FrameKind::Complete, 5, &protocol::encode_complete(2, 1, pages))).unwrap();
+        s.write_all(&frame(
+            FrameKind::Complete,
+            5,
+            &payload::Complete { rounds: 2, sections: 1, pages_sent: pages }.encode(),
+        ))
+        .unwrap();
     });
     assert!(!resumed);
     assert!(e.to_string().contains("machine state: vCPU 0"), "{e}");
@@ -440,7 +447,7 @@ fn receiver_refuses_a_vm_larger_than_the_host_can_hold() {
     let ram = (avail + (2 << 30)).next_multiple_of(2 << 20);
     let (e, resumed) = hostile(move |s| {
         let shape = kvm_hooks::migratable::VmShape { ram_bytes: ram, vcpus: 1 };
-        s.write_all(&frame(FrameKind::Hello, 0, &protocol::encode_hello(&shape))).unwrap();
+        s.write_all(&frame(FrameKind::Hello, 0, &payload::Hello::embedded(&shape).encode())).unwrap();
     });
     assert!(!resumed);
     let e = e.to_string();
@@ -459,8 +466,12 @@ fn receiver_caps_precopy_rounds() {
     let (e, resumed) = hostile_with(&cfg, |s| {
         hello(s);
         for round in 0..10 {
-            if s.write_all(&frame(FrameKind::EndOfRound, 1 + round as u64, &protocol::encode_end_of_round(round, 0)))
-                .is_err()
+            if s.write_all(&frame(
+                FrameKind::EndOfRound,
+                1 + round as u64,
+                &payload::EndOfRound { round, pages: 0 }.encode(),
+            ))
+            .is_err()
             {
                 break;
             }
@@ -480,7 +491,7 @@ fn receiver_cuts_off_a_slow_peer_at_its_deadline() {
         hello(s);
         // One valid EndOfRound frame, a byte every 300 ms: 7 s in all, and the receiver
         // would otherwise wait for more frames until its I/O timeout after that.
-        let f = frame(FrameKind::EndOfRound, 1, &protocol::encode_end_of_round(0, 0));
+        let f = frame(FrameKind::EndOfRound, 1, &payload::EndOfRound { round: 0, pages: 0 }.encode());
         for b in f {
             if s.write_all(&[b]).is_err() {
                 break;
@@ -505,8 +516,8 @@ fn meddling_proxy(upstream: String) -> String {
             if i == 1 {
                 let mut stray = TcpStream::connect(&upstream).unwrap();
                 // Shaped like a sealed Join (payload and tag), sealed with no key of this session.
-                let mut join = frame(FrameKind::Join, 0, &protocol::encode_join(0x5eed_5eed, 0));
-                join.extend_from_slice(&[0x77; accel_user::seal::TAG_LEN]);
+                let mut join = frame(FrameKind::Join, 0, &payload::Join { session: 0x5eed_5eed, stream: 0 }.encode());
+                join.extend_from_slice(&[0x77; accel_user::wire::seal::TAG_LEN]);
                 let _ = stray.write_all(&join);
                 keep.push(stray);
                 keep.push(TcpStream::connect(&upstream).unwrap());

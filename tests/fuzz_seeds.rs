@@ -2,9 +2,9 @@
 //! with `MIGACCEL_FUZZ_SEEDS` set): the bytes a source sends, unauthenticated, for a small
 //! idle guest with one and with two vCPUs. Without the variable the recordings are only
 //! checked: well-formed frames in sequence, `Hello` first, `Complete` last.
-use accel_user::config::{ByteSize, DirtySource, WorkloadKind};
-use accel_user::protocol::{FrameKind, Header, HEADER_LEN};
-use accel_user::session;
+use accel_user::app::config::{ByteSize, DirtySource, WorkloadKind};
+use accel_user::app::session;
+use accel_user::wire::frame::{FrameKind, Header, HEADER_LEN};
 use migaccel_tests::{config, record_migration};
 
 /// The frame kinds of a plain recording, checking headers and sequence numbers.

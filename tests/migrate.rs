@@ -1,6 +1,6 @@
 //! Live migration of real guests over loopback: every workload, ring and bitmap.
-use accel_user::config::{DirtySource, WorkloadKind};
-use accel_user::session;
+use accel_user::app::config::{DirtySource, WorkloadKind};
+use accel_user::app::session;
 use migaccel_tests::{config, demo_with_guest_writes};
 
 fn migrate(workload: WorkloadKind, dirty: DirtySource) {
@@ -100,7 +100,7 @@ fn ab_multi_slot_four_vcpus() {
     let _g = large();
     let mut c = config(WorkloadKind::Ab, DirtySource::Ring);
     c.migration.fixed_buffers = true;
-    c.guest.ram = accel_user::config::ByteSize(1536 << 20);
+    c.guest.ram = accel_user::app::config::ByteSize(1536 << 20);
     c.guest.vcpus = 4;
     c.guest.warmup_ms = 300;
     let out = session::demo(&c, &mut |_| {}).expect("migration succeeds");
@@ -113,7 +113,7 @@ fn ab_multi_slot_four_vcpus() {
 #[test]
 fn ab_all_ram_converges() {
     let mut c = config(WorkloadKind::Ab, DirtySource::Ring);
-    c.guest.ram = accel_user::config::ByteSize(512 << 20);
+    c.guest.ram = accel_user::app::config::ByteSize(512 << 20);
     c.migration.max_rounds = 40;
     let out = session::demo(&c, &mut |_| {}).expect("migration succeeds");
     let r = &out.report.source;
@@ -139,8 +139,8 @@ fn assert_prefilled_round_0(out: &session::DemoOutcome) {
 #[test]
 fn four_gib_prefilled_guest_with_default_settings() {
     let _g = large();
-    let mut c = accel_user::config::Config::default();
-    c.guest.ram = accel_user::config::ByteSize(4 << 30);
+    let mut c = accel_user::app::config::Config::default();
+    c.guest.ram = accel_user::app::config::ByteSize(4 << 30);
     c.guest.prefill = true;
     c.receiver.liveness_timeout_ms = migaccel_tests::HANG.as_millis() as u64;
     let out = session::demo(&c, &mut |_| {}).unwrap_or_else(|e| panic!("{e:#}"));
@@ -157,8 +157,8 @@ fn four_gib_prefilled_guest_with_default_settings() {
 fn one_gib_prefilled_hot_guest() {
     let _g = large();
     let mut c = config(WorkloadKind::Hot, DirtySource::Ring);
-    c.guest.ram = accel_user::config::ByteSize(1 << 30);
-    c.guest.hot_working_set = accel_user::config::ByteSize(256 << 20);
+    c.guest.ram = accel_user::app::config::ByteSize(1 << 30);
+    c.guest.hot_working_set = accel_user::app::config::ByteSize(256 << 20);
     c.guest.prefill = true;
     let out = session::demo(&c, &mut |_| {}).unwrap_or_else(|e| panic!("{e:#}"));
     let v = &out.report.verification;

@@ -85,7 +85,7 @@ fn two_hosts_with(
     }
     let (a, b) = (std::fs::read(&sdump).unwrap(), std::fs::read(&ddump).unwrap());
     assert_eq!(a.len(), 128 << 20);
-    let d = accel_user::verify::diff_pages(&a, &b, 8);
+    let d = accel_user::app::verify::diff_pages(&a, &b, 8);
     assert!(d.is_empty(), "pages differ between hosts: {d:?}");
     // The invariant is checked over the ranges the guest walked.
     let walked = match workload {
@@ -93,7 +93,7 @@ fn two_hosts_with(
         _ => hot.unwrap_or(Workload::Ab),
     };
     let spec = GuestSpec { ram_bytes: 128 << 20, vcpus: 2, workload: walked };
-    accel_user::verify::check_ab(&spec, &b).unwrap();
+    accel_user::app::verify::check_ab(&spec, &b).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

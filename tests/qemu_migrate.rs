@@ -2,13 +2,14 @@
 //! through pidfds and QMP, the guest's RAM moved by migaccel and only the device state by
 //! QEMU (`x-ignore-shared`). The destination starts paused (`-S`) and is left paused, so
 //! both RAM files can be compared page for page before it runs.
+use accel_user::wire::payload;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use accel_user::config::Config;
-use accel_user::session;
+use accel_user::app::config::Config;
+use accel_user::app::session;
 use accel_user::source::Event;
 use migaccel_tests::qemu::{guest_image, qemu_for_migaccel, ram_diff, GuestImage, Heartbeat, Qemu, WRITE_COUNT_GPA};
 use qemu_vm::{QemuVm, QemuVms};
@@ -480,14 +481,14 @@ fn a_killed_migaccel_leaves_only_what_the_docs_name() {
     let addr = l.local_addr().unwrap().to_string();
     let stall = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
-        let mut h = [0u8; accel_user::protocol::HEADER_LEN];
+        let mut h = [0u8; accel_user::wire::frame::HEADER_LEN];
         s.read_exact(&mut h).unwrap();
-        let h = accel_user::protocol::Header::decode(&h).unwrap();
+        let h = accel_user::wire::frame::Header::decode(&h).unwrap();
         let mut body = vec![0u8; h.len as usize];
         s.read_exact(&mut body).unwrap();
-        let ack = accel_user::protocol::encode_hello_ack(0, 0, "accepted");
-        let hdr = accel_user::protocol::Header {
-            kind: accel_user::protocol::FrameKind::HelloAck,
+        let ack = payload::HelloAck::encode(0, 0, "accepted");
+        let hdr = accel_user::wire::frame::Header {
+            kind: accel_user::wire::frame::FrameKind::HelloAck,
             len: ack.len() as u32,
             seq: 0,
         };

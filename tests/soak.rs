@@ -7,9 +7,9 @@
 //! --test soak -- --nocapture` runs 100 migrations (figures in `docs/testing.md`).
 use std::time::Instant;
 
-use accel_user::config::{ByteSize, DirtySource, WorkloadKind};
-use accel_user::protocol::FrameKind;
-use accel_user::session;
+use accel_user::app::config::{ByteSize, DirtySource, WorkloadKind};
+use accel_user::app::session;
+use accel_user::wire::frame::FrameKind;
 use migaccel_tests::{
     assert_ram_eq, assert_running, config, keyless_auth_init, resume_if_fenced, spawn_receiver as receiver, Cut, Proxy,
     Tamper, Tap,

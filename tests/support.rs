@@ -9,16 +9,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::app::config::{ByteSize, Config, DirtySource, WorkloadKind};
 
 #[path = "qemu_support.rs"]
 pub mod qemu;
-use accel_user::protocol::{FrameKind, HEADER_LEN};
+use accel_user::wire::frame::{FrameKind, HEADER_LEN};
 
 /// This test process's pre-shared key: random per run, the same for every test in it.
-pub fn test_key() -> accel_user::keys::TransportKey {
-    static KEY: std::sync::OnceLock<accel_user::keys::TransportKey> = std::sync::OnceLock::new();
-    KEY.get_or_init(|| accel_user::auth::ephemeral_key().expect("random key")).clone()
+pub fn test_key() -> accel_user::wire::keys::TransportKey {
+    static KEY: std::sync::OnceLock<accel_user::wire::keys::TransportKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| accel_user::wire::auth::ephemeral_key().expect("random key")).clone()
 }
 
 /// [`test_key`] as a key file (mode 0600) for `migaccel` processes (`--auth-key`).
@@ -195,9 +195,9 @@ pub fn body_len(h: &[u8; HEADER_LEN], authenticated: &mut bool) -> usize {
         // A handover query's connection is sealed from its first frame on.
         Some(FrameKind::Query | FrameKind::Answer) => {
             *authenticated = true;
-            accel_user::seal::wire_len(len)
+            accel_user::wire::seal::wire_len(len)
         }
-        _ if *authenticated => accel_user::seal::wire_len(len),
+        _ if *authenticated => accel_user::wire::seal::wire_len(len),
         _ => len,
     }
 }
@@ -447,13 +447,13 @@ pub fn assert_running(m: &embedded_vmm::vmm::Machine) {
 /// `session::demo`, with the guest made to write between precopy rounds: after each
 /// round's harvest the engine waits until every vCPU reported progress once more. So from
 /// round 2 on every round has pages to send, however little CPU the host gives the guest.
-pub fn demo_with_guest_writes(c: &Config) -> anyhow::Result<accel_user::session::DemoOutcome> {
+pub fn demo_with_guest_writes(c: &Config) -> anyhow::Result<accel_user::app::session::DemoOutcome> {
     let mut on = |m: &embedded_vmm::vmm::Machine, e: accel_user::source::Event| {
         if let accel_user::source::Event::Round(_) = e {
             wait_for_reports(m, 1);
         }
     };
-    accel_user::session::demo_opts(c, &|_| Ok(()), true, &mut on)
+    accel_user::app::session::demo_opts(c, &|_| Ok(()), true, &mut on)
 }
 
 /// Two network namespaces joined by a veth pair, removed on drop.
@@ -588,7 +588,7 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// What a receiver thread leaves behind.
 pub type RecvThread =
-    JoinHandle<(accel_user::session::Receiver, Result<accel_user::dest::Received, accel_user::dest::RecvError>)>;
+    JoinHandle<(accel_user::app::session::Receiver, Result<accel_user::dest::Received, accel_user::dest::RecvError>)>;
 
 /// Listen on a fresh loopback port and receive one migration (RAM captured at resume) on a
 /// thread; returns the address to send to.
@@ -600,13 +600,13 @@ pub fn spawn_receiver(cfg: &Config) -> (String, RecvThread) {
         // A source that never comes fails the test instead of hanging it.
         c.receiver.wait_ms = HANG.as_millis() as u64;
     }
-    (addr, std::thread::spawn(move || accel_user::session::receive(&c, &l, true)))
+    (addr, std::thread::spawn(move || accel_user::app::session::receive(&c, &l, true)))
 }
 
 /// Panic unless `dst` equals `src` page for page, naming what the destination holds instead
 /// (an older version, zeros, or foreign data) and `context`.
 pub fn assert_ram_eq(src: &[u8], dst: &[u8], context: &dyn std::fmt::Debug) {
-    let d = accel_user::verify::diff_pages(src, dst, 8);
+    let d = accel_user::app::verify::diff_pages(src, dst, 8);
     if d.is_empty() {
         return;
     }
@@ -620,7 +620,7 @@ pub fn assert_ram_eq(src: &[u8], dst: &[u8], context: &dyn std::fmt::Debug) {
 pub fn record_migration(cfg: &Config, src: &embedded_vmm::vmm::Machine) -> Vec<u8> {
     let (addr, t) = spawn_receiver(cfg);
     let tap = Tap::start(addr, None);
-    accel_user::session::send(cfg, src, &tap.addr, &mut |_| {}).expect("the recorded migration");
+    accel_user::app::session::send(cfg, src, &tap.addr, &mut |_| {}).expect("the recorded migration");
     let captured = tap.captured.clone();
     drop(tap);
     t.join().unwrap().1.expect("the recorded migration is received");
@@ -647,11 +647,14 @@ pub fn keyless_auth_init(addr: &str) -> TcpStream {
 /// the migration it tries to keep out).
 pub fn try_keyless_auth_init(addr: &str) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect(addr)?;
-    let mut f =
-        accel_user::protocol::Header { kind: FrameKind::AuthInit, len: accel_user::auth::INIT_LEN as u32, seq: 0 }
-            .encode()
-            .to_vec();
-    f.extend_from_slice(&accel_user::auth::SUITE.to_le_bytes());
+    let mut f = accel_user::wire::frame::Header {
+        kind: FrameKind::AuthInit,
+        len: accel_user::wire::auth::INIT_LEN as u32,
+        seq: 0,
+    }
+    .encode()
+    .to_vec();
+    f.extend_from_slice(&accel_user::wire::auth::SUITE.to_le_bytes());
     f.extend_from_slice(&[0; 4]);
     f.extend_from_slice(&[0x11; 64]);
     s.write_all(&f)?;

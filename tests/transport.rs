@@ -5,11 +5,12 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
-use accel_user::protocol::{self, FrameKind, Header, HEADER_LEN};
-use accel_user::session;
+use accel_user::app::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::app::session;
 use accel_user::source::{Event, Phase};
-use accel_user::transport::TransportMode;
+use accel_user::wire::frame::{FrameKind, Header, HEADER_LEN};
+use accel_user::wire::payload;
+use accel_user::wire::transport::TransportMode;
 use embedded_vmm::guest::DATA_START;
 use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use kvm_hooks::dirty::DirtySet;
@@ -137,7 +138,7 @@ fn short_reads_through_a_chunking_proxy() {
         session::send(&c, &src, &proxy.addr, &mut |_| {}).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
         let (r, res) = dest.join().unwrap();
         let got = res.unwrap();
-        let d = accel_user::verify::diff_pages(&src.ram().snapshot(), got.snapshot.as_deref().unwrap(), 8);
+        let d = accel_user::app::verify::diff_pages(&src.ram().snapshot(), got.snapshot.as_deref().unwrap(), 8);
         assert!(d.is_empty(), "{mode:?}: {d:?}");
         assert_running(r.machine().unwrap());
     }
@@ -166,7 +167,7 @@ fn peer_reset_mid_zero_copy_burst() {
         let (mut ctl, _) = l.accept().unwrap();
         let (h, _) = read_frame(&mut ctl);
         assert_eq!(h.kind, FrameKind::Hello);
-        let p = protocol::encode_hello_ack(0, 0, "accepted");
+        let p = payload::HelloAck::encode(0, 0, "accepted");
         ctl.write_all(&Header { kind: FrameKind::HelloAck, len: p.len() as u32, seq: 0 }.encode()).unwrap();
         ctl.write_all(&p).unwrap();
         let mut data: Vec<TcpStream> = (0..2).map(|_| l.accept().unwrap().0).collect();

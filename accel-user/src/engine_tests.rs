@@ -12,9 +12,10 @@ use kvm_hooks::migratable::Migratable;
 use crate::dest::Receiver;
 use crate::fake_vm::{FakeVm, FakeVms};
 use crate::policy::{AutoConverge, PolicyConfig};
-use crate::protocol::{self, FrameKind, Header, HEADER_LEN};
 use crate::source::{self, Event, Phase, SendError, SendOptions};
-use crate::transport::TcpTransport;
+use crate::wire::frame::{self, FrameKind, Header, HEADER_LEN};
+use crate::wire::payload;
+use crate::wire::transport::TcpTransport;
 
 /// What the scripted destination does.
 #[derive(Clone, Copy)]
@@ -79,16 +80,14 @@ fn destination(script: Script, ram_bytes: u64) -> (String, Outcome) {
             match h.kind {
                 FrameKind::Hello => {
                     let status = if matches!(script, Script::Refuse) { 1 } else { 0 };
-                    reply(&mut s, FrameKind::HelloAck, seq, &protocol::encode_hello_ack(status, 0, "scripted"));
+                    reply(&mut s, FrameKind::HelloAck, seq, &payload::HelloAck::encode(status, 0, "scripted"));
                     seq += 1;
                     if status != 0 {
                         break;
                     }
                 }
                 FrameKind::Pages => {
-                    let nruns = u32::from_le_bytes(p[4..8].try_into().unwrap()) as usize;
-                    let runs = protocol::decode_runs(&p[8..8 + 16 * nruns]);
-                    let mut data = &p[8 + 16 * nruns..];
+                    let (_, runs, mut data) = payload::PagesHead::split(&p, ram.len() as u64 / PAGE_SIZE).unwrap();
                     for r in runs {
                         let at = (r.gfn * PAGE_SIZE) as usize;
                         let len = (u64::from(r.npages) * PAGE_SIZE) as usize;
@@ -101,14 +100,14 @@ fn destination(script: Script, ram_bytes: u64) -> (String, Outcome) {
                     }
                 }
                 FrameKind::EndOfRound => {
-                    let (round, _) = protocol::decode_end_of_round(&p).unwrap();
+                    let round = payload::EndOfRound::decode(&p).unwrap().round;
                     ended.push(round);
                     if matches!(script, Script::CloseAfterRound(n) if n == round) {
                         break;
                     }
                 }
                 FrameKind::Complete => {
-                    reply(&mut s, FrameKind::Resumed, seq, &protocol::encode_resumed(0));
+                    reply(&mut s, FrameKind::Resumed, seq, &payload::Resumed { capture_us: 0 }.encode());
                     seq += 1;
                 }
                 _ => {}
@@ -149,7 +148,7 @@ fn pages_written_between_rounds_are_sent_again() {
     send(&vm, &addr, 3, &mut on).expect("migration");
     let (ram, ended) = dest.join().unwrap();
     assert!(ended.len() >= 4, "three precopy rounds and stop-and-copy: {ended:?}");
-    let d = crate::verify::diff_pages(&vm.ram().snapshot(), &ram, 8);
+    let d = crate::app::verify::diff_pages(&vm.ram().snapshot(), &ram, 8);
     assert!(d.is_empty(), "pages differ: {d:?}");
     assert!(!vm.is_running(), "the destination owns the VM: the source stays paused");
     assert!(!vm.dirty.is_logging(), "logging ends with the migration");
@@ -207,7 +206,7 @@ fn fake_receiver(capture: bool) -> (String, FakeReceive) {
     let h = std::thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
         let mut t = TcpTransport::new(s, Duration::from_secs(30)).unwrap();
-        let mut r = Receiver::new(crate::config::Config::default().recv_options(capture), FakeVms::default());
+        let mut r = Receiver::new(crate::app::config::Config::default().recv_options(capture), FakeVms::default());
         let res = r.run(&mut t);
         (r, res)
     });
@@ -235,7 +234,7 @@ fn fake_vm_to_fake_vm() {
     assert!(m.resumed.load(Ordering::Acquire));
     let restored = m.restored.lock().unwrap().clone();
     assert_eq!(restored, Some(crate::fake_vm::fake_state(1)), "the source's machine state restored");
-    let d = crate::verify::diff_pages(&vm.ram().snapshot(), got.snapshot.as_deref().unwrap(), 8);
+    let d = crate::app::verify::diff_pages(&vm.ram().snapshot(), got.snapshot.as_deref().unwrap(), 8);
     assert!(d.is_empty(), "pages differ: {d:?}");
 }
 
@@ -245,11 +244,11 @@ fn a_vanished_source_is_never_resumed() {
     let (addr, dest) = fake_receiver(false);
     let mut s = TcpStream::connect(addr).unwrap();
     let spec = kvm_hooks::migratable::VmShape { ram_bytes: 64 << 20, vcpus: 1 };
-    reply(&mut s, FrameKind::Hello, 0, &protocol::encode_hello(&spec));
+    reply(&mut s, FrameKind::Hello, 0, &payload::Hello::embedded(&spec).encode());
     let (h, _) = read_frame(&mut s).expect("HelloAck");
     assert_eq!(h.kind, FrameKind::HelloAck);
     let mut p = Vec::new();
-    protocol::encode_pages_meta(0, &[protocol::Run { gfn: 0, npages: 8, flags: protocol::RUN_ZERO }], &mut p);
+    payload::PagesHead::encode(0, &[payload::Run { gfn: 0, npages: 8, flags: frame::RUN_ZERO }], &mut p);
     reply(&mut s, FrameKind::Pages, 1, &p);
     drop(s);
     let (r, res) = dest.join().unwrap();

@@ -1,39 +1,30 @@
-//! accel-user: the migaccel engine.
+//! accel-user: the migaccel engine, its wire and the application around it. The folders
+//! follow the data flow:
 //!
-//! - [`config`]: the TOML config and its validation;
-//! - [`protocol`]: the wire protocol (framing, payloads, caps);
-//! - [`transport`]: the transport trait and blocking TCP;
-//! - [`policy`]: convergence as a pure function over round metrics;
-//! - [`source`]: precopy, switchover, recovery, reaching the VM only through
-//!   [`kvm_hooks::migratable::Migratable`];
-//! - [`dest`]: the receiving state machine;
-//! - [`handover`]: the destination's resume, serialised with the source's handover queries;
-//! - [`session`]: flows shared by the CLI, tests and benches.
+//! - [`wire`]: frames, payloads, the framer, transports, the handshake and sealing, the
+//!   destination's listener;
+//! - [`source`]: precopy rounds, page routing (direct, private through the Migration
+//!   Handler, deferred), switchover, recovery and the handover query, the data-stream
+//!   workers; it reaches a VM only through [`kvm_hooks::migratable::Migratable`];
+//! - [`dest`]: the receiving state machine, the data-stream readers, the confidential
+//!   import, the resume serialised with the source's handover queries;
+//! - [`policy`], [`report`], [`cancel`]: convergence as a pure function over round
+//!   metrics, what a migration reports, the operator's cancel, shared by both sides;
+//! - [`host`]: what this host can hold (memory, open files);
+//! - [`app`]: the config, sessions shared by the CLI, tests and benches, progress, plots,
+//!   verification and the eBPF watch.
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![forbid(unsafe_code)]
 
-pub mod accept;
-pub mod auth;
+pub mod app;
 pub mod cancel;
-pub mod config;
 pub mod dest;
 #[cfg(test)]
 mod engine_tests;
 #[cfg(any(test, feature = "fake-vm"))]
 pub mod fake_vm;
-pub mod handover;
 pub mod host;
-pub mod keys;
-pub mod lobby;
-pub mod plot;
 pub mod policy;
-pub mod progress;
-pub mod protocol;
 pub mod report;
-pub mod seal;
-pub mod session;
 pub mod source;
-pub mod streams;
-pub mod transport;
-pub mod verify;
-pub mod watch;
+pub mod wire;

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::protocol::PAGE;
+use crate::wire::frame::PAGE;
 
 /// Durations in round metrics and reports serialise as milliseconds.
 pub fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -8,8 +8,8 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
-use accel_user::session;
+use accel_user::app::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::app::session;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
@@ -374,7 +374,7 @@ fn transport_bench(
     for c in channels {
         anyhow::ensure!(c == "sealed" || c == "insecure", "--channel {c}: expected sealed or insecure");
     }
-    use accel_user::transport::TransportMode;
+    use accel_user::wire::transport::TransportMode;
     println!("## loopback ceilings (same run)");
     let (one, [small, large]) = single_stream_ceiling(secs);
     for (len, b) in [("128K", small), ("1M", large)] {

@@ -6,8 +6,8 @@
 //! direct vs confidential, of the same guest.
 use std::time::{Duration, Instant};
 
-use accel_user::config::{ByteSize, Config, DirtySource, WorkloadKind};
-use accel_user::session;
+use accel_user::app::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::app::session;
 use embedded_vmm::guest::DATA_START;
 use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
 use kvm_hooks::mh::{Blob, Launch, MhHost};

@@ -27,7 +27,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use accel_user::config::ByteSize;
+use accel_user::app::config::ByteSize;
 use anyhow::{bail, Context};
 use migaccel_tests::qemu::{guest_image, qemu_for_migaccel, GuestImage, Heartbeat, Qemu, WRITE_COUNT_GPA};
 use serde_json::{json, Value};
@@ -419,7 +419,7 @@ pub fn vs_qemu(
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // Per cell (RAM, class): each system's median total, for the chart.
-    let mut chart: Vec<accel_user::plot::Group> = Vec::new();
+    let mut chart: Vec<accel_user::app::plot::Group> = Vec::new();
     for ram in rams {
         for &(class, hot) in &classes {
             let kernel = guest_image(&dir, &GuestImage::filled(ram.0, hot, Some(ticks)))?;
@@ -525,7 +525,7 @@ pub fn vs_qemu(
     );
     if let Some(p) = plot {
         let title = format!("total migration time per system (median of {reps}; lower is better)");
-        let svg = accel_user::plot::bars(&title, "total ms", &chart).map_err(anyhow::Error::msg)?;
+        let svg = accel_user::app::plot::bars(&title, "total ms", &chart).map_err(anyhow::Error::msg)?;
         std::fs::write(p, svg).with_context(|| format!("--plot {}", p.display()))?;
         eprintln!("wrote the chart to {}", p.display());
     }

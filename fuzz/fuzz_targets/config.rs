@@ -7,7 +7,7 @@ const EXAMPLE: &[u8] = b"[guest]\nram = \"1GiB\"\nvcpus = 2\nworkload = \"hot\"\
 
 fuzz_target!(init: migaccel_fuzz::seed("config", "example", || EXAMPLE.to_vec()), |data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(c) = accel_user::config::Config::parse(text) {
+        if let Ok(c) = accel_user::app::config::Config::parse(text) {
             c.validate().expect("a parsed config is valid");
         }
     }

@@ -4,8 +4,9 @@
 //! answered "runs" and stays running; one that does not is answered "never runs" and is
 //! then fenced for good; an attempt is answered once. Seed: a valid query.
 #![no_main]
-use accel_user::handover::{answer, Handover, Outcome};
-use accel_user::protocol::{encode_query, Answer, Ask, FrameKind};
+use accel_user::dest::handover::{answer, Handover, Outcome};
+use accel_user::wire::frame::FrameKind;
+use accel_user::wire::payload::{self, Answer, Ask};
 use libfuzzer_sys::fuzz_target;
 
 const SESSION: u64 = 0x5e55_1011;
@@ -13,7 +14,7 @@ const SESSION: u64 = 0x5e55_1011;
 fuzz_target!(
     init: migaccel_fuzz::seed("handover", "query", || {
         let mut v = vec![0u8];
-        v.extend(migaccel_fuzz::plain(&[(FrameKind::Query, encode_query(SESSION, Ask::Runs))]));
+        v.extend(migaccel_fuzz::plain(&[(FrameKind::Query, payload::Query { session: SESSION, ask: Ask::Runs }.encode())]));
         v
     }),
     |data: &[u8]| {

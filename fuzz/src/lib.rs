@@ -4,22 +4,23 @@ use std::time::Duration;
 
 use accel_user::dest::{Receiver, RecvOptions};
 use accel_user::fake_vm::FakeVms;
-use accel_user::protocol::{self, FrameKind, Header, Run, HEADER_LEN, RUN_ZERO};
-use accel_user::seal::FrameKey;
-use accel_user::transport::{Part, Transport, TransportError};
+use accel_user::wire::frame::{self, FrameKind, Header, HEADER_LEN, RUN_ZERO};
+use accel_user::wire::payload::{self, Run};
+use accel_user::wire::framer::Framer;
+use accel_user::wire::seal::FrameKey;
+use accel_user::wire::transport::{Part, Transport, TransportError};
 use kvm_hooks::memory::GuestRam;
 
 /// A peer that sends the fuzzer's bytes and swallows whatever the receiver answers.
 pub struct Bytes {
     data: Vec<u8>,
     at: usize,
-    recv_seq: u64,
-    send_seq: u64,
+    framer: Framer,
 }
 
 impl Bytes {
     pub fn new(data: &[u8]) -> Self {
-        Bytes { data: data.to_vec(), at: 0, recv_seq: 0, send_seq: 0 }
+        Bytes { data: data.to_vec(), at: 0, framer: Framer::default() }
     }
     fn take(&mut self, n: usize) -> Result<&[u8], TransportError> {
         let end = self.at.checked_add(n).filter(|&e| e <= self.data.len()).ok_or(TransportError::Closed)?;
@@ -29,20 +30,22 @@ impl Bytes {
 }
 
 impl Transport for Bytes {
-    fn send_frame(&mut self, _: FrameKind, _: &[Part<'_>], _: Option<&GuestRam>) -> Result<(), TransportError> {
-        self.send_seq += 1;
+    fn send_frame(&mut self, kind: FrameKind, parts: &[Part<'_>], _: Option<&GuestRam>) -> Result<(), TransportError> {
+        self.framer.header(kind, parts)?;
+        self.framer.sent();
         Ok(())
     }
-    fn send_raw(&mut self, _: Option<&[u8; HEADER_LEN]>, _: &[u8], last: bool) -> Result<(), TransportError> {
-        self.send_seq += u64::from(last);
+    fn send_raw(&mut self, hdr: Option<&[u8; HEADER_LEN]>, _: &[u8], last: bool) -> Result<(), TransportError> {
+        self.framer.check_piece(hdr)?;
+        self.framer.piece_sent(last);
         Ok(())
     }
     fn send_seq(&self) -> u64 {
-        self.send_seq
+        self.framer.send_seq()
     }
     fn recv_header(&mut self) -> Result<Header, TransportError> {
         let b: [u8; HEADER_LEN] = self.take(HEADER_LEN)?.try_into().expect("HEADER_LEN bytes");
-        accel_user::transport::check_header(&b, &mut self.recv_seq)
+        self.framer.received(&b)
     }
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
         buf.copy_from_slice(self.take(buf.len())?);
@@ -87,11 +90,11 @@ pub fn keys() -> (FrameKey, FrameKey) {
 /// Complete. The frames as (kind, payload).
 pub fn migration() -> Vec<(FrameKind, Vec<u8>)> {
     let shape = kvm_hooks::migratable::VmShape { ram_bytes: 64 << 20, vcpus: 1 };
-    let pages = shape.ram_bytes / protocol::PAGE;
-    let mut f = vec![(FrameKind::Hello, protocol::encode_hello(&shape))];
+    let pages = shape.ram_bytes / frame::PAGE;
+    let mut f = vec![(FrameKind::Hello, payload::Hello::embedded(&shape).encode())];
     let mut pages_frame = |round: u32, runs: &[Run], fill: u8| {
         let mut p = Vec::new();
-        protocol::encode_pages_meta(round, runs, &mut p);
+        payload::PagesHead::encode(round, runs, &mut p);
         for r in runs.iter().filter(|r| !r.is_zero()) {
             p.extend(std::iter::repeat_n(fill, r.data_bytes() as usize));
         }
@@ -103,17 +106,17 @@ pub fn migration() -> Vec<(FrameKind, Vec<u8>)> {
         0x11,
     );
     let mut f2 = std::mem::take(&mut f);
-    f2.push((FrameKind::EndOfRound, protocol::encode_end_of_round(0, pages)));
+    f2.push((FrameKind::EndOfRound, payload::EndOfRound { round: 0, pages }.encode()));
     let mut p = Vec::new();
-    protocol::encode_pages_meta(1, &[Run { gfn: 7, npages: 2, flags: 0 }], &mut p);
-    p.extend(std::iter::repeat_n(0x22, 2 * protocol::PAGE as usize));
+    payload::PagesHead::encode(1, &[Run { gfn: 7, npages: 2, flags: 0 }], &mut p);
+    p.extend(std::iter::repeat_n(0x22, 2 * frame::PAGE as usize));
     f2.push((FrameKind::Pages, p));
-    f2.push((FrameKind::EndOfRound, protocol::encode_end_of_round(1, 2)));
+    f2.push((FrameKind::EndOfRound, payload::EndOfRound { round: 1, pages: 2 }.encode()));
     let state = kvm_hooks::state::VcpuState::default().encode();
-    let mut v = protocol::encode_state_prefix(0, state.len() as u32).to_vec();
+    let mut v = payload::State::prefix(0, state.len() as u32).to_vec();
     v.extend_from_slice(&state);
     f2.push((FrameKind::State, v));
-    f2.push((FrameKind::Complete, protocol::encode_complete(2, 1, pages + 2)));
+    f2.push((FrameKind::Complete, payload::Complete { rounds: 2, sections: 1, pages_sent: pages + 2 }.encode()));
     f2
 }
 
@@ -137,8 +140,8 @@ pub fn sealed(frames: &[(FrameKind, Vec<u8>)]) -> Vec<u8> {
         std::io::Read::read_to_end(&mut b, &mut v).expect("read");
         v
     });
-    let inner = accel_user::transport::TcpTransport::new(a, Duration::from_secs(5)).expect("transport");
-    let mut t = accel_user::seal::Sealed::new(Box::new(inner), keys());
+    let inner = accel_user::wire::transport::TcpTransport::new(a, Duration::from_secs(5)).expect("transport");
+    let mut t = accel_user::wire::seal::Sealed::new(Box::new(inner), keys());
     for (kind, p) in frames {
         t.send_frame(*kind, &[Part::Buf(p)], None).expect("seal");
     }
@@ -161,7 +164,7 @@ pub fn receive(stream: &[u8], sealed: bool) -> Result<(), String> {
     let mut r = receiver();
     let res = if sealed {
         let (s2d, d2s) = keys();
-        r.run(&mut accel_user::seal::Sealed::new(Box::new(Bytes::new(stream)), (d2s, s2d)))
+        r.run(&mut accel_user::wire::seal::Sealed::new(Box::new(Bytes::new(stream)), (d2s, s2d)))
     } else {
         r.run(&mut Bytes::new(stream))
     };

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use accel_user::config::{ByteSize, Config, DirtySource, PageStateSource, WorkloadKind};
-use accel_user::session;
+use accel_user::app::config::{ByteSize, Config, DirtySource, PageStateSource, WorkloadKind};
+use accel_user::app::session;
 use accel_user::source::Event;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -148,7 +148,7 @@ struct Common {
     kvm_device: Option<PathBuf>,
     /// How pages travel.
     #[arg(long, value_enum)]
-    transport: Option<accel_user::transport::TransportMode>,
+    transport: Option<accel_user::wire::transport::TransportMode>,
     /// Page streams (1 = pages on the control connection).
     #[arg(long)]
     streams: Option<u32>,
@@ -349,7 +349,7 @@ fn check_target(flag: &str, p: &Path) -> anyhow::Result<()> {
 /// Progress on stderr, as `--progress` says (default: text, none with `--report json`):
 /// text is a progress bar on a terminal and one line per event otherwise.
 fn progress(common: &Common, ram_bytes: u64) -> impl FnMut(Event) {
-    use accel_user::progress::{Progress, Style};
+    use accel_user::app::progress::{Progress, Style};
     use std::io::IsTerminal;
     let json = common.report == Format::Json;
     let style = match common.progress.unwrap_or(if json { ProgressFormat::None } else { ProgressFormat::Text }) {
@@ -429,7 +429,8 @@ fn plot(common: &Common, rep: &accel_user::report::SourceReport) -> anyhow::Resu
         accel_user::policy::SwitchReason::RoundLimit { .. } => "round limit",
         accel_user::policy::SwitchReason::TimeLimit { .. } => "time limit",
     };
-    let svg = accel_user::plot::timeline(&rounds, switchover, rep.total, rep.downtime).map_err(anyhow::Error::msg)?;
+    let svg =
+        accel_user::app::plot::timeline(&rounds, switchover, rep.total, rep.downtime).map_err(anyhow::Error::msg)?;
     std::fs::write(path, svg).with_context(|| format!("--plot {}", path.display()))?;
     eprintln!("wrote the migration's timeline to {}", path.display());
     Ok(())
@@ -658,7 +659,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("--interval-ms must be at least 1");
             }
             let json = *report == Format::Json;
-            let mut on = |s: &accel_user::watch::Sample| {
+            let mut on = |s: &accel_user::app::watch::Sample| {
                 if !json {
                     println!(
                         "{:>7.1} s  {:>9} pushes  {:>10.0} pages/s  {:>5} page-state events",
@@ -669,7 +670,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             };
-            let rep = accel_user::watch::watch(*pid, until, Duration::from_millis(*interval_ms), &mut on)?;
+            let rep = accel_user::app::watch::watch(*pid, until, Duration::from_millis(*interval_ms), &mut on)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rep)?);
             } else {
@@ -682,7 +683,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn keygen(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let key = accel_user::auth::ephemeral_key()?;
+    let key = accel_user::wire::auth::ephemeral_key()?;
     let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
     let mut f = std::fs::OpenOptions::new()
         .write(true)

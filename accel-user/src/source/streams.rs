@@ -9,8 +9,9 @@ use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use kvm_hooks::memory::{GuestRam, PAGE_SIZE};
 use kvm_hooks::uring::ZcStats;
 
-use crate::protocol::{self, FrameKind, Run};
-use crate::transport::{Part, Transport, TransportError};
+use crate::wire::frame::FrameKind;
+use crate::wire::payload::{self, Run};
+use crate::wire::transport::{Part, Transport, TransportError};
 
 enum Job {
     Pages { round: u32, runs: Vec<Run> },
@@ -164,7 +165,7 @@ fn worker(
     for job in rx {
         let r = match job {
             Job::Pages { round, runs } => {
-                protocol::encode_pages_meta(round, &runs, &mut meta);
+                payload::PagesHead::encode(round, &runs, &mut meta);
                 let mut parts = Vec::with_capacity(runs.len() + 1);
                 parts.push(Part::Buf(&meta));
                 for r in runs.iter().filter(|r| !r.is_zero()) {
@@ -176,7 +177,7 @@ fn worker(
             Job::End { round } => {
                 let r = t.send_frame(
                     FrameKind::EndOfRound,
-                    &[Part::Buf(&protocol::encode_end_of_round(round, pages))],
+                    &[Part::Buf(&payload::EndOfRound { round, pages }.encode())],
                     None,
                 );
                 pages = 0;

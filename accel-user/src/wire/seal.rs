@@ -1,4 +1,4 @@
-//! Sealed frames: after the handshake (`auth.rs`) every frame on a connection is sealed
+//! Sealed frames: after the handshake (`wire::auth`) every frame on a connection is sealed
 //! with AEGIS-256X4. The 24-byte header travels in clear; the payload is cut into records
 //! of [`RECORD`] bytes (the last one shorter, at least one record even for an empty
 //! payload), each encrypted and followed by its 16-byte tag (the header's `len` counts
@@ -20,8 +20,9 @@ use std::time::Duration;
 use aegis::aegis256x4::Aegis256X4;
 use kvm_hooks::memory::GuestRam;
 
-use crate::protocol::{FrameKind, Header, ProtocolError, HEADER_LEN};
-use crate::transport::{Part, SendFence, Transport, TransportError, SHUT_FOR_SENDING};
+use super::frame::{FrameKind, Header, ProtocolError, HEADER_LEN};
+use super::framer::{Framer, SHUT_FOR_SENDING};
+use super::transport::{Part, Transport, TransportError};
 
 pub const TAG_LEN: usize = 16;
 /// Plaintext bytes of a record: small enough that a record being sealed or opened stays
@@ -176,11 +177,11 @@ pub struct Sealed {
     inner: Box<dyn Transport>,
     tx: FrameKey,
     rx: FrameKey,
-    /// The nonce of the next frame sealed. It advances when a frame is sealed, not when it
-    /// is sent, so no two ciphertexts ever share one.
-    next_seq: u64,
-    /// A sealed frame failed to go out: nothing is sealed or sent on this connection again.
-    fence: SendFence,
+    /// Sealed frames' sequence numbers, which are their nonces, and the fence: a sealed
+    /// frame that failed to go out stops all sealing on this connection. The number
+    /// advances when a frame is sealed, not when it is sent, so no two ciphertexts ever
+    /// share a nonce. Received headers are checked by the transport below.
+    framer: Framer,
     /// The record being sealed (ciphertext ‖ tag).
     staging: Vec<u8>,
     opening: Option<Opening>,
@@ -191,17 +192,8 @@ pub struct Sealed {
 impl Sealed {
     /// Seal everything `inner` carries from now on: frames sent with `tx`, received with `rx`.
     pub fn new(inner: Box<dyn Transport>, (tx, rx): (FrameKey, FrameKey)) -> Self {
-        let next_seq = inner.send_seq();
-        Sealed {
-            inner,
-            tx,
-            rx,
-            next_seq,
-            fence: SendFence::default(),
-            staging: Vec::new(),
-            opening: None,
-            opened: Vec::new(),
-        }
+        let framer = Framer::resume(inner.send_seq(), 0);
+        Sealed { inner, tx, rx, framer, staging: Vec::new(), opening: None, opened: Vec::new() }
     }
 
     /// Seal frame `seq` record by record and send each record as it is sealed.
@@ -298,22 +290,21 @@ impl Transport for Sealed {
         parts: &[Part<'_>],
         ram: Option<&GuestRam>,
     ) -> Result<(), TransportError> {
-        self.fence.check()?;
+        self.framer.check_open()?;
         // The connection below may have failed after its last frame went out (that frame
         // still references the staging buffer in the kernel): seal nothing more.
         if let Some((unsent, why)) = self.inner.unsent() {
-            self.fence.close(&why, unsent);
+            self.framer.close_at(&why, unsent);
             return Err(TransportError::Broken(why));
         }
-        let len32 = crate::transport::payload_len(parts)?;
         // The sequence continues the connection's (the handshake's frames came first).
-        let seq = self.next_seq;
-        let hdr = Header { kind, len: len32, seq }.encode();
+        let hdr = self.framer.header(kind, parts)?;
+        let (seq, len) = (self.framer.send_seq(), super::framer::payload_len(parts)? as usize);
         // From here on the frame's nonces are spent, whatever the send does.
-        self.next_seq += 1;
-        let r = self.seal_and_send(&hdr, seq, len32 as usize, parts, ram);
+        self.framer.sent();
+        let r = self.seal_and_send(&hdr, seq, len, parts, ram);
         if let Err(e) = &r {
-            self.fence.close(e, seq);
+            self.framer.close_at(e, seq);
             self.inner.shutdown_write();
         }
         r
@@ -357,15 +348,15 @@ impl Transport for Sealed {
     }
 
     fn send_seq(&self) -> u64 {
-        self.next_seq
+        self.framer.send_seq()
     }
 
     fn unsent(&self) -> Option<(u64, String)> {
-        self.fence.unsent().or_else(|| self.inner.unsent())
+        self.framer.unsent().or_else(|| self.inner.unsent())
     }
 
     fn shutdown_write(&mut self) {
-        self.fence.close(SHUT_FOR_SENDING, self.next_seq);
+        self.framer.close(SHUT_FOR_SENDING);
         self.inner.shutdown_write();
     }
 
@@ -405,8 +396,9 @@ impl Transport for Sealed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{self, PAGE};
-    use crate::transport::TcpTransport;
+    use crate::wire::frame::PAGE;
+    use crate::wire::payload;
+    use crate::wire::transport::TcpTransport;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
@@ -439,10 +431,11 @@ mod tests {
         let ram = GuestRam::new(64 << 20).unwrap();
         ram.write(PAGE, &[0xab; 2 * PAGE as usize]).unwrap();
         let (mut s, mut raw) = sender();
-        s.send_frame(FrameKind::EndOfRound, &[Part::Buf(&protocol::encode_end_of_round(0, 2))], None).unwrap();
-        let runs = [protocol::Run { gfn: 1, npages: 2, flags: 0 }];
+        s.send_frame(FrameKind::EndOfRound, &[Part::Buf(&payload::EndOfRound { round: 0, pages: 2 }.encode())], None)
+            .unwrap();
+        let runs = [payload::Run { gfn: 1, npages: 2, flags: 0 }];
         let mut meta = Vec::new();
-        protocol::encode_pages_meta(1, &runs, &mut meta);
+        payload::PagesHead::encode(1, &runs, &mut meta);
         s.send_frame(FrameKind::Pages, &[Part::Buf(&meta), Part::Guest { gpa: PAGE, len: 2 * PAGE }], Some(&ram))
             .unwrap();
         drop(s);
@@ -504,12 +497,13 @@ mod tests {
     /// not sent never arrives whole.
     #[test]
     fn a_send_that_timed_out_spends_its_nonce_and_is_never_delivered() {
-        use crate::transport::{self, TransportMode};
+        use crate::wire::connect;
+        use crate::wire::transport::TransportMode;
         for mode in [TransportMode::Blocking, TransportMode::Copy, TransportMode::Zerocopy] {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
             let (mut b, _) = l.accept().unwrap();
-            let t = transport::wrap(a, mode, None, false, Duration::from_millis(200)).unwrap();
+            let t = connect::wrap(a, mode, None, false, Duration::from_millis(200)).unwrap();
             let mut s = Sealed::new(t, (key(1), key(2)));
             let body = vec![0x5au8; 1 << 20];
             let mut sent = 0u64;
@@ -535,7 +529,7 @@ mod tests {
                 }
                 e => panic!("{mode:?}: {e}"),
             }
-            let again = s.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort("x"))], None).unwrap_err();
+            let again = s.send_frame(FrameKind::Abort, &[Part::Buf(&payload::Abort::encode("x"))], None).unwrap_err();
             assert!(matches!(again, TransportError::Broken(_)), "{mode:?}: {again}");
             // The peer reads again: everything the kernel still holds, then the end.
             b.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -565,9 +559,9 @@ mod tests {
             ram.write(g * PAGE, &[g as u8; PAGE as usize]).unwrap();
         }
         let (mut s, mut raw) = sender();
-        let runs = [protocol::Run { gfn: 16, npages: 768, flags: 0 }];
+        let runs = [payload::Run { gfn: 16, npages: 768, flags: 0 }];
         let mut meta = Vec::new();
-        protocol::encode_pages_meta(1, &runs, &mut meta);
+        payload::PagesHead::encode(1, &runs, &mut meta);
         s.send_frame(
             FrameKind::Pages,
             &[Part::Buf(&meta), Part::Guest { gpa: 16 * PAGE, len: 768 * PAGE }],

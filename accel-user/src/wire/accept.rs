@@ -1,7 +1,7 @@
 //! Which incoming connections become a migration's control connection and data streams.
 //! With authentication the control connection is the first whose handshake completes, and
 //! a data stream is a connection whose `Join` opens under one of the session's stream keys.
-//! Everything else is dropped with its reason (see `lobby.rs`).
+//! Everything else is dropped with its reason (see [`super::lobby`]).
 //!
 //! Handshakes wait side by side without a thread each: an `AuthInit` that arrived whole is
 //! answered at once, and the handshake then waits, as a few hundred bytes of state, for its
@@ -14,12 +14,14 @@ use std::cell::RefCell;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, AwaitingConfirm, Conn, MAX_QUERIES};
-use crate::keys::TransportKey;
-use crate::lobby::{self, Lobby};
-use crate::protocol::{FrameKind, Header, HEADER_LEN, MAX_STREAMS};
-use crate::seal::{self, FrameKey, Sealed, TAG_LEN};
-use crate::transport::{self, TcpTransport, Transport, TransportError, TransportMode};
+use crate::wire::auth::{self, AwaitingConfirm, Conn, MAX_QUERIES};
+use crate::wire::connect;
+use crate::wire::frame::{FrameKind, Header, HEADER_LEN};
+use crate::wire::keys::TransportKey;
+use crate::wire::lobby::{self, Lobby};
+use crate::wire::payload::MAX_STREAMS;
+use crate::wire::seal::{self, FrameKey, Sealed, TAG_LEN};
+use crate::wire::transport::{TcpTransport, Transport, TransportError, TransportMode};
 
 /// Handshakes waiting for their `AuthConfirm` at once; one more drops the oldest.
 pub const MAX_HANDSHAKES: usize = 64;
@@ -96,7 +98,7 @@ impl<'l> Incoming<'l> {
                     return Err(TransportError::Cancelled(why));
                 }
                 match self.lobby.borrow_mut().next(FrameKind::Hello, 0, Some(TURN)) {
-                    Ok((s, _)) => return transport::wrap(s, self.mode, None, false, self.timeout).map(|t| (t, None)),
+                    Ok((s, _)) => return connect::wrap(s, self.mode, None, false, self.timeout).map(|t| (t, None)),
                     Err(TransportError::Timeout(_)) => {}
                     Err(e) => return Err(e),
                 }
@@ -187,7 +189,7 @@ impl<'l> Incoming<'l> {
         let query =
             (0..MAX_QUERIES).map(|i| keys.keys(Conn::Query(i))).collect::<Result<_, _>>().map_err(|e| fail(&e))?;
         let (s, sent, received) = t.into_parts();
-        let t = transport::prepare(self.mode, None, false, self.timeout)
+        let t = connect::prepare(self.mode, None, false, self.timeout)
             .and_then(|p| p.bind_after(s, sent, received))
             .map_err(|e| fail(&e))?;
         Ok((Box::new(Sealed::new(t, control)), JoinKeys { data, query }))
@@ -199,7 +201,7 @@ impl<'l> Incoming<'l> {
     pub fn data(&self, keys: Option<&JoinKeys>) -> Result<Box<dyn Transport>, TransportError> {
         let Some(keys) = keys else {
             let (s, _) = self.lobby.borrow_mut().next(FrameKind::Join, 0, Some(self.timeout))?;
-            return transport::wrap(s, self.mode, None, false, self.timeout);
+            return connect::wrap(s, self.mode, None, false, self.timeout);
         };
         self.opened(FrameKind::Join, &keys.data, self.timeout).map(|(t, _)| t)
     }
@@ -228,7 +230,7 @@ impl<'l> Incoming<'l> {
             let n = s.peek(&mut first).map_err(|source| TransportError::Io { op: "peek", source })?;
             match keys.iter().position(|(_, rx)| seal::opens(rx, &first[..n])) {
                 Some(i) => {
-                    let t = transport::wrap(s, self.mode, None, false, self.timeout)?;
+                    let t = connect::wrap(s, self.mode, None, false, self.timeout)?;
                     return Ok((Box::new(Sealed::new(t, keys[i].clone())), i));
                 }
                 None => self.lobby.borrow_mut().dropped_peer(

@@ -8,15 +8,16 @@ use embedded_vmm::vmm::Machine;
 use kvm_hooks::migratable::{Migratable, VmFactory};
 use serde::Serialize;
 
-use crate::accept::Incoming;
-use crate::auth::{self, Conn};
-use crate::config::Config;
+use crate::app::config::Config;
+use crate::app::verify;
 use crate::dest::{Received, RecvError};
 use crate::report::{DestReport, SourceReport};
-use crate::seal::Sealed;
 use crate::source::{self, Event, Phase, SendError};
-use crate::transport::{self, TransportError};
-use crate::verify;
+use crate::wire::accept::Incoming;
+use crate::wire::auth::{self, Conn};
+use crate::wire::connect;
+use crate::wire::seal::Sealed;
+use crate::wire::transport::TransportError;
 
 /// A receiver whose VMs are the embedded VMM's.
 pub type Receiver = crate::dest::Receiver<embedded_vmm::EmbeddedVms>;
@@ -34,10 +35,10 @@ pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
     if cfg.guest.prefill {
         embedded_vmm::guest::prefill(m.ram())?;
     }
-    if cfg.migration.dirty_source == crate::config::DirtySource::Ebpf {
+    if cfg.migration.dirty_source == crate::app::config::DirtySource::Ebpf {
         attach_ebpf(&m)?;
     }
-    if cfg.confidential.enabled && cfg.confidential.page_state_source == crate::config::PageStateSource::Ebpf {
+    if cfg.confidential.enabled && cfg.confidential.page_state_source == crate::app::config::PageStateSource::Ebpf {
         attach_page_states(&m)?;
     }
     if cfg.confidential.enabled {
@@ -62,8 +63,8 @@ pub fn launch_mh(cfg: &Config, m: &mut Machine) -> Result<(), String> {
     let c = &cfg.confidential;
     kvm_hooks::sev::check_send(c.sev_policy).map_err(|e| e.to_string())?;
     let key = c.key_file.as_deref().ok_or("confidential.key_file is not set")?;
-    let key = crate::keys::load(key).map_err(|e| e.to_string())?;
-    let launch = kvm_hooks::mh::Launch { key: key.0, vm_id: crate::keys::random_vm_id(), spin: c.mh_spin };
+    let key = crate::wire::keys::load(key).map_err(|e| e.to_string())?;
+    let launch = kvm_hooks::mh::Launch { key: key.0, vm_id: crate::wire::keys::random_vm_id(), spin: c.mh_spin };
     m.launch_mh(&launch, Duration::from_millis(c.mh_timeout_ms))
         .map_err(|e| format!("cannot start the Migration Handler: {e}"))?;
     if let Some(h) = m.mh().as_mut() {
@@ -98,7 +99,7 @@ pub fn attach_page_states(m: &Machine) -> Result<Arc<accel_ebpf::PageStateProbe>
 }
 
 /// Connect to `to` and migrate `m`. Every transport is prepared before the first connect
-/// (see [`transport::Prepared`]): from the handshake on, the destination only waits for
+/// (see [`connect::Prepared`]): from the handshake on, the destination only waits for
 /// bytes, never for work the source could have done before.
 pub fn send(cfg: &Config, m: &Machine, to: &str, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
     let mut rep = send_vm(cfg, m, to, on)?;
@@ -127,14 +128,14 @@ pub fn send_vm(
     if mc.fixed_buffers && !fixed {
         tracing::info!("migration.fixed_buffers has no effect on an authenticated migration (pages are sealed copies)");
     }
-    let prepare = |ram| transport::prepare(mc.transport, ram, fixed, cfg.io_timeout());
+    let prepare = |ram| connect::prepare(mc.transport, ram, fixed, cfg.io_timeout());
     // With data streams the control connection carries no pages: no RAM to register there.
     let control_ram = (o.streams == 0).then(|| m.ram().as_ref());
     let control = prepare(control_ram).map_err(setup)?;
     let mut streams =
         (0..o.streams).map(|_| prepare(Some(m.ram())).map(Some)).collect::<Result<Vec<_>, _>>().map_err(setup)?;
     let prepare_time = t0.elapsed();
-    let mut t = transport::connect(to, control, cfg.connect_timeout()).map_err(setup)?;
+    let mut t = connect::connect(to, control, cfg.connect_timeout()).map_err(setup)?;
     // Authenticate before anything of the VM leaves; from then on every frame is sealed.
     let keys = match &psk {
         Some(k) => Some(auth::source(&mut *t, k).map_err(|e| SendError::Auth(e.to_string()))?),
@@ -146,7 +147,7 @@ pub fn send_vm(
     let mut data = |i: u32| {
         let p = streams.get_mut(i as usize).and_then(Option::take);
         let p = p.ok_or_else(|| TransportError::Guest(format!("data stream {i} was not prepared")))?;
-        let d = transport::connect(to, p, cfg.connect_timeout())?;
+        let d = connect::connect(to, p, cfg.connect_timeout())?;
         Ok(match &keys {
             Some(k) => {
                 Box::new(Sealed::new(d, k.keys(Conn::Data(i)).map_err(|e| TransportError::Guest(e.to_string()))?))
@@ -155,10 +156,16 @@ pub fn send_vm(
         })
     };
     // An answer nobody authenticated could start a second copy: without a key, no query.
-    let mut ask = |i: u32, session: u64, what: crate::protocol::Ask, limit: Duration| match &keys {
-        Some(k) => {
-            crate::handover::ask(to, k, i, session, what, cfg.connect_timeout().min(limit), cfg.io_timeout().min(limit))
-        }
+    let mut ask = |i: u32, session: u64, what: crate::wire::payload::Ask, limit: Duration| match &keys {
+        Some(k) => crate::dest::handover::ask(
+            to,
+            k,
+            i,
+            session,
+            what,
+            cfg.connect_timeout().min(limit),
+            cfg.io_timeout().min(limit),
+        ),
         None => Err(TransportError::Guest("an unauthenticated migration (auth.insecure) cannot ask".into())),
     };
     let mut rep = source::migrate_streams(m, &mut *t, &o, &mut data, &mut ask, on)?;
@@ -194,7 +201,7 @@ pub fn receiver_for<F: VmFactory>(
     let mut key_error = None;
     if cfg.confidential.enabled {
         let c = &cfg.confidential;
-        match c.key_file.as_deref().map(crate::keys::load) {
+        match c.key_file.as_deref().map(crate::wire::keys::load) {
             Some(Ok(key)) => {
                 opts.confidential = Some(crate::dest::ConfidentialRecv {
                     key,
@@ -270,7 +277,7 @@ pub fn receive_with<F: VmFactory>(
             let mode = cfg.migration.transport;
             let spawned = std::thread::Builder::new().name("handover".into()).spawn_scoped(s, move || {
                 match Incoming::new(l, mode, timeout) {
-                    Ok(inc) => crate::handover::serve(h, inc, keys, timeout),
+                    Ok(inc) => crate::dest::handover::serve(h, inc, keys, timeout),
                     Err(e) => tracing::warn!("cannot answer handover queries: {e}"),
                 }
             });
@@ -292,8 +299,8 @@ pub fn receive_with<F: VmFactory>(
 /// to a handover query: it said `Done`, a query was answered, or (when the control link
 /// still works) the outcome reached it there.
 fn settle(
-    t: &mut dyn crate::transport::Transport,
-    h: &crate::handover::Handover,
+    t: &mut dyn crate::wire::transport::Transport,
+    h: &crate::dest::handover::Handover,
     res: &Result<Received, RecvError>,
     window: Duration,
 ) {
@@ -302,7 +309,7 @@ fn settle(
             // The source says Done once Resumed reached it; without it, it may ask.
             t.set_recv_timeout(window);
             match t.recv_header() {
-                Ok(hd) if hd.kind == crate::protocol::FrameKind::Done => h.done(),
+                Ok(hd) if hd.kind == crate::wire::frame::FrameKind::Done => h.done(),
                 Ok(hd) => tracing::warn!("the source sent {:?} after Resumed", hd.kind),
                 Err(e) => {
                     tracing::warn!(
@@ -444,7 +451,7 @@ pub fn demo_opts(
     // Both ends run here: without a key file they share a fresh key.
     let mut cfg = cfg.clone();
     if !cfg.auth.insecure && cfg.auth.key.is_none() && cfg.auth.key_file.is_none() {
-        cfg.auth.key = Some(crate::auth::ephemeral_key()?);
+        cfg.auth.key = Some(crate::wire::auth::ephemeral_key()?);
     }
     let cfg = &cfg;
     let src = boot_source(cfg)?;

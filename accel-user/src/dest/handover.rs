@@ -11,11 +11,13 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::accept::{Incoming, JoinKeys};
-use crate::auth::{Conn, SessionKeys, MAX_QUERIES};
-use crate::protocol::{self, Answer, Ask, FrameKind};
-use crate::seal::Sealed;
-use crate::transport::{self, Part, Transport, TransportError, TransportMode};
+use crate::wire::accept::{Incoming, JoinKeys};
+use crate::wire::auth::{Conn, SessionKeys, MAX_QUERIES};
+use crate::wire::connect;
+use crate::wire::frame::FrameKind;
+use crate::wire::payload::{self, Answer, Ask};
+use crate::wire::seal::Sealed;
+use crate::wire::transport::{Part, Transport, TransportError, TransportMode};
 
 /// How long one wait for a query connection lasts before `serve` looks at its flags again.
 const TURN: Duration = Duration::from_millis(20);
@@ -200,7 +202,7 @@ pub fn answer(h: &Handover, t: &mut dyn Transport, session: u64, attempt: u32) -
     }
     let mut p = vec![0u8; hd.len as usize]; // bounded by the kind's cap in Header::decode
     t.recv_exact(&mut p).map_err(|e| e.to_string())?;
-    let (s, ask) = protocol::decode_query(&p).map_err(|e| e.to_string())?;
+    let payload::Query { session: s, ask } = payload::Query::decode(&p).map_err(|e| e.to_string())?;
     if s != session {
         return Err(format!("it asks about session {s:#x}, this migration is session {session:#x}"));
     }
@@ -208,7 +210,7 @@ pub fn answer(h: &Handover, t: &mut dyn Transport, session: u64, attempt: u32) -
         return Err(format!("attempt {attempt} was answered before (a replay)"));
     }
     let a = h.settle(ask);
-    t.send_frame(FrameKind::Answer, &[Part::Buf(&protocol::encode_answer(a))], None).map_err(|e| e.to_string())?;
+    t.send_frame(FrameKind::Answer, &[Part::Buf(&a.encode())], None).map_err(|e| e.to_string())?;
     Ok(a)
 }
 
@@ -224,17 +226,17 @@ pub fn ask(
     io_timeout: Duration,
 ) -> Result<Answer, TransportError> {
     let k = keys.keys(Conn::Query(attempt)).map_err(|e| TransportError::Guest(e.to_string()))?;
-    let p = transport::prepare(TransportMode::Blocking, None, false, io_timeout)?;
-    let mut t = Sealed::new(transport::connect(to, p, connect_timeout)?, k);
+    let p = connect::prepare(TransportMode::Blocking, None, false, io_timeout)?;
+    let mut t = Sealed::new(connect::connect(to, p, connect_timeout)?, k);
     t.set_recv_timeout(io_timeout);
-    t.send_frame(FrameKind::Query, &[Part::Buf(&protocol::encode_query(session, what))], None)?;
+    t.send_frame(FrameKind::Query, &[Part::Buf(&payload::Query { session, ask: what }.encode())], None)?;
     let h = t.recv_header()?;
     if h.kind != FrameKind::Answer {
         return Err(TransportError::Guest(format!("the destination sent {:?} where Answer was expected", h.kind)));
     }
     let mut a = vec![0u8; h.len as usize]; // bounded by the kind's cap in Header::decode
     t.recv_exact(&mut a)?;
-    Ok(protocol::decode_answer(&a)?)
+    Ok(payload::Answer::decode(&a)?)
 }
 
 #[cfg(test)]

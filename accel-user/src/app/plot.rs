@@ -7,7 +7,7 @@ use std::time::Duration;
 use plotters::prelude::*;
 
 use crate::policy::RoundStats;
-use crate::protocol::PAGE;
+use crate::wire::frame::PAGE;
 
 /// Series names, as the chart's legends show them.
 pub const SERIES: [&str; 4] = ["pages sent", "dirty pages found", "throughput (MiB/s)", "guest dirtying (MiB/s)"];

@@ -10,6 +10,12 @@
 //! Every length and gfn from the peer is checked against caps and guest RAM before any
 //! allocation or write. The VM resumes only if every page arrived, each round's page count
 //! matches the source's, and the VM took the machine state (every section, in order).
+mod confidential;
+pub mod handover;
+mod streams;
+
+use streams::*;
+
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,9 +30,11 @@ use kvm_hooks::migratable::{Incoming, MachineState, VmError, VmFactory, VmShape,
 
 use mh_abi::{Kind, Op, Request};
 
-use crate::handover::{Handover, Outcome};
-use crate::protocol::{self, FrameKind, Header, ProtocolError, MAX_RUNS};
-use crate::transport::{Part, Transport, TransportError};
+use crate::dest::handover::{Handover, Outcome};
+use crate::wire::frame::{self, FrameKind, Header, ProtocolError};
+use crate::wire::payload;
+use crate::wire::payload::PagesHead;
+use crate::wire::transport::{Part, Transport, TransportError};
 
 /// Receiver limits and behaviour.
 #[derive(Debug, Clone)]
@@ -59,7 +67,7 @@ pub struct RecvOptions {
 /// Receiver side of confidential mode.
 #[derive(Debug, Clone)]
 pub struct ConfidentialRecv {
-    pub key: crate::keys::TransportKey,
+    pub key: crate::wire::keys::TransportKey,
     pub mh_spin: u64,
     pub host_spin: u32,
     pub mh_timeout: Duration,
@@ -156,247 +164,6 @@ fn dropped_list(dropped: &[String]) -> String {
 
 /// How often a running receive looks at its cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
-
-/// State shared by the control thread and the data-stream workers.
-struct Shared {
-    received: Mutex<DirtySet>,
-    /// Per data stream: rounds it has completed (EndOfRound seen). In confidential mode one
-    /// more entry, last, is the control stream's (its blobs of the round are imported), so
-    /// a page's shared copy of round n+1 never lands before its private copy of round n.
-    completed: Mutex<Vec<u32>>,
-    cv: Condvar,
-    /// Pages that arrived per round over all data streams.
-    round_pages: Mutex<HashMap<u32, u64>>,
-    total_pages: AtomicU64,
-    error: Mutex<Option<String>>,
-    stop: AtomicBool,
-    /// Shut these down to unblock every reader after an error.
-    sockets: Mutex<Vec<TcpStream>>,
-    /// When any stream last received a frame (nanoseconds after `epoch`): the source is
-    /// silent only when all of its streams are.
-    epoch: Instant,
-    activity: AtomicU64,
-    /// Set when the receive is over (either way): the deadline watchdog stops.
-    finished: Mutex<bool>,
-    finished_cv: Condvar,
-}
-
-impl Shared {
-    /// Record the first error and unblock every reader. The control socket (index 0) is
-    /// only shut for reading, so the control thread can still send Abort with the reason.
-    fn fail(&self, msg: String) {
-        self.error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(msg);
-        self.cv.notify_all();
-        for (i, s) in self.sockets.lock().unwrap_or_else(|e| e.into_inner()).iter().enumerate() {
-            let _ = s.shutdown(if i == 0 { std::net::Shutdown::Read } else { std::net::Shutdown::Both });
-        }
-    }
-    fn error(&self) -> Option<String> {
-        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-    /// Fail the receive with `msg` unless it finished within `limit` of now, and with the
-    /// cancel's reason once `cancel` is set, unless the VM runs here already (the handover
-    /// then decides: a VM that runs is never discarded).
-    fn watch(&self, limit: Duration, msg: String, cancel: &crate::cancel::Cancel, handover: &Handover) {
-        let t0 = Instant::now();
-        let mut g = self.finished.lock().unwrap_or_else(|e| e.into_inner());
-        while !*g {
-            if let Some(why) = cancel.reason() {
-                if handover.fence() {
-                    drop(g);
-                    self.fail(format!("cancelled ({why}); the VM is discarded here"));
-                } else {
-                    tracing::warn!("cancel ({why}) came after the VM resumed here: it runs on");
-                }
-                return;
-            }
-            let Some(left) = limit.checked_sub(t0.elapsed()) else {
-                drop(g);
-                self.fail(msg);
-                return;
-            };
-            g = self.finished_cv.wait_timeout(g, left.min(CANCEL_POLL)).unwrap_or_else(|e| e.into_inner()).0;
-        }
-    }
-    fn finish(&self) {
-        *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.finished_cv.notify_all();
-    }
-    /// The source was heard from just now.
-    fn touch(&self) {
-        self.activity.store(self.epoch.elapsed().as_nanos() as u64, Ordering::Release);
-    }
-    /// How long no stream of this migration has received a frame.
-    fn silent_for(&self) -> Duration {
-        self.epoch.elapsed().saturating_sub(Duration::from_nanos(self.activity.load(Ordering::Acquire)))
-    }
-    /// Wait until the next frame starts arriving on `t`. Fails only when the whole source
-    /// has been silent for `timeout`: a data stream idles while a round's pages all go
-    /// through the Migration Handler, the control stream while data streams carry pages, and
-    /// neither is a dead peer.
-    fn await_frame(&self, t: &dyn Transport, timeout: Duration) -> Result<(), TransportError> {
-        loop {
-            if t.wait_readable(timeout.min(Duration::from_millis(100)))? {
-                return Ok(());
-            }
-            if self.silent_for() >= timeout {
-                return Err(TransportError::Timeout(timeout));
-            }
-        }
-    }
-    /// Wait until every participant (the first `n` entries, or all with `None`) completed at
-    /// least `rounds` rounds; fails when no stream received anything for `timeout`.
-    fn wait_rounds(&self, rounds: u32, n: Option<usize>, timeout: Duration) -> Result<(), String> {
-        let mut g = self.completed.lock().unwrap_or_else(|e| e.into_inner());
-        while g.iter().take(n.unwrap_or(usize::MAX)).copied().min().unwrap_or(u32::MAX) < rounds {
-            if let Some(e) = self.error() {
-                return Err(e);
-            }
-            if self.silent_for() > timeout {
-                return Err(format!(
-                    "round {} is unfinished and the source sent nothing for {timeout:?} (rounds completed per stream: {g:?})",
-                    rounds - 1
-                ));
-            }
-            g = self.cv.wait_timeout(g, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
-        }
-        Ok(())
-    }
-}
-
-/// Why receiving one Pages frame failed.
-enum PageError {
-    Transport(TransportError),
-    Protocol(ProtocolError),
-    Order(String),
-}
-
-/// Receive one Pages frame of round `round` (header already read) into `ram`, validating
-/// the run table before any data is read. Returns the runs received.
-fn recv_pages(
-    t: &mut dyn Transport,
-    h: &Header,
-    round: u32,
-    ram: &GuestRam,
-    received: &Mutex<DirtySet>,
-) -> Result<u64, PageError> {
-    let k = FrameKind::Pages;
-    let perr = |msg: String| PageError::Protocol(ProtocolError::Payload { kind: k, msg });
-    if h.len < 8 {
-        return Err(perr(format!("{} bytes is shorter than the 8-byte prefix", h.len)));
-    }
-    let mut pre = [0u8; 8];
-    t.recv_exact(&mut pre).map_err(PageError::Transport)?;
-    let r = u32::from_le_bytes(pre[0..4].try_into().expect("4"));
-    let nruns = u32::from_le_bytes(pre[4..8].try_into().expect("4"));
-    if r != round {
-        return Err(PageError::Order(format!("pages for round {r} arrived in round {round}")));
-    }
-    if nruns == 0 || nruns > MAX_RUNS {
-        return Err(perr(format!("{nruns} runs (must be 1..={MAX_RUNS})")));
-    }
-    let table_len = 16 * nruns as usize;
-    if (h.len as usize) < 8 + table_len {
-        return Err(perr(format!("{nruns} runs do not fit in {} bytes", h.len)));
-    }
-    let mut table = vec![0u8; table_len]; // at most 64 KiB (MAX_RUNS)
-    t.recv_exact(&mut table).map_err(PageError::Transport)?;
-    let runs = protocol::decode_runs(&table);
-    let data_len = u64::from(h.len) - 8 - table_len as u64;
-    protocol::check_runs(&runs, ram.pages(), data_len).map_err(PageError::Protocol)?;
-    let mut pages = 0u64;
-    for run in &runs {
-        let end = run.gfn + u64::from(run.npages);
-        if run.is_zero() {
-            // Fresh guest RAM is already zero (a new memfd): only pages that an earlier
-            // round filled need clearing. Touching the rest would allocate them.
-            let rec = received.lock().unwrap_or_else(|e| e.into_inner());
-            let mut g = run.gfn;
-            while g < end {
-                if !rec.contains(g) {
-                    g += 1;
-                    continue;
-                }
-                let start = g;
-                while g < end && rec.contains(g) {
-                    g += 1;
-                }
-                ram.zero(start * PAGE_SIZE, (g - start) * PAGE_SIZE).map_err(|e| PageError::Order(e.to_string()))?;
-            }
-        } else {
-            t.recv_into_guest(ram, run.gfn * PAGE_SIZE, u64::from(run.npages) * PAGE_SIZE)
-                .map_err(PageError::Transport)?;
-        }
-        let mut rec = received.lock().unwrap_or_else(|e| e.into_inner());
-        for g in run.gfn..end {
-            rec.insert(g);
-        }
-        pages += u64::from(run.npages);
-    }
-    Ok(pages)
-}
-
-/// A data stream: Pages and EndOfRound only, rounds in order, each round's data written
-/// only after every stream finished the previous round (so older data never lands on top
-/// of newer data that came over another stream).
-fn data_worker(i: usize, mut t: Box<dyn Transport>, sh: Arc<Shared>, ram: Arc<GuestRam>, timeout: Duration) {
-    let mut round = 0u32;
-    let mut pages = 0u64;
-    let mut barrier_done = u32::MAX;
-    let res: Result<(), String> = loop {
-        let h = match sh.await_frame(&*t, timeout).and_then(|()| t.recv_header()) {
-            Ok(h) => h,
-            Err(_) if sh.stop.load(Ordering::Acquire) => break Ok(()),
-            Err(e) => break Err(format!("data stream {i}: {e}")),
-        };
-        sh.touch();
-        match h.kind {
-            FrameKind::Pages => {
-                if barrier_done != round {
-                    if let Err(e) = sh.wait_rounds(round, None, timeout) {
-                        break Err(format!("data stream {i}: {e}"));
-                    }
-                    barrier_done = round;
-                }
-                match recv_pages(&mut *t, &h, round, &ram, &sh.received) {
-                    Ok(n) => {
-                        pages += n;
-                        sh.touch();
-                    }
-                    Err(PageError::Transport(e)) => break Err(format!("data stream {i}: {e}")),
-                    Err(PageError::Protocol(e)) => break Err(format!("data stream {i}: bad frame from peer: {e}")),
-                    Err(PageError::Order(e)) => break Err(format!("data stream {i}: {e}")),
-                }
-            }
-            FrameKind::EndOfRound => {
-                let mut p = vec![0u8; h.len as usize];
-                if let Err(e) = t.recv_exact(&mut p) {
-                    break Err(format!("data stream {i}: {e}"));
-                }
-                match protocol::decode_end_of_round(&p) {
-                    Ok((r, n)) if r == round && n == pages => {
-                        *sh.round_pages.lock().unwrap_or_else(|e| e.into_inner()).entry(r).or_default() += n;
-                        sh.total_pages.fetch_add(n, Ordering::AcqRel);
-                        sh.completed.lock().unwrap_or_else(|e| e.into_inner())[i] = r + 1;
-                        sh.cv.notify_all();
-                        round += 1;
-                        pages = 0;
-                    }
-                    Ok((r, n)) => {
-                        break Err(format!(
-                            "data stream {i}: end of round {r} ({n} pages) while in round {round} with {pages} pages"
-                        ))
-                    }
-                    Err(e) => break Err(format!("data stream {i}: bad frame from peer: {e}")),
-                }
-            }
-            k => break Err(format!("data stream {i}: {k:?} frame not allowed on a data stream")),
-        }
-    };
-    if let Err(e) = res {
-        sh.fail(e);
-    }
-}
 
 pub struct Receiver<F: VmFactory> {
     factory: F,
@@ -554,7 +321,7 @@ impl<F: VmFactory> Receiver<F> {
             tracing::warn!("{e}");
             if !matches!(e, RecvError::SourceAborted { .. }) {
                 // Best effort: the source learns why instead of seeing a reset.
-                let _ = t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort(&e.to_string()))], None);
+                let _ = t.send_frame(FrameKind::Abort, &[Part::Buf(&payload::Abort::encode(&e.to_string()))], None);
             }
             self.shared.fail("receive aborted".into());
             t.shutdown();
@@ -583,13 +350,14 @@ impl<F: VmFactory> Receiver<F> {
             }
             let h = t.recv_header().map_err(|e| self.terr(e))?;
             self.shared.touch();
-            self.bytes += protocol::HEADER_LEN as u64 + u64::from(h.len);
+            self.bytes += frame::HEADER_LEN as u64 + u64::from(h.len);
             match (st, h.kind) {
                 (RecvState::AwaitHello, FrameKind::Hello) => self.on_hello(t, &h, accept)?,
                 (RecvState::Precopy { round }, FrameKind::Pages) if self.streams == 0 => self.on_pages(t, &h, round)?,
                 (RecvState::Precopy { round }, FrameKind::EndOfRound) => {
                     let p = self.small(t, &h)?;
-                    let (r, pages) = protocol::decode_end_of_round(&p).map_err(|e| self.perr(e))?;
+                    let payload::EndOfRound { round: r, pages } =
+                        payload::EndOfRound::decode(&p).map_err(|e| self.perr(e))?;
                     if r != round {
                         return Err(self.incomplete(format!("end of round {r} while in round {round}")));
                     }
@@ -647,7 +415,9 @@ impl<F: VmFactory> Receiver<F> {
                 (RecvState::States, FrameKind::Complete) => return self.on_complete(t, &h, t0),
                 (_, FrameKind::Abort) => {
                     let p = self.small(t, &h)?;
-                    let reason = protocol::decode_abort(&p).unwrap_or_else(|e| format!("(unreadable reason: {e})"));
+                    let reason = payload::Abort::decode(&p)
+                        .map(|a| a.reason)
+                        .unwrap_or_else(|e| format!("(unreadable reason: {e})"));
                     return Err(RecvError::SourceAborted { state: st, reason });
                 }
                 (s, k) => return Err(RecvError::Unexpected { state: s, kind: k }),
@@ -687,7 +457,7 @@ impl<F: VmFactory> Receiver<F> {
 
     fn on_hello(&mut self, t: &mut dyn Transport, h: &Header, accept: Acceptor<'_>) -> Result<(), RecvError> {
         let p = self.small(t, h)?;
-        let hello = protocol::decode_hello_full(&p).map_err(|e| self.perr(e))?;
+        let hello = payload::Hello::decode(&p).map_err(|e| self.perr(e))?;
         let spec = hello.shape;
         let refuse = if spec.ram_bytes > self.o.max_ram {
             Some(format!(
@@ -765,7 +535,7 @@ impl<F: VmFactory> Receiver<F> {
                     None => 0,
                 };
                 self.machine = Some(m);
-                let ack = protocol::encode_hello_ack(0, challenge, "accepted");
+                let ack = payload::HelloAck::encode(0, challenge, "accepted");
                 t.send_frame(FrameKind::HelloAck, &[Part::Buf(&ack)], None).map_err(|e| self.terr(e))?;
                 self.join_streams(hello.streams, hello.session, ram, accept)?;
                 // Every connection of the session is in: any later one may be a query.
@@ -775,90 +545,9 @@ impl<F: VmFactory> Receiver<F> {
             }
             Err(reason) => {
                 let _ =
-                    t.send_frame(FrameKind::HelloAck, &[Part::Buf(&protocol::encode_hello_ack(1, 0, &reason))], None);
+                    t.send_frame(FrameKind::HelloAck, &[Part::Buf(&payload::HelloAck::encode(1, 0, &reason))], None);
                 Err(RecvError::Refused(reason))
             }
-        }
-    }
-
-    /// Accept the source's data streams; each must first say Join with this migration's session id.
-    fn join_streams(
-        &mut self,
-        n: u32,
-        session: u64,
-        ram: Arc<GuestRam>,
-        accept: Acceptor<'_>,
-    ) -> Result<(), RecvError> {
-        if n == 0 {
-            return Ok(());
-        }
-        // Confidential: the control stream (blob imports) takes part in the round barrier.
-        let parts = n as usize + usize::from(self.confidential);
-        *self.shared.completed.lock().unwrap_or_else(|e| e.into_inner()) = vec![0; parts];
-        let mut slots: Vec<Option<Box<dyn Transport>>> = (0..n).map(|_| None).collect();
-        // A connection that joins wrongly (another session, a stream index out of range or
-        // taken, a bad frame) is dropped and the next one taken: a stray peer cannot break
-        // the migration. All streams must have joined within one I/O timeout.
-        let t0 = Instant::now();
-        let mut refused = Vec::new();
-        while slots.iter().any(Option::is_none) {
-            if t0.elapsed() >= self.o.io_timeout {
-                return Err(self.incomplete(format!(
-                    "not every data stream joined within {:?}{}",
-                    self.o.io_timeout,
-                    dropped_list(&refused)
-                )));
-            }
-            let mut d = accept().map_err(|e| self.terr(e))?;
-            d.set_recv_timeout(self.o.io_timeout);
-            match self.read_join(&mut *d, session, &slots) {
-                Ok(i) => {
-                    if let Some(hd) = d.shutdown_handle() {
-                        self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()).push(hd);
-                    }
-                    slots[i] = Some(d);
-                }
-                Err(why) => {
-                    tracing::warn!("dropped a data stream connection: {why}");
-                    d.shutdown();
-                    refused.push(why);
-                }
-            }
-        }
-        for (i, d) in slots.into_iter().enumerate() {
-            let d = d.expect("every slot filled above");
-            let (sh, ram, to) = (self.shared.clone(), ram.clone(), self.o.io_timeout);
-            self.workers.push(
-                std::thread::Builder::new()
-                    .name(format!("recv-stream{i}"))
-                    .spawn(move || data_worker(i, d, sh, ram, to))
-                    .map_err(|e| self.incomplete(format!("spawn stream worker: {e}")))?,
-            );
-        }
-        self.streams = n;
-        Ok(())
-    }
-
-    /// The stream index a connection's Join claims, if it is a free slot of `session`.
-    fn read_join(
-        &self,
-        d: &mut dyn Transport,
-        session: u64,
-        slots: &[Option<Box<dyn Transport>>],
-    ) -> Result<usize, String> {
-        let h = d.recv_header().map_err(|e| e.to_string())?;
-        if h.kind != FrameKind::Join {
-            return Err(format!("sent {:?} where Join was expected", h.kind));
-        }
-        let p = self.small(d, &h).map_err(|e| e.to_string())?;
-        let (s, i) = protocol::decode_join(&p).map_err(|e| e.to_string())?;
-        if s != session {
-            return Err(format!("joined session {s:#x}, this is {session:#x}"));
-        }
-        match slots.get(i as usize) {
-            None => Err(format!("joined as data stream {i} of {}", slots.len())),
-            Some(Some(_)) => Err(format!("joined as data stream {i}, which has joined already")),
-            Some(None) => Ok(i as usize),
         }
     }
 
@@ -877,162 +566,6 @@ impl<F: VmFactory> Receiver<F> {
         }
     }
 
-    /// MH blobs, imported in order through the destination MH. Pages count toward the
-    /// round; Cpu blobs move the receiver to States.
-    fn on_blobs(&mut self, t: &mut dyn Transport, h: &Header, round: Option<u32>) -> Result<(), RecvError> {
-        // One reused buffer per receiver (up to ~1 MiB): the ciphertext is then copied once,
-        // from it into the MH's slots.
-        let mut p = std::mem::take(&mut self.blob_buf);
-        p.resize(h.len as usize, 0);
-        t.recv_exact(&mut p).map_err(|e| self.terr(e))?;
-        let r = self.import_blobs(&p, round);
-        self.blob_buf = p;
-        r
-    }
-
-    fn import_blobs(&mut self, p: &[u8], round: Option<u32>) -> Result<(), RecvError> {
-        let st = self.state;
-        let m = self.machine.as_ref().ok_or_else(|| self.incomplete("blobs before a VM exists".into()))?;
-        let (frame_round, blobs) = protocol::decode_blobs(p, m.ram().pages()).map_err(|e| self.perr(e))?;
-        let kinds: Vec<Kind> = blobs.iter().map(|b| Kind::from_u32(b.desc.kind)).collect();
-        let pages = kinds.iter().filter(|k| **k == Kind::Page).count() as u64;
-        let cpu = kinds.iter().filter(|k| **k == Kind::Cpu).count();
-        if pages > 0 && round != Some(frame_round) {
-            return Err(self.incomplete(format!("page blobs of round {frame_round} in {st}")));
-        }
-        if cpu > 0 && cpu != blobs.len() {
-            return Err(self.incomplete("vCPU-state blobs mixed with other blobs".into()));
-        }
-        let vmsa = mh_abi::VMSA / PAGE_SIZE;
-        let mut reqs: Vec<Request> = Vec::new();
-        for (i, (b, k)) in blobs.iter().zip(&kinds).enumerate() {
-            let slot = i as u32;
-            let gfn = b.desc.gfn;
-            match k {
-                Kind::Page => match reqs.last_mut() {
-                    Some(r) if r.op == Op::Import as u16 && r.gfn + u64::from(r.count) == gfn => r.count += 1,
-                    _ => reqs.push(Request { op: Op::Import as u16, id: 0, count: 1, slot, gfn, round: 0 }),
-                },
-                Kind::Cpu => {
-                    if gfn != vmsa + i as u64 {
-                        return Err(self.incomplete(format!("vCPU-state blob {i} labelled gfn {gfn:#x}")));
-                    }
-                    match reqs.last_mut() {
-                        Some(r) => r.count += 1,
-                        None => {
-                            reqs.push(Request { op: Op::RestoreCpu as u16, id: 0, count: 1, slot, gfn: 0, round: 0 })
-                        }
-                    }
-                }
-                Kind::Begin | Kind::End => {
-                    reqs.push(Request { op: Op::Marker as u16, id: 0, count: 1, slot, gfn: 0, round: 0 })
-                }
-                Kind::Invalid => unreachable!("decode_blobs refuses unknown kinds"),
-            }
-        }
-        let mhe = |source| RecvError::Mh { state: st, source };
-        {
-            let mut g = m.confidential().map(|c| c.mh());
-            let mh = g
-                .as_mut()
-                .and_then(|g| g.as_mut())
-                .ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
-            for (i, b) in blobs.iter().enumerate() {
-                mh.write_slot_parts(i as u32, &b.desc, b.data).map_err(mhe)?;
-            }
-            mh.run(&reqs).map_err(mhe)?;
-        }
-        if pages > 0 {
-            let mut rec = self.shared.received.lock().unwrap_or_else(|e| e.into_inner());
-            for (b, _) in blobs.iter().zip(&kinds).filter(|(_, k)| **k == Kind::Page) {
-                rec.insert(b.desc.gfn);
-            }
-        }
-        self.round_pages += pages;
-        self.total_pages += pages;
-        if cpu > 0 {
-            self.state = RecvState::States;
-        }
-        // The MH imported everything up to its End marker (`run` waits for it): RAM is
-        // final, so a snapshot taken here costs the handover nothing.
-        if kinds.contains(&Kind::End) {
-            self.capture_now();
-        }
-        Ok(())
-    }
-
-    /// Confidential: the machine state the destination MH decrypted into the VMSA pages,
-    /// `sections` of it.
-    fn states_from_vmsa(&self, m: &F::Vm, sections: u32) -> Result<MachineState, RecvError> {
-        let cap = (mh_abi::VMSA_PAGES * mh_abi::PAGE) as usize;
-        let mut v = vec![0u8; cap];
-        m.ram().read(mh_abi::VMSA, &mut v).map_err(|e| RecvError::Vm { state: self.state, source: e.into() })?;
-        let n = u32::from_le_bytes(v[0..4].try_into().expect("4")) as usize;
-        if n != sections as usize || 4 + 4 * n > cap {
-            return Err(self.incomplete(format!("VMSA area holds {n} state sections, the source sent {sections}")));
-        }
-        let mut off = 4 + 4 * n;
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let len = u32::from_le_bytes(v[4 + 4 * i..8 + 4 * i].try_into().expect("4")) as usize;
-            let end = off.checked_add(len).filter(|&e| e <= cap);
-            let end =
-                end.ok_or_else(|| self.incomplete(format!("state section {i} of {len} bytes overruns the VMSA area")))?;
-            out.push(v[off..end].to_vec());
-            off = end;
-        }
-        Ok(MachineState { sections: out })
-    }
-
-    /// Confidential: the source's shared ranges, into this VM's page-state record. Checked
-    /// against guest RAM and the MH region (each side's own) before any is applied.
-    fn on_page_states(&mut self, t: &mut dyn Transport, h: &Header) -> Result<(), RecvError> {
-        let p = self.small(t, h)?;
-        let (ranges, last) = protocol::decode_page_states(&p).map_err(|e| self.perr(e))?;
-        if self.states_done {
-            return Err(self.incomplete("page states after the last PageStates frame".into()));
-        }
-        let m = self.machine.as_ref().ok_or_else(|| self.incomplete("page states before a VM exists".into()))?;
-        let pages = m.ram().pages();
-        let region = mh_abi::REGION_GFNS;
-        for &(g, n) in &ranges {
-            let end = g + n; // decode_page_states checked the sum
-            if g < self.states_end {
-                return Err(self.incomplete(format!("shared range at gfn {g:#x} is not after the previous one")));
-            }
-            if end > pages {
-                return Err(
-                    self.incomplete(format!("shared range gfn {g:#x}+{n} is outside guest RAM ({pages} pages)"))
-                );
-            }
-            if g < region.end && end > region.start {
-                return Err(self.incomplete(format!("shared range gfn {g:#x}+{n} is inside the MH region")));
-            }
-            self.states_end = end;
-        }
-        for &(g, n) in &ranges {
-            let conf = m.confidential().ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
-            conf.mark_shared(g, n).map_err(|e| RecvError::Vm { state: self.state, source: e.into() })?;
-        }
-        self.states_done = last;
-        Ok(())
-    }
-
-    /// Every round is over: stop the data-stream workers (their silence from now on is not
-    /// the source's).
-    fn end_data_streams(&mut self) {
-        if self.workers.is_empty() {
-            return;
-        }
-        self.shared.stop.store(true, Ordering::Release);
-        for s in self.shared.sockets.lock().unwrap_or_else(|e| e.into_inner()).iter().skip(1) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-    }
-
     /// With `capture`, snapshot guest RAM now (every page has arrived).
     fn capture_now(&mut self) {
         if let (true, Some(m)) = (self.o.capture, self.machine.as_ref()) {
@@ -1044,7 +577,7 @@ impl<F: VmFactory> Receiver<F> {
 
     fn on_state(&mut self, t: &mut dyn Transport, h: &Header) -> Result<(), RecvError> {
         let p = self.small(t, h)?;
-        let (i, blob) = protocol::decode_state(&p).map_err(|e| self.perr(e))?;
+        let payload::State { index: i, bytes: blob } = payload::State::decode(&p).map_err(|e| self.perr(e))?;
         if i as usize != self.sections.len() {
             return Err(self.incomplete(format!(
                 "machine-state section {i} arrived where section {} was due",
@@ -1061,7 +594,8 @@ impl<F: VmFactory> Receiver<F> {
 
     fn on_complete(&mut self, t: &mut dyn Transport, h: &Header, t0: Instant) -> Result<Received, RecvError> {
         let p = self.small(t, h)?;
-        let (rounds, sections, pages_sent) = protocol::decode_complete(&p).map_err(|e| self.perr(e))?;
+        let payload::Complete { rounds, sections, pages_sent } =
+            payload::Complete::decode(&p).map_err(|e| self.perr(e))?;
         let m = self.machine.as_ref().ok_or_else(|| self.incomplete("complete before a VM exists".into()))?;
         let total = m.ram().pages();
         self.total_pages += self.shared.total_pages.load(Ordering::Acquire);
@@ -1124,7 +658,7 @@ impl<F: VmFactory> Receiver<F> {
             }));
         }
         self.state = RecvState::Resumed;
-        let ack = protocol::encode_resumed(capture_time.as_micros() as u64);
+        let ack = payload::Resumed { capture_us: capture_time.as_micros() as u64 }.encode();
         if let Err(e) = t.send_frame(FrameKind::Resumed, &[Part::Buf(&ack)], None) {
             // The VM runs here now. The source, having sent Complete, stays paused without
             // this acknowledgement (the commit point, docs/architecture.md).
@@ -1155,7 +689,7 @@ mod tests {
 
     #[test]
     fn prepare_allocates_every_page_ahead() {
-        let mut r = Receiver::new(crate::config::Config::default().recv_options(false), no_vms());
+        let mut r = Receiver::new(crate::app::config::Config::default().recv_options(false), no_vms());
         r.prepare(64 << 20).unwrap();
         let ram = r.prepared.as_ref().expect("prepared RAM");
         // Every page of the memfd is allocated: one data extent over all of it.
@@ -1168,7 +702,7 @@ mod tests {
     fn existing_ram_is_not_checked_against_free_memory() {
         let Some(avail) = crate::host::mem_available() else { return };
         let huge = (avail + (2 << 30)).next_multiple_of(2 << 20);
-        let mut o = crate::config::Config::default().recv_options(false);
+        let mut o = crate::app::config::Config::default().recv_options(false);
         o.check_host_memory = true;
         let fresh = Receiver::new(o.clone(), crate::fake_vm::FakeVms { has_ram: false });
         assert!(fresh.host_memory_short(huge).is_some());
@@ -1178,7 +712,7 @@ mod tests {
 
     #[test]
     fn prepare_checks_limits() {
-        let mut o = crate::config::Config::default().recv_options(false);
+        let mut o = crate::app::config::Config::default().recv_options(false);
         o.max_ram = 64 << 20;
         let mut r = Receiver::new(o, no_vms());
         let e = r.prepare(128 << 20).unwrap_err().to_string();

@@ -9,7 +9,7 @@ use serde::{de, Deserialize, Deserializer, Serialize};
 use crate::dest::RecvOptions;
 use crate::policy::{AutoConverge, LimitAction, PolicyConfig, TimeLimit};
 use crate::source::SendOptions;
-use crate::transport::TransportMode;
+use crate::wire::transport::TransportMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -313,7 +313,7 @@ pub struct AuthConfig {
     /// A key handed over by a program that runs both ends itself (the demo, benches,
     /// tests); never read from a file.
     #[serde(skip)]
-    pub key: Option<crate::keys::TransportKey>,
+    pub key: Option<crate::wire::keys::TransportKey>,
 }
 
 /// A running QEMU VM to migrate instead of the embedded guest (`[qemu]`): `send` migrates
@@ -356,14 +356,14 @@ pub struct Config {
 
 impl Config {
     /// The pre-shared key migrations authenticate with; `None` only with `auth.insecure`.
-    pub fn auth_key(&self) -> Result<Option<crate::keys::TransportKey>, String> {
+    pub fn auth_key(&self) -> Result<Option<crate::wire::keys::TransportKey>, String> {
         let a = &self.auth;
         if a.insecure {
             return Ok(None);
         }
         let key = match (&a.key, &a.key_file) {
             (Some(k), _) => k.clone(),
-            (None, Some(p)) => crate::keys::load(p).map_err(|e| format!("auth.key_file: {e}"))?,
+            (None, Some(p)) => crate::wire::keys::load(p).map_err(|e| format!("auth.key_file: {e}"))?,
             (None, None) => {
                 return Err("migrations are authenticated and auth.key_file is not set: give both hosts the same \
                      key file (`migaccel keygen FILE` writes one; --auth-key FILE or auth.key_file), or pass \
@@ -373,7 +373,7 @@ impl Config {
         };
         match &a.destination_id {
             Some(id) => {
-                crate::auth::bind_destination(&key, id).map(Some).map_err(|e| format!("auth.destination_id: {e}"))
+                crate::wire::auth::bind_destination(&key, id).map(Some).map_err(|e| format!("auth.destination_id: {e}"))
             }
             None => Ok(Some(key)),
         }
@@ -383,7 +383,7 @@ impl Config {
     /// uses that key (a file replaced mid-run cannot give two ends of one run two keys).
     pub fn resolve_key(&mut self) -> Result<(), String> {
         if let (false, None, Some(p)) = (self.auth.insecure, &self.auth.key, &self.auth.key_file) {
-            self.auth.key = Some(crate::keys::load(p).map_err(|e| format!("auth.key_file: {e}"))?);
+            self.auth.key = Some(crate::wire::keys::load(p).map_err(|e| format!("auth.key_file: {e}"))?);
         }
         Ok(())
     }
@@ -459,10 +459,10 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
-        if m.streams == 0 || m.streams > crate::protocol::MAX_STREAMS {
+        if m.streams == 0 || m.streams > crate::wire::payload::MAX_STREAMS {
             return Err(invalid(
                 "migration.streams",
-                format!("{} is not in 1..={}", m.streams, crate::protocol::MAX_STREAMS),
+                format!("{} is not in 1..={}", m.streams, crate::wire::payload::MAX_STREAMS),
             ));
         }
         for (key, v) in [

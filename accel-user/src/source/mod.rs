@@ -7,6 +7,15 @@
 //! Dirty logging is on only while a migration runs: round 0 starts it, and every end
 //! (success or failure) stops it, so the guest writes at full speed outside migrations. A
 //! stopped tracker counts every page as dirty, so nothing written afterwards is missed.
+mod confidential;
+mod pages;
+mod recover;
+pub mod streams;
+
+use confidential::*;
+use pages::*;
+use recover::*;
+
 use std::time::{Duration, Instant};
 
 use kvm_hooks::memory::PAGE_SIZE;
@@ -19,10 +28,11 @@ use crate::policy::{
     decide, forced, next_throttle, over_limit, pace, Decision, LimitAction, PolicyConfig, RoundStats, SwitchReason,
     TimeLimit,
 };
-use crate::protocol::{self, Answer, Ask, FrameKind, Run, HEADER_LEN, MAX_RUNS, RUN_ZERO};
 use crate::report::SourceReport;
-use crate::streams::DataStreams;
-use crate::transport::{Part, Transport, TransportError};
+use crate::source::streams::DataStreams;
+use crate::wire::frame::{self, FrameKind, HEADER_LEN, MAX_RUNS, RUN_ZERO};
+use crate::wire::payload::{self, Answer, Ask, Run};
+use crate::wire::transport::{Part, Transport, TransportError};
 
 /// Sender settings (from the config file / CLI).
 #[derive(Debug, Clone)]
@@ -201,6 +211,37 @@ struct Ctx<'a> {
     paced: (u64, Instant),
 }
 
+/// A failure on the confidential path: the transport or the MH.
+#[derive(Debug)]
+pub(crate) enum PathError {
+    Tx(TransportError),
+    Mh(MhError),
+    Other(String),
+    Cancelled(String),
+}
+
+impl From<TransportError> for PathError {
+    fn from(e: TransportError) -> Self {
+        PathError::Tx(e)
+    }
+}
+impl From<MhError> for PathError {
+    fn from(e: MhError) -> Self {
+        PathError::Mh(e)
+    }
+}
+
+impl PathError {
+    fn at(self, phase: Phase, t: &mut dyn Transport) -> SendError {
+        match self {
+            PathError::Tx(e) => peer_error(t, phase, e),
+            PathError::Mh(source) => SendError::Mh { phase, source },
+            PathError::Other(msg) => SendError::Confidential { phase, msg },
+            PathError::Cancelled(reason) => SendError::Cancelled { phase, reason },
+        }
+    }
+}
+
 /// Rounds after the final one for pages the VMM itself writes while the guest is paused.
 const MAX_LATE_ROUNDS: u32 = 3;
 
@@ -213,7 +254,7 @@ pub type Connector<'a> = &'a mut dyn FnMut(u32) -> Result<Box<dyn Transport>, Tr
 pub type Asker<'a> = &'a mut dyn FnMut(u32, u64, Ask, Duration) -> Result<Answer, TransportError>;
 
 /// Most query attempts per migration (every attempt uses keys of its own).
-const MAX_ASKS: u32 = crate::auth::MAX_QUERIES;
+const MAX_ASKS: u32 = crate::wire::auth::MAX_QUERIES;
 
 /// Migrate `m` over `t`. On success the source vCPUs stay paused (the destination owns the
 /// VM now); on failure they run again and no dirty page is lost.
@@ -276,58 +317,6 @@ pub fn migrate_streams(
     r
 }
 
-/// The migration ended: the guest no longer pays for dirty logging.
-fn stop_logging(m: &dyn Migratable) {
-    if let Err(e) = m.dirty_log().stop() {
-        tracing::warn!("cannot turn dirty logging off ({e}); the guest keeps running with logging on");
-    }
-}
-
-fn recover(mut c: Ctx<'_>, e: SendError) -> SendError {
-    let fenced = matches!(e, SendError::HandoverUnknown { .. });
-    if fenced {
-        tracing::error!("{e}");
-    } else {
-        tracing::warn!("{e}; aborting, source VM keeps running");
-    }
-    match c.inflight {
-        InFlight::Nothing => {}
-        InFlight::All => c.m.dirty_log().mark_all(),
-        InFlight::Pages(ref p) => c.m.dirty_log().restore(p),
-    }
-    c.m.set_throttle(0);
-    stop_logging(c.m);
-    // Dirty bits are kept either way: a source resumed later by hand migrates again whole.
-    // Before the commit point the destination cannot resume, so the source runs first.
-    let resumed = if c.paused && !fenced { c.m.resume() } else { Ok(()) };
-    if !fenced {
-        // The destination hears why on the control connection before the data streams
-        // close under it (it would report their end instead), and closes its end once it
-        // has read it.
-        let abort = protocol::encode_abort(&e.to_string());
-        if c.t.send_frame(FrameKind::Abort, &[Part::Buf(&abort)], None).is_ok() {
-            let _ = c.t.wait_readable(c.o.io_timeout);
-        }
-    }
-    drop(c.data.take()); // stops the workers and closes the data streams
-    c.t.shutdown();
-    // Before the commit point a lost link leaves the destination waiting for frames: tell
-    // it, on a new connection, that the VM runs here again (it fences its copy at once).
-    if let (Some(session), true, false, SendError::Transport { .. }) = (c.session, c.o.queries, c.committed, &e) {
-        // Best effort, after the source already runs: a short wait, never the whole query time.
-        match (c.ask)(c.queries, session, Ask::Withdraw, c.o.io_timeout.min(Duration::from_secs(5))) {
-            Ok(a) => tracing::info!("withdrew the VM from the destination: {a:?}"),
-            Err(w) => {
-                tracing::info!("could not withdraw the VM from the destination ({w}); it never resumes it anyway")
-            }
-        }
-    }
-    match resumed {
-        Ok(()) => e,
-        Err(r) => SendError::ResumeFailed { first: Box::new(e), resume: r },
-    }
-}
-
 /// Where stopping is clean (between frames, before the commit point): stop for a cancel or
 /// a time limit that says so, note a forced switchover, and hold precopy to the bandwidth
 /// cap before `bytes` more go out.
@@ -363,36 +352,6 @@ fn cancelled(c: &mut Ctx<'_>, phase: Phase) -> Result<(), SendError> {
     gate(c, 0).map_err(|e| e.at(phase, c.t))
 }
 
-/// Ask the destination, on new connections, whether it runs the VM, until it answers or
-/// `handover_query` passes. `lost` is why the control connection gave no answer.
-fn ask_destination(c: &mut Ctx<'_>, lost: &SendError) -> Result<Answer, String> {
-    let Some(session) = c.session.filter(|_| c.o.queries) else {
-        return Err("an unauthenticated destination answers no handover query".into());
-    };
-    if c.o.handover_query.is_zero() {
-        return Err("migration.handover_query_ms is 0".into());
-    }
-    let t0 = Instant::now();
-    let mut pause = Duration::from_millis(100);
-    let mut last = String::new();
-    while c.queries < MAX_ASKS {
-        let i = c.queries;
-        c.queries += 1;
-        tracing::warn!("{lost}; asking the destination whether it runs the VM (attempt {i})");
-        let left = c.o.handover_query.saturating_sub(t0.elapsed()).max(Duration::from_millis(100));
-        match (c.ask)(i, session, Ask::Runs, left) {
-            Ok(a) => return Ok(a),
-            Err(e) => last = format!("attempt {i}: {e}"),
-        }
-        if t0.elapsed() + pause > c.o.handover_query {
-            return Err(format!("no answer within {:?}; last {last}", c.o.handover_query));
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_secs(5));
-    }
-    Err(format!("no answer in {MAX_ASKS} attempts; last {last}"))
-}
-
 fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Result<SourceReport, SendError> {
     let t0 = Instant::now();
     let cpu0 = kvm_hooks::process_usage().0;
@@ -406,7 +365,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     let ph = Phase::Handshake;
     let session = session_id();
     let (confidential, vm_id) = (c.mh.is_some(), c.mh.as_ref().map_or(0, |h| h.vm_id));
-    let hello = protocol::Hello {
+    let hello = payload::Hello {
         kind: c.m.kind(),
         layout: c.m.ram().layout().clone(),
         shape,
@@ -415,13 +374,12 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         confidential,
         vm_id,
     };
-    c.t.send_frame(FrameKind::Hello, &[Part::Buf(&protocol::encode_hello_full(&hello))], None)
-        .map_err(|e| tx(ph, e))?;
+    c.t.send_frame(FrameKind::Hello, &[Part::Buf(&hello.encode())], None).map_err(|e| tx(ph, e))?;
     c.t.set_recv_timeout(c.o.ack_timeout);
     let (h, p) = recv_small(c.t).map_err(|e| tx(ph, e))?;
     let challenge = match h {
         FrameKind::HelloAck => {
-            let ack = protocol::decode_hello_ack(&p).map_err(|e| tx(ph, e.into()))?;
+            let ack = payload::HelloAck::decode(&p).map_err(|e| tx(ph, e.into()))?;
             if ack.status != 0 {
                 return Err(SendError::Refused { phase: ph, reason: ack.text });
             }
@@ -434,7 +392,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         let mut ts = Vec::with_capacity(c.o.streams as usize);
         for i in 0..c.o.streams {
             let mut d = connect(i).map_err(|e| tx(ph, e))?;
-            d.send_frame(FrameKind::Join, &[Part::Buf(&protocol::encode_join(session, i))], None)
+            d.send_frame(FrameKind::Join, &[Part::Buf(&payload::Join { session, stream: i }.encode())], None)
                 .map_err(|e| tx(ph, e))?;
             ts.push(d);
         }
@@ -567,7 +525,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         send_marker(c, Op::End, round).map_err(|e| e.at(ph, c.t))?;
     }
     for (i, s) in state.sections.iter().enumerate().filter(|_| c.mh.is_none()) {
-        let pre = protocol::encode_state_prefix(i as u32, s.len() as u32);
+        let pre = payload::State::prefix(i as u32, s.len() as u32);
         c.t.send_frame(FrameKind::State, &[Part::Buf(&pre), Part::Buf(s)], None).map_err(|e| peer_error(c.t, ph, e))?;
         state_bytes += (HEADER_LEN + pre.len() + s.len()) as u64;
     }
@@ -587,7 +545,9 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     }
     c.t.send_frame(
         FrameKind::Complete,
-        &[Part::Buf(&protocol::encode_complete(round + 1, state.sections.len() as u32, pages_sent))],
+        &[Part::Buf(
+            &payload::Complete { rounds: round + 1, sections: state.sections.len() as u32, pages_sent }.encode(),
+        )],
         None,
     )
     .map_err(|e| peer_error(c.t, ph, e))?;
@@ -601,7 +561,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     // source stays paused when even that gets no answer.
     let ph = Phase::AwaitResume;
     let lost = match recv_small(c.t) {
-        Ok((FrameKind::Resumed, p)) => protocol::decode_resumed(&p).map_err(|e| tx(ph, e.into())),
+        Ok((FrameKind::Resumed, p)) => payload::Resumed::decode(&p).map(|r| r.capture_us).map_err(|e| tx(ph, e.into())),
         Ok((FrameKind::Abort, p)) => return Err(aborted(ph, &p)),
         Ok((k, _)) => Err(SendError::Unexpected { phase: ph, kind: k }),
         Err(e) => Err(tx(ph, e)),
@@ -679,7 +639,7 @@ fn unsent_note(unsent: Option<u64>) -> String {
 fn aborted(phase: Phase, p: &[u8]) -> SendError {
     SendError::PeerAborted {
         phase,
-        reason: protocol::decode_abort(p).unwrap_or_else(|e| format!("(unreadable reason: {e})")),
+        reason: payload::Abort::decode(p).map(|a| a.reason).unwrap_or_else(|e| format!("(unreadable reason: {e})")),
     }
 }
 
@@ -708,19 +668,6 @@ fn recv_small(t: &mut dyn Transport) -> Result<(FrameKind, Vec<u8>), TransportEr
     Ok((h.kind, p))
 }
 
-/// Close a round: every stream sent everything and the kernel released every buffer (only
-/// then are the round's pages "sent"), then the control stream announces the round's total.
-fn end_round(c: &mut Ctx<'_>, round: u32, st: &mut RoundStats) -> Result<(), TransportError> {
-    if let Some(d) = c.data.as_mut() {
-        d.end_round(round)?;
-        st.bytes += (HEADER_LEN as u64 + 16) * d.len() as u64;
-    }
-    c.t.send_frame(FrameKind::EndOfRound, &[Part::Buf(&protocol::encode_end_of_round(round, st.pages))], None)?;
-    c.t.flush()?;
-    st.bytes += HEADER_LEN as u64 + 16;
-    Ok(())
-}
-
 /// A session id data streams quote in Join (not a secret: it pairs connections).
 fn session_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -728,296 +675,4 @@ fn session_id() -> u64 {
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     h.write_u32(std::process::id());
     h.finish()
-}
-
-/// Round 0: all pages, with pages outside `extents` (memfd holes) known to be zero.
-fn send_pages_with_holes(
-    c: &mut Ctx<'_>,
-    round: u32,
-    pages: u64,
-    extents: &[(u64, u64)],
-    st: &mut RoundStats,
-) -> Result<(), PathError> {
-    let mut ext = extents.iter().peekable();
-    let mut in_data = move |gfn: u64| {
-        let gpa = gfn * PAGE_SIZE;
-        while let Some(&&(_, end)) = ext.peek() {
-            if end <= gpa {
-                ext.next();
-            } else {
-                break;
-            }
-        }
-        matches!(ext.peek(), Some(&&(start, _)) if start < gpa + PAGE_SIZE)
-    };
-    send_pages(c, round, 0..pages, st, Some(&mut in_data))
-}
-
-/// Send `gfns` (ascending) as Pages frames of consecutive runs. `may_hold_data(gfn)`, when
-/// given, says false for pages known to be zero without reading them.
-fn send_pages(
-    c: &mut Ctx<'_>,
-    round: u32,
-    gfns: impl Iterator<Item = u64>,
-    st: &mut RoundStats,
-    mut may_hold_data: Option<&mut dyn FnMut(u64) -> bool>,
-) -> Result<(), PathError> {
-    let ram = c.m.ram().clone();
-    let max_data = u64::from(c.o.batch_pages);
-    let mut runs: Vec<Run> = Vec::with_capacity(256);
-    let mut data_pages = 0u64;
-    let confidential = c.mh.is_some();
-    let mut private: Vec<u64> = Vec::new();
-    // Classification by an external record (the eBPF page-state map), brought up to date
-    // now; pages on which it and the VMM disagree are not read. Once the guest is paused,
-    // `check_page_states` has found the two equal, so the VMM's record stands for both.
-    let m = c.m;
-    let cs = m.confidential();
-    let external = match cs.and_then(|x| x.external_page_states()).filter(|_| confidential && !c.paused) {
-        Some(x) => Some(x.shared_bitmap().map_err(|e| PathError::Other(format!("page-state map: {e}")))?),
-        None => None,
-    };
-    let mut disagree: Vec<u64> = Vec::new();
-    for gfn in gfns {
-        let hole = may_hold_data.as_mut().is_some_and(|f| !f(gfn));
-        if confidential && abi::in_region(gfn) {
-            // The MH region is each side's own (the destination runs its own MH there).
-            continue;
-        }
-        if confidential && !hole {
-            // A hole is zero and sent as such whatever its state; any other page by its state.
-            let vmm = cs.is_some_and(|x| x.is_shared(gfn));
-            let shared = match &external {
-                Some(bits) => bits.get((gfn / 64) as usize).is_some_and(|w| w & (1 << (gfn % 64)) != 0),
-                None => vmm,
-            };
-            if shared != vmm {
-                disagree.push(gfn);
-                continue;
-            }
-            if !shared {
-                // Private: the host never reads it; it goes through the MH below.
-                st.pages += 1;
-                private.push(gfn);
-                continue;
-            }
-        }
-        let zero = hole || (c.o.zero_detect && ram.page_is_zero(gfn).unwrap_or(false));
-        let flags = if zero { RUN_ZERO } else { 0 };
-        st.pages += 1;
-        st.zero_pages += u64::from(zero);
-        match runs.last_mut() {
-            Some(r) if r.gfn + u64::from(r.npages) == gfn && r.flags == flags && r.npages < u32::MAX => r.npages += 1,
-            _ => {
-                if runs.len() as u32 == MAX_RUNS {
-                    flush(c, round, &mut runs, st)?;
-                    data_pages = 0;
-                }
-                runs.push(Run { gfn, npages: 1, flags });
-            }
-        }
-        if !zero {
-            data_pages += 1;
-            if data_pages == max_data {
-                flush(c, round, &mut runs, st)?;
-                data_pages = 0;
-            }
-        }
-    }
-    if !disagree.is_empty() {
-        // A conversion in flight: one record has it, the other not yet. Send the pages in a
-        // later round, when the records agree.
-        tracing::debug!(round, pages = disagree.len(), "page states in flux: pages deferred");
-        st.deferred += disagree.len() as u64;
-        c.m.dirty_log().restore(&disagree);
-    }
-    if !runs.is_empty() {
-        flush(c, round, &mut runs, st)?;
-    }
-    if !private.is_empty() {
-        send_private(c, round, &private, st)?;
-    }
-    Ok(())
-}
-
-/// With an external page-state record, check all of it against the VMM's once the guest is
-/// paused (both are final then): the record the destination gets must be the one pages were
-/// classified by.
-fn check_page_states(c: &Ctx<'_>) -> Result<(), PathError> {
-    let Some(cs) = c.m.confidential() else { return Ok(()) };
-    let Some(x) = cs.external_page_states() else { return Ok(()) };
-    let ext = x.shared_bitmap().map_err(|e| PathError::Other(format!("page-state map: {e}")))?;
-    let vmm = cs.shared_bitmap();
-    let differ = |i: usize| vmm[i] ^ ext.get(i).copied().unwrap_or(0);
-    let n: u64 = (0..vmm.len()).map(|i| u64::from(differ(i).count_ones())).sum();
-    let Some(i) = (0..vmm.len()).find(|&i| differ(i) != 0) else { return Ok(()) };
-    // The guest is stopped, so both records are final: one of them is wrong.
-    let first = i as u64 * 64 + u64::from(differ(i).trailing_zeros());
-    Err(PathError::Other(format!(
-        "the eBPF page-state map and the VMM disagree on {n} page(s) at switchover (first: gfn {first:#x}, \
-         VMM says {}); none of them was read",
-        if cs.is_shared(first) { "shared" } else { "private" },
-    )))
-}
-
-/// Confidential: the guest's shared ranges (outside the MH region, which is each side's
-/// own), so the destination VMM's record matches.
-fn send_page_states(c: &mut Ctx<'_>) -> Result<(), TransportError> {
-    let (rs, re) = (abi::REGION_GFNS.start, abi::REGION_GFNS.end);
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    let shared = c.m.confidential().map(|cs| cs.shared_ranges()).unwrap_or_default();
-    for (g, n) in shared {
-        // Cut the MH region out of the range.
-        let end = g + n;
-        if g < rs {
-            ranges.push((g, end.min(rs) - g));
-        }
-        if end > re {
-            let s = g.max(re);
-            ranges.push((s, end - s));
-        }
-    }
-    let mut chunks = ranges.chunks(protocol::MAX_STATE_RANGES as usize).peekable();
-    loop {
-        let chunk = chunks.next().unwrap_or(&[]);
-        let last = chunks.peek().is_none();
-        let p = protocol::encode_page_states(chunk, last);
-        c.t.send_frame(FrameKind::PageStates, &[Part::Buf(&p)], None)?;
-        if last {
-            return Ok(());
-        }
-    }
-}
-
-/// A failure on the confidential path: the transport or the MH.
-#[derive(Debug)]
-pub(crate) enum PathError {
-    Tx(TransportError),
-    Mh(MhError),
-    Other(String),
-    Cancelled(String),
-}
-
-impl From<TransportError> for PathError {
-    fn from(e: TransportError) -> Self {
-        PathError::Tx(e)
-    }
-}
-impl From<MhError> for PathError {
-    fn from(e: MhError) -> Self {
-        PathError::Mh(e)
-    }
-}
-
-impl PathError {
-    fn at(self, phase: Phase, t: &mut dyn Transport) -> SendError {
-        match self {
-            PathError::Tx(e) => peer_error(t, phase, e),
-            PathError::Mh(source) => SendError::Mh { phase, source },
-            PathError::Other(msg) => SendError::Confidential { phase, msg },
-            PathError::Cancelled(reason) => SendError::Cancelled { phase, reason },
-        }
-    }
-}
-
-/// Encrypt `gfns` (ascending) through the source MH, `mh_batch` pages per doorbell, and
-/// send the blobs on the control stream.
-fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) -> Result<(), PathError> {
-    let batch = c.o.confidential.map_or(abi::NSLOTS, |x| x.mh_batch.clamp(1, abi::NSLOTS)) as usize;
-    for chunk in gfns.chunks(batch) {
-        let mut reqs: Vec<Request> = Vec::new();
-        for (slot, &gfn) in chunk.iter().enumerate() {
-            match reqs.last_mut() {
-                Some(r) if r.gfn + u64::from(r.count) == gfn => r.count += 1,
-                _ => reqs.push(Request { op: Op::Export as u16, id: 0, count: 1, slot: slot as u32, gfn, round }),
-            }
-        }
-        let frame = (HEADER_LEN + 8 + chunk.len() * protocol::BLOB_LEN) as u64;
-        gate(c, frame)?;
-        export_and_send(c, round, &reqs, chunk.iter().map(|&g| (Kind::Page, g)))?;
-        st.bytes += frame;
-    }
-    Ok(())
-}
-
-/// Run export requests, then send the slots' blobs (checked against `expect`) in one frame.
-fn export_and_send(
-    c: &mut Ctx<'_>,
-    round: u32,
-    reqs: &[Request],
-    expect: impl ExactSizeIterator<Item = (Kind, u64)>,
-) -> Result<(), PathError> {
-    let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
-    mh.run(reqs)?;
-    // Slots are copied straight into the frame: one copy of the ciphertext.
-    let n = expect.len();
-    c.wire.clear();
-    c.wire.resize(8 + n * protocol::BLOB_LEN, 0);
-    c.wire[..8].copy_from_slice(&protocol::encode_blobs_prefix(round, n as u32));
-    for (slot, (kind, gfn)) in expect.enumerate() {
-        let b = &mut c.wire[8 + slot * protocol::BLOB_LEN..8 + (slot + 1) * protocol::BLOB_LEN];
-        let (head, data) = b.split_at_mut(40);
-        let d = mh.take_slot_into(slot as u32, kind, gfn, data)?;
-        protocol::put_blob_header(&d, head);
-    }
-    c.t.send_frame(FrameKind::Blobs, &[Part::Buf(&c.wire)], None)?;
-    Ok(())
-}
-
-/// Begin / End marker blob.
-fn send_marker(c: &mut Ctx<'_>, op: Op, round: u32) -> Result<(), PathError> {
-    let kind = if op == Op::Begin { Kind::Begin } else { Kind::End };
-    let r = Request { op: op as u16, id: 0, count: 1, slot: 0, gfn: 0, round };
-    export_and_send(c, round, &[r], std::iter::once((kind, 0)))
-}
-
-/// SEV-ES style: the vCPU states are placed in the VMSA pages (as the hardware keeps a VMSA
-/// in guest memory), encrypted by the MH and sent as Cpu blobs; no host-side copy travels.
-/// VMSA area: `count u32`, `count` x `len u32`, then the encoded states.
-fn send_states_via_mh(c: &mut Ctx<'_>, state: &MachineState, round: u32) -> Result<u64, PathError> {
-    let mut v = (state.sections.len() as u32).to_le_bytes().to_vec();
-    let enc = &state.sections;
-    for e in enc {
-        v.extend_from_slice(&(e.len() as u32).to_le_bytes());
-    }
-    for e in enc {
-        v.extend_from_slice(e);
-    }
-    let cap = (abi::VMSA_PAGES * abi::PAGE) as usize;
-    if v.len() > cap {
-        return Err(PathError::Other(format!(
-            "{} machine-state sections take {} bytes, the MH's VMSA area holds {cap}",
-            enc.len(),
-            v.len()
-        )));
-    }
-    v.resize(v.len().div_ceil(abi::PAGE as usize) * abi::PAGE as usize, 0);
-    let pages = (v.len() as u64 / abi::PAGE) as u32;
-    c.m.ram().write(abi::VMSA, &v).map_err(|e| PathError::Other(e.to_string()))?;
-    let r = Request { op: Op::SaveCpu as u16, id: 0, count: pages, slot: 0, gfn: 0, round };
-    let first = abi::VMSA / abi::PAGE;
-    let res = export_and_send(c, round, &[r], (0..pages as usize).map(|i| (Kind::Cpu, first + i as u64)));
-    // The plaintext states must not outlive the export in guest memory the host can read.
-    c.m.ram().zero(abi::VMSA, v.len() as u64).map_err(|e| PathError::Other(e.to_string()))?;
-    res?;
-    Ok((HEADER_LEN + 8 + pages as usize * protocol::BLOB_LEN) as u64)
-}
-
-fn flush(c: &mut Ctx<'_>, round: u32, runs: &mut Vec<Run>, st: &mut RoundStats) -> Result<(), PathError> {
-    let frame = (HEADER_LEN + 8 + 16 * runs.len()) as u64 + runs.iter().map(Run::data_bytes).sum::<u64>();
-    gate(c, frame)?;
-    if let Some(d) = c.data.as_mut() {
-        st.bytes += frame;
-        return Ok(d.send_pages(round, std::mem::take(runs))?);
-    }
-    protocol::encode_pages_meta(round, runs, &mut c.meta);
-    let mut parts: Vec<Part<'_>> = Vec::with_capacity(runs.len() + 1);
-    parts.push(Part::Buf(&c.meta));
-    for r in runs.iter().filter(|r| !r.is_zero()) {
-        parts.push(Part::Guest { gpa: r.gfn * PAGE_SIZE, len: r.data_bytes() });
-    }
-    c.t.send_frame(FrameKind::Pages, &parts, Some(c.m.ram()))?;
-    st.bytes += frame;
-    runs.clear();
-    Ok(())
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::policy::{predict, SwitchReason};
-use crate::protocol::PAGE;
 use crate::source::Event;
+use crate::wire::frame::PAGE;
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 //! Mutual authentication of a migration with a pre-shared key, and the keys that seal its
-//! frames (`seal.rs`).
+//! frames ([`super::seal`]).
 //!
 //! The handshake is the first thing on the control connection (plain frames):
 //! ```text
@@ -22,15 +22,16 @@ use openssl::hash::MessageDigest;
 use openssl::pkey::{Id, PKey};
 use openssl::sign::Signer;
 
-use crate::keys::TransportKey;
-use crate::protocol::{self, FrameKind, Header};
-use crate::seal::FrameKey;
-use crate::transport::{Part, Transport, TransportError};
+use crate::wire::frame::{self, FrameKind, Header};
+use crate::wire::keys::TransportKey;
+use crate::wire::payload;
+use crate::wire::seal::FrameKey;
+use crate::wire::transport::{Part, Transport, TransportError};
 
 /// X25519, HKDF-SHA-256, pre-shared key; frames sealed with AEGIS-256X4 in records.
 pub const SUITE: u32 = 2;
 /// The handshake frames' lengths (the wire format's, named here as the handshake uses them).
-pub use crate::protocol::{AUTH_CONFIRM_LEN as CONFIRM_LEN, AUTH_INIT_LEN as INIT_LEN, AUTH_REPLY_LEN as REPLY_LEN};
+pub use crate::wire::frame::{AUTH_CONFIRM_LEN as CONFIRM_LEN, AUTH_INIT_LEN as INIT_LEN, AUTH_REPLY_LEN as REPLY_LEN};
 const LABEL: &[u8] = b"migaccel/4 ";
 
 /// Which end of the migration this is.
@@ -211,14 +212,14 @@ fn recv(t: &mut dyn Transport, want: FrameKind) -> Result<(Header, Vec<u8>), Aut
     if h.kind == FrameKind::Abort {
         let mut p = vec![0u8; h.len as usize]; // at most Abort's cap, checked by Header::decode
         t.recv_exact(&mut p)?;
-        return Err(AuthError::Refused(protocol::decode_abort(&p).unwrap_or_else(|e| e.to_string())));
+        return Err(AuthError::Refused(payload::Abort::decode(&p).map(|a| a.reason).unwrap_or_else(|e| e.to_string())));
     }
     if h.kind != want {
         return Err(AuthError::Unexpected(h.kind, want));
     }
     let need = want.max_len();
     if h.len != need {
-        return Err(TransportError::Protocol(protocol::ProtocolError::Payload {
+        return Err(TransportError::Protocol(frame::ProtocolError::Payload {
             kind: want,
             msg: format!("{} bytes, expected {need}", h.len),
         })
@@ -296,7 +297,7 @@ pub fn destination_confirm(t: &mut dyn Transport, half: AwaitingConfirm) -> Resu
     let keys = half.0;
     let (_, proof_s) = recv(t, FrameKind::AuthConfirm)?;
     if !openssl::memcmp::eq(&keys.proof(Role::Source)?, &proof_s) {
-        let _ = t.send_frame(FrameKind::Abort, &[Part::Buf(&protocol::encode_abort("authentication failed"))], None);
+        let _ = t.send_frame(FrameKind::Abort, &[Part::Buf(&payload::Abort::encode("authentication failed"))], None);
         return Err(AuthError::BadProof(Role::Source));
     }
     Ok(keys)
@@ -318,8 +319,8 @@ pub fn ephemeral_key() -> Result<TransportKey, AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seal::Sealed;
-    use crate::transport::TcpTransport;
+    use crate::wire::seal::Sealed;
+    use crate::wire::transport::TcpTransport;
     use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
 
@@ -349,11 +350,19 @@ mod tests {
         let ((ts, ks), (td, kd)) = (s.unwrap(), d.unwrap());
         let mut ts = Sealed::new(ts, ks.keys(Conn::Control).unwrap());
         let mut td = Sealed::new(td, kd.keys(Conn::Control).unwrap());
-        ts.send_frame(FrameKind::Complete, &[Part::Buf(&protocol::encode_complete(3, 2, 99))], None).unwrap();
+        ts.send_frame(
+            FrameKind::Complete,
+            &[Part::Buf(&payload::Complete { rounds: 3, sections: 2, pages_sent: 99 }.encode())],
+            None,
+        )
+        .unwrap();
         let h = td.recv_header().unwrap();
         let mut p = vec![0u8; h.len as usize];
         td.recv_exact(&mut p).unwrap();
-        assert_eq!(protocol::decode_complete(&p).unwrap(), (3, 2, 99));
+        assert_eq!(
+            payload::Complete::decode(&p).unwrap(),
+            payload::Complete { rounds: 3, sections: 2, pages_sent: 99 }
+        );
         // A second session with the same key has other keys: its frames do not open the first's.
         let (s2, _) = handshake(k.clone(), k);
         let (_, ks2) = s2.unwrap();

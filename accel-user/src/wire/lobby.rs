@@ -7,8 +7,8 @@ use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{FrameKind, Header, HEADER_LEN};
-use crate::transport::TransportError;
+use crate::wire::frame::{FrameKind, Header, HEADER_LEN};
+use crate::wire::transport::TransportError;
 
 /// How often pending connections are looked at.
 const POLL: Duration = Duration::from_millis(2);

@@ -1,0 +1,148 @@
+//! The confidential import: blobs from the source's Migration Handler go to the
+//! destination's, which checks and decrypts them inside the guest; the page-state record
+//! and the vCPU state that arrives in the VMSA pages.
+use super::*;
+
+impl<F: VmFactory> Receiver<F> {
+    /// MH blobs, imported in order through the destination MH. Pages count toward the
+    /// round; Cpu blobs move the receiver to States.
+    pub(super) fn on_blobs(&mut self, t: &mut dyn Transport, h: &Header, round: Option<u32>) -> Result<(), RecvError> {
+        // One reused buffer per receiver (up to ~1 MiB): the ciphertext is then copied once,
+        // from it into the MH's slots.
+        let mut p = std::mem::take(&mut self.blob_buf);
+        p.resize(h.len as usize, 0);
+        t.recv_exact(&mut p).map_err(|e| self.terr(e))?;
+        let r = self.import_blobs(&p, round);
+        self.blob_buf = p;
+        r
+    }
+
+    pub(super) fn import_blobs(&mut self, p: &[u8], round: Option<u32>) -> Result<(), RecvError> {
+        let st = self.state;
+        let m = self.machine.as_ref().ok_or_else(|| self.incomplete("blobs before a VM exists".into()))?;
+        let payload::Blobs { round: frame_round, blobs } =
+            payload::Blobs::decode(p, m.ram().pages()).map_err(|e| self.perr(e))?;
+        let kinds: Vec<Kind> = blobs.iter().map(|b| Kind::from_u32(b.desc.kind)).collect();
+        let pages = kinds.iter().filter(|k| **k == Kind::Page).count() as u64;
+        let cpu = kinds.iter().filter(|k| **k == Kind::Cpu).count();
+        if pages > 0 && round != Some(frame_round) {
+            return Err(self.incomplete(format!("page blobs of round {frame_round} in {st}")));
+        }
+        if cpu > 0 && cpu != blobs.len() {
+            return Err(self.incomplete("vCPU-state blobs mixed with other blobs".into()));
+        }
+        let vmsa = mh_abi::VMSA / PAGE_SIZE;
+        let mut reqs: Vec<Request> = Vec::new();
+        for (i, (b, k)) in blobs.iter().zip(&kinds).enumerate() {
+            let slot = i as u32;
+            let gfn = b.desc.gfn;
+            match k {
+                Kind::Page => match reqs.last_mut() {
+                    Some(r) if r.op == Op::Import as u16 && r.gfn + u64::from(r.count) == gfn => r.count += 1,
+                    _ => reqs.push(Request { op: Op::Import as u16, id: 0, count: 1, slot, gfn, round: 0 }),
+                },
+                Kind::Cpu => {
+                    if gfn != vmsa + i as u64 {
+                        return Err(self.incomplete(format!("vCPU-state blob {i} labelled gfn {gfn:#x}")));
+                    }
+                    match reqs.last_mut() {
+                        Some(r) => r.count += 1,
+                        None => {
+                            reqs.push(Request { op: Op::RestoreCpu as u16, id: 0, count: 1, slot, gfn: 0, round: 0 })
+                        }
+                    }
+                }
+                Kind::Begin | Kind::End => {
+                    reqs.push(Request { op: Op::Marker as u16, id: 0, count: 1, slot, gfn: 0, round: 0 })
+                }
+                Kind::Invalid => unreachable!("Blobs::decode refuses unknown kinds"),
+            }
+        }
+        let mhe = |source| RecvError::Mh { state: st, source };
+        {
+            let mut g = m.confidential().map(|c| c.mh());
+            let mh = g
+                .as_mut()
+                .and_then(|g| g.as_mut())
+                .ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
+            for (i, b) in blobs.iter().enumerate() {
+                mh.write_slot_parts(i as u32, &b.desc, b.data).map_err(mhe)?;
+            }
+            mh.run(&reqs).map_err(mhe)?;
+        }
+        if pages > 0 {
+            let mut rec = self.shared.received.lock().unwrap_or_else(|e| e.into_inner());
+            for (b, _) in blobs.iter().zip(&kinds).filter(|(_, k)| **k == Kind::Page) {
+                rec.insert(b.desc.gfn);
+            }
+        }
+        self.round_pages += pages;
+        self.total_pages += pages;
+        if cpu > 0 {
+            self.state = RecvState::States;
+        }
+        // The MH imported everything up to its End marker (`run` waits for it): RAM is
+        // final, so a snapshot taken here costs the handover nothing.
+        if kinds.contains(&Kind::End) {
+            self.capture_now();
+        }
+        Ok(())
+    }
+
+    /// Confidential: the machine state the destination MH decrypted into the VMSA pages,
+    /// `sections` of it.
+    pub(super) fn states_from_vmsa(&self, m: &F::Vm, sections: u32) -> Result<MachineState, RecvError> {
+        let cap = (mh_abi::VMSA_PAGES * mh_abi::PAGE) as usize;
+        let mut v = vec![0u8; cap];
+        m.ram().read(mh_abi::VMSA, &mut v).map_err(|e| RecvError::Vm { state: self.state, source: e.into() })?;
+        let n = u32::from_le_bytes(v[0..4].try_into().expect("4")) as usize;
+        if n != sections as usize || 4 + 4 * n > cap {
+            return Err(self.incomplete(format!("VMSA area holds {n} state sections, the source sent {sections}")));
+        }
+        let mut off = 4 + 4 * n;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let len = u32::from_le_bytes(v[4 + 4 * i..8 + 4 * i].try_into().expect("4")) as usize;
+            let end = off.checked_add(len).filter(|&e| e <= cap);
+            let end =
+                end.ok_or_else(|| self.incomplete(format!("state section {i} of {len} bytes overruns the VMSA area")))?;
+            out.push(v[off..end].to_vec());
+            off = end;
+        }
+        Ok(MachineState { sections: out })
+    }
+
+    /// Confidential: the source's shared ranges, into this VM's page-state record. Checked
+    /// against guest RAM and the MH region (each side's own) before any is applied.
+    pub(super) fn on_page_states(&mut self, t: &mut dyn Transport, h: &Header) -> Result<(), RecvError> {
+        let p = self.small(t, h)?;
+        let payload::PageStates { ranges, last } = payload::PageStates::decode(&p).map_err(|e| self.perr(e))?;
+        if self.states_done {
+            return Err(self.incomplete("page states after the last PageStates frame".into()));
+        }
+        let m = self.machine.as_ref().ok_or_else(|| self.incomplete("page states before a VM exists".into()))?;
+        let pages = m.ram().pages();
+        let region = mh_abi::REGION_GFNS;
+        for &(g, n) in &ranges {
+            let end = g + n; // PageStates::decode checked the sum
+            if g < self.states_end {
+                return Err(self.incomplete(format!("shared range at gfn {g:#x} is not after the previous one")));
+            }
+            if end > pages {
+                return Err(
+                    self.incomplete(format!("shared range gfn {g:#x}+{n} is outside guest RAM ({pages} pages)"))
+                );
+            }
+            if g < region.end && end > region.start {
+                return Err(self.incomplete(format!("shared range gfn {g:#x}+{n} is inside the MH region")));
+            }
+            self.states_end = end;
+        }
+        for &(g, n) in &ranges {
+            let conf = m.confidential().ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
+            conf.mark_shared(g, n).map_err(|e| RecvError::Vm { state: self.state, source: e.into() })?;
+        }
+        self.states_done = last;
+        Ok(())
+    }
+}

@@ -14,17 +14,30 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod mh;
+mod results;
 mod vs_qemu;
+
+use results::say;
 
 #[derive(Parser)]
 #[command(name = "migaccel-bench")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Keep what this run printed, with its command, date, machine and commit, in
+    /// `benches/results/NAME.json` (the source of `docs/benchmarks.md`).
+    #[arg(long, global = true, value_name = "NAME")]
+    save: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Render `docs/benchmarks.md` from the saved runs in `benches/results/`.
+    Doc {
+        /// Only say whether the page is current (fails if not).
+        #[arg(long)]
+        check: bool,
+    },
     /// Migrate idle / hot / ab guests and compare with the loopback TCP ceiling.
     Migrate {
         #[arg(long, default_value = "1GiB", value_parser = |s: &str| s.parse::<ByteSize>())]
@@ -209,14 +222,14 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
         let r1: u64 = m.reports().iter().sum();
         Ok((r1 - r0) as f64 * pages_per_report / t0.elapsed().as_secs_f64())
     };
-    println!(
+    say!(
         "## guest dirtying rate, 512 MiB ab guest, 2 vCPUs, dirty ring re-armed every {harvest_ms} ms, {window_ms} ms windows, probe filter: {}",
         if threads { "vCPU thread ids (bitmap)" } else { "process id" }
     );
-    println!("Each VM runs {cycles} cycle(s) of six windows: none, probe, empty, empty, probe, none (drift within a VM cancels).");
-    println!();
-    println!("| VM | no program (pages/s) | probe (pages/s) | empty program (pages/s) | probe / none | empty / none |");
-    println!("|---|---|---|---|---|---|");
+    say!("Each VM runs {cycles} cycle(s) of six windows: none, probe, empty, empty, probe, none (drift within a VM cancels).");
+    say!();
+    say!("| VM | no program (pages/s) | probe (pages/s) | empty program (pages/s) | probe / none | empty / none |");
+    say!("|---|---|---|---|---|---|");
     let (mut probe_r, mut empty_r, mut base) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..vms {
         let m = Machine::boot(spec, DirtyPreference::Ring { bytes: 64 << 10 })?;
@@ -236,7 +249,7 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
         }
         let n = 2.0 * f64::from(cycles);
         let [a, b, c] = sum.map(|x| x / n);
-        println!("| {} | {a:.0} | {b:.0} | {c:.0} | {:.4} | {:.4} |", i + 1, b / a, c / a);
+        say!("| {} | {a:.0} | {b:.0} | {c:.0} | {:.4} | {:.4} |", i + 1, b / a, c / a);
         probe_r.push(b / a);
         empty_r.push(c / a);
         base.push(a);
@@ -244,9 +257,9 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
     let (pm, pci) = mean_ci95(&probe_r);
     let (em, eci) = mean_ci95(&empty_r);
     let base = base.iter().sum::<f64>() / base.len() as f64;
-    println!("| mean ± 95 % CI ({vms} VMs) | {base:.0} | | | **{pm:.4} ± {pci:.4}** | **{em:.4} ± {eci:.4}** |");
-    println!();
-    println!(
+    say!("| mean ± 95 % CI ({vms} VMs) | {base:.0} | | | **{pm:.4} ± {pci:.4}** | **{em:.4} ± {eci:.4}** |");
+    say!();
+    say!(
         "overhead (1 - ratio): probe {:.2} % ± {:.2}, empty program {:.2} % ± {:.2}; the probe's own code: {:.2} points",
         100.0 * (1.0 - pm),
         100.0 * pci,
@@ -254,7 +267,7 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
         100.0 * eci,
         100.0 * (em - pm)
     );
-    println!();
+    say!();
 
     // The programs' own run time, as the kernel counts it (a separate window: the
     // accounting itself adds two clock reads per run).
@@ -263,9 +276,9 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
     m.resume()?;
     std::thread::sleep(Duration::from_millis(500));
     let stats = accel_ebpf::RunTimeStats::enable()?;
-    println!("## program run time per dirty-ring push (kernel BPF run-time accounting, {} ms)", 4 * window_ms);
-    println!("| program | runs | ns per run |");
-    println!("|---|---|---|");
+    say!("## program run time per dirty-ring push (kernel BPF run-time accounting, {} ms)", 4 * window_ms);
+    say!("| program | runs | ns per run |");
+    say!("|---|---|---|");
     let run_time = |a: &Attached| match a {
         Attached::Probe(p) => p.run_time(),
         Attached::Empty(p) => p.run_time(),
@@ -278,13 +291,13 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
         let r1 = run_time(&a)?;
         let runs = r1.runs - r0.runs;
         let ns = (r1.time - r0.time).as_nanos() as f64 / runs.max(1) as f64;
-        println!("| {name} | {runs} | {ns:.1} |");
+        say!("| {name} | {runs} | {ns:.1} |");
     }
     drop(stats);
     let per_page = 1e9 * f64::from(spec.vcpus) / base;
-    println!();
-    println!("A guest page write that KVM logs costs {per_page:.0} ns of vCPU time here (2 vCPUs / no-program rate).");
-    println!();
+    say!();
+    say!("A guest page write that KVM logs costs {per_page:.0} ns of vCPU time here (2 vCPUs / no-program rate).");
+    say!();
 
     // Harvest cost: same rounds, guest paused, both sources hold the same pages.
     let m = Machine::boot(
@@ -311,18 +324,16 @@ fn ebpf_bench(window_ms: u64, cycles: u32, vms: u32, harvest_ms: u64, threads: b
         anyhow::ensure!(r.len() as u64 == n, "round {it}: ring {} pages, bitmap {n}", r.len());
         pages += n;
     }
-    println!("## harvest cost per dirty page ({pages} pages over 40 rounds, 512 MiB guest)");
-    println!("| source | ns per page |");
-    println!("|---|---|");
-    println!(
+    say!("## harvest cost per dirty page ({pages} pages over 40 rounds, 512 MiB guest)");
+    say!("| source | ns per page |");
+    say!("|---|---|");
+    say!(
         "| KVM dirty ring (harvest + KVM_RESET_DIRTY_RINGS + dedupe) | {:.1} |",
         ring_t.as_nanos() as f64 / pages as f64
     );
-    println!("| BPF bitmap, mmapped (atomic swap per word) | {:.1} |", bpf_t.as_nanos() as f64 / pages as f64);
-    println!();
-    println!(
-        "The BPF harvest alone does not re-protect pages: KVM re-arms them at the ring reset, which the owner does."
-    );
+    say!("| BPF bitmap, mmapped (atomic swap per word) | {:.1} |", bpf_t.as_nanos() as f64 / pages as f64);
+    say!();
+    say!("The BPF harvest alone does not re-protect pages: KVM re-arms them at the ring reset, which the owner does.");
     Ok(())
 }
 
@@ -375,30 +386,30 @@ fn transport_bench(
         anyhow::ensure!(c == "sealed" || c == "insecure", "--channel {c}: expected sealed or insecure");
     }
     use accel_user::wire::transport::TransportMode;
-    println!("## loopback ceilings (same run)");
+    say!("## loopback ceilings (same run)");
     let (one, [small, large]) = single_stream_ceiling(secs);
     for (len, b) in [("128K", small), ("1M", large)] {
         match b {
-            Some(b) => println!("iperf3, 1 stream(s), {len} writes: {b:.2} GiB/s"),
-            None => println!("iperf3: not installed"),
+            Some(b) => say!("iperf3, 1 stream(s), {len} writes: {b:.2} GiB/s"),
+            None => say!("iperf3: not installed"),
         }
     }
     for &n in streams.iter().filter(|&&n| n != 1) {
         match iperf3_n(secs, n, None) {
-            Some(b) => println!("iperf3, {n} stream(s), 128K writes: {:.2} GiB/s", gib(b)),
-            None => println!("iperf3: not installed"),
+            Some(b) => say!("iperf3, {n} stream(s), 128K writes: {:.2} GiB/s", gib(b)),
+            None => say!("iperf3: not installed"),
         }
     }
     if let Some(c) = one {
-        println!("single-stream ceiling (best of the two): {c:.2} GiB/s");
+        say!("single-stream ceiling (best of the two): {c:.2} GiB/s");
     }
     if channels.iter().any(|c| c == "sealed") {
-        println!("## cipher ceilings (same run, one core)");
+        say!("## cipher ceilings (same run, one core)");
         let (seal, open) = aegis_rates();
-        println!("AEGIS-256X4 (the sealed channel's), 256 KiB records in cache: seal {:.2} GB/s, open (from a copy) {:.2} GB/s", seal / 1e9, open / 1e9);
+        say!("AEGIS-256X4 (the sealed channel's), 256 KiB records in cache: seal {:.2} GB/s, open (from a copy) {:.2} GB/s", seal / 1e9, open / 1e9);
         match mh::openssl_aes_gcm() {
-            Some(c) => println!("AES-256-GCM (openssl speed, 16 KiB): {:.2} GB/s", c / 1e9),
-            None => println!("openssl not found: no AES-256-GCM ceiling this run"),
+            Some(c) => say!("AES-256-GCM (openssl speed, 16 KiB): {:.2} GB/s", c / 1e9),
+            None => say!("openssl not found: no AES-256-GCM ceiling this run"),
         }
     }
     // RAM -> RAM over one stream: the ceiling for moving this much memory (median of 3).
@@ -412,7 +423,7 @@ fn transport_bench(
                 [ram_stream(ram.0, pre)?, ram_stream(ram.0, pre)?, ram_stream(ram.0, pre)?]
             };
             runs.sort_by(f64::total_cmp);
-            println!(
+            say!(
                 "guest RAM -> {what} memfd, 1 stream, 4 MiB writes / MSG_WAITALL receives, no engine, {} MiB, median of 3: {:.2} GiB/s",
                 ram.0 >> 20,
                 gib(runs[1])
@@ -422,9 +433,9 @@ fn transport_bench(
             }
         }
     }
-    println!();
-    println!("| guest | destination RAM | mode | channel | streams | total ms | GiB/s | vs iperf3 1 stream | vs RAM->RAM 1 stream | round 0 GiB/s | CPU s/GiB (both ends) | zero-copy sends | kernel: no copy / copied |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    say!();
+    say!("| guest | destination RAM | mode | channel | streams | total ms | GiB/s | vs iperf3 1 stream | vs RAM->RAM 1 stream | round 0 GiB/s | CPU s/GiB (both ends) | zero-copy sends | kernel: no copy / copied |");
+    say!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let modes = [
         ("blocking writev", TransportMode::Blocking, false),
         ("io_uring SEND(MSG)", TransportMode::Copy, false),
@@ -548,7 +559,7 @@ fn transport_bench(
                     Some((sends, no_copy, copied)) => (sends.to_string(), format!("{no_copy} / {copied}")),
                     None => ("-".to_string(), "-".to_string()),
                 };
-                println!(
+                say!(
                     "| {} MiB | {dest} | {} | {channel} | {n} | {:.0} | {:.2}{spread} | {} | {} | {:.2} | {:.2} | {zs} | {zc} |",
                     ram.0 >> 20,
                     modes[k].0,
@@ -607,34 +618,34 @@ fn transport_bench(
         }
     }
     if !sealing.is_empty() {
-        println!();
-        println!("## sealing's cost: sealed ÷ insecure, same mode and streams, median of per-repetition ratios");
-        println!("| guest | destination RAM | mode | streams | GiB/s | total ms | CPU s/GiB |");
-        println!("|---|---|---|---|---|---|---|");
+        say!();
+        say!("## sealing's cost: sealed ÷ insecure, same mode and streams, median of per-repetition ratios");
+        say!("| guest | destination RAM | mode | streams | GiB/s | total ms | CPU s/GiB |");
+        say!("|---|---|---|---|---|---|---|");
         for row in &sealing {
-            println!("{row}");
+            say!("{row}");
         }
     }
     for &ram in rams {
         let v: Vec<String> = prep_ms.iter().filter(|p| p.0 == ram.0 >> 20).map(|p| format!("{:.0}", p.1)).collect();
         if !v.is_empty() {
-            println!();
-            println!(
+            say!();
+            say!(
                 "destination preparation, {} MiB (before the source connects, not in total): {} ms",
                 ram.0 >> 20,
                 v.join(" / ")
             );
         }
     }
-    println!();
-    println!("CPU s/GiB: process user+sys from after the guest was filled until the source heard `Resumed` (source, destination and the idle guest's vCPU threads; not the teardown).");
+    say!();
+    say!("CPU s/GiB: process user+sys from after the guest was filled until the source heard `Resumed` (source, destination and the idle guest's vCPU threads; not the teardown).");
     if !paired.is_empty() {
-        println!();
-        println!("## repetition by repetition: mean ± 95 % CI of per-repetition ratios ({reps} repetitions, rows interleaved)");
-        println!("| guest | destination RAM | mode | channel | streams | GiB/s ÷ iperf3 1 stream just before | CPU ÷ blocking, same streams, same repetition | CPU ÷ blocking 1 stream, same repetition | context switches per GiB (median) |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        say!();
+        say!("## repetition by repetition: mean ± 95 % CI of per-repetition ratios ({reps} repetitions, rows interleaved)");
+        say!("| guest | destination RAM | mode | channel | streams | GiB/s ÷ iperf3 1 stream just before | CPU ÷ blocking, same streams, same repetition | CPU ÷ blocking 1 stream, same repetition | context switches per GiB (median) |");
+        say!("|---|---|---|---|---|---|---|---|---|");
         for row in &paired {
-            println!("{row}");
+            say!("{row}");
         }
     }
     Ok(())
@@ -786,7 +797,11 @@ fn gib(b: f64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let (Some(_), Cmd::Doc { .. }) = (&cli.save, &cli.cmd) {
+        anyhow::bail!("--save keeps a bench's results; `doc` renders them");
+    }
     match cli.cmd {
+        Cmd::Doc { check } => results::doc(check)?,
         Cmd::Ebpf { window_ms, cycles, vms, harvest_ms, pid } => ebpf_bench(window_ms, cycles, vms, harvest_ms, !pid)?,
         Cmd::Mh { pages, batches, migrate_ram } => mh::mh_bench(pages, &batches, migrate_ram)?,
         Cmd::VsQemu { ram, hot, reps, warmup_ms, only, plot } => {
@@ -814,23 +829,23 @@ fn main() -> anyhow::Result<()> {
             runs.sort_by(f64::total_cmp);
             let same_path = runs[1];
             let tcp = ip.unwrap_or(raw);
-            println!("## loopback ceiling (same run)");
+            say!("## loopback ceiling (same run)");
             match ip {
-                Some(b) => println!("iperf3, 1 stream:            {:.2} GiB/s", gib(b)),
-                None => println!("iperf3: not installed (./dev setup installs it)"),
+                Some(b) => say!("iperf3, 1 stream:            {:.2} GiB/s", gib(b)),
+                None => say!("iperf3: not installed (./dev setup installs it)"),
             }
-            println!("in-process TCP, 1 stream, cache-hot 1 MiB buffer: {:.2} GiB/s", gib(raw));
-            println!(
+            say!("in-process TCP, 1 stream, cache-hot 1 MiB buffer: {:.2} GiB/s", gib(raw));
+            say!(
                 "guest RAM -> fresh memfd over 1 stream, no engine, median of 3: {:.2} GiB/s (runs {:.2} / {:.2} / {:.2})",
                 gib(same_path),
                 gib(runs[0]),
                 gib(runs[1]),
                 gib(runs[2])
             );
-            println!();
-            println!("## live migration, {} MiB guest, {vcpus} vCPUs, dirty source {dirty_source:?}", ram.0 >> 20);
-            println!("| workload | rounds | total ms | downtime ms | wire MiB | throughput GiB/s | precopy GiB/s | vs TCP ceiling | vs RAM stream | dirty pages/s | switchover |");
-            println!("|---|---|---|---|---|---|---|---|---|---|---|");
+            say!();
+            say!("## live migration, {} MiB guest, {vcpus} vCPUs, dirty source {dirty_source:?}", ram.0 >> 20);
+            say!("| workload | rounds | total ms | downtime ms | wire MiB | throughput GiB/s | precopy GiB/s | vs TCP ceiling | vs RAM stream | dirty pages/s | switchover |");
+            say!("|---|---|---|---|---|---|---|---|---|---|---|");
             let cases = [
                 (WorkloadKind::Idle, true),
                 (WorkloadKind::Idle, false),
@@ -871,7 +886,7 @@ fn main() -> anyhow::Result<()> {
                 };
                 let thr = r.throughput_mib_s / 1024.0;
                 let pre = r.precopy_throughput_mib_s / 1024.0;
-                println!(
+                say!(
                     "| {name} | {} | {:.0} | {:.1} | {:.0} | {:.2} | {:.2} | {:.0} % | {:.0} % | {:.0} | {} |",
                     r.precopy_rounds.len() + 1,
                     r.total.as_secs_f64() * 1e3,
@@ -889,9 +904,12 @@ fn main() -> anyhow::Result<()> {
                     }
                 );
             }
-            println!();
-            println!("rounds include the final stop-and-copy round; ratios = precopy throughput / the same-run iperf3 (or in-process) TCP ceiling, and / the guest-RAM stream median.");
+            say!();
+            say!("rounds include the final stop-and-copy round; ratios = precopy throughput / the same-run iperf3 (or in-process) TCP ceiling, and / the guest-RAM stream median.");
         }
+    }
+    if let Some(name) = &cli.save {
+        eprintln!("saved this run to {}", results::save(name)?.display());
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! single-core AES-256-GCM ceiling (`openssl speed`) and a host memcpy of the same pages
 //! (the direct path's per-page work); then polling vs port-I/O kicks; then whole migrations,
 //! direct vs confidential, of the same guest.
+use crate::results::say;
 use std::time::{Duration, Instant};
 
 use accel_user::app::config::{ByteSize, Config, DirtySource, WorkloadKind};
@@ -97,8 +98,8 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::R
     let ram = (DATA_START + pages * 4096).next_multiple_of(2 << 20).max(64 << 20) + (2 << 20);
     let ceiling = openssl_aes_gcm();
     match ceiling {
-        Some(c) => println!("single-core AES-256-GCM (openssl speed, 16 KiB): {:.2} GB/s", c / 1e9),
-        None => println!("openssl not found: no AES ceiling this run"),
+        Some(c) => say!("single-core AES-256-GCM (openssl speed, 16 KiB): {:.2} GB/s", c / 1e9),
+        None => say!("openssl not found: no AES ceiling this run"),
     }
     let (src, mut sh) = vm(false, ram, 0)?;
     // Pseudo-random page contents (incompressible, no zero pages).
@@ -121,14 +122,10 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::R
     dst.ram().write(DATA_START, &buf)?;
     let direct = t.elapsed();
     drop(dst);
-    println!(
-        "host copy of the same {} MiB (direct path, no network): {:.2} GB/s",
-        pages >> 8,
-        gbs(pages * 4096, direct)
-    );
-    println!();
-    println!("| pages/doorbell | pages | export GB/s | import GB/s | export+import GB/s | of AES ceiling | doorbells | µs/doorbell |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    say!("host copy of the same {} MiB (direct path, no network): {:.2} GB/s", pages >> 8, gbs(pages * 4096, direct));
+    say!();
+    say!("| pages/doorbell | pages | export GB/s | import GB/s | export+import GB/s | of AES ceiling | doorbells | µs/doorbell |");
+    say!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, &b) in batches.iter().enumerate() {
         // Batch 1 pays two port-I/O round trips per page: fewer pages keep it short.
         let n = if b < 16 { pages.min(4096) } else { pages };
@@ -144,7 +141,7 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::R
         dst.ram().read(DATA_START, &mut d)?;
         anyhow::ensure!(a == d, "batch {b}: destination pages differ after import");
         let both = gbs(bytes, r.total);
-        println!(
+        say!(
             "| {b} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} |",
             r.pages,
             gbs(bytes, r.export),
@@ -159,9 +156,9 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::R
 
     // Doorbells: port-I/O kick at once vs polling first (MH spins on its request ring, the
     // host on the completion ring).
-    println!();
-    println!("| doorbell (64 pages/doorbell) | export+import GB/s | µs/doorbell |");
-    println!("|---|---:|---:|");
+    say!();
+    say!("| doorbell (64 pages/doorbell) | export+import GB/s | µs/doorbell |");
+    say!("|---|---:|---:|");
     for (name, spin) in [
         ("kick at once (spin 0)", 0u64),
         ("poll 2000 times, then kick", 2_000),
@@ -180,7 +177,7 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::R
         dst.ram().populate()?;
         dh.spin = spin as u32;
         let r = transfer(&mut sh, &mut dh, n, 64, 2)?;
-        println!(
+        say!(
             "| {name} | {:.2} | {:.1} |",
             gbs(r.pages * 4096, r.total),
             r.total.as_secs_f64() * 1e6 / r.doorbells as f64
@@ -188,12 +185,9 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::R
     }
 
     // Whole migrations of the same idle guest, RAM filled by the host: direct vs confidential.
-    println!();
-    println!(
-        "| migration ({} MiB guest, idle, filled) | total s | GiB/s | pages through the MH |",
-        migrate_ram.0 >> 20
-    );
-    println!("|---|---:|---:|---:|");
+    say!();
+    say!("| migration ({} MiB guest, idle, filled) | total s | GiB/s | pages through the MH |", migrate_ram.0 >> 20);
+    say!("|---|---:|---:|---:|");
     let key = std::env::temp_dir().join(format!("migaccel-bench-{}.key", std::process::id()));
     std::fs::write(&key, KEY)?;
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
@@ -214,7 +208,7 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::R
         let out = session::demo_with(&c, &fill, &mut |_| {})?;
         anyhow::ensure!(out.report.verification.ok(), "{name}: verification failed {:?}", out.report.verification);
         let r = &out.report.source;
-        println!(
+        say!(
             "| {name} | {:.2} | {:.2} | {} |",
             r.total.as_secs_f64(),
             r.throughput_mib_s / 1024.0,

@@ -22,6 +22,7 @@
 //! arrives from each QEMU); the embedded guest's progress reports are stamped by its VMM
 //! (idle: one per millisecond; walking: one per 4096 pages). Blackout = the destination's
 //! first heartbeat after the migration minus the source's last one.
+use crate::results::say;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -412,12 +413,12 @@ pub fn vs_qemu(
         bail!("--only {bad:?}: no such system (one of: {})", systems.join(", "));
     }
     let selected = |k: usize| only.is_empty() || only.contains(&systems[k]);
-    println!("# vs-qemu: {reps} repetition(s), interleaved; 1 vCPU; warm-up {warmup_ms} ms after the prefill");
-    println!();
-    println!(
+    say!("# vs-qemu: {reps} repetition(s), interleaved; 1 vCPU; warm-up {warmup_ms} ms after the prefill");
+    say!();
+    say!(
         "| RAM | class | system | total ms | setup ms | downtime ms | blackout ms | MiB moved | rounds | guest writes/s before | during precopy | CPU s | total / best QEMU | downtime / best QEMU | blackout / best QEMU | total / best QEMU of all | total / best QEMU with TLS |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    say!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // Per cell (RAM, class): each system's median total, for the chart.
     let mut chart: Vec<accel_user::app::plot::Group> = Vec::new();
     for ram in rams {
@@ -498,7 +499,7 @@ pub fn vs_qemu(
                     }
                 };
                 let rate = |v: f64| if v.is_nan() { "–".to_string() } else { format!("{:.1} M", v / 1e6) };
-                println!(
+                say!(
                     "| {} MiB | {class} | {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} | {:.2} | {} | {} | {} | {} | {} |",
                     ram.0 >> 20,
                     col(|r| r.total_ms),
@@ -519,8 +520,8 @@ pub fn vs_qemu(
             }
         }
     }
-    println!();
-    println!(
+    say!();
+    say!(
         "Medians over repetitions. Ratios are medians of per-repetition ratios against the best QEMU configuration without TLS of the same repetition with the same destination memory (fresh: QEMU without preallocation; prepared: QEMU with -mem-prealloc), each column's own best; 'of all' against the best of the six without TLS; 'with TLS' against the best QEMU with tls-creds-psk and the same destination memory."
     );
     if let Some(p) = plot {
@@ -528,6 +529,9 @@ pub fn vs_qemu(
         let svg = accel_user::app::plot::bars(&title, "total ms", &chart).map_err(anyhow::Error::msg)?;
         std::fs::write(p, svg).with_context(|| format!("--plot {}", p.display()))?;
         eprintln!("wrote the chart to {}", p.display());
+        // The results page lives in docs/: a chart there is linked by its name.
+        let shown = p.strip_prefix("docs").unwrap_or(p);
+        say!("![{title}]({})", shown.display());
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

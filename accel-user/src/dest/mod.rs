@@ -507,7 +507,7 @@ impl<F: VmFactory> Receiver<F> {
             // Confidential: the MH writes every private page from inside the guest, where the
             // first touch of fresh host memory costs a guest page fault each (tens of µs on a
             // nested host): allocating all of RAM first is several times faster
-            // (docs/benchmarks.md, "A confidential destination allocates its RAM first").
+            // (docs/performance.md, "Confidential migration: the Migration Handler's import").
             if (self.o.prefault || hello.confidential) && self.prepare_time.is_none() {
                 let t = Instant::now();
                 m.ram().populate().map_err(|e| format!("cannot pre-allocate guest RAM: {e}"))?;

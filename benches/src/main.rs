@@ -800,6 +800,9 @@ fn main() -> anyhow::Result<()> {
     if let (Some(_), Cmd::Doc { .. }) = (&cli.save, &cli.cmd) {
         anyhow::bail!("--save keeps a bench's results; `doc` renders them");
     }
+    if cli.save.is_some() {
+        results::begin();
+    }
     match cli.cmd {
         Cmd::Doc { check } => results::doc(check)?,
         Cmd::Ebpf { window_ms, cycles, vms, harvest_ms, pid } => ebpf_bench(window_ms, cycles, vms, harvest_ms, !pid)?,

@@ -13,6 +13,15 @@ use serde::{Deserialize, Serialize};
 /// Every line the bench printed through [`say`], in order.
 static PRINTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
+/// The commit and date when the run started: what was measured, whatever changes while it
+/// runs.
+static STARTED: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
+/// Note the commit and date a saved run measures, before it starts.
+pub fn begin() {
+    STARTED.get_or_init(|| (commit(), output("date", &["-u", "+%Y-%m-%d"]).unwrap_or_default()));
+}
+
 /// Print a line of results and keep it for `--save`.
 pub fn say_line(line: String) {
     println!("{line}");
@@ -310,12 +319,14 @@ pub fn save(name: &str) -> anyhow::Result<PathBuf> {
     );
     let lines = PRINTED.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let args: Vec<String> = std::env::args().collect();
+    begin();
+    let (commit, date) = STARTED.get().cloned().unwrap_or_default();
     let run = Run {
         name: name.to_string(),
         command: command(&args),
-        date: output("date", &["-u", "+%Y-%m-%d"]).unwrap_or_default(),
+        date,
         machine: machine(),
-        commit: commit(),
+        commit,
         blocks: blocks(&lines),
     };
     let dir = root().join("benches/results");

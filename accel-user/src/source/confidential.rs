@@ -1,6 +1,7 @@
 //! The confidential path: private pages and vCPU state leave the guest only as blobs the
 //! source Migration Handler encrypted; the host moves them without reading them.
 use super::*;
+
 /// Encrypt `gfns` (ascending) through the source MH, `mh_batch` pages per doorbell, and
 /// send the blobs on the control stream.
 pub(super) fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) -> Result<(), PathError> {

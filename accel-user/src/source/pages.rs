@@ -2,6 +2,7 @@
 //! data streams, private pages through the Migration Handler, zero runs as compact
 //! records), the page-state record of a confidential VM, and the end of a round.
 use super::*;
+
 /// Close a round: every stream sent everything and the kernel released every buffer (only
 /// then are the round's pages "sent"), then the control stream announces the round's total.
 pub(super) fn end_round(c: &mut Ctx<'_>, round: u32, st: &mut RoundStats) -> Result<(), TransportError> {

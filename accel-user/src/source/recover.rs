@@ -1,6 +1,7 @@
 //! Recovery: when a migration fails, the source runs the VM again with every dirty bit
 //! kept, and, when the destination may have it, asks the destination whether it runs it.
 use super::*;
+
 /// The migration ended: the guest no longer pays for dirty logging.
 pub(super) fn stop_logging(m: &dyn Migratable) {
     if let Err(e) = m.dirty_log().stop() {

@@ -535,7 +535,7 @@ impl<F: VmFactory> Receiver<F> {
                     None => 0,
                 };
                 self.machine = Some(m);
-                let ack = payload::HelloAck::encode(0, challenge, "accepted");
+                let ack = payload::HelloAck::encode(payload::HelloAck::ACCEPTED, challenge, "accepted");
                 t.send_frame(FrameKind::HelloAck, &[Part::Buf(&ack)], None).map_err(|e| self.terr(e))?;
                 self.join_streams(hello.streams, hello.session, ram, accept)?;
                 // Every connection of the session is in: any later one may be a query.
@@ -544,8 +544,11 @@ impl<F: VmFactory> Receiver<F> {
                 Ok(())
             }
             Err(reason) => {
-                let _ =
-                    t.send_frame(FrameKind::HelloAck, &[Part::Buf(&payload::HelloAck::encode(1, 0, &reason))], None);
+                let _ = t.send_frame(
+                    FrameKind::HelloAck,
+                    &[Part::Buf(&payload::HelloAck::encode(payload::HelloAck::REFUSED, 0, &reason))],
+                    None,
+                );
                 Err(RecvError::Refused(reason))
             }
         }

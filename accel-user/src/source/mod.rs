@@ -384,7 +384,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     let challenge = match h {
         FrameKind::HelloAck => {
             let ack = payload::HelloAck::decode(&p).map_err(|e| tx(ph, e.into()))?;
-            if ack.status != 0 {
+            if ack.status != payload::HelloAck::ACCEPTED {
                 return Err(SendError::Refused { phase: ph, reason: ack.text });
             }
             ack.challenge

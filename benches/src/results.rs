@@ -67,6 +67,18 @@ pub struct Run {
     pub blocks: Vec<Block>,
 }
 
+impl Run {
+    /// The bench the run is of (`vs-qemu`, `transport`, …): the word after `./dev bench`.
+    fn bench(&self) -> &str {
+        self.command.split_whitespace().nth(2).unwrap_or(&self.name)
+    }
+
+    /// The run's heading on the page.
+    fn title(&self) -> String {
+        format!("{}: {}", self.bench(), self.name)
+    }
+}
+
 /// Cells of a table row `| a | b |`.
 fn cells(line: &str) -> Vec<String> {
     let inner = line.trim().trim_start_matches('|').trim_end_matches('|');
@@ -120,9 +132,8 @@ pub fn blocks(lines: &[String]) -> Vec<Block> {
 }
 
 /// What each bench measures, said once above its results.
-fn about(command: &str) -> &'static str {
-    let sub = command.split_whitespace().nth(2).unwrap_or("");
-    match sub {
+fn about(bench: &str) -> &'static str {
+    match bench {
         "vs-qemu" => {
             "QEMU's own migration of a QEMU guest beside migaccel's, on the same machine in the same run: \
              same RAM, same guest classes (idle and prefilled, a hot range written at full speed, all RAM \
@@ -154,10 +165,8 @@ fn about(command: &str) -> &'static str {
 
 /// The Markdown of one run.
 pub fn render_run(r: &Run) -> String {
-    let mut s = String::new();
-    let title = r.command.split_whitespace().nth(2).unwrap_or(&r.name);
-    s += &format!("## {title}: {}\n\n", r.name);
-    let a = about(&r.command);
+    let mut s = format!("## {}\n\n", r.title());
+    let a = about(r.bench());
     if !a.is_empty() {
         s += a;
         s += "\n\n";
@@ -191,8 +200,7 @@ pub fn render_run(r: &Run) -> String {
 const ORDER: [&str; 5] = ["vs-qemu", "transport", "mh", "migrate", "ebpf"];
 
 fn rank(r: &Run) -> (usize, String) {
-    let sub = r.command.split_whitespace().nth(2).unwrap_or("");
-    (ORDER.iter().position(|o| *o == sub).unwrap_or(ORDER.len()), r.name.clone())
+    (ORDER.iter().position(|o| *o == r.bench()).unwrap_or(ORDER.len()), r.name.clone())
 }
 
 /// The whole results page.
@@ -208,8 +216,7 @@ pub fn render_page(runs: &[Run]) -> String {
          [performance.md](performance.md).\n\n",
     );
     for r in &runs {
-        let title = r.command.split_whitespace().nth(2).unwrap_or(&r.name);
-        s += &format!("- [{title}: {}](#{}) ({})\n", r.name, anchor(&format!("{title}: {}", r.name)), r.date);
+        s += &format!("- [{}](#{}) ({})\n", r.title(), anchor(&r.title()), r.date);
     }
     s += "\n";
     for r in &runs {

@@ -40,12 +40,11 @@ impl Transport for Bytes {
         self.framer.piece_sent(last);
         Ok(())
     }
-    fn send_seq(&self) -> u64 {
-        self.framer.send_seq()
+    fn framer(&self) -> &Framer {
+        &self.framer
     }
-    fn recv_header(&mut self) -> Result<Header, TransportError> {
-        let b: [u8; HEADER_LEN] = self.take(HEADER_LEN)?.try_into().expect("HEADER_LEN bytes");
-        self.framer.received(&b)
+    fn framer_mut(&mut self) -> &mut Framer {
+        &mut self.framer
     }
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
         buf.copy_from_slice(self.take(buf.len())?);

@@ -363,7 +363,6 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     let writes0 = c.m.page_writes();
     let shape = c.m.shape();
     let total_pages = c.m.ram().pages();
-    let kvm = |phase: Phase| move |source: kvm_hooks::Error| SendError::Vm { phase, source: source.into() };
 
     // Handshake: the destination creates the VM before any page is sent.
     let ph = Phase::Handshake;
@@ -511,6 +510,16 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         rep.pages_deferred = rep.precopy_rounds.iter().map(|r| r.deferred).sum::<u64>() + rep.final_round.deferred;
     }
     Ok(rep)
+}
+
+/// A failed KVM call at `phase`, for `map_err`.
+fn kvm(phase: Phase) -> impl Fn(kvm_hooks::Error) -> SendError {
+    move |source| SendError::Vm { phase, source: source.into() }
+}
+
+/// A failure of the VM at `phase`, for `map_err`.
+fn vm(phase: Phase) -> impl Fn(VmError) -> SendError {
+    move |source| SendError::Vm { phase, source }
 }
 
 fn tx(phase: Phase, source: TransportError) -> SendError {

@@ -23,8 +23,6 @@ pub(super) fn stop_and_copy(
     rounds: &[RoundStats],
     on: &mut dyn FnMut(Event),
 ) -> Result<Stopped, SendError> {
-    let kvm = |phase: Phase| move |source: kvm_hooks::Error| SendError::Vm { phase, source: source.into() };
-    let vm = |phase: Phase| move |source| SendError::Vm { phase, source };
     let ph = Phase::StopAndCopy;
     let t_stop = Instant::now();
     let writes_stop = c.m.page_writes();

@@ -372,9 +372,9 @@ mod tests {
     }
 
     /// A header announcing a big frame where a handshake frame belongs is refused before
-    /// a byte of it is read or allocated (a peer without the key once made the receiver
-    /// allocate and fill 16 MiB per handshake): the error comes at once, with the peer
-    /// still connected and sending nothing more.
+    /// a byte of it is read or allocated (a peer without the key must not make the
+    /// receiver allocate and fill 16 MiB per handshake): the error comes at once, with the
+    /// peer still connected and sending nothing more.
     #[test]
     fn oversized_handshake_frames_are_refused_unread() {
         use std::io::Write;

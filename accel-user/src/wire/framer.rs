@@ -58,9 +58,9 @@ impl Framer {
     }
 
     /// The header of the next whole frame, made of `parts`; fails once the fence is shut.
-    pub fn header(&self, kind: FrameKind, parts: &[Part<'_>]) -> Result<[u8; HEADER_LEN], TransportError> {
+    pub fn header(&self, kind: FrameKind, parts: &[Part<'_>]) -> Result<Header, TransportError> {
         self.check_open()?;
-        Ok(Header { kind, len: payload_len(parts)?, seq: self.send_seq }.encode())
+        Ok(Header { kind, len: payload_len(parts)?, seq: self.send_seq })
     }
 
     /// A whole frame went out (or, for a sealed frame, its nonce is spent).
@@ -127,7 +127,7 @@ mod tests {
     #[test]
     fn sequence_numbers_continue_and_are_checked() {
         let mut f = Framer::resume(3, 5);
-        let h = f.header(FrameKind::Done, &[]).unwrap();
+        let h = f.header(FrameKind::Done, &[]).unwrap().encode();
         assert_eq!(Header::decode(&h).unwrap().seq, 3);
         f.sent();
         assert_eq!(f.send_seq(), 4);

@@ -298,8 +298,8 @@ impl Transport for Sealed {
             return Err(TransportError::Broken(why));
         }
         // The sequence continues the connection's (the handshake's frames came first).
-        let hdr = self.framer.header(kind, parts)?;
-        let (seq, len) = (self.framer.send_seq(), super::framer::payload_len(parts)? as usize);
+        let h = self.framer.header(kind, parts)?;
+        let (hdr, seq, len) = (h.encode(), h.seq, h.len as usize);
         // From here on the frame's nonces are spent, whatever the send does.
         self.framer.sent();
         let r = self.seal_and_send(&hdr, seq, len, parts, ram);
@@ -347,8 +347,12 @@ impl Transport for Sealed {
         Err(TransportError::Guest("raw frames cannot go through a sealed connection".into()))
     }
 
-    fn send_seq(&self) -> u64 {
-        self.framer.send_seq()
+    fn framer(&self) -> &Framer {
+        &self.framer
+    }
+
+    fn framer_mut(&mut self) -> &mut Framer {
+        &mut self.framer
     }
 
     fn unsent(&self) -> Option<(u64, String)> {

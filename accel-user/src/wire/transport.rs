@@ -21,17 +21,26 @@ pub trait Transport: Send {
     /// header, which must carry [`Transport::send_seq`]; the frame counts as sent once its
     /// `last` piece is out. `body` may be reused once this returns.
     fn send_raw(&mut self, hdr: Option<&[u8; HEADER_LEN]>, body: &[u8], last: bool) -> Result<(), TransportError>;
+    /// The connection's frame layer: sequence numbers, header checks, the send fence.
+    fn framer(&self) -> &Framer;
+    fn framer_mut(&mut self) -> &mut Framer;
     /// Sequence number of the next frame sent.
-    fn send_seq(&self) -> u64;
+    fn send_seq(&self) -> u64 {
+        self.framer().send_seq()
+    }
     /// After a send failed: the sequence number of the first frame that does not count as
     /// sent (that frame and every later one never reach the peer whole), and why. A frame
     /// whose bytes all reached the kernel counts as sent, even if the connection failed
     /// afterwards.
     fn unsent(&self) -> Option<(u64, String)> {
-        None
+        self.framer().unsent()
     }
     /// Receive and validate the next frame header (magic, version, caps, sequence).
-    fn recv_header(&mut self) -> Result<Header, TransportError>;
+    fn recv_header(&mut self) -> Result<Header, TransportError> {
+        let mut b = [0u8; HEADER_LEN];
+        self.recv_exact(&mut b)?;
+        self.framer_mut().received(&b)
+    }
     /// Receive exactly `buf.len()` payload bytes.
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError>;
     /// Receive `len` payload bytes straight into guest RAM at `gpa` (bounds-checked first).
@@ -161,7 +170,7 @@ impl Transport for TcpTransport {
         parts: &[Part<'_>],
         ram: Option<&GuestRam>,
     ) -> Result<(), TransportError> {
-        let hdr = self.framer.header(kind, parts)?;
+        let hdr = self.framer.header(kind, parts)?.encode();
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len() + 1);
         iov.push(libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: HEADER_LEN });
         for p in parts {
@@ -193,18 +202,12 @@ impl Transport for TcpTransport {
         Ok(())
     }
 
-    fn send_seq(&self) -> u64 {
-        self.framer.send_seq()
+    fn framer(&self) -> &Framer {
+        &self.framer
     }
 
-    fn unsent(&self) -> Option<(u64, String)> {
-        self.framer.unsent()
-    }
-
-    fn recv_header(&mut self) -> Result<Header, TransportError> {
-        let mut b = [0u8; HEADER_LEN];
-        self.recv_exact(&mut b)?;
-        self.framer.received(&b)
+    fn framer_mut(&mut self) -> &mut Framer {
+        &mut self.framer
     }
 
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {

@@ -8,7 +8,7 @@ use kvm_hooks::memory::GuestRam;
 
 use super::error::TransportError;
 use super::frame::Part;
-use super::frame::{FrameKind, Header, HEADER_LEN};
+use super::frame::{FrameKind, HEADER_LEN};
 use super::framer::{Framer, SHUT_FOR_SENDING};
 use super::transport::{stream_readable, Transport, TransportMode};
 
@@ -160,7 +160,7 @@ impl Transport for UringTransport {
         ram: Option<&GuestRam>,
     ) -> Result<(), TransportError> {
         use kvm_hooks::uring::Piece;
-        let hdr = self.framer.header(kind, parts)?;
+        let hdr = self.framer.header(kind, parts)?.encode();
         let mut pieces = Vec::with_capacity(parts.len() + 1);
         pieces.push(Piece::Host(&hdr));
         let mut seen_guest = false;
@@ -212,18 +212,12 @@ impl Transport for UringTransport {
         r.inspect_err(|e| self.break_off(e, self.framer.send_seq()))
     }
 
-    fn send_seq(&self) -> u64 {
-        self.framer.send_seq()
+    fn framer(&self) -> &Framer {
+        &self.framer
     }
 
-    fn unsent(&self) -> Option<(u64, String)> {
-        self.framer.unsent()
-    }
-
-    fn recv_header(&mut self) -> Result<Header, TransportError> {
-        let mut b = [0u8; HEADER_LEN];
-        self.recv_exact(&mut b)?;
-        self.framer.received(&b)
+    fn framer_mut(&mut self) -> &mut Framer {
+        &mut self.framer
     }
 
     fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {

@@ -64,7 +64,10 @@ fn assert_failed_cleanly(t: RecvThread, src: &Machine) {
 }
 
 fn migrate(workload: WorkloadKind) {
-    let c = confidential(workload, &format!("{workload:?}"));
+    migrate_with(confidential(workload, &format!("{workload:?}")))
+}
+
+fn migrate_with(c: Config) {
     let out = session::demo(&c, &mut |_| {}).expect("confidential migration succeeds");
     let r = &out.report;
     let v = &r.verification;
@@ -76,6 +79,12 @@ fn migrate(workload: WorkloadKind) {
     let exported = r.source.mh_exported.expect("the report counts MH exports");
     let written: u64 = r.source.precopy_rounds.iter().map(|x| x.pages - x.zero_pages).sum();
     assert!(exported >= written, "{exported} pages through the MH, {written} data pages sent");
+    // The guest zeroes pages it wrote: the MH sent them as zero records (counted with the
+    // zero pages), and the destination holds zero there (the verification above).
+    let zeros = r.source.mh_zero_records.expect("the report counts zero records");
+    let zero_pages: u64 =
+        r.source.precopy_rounds.iter().chain(std::iter::once(&r.source.final_round)).map(|x| x.zero_pages).sum();
+    assert!(zeros > 0 && zeros <= zero_pages && zeros <= exported, "{zeros} zero records, {zero_pages} zero pages");
     // One Blobs frame (24-byte header, 8-byte prefix) of whole encrypted VMSA pages.
     let sb = r.source.vcpu_state_bytes;
     assert!(sb > 32 && (sb - 32).is_multiple_of(BLOB_LEN as u64), "vCPU state travelled as {sb} bytes, not as blobs");
@@ -89,6 +98,41 @@ fn ab_confidential() {
 #[test]
 fn hot_confidential() {
     migrate(WorkloadKind::Hot);
+}
+
+/// One batch at a time, the whole slot area per doorbell: the unpipelined path.
+#[test]
+fn confidential_without_the_pipeline() {
+    let mut c = confidential(WorkloadKind::Ab, "nopipe");
+    (c.confidential.mh_pipeline, c.confidential.mh_batch) = (false, mh_abi::NSLOTS);
+    migrate_with(c);
+}
+
+/// A destination slower than the source's exports: the first 300 Blobs frames are held
+/// back on the way, so the source's sends block while its MH has the next batch in flight, and the
+/// destination imports frame by frame. Nothing is lost or reordered: RAM is identical and
+/// the VM runs at the destination.
+#[test]
+fn pipelined_export_to_a_slow_destination() {
+    let mut c = confidential(WorkloadKind::Ab, "slowdest");
+    c.confidential.mh_batch = 32; // many frames: many batches in flight in turn
+    c.migration.streams = 1;
+    let src = session::boot_source(&c).unwrap();
+    let (addr, t) = receiver(&c);
+    let slow: Tamper = Box::new(|k, n, _| {
+        if k == FrameKind::Blobs && n < 300 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let tap = Tap::start(addr, Some(slow));
+    let rep = session::send(&c, &src, &tap.addr, &mut |_| {}).expect("migration to a slow destination");
+    let (r, res) = t.join().unwrap();
+    let got = res.expect("destination");
+    drop(tap);
+    assert_same_ram(&src, &got.snapshot.unwrap());
+    assert_running(r.machine().unwrap());
+    let blobs = rep.mh_exported.unwrap();
+    assert!(blobs > 3 * 32, "{blobs} pages through the MH: too few for the pipeline to turn");
 }
 
 /// A wire capture never holds the private canary; shared pages travel in clear.
@@ -156,6 +200,20 @@ fn hostile_page_states_are_refused() {
 /// `kind u32, round u32, gfn u64, seq u64, tag [16], data [4096]`.
 const B0: usize = 8;
 
+/// The blobs of a Blobs payload as `(offset, kind)`: after the 8-byte prefix each blob is a
+/// 40-byte header and, unless it is a zero record, 4096 bytes of ciphertext.
+fn blobs_in(p: &[u8]) -> Vec<(usize, u32)> {
+    let count = u32::from_le_bytes(p[4..8].try_into().unwrap()) as usize;
+    let mut at = B0;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let kind = u32::from_le_bytes(p[at..at + 4].try_into().unwrap());
+        out.push((at, kind));
+        at += if kind == mh_abi::Kind::Zero as u32 { 40 } else { BLOB_LEN };
+    }
+    out
+}
+
 /// Run a confidential migration through a tampering proxy (or with the destination holding
 /// `dest_key`): it must fail, the destination must never resume, the source must keep
 /// running, and a clean retry must then deliver identical RAM (nothing was lost).
@@ -207,10 +265,14 @@ fn on_blobs(mut f: impl FnMut(usize, &mut [u8]) + Send + 'static) -> Option<Tamp
 
 #[test]
 fn tampered_ciphertext_is_refused() {
-    // Frame 0 is the Begin marker; frame 2 holds page blobs of round 0.
-    let t = on_blobs(|n, p| {
-        if n == 2 {
-            p[B0 + 40 + 123] ^= 0x01;
+    // Frame 0 is the Begin marker; later frames hold the blobs of round 0: flip one byte
+    // of the first page of ciphertext.
+    let mut done = false;
+    let t = on_blobs(move |n, p| {
+        let page = blobs_in(p).into_iter().find(|&(_, k)| k == mh_abi::Kind::Page as u32);
+        if let (false, true, Some((at, _))) = (done, n >= 1, page) {
+            p[at + 40 + 123] ^= 0x01;
+            done = true;
         }
     });
     hostile("tamper", t, None, "failed authentication");
@@ -524,11 +586,10 @@ type Recorded = Arc<std::sync::Mutex<(Option<Vec<u8>>, Option<Vec<u8>>)>>;
 fn recorder(rec: &Recorded) -> Option<Tamper> {
     let rec = rec.clone();
     on_blobs(move |_, p| {
-        let count = u32::from_le_bytes(p[4..8].try_into().unwrap()) as usize;
         let mut g = rec.lock().unwrap();
-        for i in 0..count {
-            let b = &p[B0 + i * BLOB_LEN..B0 + (i + 1) * BLOB_LEN];
-            match u32::from_le_bytes(b[0..4].try_into().unwrap()) {
+        for (at, kind) in blobs_in(p) {
+            let b = &p[at..(at + BLOB_LEN).min(p.len())];
+            match kind {
                 k if k == mh_abi::Kind::Begin as u32 && g.0.is_none() => g.0 = Some(b.to_vec()),
                 k if k == mh_abi::Kind::Page as u32 && g.1.is_none() => g.1 = Some(b.to_vec()),
                 _ => {}
@@ -599,10 +660,14 @@ fn recorded_stream_cannot_roll_back_the_destination() {
     let rec: Recorded = Arc::default();
     let rec2 = rec.clone();
     let mut record = recorder(&rec2).unwrap();
+    let mut done = false;
     let tamper: Tamper = Box::new(move |k, n, p| {
         record(k, n, p);
-        if k == FrameKind::Blobs && n == 2 {
-            p[B0 + 40 + 7] ^= 0x01;
+        if k == FrameKind::Blobs && n >= 1 && !done {
+            if let Some((at, _)) = blobs_in(p).into_iter().find(|&(_, k)| k == mh_abi::Kind::Page as u32) {
+                p[at + 40 + 7] ^= 0x01;
+                done = true;
+            }
         }
     });
     let (addr, t) = receiver(&c);

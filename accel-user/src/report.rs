@@ -73,6 +73,8 @@ pub struct SourceReport {
     pub zerocopy: Option<ZeroCopyReport>,
     /// Confidential mode: pages the source MH encrypted (private pages and VMSA pages).
     pub mh_exported: Option<u64>,
+    /// Confidential mode: of those, pages the MH found all zero and sent as zero records.
+    pub mh_zero_records: Option<u64>,
     /// Confidential mode with an external page-state record: what it was.
     pub page_states: Option<String>,
     /// Pages held back for a later round because the page-state records disagreed.
@@ -147,6 +149,7 @@ impl SourceReport {
             streams: 1,
             zerocopy: None,
             mh_exported: None,
+            mh_zero_records: None,
             page_states: None,
             pages_deferred: 0,
             handover_query: None,
@@ -222,7 +225,8 @@ impl SourceReport {
         if let Some(n) = self.mh_exported {
             let _ = writeln!(
                 s,
-                "confidential: {n} pages encrypted by the in-guest Migration Handler (private pages and vCPU state); the host read none of them"
+                "confidential: {n} pages encrypted by the in-guest Migration Handler (private pages and vCPU state), {} of them zero records; the host read none of them",
+                self.mh_zero_records.unwrap_or(0)
             );
         }
         if let Some(p) = &self.page_states {

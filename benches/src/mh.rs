@@ -7,7 +7,7 @@
 use crate::results::say;
 use std::time::{Duration, Instant};
 
-use accel_user::app::config::{ByteSize, Config, DirtySource, WorkloadKind};
+use accel_user::app::config::{ByteSize, Config, WorkloadKind};
 use accel_user::app::session;
 use embedded_vmm::guest::DATA_START;
 use embedded_vmm::vmm::{GuestSpec, Machine, Workload};
@@ -94,7 +94,7 @@ fn gbs(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
 
-pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::Result<()> {
+pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: &[ByteSize]) -> anyhow::Result<()> {
     let ram = (DATA_START + pages * 4096).next_multiple_of(2 << 20).max(64 << 20) + (2 << 20);
     let ceiling = openssl_aes_gcm();
     match ceiling {
@@ -184,36 +184,48 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: ByteSize) -> anyhow::R
         );
     }
 
-    // Whole migrations of the same idle guest, RAM filled by the host: direct vs confidential.
+    // Whole migrations, plain against confidential, of the same filled guests with the
+    // product's defaults otherwise (the like-for-like cases: idle guests of each
+    // size, and a hot 256 MiB guest).
     say!();
-    say!("| migration ({} MiB guest, idle, filled) | total s | GiB/s | pages through the MH |", migrate_ram.0 >> 20);
-    say!("|---|---:|---:|---:|");
+    say!("| guest (filled) | migration | total s | ÷ plain | downtime ms | pages through the MH | zero records |");
+    say!("|---|---|---:|---:|---:|---:|---:|");
     let key = std::env::temp_dir().join(format!("migaccel-bench-{}.key", std::process::id()));
     std::fs::write(&key, KEY)?;
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    for (name, conf, batch) in
-        [("direct", false, 256), ("confidential, 256/doorbell", true, 256), ("confidential, 16/doorbell", true, 16)]
-    {
-        let mut c = Config::default();
-        c.guest.ram = migrate_ram;
-        c.guest.vcpus = 1;
-        c.guest.workload = WorkloadKind::Idle;
-        c.guest.warmup_ms = 100;
-        c.migration.dirty_source = DirtySource::Ring;
-        c.migration.streams = 1;
-        c.confidential.enabled = conf;
-        c.confidential.key_file = Some(key.clone());
-        c.confidential.mh_batch = batch;
-        let fill = |m: &Machine| -> anyhow::Result<()> { crate::fill(m) };
-        let out = session::demo_with(&c, &fill, &mut |_| {})?;
-        anyhow::ensure!(out.report.verification.ok(), "{name}: verification failed {:?}", out.report.verification);
-        let r = &out.report.source;
-        say!(
-            "| {name} | {:.2} | {:.2} | {} |",
-            r.total.as_secs_f64(),
-            r.throughput_mib_s / 1024.0,
-            r.mh_exported.map_or("-".into(), |n| n.to_string())
-        );
+    let mut guests: Vec<(ByteSize, WorkloadKind)> = migrate_ram.iter().map(|&r| (r, WorkloadKind::Idle)).collect();
+    guests.push((ByteSize(256 << 20), WorkloadKind::Hot));
+    for (ram, workload) in guests {
+        let mut plain = None;
+        for (name, conf, pipeline, batch) in [
+            ("plain", false, true, 128),
+            ("confidential, pipelined, 128/doorbell", true, true, 128),
+            ("confidential, one batch at a time, 256/doorbell", true, false, 256),
+        ] {
+            let mut c = Config::default();
+            c.guest.ram = ram;
+            c.guest.vcpus = 1;
+            c.guest.workload = workload;
+            c.guest.warmup_ms = 100;
+            c.confidential.enabled = conf;
+            c.confidential.key_file = Some(key.clone());
+            (c.confidential.mh_pipeline, c.confidential.mh_batch) = (pipeline, batch);
+            let fill = |m: &Machine| -> anyhow::Result<()> { crate::fill(m) };
+            let out = session::demo_with(&c, &fill, &mut |_| {})?;
+            anyhow::ensure!(out.report.verification.ok(), "{name}: verification failed {:?}", out.report.verification);
+            let r = &out.report.source;
+            let total = r.total.as_secs_f64();
+            let base = *plain.get_or_insert(total);
+            say!(
+                "| {} MiB {} | {name} | {total:.2} | {:.2} | {:.1} | {} | {} |",
+                ram.0 >> 20,
+                if workload == WorkloadKind::Hot { "hot" } else { "idle" },
+                total / base,
+                r.downtime.as_secs_f64() * 1e3,
+                r.mh_exported.map_or("-".into(), |n| n.to_string()),
+                r.mh_zero_records.map_or("-".into(), |n| n.to_string()),
+            );
+        }
     }
     let _ = std::fs::remove_file(&key);
     Ok(())

@@ -192,6 +192,58 @@ fn hostile_blobs_are_refused() {
     import(&mut f.h, gfn, &f.r1).unwrap();
 }
 
+/// A page that is all zero inside the guest travels as a zero record (a tag, no
+/// ciphertext) and is zero at the destination even where the destination page held data;
+/// a forged, relabelled, relocated or replayed zero record is refused and writes nothing.
+#[test]
+fn zero_pages_travel_as_zero_records() {
+    let (src, mut sh) = vm_with_mh(KEY);
+    let gfn = DATA_START / 4096 + 40;
+    fill(&src, gfn, 4, 0x21);
+    src.ram().write((gfn + 1) * 4096, &[0u8; 4096]).unwrap();
+    let zeros0 = sh.counters().unwrap().zeros;
+    let mut f = fresh(&mut sh, KEY, gfn);
+    assert_eq!(sh.counters().unwrap().zeros - zeros0, 2, "page 1 of both rounds is a zero record");
+    let kinds: Vec<u32> = f.r1.iter().map(|b| b.kind).collect();
+    let (page, zero) = (Kind::Page as u32, Kind::Zero as u32);
+    assert_eq!(kinds, [page, zero, page, page]);
+    // The destination's pages hold data: a zero record must clear its page.
+    for p in 0..4 {
+        f.d.ram().write((gfn + p) * 4096, &[0xee; 4096]).unwrap();
+    }
+    open_stream(&mut f.h, &f.begin);
+    // Hostile forms of the zero record first (each refused before any sequence advances).
+    let mut h2 = f.r1.clone();
+    // A page blob relabelled as a zero record (would zero the page without its content).
+    h2[0].kind = zero;
+    assert_eq!(refused(import(&mut f.h, gfn, &h2[..1])), CompStatus::AuthFailed);
+    assert_eq!(self::page(&f.d, gfn), vec![0xee; 4096], "a refused zero record wrote nothing");
+    // A zero record forged by the host: right sequence, a tag it made up.
+    let mut forged = f.r1[0].clone();
+    (forged.kind, forged.tag) = (zero, [0x5a; 16]);
+    assert_eq!(refused(import(&mut f.h, gfn, &[forged])), CompStatus::AuthFailed);
+    // The zero record relabelled as a page of (zero) ciphertext.
+    import(&mut f.h, gfn, &f.r1[..1]).unwrap();
+    let mut as_page = f.r1[1].clone();
+    as_page.kind = page;
+    as_page.data.fill(0);
+    assert_eq!(refused(import(&mut f.h, gfn + 1, &[as_page])), CompStatus::AuthFailed);
+    // The zero record presented for another page, or as vCPU state.
+    assert_eq!(refused(import(&mut f.h, gfn + 2, &f.r1[1..2])), CompStatus::AuthFailed);
+    f.h.write_slot(0, &f.r1[1]).unwrap();
+    assert_eq!(refused(f.h.run(&[req(Op::RestoreCpu, 0, 1, 0, 0)])), CompStatus::AuthFailed);
+    assert_eq!(self::page(&f.d, gfn + 1), vec![0xee; 4096]);
+    // The genuine record zeroes its page; replaying it is refused.
+    import(&mut f.h, gfn + 1, &f.r1[1..]).unwrap();
+    for p in 0..4 {
+        assert_eq!(self::page(&f.d, gfn + p), self::page(&src, gfn + p), "page {p} after import");
+    }
+    assert_eq!(self::page(&f.d, gfn + 1), vec![0; 4096]);
+    assert_eq!(refused(import(&mut f.h, gfn + 1, &f.r1[1..2])), CompStatus::BadSequence);
+    let c = f.h.counters().unwrap();
+    assert_eq!((c.imported, c.zeros), (4, 1), "{c:?}");
+}
+
 #[test]
 fn hostile_requests_are_refused_and_touch_nothing() {
     let (m, mut h) = vm_with_mh(KEY);

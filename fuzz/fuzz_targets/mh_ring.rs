@@ -1,6 +1,7 @@
 //! The host's end of the Migration Handler rings: whatever a hostile guest writes into the
 //! completion ring and the blob slots is checked (producer index, ids, status, counts, blob
-//! kind and gfn) before the host uses it.
+//! kind and gfn) before the host uses it. Blob kinds include zero records (no ciphertext):
+//! a slot is accepted only with the kind asked for, or as a zero record for a page.
 #![no_main]
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -33,9 +34,27 @@ fuzz_target!(init: migaccel_fuzz::seed("mh_ring", "empty", || vec![0u8; 64]), |d
     }
     if let Ok(done) = h.poll() {
         let mut page = vec![0u8; abi::PAGE as usize];
+        // The kind the host asks for comes from the input too (pages, vCPU state, markers).
+        let want = match data.first().map(|b| b % 3) {
+            Some(1) => abi::Kind::Cpu,
+            Some(2) => abi::Kind::Begin,
+            _ => abi::Kind::Page,
+        };
         for (r, c) in done {
             for i in 0..c.done {
-                let _ = h.take_slot_into(r.slot + i, abi::Kind::Page, r.gfn + u64::from(i), &mut page);
+                let gfn = r.gfn + u64::from(i);
+                page.fill(0xa5);
+                if let Ok(d) = h.take_slot_into(r.slot + i, want, gfn, &mut page) {
+                    let got = abi::Kind::from_u32(d.kind);
+                    assert!(got == want || (want == abi::Kind::Page && got == abi::Kind::Zero), "{got:?} for {want:?}");
+                    assert_eq!(d.gfn, gfn);
+                    if got == abi::Kind::Zero {
+                        assert!(page.iter().all(|&b| b == 0xa5), "a zero record's slot data was read");
+                    }
+                    // The blob goes back into a slot as an import would place it.
+                    let body: &[u8] = if got.has_data() { &page } else { &[] };
+                    h.write_slot_parts(r.slot + i, &d, body).expect("a taken blob fits its slot");
+                }
             }
         }
     }

@@ -155,6 +155,8 @@ pub struct MhCounters {
     pub refused: u64,
     pub waits: u64,
     pub requests: u64,
+    /// Zero records exported or imported (pages that travelled as a tag alone).
+    pub zeros: u64,
     pub complete: bool,
 }
 
@@ -312,10 +314,17 @@ impl MhHost {
 
     /// Wait until every request in flight completed (or the MH faults / times out).
     pub fn wait_all(&mut self) -> Result<Vec<(Request, Completion)>> {
+        self.wait_until(0)
+    }
+
+    /// Wait until at most `left` requests are in flight: the oldest ones completed (the MH
+    /// serves its ring in order), so a caller can use their slots while the MH works on
+    /// the newer ones. Fails if the MH faults or takes longer than `timeout`.
+    pub fn wait_until(&mut self, left: usize) -> Result<Vec<(Request, Completion)>> {
         let t0 = Instant::now();
         let mut out = Vec::new();
         let mut spins = 0u32;
-        while !self.inflight.is_empty() {
+        while self.inflight.len() > left {
             let seen = self.bell.lock().done;
             let got = self.poll()?;
             if !got.is_empty() {
@@ -342,26 +351,47 @@ impl MhHost {
         Ok(out)
     }
 
+    /// The first refusal among `done`, as an error.
+    pub fn check(done: &[(Request, Completion)]) -> Result<()> {
+        for (r, c) in done {
+            let status = CompStatus::from_u32(c.status);
+            if status != CompStatus::Ok {
+                return Err(MhError::Refused {
+                    op: Op::from_u16(r.op),
+                    gfn: r.gfn,
+                    count: r.count,
+                    status,
+                    done: c.done,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Submit `reqs` without waiting and ring the doorbell (at most the ring's room).
+    pub fn start(&mut self, reqs: &[Request]) -> Result<()> {
+        if reqs.len() + self.inflight.len() > abi::RING_ENTRIES as usize {
+            return Err(MhError::BadRequest(format!(
+                "{} requests with {} in flight overflow the {}-entry ring",
+                reqs.len(),
+                self.inflight.len(),
+                abi::RING_ENTRIES
+            )));
+        }
+        for r in reqs {
+            self.submit(*r)?;
+        }
+        self.doorbell();
+        Ok(())
+    }
+
     /// Submit `reqs` (ringing once per ring-full of requests), wait for all, and fail with
     /// the first refusal.
     pub fn run(&mut self, reqs: &[Request]) -> Result<()> {
         for chunk in reqs.chunks(abi::RING_ENTRIES as usize) {
-            for r in chunk {
-                self.submit(*r)?;
-            }
-            self.doorbell();
-            for (r, c) in self.wait_all()? {
-                let status = CompStatus::from_u32(c.status);
-                if status != CompStatus::Ok {
-                    return Err(MhError::Refused {
-                        op: Op::from_u16(r.op),
-                        gfn: r.gfn,
-                        count: r.count,
-                        status,
-                        done: c.done,
-                    });
-                }
-            }
+            self.start(chunk)?;
+            let done = self.wait_all()?;
+            Self::check(&done)?;
         }
         Ok(())
     }
@@ -373,35 +403,54 @@ impl MhHost {
         Ok(())
     }
 
-    /// Read slot `slot`'s descriptor and copy its ciphertext (4096 bytes) into `data`.
-    pub fn read_slot_into(&self, slot: u32, data: &mut [u8]) -> Result<Desc> {
+    /// Slot `slot`'s descriptor.
+    pub fn read_desc(&self, slot: u32) -> Result<Desc> {
         Self::check_slot(slot)?;
-        if data.len() as u64 != abi::PAGE {
-            return Err(MhError::BadRequest(format!("a slot holds 4096 bytes, not {}", data.len())));
-        }
         let mut raw = [0u8; 40];
         self.ram.read(abi::SLOT_DESC + u64::from(slot) * abi::DESC_SIZE, &mut raw)?;
-        self.ram.read(abi::SLOTS + u64::from(slot) * abi::PAGE, data)?;
         Ok(Desc::decode(&raw))
     }
 
-    /// [`MhHost::read_slot_into`], checking the MH labelled the blob as asked.
+    /// Read slot `slot`'s descriptor and copy its data area (4096 bytes) into `data`.
+    pub fn read_slot_into(&self, slot: u32, data: &mut [u8]) -> Result<Desc> {
+        if data.len() as u64 != abi::PAGE {
+            return Err(MhError::BadRequest(format!("a slot holds 4096 bytes, not {}", data.len())));
+        }
+        let d = self.read_desc(slot)?;
+        self.ram.read(abi::SLOTS + u64::from(slot) * abi::PAGE, data)?;
+        Ok(d)
+    }
+
+    /// An exported blob, checked that the MH labelled it as asked (a Page export may answer
+    /// with a zero record). Its ciphertext is copied into `data` (4096 bytes) unless it is a
+    /// zero record, which has none.
     pub fn take_slot_into(&self, slot: u32, want_kind: Kind, want_gfn: u64, data: &mut [u8]) -> Result<Desc> {
-        let d = self.read_slot_into(slot, data)?;
-        if d.kind != want_kind as u32 || d.gfn != want_gfn {
-            return Err(MhError::BadSlot { slot, kind: Kind::from_u32(d.kind), gfn: d.gfn, want_kind, want_gfn });
+        if data.len() as u64 != abi::PAGE {
+            return Err(MhError::BadRequest(format!("a slot holds 4096 bytes, not {}", data.len())));
+        }
+        let d = self.read_desc(slot)?;
+        let got = Kind::from_u32(d.kind);
+        let kind_ok = got == want_kind || (want_kind == Kind::Page && got == Kind::Zero);
+        if !kind_ok || d.gfn != want_gfn {
+            return Err(MhError::BadSlot { slot, kind: got, gfn: d.gfn, want_kind, want_gfn });
+        }
+        if got.has_data() {
+            self.ram.read(abi::SLOTS + u64::from(slot) * abi::PAGE, data)?;
         }
         Ok(d)
     }
 
-    /// Place a blob (descriptor fields and 4096 bytes of ciphertext) into slot `slot`.
+    /// Place a blob into slot `slot`: its descriptor and its 4096 bytes of ciphertext, or
+    /// no data (a zero record; the MH does not read the data area for one).
     pub fn write_slot_parts(&self, slot: u32, d: &Desc, data: &[u8]) -> Result<()> {
         Self::check_slot(slot)?;
-        if data.len() as u64 != abi::PAGE {
+        if !data.is_empty() && data.len() as u64 != abi::PAGE {
             return Err(MhError::BadRequest(format!("a slot holds 4096 bytes, not {}", data.len())));
         }
         self.ram.write(abi::SLOT_DESC + u64::from(slot) * abi::DESC_SIZE, &d.encode())?;
-        self.ram.write(abi::SLOTS + u64::from(slot) * abi::PAGE, data)?;
+        if !data.is_empty() {
+            self.ram.write(abi::SLOTS + u64::from(slot) * abi::PAGE, data)?;
+        }
         Ok(())
     }
 
@@ -433,6 +482,7 @@ impl MhHost {
             refused: h(abi::header::REFUSED)?,
             waits: h(abi::header::WAITS)?,
             requests: h(abi::header::REQUESTS)?,
+            zeros: h(abi::header::ZEROS)?,
             complete: h(abi::header::COMPLETE)? == 1,
         })
     }

@@ -42,8 +42,9 @@ pub const SLOTS: u64 = REGION + 0x10_0000;
 pub const NSLOTS: u32 = 256;
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MIGACCMH");
-/// 2: blobs are bound to the importing MH's challenge (`header::CHALLENGE`).
-pub const VERSION: u32 = 2;
+/// 3: an all-zero page exports as a zero record ([`Kind::Zero`]); blobs are bound to the
+/// importing MH's challenge (`header::CHALLENGE`).
+pub const VERSION: u32 = 3;
 
 /// Port the MH vCPU uses to talk to its host thread (`out dx, eax` with a [`Kick`]).
 pub const PORT: u16 = 0x700;
@@ -102,6 +103,9 @@ pub mod header {
     /// Host-set before an export's Begin: the importing MH's challenge (relayed from the
     /// destination). The exporter binds every blob of that migration to it.
     pub const PEER_CHALLENGE: u64 = 0x60;
+    /// Zero records exported (source) or imported (destination): pages that travelled as a
+    /// tag instead of a page of ciphertext.
+    pub const ZEROS: u64 = 0x68;
 }
 
 /// Secret-page fields (offsets from [`SECRET`]).
@@ -148,9 +152,11 @@ pub const COMP_SIZE: u64 = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Invalid = 0,
-    /// Encrypt pages `[gfn, gfn+count)` into slots `[slot, slot+count)`.
+    /// Encrypt pages `[gfn, gfn+count)` into slots `[slot, slot+count)`; a page that is all
+    /// zero becomes a zero record (descriptor only, kind [`Kind::Zero`]).
     Export = 1,
-    /// Decrypt slots `[slot, slot+count)` into pages `[gfn, gfn+count)`.
+    /// Decrypt slots `[slot, slot+count)` into pages `[gfn, gfn+count)`; a zero record's
+    /// page is zeroed once its tag verifies.
     Import = 2,
     /// Encrypt VMSA pages `[0, count)` into slots (kind Cpu).
     SaveCpu = 3,
@@ -302,6 +308,10 @@ pub enum Kind {
     Cpu = 2,
     Begin = 3,
     End = 4,
+    /// An all-zero page: the descriptor and a tag over no ciphertext (the slot's data area
+    /// is neither written nor read). Bound like a Page blob, under its own kind, so a Page
+    /// blob cannot pass as a zero record nor the reverse.
+    Zero = 5,
 }
 
 impl Kind {
@@ -311,8 +321,17 @@ impl Kind {
             2 => Kind::Cpu,
             3 => Kind::Begin,
             4 => Kind::End,
+            5 => Kind::Zero,
             _ => Kind::Invalid,
         }
+    }
+    /// Whether a blob of this kind carries a page of ciphertext (all but zero records).
+    pub fn has_data(self) -> bool {
+        self != Kind::Zero
+    }
+    /// Whether a blob of this kind answers an Export/Import of guest pages.
+    pub fn is_page(self) -> bool {
+        matches!(self, Kind::Page | Kind::Zero)
     }
 }
 
@@ -411,6 +430,11 @@ mod tests {
         assert_eq!(Op::from_u16(0), Op::Invalid);
         assert_eq!(Op::from_u16(99), Op::Invalid);
         assert_eq!(CompStatus::from_u32(1234), CompStatus::Invalid);
+        for k in [Kind::Page, Kind::Cpu, Kind::Begin, Kind::End, Kind::Zero] {
+            assert_eq!(Kind::from_u32(k as u32), k);
+        }
+        assert_eq!(Kind::from_u32(6), Kind::Invalid);
+        assert!(!Kind::Zero.has_data() && Kind::Page.has_data() && Kind::Cpu.has_data());
     }
 
     #[test]
@@ -428,6 +452,7 @@ mod tests {
         assert_ne!(base, aad(1, 5, 2, 9, 4, Kind::Page));
         assert_ne!(base, aad(1, 5, 2, 3, 9, Kind::Page));
         assert_ne!(base, aad(1, 5, 2, 3, 4, Kind::Cpu));
+        assert_ne!(base, aad(1, 5, 2, 3, 4, Kind::Zero), "a page blob is not a zero record");
         assert_ne!(nonce(1, 2), nonce(1, 3));
     }
 }

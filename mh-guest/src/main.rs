@@ -1,7 +1,7 @@
 //! The reference Migration Handler (MH): runs inside the guest on an extra vCPU, at CPL 3,
 //! with its own identity page tables in the MH region. It serves the host's request ring:
-//! EXPORT encrypts guest pages into the shared data slots, IMPORT authenticates and decrypts
-//! slots into guest pages. Every request is checked before anything is touched; the host is
+//! EXPORT encrypts guest pages into the shared data slots (an all-zero page becomes a zero
+//! record: a tag, no ciphertext), IMPORT authenticates and decrypts slots into guest pages. Every request is checked before anything is touched; the host is
 //! not trusted (ABI: `docs/mh-protocol.md`, constants: `mh-abi`).
 //!
 //! Plaintext never sits in shared memory: a page is copied into the MH's private buffer,
@@ -133,6 +133,11 @@ fn random() -> u64 {
     let (lo, hi): (u32, u32);
     unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
     (u64::from(hi) << 32 | u64::from(lo)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Whether a page is all zero (an OR over 64-byte chunks, which LLVM vectorizes; no memcmp).
+fn is_zero(p: &[u8; 4096]) -> bool {
+    p.chunks_exact(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 #[repr(C, align(64))]
@@ -281,31 +286,46 @@ impl Mh {
         }
     }
 
+    /// Seal the private buffer as blob `kind` for `gfn` into slot `slot`. A zero record
+    /// seals no bytes (its tag authenticates the binding alone) and leaves the slot's data
+    /// area untouched.
     fn seal(&mut self, slot: u32, gfn: u64, round: u32, kind: Kind) {
         let seq = self.seq;
         self.seq = seq.wrapping_add(1);
         let nonce = Array::from(abi::nonce(self.vm_id, seq));
         let aad = abi::aad(self.vm_id, self.bind, gfn, round, seq, kind);
-        let tag = match self.cipher.encrypt_inout_detached(&nonce, &aad, (&mut self.buf.0[..]).into()) {
+        let data: &mut [u8] = if kind.has_data() { &mut self.buf.0[..] } else { &mut [] };
+        let tag = match self.cipher.encrypt_inout_detached(&nonce, &aad, data.into()) {
             Ok(t) => t,
             Err(_) => fault(abi::Fault::BadRing),
         };
         let mut t = [0u8; 16];
         t.copy_from_slice(&tag);
-        copy_out(abi::SLOTS + u64::from(slot) * abi::PAGE, &self.buf.0);
+        if kind.has_data() {
+            copy_out(abi::SLOTS + u64::from(slot) * abi::PAGE, &self.buf.0);
+        }
         let d = Desc { gfn, seq, round, kind: kind as u32, tag: t };
         copy_out(abi::SLOT_DESC + u64::from(slot) * abi::DESC_SIZE, &d.encode());
     }
 
     fn export(&mut self, r: &Request, first: u64, kind: Kind) -> (CompStatus, u32) {
+        let mut zeros = 0;
         for i in 0..r.count {
             let gfn = first + u64::from(i);
             let mut b = core::mem::replace(&mut self.buf.0, [0; 4096]);
             copy_in(&mut b, gfn * abi::PAGE);
             self.buf.0 = b;
-            self.seal(r.slot + i, gfn, r.round, kind);
+            // Only the handler can tell a private page is zero: the host sees ciphertext.
+            let k = if kind == Kind::Page && is_zero(&self.buf.0) {
+                zeros += 1;
+                Kind::Zero
+            } else {
+                kind
+            };
+            self.seal(r.slot + i, gfn, r.round, k);
         }
         bump(abi::header::EXPORTED, u64::from(r.count));
+        bump(abi::header::ZEROS, zeros);
         (CompStatus::Ok, r.count)
     }
 
@@ -322,8 +342,10 @@ impl Mh {
     }
 
     /// Authenticate slot `slot` as a blob of `kind` for `gfn` and decrypt it into the private
-    /// buffer. The sequence and round rules are checked before the (costly) decryption.
-    fn open_blob(&mut self, slot: u32, gfn: u64, kind: Kind) -> Result<Desc, CompStatus> {
+    /// buffer; a Page request also takes a zero record, which leaves the buffer zeroed. The
+    /// sequence and round rules are checked before the (costly) decryption. Returns the
+    /// kind the blob was.
+    fn open_blob(&mut self, slot: u32, gfn: u64, kind: Kind) -> Result<Kind, CompStatus> {
         let mut raw = [0u8; 40];
         copy_in(&mut raw, abi::SLOT_DESC + u64::from(slot) * abi::DESC_SIZE);
         let d = Desc::decode(&raw);
@@ -338,33 +360,48 @@ impl Mh {
                 return Err(CompStatus::BadRound);
             }
         }
-        if Kind::from_u32(d.kind) != kind {
+        let got = Kind::from_u32(d.kind);
+        if got != kind && !(kind == Kind::Page && got == Kind::Zero) {
             return Err(CompStatus::AuthFailed);
         }
-        let mut b = core::mem::replace(&mut self.buf.0, [0; 4096]);
-        copy_in(&mut b, abi::SLOTS + u64::from(slot) * abi::PAGE);
-        self.buf.0 = b;
+        if got.has_data() {
+            let mut b = core::mem::replace(&mut self.buf.0, [0; 4096]);
+            copy_in(&mut b, abi::SLOTS + u64::from(slot) * abi::PAGE);
+            self.buf.0 = b;
+        } else {
+            self.buf.0.fill(0);
+        }
         let nonce = Array::from(abi::nonce(self.vm_id, d.seq));
-        let aad = abi::aad(self.vm_id, self.challenge, gfn, d.round, d.seq, kind);
+        let aad = abi::aad(self.vm_id, self.challenge, gfn, d.round, d.seq, got);
         let tag = Array::from(d.tag);
-        if self.cipher.decrypt_inout_detached(&nonce, &aad, (&mut self.buf.0[..]).into(), &tag).is_err() {
+        let data: &mut [u8] = if got.has_data() { &mut self.buf.0[..] } else { &mut [] };
+        if self.cipher.decrypt_inout_detached(&nonce, &aad, data.into(), &tag).is_err() {
+            // Nothing of a refused blob stays in the buffer.
+            self.buf.0.fill(0);
             bump(abi::header::REFUSED, 1);
             return Err(CompStatus::AuthFailed);
         }
         self.next_seq = d.seq.wrapping_add(1);
         self.last_round = d.round;
         wr64(abi::HEADER + abi::header::NEXT_SEQ, self.next_seq);
-        Ok(d)
+        Ok(got)
     }
 
     fn import(&mut self, r: &Request, first: u64, kind: Kind) -> (CompStatus, u32) {
         for i in 0..r.count {
             let gfn = first + u64::from(i);
-            if let Err(e) = self.open_blob(r.slot + i, gfn, kind) {
-                if e != CompStatus::AuthFailed {
-                    bump(abi::header::REFUSED, 1);
+            match self.open_blob(r.slot + i, gfn, kind) {
+                Ok(got) => {
+                    if got == Kind::Zero {
+                        bump(abi::header::ZEROS, 1);
+                    }
                 }
-                return (e, i);
+                Err(e) => {
+                    if e != CompStatus::AuthFailed {
+                        bump(abi::header::REFUSED, 1);
+                    }
+                    return (e, i);
+                }
             }
             copy_out(gfn * abi::PAGE, &self.buf.0);
             bump(abi::header::IMPORTED, 1);

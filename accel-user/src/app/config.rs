@@ -263,8 +263,11 @@ pub struct ConfidentialConfig {
     /// File holding the 32-byte AES-256-GCM transport key (raw, or 64 hex digits); must not
     /// be readable or writable by group or others (0600 or stricter).
     pub key_file: Option<PathBuf>,
-    /// Private pages per MH doorbell (1..=256).
+    /// Private pages per MH doorbell (1..=256; 1..=128 when pipelined).
     pub mh_batch: u32,
+    /// The MH exports the next batch while the host sends the last one (the two share the
+    /// data slots, so a batch is at most half of them).
+    pub mh_pipeline: bool,
     /// Empty-ring polls the MH makes before blocking on a doorbell kick (0 = block at once).
     pub mh_spin: u64,
     /// Completion polls the host makes before sleeping on the MH's kick.
@@ -283,7 +286,8 @@ impl Default for ConfidentialConfig {
         ConfidentialConfig {
             enabled: false,
             key_file: None,
-            mh_batch: 256,
+            mh_batch: mh_abi::NSLOTS / 2,
+            mh_pipeline: true,
             mh_spin: 0,
             host_spin: 0,
             mh_timeout_ms: 5_000,
@@ -478,6 +482,17 @@ impl Config {
         if cf.mh_batch == 0 || cf.mh_batch > mh_abi::NSLOTS {
             return Err(invalid("confidential.mh_batch", format!("{} is not in 1..={}", cf.mh_batch, mh_abi::NSLOTS)));
         }
+        if cf.mh_pipeline && cf.mh_batch > mh_abi::NSLOTS / 2 {
+            return Err(invalid(
+                "confidential.mh_batch",
+                format!(
+                    "{} pages: with mh_pipeline two batches share the {} data slots, so at most {}",
+                    cf.mh_batch,
+                    mh_abi::NSLOTS,
+                    mh_abi::NSLOTS / 2
+                ),
+            ));
+        }
         if cf.mh_timeout_ms == 0 {
             return Err(invalid("confidential.mh_timeout_ms", "must be at least 1"));
         }
@@ -581,10 +596,10 @@ impl Config {
             cancel: self.cancel.clone(),
             io_timeout: Duration::from_millis(m.io_timeout_ms),
             streams: if m.streams > 1 { m.streams } else { 0 },
-            confidential: self
-                .confidential
-                .enabled
-                .then_some(crate::source::ConfidentialSend { mh_batch: self.confidential.mh_batch }),
+            confidential: self.confidential.enabled.then_some(crate::source::ConfidentialSend {
+                mh_batch: self.confidential.mh_batch,
+                pipeline: self.confidential.mh_pipeline,
+            }),
         }
     }
 
@@ -681,6 +696,11 @@ mod tests {
         assert!(e.contains("receiver.max_ram") && e.contains("refuse every VM"), "{e}");
         let e = Config::parse("[receiver]\nprepare_ram = \"2GiB\"\nmax_ram = \"1GiB\"\n").unwrap_err().to_string();
         assert!(e.contains("receiver.prepare_ram") && e.contains("max_ram"), "{e}");
+        let e = Config::parse("[confidential]\nmh_batch = 256\n").unwrap_err().to_string();
+        assert!(e.contains("confidential.mh_batch") && e.contains("mh_pipeline") && e.contains("128"), "{e}");
+        Config::parse("[confidential]\nmh_batch = 256\nmh_pipeline = false\n").unwrap();
+        let e = Config::parse("[confidential]\nmh_batch = 257\nmh_pipeline = false\n").unwrap_err().to_string();
+        assert!(e.contains("confidential.mh_batch") && e.contains("1..=256"), "{e}");
         let e = Config::parse("[confidential]\npage_state_source = \"ebpf\"\n").unwrap_err().to_string();
         assert!(e.contains("confidential.page_state_source") && e.contains("enabled"), "{e}");
         let e = Config::parse("[confidential]\npage_state_source = \"kernel\"\n").unwrap_err().to_string();

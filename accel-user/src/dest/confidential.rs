@@ -3,6 +3,14 @@
 //! and the vCPU state that arrives in the VMSA pages.
 use super::*;
 
+/// A page import the destination MH works on: its slots and its pages.
+#[derive(Debug)]
+pub(super) struct Importing {
+    base: u32,
+    count: u32,
+    gfns: Vec<u64>,
+}
+
 impl<F: VmFactory> Receiver<F> {
     /// MH blobs, imported in order through the destination MH. Pages count toward the
     /// round; Cpu blobs move the receiver to States.
@@ -23,7 +31,7 @@ impl<F: VmFactory> Receiver<F> {
         let payload::Blobs { round: frame_round, blobs } =
             payload::Blobs::decode(p, m.ram().pages()).map_err(|e| self.perr(e))?;
         let kinds: Vec<Kind> = blobs.iter().map(|b| Kind::from_u32(b.desc.kind)).collect();
-        let pages = kinds.iter().filter(|k| **k == Kind::Page).count() as u64;
+        let pages = kinds.iter().filter(|k| k.is_page()).count();
         let cpu = kinds.iter().filter(|k| **k == Kind::Cpu).count();
         if pages > 0 && round != Some(frame_round) {
             return Err(self.incomplete(format!("page blobs of round {frame_round} in {st}")));
@@ -37,7 +45,7 @@ impl<F: VmFactory> Receiver<F> {
             let slot = i as u32;
             let gfn = b.desc.gfn;
             match k {
-                Kind::Page => match reqs.last_mut() {
+                Kind::Page | Kind::Zero => match reqs.last_mut() {
                     Some(r) if r.op == Op::Import as u16 && r.gfn + u64::from(r.count) == gfn => r.count += 1,
                     _ => reqs.push(Request { op: Op::Import as u16, id: 0, count: 1, slot, gfn, round: 0 }),
                 },
@@ -58,26 +66,56 @@ impl<F: VmFactory> Receiver<F> {
                 Kind::Invalid => unreachable!("Blobs::decode refuses unknown kinds"),
             }
         }
+        // A frame of pages only is imported while the next frame is received, into the half
+        // of the data slots (and of the ring) the import in flight does not use; anything
+        // else waits for it.
+        let n = blobs.len() as u32;
+        let half = mh_abi::NSLOTS / 2;
+        let overlap = pages == blobs.len() && n <= half && reqs.len() <= mh_abi::RING_ENTRIES as usize / 2;
+        let base = match &self.importing {
+            Some(i) if overlap && i.base + i.count <= half => half,
+            Some(i) if overlap && i.base >= half => 0,
+            Some(_) => {
+                self.finish_import()?;
+                0
+            }
+            None => 0,
+        };
+        for r in &mut reqs {
+            r.slot += base;
+        }
+        let m = self.machine.as_ref().ok_or_else(|| self.incomplete("blobs before a VM exists".into()))?;
         let mhe = |source| RecvError::Mh { state: st, source };
-        {
+        let gfns: Vec<u64> = blobs.iter().zip(&kinds).filter(|(_, k)| k.is_page()).map(|(b, _)| b.desc.gfn).collect();
+        let (previous, now) = {
             let mut g = m.confidential().map(|c| c.mh());
             let mh = g
                 .as_mut()
                 .and_then(|g| g.as_mut())
                 .ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
             for (i, b) in blobs.iter().enumerate() {
-                mh.write_slot_parts(i as u32, &b.desc, b.data).map_err(mhe)?;
+                mh.write_slot_parts(base + i as u32, &b.desc, b.data).map_err(mhe)?;
             }
-            mh.run(&reqs).map_err(mhe)?;
-        }
-        if pages > 0 {
-            let mut rec = self.shared.received.lock().unwrap_or_else(|e| e.into_inner());
-            for (b, _) in blobs.iter().zip(&kinds).filter(|(_, k)| **k == Kind::Page) {
-                rec.insert(b.desc.gfn);
+            if !overlap {
+                mh.run(&reqs).map_err(mhe)?;
+                (None, gfns)
+            } else {
+                mh.start(&reqs).map_err(mhe)?;
+                // The previous frame's import is done once at most this frame's requests
+                // are in flight (the MH serves its ring in order).
+                let prev = self.importing.take();
+                if prev.is_some() {
+                    let done = mh.wait_until(reqs.len()).map_err(mhe)?;
+                    kvm_hooks::mh::MhHost::check(&done).map_err(mhe)?;
+                }
+                self.importing = Some(Importing { base, count: n, gfns });
+                (prev, Vec::new())
             }
+        };
+        if let Some(prev) = previous {
+            self.imported(&prev.gfns);
         }
-        self.round_pages += pages;
-        self.total_pages += pages;
+        self.imported(&now);
         if cpu > 0 {
             self.state = RecvState::States;
         }
@@ -87,6 +125,39 @@ impl<F: VmFactory> Receiver<F> {
             self.capture_now();
         }
         Ok(())
+    }
+
+    /// Wait for the page import in flight, if any, and count its pages.
+    pub(super) fn finish_import(&mut self) -> Result<(), RecvError> {
+        let Some(cur) = self.importing.take() else { return Ok(()) };
+        let st = self.state;
+        let mhe = |source| RecvError::Mh { state: st, source };
+        {
+            let m = self.machine.as_ref().ok_or_else(|| self.incomplete("blobs before a VM exists".into()))?;
+            let mut g = m.confidential().map(|c| c.mh());
+            let mh = g
+                .as_mut()
+                .and_then(|g| g.as_mut())
+                .ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
+            let done = mh.wait_all().map_err(mhe)?;
+            kvm_hooks::mh::MhHost::check(&done).map_err(mhe)?;
+        }
+        self.imported(&cur.gfns);
+        Ok(())
+    }
+
+    /// Pages the destination MH imported: received, and counted toward the round.
+    fn imported(&mut self, gfns: &[u64]) {
+        if gfns.is_empty() {
+            return;
+        }
+        let mut rec = self.shared.received.lock().unwrap_or_else(|e| e.into_inner());
+        for &g in gfns {
+            rec.insert(g);
+        }
+        drop(rec);
+        self.round_pages += gfns.len() as u64;
+        self.total_pages += gfns.len() as u64;
     }
 
     /// Confidential: the machine state the destination MH decrypted into the VMSA pages,

@@ -186,6 +186,9 @@ pub struct Receiver<F: VmFactory> {
     confidential: bool,
     /// Reused buffer for Blobs payloads.
     blob_buf: Vec<u8>,
+    /// Confidential: the page import the destination MH works on while the next frame is
+    /// received (finished before any other frame is handled).
+    importing: Option<confidential::Importing>,
     /// Confidential: end of the last shared range received (ranges ascend across frames),
     /// and whether the last PageStates frame arrived.
     states_end: u64,
@@ -233,6 +236,7 @@ impl<F: VmFactory> Receiver<F> {
             workers: Vec::new(),
             confidential: false,
             blob_buf: Vec::new(),
+            importing: None,
             states_end: 0,
             states_done: false,
             prepared: None,
@@ -351,6 +355,10 @@ impl<F: VmFactory> Receiver<F> {
             let h = t.recv_header().map_err(|e| self.terr(e))?;
             self.shared.touch();
             self.bytes += frame::HEADER_LEN as u64 + u64::from(h.len);
+            if h.kind != FrameKind::Blobs {
+                // Every frame but the next blobs waits for the page import in flight.
+                self.finish_import()?;
+            }
             match (st, h.kind) {
                 (RecvState::AwaitHello, FrameKind::Hello) => self.on_hello(t, &h, accept)?,
                 (RecvState::Precopy { round }, FrameKind::Pages) if self.streams == 0 => self.on_pages(t, &h, round)?,

@@ -2,24 +2,68 @@
 //! source Migration Handler encrypted; the host moves them without reading them.
 use super::*;
 
-/// Encrypt `gfns` (ascending) through the source MH, `mh_batch` pages per doorbell, and
-/// send the blobs on the control stream.
-pub(super) fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) -> Result<(), PathError> {
-    let batch = c.o.confidential.map_or(abi::NSLOTS, |x| x.mh_batch.clamp(1, abi::NSLOTS)) as usize;
-    for chunk in gfns.chunks(batch) {
-        let mut reqs: Vec<Request> = Vec::new();
-        for (slot, &gfn) in chunk.iter().enumerate() {
-            match reqs.last_mut() {
-                Some(r) if r.gfn + u64::from(r.count) == gfn => r.count += 1,
-                _ => reqs.push(Request { op: Op::Export as u16, id: 0, count: 1, slot: slot as u32, gfn, round }),
-            }
+/// Export requests for `gfns` (ascending) into slots from `base` on: one per run.
+fn export_requests(gfns: &[u64], base: u32, round: u32) -> Vec<Request> {
+    let mut reqs: Vec<Request> = Vec::new();
+    for (i, &gfn) in gfns.iter().enumerate() {
+        match reqs.last_mut() {
+            Some(r) if r.gfn + u64::from(r.count) == gfn => r.count += 1,
+            _ => reqs.push(Request { op: Op::Export as u16, id: 0, count: 1, slot: base + i as u32, gfn, round }),
         }
-        let frame = (HEADER_LEN + 8 + chunk.len() * payload::BLOB_LEN) as u64;
-        gate(c, frame)?;
-        export_and_send(c, round, &reqs, chunk.iter().map(|&g| (Kind::Page, g)))?;
-        st.bytes += frame;
+    }
+    reqs
+}
+
+/// Encrypt `gfns` (ascending) through the source MH, `mh_batch` pages per doorbell, and
+/// send the blobs on the control stream. Pipelined: batch n+1 is exported into one half of
+/// the data slots while batch n is copied out of the other and sent.
+pub(super) fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) -> Result<(), PathError> {
+    let cs = c.o.confidential.unwrap_or(ConfidentialSend { mh_batch: abi::NSLOTS / 2, pipeline: true });
+    let half = abi::NSLOTS / 2;
+    let batch = cs.mh_batch.clamp(1, if cs.pipeline { half } else { abi::NSLOTS }) as usize;
+    // The export in flight: its first slot and its pages.
+    let mut pending: Option<(u32, &[u64])> = None;
+    for (i, chunk) in gfns.chunks(batch).enumerate() {
+        gate(c, (HEADER_LEN + 8 + chunk.len() * payload::BLOB_LEN) as u64)?;
+        let base = if cs.pipeline && i % 2 == 1 { half } else { 0 };
+        let reqs = export_requests(chunk, base, round);
+        let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
+        if !cs.pipeline {
+            mh.run(&reqs)?;
+            let sent = send_slots(c, round, 0, chunk.iter().map(|&g| (Kind::Page, g)))?;
+            st.add_blobs(sent);
+            continue;
+        }
+        mh.start(&reqs)?;
+        if let Some((pbase, prev)) = pending.replace((base, chunk)) {
+            let done = mh.wait_until(reqs.len())?;
+            MhHost::check(&done)?;
+            let sent = send_slots(c, round, pbase, prev.iter().map(|&g| (Kind::Page, g)))?;
+            st.add_blobs(sent);
+        }
+    }
+    if let Some((pbase, prev)) = pending {
+        let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
+        let done = mh.wait_all()?;
+        MhHost::check(&done)?;
+        let sent = send_slots(c, round, pbase, prev.iter().map(|&g| (Kind::Page, g)))?;
+        st.add_blobs(sent);
     }
     Ok(())
+}
+
+/// What one Blobs frame carried: bytes on the wire and zero records among its blobs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BlobsSent {
+    pub bytes: u64,
+    pub zeros: u64,
+}
+
+impl RoundStats {
+    fn add_blobs(&mut self, s: BlobsSent) {
+        self.bytes += s.bytes;
+        self.zero_pages += s.zeros;
+    }
 }
 
 /// Run export requests, then send the slots' blobs (checked against `expect`) in one frame.
@@ -28,29 +72,44 @@ pub(super) fn export_and_send(
     round: u32,
     reqs: &[Request],
     expect: impl ExactSizeIterator<Item = (Kind, u64)>,
-) -> Result<(), PathError> {
+) -> Result<BlobsSent, PathError> {
     let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
     mh.run(reqs)?;
-    // Slots are copied straight into the frame: one copy of the ciphertext.
+    send_slots(c, round, 0, expect)
+}
+
+/// Send the exported blobs in slots `base..` (checked against `expect`) as one Blobs frame.
+/// The slots are copied straight into the frame (one copy of the ciphertext); a zero record
+/// takes its header alone.
+fn send_slots(
+    c: &mut Ctx<'_>,
+    round: u32,
+    base: u32,
+    expect: impl ExactSizeIterator<Item = (Kind, u64)>,
+) -> Result<BlobsSent, PathError> {
+    let mh = c.mh.as_ref().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
     let n = expect.len();
     c.wire.clear();
     c.wire.resize(8 + n * payload::BLOB_LEN, 0);
     c.wire[..8].copy_from_slice(&payload::Blobs::prefix(round, n as u32));
-    for (slot, (kind, gfn)) in expect.enumerate() {
-        let b = &mut c.wire[8 + slot * payload::BLOB_LEN..8 + (slot + 1) * payload::BLOB_LEN];
-        let (head, data) = b.split_at_mut(40);
-        let d = mh.take_slot_into(slot as u32, kind, gfn, data)?;
+    let (mut at, mut zeros) = (8usize, 0u64);
+    for (i, (kind, gfn)) in expect.enumerate() {
+        let (head, data) = c.wire[at..at + payload::BLOB_LEN].split_at_mut(payload::BLOB_HEADER);
+        let d = mh.take_slot_into(base + i as u32, kind, gfn, data)?;
         payload::Blobs::put_header(&d, head);
+        zeros += u64::from(d.kind == Kind::Zero as u32);
+        at += payload::Blobs::wire_len(d.kind);
     }
+    c.wire.truncate(at);
     c.t.send_frame(FrameKind::Blobs, &[Part::Buf(&c.wire)], None)?;
-    Ok(())
+    Ok(BlobsSent { bytes: (HEADER_LEN + at) as u64, zeros })
 }
 
 /// Begin / End marker blob.
 pub(super) fn send_marker(c: &mut Ctx<'_>, op: Op, round: u32) -> Result<(), PathError> {
     let kind = if op == Op::Begin { Kind::Begin } else { Kind::End };
     let r = Request { op: op as u16, id: 0, count: 1, slot: 0, gfn: 0, round };
-    export_and_send(c, round, &[r], std::iter::once((kind, 0)))
+    export_and_send(c, round, &[r], std::iter::once((kind, 0))).map(|_| ())
 }
 
 /// SEV-ES style: the vCPU states are placed in the VMSA pages (as the hardware keeps a VMSA
@@ -81,6 +140,5 @@ pub(super) fn send_states_via_mh(c: &mut Ctx<'_>, state: &MachineState, round: u
     let res = export_and_send(c, round, &[r], (0..pages as usize).map(|i| (Kind::Cpu, first + i as u64)));
     // The plaintext states must not outlive the export in guest memory the host can read.
     c.m.ram().zero(abi::VMSA, v.len() as u64).map_err(|e| PathError::Other(e.to_string()))?;
-    res?;
-    Ok((HEADER_LEN + 8 + pages as usize * payload::BLOB_LEN) as u64)
+    Ok(res?.bytes)
 }

@@ -72,8 +72,10 @@ pub struct SendOptions {
 /// Confidential-mode sender settings.
 #[derive(Debug, Clone, Copy)]
 pub struct ConfidentialSend {
-    /// Private pages per MH doorbell (1..=256).
+    /// Private pages per MH doorbell (1..=256; at most half of that when pipelined).
     pub mh_batch: u32,
+    /// Export the next batch while the last one is sent.
+    pub pipeline: bool,
 }
 
 /// Where a migration was when it failed.
@@ -504,7 +506,8 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     rep.handover_query = handover_query;
     rep.cancelled_after_commit = c.o.cancel.reason();
     rep.zerocopy = zc.map(Into::into);
-    rep.mh_exported = c.mh.as_ref().and_then(|h| h.counters().ok()).map(|x| x.exported);
+    let mh = c.mh.as_ref().and_then(|h| h.counters().ok());
+    (rep.mh_exported, rep.mh_zero_records) = (mh.map(|x| x.exported), mh.map(|x| x.zeros));
     if c.mh.is_some() {
         rep.page_states = c.m.confidential().and_then(|x| x.external_page_states()).map(|x| x.describe());
         rep.pages_deferred = rep.precopy_rounds.iter().map(|r| r.deferred).sum::<u64>() + rep.final_round.deferred;

@@ -24,7 +24,8 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"MGAX");
 /// 7: the handover query: a source that lost its link after `Complete` asks on a new
 /// connection whether the destination runs the VM (`Query`/`Answer`), and says `Done` once
 /// it learnt that it does.
-pub const PROTOCOL_VERSION: u16 = 7;
+/// 8: a Blobs frame may carry zero records (kind 5): the blob header without ciphertext.
+pub const PROTOCOL_VERSION: u16 = 8;
 pub const HEADER_LEN: usize = 24;
 pub const PAGE: u64 = 4096;
 /// Most runs in one Pages frame.
@@ -33,8 +34,11 @@ pub const MAX_RUNS: u32 = 4096;
 pub const MAX_PAGE_DATA: u64 = 16 << 20;
 /// Largest payload of any frame.
 pub const MAX_FRAME: u32 = (8 + 16 * MAX_RUNS as u64 + MAX_PAGE_DATA) as u32;
-/// One blob on the wire: `kind u32, round u32, gfn u64, seq u64, tag [16], data [4096]`.
-pub const BLOB_LEN: usize = 40 + 4096;
+/// A blob's wire header: `kind u32, round u32, gfn u64, seq u64, tag [16]`.
+pub const BLOB_HEADER: usize = 40;
+/// One blob with its page of ciphertext on the wire: the header, then `data [4096]` (a zero
+/// record is the header alone).
+pub const BLOB_LEN: usize = BLOB_HEADER + 4096;
 /// Largest text carried in a frame (abort reasons, refusals).
 pub const MAX_TEXT: usize = 1024;
 /// Most shared ranges in one PageStates frame.

@@ -5,8 +5,8 @@
 use kvm_hooks::layout::RamLayout;
 use kvm_hooks::migratable::{VmKind, VmShape};
 
-pub use super::frame::BLOB_LEN;
 use super::frame::{perr, FrameKind, ProtocolError, Reader, MAX_RUNS, MAX_STATE_RANGES, MAX_TEXT, PAGE, RUN_ZERO};
+pub use super::frame::{BLOB_HEADER, BLOB_LEN};
 
 /// Most data streams one migration may use.
 pub const MAX_STREAMS: u32 = 16;
@@ -598,14 +598,17 @@ impl<'a> State<'a> {
     }
 }
 
-/// One blob of a received Blobs payload: its descriptor and its ciphertext, borrowed.
+/// One blob of a received Blobs payload: its descriptor and its ciphertext (empty for a
+/// zero record), borrowed.
 #[derive(Debug, Clone, Copy)]
 pub struct BlobRef<'a> {
     pub desc: mh_abi::Desc,
     pub data: &'a [u8],
 }
 
-/// Blobs (confidential): `round u32, count u32`, then `count` blobs of [`BLOB_LEN`].
+/// Blobs (confidential): `round u32, count u32`, then `count` blobs, each a
+/// [`BLOB_HEADER`]-byte header followed by 4096 bytes of ciphertext unless it is a zero
+/// record ([`mh_abi::Kind::Zero`]).
 #[derive(Debug, Clone)]
 pub struct Blobs<'a> {
     pub round: u32,
@@ -620,7 +623,7 @@ impl<'a> Blobs<'a> {
         b
     }
 
-    /// Write a blob's 40-byte wire header (its descriptor fields) into `out[..40]`.
+    /// Write a blob's wire header (its descriptor fields) into `out[..BLOB_HEADER]`.
     pub fn put_header(d: &mh_abi::Desc, out: &mut [u8]) {
         out[0..4].copy_from_slice(&d.kind.to_le_bytes());
         out[4..8].copy_from_slice(&d.round.to_le_bytes());
@@ -629,8 +632,17 @@ impl<'a> Blobs<'a> {
         out[24..40].copy_from_slice(&d.tag);
     }
 
-    /// Decode without copying the ciphertext. Each blob's gfn is checked against guest RAM
-    /// and the MH region; kinds must be known.
+    /// The wire length of a blob of kind `kind` (a raw descriptor value).
+    pub fn wire_len(kind: u32) -> usize {
+        match mh_abi::Kind::from_u32(kind) {
+            mh_abi::Kind::Zero => BLOB_HEADER,
+            _ => BLOB_LEN,
+        }
+    }
+
+    /// Decode without copying the ciphertext. Each blob's kind must be known and a page's
+    /// gfn inside guest RAM and outside the MH region; the blobs must fill the payload
+    /// exactly.
     pub fn decode(p: &'a [u8], ram_pages: u64) -> Result<Blobs<'a>, ProtocolError> {
         let k = FrameKind::Blobs;
         let mut r = Reader::new(k, p);
@@ -639,11 +651,12 @@ impl<'a> Blobs<'a> {
         if count == 0 || count > mh_abi::NSLOTS {
             return Err(perr(k, format!("{count} blobs; a frame carries 1..={}", mh_abi::NSLOTS)));
         }
-        if r.rest().len() != count as usize * BLOB_LEN {
-            return Err(perr(k, format!("{} payload bytes for {count} blobs of {BLOB_LEN}", p.len() - 8)));
-        }
         let mut blobs = Vec::with_capacity(count as usize);
-        for (i, c) in p[8..].chunks_exact(BLOB_LEN).enumerate() {
+        let mut at = 8usize;
+        for i in 0..count as usize {
+            let c = p.get(at..at + BLOB_HEADER).ok_or_else(|| {
+                perr(k, format!("blob {i} of {count}: its header overruns the {}-byte payload", p.len()))
+            })?;
             let f = |o: usize| u64::from_le_bytes(c[o..o + 8].try_into().expect("8"));
             let mut tag = [0u8; 16];
             tag.copy_from_slice(&c[24..40]);
@@ -654,17 +667,25 @@ impl<'a> Blobs<'a> {
                 seq: f(16),
                 tag,
             };
-            match mh_abi::Kind::from_u32(desc.kind) {
-                mh_abi::Kind::Invalid => return Err(perr(k, format!("blob {i}: unknown kind {}", desc.kind))),
-                mh_abi::Kind::Page if desc.gfn >= ram_pages || mh_abi::in_region(desc.gfn) => {
-                    return Err(perr(
-                        k,
-                        format!("blob {i}: gfn {:#x} is outside guest RAM or inside the MH region", desc.gfn),
-                    ))
-                }
-                _ => {}
+            let kind = mh_abi::Kind::from_u32(desc.kind);
+            if kind == mh_abi::Kind::Invalid {
+                return Err(perr(k, format!("blob {i}: unknown kind {}", desc.kind)));
             }
-            blobs.push(BlobRef { desc, data: &c[40..] });
+            if kind.is_page() && (desc.gfn >= ram_pages || mh_abi::in_region(desc.gfn)) {
+                return Err(perr(
+                    k,
+                    format!("blob {i}: gfn {:#x} is outside guest RAM or inside the MH region", desc.gfn),
+                ));
+            }
+            let end = at + Self::wire_len(desc.kind);
+            let data = p.get(at + BLOB_HEADER..end).ok_or_else(|| {
+                perr(k, format!("blob {i} of {count}: its ciphertext overruns the {}-byte payload", p.len()))
+            })?;
+            blobs.push(BlobRef { desc, data });
+            at = end;
+        }
+        if at != p.len() {
+            return Err(perr(k, format!("{} bytes follow the {count} blobs", p.len() - at)));
         }
         Ok(Blobs { round, blobs })
     }
@@ -789,7 +810,35 @@ mod tests {
         let err = |f: &[u8], pages| Blobs::decode(f, pages).unwrap_err().to_string();
         assert!(err(&frame(&[], 0), 0x1000).contains("0 blobs"));
         assert!(err(&frame(&[&b], 257), 0x1000).contains("257 blobs"));
-        assert!(err(&frame(&[&b], 2), 0x1000).contains("for 2 blobs"));
+        assert!(err(&frame(&[&b], 2), 0x1000).contains("blob 1 of 2: its header overruns"));
+        let mut f2 = f1.clone();
+        f2.truncate(f1.len() - 1);
+        assert!(err(&f2, 0x1000).contains("ciphertext overruns"));
+        f2 = f1.clone();
+        f2.push(0);
+        assert!(err(&f2, 0x1000).contains("1 bytes follow"));
+        // A zero record is its header alone, and is checked like a page.
+        let mut z = b.clone();
+        z.kind = mh_abi::Kind::Zero as u32;
+        let mut fz = Blobs::prefix(3, 2).to_vec();
+        for x in [&z, &b] {
+            let mut h = [0u8; 40];
+            Blobs::put_header(&x.desc(), &mut h);
+            fz.extend_from_slice(&h);
+            if x.kind == mh_abi::Kind::Page as u32 {
+                fz.extend_from_slice(&x.data[..]);
+            }
+        }
+        let got = Blobs::decode(&fz, 0x1000).unwrap();
+        assert_eq!((got.blobs[0].desc, got.blobs[0].data.len(), got.blobs[1].data.len()), (z.desc(), 0, 4096));
+        assert!(err(&fz, 0x500).contains("outside guest RAM"), "a zero record for a gfn outside RAM");
+        // A zero record presented with a page of data after it: the data is read as the next blob.
+        let mut fz2 = Blobs::prefix(3, 1).to_vec();
+        let mut h = [0u8; 40];
+        Blobs::put_header(&z.desc(), &mut h);
+        fz2.extend_from_slice(&h);
+        fz2.extend_from_slice(&z.data[..]);
+        assert!(err(&fz2, 0x1000).contains("4096 bytes follow"));
         assert!(err(&frame(&[&b], 1), 0x500).contains("outside guest RAM"));
         let mut inside = b.clone();
         inside.gfn = mh_abi::REGION / PAGE;

@@ -147,8 +147,9 @@ fn about(bench: &str) -> &'static str {
         }
         "mh" => {
             "The in-guest Migration Handler: export+import throughput per batch size against the same run's \
-             single-core AES-256-GCM ceiling, the cost of a doorbell, and whole migrations of a filled guest, \
-             direct against confidential."
+             single-core AES-256-GCM ceiling (one handler vCPU per side), the cost of a doorbell, and whole \
+             migrations of filled guests with the default settings, plain against confidential (pipelined, \
+             and one batch at a time). Where the targets are missed and why: `docs/performance.md`."
         }
         "migrate" => {
             "Live migrations of the embedded guest with idle, hot and `ab` workloads beside the same run's \

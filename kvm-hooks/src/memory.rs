@@ -49,8 +49,6 @@ pub struct GuestRam {
     size: u64,
     slots: Vec<Memslot>,
     layout: RamLayout,
-    /// Every page was allocated ahead ([`GuestRam::populate`]): [`GuestRam::store`] copies.
-    resident: std::sync::atomic::AtomicBool,
 }
 
 impl GuestRam {
@@ -80,7 +78,7 @@ impl GuestRam {
         let slots = (0..size.div_ceil(SLOT_SIZE))
             .map(|i| Memslot { id: i as u32, gpa: i * SLOT_SIZE, size: SLOT_SIZE.min(size - i * SLOT_SIZE) })
             .collect();
-        Ok(GuestRam { file, map, size, slots, layout, resident: std::sync::atomic::AtomicBool::new(false) })
+        Ok(GuestRam { file, map, size, slots, layout })
     }
 
     /// Where the guest sees this RAM.
@@ -182,22 +180,7 @@ impl GuestRam {
     /// receiving does not pay a page fault per page.
     pub fn populate(&self) -> Result<()> {
         sys::populate(&self.file, self.map.as_mut_ptr(), self.size)
-            .map_err(|e| Error::Memory(format!("pre-allocating guest RAM: {e}")))?;
-        self.resident.store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Write bytes that arrived for guest RAM at `gpa`. RAM allocated ahead takes a copy;
-    /// otherwise the bytes go through the file (`pwrite`), so a page written whole is
-    /// allocated without the zeroing and the page fault a first write through the mapping
-    /// costs. Both leave the same bytes in the mapping.
-    pub fn store(&self, gpa: u64, src: &[u8]) -> Result<()> {
-        if self.resident.load(std::sync::atomic::Ordering::Relaxed) {
-            return self.write(gpa, src);
-        }
-        self.check(gpa, src.len() as u64)?;
-        sys::pwrite_all(&self.file, src, gpa)
-            .map_err(|e| Error::Memory(format!("writing {} bytes of guest RAM at {gpa:#x}: {e}", src.len())))
+            .map_err(|e| Error::Memory(format!("pre-allocating guest RAM: {e}")))
     }
 
     /// Make all of guest RAM zero by freeing its pages (a destination whose RAM file held
@@ -288,35 +271,5 @@ mod tests {
             assert!(ram.page_is_zero(3).unwrap(), "cleared offset {off}");
         }
         assert!(ram.page_is_zero(16384).is_err(), "a page beyond RAM is an error, not a read");
-    }
-
-    #[test]
-    fn stored_bytes_read_back_through_the_mapping_fresh_or_allocated() {
-        let ram = GuestRam::new(64 << 20).unwrap();
-        let page: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 253) as u8 | 1).collect();
-        // Fresh RAM: through the file. A whole page, then part of one (the rest reads zero).
-        ram.store(5 * PAGE_SIZE, &page).unwrap();
-        ram.store(9 * PAGE_SIZE + 100, &page[..200]).unwrap();
-        let mut got = vec![0u8; PAGE_SIZE as usize];
-        ram.read(5 * PAGE_SIZE, &mut got).unwrap();
-        assert_eq!(got, page);
-        ram.read(9 * PAGE_SIZE, &mut got).unwrap();
-        assert!(got[..100].iter().all(|&b| b == 0) && got[300..].iter().all(|&b| b == 0));
-        assert_eq!(&got[100..300], &page[..200]);
-        // Over data written through the mapping: the file and the mapping are one.
-        ram.write(12 * PAGE_SIZE, &[0xee; 4096]).unwrap();
-        ram.store(12 * PAGE_SIZE + 8, &[1, 2, 3]).unwrap();
-        ram.read(12 * PAGE_SIZE, &mut got).unwrap();
-        assert_eq!((&got[..8], &got[8..11], got[11]), (&[0xee; 8][..], &[1, 2, 3][..], 0xee));
-        // Out of range is refused, never written.
-        let end = ram.size();
-        assert!(ram.store(end - 2, &[1, 2, 3]).is_err());
-        assert!(ram.store(u64::MAX - 1, &[1, 2, 3]).is_err());
-        assert_eq!(sys::data_extents(&ram.file, end + 4096).unwrap().last().map(|e| e.1 <= end), Some(true));
-        // Allocated ahead: a copy, same bytes.
-        ram.populate().unwrap();
-        ram.store(20 * PAGE_SIZE, &page).unwrap();
-        ram.read(20 * PAGE_SIZE, &mut got).unwrap();
-        assert_eq!(got, page);
     }
 }

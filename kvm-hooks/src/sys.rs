@@ -205,27 +205,6 @@ pub fn populate(fd: &impl AsRawFd, addr: *mut u8, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Write all of `buf` to `fd` at `offset` (`pwrite`, resumed after short writes and EINTR).
-pub fn pwrite_all(fd: &impl AsRawFd, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        // SAFETY: `buf` is a valid readable slice for its length; pwrite does not keep it.
-        let n = unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset as i64) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::from(io::ErrorKind::WriteZero));
-        }
-        buf = &buf[n as usize..];
-        offset += n as u64;
-    }
-    Ok(())
-}
-
 /// Free every page of the file's first `len` bytes (they read as zero again), keeping its
 /// size.
 pub fn punch_hole(fd: &impl AsRawFd, len: u64) -> io::Result<()> {

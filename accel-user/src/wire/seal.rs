@@ -10,9 +10,8 @@
 //! One pass on each side, in cache-sized pieces: a record is sealed straight from guest
 //! RAM into a send buffer of one record and sent from there (the guest keeps running, and
 //! the sealed copy is what goes out, so a page that changes during the send cannot make
-//! the frame fail to open); a received record is opened in place and then written to guest
-//! RAM ([`GuestRam::store`]: through the RAM file on a fresh destination, so the kernel
-//! allocates each page without zeroing it first). Nothing of a record is handed out before its tag checks out: a `Pages` frame's
+//! the frame fail to open); a received record is opened in place and then copied to guest
+//! RAM. Nothing of a record is handed out before its tag checks out: a `Pages` frame's
 //! run table (in its first record, with the header) is acted on, and each page written to
 //! guest RAM, only once the bytes are known to be the peer's.
 //! `docs/security.md` says why AEGIS-256X4 and records, and what was measured.
@@ -341,7 +340,7 @@ impl Transport for Sealed {
     fn recv_into_guest(&mut self, ram: &GuestRam, gpa: u64, len: u64) -> Result<(), TransportError> {
         ram.iovec(gpa, len).map_err(|e| TransportError::Guest(e.to_string()))?;
         let n = usize::try_from(len).map_err(|_| TransportError::Guest(format!("read of {len} bytes")))?;
-        self.take(n, |at, b| ram.store(gpa + at as u64, b).map_err(|e| TransportError::Guest(e.to_string())))
+        self.take(n, |at, b| ram.write(gpa + at as u64, b).map_err(|e| TransportError::Guest(e.to_string())))
     }
 
     fn send_raw(&mut self, _: Option<&[u8; HEADER_LEN]>, _: &[u8], _: bool) -> Result<(), TransportError> {

@@ -108,6 +108,27 @@ fn confidential_without_the_pipeline() {
     migrate_with(c);
 }
 
+/// Private pages scattered over RAM (the oracle guest writes pseudo-random pages): a batch
+/// is many short runs, more requests than a pipelined half of the MH ring holds, and the
+/// migration still delivers identical RAM.
+#[test]
+fn scattered_private_pages_in_many_short_runs() {
+    use embedded_vmm::vmm::{GuestSpec, Workload};
+    let mut c = confidential(WorkloadKind::Ab, "scatter");
+    c.migration.min_rounds = 3;
+    let spec = GuestSpec { ram_bytes: c.guest.ram.0, vcpus: 1, workload: Workload::Oracle { pages: 8192 } };
+    let mut src = Machine::boot(spec, c.dirty_preference()).unwrap();
+    session::launch_mh(&c, &mut src).unwrap();
+    src.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let (addr, t) = receiver(&c);
+    let rep = session::send(&c, &src, &addr, &mut |_| {}).expect("migration of scattered private pages");
+    let (r, res) = t.join().unwrap();
+    assert_same_ram(&src, &res.expect("destination").snapshot.unwrap());
+    assert_running(r.machine().unwrap());
+    assert!(rep.precopy_rounds.len() >= 3);
+}
+
 /// A destination slower than the source's exports: the first 300 Blobs frames are held
 /// back on the way, so the source's sends block while its MH has the next batch in flight, and the
 /// destination imports frame by frame. Nothing is lost or reordered: RAM is identical and

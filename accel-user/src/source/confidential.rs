@@ -27,28 +27,39 @@ pub(super) fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut R
         gate(c, (HEADER_LEN + 8 + chunk.len() * payload::BLOB_LEN) as u64)?;
         let base = if cs.pipeline && i % 2 == 1 { half } else { 0 };
         let reqs = export_requests(chunk, base, round);
-        let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
-        if !cs.pipeline {
+        // Two batches in flight share the ring too: a batch of many short runs goes alone.
+        if !cs.pipeline || reqs.len() > abi::RING_ENTRIES as usize / 2 {
+            finish_export(c, round, pending.take(), st)?;
+            let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
             mh.run(&reqs)?;
-            let sent = send_slots(c, round, 0, chunk.iter().map(|&g| (Kind::Page, g)))?;
-            st.add_blobs(sent);
+            st.add_blobs(send_slots(c, round, base, chunk.iter().map(|&g| (Kind::Page, g)))?);
             continue;
         }
+        let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
         mh.start(&reqs)?;
         if let Some((pbase, prev)) = pending.replace((base, chunk)) {
+            // The MH serves its ring in order: the previous batch is done once at most this
+            // batch's requests are in flight.
             let done = mh.wait_until(reqs.len())?;
             MhHost::check(&done)?;
-            let sent = send_slots(c, round, pbase, prev.iter().map(|&g| (Kind::Page, g)))?;
-            st.add_blobs(sent);
+            st.add_blobs(send_slots(c, round, pbase, prev.iter().map(|&g| (Kind::Page, g)))?);
         }
     }
-    if let Some((pbase, prev)) = pending {
-        let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
-        let done = mh.wait_all()?;
-        MhHost::check(&done)?;
-        let sent = send_slots(c, round, pbase, prev.iter().map(|&g| (Kind::Page, g)))?;
-        st.add_blobs(sent);
-    }
+    finish_export(c, round, pending, st)
+}
+
+/// Wait for the export in flight, if any, and send its blobs.
+fn finish_export(
+    c: &mut Ctx<'_>,
+    round: u32,
+    pending: Option<(u32, &[u64])>,
+    st: &mut RoundStats,
+) -> Result<(), PathError> {
+    let Some((base, gfns)) = pending else { return Ok(()) };
+    let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
+    let done = mh.wait_all()?;
+    MhHost::check(&done)?;
+    st.add_blobs(send_slots(c, round, base, gfns.iter().map(|&g| (Kind::Page, g)))?);
     Ok(())
 }
 

@@ -37,7 +37,7 @@ fn vm(dest: bool, ram: u64, spin: u64) -> anyhow::Result<(Machine, MhHost)> {
     } else {
         Machine::boot(spec, DirtyPreference::Bitmap)?
     };
-    m.launch_mh(&Launch { key: KEY, vm_id: 1, spin }, Duration::from_secs(10))?;
+    m.launch_mh(&Launch { key: KEY, vm_id: 1, spin, zero_records: true }, Duration::from_secs(10))?;
     let h = m.take_mh().ok_or_else(|| anyhow::anyhow!("no MH"))?;
     Ok((m, h))
 }

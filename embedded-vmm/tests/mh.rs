@@ -16,7 +16,7 @@ fn spec() -> GuestSpec {
 }
 
 fn launch(key: [u8; 32]) -> Launch {
-    Launch { key, vm_id: 7, spin: 0 }
+    Launch { key, vm_id: 7, spin: 0, zero_records: true }
 }
 
 fn vm_with_mh(key: [u8; 32]) -> (Machine, MhHost) {
@@ -242,6 +242,47 @@ fn zero_pages_travel_as_zero_records() {
     assert_eq!(refused(import(&mut f.h, gfn + 1, &f.r1[1..2])), CompStatus::BadSequence);
     let c = f.h.counters().unwrap();
     assert_eq!((c.imported, c.zeros), (4, 1), "{c:?}");
+
+    // A guest owner who did not allow zero records at launch: the zero page travels as a
+    // page of ciphertext like any other.
+    let mut m = Machine::boot(spec(), RING).unwrap();
+    m.launch_mh(&Launch { zero_records: false, ..launch(KEY) }, Duration::from_secs(5)).unwrap();
+    let mut h = m.take_mh().unwrap();
+    m.ram().write(gfn * 4096, &[0u8; 4096]).unwrap();
+    h.bind_export(7).unwrap();
+    marker(&mut h, Op::Begin, 0);
+    let b = export(&mut h, gfn, 1, 1);
+    assert_eq!((b[0].kind, h.counters().unwrap().zeros), (page, 0));
+}
+
+/// Requests abandoned after a failure (a refused import still in flight) never surface as
+/// the outcome of what runs next; requests in flight still count against the ring.
+#[test]
+fn abandoned_requests_do_not_surface_later() {
+    let (src, mut h) = vm_with_mh(KEY);
+    let gfn = DATA_START / 4096;
+    fill(&src, gfn, 4, 0x33);
+    // An import with no stream open: refused (NoStream) once the MH gets to it.
+    h.start(&[req(Op::Import, gfn, 4, 0, 0)]).unwrap();
+    h.abandon();
+    let full: Vec<Request> = (0..64).map(|i| req(Op::Export, gfn, 1, i, 1)).collect();
+    assert!(h.start(&full).is_err(), "an abandoned request still holds its ring entry");
+    // What runs next sees only its own completions.
+    h.run(&[req(Op::Export, gfn, 4, 0, 1)]).unwrap();
+    assert_eq!(h.in_flight(), 0);
+    let c = h.counters().unwrap();
+    assert_eq!((c.exported, c.refused), (4, 1), "{c:?}");
+}
+
+/// The host checks the MH's ABI version once it is ready: an MH of another version is
+/// refused with both versions named.
+#[test]
+fn an_mh_of_another_abi_version_is_refused() {
+    let (m, h) = vm_with_mh(KEY);
+    h.wait_ready(Duration::from_secs(1)).unwrap();
+    m.ram().write(abi::HEADER + abi::header::VERSION, &99u32.to_le_bytes()).unwrap();
+    let e = h.wait_ready(Duration::from_secs(1)).unwrap_err().to_string();
+    assert!(e.contains("version 99") && e.contains(&format!("version {}", abi::VERSION)), "{e}");
 }
 
 #[test]

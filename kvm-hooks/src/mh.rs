@@ -52,11 +52,18 @@ pub struct Launch {
     pub vm_id: u32,
     /// Empty-ring polls before the MH blocks on the doorbell (0: block at once).
     pub spin: u64,
+    /// Let the MH export all-zero pages as zero records (which shows the host which
+    /// private pages are zero).
+    pub zero_records: bool,
 }
 
 impl std::fmt::Debug for Launch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Launch").field("vm_id", &self.vm_id).field("spin", &self.spin).finish_non_exhaustive()
+        f.debug_struct("Launch")
+            .field("vm_id", &self.vm_id)
+            .field("spin", &self.spin)
+            .field("zero_records", &self.zero_records)
+            .finish_non_exhaustive()
     }
 }
 
@@ -87,6 +94,7 @@ pub fn install(ram: &GuestRam, launch: &Launch) -> Result<()> {
     ram.write(abi::SECRET + abi::secret::KEY, &launch.key)?;
     ram.write(abi::SECRET + abi::secret::VM_ID, &launch.vm_id.to_le_bytes())?;
     ram.write_u64(abi::SECRET + abi::secret::RAM_SIZE, ram.size())?;
+    ram.write_u64(abi::SECRET + abi::secret::ZERO_RECORDS, u64::from(launch.zero_records))?;
     ram.write_u64(abi::SECRET + abi::secret::VALID, 1)?;
     ram.write_u64(abi::HEADER + abi::header::SPIN, launch.spin)?;
     Ok(())
@@ -196,6 +204,9 @@ pub struct MhHost {
     comp_cons: u32,
     next_id: u32,
     inflight: VecDeque<Request>,
+    /// The oldest this many requests in flight were abandoned: their completions are
+    /// still checked for ring integrity, then dropped.
+    abandoned: usize,
     /// Completion-ring polls before sleeping on the MH's Done kick.
     pub spin: u32,
     /// How long the MH may take to answer before it is declared dead.
@@ -206,7 +217,18 @@ pub struct MhHost {
 
 impl MhHost {
     pub fn new(ram: Arc<GuestRam>, bell: Arc<Bell>, timeout: Duration, vm_id: u32) -> MhHost {
-        MhHost { ram, bell, req_prod: 0, comp_cons: 0, next_id: 1, inflight: VecDeque::new(), spin: 0, timeout, vm_id }
+        MhHost {
+            ram,
+            bell,
+            req_prod: 0,
+            comp_cons: 0,
+            next_id: 1,
+            inflight: VecDeque::new(),
+            abandoned: 0,
+            spin: 0,
+            timeout,
+            vm_id,
+        }
     }
 
     fn atomic(&self, gpa: u64) -> Result<&AtomicU32> {
@@ -227,6 +249,16 @@ impl MhHost {
                 return Err(MhError::Faulted(f.clone()));
             }
             if g.ready {
+                drop(g);
+                let mut v = [0u8; 4];
+                self.ram.read(abi::HEADER + abi::header::VERSION, &mut v)?;
+                let version = u32::from_le_bytes(v);
+                if version != abi::VERSION {
+                    return Err(MhError::Faulted(format!(
+                        "the MH speaks ABI version {version}, this host version {}",
+                        abi::VERSION
+                    )));
+                }
                 return Ok(());
             }
             let left = limit.checked_sub(t0.elapsed()).ok_or(MhError::NotReady(limit))?;
@@ -278,9 +310,21 @@ impl MhHost {
         }
     }
 
+    /// Give up on every request in flight: a migration that failed no longer cares how they
+    /// end. They still occupy the ring until the MH completes them; their completions are
+    /// checked and dropped, so no later caller sees them.
+    pub fn abandon(&mut self) {
+        self.abandoned = self.inflight.len();
+    }
+
     /// Take the completions posted so far, in request order, each checked against its
     /// request. Does not wait.
     pub fn poll(&mut self) -> Result<Vec<(Request, Completion)>> {
+        Ok(self.take_completions()?.1)
+    }
+
+    /// [`MhHost::poll`], also counting the completions of abandoned requests it dropped.
+    fn take_completions(&mut self) -> Result<(usize, Vec<(Request, Completion)>)> {
         let prod = self.atomic(abi::COMP_RING + abi::RING_PROD)?.load(Ordering::Acquire);
         let avail = prod.wrapping_sub(self.comp_cons);
         if avail as usize > self.inflight.len() {
@@ -306,10 +350,14 @@ impl MhHost {
                 return Err(MhError::BadCompletion(format!("{} pages done of a {}-page request", c.done, r.count)));
             }
             self.comp_cons = self.comp_cons.wrapping_add(1);
-            out.push((r, c));
+            if self.abandoned > 0 {
+                self.abandoned -= 1;
+            } else {
+                out.push((r, c));
+            }
         }
         self.atomic(abi::COMP_RING + abi::RING_CONS)?.store(self.comp_cons, Ordering::Release);
-        Ok(out)
+        Ok((avail as usize, out))
     }
 
     /// Wait until every request in flight completed (or the MH faults / times out).
@@ -326,8 +374,8 @@ impl MhHost {
         let mut spins = 0u32;
         while self.inflight.len() > left {
             let seen = self.bell.lock().done;
-            let got = self.poll()?;
-            if !got.is_empty() {
+            let (n, got) = self.take_completions()?;
+            if n > 0 {
                 out.extend(got);
                 spins = 0;
                 continue;
@@ -386,7 +434,8 @@ impl MhHost {
     }
 
     /// Submit `reqs` (ringing once per ring-full of requests), wait for all, and fail with
-    /// the first refusal.
+    /// the first refusal. Nothing may be in flight before (the ring's room is counted from
+    /// empty); use [`MhHost::start`] and [`MhHost::wait_until`] to keep requests in flight.
     pub fn run(&mut self, reqs: &[Request]) -> Result<()> {
         for chunk in reqs.chunks(abi::RING_ENTRIES as usize) {
             self.start(chunk)?;
@@ -461,8 +510,10 @@ impl MhHost {
         Ok(())
     }
 
-    /// Copy an exported slot out and check the MH labelled it as asked.
+    /// Copy an exported slot out and check the MH labelled it as asked (a zero record
+    /// leaves `b.data` zero).
     pub fn take_slot(&self, slot: u32, want_kind: Kind, want_gfn: u64, b: &mut Blob) -> Result<()> {
+        b.data.fill(0);
         let d = self.take_slot_into(slot, want_kind, want_gfn, &mut b.data[..])?;
         (b.gfn, b.seq, b.round, b.kind, b.tag) = (d.gfn, d.seq, d.round, d.kind, d.tag);
         Ok(())

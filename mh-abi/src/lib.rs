@@ -118,6 +118,10 @@ pub mod secret {
     pub const RAM_SIZE: u64 = 0x28;
     /// Non-zero once the host wrote the secret.
     pub const VALID: u64 = 0x30;
+    /// Non-zero: the exporter sends all-zero pages as zero records. A zero record tells
+    /// whoever moves the blobs that the page is zero, so whether to allow that is the
+    /// guest owner's choice, made at launch.
+    pub const ZERO_RECORDS: u64 = 0x38;
 }
 
 #[repr(u32)]

@@ -1,7 +1,8 @@
 //! The reference Migration Handler (MH): runs inside the guest on an extra vCPU, at CPL 3,
 //! with its own identity page tables in the MH region. It serves the host's request ring:
-//! EXPORT encrypts guest pages into the shared data slots (an all-zero page becomes a zero
-//! record: a tag, no ciphertext), IMPORT authenticates and decrypts slots into guest pages. Every request is checked before anything is touched; the host is
+//! EXPORT encrypts guest pages into the shared data slots (an all-zero page becomes a
+//! zero record, a tag and no ciphertext, when the launch secret allows it), IMPORT
+//! authenticates and decrypts slots into guest pages. Every request is checked before anything is touched; the host is
 //! not trusted (ABI: `docs/mh-protocol.md`, constants: `mh-abi`).
 //!
 //! Plaintext never sits in shared memory: a page is copied into the MH's private buffer,
@@ -151,6 +152,8 @@ struct Mh {
     /// Exports bind to this: the importer's challenge, read at the export's Begin.
     bind: u64,
     ram_pages: u64,
+    /// Export all-zero pages as zero records (`secret::ZERO_RECORDS`).
+    zero_records: bool,
     /// Export: next sequence number (random high half per boot, so nonces never repeat).
     seq: u64,
     /// Import: a Begin opened the stream; `next_seq` is what the next blob must carry.
@@ -179,6 +182,7 @@ extern "C" fn mh_main() -> ! {
         challenge: random(),
         bind: 0,
         ram_pages: rd64(abi::SECRET + abi::secret::RAM_SIZE) / abi::PAGE,
+        zero_records: rd64(abi::SECRET + abi::secret::ZERO_RECORDS) != 0,
         seq: (random() & !0xffff_ffff) | 1,
         open: false,
         finished: false,
@@ -316,7 +320,7 @@ impl Mh {
             copy_in(&mut b, gfn * abi::PAGE);
             self.buf.0 = b;
             // Only the handler can tell a private page is zero: the host sees ciphertext.
-            let k = if kind == Kind::Page && is_zero(&self.buf.0) {
+            let k = if kind == Kind::Page && self.zero_records && is_zero(&self.buf.0) {
                 zeros += 1;
                 Kind::Zero
             } else {

@@ -268,6 +268,10 @@ pub struct ConfidentialConfig {
     /// The MH exports the next batch while the host sends the last one (the two share the
     /// data slots, so a batch is at most half of them).
     pub mh_pipeline: bool,
+    /// The MH sends a private page it finds all zero as a zero record (a tag instead of a
+    /// page of ciphertext). This tells the hosts which private pages are zero; off, every
+    /// private page travels as ciphertext.
+    pub zero_records: bool,
     /// Empty-ring polls the MH makes before blocking on a doorbell kick (0 = block at once).
     pub mh_spin: u64,
     /// Completion polls the host makes before sleeping on the MH's kick.
@@ -288,6 +292,7 @@ impl Default for ConfidentialConfig {
             key_file: None,
             mh_batch: mh_abi::NSLOTS / 2,
             mh_pipeline: true,
+            zero_records: true,
             mh_spin: 0,
             host_spin: 0,
             mh_timeout_ms: 5_000,

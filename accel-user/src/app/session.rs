@@ -64,7 +64,12 @@ pub fn launch_mh(cfg: &Config, m: &mut Machine) -> Result<(), String> {
     kvm_hooks::sev::check_send(c.sev_policy).map_err(|e| e.to_string())?;
     let key = c.key_file.as_deref().ok_or("confidential.key_file is not set")?;
     let key = crate::wire::keys::load(key).map_err(|e| e.to_string())?;
-    let launch = kvm_hooks::mh::Launch { key: key.0, vm_id: crate::wire::keys::random_vm_id(), spin: c.mh_spin };
+    let launch = kvm_hooks::mh::Launch {
+        key: key.0,
+        vm_id: crate::wire::keys::random_vm_id(),
+        spin: c.mh_spin,
+        zero_records: c.zero_records,
+    };
     m.launch_mh(&launch, Duration::from_millis(c.mh_timeout_ms))
         .map_err(|e| format!("cannot start the Migration Handler: {e}"))?;
     if let Some(h) = m.mh().as_mut() {
@@ -208,6 +213,7 @@ pub fn receiver_for<F: VmFactory>(
                     mh_spin: c.mh_spin,
                     host_spin: c.host_spin,
                     mh_timeout: Duration::from_millis(c.mh_timeout_ms),
+                    zero_records: c.zero_records,
                 })
             }
             Some(Err(e)) => key_error = Some(e.to_string()),

@@ -13,7 +13,8 @@ pub(super) struct Importing {
 
 impl<F: VmFactory> Receiver<F> {
     /// MH blobs, imported in order through the destination MH. Pages count toward the
-    /// round; Cpu blobs move the receiver to States.
+    /// round once their import checked out (for a frame imported while the next arrives,
+    /// when that frame or any other is handled); Cpu blobs move the receiver to States.
     pub(super) fn on_blobs(&mut self, t: &mut dyn Transport, h: &Header, round: Option<u32>) -> Result<(), RecvError> {
         // One reused buffer per receiver (up to ~1 MiB): the ciphertext is then copied once,
         // from it into the MH's slots.
@@ -144,6 +145,20 @@ impl<F: VmFactory> Receiver<F> {
         }
         self.imported(&cur.gfns);
         Ok(())
+    }
+
+    /// After a failed receive: the import in flight, if any, no longer matters (the VM
+    /// never resumes); its completions are dropped, so whoever uses the MH next (a reset)
+    /// sees only its own.
+    pub(super) fn abandon_import(&mut self) {
+        if self.importing.take().is_none() {
+            return;
+        }
+        if let Some(mh) = self.machine.as_ref().and_then(|m| m.confidential()).map(|c| c.mh()).as_mut() {
+            if let Some(mh) = mh.as_mut() {
+                mh.abandon();
+            }
+        }
     }
 
     /// Pages the destination MH imported: received, and counted toward the round.

@@ -71,6 +71,8 @@ pub struct ConfidentialRecv {
     pub mh_spin: u64,
     pub host_spin: u32,
     pub mh_timeout: Duration,
+    /// The VM's MH, should it migrate on from here, may send zero records.
+    pub zero_records: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,6 +325,7 @@ impl<F: VmFactory> Receiver<F> {
         self.shared.stop.store(true, Ordering::Release);
         if let Err(e) = &r {
             tracing::warn!("{e}");
+            self.abandon_import();
             if !matches!(e, RecvError::SourceAborted { .. }) {
                 // Best effort: the source learns why instead of seeing a reset.
                 let _ = t.send_frame(FrameKind::Abort, &[Part::Buf(&payload::Abort::encode(&e.to_string()))], None);
@@ -355,8 +358,9 @@ impl<F: VmFactory> Receiver<F> {
             let h = t.recv_header().map_err(|e| self.terr(e))?;
             self.shared.touch();
             self.bytes += frame::HEADER_LEN as u64 + u64::from(h.len);
-            if h.kind != FrameKind::Blobs {
-                // Every frame but the next blobs waits for the page import in flight.
+            if !matches!(h.kind, FrameKind::Blobs | FrameKind::Abort) {
+                // Every frame but the next blobs waits for the page import in flight (an
+                // Abort ends the receive whatever the import says).
                 self.finish_import()?;
             }
             match (st, h.kind) {
@@ -502,7 +506,12 @@ impl<F: VmFactory> Receiver<F> {
         // Confidential: the VM starts now, before any page arrives, with its MH running.
         let machine = machine.and_then(|mut m| {
             if let Some(c) = &self.o.confidential {
-                let launch = kvm_hooks::mh::Launch { key: c.key.0, vm_id: hello.vm_id, spin: c.mh_spin };
+                let launch = kvm_hooks::mh::Launch {
+                    key: c.key.0,
+                    vm_id: hello.vm_id,
+                    spin: c.mh_spin,
+                    zero_records: c.zero_records,
+                };
                 m.launch_mh(&launch, c.mh_timeout).map_err(|e| format!("cannot start the Migration Handler: {e}"))?;
                 let conf = m.confidential().ok_or("the VM runs no Migration Handler after its launch")?;
                 if let Some(h) = conf.mh().as_mut() {

@@ -18,13 +18,23 @@ fn export_requests(gfns: &[u64], base: u32, round: u32) -> Vec<Request> {
 /// send the blobs on the control stream. Pipelined: batch n+1 is exported into one half of
 /// the data slots while batch n is copied out of the other and sent.
 pub(super) fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) -> Result<(), PathError> {
+    let r = pipeline(c, round, gfns, st);
+    if let (Err(_), Some(mh)) = (&r, c.mh.as_mut()) {
+        // An export may still be in flight: what it yields no longer matters, and must not
+        // be taken for the outcome of whatever runs next (a retry's Begin).
+        mh.abandon();
+    }
+    r
+}
+
+fn pipeline(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) -> Result<(), PathError> {
     let cs = c.o.confidential.unwrap_or(ConfidentialSend { mh_batch: abi::NSLOTS / 2, pipeline: true });
     let half = abi::NSLOTS / 2;
     let batch = cs.mh_batch.clamp(1, if cs.pipeline { half } else { abi::NSLOTS }) as usize;
     // The export in flight: its first slot and its pages.
     let mut pending: Option<(u32, &[u64])> = None;
     for (i, chunk) in gfns.chunks(batch).enumerate() {
-        gate(c, (HEADER_LEN + 8 + chunk.len() * payload::BLOB_LEN) as u64)?;
+        gate(c, 0)?;
         let base = if cs.pipeline && i % 2 == 1 { half } else { 0 };
         let reqs = export_requests(chunk, base, round);
         // Two batches in flight share the ring too: a batch of many short runs goes alone.
@@ -32,7 +42,8 @@ pub(super) fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut R
             finish_export(c, round, pending.take(), st)?;
             let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
             mh.run(&reqs)?;
-            st.add_blobs(send_slots(c, round, base, chunk.iter().map(|&g| (Kind::Page, g)))?);
+            let sent = send_slots(c, round, base, chunk.iter().map(|&g| (Kind::Page, g)))?;
+            account(c, st, sent)?;
             continue;
         }
         let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
@@ -42,10 +53,18 @@ pub(super) fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut R
             // batch's requests are in flight.
             let done = mh.wait_until(reqs.len())?;
             MhHost::check(&done)?;
-            st.add_blobs(send_slots(c, round, pbase, prev.iter().map(|&g| (Kind::Page, g)))?);
+            let sent = send_slots(c, round, pbase, prev.iter().map(|&g| (Kind::Page, g)))?;
+            account(c, st, sent)?;
         }
     }
     finish_export(c, round, pending, st)
+}
+
+/// Count a sent Blobs frame into the round and pace by the bytes it really took (a zero
+/// record is 40 of them).
+fn account(c: &mut Ctx<'_>, st: &mut RoundStats, sent: BlobsSent) -> Result<(), PathError> {
+    st.add_blobs(sent);
+    gate(c, sent.bytes)
 }
 
 /// Wait for the export in flight, if any, and send its blobs.
@@ -59,8 +78,8 @@ fn finish_export(
     let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
     let done = mh.wait_all()?;
     MhHost::check(&done)?;
-    st.add_blobs(send_slots(c, round, base, gfns.iter().map(|&g| (Kind::Page, g)))?);
-    Ok(())
+    let sent = send_slots(c, round, base, gfns.iter().map(|&g| (Kind::Page, g)))?;
+    account(c, st, sent)
 }
 
 /// What one Blobs frame carried: bytes on the wire and zero records among its blobs.

@@ -104,12 +104,12 @@ impl<F: VmFactory> Receiver<F> {
                 mh.start(&reqs).map_err(mhe)?;
                 // The previous frame's import is done once at most this frame's requests
                 // are in flight (the MH serves its ring in order).
-                let prev = self.importing.take();
+                // This frame is in flight from here on, whatever the previous one's verdict.
+                let prev = self.importing.replace(Importing { base, count: n, gfns });
                 if prev.is_some() {
                     let done = mh.wait_until(reqs.len()).map_err(mhe)?;
                     kvm_hooks::mh::MhHost::check(&done).map_err(mhe)?;
                 }
-                self.importing = Some(Importing { base, count: n, gfns });
                 (prev, Vec::new())
             }
         };
@@ -147,13 +147,12 @@ impl<F: VmFactory> Receiver<F> {
         Ok(())
     }
 
-    /// After a failed receive: the import in flight, if any, no longer matters (the VM
-    /// never resumes); its completions are dropped, so whoever uses the MH next (a reset)
-    /// sees only its own.
+    /// After a failed receive: whatever the destination MH still has in flight no longer
+    /// matters (the VM never resumes), whether a frame's import the receiver was waiting
+    /// for or one it had just submitted when the previous one failed; its completions are
+    /// dropped, so whoever uses the MH next (a reset) sees only its own.
     pub(super) fn abandon_import(&mut self) {
-        if self.importing.take().is_none() {
-            return;
-        }
+        self.importing = None;
         if let Some(mh) = self.machine.as_ref().and_then(|m| m.confidential()).map(|c| c.mh()).as_mut() {
             if let Some(mh) = mh.as_mut() {
                 mh.abandon();

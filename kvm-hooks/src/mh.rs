@@ -40,6 +40,8 @@ pub enum MhError {
     BadSlot { slot: u32, kind: Kind, gfn: u64, want_kind: Kind, want_gfn: u64 },
     #[error("MH request invalid on the host side: {0}")]
     BadRequest(String),
+    #[error("the MH speaks ABI version {got}, this host version {want}")]
+    Version { got: u32, want: u32 },
 }
 
 pub type Result<T> = std::result::Result<T, MhError>;
@@ -252,12 +254,9 @@ impl MhHost {
                 drop(g);
                 let mut v = [0u8; 4];
                 self.ram.read(abi::HEADER + abi::header::VERSION, &mut v)?;
-                let version = u32::from_le_bytes(v);
-                if version != abi::VERSION {
-                    return Err(MhError::Faulted(format!(
-                        "the MH speaks ABI version {version}, this host version {}",
-                        abi::VERSION
-                    )));
+                let got = u32::from_le_bytes(v);
+                if got != abi::VERSION {
+                    return Err(MhError::Version { got, want: abi::VERSION });
                 }
                 return Ok(());
             }
@@ -452,6 +451,14 @@ impl MhHost {
         Ok(())
     }
 
+    /// A slot's data area is one page.
+    fn check_page_buf(data: &[u8]) -> Result<()> {
+        if data.len() as u64 != abi::PAGE {
+            return Err(MhError::BadRequest(format!("a slot holds 4096 bytes, not {}", data.len())));
+        }
+        Ok(())
+    }
+
     /// Slot `slot`'s descriptor.
     pub fn read_desc(&self, slot: u32) -> Result<Desc> {
         Self::check_slot(slot)?;
@@ -462,9 +469,7 @@ impl MhHost {
 
     /// Read slot `slot`'s descriptor and copy its data area (4096 bytes) into `data`.
     pub fn read_slot_into(&self, slot: u32, data: &mut [u8]) -> Result<Desc> {
-        if data.len() as u64 != abi::PAGE {
-            return Err(MhError::BadRequest(format!("a slot holds 4096 bytes, not {}", data.len())));
-        }
+        Self::check_page_buf(data)?;
         let d = self.read_desc(slot)?;
         self.ram.read(abi::SLOTS + u64::from(slot) * abi::PAGE, data)?;
         Ok(d)
@@ -474,13 +479,10 @@ impl MhHost {
     /// with a zero record). Its ciphertext is copied into `data` (4096 bytes) unless it is a
     /// zero record, which has none.
     pub fn take_slot_into(&self, slot: u32, want_kind: Kind, want_gfn: u64, data: &mut [u8]) -> Result<Desc> {
-        if data.len() as u64 != abi::PAGE {
-            return Err(MhError::BadRequest(format!("a slot holds 4096 bytes, not {}", data.len())));
-        }
+        Self::check_page_buf(data)?;
         let d = self.read_desc(slot)?;
         let got = Kind::from_u32(d.kind);
-        let kind_ok = got == want_kind || (want_kind == Kind::Page && got == Kind::Zero);
-        if !kind_ok || d.gfn != want_gfn {
+        if !got.answers(want_kind) || d.gfn != want_gfn {
             return Err(MhError::BadSlot { slot, kind: got, gfn: d.gfn, want_kind, want_gfn });
         }
         if got.has_data() {
@@ -493,8 +495,8 @@ impl MhHost {
     /// no data (a zero record; the MH does not read the data area for one).
     pub fn write_slot_parts(&self, slot: u32, d: &Desc, data: &[u8]) -> Result<()> {
         Self::check_slot(slot)?;
-        if !data.is_empty() && data.len() as u64 != abi::PAGE {
-            return Err(MhError::BadRequest(format!("a slot holds 4096 bytes, not {}", data.len())));
+        if !data.is_empty() {
+            Self::check_page_buf(data)?;
         }
         self.ram.write(abi::SLOT_DESC + u64::from(slot) * abi::DESC_SIZE, &d.encode())?;
         if !data.is_empty() {

@@ -337,6 +337,11 @@ impl Kind {
     pub fn is_page(self) -> bool {
         matches!(self, Kind::Page | Kind::Zero)
     }
+    /// Whether a blob of this kind answers a request for `asked`: the same kind, or a zero
+    /// record where a page was asked.
+    pub fn answers(self, asked: Kind) -> bool {
+        self == asked || (asked == Kind::Page && self == Kind::Zero)
+    }
 }
 
 /// Slot descriptor (64 bytes at `SLOT_DESC + 64*slot`):
@@ -439,6 +444,8 @@ mod tests {
         }
         assert_eq!(Kind::from_u32(6), Kind::Invalid);
         assert!(!Kind::Zero.has_data() && Kind::Page.has_data() && Kind::Cpu.has_data());
+        assert!(Kind::Zero.answers(Kind::Page) && Kind::Page.answers(Kind::Page));
+        assert!(!Kind::Page.answers(Kind::Zero) && !Kind::Zero.answers(Kind::Cpu));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! with its own identity page tables in the MH region. It serves the host's request ring:
 //! EXPORT encrypts guest pages into the shared data slots (an all-zero page becomes a
 //! zero record, a tag and no ciphertext, when the launch secret allows it), IMPORT
-//! authenticates and decrypts slots into guest pages. Every request is checked before anything is touched; the host is
-//! not trusted (ABI: `docs/mh-protocol.md`, constants: `mh-abi`).
+//! authenticates and decrypts slots into guest pages. Every request is checked before
+//! anything is touched; the host is not trusted (ABI: `docs/mh-protocol.md`, constants:
+//! `mh-abi`).
 //!
 //! Plaintext never sits in shared memory: a page is copied into the MH's private buffer,
 //! encrypted there and only the ciphertext is copied out; an import copies the ciphertext in
@@ -365,7 +366,7 @@ impl Mh {
             }
         }
         let got = Kind::from_u32(d.kind);
-        if got != kind && !(kind == Kind::Page && got == Kind::Zero) {
+        if !got.answers(kind) {
             return Err(CompStatus::AuthFailed);
         }
         if got.has_data() {

@@ -2,6 +2,7 @@
 //! destination's, which checks and decrypts them inside the guest; the page-state record
 //! and the vCPU state that arrives in the VMSA pages.
 use super::*;
+use kvm_hooks::mh::{MhError, MhHost};
 
 /// A page import the destination MH works on: its slots and its pages.
 #[derive(Debug)]
@@ -9,6 +10,20 @@ pub(super) struct Importing {
     base: u32,
     count: u32,
     gfns: Vec<u64>,
+}
+
+/// Run `f` on the destination MH's host end, locked; its errors become the receiver's.
+fn with_mh<V: Incoming, T>(
+    machine: &Option<V>,
+    state: RecvState,
+    f: impl FnOnce(&mut MhHost) -> Result<T, MhError>,
+) -> Result<T, RecvError> {
+    let mut g = machine.as_ref().and_then(|m| m.confidential()).map(|c| c.mh());
+    let mh = g
+        .as_mut()
+        .and_then(|g| g.as_mut())
+        .ok_or_else(|| RecvError::Incomplete { state, msg: "no Migration Handler runs here".into() })?;
+    f(mh).map_err(|source| RecvError::Mh { state, source })
 }
 
 impl<F: VmFactory> Receiver<F> {
@@ -85,34 +100,26 @@ impl<F: VmFactory> Receiver<F> {
         for r in &mut reqs {
             r.slot += base;
         }
-        let m = self.machine.as_ref().ok_or_else(|| self.incomplete("blobs before a VM exists".into()))?;
-        let mhe = |source| RecvError::Mh { state: st, source };
         let gfns: Vec<u64> = blobs.iter().zip(&kinds).filter(|(_, k)| k.is_page()).map(|(b, _)| b.desc.gfn).collect();
-        let (previous, now) = {
-            let mut g = m.confidential().map(|c| c.mh());
-            let mh = g
-                .as_mut()
-                .and_then(|g| g.as_mut())
-                .ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
+        let importing = &mut self.importing;
+        let (previous, now) = with_mh(&self.machine, st, |mh| {
             for (i, b) in blobs.iter().enumerate() {
-                mh.write_slot_parts(base + i as u32, &b.desc, b.data).map_err(mhe)?;
+                mh.write_slot_parts(base + i as u32, &b.desc, b.data)?;
             }
             if !overlap {
-                mh.run(&reqs).map_err(mhe)?;
-                (None, gfns)
-            } else {
-                mh.start(&reqs).map_err(mhe)?;
+                mh.run(&reqs)?;
+                return Ok((None, gfns));
+            }
+            mh.start(&reqs)?;
+            // This frame is in flight from here on, whatever the previous one's verdict.
+            let prev = importing.replace(Importing { base, count: n, gfns });
+            if prev.is_some() {
                 // The previous frame's import is done once at most this frame's requests
                 // are in flight (the MH serves its ring in order).
-                // This frame is in flight from here on, whatever the previous one's verdict.
-                let prev = self.importing.replace(Importing { base, count: n, gfns });
-                if prev.is_some() {
-                    let done = mh.wait_until(reqs.len()).map_err(mhe)?;
-                    kvm_hooks::mh::MhHost::check(&done).map_err(mhe)?;
-                }
-                (prev, Vec::new())
+                MhHost::check(&mh.wait_until(reqs.len())?)?;
             }
-        };
+            Ok((prev, Vec::new()))
+        })?;
         if let Some(prev) = previous {
             self.imported(&prev.gfns);
         }
@@ -131,18 +138,7 @@ impl<F: VmFactory> Receiver<F> {
     /// Wait for the page import in flight, if any, and count its pages.
     pub(super) fn finish_import(&mut self) -> Result<(), RecvError> {
         let Some(cur) = self.importing.take() else { return Ok(()) };
-        let st = self.state;
-        let mhe = |source| RecvError::Mh { state: st, source };
-        {
-            let m = self.machine.as_ref().ok_or_else(|| self.incomplete("blobs before a VM exists".into()))?;
-            let mut g = m.confidential().map(|c| c.mh());
-            let mh = g
-                .as_mut()
-                .and_then(|g| g.as_mut())
-                .ok_or_else(|| self.incomplete("no Migration Handler runs here".into()))?;
-            let done = mh.wait_all().map_err(mhe)?;
-            kvm_hooks::mh::MhHost::check(&done).map_err(mhe)?;
-        }
+        with_mh(&self.machine, self.state, |mh| MhHost::check(&mh.wait_all()?))?;
         self.imported(&cur.gfns);
         Ok(())
     }
@@ -153,11 +149,11 @@ impl<F: VmFactory> Receiver<F> {
     /// dropped, so whoever uses the MH next (a reset) sees only its own.
     pub(super) fn abandon_import(&mut self) {
         self.importing = None;
-        if let Some(mh) = self.machine.as_ref().and_then(|m| m.confidential()).map(|c| c.mh()).as_mut() {
-            if let Some(mh) = mh.as_mut() {
-                mh.abandon();
-            }
-        }
+        // A VM without an MH has nothing to abandon.
+        let _ = with_mh(&self.machine, self.state, |mh| {
+            mh.abandon();
+            Ok(())
+        });
     }
 
     /// Pages the destination MH imported: received, and counted toward the round.

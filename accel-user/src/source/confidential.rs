@@ -18,7 +18,7 @@ fn export_requests(gfns: &[u64], base: u32, round: u32) -> Vec<Request> {
 /// send the blobs on the control stream. Pipelined: batch n+1 is exported into one half of
 /// the data slots while batch n is copied out of the other and sent.
 pub(super) fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) -> Result<(), PathError> {
-    let r = pipeline(c, round, gfns, st);
+    let r = send_batches(c, round, gfns, st);
     if let (Err(_), Some(mh)) = (&r, c.mh.as_mut()) {
         // An export may still be in flight: what it yields no longer matters, and must not
         // be taken for the outcome of whatever runs next (a retry's Begin).
@@ -27,7 +27,7 @@ pub(super) fn send_private(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut R
     r
 }
 
-fn pipeline(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) -> Result<(), PathError> {
+fn send_batches(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) -> Result<(), PathError> {
     let cs = c.o.confidential.unwrap_or(ConfidentialSend { mh_batch: abi::NSLOTS / 2, pipeline: true });
     let half = abi::NSLOTS / 2;
     let batch = cs.mh_batch.clamp(1, if cs.pipeline { half } else { abi::NSLOTS }) as usize;
@@ -39,25 +39,17 @@ fn pipeline(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) -> R
         let reqs = export_requests(chunk, base, round);
         // Two batches in flight share the ring too: a batch of many short runs goes alone.
         if !cs.pipeline || reqs.len() > abi::RING_ENTRIES as usize / 2 {
-            finish_export(c, round, pending.take(), st)?;
-            let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
-            mh.run(&reqs)?;
-            let sent = send_slots(c, round, base, chunk.iter().map(|&g| (Kind::Page, g)))?;
+            finish_export(c, round, pending.take(), 0, st)?;
+            let sent = export_and_send(c, round, base, &reqs, chunk.iter().map(|&g| (Kind::Page, g)))?;
             account(c, st, sent)?;
             continue;
         }
-        let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
-        mh.start(&reqs)?;
-        if let Some((pbase, prev)) = pending.replace((base, chunk)) {
-            // The MH serves its ring in order: the previous batch is done once at most this
-            // batch's requests are in flight.
-            let done = mh.wait_until(reqs.len())?;
-            MhHost::check(&done)?;
-            let sent = send_slots(c, round, pbase, prev.iter().map(|&g| (Kind::Page, g)))?;
-            account(c, st, sent)?;
-        }
+        c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?.start(&reqs)?;
+        // The MH serves its ring in order: the previous batch is done once at most this
+        // batch's requests are in flight.
+        finish_export(c, round, pending.replace((base, chunk)), reqs.len(), st)?;
     }
-    finish_export(c, round, pending, st)
+    finish_export(c, round, pending, 0, st)
 }
 
 /// Count a sent Blobs frame into the round and pace by the bytes it really took (a zero
@@ -67,16 +59,18 @@ fn account(c: &mut Ctx<'_>, st: &mut RoundStats, sent: BlobsSent) -> Result<(), 
     gate(c, sent.bytes)
 }
 
-/// Wait for the export in flight, if any, and send its blobs.
+/// Wait for the export `pending` (its first slot and pages), if any, until at most `left`
+/// requests (those submitted after it) are in flight, then send its blobs.
 fn finish_export(
     c: &mut Ctx<'_>,
     round: u32,
     pending: Option<(u32, &[u64])>,
+    left: usize,
     st: &mut RoundStats,
 ) -> Result<(), PathError> {
     let Some((base, gfns)) = pending else { return Ok(()) };
     let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
-    let done = mh.wait_all()?;
+    let done = mh.wait_until(left)?;
     MhHost::check(&done)?;
     let sent = send_slots(c, round, base, gfns.iter().map(|&g| (Kind::Page, g)))?;
     account(c, st, sent)
@@ -96,16 +90,18 @@ impl RoundStats {
     }
 }
 
-/// Run export requests, then send the slots' blobs (checked against `expect`) in one frame.
+/// Run export requests into slots `base..`, then send the slots' blobs (checked against
+/// `expect`) in one frame.
 pub(super) fn export_and_send(
     c: &mut Ctx<'_>,
     round: u32,
+    base: u32,
     reqs: &[Request],
     expect: impl ExactSizeIterator<Item = (Kind, u64)>,
 ) -> Result<BlobsSent, PathError> {
     let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
     mh.run(reqs)?;
-    send_slots(c, round, 0, expect)
+    send_slots(c, round, base, expect)
 }
 
 /// Send the exported blobs in slots `base..` (checked against `expect`) as one Blobs frame.
@@ -139,7 +135,7 @@ fn send_slots(
 pub(super) fn send_marker(c: &mut Ctx<'_>, op: Op, round: u32) -> Result<(), PathError> {
     let kind = if op == Op::Begin { Kind::Begin } else { Kind::End };
     let r = Request { op: op as u16, id: 0, count: 1, slot: 0, gfn: 0, round };
-    export_and_send(c, round, &[r], std::iter::once((kind, 0))).map(|_| ())
+    export_and_send(c, round, 0, &[r], std::iter::once((kind, 0))).map(|_| ())
 }
 
 /// SEV-ES style: the vCPU states are placed in the VMSA pages (as the hardware keeps a VMSA
@@ -167,7 +163,7 @@ pub(super) fn send_states_via_mh(c: &mut Ctx<'_>, state: &MachineState, round: u
     c.m.ram().write(abi::VMSA, &v).map_err(|e| PathError::Other(e.to_string()))?;
     let r = Request { op: Op::SaveCpu as u16, id: 0, count: pages, slot: 0, gfn: 0, round };
     let first = abi::VMSA / abi::PAGE;
-    let res = export_and_send(c, round, &[r], (0..pages as usize).map(|i| (Kind::Cpu, first + i as u64)));
+    let res = export_and_send(c, round, 0, &[r], (0..pages as usize).map(|i| (Kind::Cpu, first + i as u64)));
     // The plaintext states must not outlive the export in guest memory the host can read.
     c.m.ram().zero(abi::VMSA, v.len() as u64).map_err(|e| PathError::Other(e.to_string()))?;
     Ok(res?.bytes)

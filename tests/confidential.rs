@@ -115,6 +115,16 @@ fn confidential_without_the_pipeline_or_zero_records() {
     migrate_with(c);
 }
 
+/// The MH on three handler vCPUs at both ends (the destination runs as many as the source
+/// announces): each lane moves the private pages of its own granules, lane 0 closes last,
+/// and the destination holds the source's RAM and runs.
+#[test]
+fn confidential_on_several_handler_vcpus() {
+    let mut c = confidential(WorkloadKind::Hot, "lanes");
+    c.confidential.mh_vcpus = 3;
+    migrate_with(c);
+}
+
 /// Private pages scattered over RAM (the oracle guest writes pseudo-random pages): a batch
 /// is many short runs, more requests than a pipelined half of the MH ring holds, and the
 /// migration still delivers identical RAM.
@@ -250,7 +260,13 @@ fn hostile(tag: &str, tamper: Option<Tamper>, dest_key: Option<u8>, want: &str) 
 }
 
 fn hostile_with(workload: WorkloadKind, tag: &str, tamper: Option<Tamper>, dest_key: Option<u8>, want: &str) {
+    hostile_on(1, workload, tag, tamper, dest_key, want)
+}
+
+/// [`hostile_with`] with the MH on `lanes` handler vCPUs at both ends.
+fn hostile_on(lanes: u32, workload: WorkloadKind, tag: &str, tamper: Option<Tamper>, dest_key: Option<u8>, want: &str) {
     let mut c = confidential(workload, tag);
+    c.confidential.mh_vcpus = lanes;
     host_view(&mut c);
     c.migration.streams = 1;
     c.migration.max_rounds = 4;
@@ -316,6 +332,23 @@ fn relocated_blob_is_refused() {
         }
     });
     hostile("relocate", t, None, "failed authentication");
+}
+
+/// Several handler vCPUs: a page blob relabelled as a page of a granule of the other lane goes
+/// to the other lane, which numbers its blobs in a space of its own and refuses it.
+#[test]
+fn a_blob_moved_to_another_lanes_page_is_refused() {
+    let t = on_blobs(|n, p| {
+        if n == 2 {
+            let g = u64::from_le_bytes(p[B0 + 8..B0 + 16].try_into().unwrap());
+            // An odd number of granules on (past the MH region): the other of two lanes.
+            let to = g + mh_abi::GRANULE_PAGES;
+            let to = if mh_abi::in_region(to) { to + 2 * mh_abi::GRANULE_PAGES } else { to };
+            assert_ne!(mh_abi::lane_of(g, 2), mh_abi::lane_of(to, 2));
+            p[B0 + 8..B0 + 16].copy_from_slice(&to.to_le_bytes());
+        }
+    });
+    hostile_on(2, WorkloadKind::Ab, "lanemove", t, None, "out of sequence");
 }
 
 #[test]
@@ -708,10 +741,10 @@ fn recorded_stream_cannot_roll_back_the_destination() {
     let m = r.machine().expect("the failed destination's VM");
     let mut g = m.mh();
     let h = g.as_mut().expect("destination MH");
-    let old = h.challenge().unwrap();
+    let old = h.challenges().unwrap();
     h.run(&[mh_abi::Request { op: Op::Reset as u16, id: 0, count: 1, slot: 0, gfn: 0, round: 0 }])
         .expect("an unfinished import may be reset");
-    assert_ne!(h.challenge().unwrap(), old, "a reset draws a fresh challenge");
+    assert_ne!(h.challenges().unwrap(), old, "a reset draws a fresh challenge");
     refused_with(replay(h, &begin, Op::Marker), CompStatus::AuthFailed, "recorded Begin after a reset");
     drop(g);
     assert_running(&src);

@@ -486,7 +486,7 @@ fn a_killed_migaccel_leaves_only_what_the_docs_name() {
         let h = accel_user::wire::frame::Header::decode(&h).unwrap();
         let mut body = vec![0u8; h.len as usize];
         s.read_exact(&mut body).unwrap();
-        let ack = payload::HelloAck::encode(0, 0, "accepted");
+        let ack = payload::HelloAck::encode(0, &[], "accepted");
         let hdr = accel_user::wire::frame::Header {
             kind: accel_user::wire::frame::FrameKind::HelloAck,
             len: ack.len() as u32,

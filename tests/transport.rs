@@ -167,7 +167,7 @@ fn peer_reset_mid_zero_copy_burst() {
         let (mut ctl, _) = l.accept().unwrap();
         let (h, _) = read_frame(&mut ctl);
         assert_eq!(h.kind, FrameKind::Hello);
-        let p = payload::HelloAck::encode(0, 0, "accepted");
+        let p = payload::HelloAck::encode(0, &[], "accepted");
         ctl.write_all(&Header { kind: FrameKind::HelloAck, len: p.len() as u32, seq: 0 }.encode()).unwrap();
         ctl.write_all(&p).unwrap();
         let mut data: Vec<TcpStream> = (0..2).map(|_| l.accept().unwrap().0).collect();

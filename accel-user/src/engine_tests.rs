@@ -80,7 +80,7 @@ fn destination(script: Script, ram_bytes: u64) -> (String, Outcome) {
             match h.kind {
                 FrameKind::Hello => {
                     let status = if matches!(script, Script::Refuse) { 1 } else { 0 };
-                    reply(&mut s, FrameKind::HelloAck, seq, &payload::HelloAck::encode(status, 0, "scripted"));
+                    reply(&mut s, FrameKind::HelloAck, seq, &payload::HelloAck::encode(status, &[], "scripted"));
                     seq += 1;
                     if status != 0 {
                         break;

@@ -37,7 +37,7 @@ fn vm(dest: bool, ram: u64, spin: u64) -> anyhow::Result<(Machine, MhHost)> {
     } else {
         Machine::boot(spec, DirtyPreference::Bitmap)?
     };
-    m.launch_mh(&Launch { key: KEY, vm_id: 1, spin, zero_records: true }, Duration::from_secs(10))?;
+    m.launch_mh(&Launch { key: KEY, vm_id: 1, spin, zero_records: true, lanes: 1 }, Duration::from_secs(10))?;
     let h = m.take_mh().ok_or_else(|| anyhow::anyhow!("no MH"))?;
     Ok((m, h))
 }
@@ -54,7 +54,7 @@ struct Run {
 fn transfer(sh: &mut MhHost, dh: &mut MhHost, pages: u64, batch: u32, round: u32) -> anyhow::Result<Run> {
     let mut blob = Blob::zeroed();
     // Open the stream, bound to the importer's challenge.
-    sh.bind_export(dh.challenge()?)?;
+    sh.bind_export(&dh.challenges()?)?;
     sh.run(&[Request { op: Op::Begin as u16, id: 0, count: 1, slot: 0, gfn: 0, round }])?;
     sh.read_slot(0, &mut blob)?;
     dh.write_slot(0, &blob)?;

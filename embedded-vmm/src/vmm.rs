@@ -287,13 +287,14 @@ pub struct Machine {
     threads: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
     msr_list: Vec<u32>,
-    mh: Option<MhVcpu>,
+    /// The MH's vCPUs, one per lane (empty without an MH).
+    mh: Vec<MhVcpu>,
     /// The host end of the MH's rings, for the migration engine.
     mh_host: Mutex<Option<MhHost>>,
 }
 
-/// The Migration Handler's extra vCPU: runs on its own thread, independent of pause/resume
-/// (it serves the rings while the workload vCPUs are stopped at switchover).
+/// One of the Migration Handler's extra vCPUs (a lane): runs on its own thread, independent
+/// of pause/resume (it serves its rings while the workload vCPUs are stopped at switchover).
 #[derive(Debug)]
 struct MhVcpu {
     bell: Arc<Bell>,
@@ -377,7 +378,7 @@ impl Machine {
             vcpus.push(fd);
             threads.push(t);
         }
-        let m = Machine { vm, spec, vcpus, threads, shared, msr_list, mh: None, mh_host: Mutex::new(None) };
+        let m = Machine { vm, spec, vcpus, threads, shared, msr_list, mh: Vec::new(), mh_host: Mutex::new(None) };
         m.wait_parked(Duration::from_secs(10))?;
         Ok(m)
     }
@@ -569,16 +570,31 @@ impl Machine {
         self.shared.tids.iter().map(|t| t.load(Ordering::Acquire) as u32).collect()
     }
 
-    /// Install the reference Migration Handler in the MH region and start it on an extra
-    /// vCPU (id = number of workload vCPUs). Waits until it reports ready. On a destination
-    /// this is called before any page arrives.
+    /// Install the reference Migration Handler in the MH region and start it on
+    /// `launch.lanes` extra vCPUs (ids from the number of workload vCPUs on), lane 0 first.
+    /// Waits until every lane reports ready. On a destination this is called before any page
+    /// arrives.
     pub fn launch_mh(&mut self, launch: &Launch, timeout: Duration) -> std::result::Result<(), MhError> {
-        if self.mh.is_some() {
+        if !self.mh.is_empty() {
             return Err(MhError::BadRequest("this VM already runs a Migration Handler".into()));
         }
         let ram = self.ram().clone();
         mh::install(&ram, launch)?;
-        let id = self.vcpus.len();
+        let mut bells = Vec::new();
+        for lane in 0..launch.lanes {
+            let bell = self.start_mh_lane(lane)?;
+            // Lane 0 prepares the MH's private state the other lanes share: it runs first.
+            mh::wait_lane_ready(&ram, &bell, lane, Duration::from_secs(10))?;
+            bells.push(bell);
+        }
+        let host = MhHost::new(ram, bells, timeout, launch.vm_id);
+        *self.mh_host.lock().unwrap_or_else(|e| e.into_inner()) = Some(host);
+        Ok(())
+    }
+
+    /// Create and start the vCPU of MH lane `lane`, its lane in `r12`.
+    fn start_mh_lane(&mut self, lane: u32) -> std::result::Result<Arc<Bell>, MhError> {
+        let id = self.vcpus.len() + self.mh.len();
         let fd = self.vm.create_vcpu(id as u64)?;
         let sregs = fd.get_sregs().map_err(|e| Error::ioctl("KVM_GET_SREGS", errno_io(e)))?;
         let mut sregs = boot::initial_sregs(sregs);
@@ -592,22 +608,25 @@ impl Machine {
         if let Err(e) = fd.set_xcrs(&xcrs) {
             tracing::debug!("KVM_SET_XCRS for the MH vCPU: {e} (AVX state left as is)");
         }
-        let regs =
-            kvm_bindings::kvm_regs { rip: mh_abi::IMAGE, rsp: mh_abi::STACK_TOP, rflags: 0x3002, ..Default::default() };
+        let addrs = mh_abi::lane_addrs(lane);
+        let regs = kvm_bindings::kvm_regs {
+            rip: mh_abi::IMAGE,
+            rsp: addrs.stack_top,
+            r12: u64::from(lane),
+            rflags: 0x3002,
+            ..Default::default()
+        };
         fd.set_regs(&regs).map_err(|e| Error::ioctl("KVM_SET_REGS", errno_io(e)))?;
         fd.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE })
             .map_err(|e| Error::ioctl("KVM_SET_MP_STATE", errno_io(e)))?;
         let bell = Arc::new(Bell::default());
-        let (b, tr, r) = (bell.clone(), self.vm.dirty().clone(), ram.clone());
+        let (b, tr, r) = (bell.clone(), self.vm.dirty().clone(), self.ram().clone());
         let thread = std::thread::Builder::new()
-            .name("mh-vcpu".into())
-            .spawn(move || mh_loop(fd, b, tr, r))
+            .name(format!("mh-vcpu-{lane}"))
+            .spawn(move || mh_loop(fd, b, tr, r, addrs.header))
             .map_err(|e| Error::Vcpu { vcpu: id, msg: format!("spawn MH thread: {e}") })?;
-        self.mh = Some(MhVcpu { bell: bell.clone(), thread: Some(thread) });
-        let host = MhHost::new(ram, bell, timeout, launch.vm_id);
-        host.wait_ready(Duration::from_secs(10))?;
-        *self.mh_host.lock().unwrap_or_else(|e| e.into_inner()) = Some(host);
-        Ok(())
+        self.mh.push(MhVcpu { bell: bell.clone(), thread: Some(thread) });
+        Ok(bell)
     }
 
     /// The host end of the MH's rings (None without an MH, or after [`Machine::take_mh`]).
@@ -669,7 +688,7 @@ impl Machine {
 
     /// Whether a Migration Handler runs in this VM.
     pub fn has_mh(&self) -> bool {
-        self.mh.is_some()
+        !self.mh.is_empty()
     }
 
     /// Oracle workloads read the iteration number from the parameter page.
@@ -680,7 +699,7 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        if let Some(mut m) = self.mh.take() {
+        for mut m in self.mh.drain(..) {
             m.bell.lock().exit = true;
             m.bell.notify();
             if let Some(t) = m.thread.take() {
@@ -793,7 +812,7 @@ fn vcpu_loop(
 }
 
 /// The MH vCPU's thread: runs the MH and turns its port kicks into doorbell events.
-fn mh_loop(mut fd: VcpuFd, bell: Arc<Bell>, dirty: Arc<DirtyTracker>, ram: Arc<GuestRam>) {
+fn mh_loop(mut fd: VcpuFd, bell: Arc<Bell>, dirty: Arc<DirtyTracker>, ram: Arc<GuestRam>, header: u64) {
     loop {
         {
             let mut g = bell.lock();
@@ -836,7 +855,7 @@ fn mh_loop(mut fd: VcpuFd, bell: Arc<Bell>, dirty: Arc<DirtyTracker>, ram: Arc<G
                 continue;
             }
             Ok(mh_abi::Kick::Fault) => {
-                let code = ram.read_u64(mh_abi::HEADER + mh_abi::header::FAULT).unwrap_or(0) as u32;
+                let code = ram.read_u64(header + mh_abi::header::FAULT).unwrap_or(0) as u32;
                 g.fault = Some(format!("the MH reported fault code {code}"));
             }
             Ok(mh_abi::Kick::Invalid) => g.fault = Some("the MH sent an unknown kick".into()),

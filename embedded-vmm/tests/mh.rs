@@ -16,7 +16,7 @@ fn spec() -> GuestSpec {
 }
 
 fn launch(key: [u8; 32]) -> Launch {
-    Launch { key, vm_id: 7, spin: 0, zero_records: true }
+    Launch { key, vm_id: 7, spin: 0, zero_records: true, lanes: 1 }
 }
 
 fn vm_with_mh(key: [u8; 32]) -> (Machine, MhHost) {
@@ -91,7 +91,7 @@ fn export_then_import_moves_pages_and_never_shows_plaintext() {
     let mut dst = Machine::destination(spec(), RING).unwrap();
     dst.launch_mh(&launch(KEY), Duration::from_secs(5)).unwrap();
     let mut dh = dst.take_mh().unwrap();
-    sh.bind_export(dh.challenge().unwrap()).unwrap();
+    sh.bind_export(&dh.challenges().unwrap()).unwrap();
     let begin = marker(&mut sh, Op::Begin, 0);
     let blobs = export(&mut sh, gfn, 64, 1);
     let end = marker(&mut sh, Op::End, 1);
@@ -129,7 +129,7 @@ fn fresh(sh: &mut MhHost, key: [u8; 32], gfn: u64) -> Fresh {
     let mut d = Machine::destination(spec(), RING).unwrap();
     d.launch_mh(&launch(key), Duration::from_secs(5)).unwrap();
     let h = d.take_mh().unwrap();
-    sh.bind_export(h.challenge().unwrap()).unwrap();
+    sh.bind_export(&h.challenges().unwrap()).unwrap();
     let begin = marker(sh, Op::Begin, 0);
     let r1 = export(sh, gfn, 4, 1);
     let r2 = export(sh, gfn, 4, 2);
@@ -249,7 +249,7 @@ fn zero_pages_travel_as_zero_records() {
     m.launch_mh(&Launch { zero_records: false, ..launch(KEY) }, Duration::from_secs(5)).unwrap();
     let mut h = m.take_mh().unwrap();
     m.ram().write(gfn * 4096, &[0u8; 4096]).unwrap();
-    h.bind_export(7).unwrap();
+    h.bind_export(&[7]).unwrap();
     marker(&mut h, Op::Begin, 0);
     let b = export(&mut h, gfn, 1, 1);
     assert_eq!((b[0].kind, h.counters().unwrap().zeros), (page, 0));
@@ -338,4 +338,155 @@ fn mh_that_stops_answering_or_lies_is_detected() {
     h3.ram().write(abi::COMP_RING + abi::RING_BASE, &c.encode()).unwrap();
     h3.ram().write(abi::COMP_RING + abi::RING_PROD, &1u32.to_le_bytes()).unwrap();
     assert!(matches!(h3.poll(), Err(MhError::BadCompletion(_))));
+}
+
+/// A source and a destination VM whose MHs run on `lanes` lanes (128 MiB: several granules).
+fn lane_pair(lanes: u32, dest_lanes: u32) -> (Machine, MhHost, Machine, MhHost) {
+    let spec = GuestSpec { ram_bytes: 128 << 20, vcpus: 1, workload: Workload::Idle };
+    let mut s = Machine::boot(spec, RING).unwrap();
+    s.launch_mh(&Launch { lanes, ..launch(KEY) }, Duration::from_secs(5)).unwrap();
+    let sh = s.take_mh().unwrap();
+    let mut d = Machine::destination(spec, RING).unwrap();
+    d.launch_mh(&Launch { lanes: dest_lanes, ..launch(KEY) }, Duration::from_secs(5)).unwrap();
+    let dh = d.take_mh().unwrap();
+    (s, sh, d, dh)
+}
+
+/// Marker blobs for every lane (lanes in `order`), taken out of slots 0...
+fn lane_markers(h: &mut MhHost, op: Op, order: &[u32], round: u32) -> Vec<Blob> {
+    let reqs: Vec<Request> =
+        order.iter().enumerate().map(|(s, &l)| req(op, u64::from(l), 1, s as u32, round)).collect();
+    h.run(&reqs).unwrap();
+    (0..order.len() as u32)
+        .map(|s| {
+            let mut b = Blob::zeroed();
+            h.read_slot(s, &mut b).unwrap();
+            b
+        })
+        .collect()
+}
+
+fn import_markers(h: &mut MhHost, blobs: &[Blob]) -> Result<(), MhError> {
+    for (i, b) in blobs.iter().enumerate() {
+        h.write_slot(i as u32, b).unwrap();
+    }
+    let reqs: Vec<Request> = blobs.iter().enumerate().map(|(s, b)| req(Op::Marker, b.gfn, 1, s as u32, 0)).collect();
+    h.run(&reqs)
+}
+
+fn lane_header(lane: u32, field: u64, m: &Machine) -> u64 {
+    m.ram().read_u64(abi::lane_addrs(lane).header + field).unwrap()
+}
+
+/// Three lanes each export and import the pages of their own 2 MiB granules (a run that
+/// crosses a granule is split between lanes by the host), every lane in its own sequence,
+/// and the destination holds the source's pages.
+#[test]
+fn lanes_move_the_pages_of_their_own_granules() {
+    let (src, mut sh, dst, mut dh) = lane_pair(3, 3);
+    assert_eq!((sh.lanes(), dh.lanes()), (3, 3));
+    let first = DATA_START / 4096;
+    // Four granules' worth, starting mid-granule so runs cross granule boundaries.
+    let (gfn, count) = (first + 100, 4 * abi::GRANULE_PAGES as u32);
+    fill(&src, gfn, u64::from(count), 0x3c);
+    sh.bind_export(&dh.challenges().unwrap()).unwrap();
+    let begin = lane_markers(&mut sh, Op::Begin, &[0, 1, 2], 0);
+    import_markers(&mut dh, &begin).unwrap();
+    let mut at = 0;
+    while at < count {
+        let n = 200.min(count - at);
+        let g = gfn + u64::from(at);
+        let blobs = export(&mut sh, g, n, 1);
+        import(&mut dh, g, &blobs).unwrap();
+        at += n;
+    }
+    // Lane 0 closes last: its End is refused while lane 1 or 2 is still open.
+    let end = lane_markers(&mut sh, Op::End, &[2, 1, 0], 1);
+    assert_eq!(refused(import_markers(&mut dh, &end[2..])), CompStatus::LanesOpen);
+    import_markers(&mut dh, &end[..1]).unwrap();
+    assert_eq!(refused(import_markers(&mut dh, &end[2..])), CompStatus::LanesOpen, "lane 1 is still open");
+    assert!(!dh.counters().unwrap().complete);
+    import_markers(&mut dh, &end[1..]).unwrap();
+    let c = dh.counters().unwrap();
+    assert!(c.complete && c.imported == u64::from(count), "{c:?}");
+    for p in 0..u64::from(count) {
+        assert_eq!(page(&dst, gfn + p), page(&src, gfn + p), "page {p} differs after import");
+    }
+    // Every lane did its share: the pages of its own granules.
+    for lane in 0..3 {
+        let own = (gfn..gfn + u64::from(count)).filter(|&g| abi::lane_of(g, 3) == lane).count() as u64;
+        assert_eq!(lane_header(lane, abi::header::EXPORTED, &src), own, "lane {lane} exported");
+        assert_eq!(lane_header(lane, abi::header::IMPORTED, &dst), own, "lane {lane} imported");
+    }
+}
+
+/// A lane refuses pages of another lane's granule and markers or vCPU state that are not
+/// its own; a blob one lane exported does not open at another; an importer that runs
+/// another lane count opens nothing; a launch asks for 1 to 4 lanes.
+#[test]
+fn lanes_keep_to_their_own_pages_streams_and_count() {
+    let (src, mut sh, _dst, mut dh) = lane_pair(2, 2);
+    let first = DATA_START / 4096;
+    let g0 = first.next_multiple_of(abi::GRANULE_PAGES) + 2 * abi::GRANULE_PAGES; // lane 0's
+    let g1 = g0 + abi::GRANULE_PAGES; // lane 1's
+    assert_eq!((abi::lane_of(g0, 2), abi::lane_of(g1, 2)), (0, 1));
+    let verdict = |h: &mut MhHost, lane: u32, r: Request| {
+        h.start_on(lane, &[r]).unwrap();
+        let done = h.wait_all().unwrap();
+        CompStatus::from_u32(done[0].1.status)
+    };
+    assert_eq!(verdict(&mut sh, 1, req(Op::Export, g0, 1, 0, 1)), CompStatus::BadGfn, "lane 1 exports lane 0's page");
+    assert_eq!(
+        verdict(&mut sh, 0, req(Op::Export, g1 - 1, 2, 0, 1)),
+        CompStatus::BadGfn,
+        "a run into lane 1's granule"
+    );
+    assert_eq!(verdict(&mut sh, 1, req(Op::Begin, 0, 1, 0, 0)), CompStatus::BadRequest, "lane 1 makes lane 0's marker");
+    assert_eq!(verdict(&mut sh, 1, req(Op::SaveCpu, 0, 1, 0, 0)), CompStatus::BadRequest, "vCPU state off lane 0");
+    assert!(matches!(sh.run(&[req(Op::Begin, 2, 1, 0, 0)]), Err(MhError::BadRequest(_))), "a marker for lane 2");
+
+    fill(&src, g0, 1, 1);
+    fill(&src, g1, 1, 2);
+    sh.bind_export(&dh.challenges().unwrap()).unwrap();
+    let begin = lane_markers(&mut sh, Op::Begin, &[0, 1], 0);
+    import_markers(&mut dh, &begin).unwrap();
+    let b0 = export(&mut sh, g0, 1, 1);
+    let b1 = export(&mut sh, g1, 1, 1);
+    // Lane 1's blob, labelled and presented as lane 0's page, and handed to lane 0: lanes
+    // number their blobs in spaces of their own, and with lane 0's next number it fails
+    // authentication.
+    let mut moved = b1[0].clone();
+    moved.gfn = g0;
+    dh.write_slot(0, &moved).unwrap();
+    assert_eq!(verdict(&mut dh, 0, req(Op::Import, g0, 1, 0, 0)), CompStatus::BadSequence);
+    moved.seq = b0[0].seq;
+    dh.write_slot(0, &moved).unwrap();
+    assert_eq!(verdict(&mut dh, 0, req(Op::Import, g0, 1, 0, 0)), CompStatus::AuthFailed);
+    // Lane 0's blob handed to lane 1 for its own page: lane 1 refuses the page first.
+    dh.write_slot(0, &b0[0]).unwrap();
+    assert_eq!(verdict(&mut dh, 1, req(Op::Import, g0, 1, 0, 0)), CompStatus::BadGfn);
+    // Lane 1's Begin marker replayed at lane 0 (relabelled): bound to lane 1.
+    let mut stray = begin[1].clone();
+    stray.gfn = 0;
+    dh.write_slot(0, &stray).unwrap();
+    assert_eq!(verdict(&mut dh, 0, req(Op::Marker, 0, 1, 0, 0)), CompStatus::NoStream, "lane 0 is open already");
+    // The honest blobs still import.
+    import(&mut dh, g0, &b0).unwrap();
+    import(&mut dh, g1, &b1).unwrap();
+
+    // An importer on one lane: the exporter's two-lane binding never opens there, and a
+    // host cannot bind a two-lane export to one lane's challenge.
+    let (_s2, mut sh2, _d2, mut dh1) = lane_pair(2, 1);
+    assert!(matches!(sh2.bind_export(&dh1.challenges().unwrap()), Err(MhError::BadRequest(_))));
+    let c = dh1.challenges().unwrap()[0];
+    sh2.bind_export(&[c, c]).unwrap();
+    let begin = lane_markers(&mut sh2, Op::Begin, &[0, 1], 0);
+    dh1.write_slot(0, &begin[0]).unwrap();
+    assert_eq!(refused(dh1.run(&[req(Op::Marker, 0, 1, 0, 0)])), CompStatus::AuthFailed, "lane count differs");
+
+    for lanes in [0, abi::MAX_LANES + 1] {
+        let mut m = Machine::boot(spec(), RING).unwrap();
+        let r = m.launch_mh(&Launch { lanes, ..launch(KEY) }, Duration::from_secs(5));
+        assert!(matches!(r, Err(MhError::Lanes { got }) if got == lanes), "{lanes} lanes: {r:?}");
+    }
 }

@@ -1,7 +1,8 @@
 //! The host's end of the Migration Handler rings: whatever a hostile guest writes into the
 //! completion ring and the blob slots is checked (producer index, ids, status, counts, blob
 //! kind and gfn) before the host uses it. Blob kinds include zero records (no ciphertext):
-//! a slot is accepted only with the kind asked for, or as a zero record for a page.
+//! a slot is accepted only with the kind asked for, or as a zero record for a page. The MH
+//! runs on 1 to 4 lanes (from the input): each lane's completion ring is the guest's.
 #![no_main]
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -19,15 +20,23 @@ fn ram() -> &'static Arc<GuestRam> {
 fuzz_target!(init: migaccel_fuzz::seed("mh_ring", "empty", || vec![0u8; 64]), |data: &[u8]| {
     let ram = ram();
     ram.zero(abi::REGION, abi::REGION_SIZE).expect("zero the MH region");
-    let mut h = MhHost::new(ram.clone(), Arc::new(Bell::default()), Duration::ZERO, 1);
-    // Three requests in flight, as an export of a batch leaves them.
+    let lanes = 1 + u32::from(data.get(1).copied().unwrap_or(0) % abi::MAX_LANES as u8);
+    let bells = (0..lanes).map(|_| Arc::new(Bell::default())).collect();
+    let mut h = MhHost::new(ram.clone(), bells, Duration::ZERO, 1);
+    // Three requests in flight, as an export of a batch leaves them; each crosses a granule
+    // boundary, so with several lanes it is split between two.
     for slot in [0u32, 4, 8] {
-        let r = abi::Request { op: abi::Op::Export as u16, count: 4, slot, gfn: 0x1000 + u64::from(slot), round: 1, ..Default::default() };
+        let gfn = 0x1000 + u64::from(slot) * abi::GRANULE_PAGES - 2;
+        let r = abi::Request { op: abi::Op::Export as u16, count: 4, slot, gfn, round: 1, ..Default::default() };
         h.submit(r).expect("room in the ring");
     }
-    // The guest's answer: the completion ring (prod, cons, entries), then slot descriptors.
+    // The guest's answer: each lane's completion ring (prod, cons, entries), then slot
+    // descriptors.
     let comp = data.len().min(0x1000);
-    ram.write(abi::COMP_RING, &data[..comp]).expect("completion ring");
+    let share = comp.div_ceil(lanes as usize).max(1);
+    for (lane, part) in data[..comp].chunks(share).enumerate() {
+        ram.write(abi::lane_addrs(lane as u32).comp, part).expect("completion ring");
+    }
     if data.len() > comp {
         let desc = (data.len() - comp).min(0x4000);
         ram.write(abi::SLOT_DESC, &data[comp..comp + desc]).expect("descriptors");

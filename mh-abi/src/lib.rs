@@ -12,10 +12,17 @@
 //! +0x004000 slot descriptors, NSLOTS x 64 bytes
 //! +0x008000 VMSA area   vCPU state pages (SEV-ES style), VMSA_PAGES pages
 //! +0x020000 MH page tables (PML4, PDPT, 64 PDs: 64 GiB identity map)
-//! +0x070000 MH stack    (64 KiB, grows down from +0x080000)
-//! +0x080000 MH image    (code, data, bss; 512 KiB)
+//! +0x062000 lanes 1..4  header, request ring, completion ring of each further handler vCPU
+//! +0x070000 MH stack    (lane 0: 64 KiB, grows down from +0x080000)
+//! +0x080000 MH image    (code, data, bss; 256 KiB)
+//! +0x0c0000 lane stacks (lanes 1..4: 64 KiB each)
 //! +0x100000 data slots  NSLOTS x 4 KiB of ciphertext
 //! ```
+//!
+//! An MH may run on several vCPUs, its **lanes** ([`MAX_LANES`] at most, the count in the
+//! launch secret): each lane serves its own rings and keeps its own stream state, and owns
+//! the guest pages of every `lanes`-th 2 MiB granule ([`lane_of`]). The data slots and
+//! their descriptors are shared: the host says which slots each request uses.
 #![no_std]
 
 /// Guest-physical base of the MH region.
@@ -36,15 +43,49 @@ pub const VMSA_PAGES: u64 = 24;
 pub const PAGE_TABLES: u64 = REGION + 0x2_0000;
 pub const STACK_TOP: u64 = REGION + 0x8_0000;
 pub const IMAGE: u64 = REGION + 0x8_0000;
-pub const IMAGE_MAX: u64 = 0x8_0000;
+pub const IMAGE_MAX: u64 = 0x4_0000;
+/// Stack tops of lanes 1.. are `LANE_STACKS + lane * 0x10000` (64 KiB each).
+pub const LANE_STACKS: u64 = IMAGE + IMAGE_MAX;
+/// Header, request ring and completion ring pages of lanes 1.. (lane 0 uses [`HEADER`],
+/// [`REQ_RING`] and [`COMP_RING`]).
+pub const LANE_PAGES: u64 = REGION + 0x6_2000;
+/// Most handler vCPUs (lanes) one MH runs on.
+pub const MAX_LANES: u32 = 4;
+/// Pages of one lane granule: lane `k` of `n` owns the pages of every granule `g` with
+/// `g % n == k`.
+pub const GRANULE_PAGES: u64 = 512;
+
+/// The lane that owns page `gfn` when the MH runs on `lanes` lanes.
+pub fn lane_of(gfn: u64, lanes: u32) -> u32 {
+    ((gfn / GRANULE_PAGES) % u64::from(lanes.max(1))) as u32
+}
+
+/// Guest-physical addresses of one lane's header page and rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneAddrs {
+    pub header: u64,
+    pub req: u64,
+    pub comp: u64,
+    pub stack_top: u64,
+}
+
+/// Where lane `lane` (below [`MAX_LANES`]) keeps its header, rings and stack.
+pub const fn lane_addrs(lane: u32) -> LaneAddrs {
+    if lane == 0 {
+        return LaneAddrs { header: HEADER, req: REQ_RING, comp: COMP_RING, stack_top: STACK_TOP };
+    }
+    let base = LANE_PAGES + (lane as u64 - 1) * 3 * PAGE;
+    LaneAddrs { header: base, req: base + PAGE, comp: base + 2 * PAGE, stack_top: LANE_STACKS + lane as u64 * 0x1_0000 }
+}
 pub const SLOTS: u64 = REGION + 0x10_0000;
 /// Data slots: the most pages one doorbell can carry.
 pub const NSLOTS: u32 = 256;
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MIGACCMH");
-/// 3: an all-zero page exports as a zero record ([`Kind::Zero`]); blobs are bound to the
-/// importing MH's challenge (`header::CHALLENGE`).
-pub const VERSION: u32 = 3;
+/// 4: the MH runs on one or more lanes (handler vCPUs); every blob is bound to its lane and
+/// the lane count. 3: an all-zero page exports as a zero record ([`Kind::Zero`]); blobs are
+/// bound to the importing MH's challenge (`header::CHALLENGE`).
+pub const VERSION: u32 = 4;
 
 /// Port the MH vCPU uses to talk to its host thread (`out dx, eax` with a [`Kick`]).
 pub const PORT: u16 = 0x700;
@@ -122,6 +163,9 @@ pub mod secret {
     /// whoever moves the blobs that the page is zero, so whether to allow that is the
     /// guest owner's choice, made at launch.
     pub const ZERO_RECORDS: u64 = 0x38;
+    /// Lanes (handler vCPUs) the MH runs on, 1 to [`super::MAX_LANES`] (0 reads as 1).
+    /// Exporter and importer must run the same count: it is bound into every blob.
+    pub const LANES: u64 = 0x40;
 }
 
 #[repr(u32)]
@@ -139,6 +183,8 @@ pub enum Fault {
     Invalid = 0,
     NoSecret = 1,
     BadRing = 2,
+    /// The launch secret's lane count or this vCPU's lane is out of range.
+    BadLane = 3,
 }
 
 /// Ring geometry: both rings have [`RING_ENTRIES`] entries after a 128-byte header whose
@@ -246,6 +292,9 @@ pub enum CompStatus {
     BadRound = 6,
     /// Import before a Begin marker, or after End; a Begin or Reset after a finished import.
     NoStream = 7,
+    /// Lane 0's End marker while another lane's import has not ended: lane 0 closes the
+    /// import last, so its end means every lane's pages are in.
+    LanesOpen = 8,
 }
 
 impl CompStatus {
@@ -258,6 +307,7 @@ impl CompStatus {
             5 => CompStatus::BadSequence,
             6 => CompStatus::BadRound,
             7 => CompStatus::NoStream,
+            8 => CompStatus::LanesOpen,
             _ => CompStatus::Invalid,
         }
     }
@@ -266,13 +316,14 @@ impl CompStatus {
             CompStatus::Invalid => "invalid status",
             CompStatus::Ok => "ok",
             CompStatus::BadRequest => "malformed request (op, count or slot range)",
-            CompStatus::BadGfn => "gfn outside guest RAM or inside the MH region",
+            CompStatus::BadGfn => "gfn outside guest RAM, inside the MH region or owned by another lane",
             CompStatus::AuthFailed => {
                 "blob failed authentication (tampered, wrong key, relocated, or bound to another migration)"
             }
             CompStatus::BadSequence => "blob out of sequence (replayed, reordered or missing)",
             CompStatus::BadRound => "blob round went backwards",
             CompStatus::NoStream => "no open blob stream (missing Begin, or after End)",
+            CompStatus::LanesOpen => "lane 0's End before every other lane's import ended",
         }
     }
 }
@@ -382,8 +433,9 @@ impl Desc {
     }
 }
 
-/// AES-GCM nonce of a blob: `vm_id u32 || seq u64`. The source MH's sequence counter never
-/// repeats while the VM lives, so (key, nonce) is never reused for one VM.
+/// AES-GCM nonce of a blob: `vm_id u32 || seq u64`. Each lane's sequence counter starts at
+/// a random high half whose low two bits are the lane, so lanes never share a nonce and a
+/// counter never repeats while the VM lives: (key, nonce) is never reused for one VM.
 pub fn nonce(vm_id: u32, seq: u64) -> [u8; 12] {
     let mut n = [0u8; 12];
     n[0..4].copy_from_slice(&vm_id.to_le_bytes());
@@ -391,12 +443,22 @@ pub fn nonce(vm_id: u32, seq: u64) -> [u8; 12] {
     n
 }
 
+/// A lane and the lane count, as bound into a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lane {
+    pub index: u32,
+    pub count: u32,
+}
+
 /// Additional data of a blob: binds it to (VM id, the importer's challenge, gfn, round,
-/// sequence, kind), so a blob replayed from another migration, reordered or presented for
-/// another page fails authentication.
-pub fn aad(vm_id: u32, challenge: u64, gfn: u64, round: u32, seq: u64, kind: Kind) -> [u8; 44] {
-    let mut a = [0u8; 44];
-    a[0..8].copy_from_slice(b"MGMHBLB2");
+/// sequence, kind, lane, lane count), so a blob replayed from another migration, reordered,
+/// presented for another page or to another lane, or to an importer that splits the pages
+/// differently fails authentication.
+pub fn aad(vm_id: u32, challenge: u64, gfn: u64, round: u32, seq: u64, kind: Kind, lane: Lane) -> [u8; 52] {
+    let mut a = [0u8; 52];
+    a[44..48].copy_from_slice(&lane.index.to_le_bytes());
+    a[48..52].copy_from_slice(&lane.count.to_le_bytes());
+    a[0..8].copy_from_slice(b"MGMHBLB3");
     a[8..12].copy_from_slice(&vm_id.to_le_bytes());
     a[12..20].copy_from_slice(&challenge.to_le_bytes());
     a[20..28].copy_from_slice(&gfn.to_le_bytes());
@@ -411,7 +473,10 @@ const _: () = {
     assert!(SLOTS + NSLOTS as u64 * PAGE <= REGION + REGION_SIZE);
     assert!(SLOT_DESC + NSLOTS as u64 * DESC_SIZE <= VMSA);
     assert!(VMSA + VMSA_PAGES * PAGE <= PAGE_TABLES);
-    assert!(PAGE_TABLES + 66 * PAGE <= STACK_TOP - 0x1_0000);
+    assert!(PAGE_TABLES + 66 * PAGE <= LANE_PAGES);
+    assert!(LANE_PAGES + (MAX_LANES as u64 - 1) * 3 * PAGE <= STACK_TOP - 0x1_0000);
+    assert!(lane_addrs(1).stack_top - 0x1_0000 >= IMAGE + IMAGE_MAX);
+    assert!(lane_addrs(MAX_LANES - 1).stack_top <= SLOTS);
     assert!(RING_BASE + RING_ENTRIES as u64 * REQ_SIZE <= PAGE);
 };
 
@@ -439,6 +504,7 @@ mod tests {
         assert_eq!(Op::from_u16(0), Op::Invalid);
         assert_eq!(Op::from_u16(99), Op::Invalid);
         assert_eq!(CompStatus::from_u32(1234), CompStatus::Invalid);
+        assert_eq!(CompStatus::from_u32(8), CompStatus::LanesOpen);
         for k in [Kind::Page, Kind::Cpu, Kind::Begin, Kind::End, Kind::Zero] {
             assert_eq!(Kind::from_u32(k as u32), k);
         }
@@ -449,6 +515,27 @@ mod tests {
     }
 
     #[test]
+    fn lanes_split_ram_by_granule_and_keep_apart() {
+        assert_eq!(lane_of(0, 1), 0);
+        assert_eq!(lane_of(GRANULE_PAGES * 7 + 3, 1), 0);
+        assert_eq!(lane_of(GRANULE_PAGES - 1, 2), 0);
+        assert_eq!(lane_of(GRANULE_PAGES, 2), 1);
+        assert_eq!(lane_of(GRANULE_PAGES * 5, 3), 2);
+        assert_eq!(lane_of(5, 0), 0, "no lane count reads as one lane");
+        // No two lanes share a page of the region.
+        let mut pages = [0u64; 3 * MAX_LANES as usize];
+        for l in 0..MAX_LANES {
+            let a = lane_addrs(l);
+            pages[3 * l as usize..3 * l as usize + 3].copy_from_slice(&[a.header, a.req, a.comp]);
+            assert!(a.stack_top > REGION && a.stack_top <= REGION + REGION_SIZE);
+        }
+        for (i, a) in pages.iter().enumerate() {
+            assert!(in_region(a / PAGE));
+            assert!(pages[i + 1..].iter().all(|b| b != a), "page {a:#x} is used twice");
+        }
+    }
+
+    #[test]
     fn region_bounds() {
         assert!(in_region(REGION / PAGE) && in_region((REGION + REGION_SIZE) / PAGE - 1));
         assert!(!in_region(REGION / PAGE - 1) && !in_region((REGION + REGION_SIZE) / PAGE));
@@ -456,14 +543,17 @@ mod tests {
 
     #[test]
     fn binding_differs_per_field() {
-        let base = aad(1, 5, 2, 3, 4, Kind::Page);
-        assert_ne!(base, aad(9, 5, 2, 3, 4, Kind::Page));
-        assert_ne!(base, aad(1, 9, 2, 3, 4, Kind::Page), "the importer's challenge");
-        assert_ne!(base, aad(1, 5, 9, 3, 4, Kind::Page));
-        assert_ne!(base, aad(1, 5, 2, 9, 4, Kind::Page));
-        assert_ne!(base, aad(1, 5, 2, 3, 9, Kind::Page));
-        assert_ne!(base, aad(1, 5, 2, 3, 4, Kind::Cpu));
-        assert_ne!(base, aad(1, 5, 2, 3, 4, Kind::Zero), "a page blob is not a zero record");
+        let l = Lane { index: 1, count: 2 };
+        let base = aad(1, 5, 2, 3, 4, Kind::Page, l);
+        assert_ne!(base, aad(9, 5, 2, 3, 4, Kind::Page, l));
+        assert_ne!(base, aad(1, 9, 2, 3, 4, Kind::Page, l), "the importer's challenge");
+        assert_ne!(base, aad(1, 5, 9, 3, 4, Kind::Page, l));
+        assert_ne!(base, aad(1, 5, 2, 9, 4, Kind::Page, l));
+        assert_ne!(base, aad(1, 5, 2, 3, 9, Kind::Page, l));
+        assert_ne!(base, aad(1, 5, 2, 3, 4, Kind::Cpu, l));
+        assert_ne!(base, aad(1, 5, 2, 3, 4, Kind::Zero, l), "a page blob is not a zero record");
+        assert_ne!(base, aad(1, 5, 2, 3, 4, Kind::Page, Lane { index: 0, count: 2 }), "another lane");
+        assert_ne!(base, aad(1, 5, 2, 3, 4, Kind::Page, Lane { index: 1, count: 3 }), "another lane count");
         assert_ne!(nonce(1, 2), nonce(1, 3));
     }
 }

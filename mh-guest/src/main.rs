@@ -6,6 +6,10 @@
 //! anything is touched; the host is not trusted (ABI: `docs/mh-protocol.md`, constants:
 //! `mh-abi`).
 //!
+//! The MH may run on several vCPUs (lanes, `abi::MAX_LANES` at most): the host starts each
+//! with its lane in `r12`; each serves its own rings with its own state on its own stack,
+//! and handles only the pages of its own granules. Lane 0 closes an import last.
+//!
 //! Plaintext never sits in shared memory: a page is copied into the MH's private buffer,
 //! encrypted there and only the ciphertext is copied out; an import copies the ciphertext in
 //! first, so the host cannot change it between authentication and decryption.
@@ -14,7 +18,7 @@
 
 use core::arch::{asm, global_asm};
 use core::ptr::{read_volatile, write_volatile};
-use core::sync::atomic::{fence, Ordering};
+use core::sync::atomic::{fence, AtomicU32, Ordering};
 
 use aes_gcm::aead::array::Array;
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
@@ -24,17 +28,48 @@ global_asm!(
     ".section .text.start,\"ax\"",
     ".globl _start",
     "_start:",
+    // The lane (r12) picks the stack; only lane 0, started first, clears the bss.
+    "cmp r12, {max}",
+    "jae 3f",
+    "test r12, r12",
+    "jnz 1f",
     "mov rsp, {stack}",
-    "and rsp, -16",
     "lea rdi, [rip + __bss_start]",
     "lea rcx, [rip + __bss_end]",
     "sub rcx, rdi",
     "xor eax, eax",
     "rep stosb",
+    "jmp 2f",
+    "1:",
+    "mov rsp, r12",
+    "shl rsp, 16",
+    "add rsp, {lane_stacks}",
+    "2:",
+    "and rsp, -16",
+    "mov rdi, r12",
     "call mh_main",
-    "2: jmp 2b",
+    "4: jmp 4b",
+    "3: ud2",
     stack = const abi::STACK_TOP,
+    lane_stacks = const abi::LANE_STACKS,
+    max = const abi::MAX_LANES,
 );
+
+/// Lanes whose import ended (an End marker verified). MH-private memory, not the shared
+/// header: lane 0 reads it before it closes the import.
+static FINISHED: [AtomicU32; abi::MAX_LANES as usize] = [const { AtomicU32::new(0) }; abi::MAX_LANES as usize];
+
+/// This vCPU's lane, from the stack it runs on (for a fault raised outside the handler).
+fn my_lane() -> u32 {
+    let sp: u64;
+    // SAFETY: reads the stack pointer only.
+    unsafe { asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack)) };
+    if sp > abi::LANE_STACKS {
+        (((sp - abi::LANE_STACKS) >> 16) as u32).min(abi::MAX_LANES - 1)
+    } else {
+        0
+    }
+}
 
 // The x86_64-unknown-linux-gnu target's compiler_builtins leaves these to libc; string
 // instructions keep LLVM from lowering them back into calls to themselves.
@@ -111,14 +146,12 @@ fn kick(k: Kick) {
     unsafe { asm!("out dx, eax", in("dx") abi::PORT, in("eax") k as u32, options(nostack, nomem)) };
 }
 fn fault(f: abi::Fault) -> ! {
-    wr32(abi::HEADER + abi::header::FAULT, f as u32);
-    wr32(abi::HEADER + abi::header::STATUS, abi::Status::Faulted as u32);
+    let h = abi::lane_addrs(my_lane()).header;
+    wr32(h + abi::header::FAULT, f as u32);
+    wr32(h + abi::header::STATUS, abi::Status::Faulted as u32);
     loop {
         kick(Kick::Fault);
     }
-}
-fn bump(field: u64, by: u64) {
-    wr64(abi::HEADER + field, rd64(abi::HEADER + field).wrapping_add(by));
 }
 
 /// A random 64-bit value from RDRAND (falls back to the TSC if RDRAND keeps failing).
@@ -147,6 +180,9 @@ struct PageBuf([u8; 4096]);
 
 struct Mh {
     cipher: Aes256Gcm,
+    /// This vCPU's lane and the lane count, bound into every blob.
+    lane: abi::Lane,
+    addrs: abi::LaneAddrs,
     vm_id: u32,
     /// Imports open only blobs bound to this (published in the header at start).
     challenge: u64,
@@ -168,23 +204,32 @@ struct Mh {
 }
 
 #[no_mangle]
-extern "C" fn mh_main() -> ! {
-    let h = abi::HEADER;
+extern "C" fn mh_main(lane: u64) -> ! {
+    let addrs = abi::lane_addrs(lane as u32);
+    let h = addrs.header;
     wr64(h + abi::header::MAGIC, abi::MAGIC);
     wr32(h + abi::header::VERSION, abi::VERSION);
     if rd64(abi::SECRET + abi::secret::VALID) == 0 {
         fault(abi::Fault::NoSecret);
     }
+    let lanes = rd64(abi::SECRET + abi::secret::LANES).max(1);
+    if lanes > u64::from(abi::MAX_LANES) || lane >= lanes {
+        fault(abi::Fault::BadLane);
+    }
     let mut key = [0u8; 32];
     copy_in(&mut key, abi::SECRET + abi::secret::KEY);
     let mut mh = Mh {
         cipher: Aes256Gcm::new(&Array::from(key)),
+        lane: abi::Lane { index: lane as u32, count: lanes as u32 },
+        addrs,
         vm_id: rd32(abi::SECRET + abi::secret::VM_ID),
         challenge: random(),
         bind: 0,
         ram_pages: rd64(abi::SECRET + abi::secret::RAM_SIZE) / abi::PAGE,
         zero_records: rd64(abi::SECRET + abi::secret::ZERO_RECORDS) != 0,
-        seq: (random() & !0xffff_ffff) | 1,
+        // A random high half per boot whose low two bits are the lane (nonces never repeat
+        // across lanes), then a counter.
+        seq: (random() & !0x3_ffff_ffff) | (lane << 32) | 1,
         open: false,
         finished: false,
         next_seq: 0,
@@ -199,16 +244,21 @@ extern "C" fn mh_main() -> ! {
 }
 
 impl Mh {
+    fn bump(&self, field: u64, by: u64) {
+        let h = self.addrs.header;
+        wr64(h + field, rd64(h + field).wrapping_add(by));
+    }
+
     fn serve(&mut self) -> ! {
-        let req = abi::REQ_RING;
+        let req = self.addrs.req;
         let mut idle: u64 = 0;
         loop {
             let prod = rd32(req + abi::RING_PROD);
             let cons = rd32(req + abi::RING_CONS);
             if prod == cons {
                 idle += 1;
-                if idle > rd64(abi::HEADER + abi::header::SPIN) {
-                    bump(abi::header::WAITS, 1);
+                if idle > rd64(self.addrs.header + abi::header::SPIN) {
+                    self.bump(abi::header::WAITS, 1);
                     kick(Kick::Wait);
                     idle = 0;
                 } else {
@@ -228,7 +278,7 @@ impl Mh {
                 let r = Request::decode(&raw);
                 let (status, done) = self.handle(&r);
                 self.complete(Completion { id: r.id, status: status as u32, done });
-                bump(abi::header::REQUESTS, 1);
+                self.bump(abi::header::REQUESTS, 1);
                 c = c.wrapping_add(1);
                 wr32(req + abi::RING_CONS, c);
             }
@@ -238,7 +288,7 @@ impl Mh {
 
     /// Post a completion; waits (with kicks) while the host has not drained the ring.
     fn complete(&mut self, c: Completion) {
-        let comp = abi::COMP_RING;
+        let comp = self.addrs.comp;
         let prod = rd32(comp + abi::RING_PROD);
         while prod.wrapping_sub(rd32(comp + abi::RING_CONS)) >= abi::RING_ENTRIES {
             kick(Kick::Done);
@@ -248,11 +298,14 @@ impl Mh {
         wr32(comp + abi::RING_PROD, prod.wrapping_add(1));
     }
 
-    /// Check a page run against guest RAM and the MH region.
+    /// Check a page run against guest RAM, the MH region and this lane's granules.
     fn pages_ok(&self, gfn: u64, count: u32) -> bool {
         let Some(end) = gfn.checked_add(u64::from(count)) else { return false };
         let (rs, re) = (abi::REGION / abi::PAGE, (abi::REGION + abi::REGION_SIZE) / abi::PAGE);
-        end <= self.ram_pages && (end <= rs || gfn >= re)
+        let own = self.lane.count == 1
+            || (gfn / abi::GRANULE_PAGES == (end - 1) / abi::GRANULE_PAGES
+                && abi::lane_of(gfn, self.lane.count) == self.lane.index);
+        end <= self.ram_pages && (end <= rs || gfn >= re) && own
     }
 
     fn handle(&mut self, r: &Request) -> (CompStatus, u32) {
@@ -268,19 +321,25 @@ impl Mh {
             Op::Reset => {
                 // A fresh challenge: blobs bound to the old one (everything a host may have
                 // recorded) no longer verify.
+                let h = self.addrs.header;
                 self.challenge = random();
-                wr64(abi::HEADER + abi::header::CHALLENGE, self.challenge);
+                wr64(h + abi::header::CHALLENGE, self.challenge);
                 self.open = false;
                 self.next_seq = 0;
                 self.last_round = 0;
-                wr64(abi::HEADER + abi::header::COMPLETE, 0);
-                wr64(abi::HEADER + abi::header::NEXT_SEQ, 0);
+                wr64(h + abi::header::COMPLETE, 0);
+                wr64(h + abi::header::NEXT_SEQ, 0);
                 (CompStatus::Ok, 0)
             }
             _ if !slots_ok => (CompStatus::BadRequest, 0),
             Op::Export | Op::Import if !self.pages_ok(r.gfn, r.count) => (CompStatus::BadGfn, 0),
             Op::SaveCpu | Op::RestoreCpu if u64::from(r.count) > abi::VMSA_PAGES => (CompStatus::BadRequest, 0),
-            Op::Begin | Op::End | Op::Marker if r.count != 1 => (CompStatus::BadRequest, 0),
+            // A marker names its lane in the gfn field, and is bound to it.
+            Op::Begin | Op::End | Op::Marker if r.count != 1 || r.gfn != u64::from(self.lane.index) => {
+                (CompStatus::BadRequest, 0)
+            }
+            // vCPU state travels in lane 0's stream only.
+            Op::SaveCpu | Op::RestoreCpu if self.lane.index != 0 => (CompStatus::BadRequest, 0),
             Op::Export => self.export(r, r.gfn, Kind::Page),
             Op::SaveCpu => self.export(r, abi::VMSA / abi::PAGE, Kind::Cpu),
             Op::Begin => self.marker_out(r, Kind::Begin),
@@ -298,7 +357,7 @@ impl Mh {
         let seq = self.seq;
         self.seq = seq.wrapping_add(1);
         let nonce = Array::from(abi::nonce(self.vm_id, seq));
-        let aad = abi::aad(self.vm_id, self.bind, gfn, round, seq, kind);
+        let aad = abi::aad(self.vm_id, self.bind, gfn, round, seq, kind, self.lane);
         let data: &mut [u8] = if kind.has_data() { &mut self.buf.0[..] } else { &mut [] };
         let tag = match self.cipher.encrypt_inout_detached(&nonce, &aad, data.into()) {
             Ok(t) => t,
@@ -329,8 +388,8 @@ impl Mh {
             };
             self.seal(r.slot + i, gfn, r.round, k);
         }
-        bump(abi::header::EXPORTED, u64::from(r.count));
-        bump(abi::header::ZEROS, zeros);
+        self.bump(abi::header::EXPORTED, u64::from(r.count));
+        self.bump(abi::header::ZEROS, zeros);
         (CompStatus::Ok, r.count)
     }
 
@@ -338,11 +397,11 @@ impl Mh {
         if kind == Kind::Begin {
             // A new export: bound to the importer the host names now (a wrong one only
             // makes the importer refuse every blob).
-            self.bind = rd64(abi::HEADER + abi::header::PEER_CHALLENGE);
+            self.bind = rd64(self.addrs.header + abi::header::PEER_CHALLENGE);
         }
         self.buf.0.fill(0);
         self.buf.0[0..8].copy_from_slice(&self.seq.to_le_bytes());
-        self.seal(r.slot, 0, r.round, kind);
+        self.seal(r.slot, u64::from(self.lane.index), r.round, kind);
         (CompStatus::Ok, 1)
     }
 
@@ -377,18 +436,18 @@ impl Mh {
             self.buf.0.fill(0);
         }
         let nonce = Array::from(abi::nonce(self.vm_id, d.seq));
-        let aad = abi::aad(self.vm_id, self.challenge, gfn, d.round, d.seq, got);
+        let aad = abi::aad(self.vm_id, self.challenge, gfn, d.round, d.seq, got, self.lane);
         let tag = Array::from(d.tag);
         let data: &mut [u8] = if got.has_data() { &mut self.buf.0[..] } else { &mut [] };
         if self.cipher.decrypt_inout_detached(&nonce, &aad, data.into(), &tag).is_err() {
             // Nothing of a refused blob stays in the buffer.
             self.buf.0.fill(0);
-            bump(abi::header::REFUSED, 1);
+            self.bump(abi::header::REFUSED, 1);
             return Err(CompStatus::AuthFailed);
         }
         self.next_seq = d.seq.wrapping_add(1);
         self.last_round = d.round;
-        wr64(abi::HEADER + abi::header::NEXT_SEQ, self.next_seq);
+        wr64(self.addrs.header + abi::header::NEXT_SEQ, self.next_seq);
         Ok(got)
     }
 
@@ -398,18 +457,18 @@ impl Mh {
             match self.open_blob(r.slot + i, gfn, kind) {
                 Ok(got) => {
                     if got == Kind::Zero {
-                        bump(abi::header::ZEROS, 1);
+                        self.bump(abi::header::ZEROS, 1);
                     }
                 }
                 Err(e) => {
                     if e != CompStatus::AuthFailed {
-                        bump(abi::header::REFUSED, 1);
+                        self.bump(abi::header::REFUSED, 1);
                     }
                     return (e, i);
                 }
             }
             copy_out(gfn * abi::PAGE, &self.buf.0);
-            bump(abi::header::IMPORTED, 1);
+            self.bump(abi::header::IMPORTED, 1);
         }
         (CompStatus::Ok, r.count)
     }
@@ -422,19 +481,25 @@ impl Mh {
                 if self.open || self.finished {
                     return (CompStatus::NoStream, 0);
                 }
-                if let Err(e) = self.open_blob(r.slot, 0, Kind::Begin) {
+                if let Err(e) = self.open_blob(r.slot, u64::from(self.lane.index), Kind::Begin) {
                     return (e, 0);
                 }
                 self.open = true;
                 (CompStatus::Ok, 1)
             }
             Kind::End => {
-                if let Err(e) = self.open_blob(r.slot, 0, Kind::End) {
+                // Lane 0 ends last: its end means every lane's pages are in.
+                let others = (1..self.lane.count as usize).all(|l| FINISHED[l].load(Ordering::Acquire) == 1);
+                if self.lane.index == 0 && self.open && !others {
+                    return (CompStatus::LanesOpen, 0);
+                }
+                if let Err(e) = self.open_blob(r.slot, u64::from(self.lane.index), Kind::End) {
                     return (e, 0);
                 }
                 self.open = false;
                 self.finished = true;
-                wr64(abi::HEADER + abi::header::COMPLETE, 1);
+                FINISHED[self.lane.index as usize].store(1, Ordering::Release);
+                wr64(self.addrs.header + abi::header::COMPLETE, 1);
                 (CompStatus::Ok, 1)
             }
             _ => (CompStatus::BadRequest, 0),

@@ -272,6 +272,9 @@ pub struct ConfidentialConfig {
     /// page of ciphertext). This tells the hosts which private pages are zero; off, every
     /// private page travels as ciphertext.
     pub zero_records: bool,
+    /// Handler vCPUs (lanes) the MH runs on, 1 to 4: each exports or imports the private
+    /// pages of its own 2 MiB granules. A destination runs as many as its source.
+    pub mh_vcpus: u32,
     /// Empty-ring polls the MH makes before blocking on a doorbell kick (0 = block at once).
     pub mh_spin: u64,
     /// Completion polls the host makes before sleeping on the MH's kick.
@@ -293,6 +296,7 @@ impl Default for ConfidentialConfig {
             mh_batch: mh_abi::NSLOTS / 2,
             mh_pipeline: true,
             zero_records: true,
+            mh_vcpus: 1,
             mh_spin: 0,
             host_spin: 0,
             mh_timeout_ms: 5_000,
@@ -486,6 +490,12 @@ impl Config {
         let cf = &self.confidential;
         if cf.mh_batch == 0 || cf.mh_batch > mh_abi::NSLOTS {
             return Err(invalid("confidential.mh_batch", format!("{} is not in 1..={}", cf.mh_batch, mh_abi::NSLOTS)));
+        }
+        if cf.mh_vcpus == 0 || cf.mh_vcpus > mh_abi::MAX_LANES {
+            return Err(invalid(
+                "confidential.mh_vcpus",
+                format!("{} is not in 1..={}", cf.mh_vcpus, mh_abi::MAX_LANES),
+            ));
         }
         if cf.mh_pipeline && cf.mh_batch > mh_abi::NSLOTS / 2 {
             return Err(invalid(
@@ -704,6 +714,11 @@ mod tests {
         let e = Config::parse("[confidential]\nmh_batch = 256\n").unwrap_err().to_string();
         assert!(e.contains("confidential.mh_batch") && e.contains("mh_pipeline") && e.contains("128"), "{e}");
         Config::parse("[confidential]\nmh_batch = 256\nmh_pipeline = false\n").unwrap();
+        for bad in [0, 5] {
+            let e = Config::parse(&format!("[confidential]\nmh_vcpus = {bad}\n")).unwrap_err().to_string();
+            assert!(e.contains("confidential.mh_vcpus") && e.contains("1..=4"), "{e}");
+        }
+        assert_eq!(Config::parse("[confidential]\nmh_vcpus = 4\n").unwrap().confidential.mh_vcpus, 4);
         let e = Config::parse("[confidential]\nmh_batch = 257\nmh_pipeline = false\n").unwrap_err().to_string();
         assert!(e.contains("confidential.mh_batch") && e.contains("1..=256"), "{e}");
         let e = Config::parse("[confidential]\npage_state_source = \"ebpf\"\n").unwrap_err().to_string();

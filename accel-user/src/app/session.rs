@@ -57,7 +57,7 @@ pub fn boot_source(cfg: &Config) -> Result<Machine, kvm_hooks::Error> {
     Ok(m)
 }
 
-/// Start the reference Migration Handler in `m` on an extra vCPU, with the configured
+/// Start the reference Migration Handler in `m` on its extra vCPUs, with the configured
 /// transport key and a fresh VM id. Refuses a SEV guest whose policy forbids migration.
 pub fn launch_mh(cfg: &Config, m: &mut Machine) -> Result<(), String> {
     let c = &cfg.confidential;
@@ -69,6 +69,7 @@ pub fn launch_mh(cfg: &Config, m: &mut Machine) -> Result<(), String> {
         vm_id: crate::wire::keys::random_vm_id(),
         spin: c.mh_spin,
         zero_records: c.zero_records,
+        lanes: c.mh_vcpus,
     };
     m.launch_mh(&launch, Duration::from_millis(c.mh_timeout_ms))
         .map_err(|e| format!("cannot start the Migration Handler: {e}"))?;

@@ -76,8 +76,9 @@ impl<F: VmFactory> Receiver<F> {
                         }
                     }
                 }
+                // A marker's gfn names its MH lane (the lane checks it is its own).
                 Kind::Begin | Kind::End => {
-                    reqs.push(Request { op: Op::Marker as u16, id: 0, count: 1, slot, gfn: 0, round: 0 })
+                    reqs.push(Request { op: Op::Marker as u16, id: 0, count: 1, slot, gfn, round: 0 })
                 }
                 Kind::Invalid => unreachable!("Blobs::decode refuses unknown kinds"),
             }
@@ -115,8 +116,8 @@ impl<F: VmFactory> Receiver<F> {
             let prev = importing.replace(Importing { base, count: n, gfns });
             if prev.is_some() {
                 // The previous frame's import is done once at most this frame's requests
-                // are in flight (the MH serves its ring in order).
-                MhHost::check(&mh.wait_until(reqs.len())?)?;
+                // are in flight (each MH lane serves its ring in order).
+                MhHost::check(&mh.wait_until(1)?)?;
             }
             Ok((prev, Vec::new()))
         })?;

@@ -511,6 +511,8 @@ impl<F: VmFactory> Receiver<F> {
                     vm_id: hello.vm_id,
                     spin: c.mh_spin,
                     zero_records: c.zero_records,
+                    // As many lanes as the source's MH: each blob is bound to the count.
+                    lanes: hello.mh_lanes,
                 };
                 m.launch_mh(&launch, c.mh_timeout).map_err(|e| format!("cannot start the Migration Handler: {e}"))?;
                 let conf = m.confidential().ok_or("the VM runs no Migration Handler after its launch")?;
@@ -546,13 +548,14 @@ impl<F: VmFactory> Receiver<F> {
                 self.sections.clear();
                 self.section_bytes = 0;
                 let ram = m.ram().clone();
-                // Confidential: the source MH binds its blobs to this MH's challenge.
-                let challenge = match m.confidential().map(|c| c.mh()).as_ref().and_then(|g| g.as_ref()) {
-                    Some(h) => h.challenge().map_err(|source| RecvError::Mh { state: self.state, source })?,
-                    None => 0,
+                // Confidential: each lane of the source MH binds its blobs to the challenge of
+                // the same lane here.
+                let challenges = match m.confidential().map(|c| c.mh()).as_ref().and_then(|g| g.as_ref()) {
+                    Some(h) => h.challenges().map_err(|source| RecvError::Mh { state: self.state, source })?,
+                    None => Vec::new(),
                 };
                 self.machine = Some(m);
-                let ack = payload::HelloAck::encode(payload::HelloAck::ACCEPTED, challenge, "accepted");
+                let ack = payload::HelloAck::encode(payload::HelloAck::ACCEPTED, &challenges, "accepted");
                 t.send_frame(FrameKind::HelloAck, &[Part::Buf(&ack)], None).map_err(|e| self.terr(e))?;
                 self.join_streams(hello.streams, hello.session, ram, accept)?;
                 // Every connection of the session is in: any later one may be a query.
@@ -563,7 +566,7 @@ impl<F: VmFactory> Receiver<F> {
             Err(reason) => {
                 let _ = t.send_frame(
                     FrameKind::HelloAck,
-                    &[Part::Buf(&payload::HelloAck::encode(payload::HelloAck::REFUSED, 0, &reason))],
+                    &[Part::Buf(&payload::HelloAck::encode(payload::HelloAck::REFUSED, &[], &reason))],
                     None,
                 );
                 Err(RecvError::Refused(reason))

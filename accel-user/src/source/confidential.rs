@@ -45,9 +45,9 @@ fn send_batches(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) 
             continue;
         }
         c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?.start(&reqs)?;
-        // The MH serves its ring in order: the previous batch is done once at most this
-        // batch's requests are in flight.
-        finish_export(c, round, pending.replace((base, chunk)), reqs.len(), st)?;
+        // Each MH lane serves its ring in order: the previous batch is done once at most
+        // this batch's requests are in flight.
+        finish_export(c, round, pending.replace((base, chunk)), 1, st)?;
     }
     finish_export(c, round, pending, 0, st)
 }
@@ -59,18 +59,18 @@ fn account(c: &mut Ctx<'_>, st: &mut RoundStats, sent: BlobsSent) -> Result<(), 
     gate(c, sent.bytes)
 }
 
-/// Wait for the export `pending` (its first slot and pages), if any, until at most `left`
-/// requests (those submitted after it) are in flight, then send its blobs.
+/// Wait for the export `pending` (its first slot and pages), if any, while the newest
+/// `keep` submissions (those after it) may stay in flight, then send its blobs.
 fn finish_export(
     c: &mut Ctx<'_>,
     round: u32,
     pending: Option<(u32, &[u64])>,
-    left: usize,
+    keep: usize,
     st: &mut RoundStats,
 ) -> Result<(), PathError> {
     let Some((base, gfns)) = pending else { return Ok(()) };
     let mh = c.mh.as_mut().ok_or_else(|| PathError::Other("no Migration Handler".into()))?;
-    let done = mh.wait_until(left)?;
+    let done = mh.wait_until(keep)?;
     MhHost::check(&done)?;
     let sent = send_slots(c, round, base, gfns.iter().map(|&g| (Kind::Page, g)))?;
     account(c, st, sent)
@@ -131,11 +131,19 @@ fn send_slots(
     Ok(BlobsSent { bytes: (HEADER_LEN + at) as u64, zeros })
 }
 
-/// Begin / End marker blob.
+/// Begin / End marker blobs, one per MH lane (a marker's gfn names its lane), in one frame.
+/// End markers go in descending lane order: lane 0 closes the import last, once every other
+/// lane's pages are in.
 pub(super) fn send_marker(c: &mut Ctx<'_>, op: Op, round: u32) -> Result<(), PathError> {
     let kind = if op == Op::Begin { Kind::Begin } else { Kind::End };
-    let r = Request { op: op as u16, id: 0, count: 1, slot: 0, gfn: 0, round };
-    export_and_send(c, round, 0, &[r], std::iter::once((kind, 0))).map(|_| ())
+    let n = c.mh.as_ref().ok_or_else(|| PathError::Other("no Migration Handler".into()))?.lanes();
+    let lanes: Vec<u32> = if op == Op::Begin { (0..n).collect() } else { (0..n).rev().collect() };
+    let reqs: Vec<Request> = lanes
+        .iter()
+        .enumerate()
+        .map(|(slot, &l)| Request { op: op as u16, id: 0, count: 1, slot: slot as u32, gfn: u64::from(l), round })
+        .collect();
+    export_and_send(c, round, 0, &reqs, lanes.iter().map(|&l| (kind, u64::from(l)))).map(|_| ())
 }
 
 /// SEV-ES style: the vCPU states are placed in the VMSA pages (as the hardware keeps a VMSA

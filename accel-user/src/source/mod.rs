@@ -369,7 +369,8 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     // Handshake: the destination creates the VM before any page is sent.
     let ph = Phase::Handshake;
     let session = session_id();
-    let (confidential, vm_id) = (c.mh.is_some(), c.mh.as_ref().map_or(0, |h| h.vm_id));
+    let (confidential, vm_id, mh_lanes) =
+        (c.mh.is_some(), c.mh.as_ref().map_or(0, |h| h.vm_id), c.mh.as_ref().map_or(0, |h| h.lanes()));
     let hello = payload::Hello {
         kind: c.m.kind(),
         layout: c.m.ram().layout().clone(),
@@ -378,17 +379,18 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         session,
         confidential,
         vm_id,
+        mh_lanes,
     };
     c.t.send_frame(FrameKind::Hello, &[Part::Buf(&hello.encode())], None).map_err(|e| tx(ph, e))?;
     c.t.set_recv_timeout(c.o.ack_timeout);
     let (h, p) = recv_small(c.t).map_err(|e| tx(ph, e))?;
-    let challenge = match h {
+    let challenges = match h {
         FrameKind::HelloAck => {
             let ack = payload::HelloAck::decode(&p).map_err(|e| tx(ph, e.into()))?;
             if ack.status != payload::HelloAck::ACCEPTED {
                 return Err(SendError::Refused { phase: ph, reason: ack.text });
             }
-            ack.challenge
+            ack.challenges
         }
         FrameKind::Abort => return Err(aborted(ph, &p)),
         k => return Err(SendError::Unexpected { phase: ph, kind: k }),
@@ -405,9 +407,10 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
     }
     c.session = Some(session);
     if let Some(h) = c.mh.as_ref() {
-        // Every blob of this migration is bound to the destination MH's fresh challenge,
-        // so no blob of it opens in any other migration, and none recorded earlier here.
-        h.bind_export(challenge).map_err(|source| SendError::Mh { phase: ph, source })?;
+        // Every blob of this migration is bound to the destination MH's fresh challenge of
+        // its lane, so no blob of it opens in any other migration or lane, and none recorded
+        // earlier here.
+        h.bind_export(&challenges).map_err(|source| SendError::Mh { phase: ph, source })?;
         // Opens the blob stream: the destination MH accepts nothing before it.
         send_marker(c, Op::Begin, 0).map_err(|e| e.at(ph, c.t))?;
     }

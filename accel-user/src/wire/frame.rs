@@ -25,7 +25,9 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"MGAX");
 /// connection whether the destination runs the VM (`Query`/`Answer`), and says `Done` once
 /// it learnt that it does.
 /// 8: a Blobs frame may carry zero records (kind 5): the blob header without ciphertext.
-pub const PROTOCOL_VERSION: u16 = 8;
+/// 9: a confidential `Hello` names the MH's lane count; `HelloAck` carries one challenge per
+/// lane.
+pub const PROTOCOL_VERSION: u16 = 9;
 pub const HEADER_LEN: usize = 24;
 pub const PAGE: u64 = 4096;
 /// Most runs in one Pages frame.

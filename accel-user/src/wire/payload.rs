@@ -35,6 +35,9 @@ pub struct Hello {
     pub confidential: bool,
     /// VM id both MHs bind into every blob (confidential only).
     pub vm_id: u32,
+    /// Lanes (handler vCPUs) the source MH runs on: the destination MH runs as many
+    /// (confidential only, 1 to `mh_abi::MAX_LANES`; 0 otherwise).
+    pub mh_lanes: u32,
 }
 
 impl Hello {
@@ -48,6 +51,7 @@ impl Hello {
             session: 0,
             confidential: false,
             vm_id: 0,
+            mh_lanes: 0,
         }
     }
 
@@ -59,7 +63,8 @@ impl Hello {
         v.extend_from_slice(&spec.ram_bytes.to_le_bytes());
         v.extend_from_slice(&(self.kind as u32).to_le_bytes());
         v.extend_from_slice(&self.streams.to_le_bytes());
-        v.extend_from_slice(&[0u8; 16]); // reserved
+        v.extend_from_slice(&self.mh_lanes.to_le_bytes());
+        v.extend_from_slice(&[0u8; 12]); // reserved
         v.extend_from_slice(&self.session.to_le_bytes());
         v.extend_from_slice(&(if self.confidential { HELLO_CONFIDENTIAL } else { 0 }).to_le_bytes());
         v.extend_from_slice(&self.vm_id.to_le_bytes());
@@ -78,7 +83,8 @@ impl Hello {
         let ram_bytes = r.u64("ram_bytes")?;
         let kind = r.u32("vm kind")?;
         let streams = r.u32("streams")?;
-        let reserved_b = r.u64("reserved")? | r.u64("reserved")?;
+        let mh_lanes = r.u32("mh_lanes")?;
+        let reserved_b = u64::from(r.u32("reserved")?) | r.u64("reserved")?;
         let session = r.u64("session")?;
         let flags = r.u32("flags")?;
         let vm_id = r.u32("vm_id")?;
@@ -100,25 +106,30 @@ impl Hello {
         if streams > MAX_STREAMS {
             return Err(perr(k, format!("{streams} data streams exceeds the cap of {MAX_STREAMS}")));
         }
-        Ok(Hello {
-            kind,
-            layout,
-            shape: VmShape { ram_bytes, vcpus },
-            streams,
-            session,
-            confidential: flags & HELLO_CONFIDENTIAL != 0,
-            vm_id,
-        })
+        let confidential = flags & HELLO_CONFIDENTIAL != 0;
+        let lanes_ok = if confidential { (1..=mh_abi::MAX_LANES).contains(&mh_lanes) } else { mh_lanes == 0 };
+        if !lanes_ok {
+            return Err(perr(
+                k,
+                format!(
+                    "{mh_lanes} MH lanes (confidential {confidential}; 1 to {} when confidential)",
+                    mh_abi::MAX_LANES
+                ),
+            ));
+        }
+        Ok(Hello { kind, layout, shape: VmShape { ram_bytes, vcpus }, streams, session, confidential, vm_id, mh_lanes })
     }
 }
 
-/// HelloAck: status (0 = accepted, 1 = refused), the destination MH's challenge (confidential
-/// only, else 0) and a reason.
+/// HelloAck: `status u32` (0 = accepted, 1 = refused), `text_len u32`, `lanes u32`, the
+/// destination MH's challenge for each lane (`u64` each; confidential only, else none), then
+/// the reason text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloAck {
     pub status: u32,
-    /// The blobs of this migration must be bound to it (`docs/mh-protocol.md`).
-    pub challenge: u64,
+    /// The blobs of lane `i` of this migration must be bound to the `i`th
+    /// (`docs/mh-protocol.md`).
+    pub challenges: Vec<u64>,
     pub text: String,
 }
 
@@ -129,12 +140,15 @@ impl HelloAck {
     pub const REFUSED: u32 = 1;
 
     /// Encode without building a `HelloAck` (the text is cut to [`MAX_TEXT`]).
-    pub fn encode(status: u32, challenge: u64, text: &str) -> Vec<u8> {
+    pub fn encode(status: u32, challenges: &[u64], text: &str) -> Vec<u8> {
         let t = truncate(text);
-        let mut v = Vec::with_capacity(16 + t.len());
+        let mut v = Vec::with_capacity(12 + 8 * challenges.len() + t.len());
         v.extend_from_slice(&status.to_le_bytes());
         v.extend_from_slice(&(t.len() as u32).to_le_bytes());
-        v.extend_from_slice(&challenge.to_le_bytes());
+        v.extend_from_slice(&(challenges.len() as u32).to_le_bytes());
+        for c in challenges {
+            v.extend_from_slice(&c.to_le_bytes());
+        }
         v.extend_from_slice(t.as_bytes());
         v
     }
@@ -144,7 +158,11 @@ impl HelloAck {
         let mut r = Reader::new(kind, p);
         let status = r.u32("status")?;
         let n = r.u32("text length")? as usize;
-        let challenge = r.u64("challenge")?;
+        let lanes = r.u32("lanes")?;
+        if lanes > mh_abi::MAX_LANES {
+            return Err(perr(kind, format!("{lanes} MH lanes exceeds the cap of {}", mh_abi::MAX_LANES)));
+        }
+        let challenges = (0..lanes).map(|_| r.u64("challenge")).collect::<Result<Vec<_>, _>>()?;
         if n > MAX_TEXT {
             return Err(perr(kind, format!("text of {n} bytes exceeds {MAX_TEXT}")));
         }
@@ -156,7 +174,7 @@ impl HelloAck {
         if status > HelloAck::REFUSED {
             return Err(perr(kind, format!("unknown status {status}")));
         }
-        Ok(HelloAck { status, challenge, text })
+        Ok(HelloAck { status, challenges, text })
     }
 }
 
@@ -677,6 +695,13 @@ impl<'a> Blobs<'a> {
                     format!("blob {i}: gfn {:#x} is outside guest RAM or inside the MH region", desc.gfn),
                 ));
             }
+            // A marker's gfn names its lane.
+            if matches!(kind, mh_abi::Kind::Begin | mh_abi::Kind::End) && desc.gfn >= u64::from(mh_abi::MAX_LANES) {
+                return Err(perr(
+                    k,
+                    format!("blob {i}: a marker for lane {}; an MH runs at most {}", desc.gfn, mh_abi::MAX_LANES),
+                ));
+            }
             let end = at + Self::wire_len(desc.kind);
             let data = p.get(at + BLOB_HEADER..end).ok_or_else(|| {
                 perr(k, format!("blob {i} of {count}: its ciphertext overruns the {}-byte payload", p.len()))
@@ -711,8 +736,14 @@ mod tests {
                 session: 0xdead_beef,
                 confidential: true,
                 vm_id: 9,
+                mh_lanes: 2,
             };
             assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+            // A lane count that does not fit the migration's kind.
+            for (confidential, mh_lanes) in [(true, 0), (true, 5), (false, 1)] {
+                let e = Hello { confidential, mh_lanes, ..h.clone() }.encode();
+                assert!(Hello::decode(&e).unwrap_err().to_string().contains("MH lanes"), "{confidential} {mh_lanes}");
+            }
         }
         // QEMU's pc machine with 4 GiB: RAM beyond 3 GiB sits at 4 GiB.
         let g = 1u64 << 30;
@@ -732,6 +763,7 @@ mod tests {
             session: 1,
             confidential: false,
             vm_id: 0,
+            mh_lanes: 0,
         };
         let e = h.encode();
         assert!(e.len() as u32 + HEADER_LEN as u32 <= 24 + FrameKind::Hello.max_len());
@@ -746,8 +778,11 @@ mod tests {
         bad[8..16].copy_from_slice(&(2 * g).to_le_bytes()); // RAM smaller than the layout
         assert!(Hello::decode(&bad).unwrap_err().to_string().contains("RAM layout"));
         let mut e = Hello::embedded(&VmShape { ram_bytes: 1 << 30, vcpus: 1 }).encode();
-        e[24] = 99;
+        e[28] = 99;
         assert!(Hello::decode(&e).unwrap_err().to_string().contains("reserved fields must be 0"));
+        e[28] = 0;
+        e[24] = 2; // MH lanes on a migration that is not confidential
+        assert!(Hello::decode(&e).unwrap_err().to_string().contains("MH lanes"));
         assert!(Hello::decode(&e[..10]).is_err());
         let mut e =
             Hello { streams: 99, session: 1, ..Hello::embedded(&VmShape { ram_bytes: 1 << 30, vcpus: 1 }) }.encode();
@@ -881,10 +916,18 @@ mod tests {
 
     #[test]
     fn status_abort_and_state_frames() {
-        let a = HelloAck::decode(&HelloAck::encode(HelloAck::REFUSED, 0x1234, "too big")).unwrap();
-        assert_eq!(a, HelloAck { status: 1, challenge: 0x1234, text: "too big".into() });
-        assert!(HelloAck::decode(&HelloAck::encode(1, 7, "x")[..16]).is_err());
-        assert!(HelloAck::decode(&HelloAck::encode(2, 7, "x")).unwrap_err().to_string().contains("status 2"));
+        let a = HelloAck::decode(&HelloAck::encode(HelloAck::REFUSED, &[0x1234], "too big")).unwrap();
+        assert_eq!(a, HelloAck { status: 1, challenges: vec![0x1234], text: "too big".into() });
+        let a = HelloAck::decode(&HelloAck::encode(HelloAck::ACCEPTED, &[1, 2, 3], "")).unwrap();
+        assert_eq!(a.challenges, [1, 2, 3]);
+        assert!(HelloAck::decode(&HelloAck::encode(1, &[7], "x")[..16]).is_err());
+        assert!(HelloAck::decode(&HelloAck::encode(2, &[7], "x")).unwrap_err().to_string().contains("status 2"));
+        let five = HelloAck::encode(0, &[1, 2, 3, 4, 5], "");
+        assert!(HelloAck::decode(&five).unwrap_err().to_string().contains("5 MH lanes"));
+        // A lane count that claims more challenges than the payload holds.
+        let mut short = HelloAck::encode(0, &[1], "");
+        short[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert!(HelloAck::decode(&short).is_err());
         assert_eq!(Abort::decode(&Abort::encode("boom")).unwrap().reason, "boom");
         let long = "é".repeat(2000);
         assert!(Abort::decode(&Abort::encode(&long)).unwrap().reason.len() <= MAX_TEXT);

@@ -1,18 +1,21 @@
 //! Host side of the in-guest Migration Handler (MH): installs the reference MH image into
-//! the MH region of guest RAM, runs it on an extra vCPU, and drives its request and
-//! completion rings (ABI in `mh-abi`, specified in `docs/mh-protocol.md`).
+//! the MH region of guest RAM, runs it on one or more extra vCPUs (lanes), and drives their
+//! request and completion rings (ABI in `mh-abi`, specified in `docs/mh-protocol.md`):
+//! [`MhHost`] routes each request to the lane that owns its pages, [`lane`] drives one
+//! lane's rings.
 //!
 //! Everything in the shared region is written by the guest too, so every value read back
 //! (ring indices, completion ids, counts, slot descriptors) is checked before use; a
 //! misbehaving MH yields an [`MhError`], never a host write outside guest RAM.
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use mh_abi::{self as abi, CompStatus, Completion, Desc, Kind, Op, Request};
 
 use crate::memory::GuestRam;
+
+mod lane;
+use lane::Lane;
 
 /// The reference MH, built from `mh-guest/` by this crate's build script.
 pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mh.bin"));
@@ -42,6 +45,8 @@ pub enum MhError {
     BadRequest(String),
     #[error("the MH speaks ABI version {got}, this host version {want}")]
     Version { got: u32, want: u32 },
+    #[error("{got} handler lanes asked for; an MH runs on 1 to {max}", max = abi::MAX_LANES)]
+    Lanes { got: u32 },
 }
 
 pub type Result<T> = std::result::Result<T, MhError>;
@@ -57,6 +62,9 @@ pub struct Launch {
     /// Let the MH export all-zero pages as zero records (which shows the host which
     /// private pages are zero).
     pub zero_records: bool,
+    /// Handler vCPUs (lanes), 1 to [`abi::MAX_LANES`]. Source and destination run the same
+    /// count: each blob is bound to it.
+    pub lanes: u32,
 }
 
 impl std::fmt::Debug for Launch {
@@ -65,6 +73,7 @@ impl std::fmt::Debug for Launch {
             .field("vm_id", &self.vm_id)
             .field("spin", &self.spin)
             .field("zero_records", &self.zero_records)
+            .field("lanes", &self.lanes)
             .finish_non_exhaustive()
     }
 }
@@ -87,6 +96,9 @@ pub fn install(ram: &GuestRam, launch: &Launch) -> Result<()> {
     if IMAGE.len() as u64 > abi::IMAGE_MAX {
         return Err(MhError::ImageTooLarge(IMAGE.len()));
     }
+    if !(1..=abi::MAX_LANES).contains(&launch.lanes) {
+        return Err(MhError::Lanes { got: launch.lanes });
+    }
     ram.zero(abi::REGION, abi::REGION_SIZE)?;
     // The MH's own identity map and GDT, so it never depends on pages that migrate.
     let pt = abi::PAGE_TABLES;
@@ -97,8 +109,11 @@ pub fn install(ram: &GuestRam, launch: &Launch) -> Result<()> {
     ram.write(abi::SECRET + abi::secret::VM_ID, &launch.vm_id.to_le_bytes())?;
     ram.write_u64(abi::SECRET + abi::secret::RAM_SIZE, ram.size())?;
     ram.write_u64(abi::SECRET + abi::secret::ZERO_RECORDS, u64::from(launch.zero_records))?;
+    ram.write_u64(abi::SECRET + abi::secret::LANES, u64::from(launch.lanes))?;
     ram.write_u64(abi::SECRET + abi::secret::VALID, 1)?;
-    ram.write_u64(abi::HEADER + abi::header::SPIN, launch.spin)?;
+    for l in 0..launch.lanes {
+        ram.write_u64(abi::lane_addrs(l).header + abi::header::SPIN, launch.spin)?;
+    }
     Ok(())
 }
 
@@ -197,18 +212,40 @@ impl Blob {
     }
 }
 
-/// The host's end of the rings of one running MH.
+/// Wait until MH lane `lane`, which rings `bell`, reports ready (or faults), and check it
+/// speaks this host's ABI version.
+pub fn wait_lane_ready(ram: &GuestRam, bell: &Bell, lane: u32, limit: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    let mut g = bell.lock();
+    loop {
+        if let Some(f) = &g.fault {
+            return Err(MhError::Faulted(format!("lane {lane}: {f}")));
+        }
+        if g.ready {
+            break;
+        }
+        let left = limit.checked_sub(t0.elapsed()).ok_or(MhError::NotReady(limit))?;
+        g = bell.cv.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
+    }
+    drop(g);
+    let mut v = [0u8; 4];
+    ram.read(abi::lane_addrs(lane).header + abi::header::VERSION, &mut v)?;
+    let got = u32::from_le_bytes(v);
+    if got != abi::VERSION {
+        return Err(MhError::Version { got, want: abi::VERSION });
+    }
+    Ok(())
+}
+
+/// The host's end of one running MH: its lanes' rings, and the data slots they share.
+/// Requests go to the lane that owns their pages (a run that crosses into another lane's
+/// granule is split); vCPU state goes through lane 0; a marker names its lane.
 #[derive(Debug)]
 pub struct MhHost {
     ram: Arc<GuestRam>,
-    bell: Arc<Bell>,
-    req_prod: u32,
-    comp_cons: u32,
-    next_id: u32,
-    inflight: VecDeque<Request>,
-    /// The oldest this many requests in flight were abandoned: their completions are
-    /// still checked for ring integrity, then dropped.
-    abandoned: usize,
+    lanes: Vec<Lane>,
+    /// The next [`MhHost::start`] call's number: requests in flight carry theirs.
+    next_ticket: u64,
     /// Completion-ring polls before sleeping on the MH's Done kick.
     pub spin: u32,
     /// How long the MH may take to answer before it is declared dead.
@@ -218,145 +255,145 @@ pub struct MhHost {
 }
 
 impl MhHost {
-    pub fn new(ram: Arc<GuestRam>, bell: Arc<Bell>, timeout: Duration, vm_id: u32) -> MhHost {
-        MhHost {
-            ram,
-            bell,
-            req_prod: 0,
-            comp_cons: 0,
-            next_id: 1,
-            inflight: VecDeque::new(),
-            abandoned: 0,
-            spin: 0,
-            timeout,
-            vm_id,
-        }
+    /// The host end of an MH that runs one lane per bell (lane `i` on `bells[i]`).
+    pub fn new(ram: Arc<GuestRam>, bells: Vec<Arc<Bell>>, timeout: Duration, vm_id: u32) -> MhHost {
+        let lanes = bells.into_iter().enumerate().map(|(i, b)| Lane::new(i as u32, ram.clone(), b)).collect();
+        MhHost { ram, lanes, next_ticket: 1, spin: 0, timeout, vm_id }
     }
 
-    fn atomic(&self, gpa: u64) -> Result<&AtomicU32> {
-        let p = self.ram.host_addr(gpa)?;
-        debug_assert!(gpa.is_multiple_of(4) && gpa + 4 <= self.ram.size());
-        // SAFETY: `gpa` is one of the ring index fields (4-aligned, inside the MH region,
-        // checked by host_addr); the mapping lives as long as `self.ram`, which outlives the
-        // returned reference. The guest accesses the same word with 32-bit loads and stores.
-        Ok(unsafe { &*(p as *const AtomicU32) })
+    /// Lanes (handler vCPUs) this MH runs on.
+    pub fn lanes(&self) -> u32 {
+        self.lanes.len() as u32
     }
 
-    /// Wait for the MH to report ready (or fault).
+    /// Wait for every lane to report ready (or fault) and check it speaks this ABI.
     pub fn wait_ready(&self, limit: Duration) -> Result<()> {
         let t0 = Instant::now();
-        let mut g = self.bell.lock();
-        loop {
-            if let Some(f) = &g.fault {
-                return Err(MhError::Faulted(f.clone()));
-            }
-            if g.ready {
-                drop(g);
-                let mut v = [0u8; 4];
-                self.ram.read(abi::HEADER + abi::header::VERSION, &mut v)?;
-                let got = u32::from_le_bytes(v);
-                if got != abi::VERSION {
-                    return Err(MhError::Version { got, want: abi::VERSION });
-                }
-                return Ok(());
-            }
-            let left = limit.checked_sub(t0.elapsed()).ok_or(MhError::NotReady(limit))?;
-            g = self.bell.cv.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
+        for l in &self.lanes {
+            wait_lane_ready(&self.ram, &l.bell, l.index, limit.saturating_sub(t0.elapsed()))?;
         }
+        Ok(())
     }
 
-    /// This MH's challenge: as an importer it opens only blobs bound to it.
-    pub fn challenge(&self) -> Result<u64> {
-        Ok(self.ram.read_u64(abi::HEADER + abi::header::CHALLENGE)?)
+    /// Each lane's challenge: as an importer, lane `i` opens only blobs bound to the `i`th.
+    pub fn challenges(&self) -> Result<Vec<u64>> {
+        self.lanes.iter().map(|l| Ok(self.ram.read_u64(l.addrs.header + abi::header::CHALLENGE)?)).collect()
     }
 
-    /// Bind the next export (from its Begin on) to the importing MH's `challenge`.
-    pub fn bind_export(&self, challenge: u64) -> Result<()> {
-        Ok(self.ram.write_u64(abi::HEADER + abi::header::PEER_CHALLENGE, challenge)?)
+    /// Bind the next export (from its Begin on) to the importing MH's challenges, one per
+    /// lane: the importer must run as many lanes as this MH.
+    pub fn bind_export(&self, challenges: &[u64]) -> Result<()> {
+        if challenges.len() != self.lanes.len() {
+            return Err(MhError::BadRequest(format!(
+                "the importing MH runs {} lane(s), this one {}: both must run the same count",
+                challenges.len(),
+                self.lanes.len()
+            )));
+        }
+        for (l, c) in self.lanes.iter().zip(challenges) {
+            self.ram.write_u64(l.addrs.header + abi::header::PEER_CHALLENGE, *c)?;
+        }
+        Ok(())
     }
 
-    /// Requests posted and not yet completed.
+    /// Requests posted and not yet completed, over all lanes.
     pub fn in_flight(&self) -> usize {
-        self.inflight.len()
+        self.lanes.iter().map(|l| l.inflight.len()).sum()
     }
 
-    /// Queue a request (the ring must have room: at most [`abi::RING_ENTRIES`] in flight).
-    /// Returns the id the completion will carry.
-    pub fn submit(&mut self, mut r: Request) -> Result<u32> {
-        if self.inflight.len() >= abi::RING_ENTRIES as usize {
-            return Err(MhError::BadRequest(format!("{} requests already in flight", self.inflight.len())));
+    /// The lane requests `r` becomes: a page run per lane granule it touches (in order),
+    /// vCPU state on lane 0, a marker on the lane it names, a Reset on every lane.
+    fn route(&self, r: &Request) -> Result<Vec<(usize, Request)>> {
+        let n = self.lanes.len() as u32;
+        Ok(match Op::from_u16(r.op) {
+            Op::Export | Op::Import if n > 1 => {
+                let mut out = Vec::new();
+                let (mut gfn, mut done) = (r.gfn, 0u32);
+                while done < r.count {
+                    let granule_end = (gfn / abi::GRANULE_PAGES + 1).saturating_mul(abi::GRANULE_PAGES);
+                    let take = (granule_end - gfn).min(u64::from(r.count - done)) as u32;
+                    let lane = abi::lane_of(gfn, n) as usize;
+                    out.push((lane, Request { gfn, count: take, slot: r.slot + done, ..*r }));
+                    done += take;
+                    gfn += u64::from(take);
+                }
+                if out.is_empty() {
+                    // count 0: the MH refuses it, with its own status.
+                    out.push((abi::lane_of(r.gfn, n) as usize, *r));
+                }
+                out
+            }
+            Op::Begin | Op::End | Op::Marker => {
+                if r.gfn >= u64::from(n) {
+                    return Err(MhError::BadRequest(format!("a marker for lane {}; {n} lane(s) run here", r.gfn)));
+                }
+                vec![(r.gfn as usize, *r)]
+            }
+            Op::Reset => (0..n as usize).map(|l| (l, *r)).collect(),
+            _ => vec![(0, *r)],
+        })
+    }
+
+    /// Queue one request (routed to its lanes) as a submission of its own, without ringing
+    /// a doorbell: the next [`MhHost::start`] or a spinning MH picks it up.
+    pub fn submit(&mut self, r: Request) -> Result<()> {
+        let routed = self.route(&r)?;
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        for (i, r) in routed {
+            self.lanes[i].submit(r, ticket)?;
         }
-        r.id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
-        let at = abi::REQ_RING + abi::RING_BASE + u64::from(self.req_prod % abi::RING_ENTRIES) * abi::REQ_SIZE;
-        self.ram.write(at, &r.encode())?;
-        self.req_prod = self.req_prod.wrapping_add(1);
-        self.atomic(abi::REQ_RING + abi::RING_PROD)?.store(self.req_prod, Ordering::Release);
-        self.inflight.push_back(r);
-        Ok(r.id)
+        Ok(())
     }
 
-    /// Ring the host -> MH doorbell (one per batch of requests).
-    pub fn doorbell(&self) {
-        self.bell.lock().rung += 1;
-        self.bell.notify();
-    }
-
-    fn check_fault(&self) -> Result<()> {
-        match &self.bell.lock().fault {
-            Some(f) => Err(MhError::Faulted(f.clone())),
-            None => Ok(()),
+    /// Submit `reqs` without waiting and ring the doorbells of the lanes they went to (each
+    /// lane's ring must have room for its share). One submission: [`MhHost::wait_until`]
+    /// counts them.
+    pub fn start(&mut self, reqs: &[Request]) -> Result<()> {
+        let mut routed = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            routed.extend(self.route(r)?);
         }
+        for (i, l) in self.lanes.iter().enumerate() {
+            let want = routed.iter().filter(|(x, _)| *x == i).count();
+            if want > l.room() {
+                return Err(MhError::BadRequest(format!(
+                    "{want} requests for lane {i} with {} in flight overflow its {}-entry ring",
+                    l.inflight.len(),
+                    abi::RING_ENTRIES
+                )));
+            }
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let mut rung = vec![false; self.lanes.len()];
+        for (i, r) in routed {
+            self.lanes[i].submit(r, ticket)?;
+            rung[i] = true;
+        }
+        for (l, _) in self.lanes.iter().zip(&rung).filter(|(_, r)| **r) {
+            l.doorbell();
+        }
+        Ok(())
     }
 
     /// Give up on every request in flight: a migration that failed no longer cares how they
-    /// end. They still occupy the ring until the MH completes them; their completions are
+    /// end. They still occupy the rings until the MH completes them; their completions are
     /// checked and dropped, so no later caller sees them.
     pub fn abandon(&mut self) {
-        self.abandoned = self.inflight.len();
+        for l in &mut self.lanes {
+            l.abandon();
+        }
     }
 
-    /// Take the completions posted so far, in request order, each checked against its
-    /// request. Does not wait.
+    /// Take the completions posted so far, lane by lane, each in request order and checked
+    /// against its request. Does not wait.
     pub fn poll(&mut self) -> Result<Vec<(Request, Completion)>> {
-        Ok(self.take_completions()?.1)
-    }
-
-    /// [`MhHost::poll`], also counting the completions of abandoned requests it dropped.
-    fn take_completions(&mut self) -> Result<(usize, Vec<(Request, Completion)>)> {
-        let prod = self.atomic(abi::COMP_RING + abi::RING_PROD)?.load(Ordering::Acquire);
-        let avail = prod.wrapping_sub(self.comp_cons);
-        if avail as usize > self.inflight.len() {
-            return Err(MhError::BadCompletion(format!(
-                "producer index {prod} claims {avail} completions, only {} requests are in flight",
-                self.inflight.len()
-            )));
+        let mut out = Vec::new();
+        for l in &mut self.lanes {
+            out.extend(l.take_completions()?.1);
         }
-        let mut out = Vec::with_capacity(avail as usize);
-        for _ in 0..avail {
-            let at = abi::COMP_RING + abi::RING_BASE + u64::from(self.comp_cons % abi::RING_ENTRIES) * abi::COMP_SIZE;
-            let mut raw = [0u8; abi::COMP_SIZE as usize];
-            self.ram.read(at, &mut raw)?;
-            let c = Completion::decode(&raw);
-            let r = self.inflight.pop_front().expect("avail <= inflight");
-            if c.id != r.id {
-                return Err(MhError::BadCompletion(format!("completion for id {} where id {} was next", c.id, r.id)));
-            }
-            if CompStatus::from_u32(c.status) == CompStatus::Invalid {
-                return Err(MhError::BadCompletion(format!("unknown status {} for request {}", c.status, r.id)));
-            }
-            if c.done > r.count {
-                return Err(MhError::BadCompletion(format!("{} pages done of a {}-page request", c.done, r.count)));
-            }
-            self.comp_cons = self.comp_cons.wrapping_add(1);
-            if self.abandoned > 0 {
-                self.abandoned -= 1;
-            } else {
-                out.push((r, c));
-            }
-        }
-        self.atomic(abi::COMP_RING + abi::RING_CONS)?.store(self.comp_cons, Ordering::Release);
-        Ok((avail as usize, out))
+        Ok(out)
     }
 
     /// Wait until every request in flight completed (or the MH faults / times out).
@@ -364,34 +401,37 @@ impl MhHost {
         self.wait_until(0)
     }
 
-    /// Wait until at most `left` requests are in flight: the oldest ones completed (the MH
-    /// serves its ring in order), so a caller can use their slots while the MH works on
-    /// the newer ones. Fails if the MH faults or takes longer than `timeout`.
-    pub fn wait_until(&mut self, left: usize) -> Result<Vec<(Request, Completion)>> {
+    /// Wait until only the requests of the newest `keep` submissions ([`MhHost::start`]
+    /// calls) may still be in flight: the older ones completed (each lane serves its ring in
+    /// order), so a caller can use their slots while the MH works on the newer ones. Fails
+    /// if the MH faults or takes longer than `timeout`.
+    pub fn wait_until(&mut self, keep: usize) -> Result<Vec<(Request, Completion)>> {
+        let older_than = self.next_ticket.saturating_sub(keep as u64);
         let t0 = Instant::now();
         let mut out = Vec::new();
         let mut spins = 0u32;
-        while self.inflight.len() > left {
-            let seen = self.bell.lock().done;
-            let (n, got) = self.take_completions()?;
+        while let Some(i) = self.lanes.iter().position(|l| l.holds_older_than(older_than)) {
+            let lane = &mut self.lanes[i];
+            let seen = lane.bell.lock().done;
+            let (n, got) = lane.take_completions()?;
             if n > 0 {
                 out.extend(got);
                 spins = 0;
                 continue;
             }
-            self.check_fault()?;
+            lane.check_fault()?;
             if t0.elapsed() > self.timeout {
-                return Err(MhError::Timeout { pending: self.inflight.len(), waited: t0.elapsed() });
+                return Err(MhError::Timeout { pending: self.in_flight(), waited: t0.elapsed() });
             }
             if spins < self.spin {
                 spins += 1;
                 std::hint::spin_loop();
                 continue;
             }
-            // Sleep until the MH kicks Done (bounded, so a lost kick only delays).
-            let mut g = self.bell.lock();
+            // Sleep until the lane kicks Done (bounded, so a lost kick only delays).
+            let mut g = lane.bell.lock();
             if g.done == seen && g.fault.is_none() {
-                g = self.bell.cv.wait_timeout(g, Duration::from_millis(5)).unwrap_or_else(|e| e.into_inner()).0;
+                g = lane.bell.cv.wait_timeout(g, Duration::from_millis(5)).unwrap_or_else(|e| e.into_inner()).0;
             }
             drop(g);
         }
@@ -415,31 +455,28 @@ impl MhHost {
         Ok(())
     }
 
-    /// Submit `reqs` without waiting and ring the doorbell (at most the ring's room).
-    pub fn start(&mut self, reqs: &[Request]) -> Result<()> {
-        if reqs.len() + self.inflight.len() > abi::RING_ENTRIES as usize {
-            return Err(MhError::BadRequest(format!(
-                "{} requests with {} in flight overflow the {}-entry ring",
-                reqs.len(),
-                self.inflight.len(),
-                abi::RING_ENTRIES
-            )));
-        }
-        for r in reqs {
-            self.submit(*r)?;
-        }
-        self.doorbell();
-        Ok(())
-    }
-
-    /// Submit `reqs` (ringing once per ring-full of requests), wait for all, and fail with
-    /// the first refusal. Nothing may be in flight before (the ring's room is counted from
-    /// empty); use [`MhHost::start`] and [`MhHost::wait_until`] to keep requests in flight.
+    /// Submit `reqs`, wait for all, and fail with the first refusal. Nothing may be in
+    /// flight before (the rings' room is counted from empty); use [`MhHost::start`] and
+    /// [`MhHost::wait_until`] to keep requests in flight. With several lanes, markers and
+    /// resets run one at a time, in order: lanes do not wait for each other.
     pub fn run(&mut self, reqs: &[Request]) -> Result<()> {
-        for chunk in reqs.chunks(abi::RING_ENTRIES as usize) {
-            self.start(chunk)?;
+        let ordered = |r: &Request| matches!(Op::from_u16(r.op), Op::Begin | Op::End | Op::Marker | Op::Reset);
+        let mut rest = reqs;
+        while !rest.is_empty() {
+            let n = if self.lanes.len() > 1 && ordered(&rest[0]) {
+                1
+            } else {
+                let cap = rest.len().min(abi::RING_ENTRIES as usize);
+                if self.lanes.len() > 1 {
+                    rest[..cap].iter().position(ordered).unwrap_or(cap)
+                } else {
+                    cap
+                }
+            };
+            self.start(&rest[..n])?;
             let done = self.wait_all()?;
             Self::check(&done)?;
+            rest = &rest[n..];
         }
         Ok(())
     }
@@ -526,31 +563,49 @@ impl MhHost {
         self.write_slot_parts(slot, &b.desc(), &b.data[..])
     }
 
-    /// The MH's counters (guest-written).
+    /// The MH's counters (guest-written), summed over its lanes; complete once every lane
+    /// reports its import complete.
     pub fn counters(&self) -> Result<MhCounters> {
-        let h = |f: u64| self.ram.read_u64(abi::HEADER + f);
-        Ok(MhCounters {
-            exported: h(abi::header::EXPORTED)?,
-            imported: h(abi::header::IMPORTED)?,
-            refused: h(abi::header::REFUSED)?,
-            waits: h(abi::header::WAITS)?,
-            requests: h(abi::header::REQUESTS)?,
-            zeros: h(abi::header::ZEROS)?,
-            complete: h(abi::header::COMPLETE)? == 1,
-        })
+        let mut c = MhCounters { complete: true, ..MhCounters::default() };
+        for l in &self.lanes {
+            let h = |f: u64| self.ram.read_u64(l.addrs.header + f);
+            c.exported += h(abi::header::EXPORTED)?;
+            c.imported += h(abi::header::IMPORTED)?;
+            c.refused += h(abi::header::REFUSED)?;
+            c.waits += h(abi::header::WAITS)?;
+            c.requests += h(abi::header::REQUESTS)?;
+            c.zeros += h(abi::header::ZEROS)?;
+            c.complete &= h(abi::header::COMPLETE)? == 1;
+        }
+        Ok(c)
     }
 
     /// Test hook: hold the MH vCPU off the CPU (or let it run again), as if the MH hung.
     /// Freezing waits (up to a second) until the MH vCPU is out of `KVM_RUN`: the idle MH
     /// exits on its own within one doorbell wait.
     pub fn set_frozen(&self, frozen: bool) {
-        let mut g = self.bell.lock();
-        g.frozen = frozen;
-        self.bell.notify();
-        let until = Instant::now() + Duration::from_secs(1);
-        while frozen && !g.parked && Instant::now() < until {
-            g = self.bell.cv.wait_timeout(g, Duration::from_millis(10)).unwrap_or_else(|e| e.into_inner()).0;
+        for l in &self.lanes {
+            let mut g = l.bell.lock();
+            g.frozen = frozen;
+            l.bell.notify();
+            let until = Instant::now() + Duration::from_secs(1);
+            while frozen && !g.parked && Instant::now() < until {
+                g = l.bell.cv.wait_timeout(g, Duration::from_millis(10)).unwrap_or_else(|e| e.into_inner()).0;
+            }
         }
+    }
+
+    /// Test hook: submit `reqs` to lane `lane` as they are, unrouted (a host that sends a
+    /// lane pages or markers it does not own).
+    pub fn start_on(&mut self, lane: u32, reqs: &[Request]) -> Result<()> {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let l = self.lanes.get_mut(lane as usize).ok_or_else(|| MhError::BadRequest(format!("no lane {lane}")))?;
+        for r in reqs {
+            l.submit(*r, ticket)?;
+        }
+        l.doorbell();
+        Ok(())
     }
 
     /// Test hook: raw access to guest RAM, e.g. to corrupt the completion ring.

@@ -130,8 +130,20 @@ fn confidential_on_several_handler_vcpus() {
 /// migration still delivers identical RAM.
 #[test]
 fn scattered_private_pages_in_many_short_runs() {
+    scattered(1, "scatter");
+}
+
+/// The same on four handler vCPUs: runs are split between lanes, and a batch whose share of
+/// a lane's ring is not free while the previous batch is in flight waits for it.
+#[test]
+fn scattered_private_pages_on_four_handler_vcpus() {
+    scattered(4, "scatter4");
+}
+
+fn scattered(lanes: u32, tag: &str) {
     use embedded_vmm::vmm::{GuestSpec, Workload};
-    let mut c = confidential(WorkloadKind::Ab, "scatter");
+    let mut c = confidential(WorkloadKind::Ab, tag);
+    c.confidential.mh_vcpus = lanes;
     c.migration.min_rounds = 3;
     let spec = GuestSpec { ram_bytes: c.guest.ram.0, vcpus: 1, workload: Workload::Oracle { pages: 8192 } };
     let mut src = Machine::boot(spec, c.dirty_preference()).unwrap();

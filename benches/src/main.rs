@@ -139,6 +139,9 @@ enum Cmd {
         pages: u64,
         #[arg(long, value_delimiter = ',', default_value = "1,16,64,128,256")]
         batches: Vec<u32>,
+        /// Handler vCPU counts (MH lanes) for the export+import rows and the migrations.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        lanes: Vec<u32>,
         /// Guest sizes for the whole-migration rows (idle, filled; a hot 256 MiB guest too).
         #[arg(long, value_delimiter = ',', default_value = "512MiB,2GiB", value_parser = |s: &str| s.parse::<ByteSize>())]
         migrate_ram: Vec<ByteSize>,
@@ -806,7 +809,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Doc { check } => results::doc(check)?,
         Cmd::Ebpf { window_ms, cycles, vms, harvest_ms, pid } => ebpf_bench(window_ms, cycles, vms, harvest_ms, !pid)?,
-        Cmd::Mh { pages, batches, migrate_ram } => mh::mh_bench(pages, &batches, &migrate_ram)?,
+        Cmd::Mh { pages, batches, lanes, migrate_ram } => mh::mh_bench(pages, &batches, &lanes, &migrate_ram)?,
         Cmd::VsQemu { ram, hot, reps, warmup_ms, only, plot } => {
             vs_qemu::vs_qemu(&ram, hot, reps, warmup_ms, &only, plot.as_deref())?
         }

@@ -31,13 +31,17 @@ pub(crate) fn openssl_aes_gcm() -> Option<f64> {
 }
 
 fn vm(dest: bool, ram: u64, spin: u64) -> anyhow::Result<(Machine, MhHost)> {
+    vm_lanes(dest, ram, spin, 1)
+}
+
+fn vm_lanes(dest: bool, ram: u64, spin: u64, lanes: u32) -> anyhow::Result<(Machine, MhHost)> {
     let spec = GuestSpec { ram_bytes: ram, vcpus: 1, workload: Workload::Idle };
     let mut m = if dest {
         Machine::destination(spec, DirtyPreference::Bitmap)?
     } else {
         Machine::boot(spec, DirtyPreference::Bitmap)?
     };
-    m.launch_mh(&Launch { key: KEY, vm_id: 1, spin, zero_records: true, lanes: 1 }, Duration::from_secs(10))?;
+    m.launch_mh(&Launch { key: KEY, vm_id: 1, spin, zero_records: true, lanes }, Duration::from_secs(10))?;
     let h = m.take_mh().ok_or_else(|| anyhow::anyhow!("no MH"))?;
     Ok((m, h))
 }
@@ -50,15 +54,27 @@ struct Run {
     doorbells: u64,
 }
 
-/// Move `pages` data pages from `src` to `dst` through both MHs, `batch` pages per doorbell.
+/// Marker blobs of every lane (`op` Begin or End; End in descending lane order, so lane 0
+/// closes last) carried from `sh` to `dh`.
+fn markers(sh: &mut MhHost, dh: &mut MhHost, op: Op, round: u32) -> anyhow::Result<()> {
+    let lanes: Vec<u32> = if op == Op::Begin { (0..sh.lanes()).collect() } else { (0..sh.lanes()).rev().collect() };
+    let mut blob = Blob::zeroed();
+    for l in lanes {
+        sh.run(&[Request { op: op as u16, id: 0, count: 1, slot: 0, gfn: u64::from(l), round }])?;
+        sh.read_slot(0, &mut blob)?;
+        dh.write_slot(0, &blob)?;
+        dh.run(&[Request { op: Op::Marker as u16, id: 0, count: 1, slot: 0, gfn: u64::from(l), round }])?;
+    }
+    Ok(())
+}
+
+/// Move `pages` data pages from `src` to `dst` through both MHs (on all their lanes),
+/// `batch` pages per doorbell.
 fn transfer(sh: &mut MhHost, dh: &mut MhHost, pages: u64, batch: u32, round: u32) -> anyhow::Result<Run> {
     let mut blob = Blob::zeroed();
-    // Open the stream, bound to the importer's challenge.
+    // Open the stream, bound to the importer's challenges.
     sh.bind_export(&dh.challenges()?)?;
-    sh.run(&[Request { op: Op::Begin as u16, id: 0, count: 1, slot: 0, gfn: 0, round }])?;
-    sh.read_slot(0, &mut blob)?;
-    dh.write_slot(0, &blob)?;
-    dh.run(&[Request { op: Op::Marker as u16, id: 0, count: 1, slot: 0, gfn: 0, round }])?;
+    markers(sh, dh, Op::Begin, round)?;
     let first = DATA_START / 4096;
     let (mut export, mut import) = (Duration::ZERO, Duration::ZERO);
     let mut doorbells = 0;
@@ -80,10 +96,7 @@ fn transfer(sh: &mut MhHost, dh: &mut MhHost, pages: u64, batch: u32, round: u32
         gfn += u64::from(n);
     }
     let total = t0.elapsed();
-    sh.run(&[Request { op: Op::End as u16, id: 0, count: 1, slot: 0, gfn: 0, round }])?;
-    sh.read_slot(0, &mut blob)?;
-    dh.write_slot(0, &blob)?;
-    dh.run(&[Request { op: Op::Marker as u16, id: 0, count: 1, slot: 0, gfn: 0, round }])?;
+    markers(sh, dh, Op::End, round)?;
     anyhow::ensure!(dh.counters()?.complete, "destination MH did not confirm the stream");
     // A finished import is final (the MH refuses to reopen it): the next transfer needs a
     // fresh destination.
@@ -94,14 +107,14 @@ fn gbs(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
 
-pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: &[ByteSize]) -> anyhow::Result<()> {
+pub fn mh_bench(pages: u64, batches: &[u32], lanes: &[u32], migrate_ram: &[ByteSize]) -> anyhow::Result<()> {
     let ram = (DATA_START + pages * 4096).next_multiple_of(2 << 20).max(64 << 20) + (2 << 20);
     let ceiling = openssl_aes_gcm();
     match ceiling {
         Some(c) => say!("single-core AES-256-GCM (openssl speed, 16 KiB): {:.2} GB/s", c / 1e9),
         None => say!("openssl not found: no AES ceiling this run"),
     }
-    let (src, mut sh) = vm(false, ram, 0)?;
+    let (src, _) = vm(false, ram, 0)?;
     // Pseudo-random page contents (incompressible, no zero pages).
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut page = vec![0u8; 4096];
@@ -124,16 +137,39 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: &[ByteSize]) -> anyhow
     drop(dst);
     say!("host copy of the same {} MiB (direct path, no network): {:.2} GB/s", pages >> 8, gbs(pages * 4096, direct));
     say!();
-    say!("| pages/doorbell | pages | export GB/s | import GB/s | export+import GB/s | of AES ceiling | doorbells | µs/doorbell |");
-    say!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    say!(
+        "| handler vCPUs | pages/doorbell | pages | export GB/s | import GB/s | export+import GB/s | of AES ceiling × vCPUs | doorbells | µs/doorbell |"
+    );
+    say!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    drop(src);
+    // Each handler vCPU count from a fresh source holding the same pages.
+    for &l in lanes {
+        let (src, mut sh) = vm_lanes(false, ram, 0, l)?;
+        src.ram().write(DATA_START, &buf)?;
+        lane_rows(&src, &mut sh, ram, pages, batches, ceiling)?;
+    }
+    doorbell_rows(ram, pages, &buf)?;
+    migration_rows(migrate_ram, lanes)
+}
+
+/// The export+import rows of one source (its MH on `sh.lanes()` lanes), one per batch size.
+fn lane_rows(
+    src: &Machine,
+    sh: &mut MhHost,
+    ram: u64,
+    pages: u64,
+    batches: &[u32],
+    ceiling: Option<f64>,
+) -> anyhow::Result<()> {
+    let l = sh.lanes();
     for (i, &b) in batches.iter().enumerate() {
         // Batch 1 pays two port-I/O round trips per page: fewer pages keep it short.
         let n = if b < 16 { pages.min(4096) } else { pages };
         // A fresh destination each row (an import, once finished, is final), its RAM
         // allocated first as a confidential destination does.
-        let (dst, mut dh) = vm(true, ram, 0)?;
+        let (dst, mut dh) = vm_lanes(true, ram, 0, l)?;
         dst.ram().populate()?;
-        let r = transfer(&mut sh, &mut dh, n, b, i as u32 + 1)?;
+        let r = transfer(sh, &mut dh, n, b, i as u32 + 1)?;
         let bytes = r.pages * 4096;
         let mut a = vec![0u8; bytes as usize];
         let mut d = vec![0u8; bytes as usize];
@@ -142,20 +178,22 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: &[ByteSize]) -> anyhow
         anyhow::ensure!(a == d, "batch {b}: destination pages differ after import");
         let both = gbs(bytes, r.total);
         say!(
-            "| {b} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} |",
+            "| {l} | {b} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} |",
             r.pages,
             gbs(bytes, r.export),
             gbs(bytes, r.import),
             both,
-            ceiling.map_or("-".into(), |c| format!("{:.0} %", 100.0 * both * 1e9 / c)),
+            ceiling.map_or("-".into(), |c| format!("{:.0} %", 100.0 * both * 1e9 / (c * f64::from(l)))),
             r.doorbells,
             r.total.as_secs_f64() * 1e6 / r.doorbells as f64,
         );
     }
-    drop((sh, src));
+    Ok(())
+}
 
-    // Doorbells: port-I/O kick at once vs polling first (MH spins on its request ring, the
-    // host on the completion ring).
+/// Doorbells: port-I/O kick at once vs polling first (MH spins on its request ring, the
+/// host on the completion ring).
+fn doorbell_rows(ram: u64, pages: u64, buf: &[u8]) -> anyhow::Result<()> {
     say!();
     say!("| doorbell (64 pages/doorbell) | export+import GB/s | µs/doorbell |");
     say!("|---|---:|---:|");
@@ -184,9 +222,13 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: &[ByteSize]) -> anyhow
         );
     }
 
-    // Whole migrations, plain against confidential, of the same filled guests with the
-    // product's defaults otherwise (the like-for-like cases: idle guests of each
-    // size, and a hot 256 MiB guest).
+    Ok(())
+}
+
+/// Whole migrations, plain against confidential, of the same filled guests with the
+/// product's defaults otherwise (the like-for-like cases: idle guests of each size,
+/// and a hot 256 MiB guest); confidential also on each further handler vCPU count.
+fn migration_rows(migrate_ram: &[ByteSize], lanes: &[u32]) -> anyhow::Result<()> {
     say!();
     say!("| guest (filled) | migration | total s | ÷ plain | downtime ms | pages through the MH | zero records |");
     say!("|---|---|---:|---:|---:|---:|---:|");
@@ -197,11 +239,15 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: &[ByteSize]) -> anyhow
     guests.push((ByteSize(256 << 20), WorkloadKind::Hot));
     for (ram, workload) in guests {
         let mut plain = None;
-        for (name, conf, pipeline, batch) in [
-            ("plain", false, true, 128),
-            ("confidential, pipelined, 128/doorbell", true, true, 128),
-            ("confidential, one batch at a time, 256/doorbell", true, false, 256),
-        ] {
+        let mut runs = vec![
+            ("plain".to_string(), false, true, 128, 1),
+            ("confidential, pipelined, 128/doorbell".into(), true, true, 128, 1),
+            ("confidential, one batch at a time, 256/doorbell".into(), true, false, 256, 1),
+        ];
+        for &l in lanes.iter().filter(|&&l| l > 1) {
+            runs.push((format!("confidential, pipelined, 128/doorbell, {l} handler vCPUs"), true, true, 128, l));
+        }
+        for (name, conf, pipeline, batch, l) in runs {
             let mut c = Config::default();
             c.guest.ram = ram;
             c.guest.vcpus = 1;
@@ -210,6 +256,7 @@ pub fn mh_bench(pages: u64, batches: &[u32], migrate_ram: &[ByteSize]) -> anyhow
             c.confidential.enabled = conf;
             c.confidential.key_file = Some(key.clone());
             (c.confidential.mh_pipeline, c.confidential.mh_batch) = (pipeline, batch);
+            c.confidential.mh_vcpus = l;
             let fill = |m: &Machine| -> anyhow::Result<()> { crate::fill(m) };
             let out = session::demo_with(&c, &fill, &mut |_| {})?;
             anyhow::ensure!(out.report.verification.ok(), "{name}: verification failed {:?}", out.report.verification);

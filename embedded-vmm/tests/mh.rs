@@ -378,7 +378,7 @@ fn lane_header(lane: u32, field: u64, m: &Machine) -> u64 {
     m.ram().read_u64(abi::lane_addrs(lane).header + field).unwrap()
 }
 
-/// Three lanes each export and import the pages of their own 2 MiB granules (a run that
+/// Three lanes each export and import the pages of their own granules (a run that
 /// crosses a granule is split between lanes by the host), every lane in its own sequence,
 /// and the destination holds the source's pages.
 #[test]
@@ -386,8 +386,8 @@ fn lanes_move_the_pages_of_their_own_granules() {
     let (src, mut sh, dst, mut dh) = lane_pair(3, 3);
     assert_eq!((sh.lanes(), dh.lanes()), (3, 3));
     let first = DATA_START / 4096;
-    // Four granules' worth, starting mid-granule so runs cross granule boundaries.
-    let (gfn, count) = (first + 100, 4 * abi::GRANULE_PAGES as u32);
+    // Forty granules' worth, starting mid-granule so runs cross granule boundaries.
+    let (gfn, count) = (first + 100, 40 * abi::GRANULE_PAGES as u32);
     fill(&src, gfn, u64::from(count), 0x3c);
     sh.bind_export(&dh.challenges().unwrap()).unwrap();
     let begin = lane_markers(&mut sh, Op::Begin, &[0, 1, 2], 0);
@@ -489,4 +489,27 @@ fn lanes_keep_to_their_own_pages_streams_and_count() {
         let r = m.launch_mh(&Launch { lanes, ..launch(KEY) }, Duration::from_secs(5));
         assert!(matches!(r, Err(MhError::Lanes { got }) if got == lanes), "{lanes} lanes: {r:?}");
     }
+}
+
+/// A lane that faults reports in its own header, and the host names the lane; the other
+/// lanes are untouched.
+#[test]
+fn a_faulting_lane_reports_in_its_own_header() {
+    let (_src, sh, _dst, _dh) = lane_pair(3, 1);
+    let m = sh.ram().clone();
+    // A request producer index far past the consumer: lane 2's MH stops with BadRing when
+    // it next polls its ring (it re-polls on its own while idle).
+    m.write(abi::lane_addrs(2).req + abi::RING_PROD, &1000u32.to_le_bytes()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        if let Err(e) = sh.wait_ready(Duration::from_secs(1)) {
+            break e;
+        }
+        assert!(std::time::Instant::now() < deadline, "lane 2 never reported the runaway ring");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let msg = err.to_string();
+    assert!(matches!(err, MhError::Faulted(_)) && msg.contains("lane 2") && msg.contains("fault code 2"), "{msg}");
+    let fault = |lane: u32| m.read_u64(abi::lane_addrs(lane).header + abi::header::FAULT).unwrap() as u32;
+    assert_eq!((fault(0), fault(1), fault(2)), (0, 0, abi::Fault::BadRing as u32));
 }

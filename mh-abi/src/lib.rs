@@ -21,7 +21,8 @@
 //!
 //! An MH may run on several vCPUs, its **lanes** ([`MAX_LANES`] at most, the count in the
 //! launch secret): each lane serves its own rings and keeps its own stream state, and owns
-//! the guest pages of every `lanes`-th 2 MiB granule ([`lane_of`]). The data slots and
+//! the guest pages of every `lanes`-th granule of 128 KiB ([`lane_of`]): small enough that
+//! one batch of pages spreads over every lane. The data slots and
 //! their descriptors are shared: the host says which slots each request uses.
 #![no_std]
 
@@ -51,9 +52,10 @@ pub const LANE_STACKS: u64 = IMAGE + IMAGE_MAX;
 pub const LANE_PAGES: u64 = REGION + 0x6_2000;
 /// Most handler vCPUs (lanes) one MH runs on.
 pub const MAX_LANES: u32 = 4;
-/// Pages of one lane granule: lane `k` of `n` owns the pages of every granule `g` with
-/// `g % n == k`.
-pub const GRANULE_PAGES: u64 = 512;
+/// Pages of one lane granule (128 KiB): lane `k` of `n` owns the pages of every granule `g`
+/// with `g % n == k`. A host batch of 128 contiguous pages touches four granules, so every
+/// lane of up to four gets a share of it.
+pub const GRANULE_PAGES: u64 = 32;
 
 /// The lane that owns page `gfn` when the MH runs on `lanes` lanes.
 pub fn lane_of(gfn: u64, lanes: u32) -> u32 {

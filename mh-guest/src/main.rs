@@ -64,8 +64,9 @@ fn my_lane() -> u32 {
     let sp: u64;
     // SAFETY: reads the stack pointer only.
     unsafe { asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack)) };
-    if sp > abi::LANE_STACKS {
-        (((sp - abi::LANE_STACKS) >> 16) as u32).min(abi::MAX_LANES - 1)
+    // Lane k (k >= 1) runs on [LANE_STACKS + (k-1) * 64 KiB, LANE_STACKS + k * 64 KiB).
+    if sp >= abi::LANE_STACKS {
+        (((sp - abi::LANE_STACKS) >> 16) as u32 + 1).min(abi::MAX_LANES - 1)
     } else {
         0
     }

@@ -273,7 +273,7 @@ pub struct ConfidentialConfig {
     /// private page travels as ciphertext.
     pub zero_records: bool,
     /// Handler vCPUs (lanes) the MH runs on, 1 to 4: each exports or imports the private
-    /// pages of its own 2 MiB granules. A destination runs as many as its source.
+    /// pages of its own 128 KiB granules. A destination runs as many as its source.
     pub mh_vcpus: u32,
     /// Empty-ring polls the MH makes before blocking on a doorbell kick (0 = block at once).
     pub mh_spin: u64,

@@ -346,9 +346,26 @@ impl MhHost {
         Ok(())
     }
 
+    /// How many lane requests `reqs` become on each lane.
+    fn shares(&self, reqs: &[Request]) -> Result<Vec<usize>> {
+        let mut n = vec![0; self.lanes.len()];
+        for r in reqs {
+            for (l, _) in self.route(r)? {
+                n[l] += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Whether [`MhHost::start`] of `reqs` finds room now in the ring of every lane they go
+    /// to (a run split between lanes takes an entry in each).
+    pub fn fits(&self, reqs: &[Request]) -> Result<bool> {
+        Ok(self.shares(reqs)?.iter().zip(&self.lanes).all(|(n, l)| *n <= l.room()))
+    }
+
     /// Submit `reqs` without waiting and ring the doorbells of the lanes they went to (each
-    /// lane's ring must have room for its share). One submission: [`MhHost::wait_until`]
-    /// counts them.
+    /// lane's ring must have room for its share: [`MhHost::fits`]). One submission:
+    /// [`MhHost::wait_until`] counts them.
     pub fn start(&mut self, reqs: &[Request]) -> Result<()> {
         let mut routed = Vec::with_capacity(reqs.len());
         for r in reqs {
@@ -466,12 +483,15 @@ impl MhHost {
             let n = if self.lanes.len() > 1 && ordered(&rest[0]) {
                 1
             } else {
-                let cap = rest.len().min(abi::RING_ENTRIES as usize);
+                let mut cap = rest.len().min(abi::RING_ENTRIES as usize);
                 if self.lanes.len() > 1 {
-                    rest[..cap].iter().position(ordered).unwrap_or(cap)
-                } else {
-                    cap
+                    cap = rest[..cap].iter().position(ordered).unwrap_or(cap);
+                    // As many as every lane's ring holds once split between lanes.
+                    while cap > 1 && !self.fits(&rest[..cap])? {
+                        cap -= 1;
+                    }
                 }
+                cap
             };
             self.start(&rest[..n])?;
             let done = self.wait_all()?;
@@ -611,5 +631,63 @@ impl MhHost {
     /// Test hook: raw access to guest RAM, e.g. to corrupt the completion ring.
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(lanes: usize) -> MhHost {
+        let ram = Arc::new(GuestRam::new(64 << 20).unwrap());
+        MhHost::new(ram, (0..lanes).map(|_| Arc::new(Bell::default())).collect(), Duration::ZERO, 1)
+    }
+
+    fn req(op: Op, gfn: u64, count: u32, slot: u32) -> Request {
+        Request { op: op as u16, id: 0, count, slot, gfn, round: 1 }
+    }
+
+    #[test]
+    fn requests_go_to_the_lanes_that_own_their_pages() {
+        let g = abi::GRANULE_PAGES;
+        // One lane: nothing is split.
+        let one = host(1);
+        assert_eq!(
+            one.route(&req(Op::Export, 10 * g - 3, 100, 5)).unwrap(),
+            [(0, req(Op::Export, 10 * g - 3, 100, 5))]
+        );
+        // Three lanes: a run is cut at granule boundaries, each piece keeps its slots.
+        let three = host(3);
+        let r = three.route(&req(Op::Import, 10 * g - 3, 3 + g as u32 + 2, 5)).unwrap();
+        assert_eq!(
+            r,
+            [
+                (0, req(Op::Import, 10 * g - 3, 3, 5)),
+                (1, req(Op::Import, 10 * g, g as u32, 8)),
+                (2, req(Op::Import, 11 * g, 2, 8 + g as u32)),
+            ]
+        );
+        assert_eq!(three.route(&req(Op::Marker, 2, 1, 0)).unwrap(), [(2, req(Op::Marker, 2, 1, 0))]);
+        assert!(matches!(three.route(&req(Op::End, 3, 1, 0)), Err(MhError::BadRequest(_))));
+        assert_eq!(three.route(&req(Op::RestoreCpu, 0, 2, 0)).unwrap().len(), 1);
+        assert_eq!(three.route(&req(Op::Reset, 0, 1, 0)).unwrap().iter().map(|x| x.0).collect::<Vec<_>>(), [0, 1, 2]);
+        // A zero-page run still reaches a lane, which refuses it.
+        assert_eq!(three.route(&req(Op::Export, 4 * g, 0, 0)).unwrap(), [(1, req(Op::Export, 4 * g, 0, 0))]);
+    }
+
+    #[test]
+    fn a_submission_fits_only_where_every_lane_has_room() {
+        let g = abi::GRANULE_PAGES;
+        let mut h = host(2);
+        // 40 two-page runs, each across a granule boundary: 40 entries in each lane's ring.
+        let reqs: Vec<Request> = (0..40).map(|i| req(Op::Export, (2 * i + 1) * g - 1, 2, 2 * i as u32)).collect();
+        assert!(h.fits(&reqs).unwrap());
+        h.start(&reqs).unwrap();
+        assert_eq!(h.in_flight(), 80);
+        // 30 more would overflow both rings (64 entries each): refused whole, nothing queued.
+        assert!(!h.fits(&reqs[..30]).unwrap());
+        assert!(matches!(h.start(&reqs[..30]), Err(MhError::BadRequest(_))));
+        assert_eq!(h.in_flight(), 80);
+        assert!(h.fits(&reqs[..24]).unwrap());
     }
 }

@@ -132,7 +132,7 @@ impl FrameKind {
         match self {
             FrameKind::Invalid => 0,
             FrameKind::Hello => 64 + 24 * kvm_hooks::layout::MAX_REGIONS as u32,
-            FrameKind::HelloAck => 16 + MAX_TEXT as u32,
+            FrameKind::HelloAck => 12 + 8 * mh_abi::MAX_LANES + MAX_TEXT as u32,
             FrameKind::Pages => MAX_FRAME,
             FrameKind::EndOfRound => 16,
             FrameKind::State => 8 + MAX_SECTION as u32,

@@ -319,8 +319,15 @@ fn on_blobs(mut f: impl FnMut(usize, &mut [u8]) + Send + 'static) -> Option<Tamp
     }))
 }
 
+/// On one handler vCPU and on two (the blobs then belong to two lanes).
 #[test]
 fn tampered_ciphertext_is_refused() {
+    for lanes in [1, 2] {
+        tampered_ciphertext(lanes);
+    }
+}
+
+fn tampered_ciphertext(lanes: u32) {
     // Frame 0 is the Begin marker; later frames hold the blobs of round 0: flip one byte
     // of the first page of ciphertext.
     let mut done = false;
@@ -331,7 +338,7 @@ fn tampered_ciphertext_is_refused() {
             done = true;
         }
     });
-    hostile("tamper", t, None, "failed authentication");
+    hostile_on(lanes, WorkloadKind::Ab, &format!("tamper{lanes}"), t, None, "failed authentication");
 }
 
 #[test]
@@ -363,8 +370,15 @@ fn a_blob_moved_to_another_lanes_page_is_refused() {
     hostile_on(2, WorkloadKind::Ab, "lanemove", t, None, "out of sequence");
 }
 
+/// On one handler vCPU and on two (a replayed blob then goes to the lane of its page).
 #[test]
 fn replayed_blob_from_an_earlier_round_is_refused() {
+    for lanes in [1, 2] {
+        replayed_blob(lanes);
+    }
+}
+
+fn replayed_blob(lanes: u32) {
     let mut saved: Option<Vec<u8>> = None;
     let t = on_blobs(move |n, p| {
         let round = u32::from_le_bytes(p[0..4].try_into().unwrap());
@@ -378,12 +392,14 @@ fn replayed_blob_from_an_earlier_round_is_refused() {
             }
         }
     });
-    hostile("replay", t, None, "out of sequence");
+    hostile_on(lanes, WorkloadKind::Ab, &format!("replay{lanes}"), t, None, "out of sequence");
 }
 
 #[test]
 fn wrong_key_at_the_destination_is_refused() {
-    hostile("wrongkey", None, Some(0x77), "failed authentication");
+    for lanes in [1, 2] {
+        hostile_on(lanes, WorkloadKind::Ab, &format!("wrongkey{lanes}"), None, Some(0x77), "failed authentication");
+    }
 }
 
 /// An MH that stops answering: the migration fails with a timeout that says so, the source

@@ -57,7 +57,8 @@ global_asm!(
 
 /// Lanes whose import ended (an End marker verified). MH-private memory, not the shared
 /// header: lane 0 reads it before it closes the import.
-static FINISHED: [AtomicU32; abi::MAX_LANES as usize] = [const { AtomicU32::new(0) }; abi::MAX_LANES as usize];
+static FINISHED: [AtomicU32; abi::MAX_LANES as usize] =
+    [const { AtomicU32::new(0) }; abi::MAX_LANES as usize];
 
 /// This vCPU's lane, from the stack it runs on (for a fault raised outside the handler).
 fn my_lane() -> u32 {

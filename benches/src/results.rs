@@ -146,10 +146,11 @@ fn about(bench: &str) -> &'static str {
              transport mode, channel and stream count, beside the same run's loopback and cipher ceilings."
         }
         "mh" => {
-            "The in-guest Migration Handler: export+import throughput per batch size against the same run's \
-             single-core AES-256-GCM ceiling (one handler vCPU per side), the cost of a doorbell, and whole \
-             migrations of filled guests with the default settings, plain against confidential (pipelined, \
-             and one batch at a time). Where the targets are missed and why: `docs/performance.md`."
+            "The in-guest Migration Handler: export+import throughput per batch size and handler vCPU count \
+             against the same run's single-core AES-256-GCM ceiling times the handler vCPUs, the cost of a \
+             doorbell, and whole migrations of filled guests with the default settings, plain against \
+             confidential (pipelined, one batch at a time, and on two handler vCPUs per side). Where the \
+             targets are missed and why: `docs/performance.md`."
         }
         "migrate" => {
             "Live migrations of the embedded guest with idle, hot and `ab` workloads beside the same run's \

@@ -582,14 +582,28 @@ impl Machine {
         mh::install(&ram, launch)?;
         let mut bells = Vec::new();
         for lane in 0..launch.lanes {
-            let bell = self.start_mh_lane(lane)?;
             // Lane 0 prepares the MH's private state the other lanes share: it runs first.
-            mh::wait_lane_ready(&ram, &bell, lane, Duration::from_secs(10))?;
-            bells.push(bell);
+            let started = self
+                .start_mh_lane(lane)
+                .and_then(|bell| mh::wait_lane_ready(&ram, &bell, lane, Duration::from_secs(10)).map(|()| bell));
+            match started {
+                Ok(bell) => bells.push(bell),
+                Err(e) => {
+                    // No MH half-started: the lanes already running stop.
+                    self.stop_mh();
+                    return Err(e);
+                }
+            }
         }
         let host = MhHost::new(ram, bells, timeout, launch.vm_id);
         *self.mh_host.lock().unwrap_or_else(|e| e.into_inner()) = Some(host);
         Ok(())
+    }
+
+    /// Test hook: start one more vCPU on MH lane `lane`, as a hostile host might; returns
+    /// its doorbell (the MH stops such a vCPU before it touches the lane's state).
+    pub fn start_duplicate_mh_lane(&mut self, lane: u32) -> std::result::Result<Arc<Bell>, MhError> {
+        self.start_mh_lane(lane)
     }
 
     /// Create and start the vCPU of MH lane `lane`, its lane in `r12`.
@@ -697,8 +711,9 @@ impl Machine {
     }
 }
 
-impl Drop for Machine {
-    fn drop(&mut self) {
+impl Machine {
+    /// Stop the MH's vCPU threads (their vCPUs stay created, and never run again).
+    fn stop_mh(&mut self) {
         for mut m in self.mh.drain(..) {
             m.bell.lock().exit = true;
             m.bell.notify();
@@ -707,6 +722,12 @@ impl Drop for Machine {
                 let _ = t.join();
             }
         }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.stop_mh();
         *self.shared.state() = RunState::Exit;
         self.shared.cv.notify_all();
         for t in &self.threads {

@@ -513,3 +513,71 @@ fn a_faulting_lane_reports_in_its_own_header() {
     let fault = |lane: u32| m.read_u64(abi::lane_addrs(lane).header + abi::header::FAULT).unwrap() as u32;
     assert_eq!((fault(0), fault(1), fault(2)), (0, 0, abi::Fault::BadRing as u32));
 }
+
+/// Lane 0 restores vCPU state, and closes its import, only once every other lane's import
+/// ended: a host cannot start the vCPUs while another lane's pages can still arrive.
+#[test]
+fn vcpu_state_waits_for_every_other_lane() {
+    let (src, mut sh, _dst, mut dh) = lane_pair(2, 2);
+    let first = DATA_START / 4096;
+    let g1 = first.next_multiple_of(abi::GRANULE_PAGES) + abi::GRANULE_PAGES; // lane 1's
+    assert_eq!(abi::lane_of(g1, 2), 1);
+    fill(&src, g1, 2, 7);
+    src.ram().write(abi::VMSA, &[0x5a; 4096]).unwrap();
+    sh.bind_export(&dh.challenges().unwrap()).unwrap();
+    import_markers(&mut dh, &lane_markers(&mut sh, Op::Begin, &[0, 1], 0)).unwrap();
+    import(&mut dh, g1, &export(&mut sh, g1, 2, 1)).unwrap();
+    sh.run(&[req(Op::SaveCpu, 0, 1, 0, 1)]).unwrap();
+    let mut cpu = Blob::zeroed();
+    sh.take_slot(0, Kind::Cpu, abi::VMSA / 4096, &mut cpu).unwrap();
+    let end = lane_markers(&mut sh, Op::End, &[1, 0], 1);
+    // Lane 1 has not ended: the state is refused, and lane 0's End too.
+    dh.write_slot(0, &cpu).unwrap();
+    assert_eq!(refused(dh.run(&[req(Op::RestoreCpu, 0, 1, 0, 0)])), CompStatus::LanesOpen);
+    assert_eq!(refused(import_markers(&mut dh, &end[1..])), CompStatus::LanesOpen);
+    // Once lane 1 ended, in order: the state, then lane 0's End.
+    import_markers(&mut dh, &end[..1]).unwrap();
+    dh.write_slot(0, &cpu).unwrap();
+    dh.run(&[req(Op::RestoreCpu, 0, 1, 0, 0)]).unwrap();
+    import_markers(&mut dh, &end[1..]).unwrap();
+    assert!(dh.counters().unwrap().complete);
+}
+
+/// The lanes of one import come from one export: a lane 0 stream of a later export does not
+/// finish an import whose lane 1 came from an earlier one, and once any lane finished no
+/// lane is reset.
+#[test]
+fn lanes_of_one_import_come_from_one_export() {
+    let (_src, mut sh, _dst, mut dh) = lane_pair(2, 2);
+    sh.bind_export(&dh.challenges().unwrap()).unwrap();
+    let first = lane_markers(&mut sh, Op::Begin, &[0, 1], 0); // export 1
+    let end1 = lane_markers(&mut sh, Op::End, &[1], 0);
+    let second = lane_markers(&mut sh, Op::Begin, &[0], 0); // export 2, lane 0
+    let end0 = lane_markers(&mut sh, Op::End, &[0], 0);
+    import_markers(&mut dh, &first[1..]).unwrap();
+    import_markers(&mut dh, &end1).unwrap();
+    // Lane 1 finished: no lane starts over.
+    dh.start_on(0, &[req(Op::Reset, 0, 1, 0, 0)]).unwrap();
+    assert_eq!(CompStatus::from_u32(dh.wait_all().unwrap()[0].1.status), CompStatus::NoStream);
+    import_markers(&mut dh, &second).unwrap();
+    assert_eq!(refused(import_markers(&mut dh, &end0)), CompStatus::LanesOpen, "lanes of two exports");
+    assert!(!dh.counters().unwrap().complete);
+}
+
+/// A second vCPU started on a lane that already runs stops before it touches the lane's
+/// stack or state; the lanes keep serving.
+#[test]
+fn a_second_vcpu_on_a_running_lane_is_stopped() {
+    let (mut src, mut sh, _dst, dh) = lane_pair(2, 2);
+    for lane in [1, 0] {
+        let bell = src.start_duplicate_mh_lane(lane).unwrap();
+        let r = kvm_hooks::mh::wait_lane_ready(src.ram(), &bell, lane, Duration::from_secs(20));
+        assert!(matches!(r, Err(MhError::Faulted(_))), "a duplicate lane {lane} ran: {r:?}");
+    }
+    let status = |lane: u32| src.ram().read_u64(abi::lane_addrs(lane).header + abi::header::STATUS).unwrap() as u32;
+    assert_eq!((status(0), status(1)), (abi::Status::Ready as u32, abi::Status::Ready as u32));
+    let first = DATA_START / 4096;
+    let g1 = first.next_multiple_of(abi::GRANULE_PAGES) + abi::GRANULE_PAGES;
+    sh.bind_export(&dh.challenges().unwrap()).unwrap();
+    assert_eq!(export(&mut sh, g1 - 1, 2, 1).len(), 2, "both lanes still export");
+}

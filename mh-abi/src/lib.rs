@@ -12,10 +12,10 @@
 //! +0x004000 slot descriptors, NSLOTS x 64 bytes
 //! +0x008000 VMSA area   vCPU state pages (SEV-ES style), VMSA_PAGES pages
 //! +0x020000 MH page tables (PML4, PDPT, 64 PDs: 64 GiB identity map)
-//! +0x062000 lanes 1..4  header, request ring, completion ring of each further handler vCPU
+//! +0x062000 lanes 1..3  header, request ring, completion ring of each further handler vCPU
 //! +0x070000 MH stack    (lane 0: 64 KiB, grows down from +0x080000)
 //! +0x080000 MH image    (code, data, bss; 256 KiB)
-//! +0x0c0000 lane stacks (lanes 1..4: 64 KiB each)
+//! +0x0c0000 lane stacks (lanes 1..3: 64 KiB each)
 //! +0x100000 data slots  NSLOTS x 4 KiB of ciphertext
 //! ```
 //!
@@ -185,7 +185,8 @@ pub enum Fault {
     Invalid = 0,
     NoSecret = 1,
     BadRing = 2,
-    /// The launch secret's lane count or this vCPU's lane is out of range.
+    /// The launch secret's lane count or this vCPU's lane is out of range, or another vCPU
+    /// already runs this lane.
     BadLane = 3,
 }
 
@@ -294,8 +295,9 @@ pub enum CompStatus {
     BadRound = 6,
     /// Import before a Begin marker, or after End; a Begin or Reset after a finished import.
     NoStream = 7,
-    /// Lane 0's End marker while another lane's import has not ended: lane 0 closes the
-    /// import last, so its end means every lane's pages are in.
+    /// Lane 0's End marker or RestoreCpu while another lane's import has not ended, or
+    /// ended for another export: lane 0 restores vCPU state and closes the import last, so
+    /// its end means every lane's pages, all of one export, are in.
     LanesOpen = 8,
 }
 
@@ -325,7 +327,9 @@ impl CompStatus {
             CompStatus::BadSequence => "blob out of sequence (replayed, reordered or missing)",
             CompStatus::BadRound => "blob round went backwards",
             CompStatus::NoStream => "no open blob stream (missing Begin, or after End)",
-            CompStatus::LanesOpen => "lane 0's End before every other lane's import ended",
+            CompStatus::LanesOpen => {
+                "lane 0's vCPU state or End before every other lane's import of the same export ended"
+            }
         }
     }
 }

@@ -18,7 +18,7 @@
 
 use core::arch::{asm, global_asm};
 use core::ptr::{read_volatile, write_volatile};
-use core::sync::atomic::{fence, AtomicU32, Ordering};
+use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 use aes_gcm::aead::array::Array;
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
@@ -28,9 +28,16 @@ global_asm!(
     ".section .text.start,\"ax\"",
     ".globl _start",
     "_start:",
-    // The lane (r12) picks the stack; only lane 0, started first, clears the bss.
+    // The lane (r12) picks the stack; only lane 0, started first, clears the bss. A lane
+    // out of range, or one another vCPU already claimed, stops here (ud2: the vCPU shuts
+    // down) before it touches a stack or the bss.
     "cmp r12, {max}",
     "jae 3f",
+    "lea rax, [rip + {claimed}]",
+    "mov ecx, 1",
+    "xchg dword ptr [rax + r12 * 4], ecx",
+    "test ecx, ecx",
+    "jnz 3f",
     "test r12, r12",
     "jnz 1f",
     "mov rsp, {stack}",
@@ -53,12 +60,27 @@ global_asm!(
     stack = const abi::STACK_TOP,
     lane_stacks = const abi::LANE_STACKS,
     max = const abi::MAX_LANES,
+    claimed = sym CLAIMED,
 );
 
-/// Lanes whose import ended (an End marker verified). MH-private memory, not the shared
-/// header: lane 0 reads it before it closes the import.
-static FINISHED: [AtomicU32; abi::MAX_LANES as usize] =
-    [const { AtomicU32::new(0) }; abi::MAX_LANES as usize];
+// State the lanes share, in MH-private memory (never the shared header) and in `.data`, so
+// that no lane's start clears it (lane 0 clears the bss).
+
+/// Lanes that started (claimed in `_start`): a second vCPU on a lane already running stops
+/// instead of sharing its stack and state.
+#[link_section = ".data.mh_lanes"]
+static CLAIMED: [AtomicU32; abi::MAX_LANES as usize] = [const { AtomicU32::new(0) }; abi::MAX_LANES as usize];
+/// Lanes whose import ended (an End marker verified): lane 0 reads them before it restores
+/// vCPU state or closes its own import.
+#[link_section = ".data.mh_lanes"]
+static FINISHED: [AtomicU32; abi::MAX_LANES as usize] = [const { AtomicU32::new(0) }; abi::MAX_LANES as usize];
+/// Import side: the export id each lane's Begin marker carried (0: none yet). Every lane
+/// of one import must come from one export.
+#[link_section = ".data.mh_lanes"]
+static IMPORT: [AtomicU64; abi::MAX_LANES as usize] = [const { AtomicU64::new(0) }; abi::MAX_LANES as usize];
+/// Export side: the id lane 0 drew at its Begin; the other lanes' Begin markers carry it.
+#[link_section = ".data.mh_lanes"]
+static EXPORT: AtomicU64 = AtomicU64::new(0);
 
 /// This vCPU's lane, from the stack it runs on (for a fault raised outside the handler).
 fn my_lane() -> u32 {
@@ -246,6 +268,15 @@ extern "C" fn mh_main(lane: u64) -> ! {
 }
 
 impl Mh {
+    /// Whether every other lane's import ended, from the same export as this lane's (lane
+    /// 0 asks before it restores vCPU state and before it ends its own import).
+    fn others_done(&self) -> bool {
+        let mine = IMPORT[self.lane.index as usize].load(Ordering::Acquire);
+        (0..self.lane.count as usize)
+            .filter(|&l| l != self.lane.index as usize)
+            .all(|l| FINISHED[l].load(Ordering::Acquire) == 1 && IMPORT[l].load(Ordering::Acquire) == mine && mine != 0)
+    }
+
     fn bump(&self, field: u64, by: u64) {
         let h = self.addrs.header;
         wr64(h + field, rd64(h + field).wrapping_add(by));
@@ -318,8 +349,12 @@ impl Mh {
             && r.slot.checked_add(r.count).is_some_and(|e| e <= abi::NSLOTS);
         match op {
             Op::Invalid => (CompStatus::BadRequest, 0),
-            // A finished import is never reopened: replaying it would roll memory back.
-            Op::Reset if self.finished => (CompStatus::NoStream, 0),
+            // A finished import is never reopened: replaying it would roll memory back. Once
+            // any lane finished, no lane starts over either (its pages would come from
+            // another export than the finished lane's).
+            Op::Reset if self.finished || FINISHED.iter().any(|f| f.load(Ordering::Acquire) == 1) => {
+                (CompStatus::NoStream, 0)
+            }
             Op::Reset => {
                 // A fresh challenge: blobs bound to the old one (everything a host may have
                 // recorded) no longer verify.
@@ -329,6 +364,7 @@ impl Mh {
                 self.open = false;
                 self.next_seq = 0;
                 self.last_round = 0;
+                IMPORT[self.lane.index as usize].store(0, Ordering::Release);
                 wr64(h + abi::header::COMPLETE, 0);
                 wr64(h + abi::header::NEXT_SEQ, 0);
                 (CompStatus::Ok, 0)
@@ -347,6 +383,9 @@ impl Mh {
             Op::Begin => self.marker_out(r, Kind::Begin),
             Op::End => self.marker_out(r, Kind::End),
             Op::Import => self.import(r, r.gfn, Kind::Page),
+            // The vCPUs may run once their state is restored: every other lane's pages must
+            // be in by then.
+            Op::RestoreCpu if !self.others_done() => (CompStatus::LanesOpen, 0),
             Op::RestoreCpu => self.import(r, abi::VMSA / abi::PAGE, Kind::Cpu),
             Op::Marker => self.marker_in(r),
         }
@@ -396,12 +435,22 @@ impl Mh {
     }
 
     fn marker_out(&mut self, r: &Request, kind: Kind) -> (CompStatus, u32) {
+        self.buf.0.fill(0);
         if kind == Kind::Begin {
             // A new export: bound to the importer the host names now (a wrong one only
-            // makes the importer refuse every blob).
+            // makes the importer refuse every blob). Lane 0 draws the export's id, the
+            // other lanes carry it, so the importer can tell that its lanes' streams
+            // belong to one export.
             self.bind = rd64(self.addrs.header + abi::header::PEER_CHALLENGE);
+            if self.lane.index == 0 {
+                EXPORT.store(random() | 1, Ordering::Release);
+            }
+            let id = EXPORT.load(Ordering::Acquire);
+            if id == 0 {
+                return (CompStatus::NoStream, 0);
+            }
+            self.buf.0[8..16].copy_from_slice(&id.to_le_bytes());
         }
-        self.buf.0.fill(0);
         self.buf.0[0..8].copy_from_slice(&self.seq.to_le_bytes());
         self.seal(r.slot, u64::from(self.lane.index), r.round, kind);
         (CompStatus::Ok, 1)
@@ -486,13 +535,15 @@ impl Mh {
                 if let Err(e) = self.open_blob(r.slot, u64::from(self.lane.index), Kind::Begin) {
                     return (e, 0);
                 }
+                let id = u64::from_le_bytes(self.buf.0[8..16].try_into().unwrap_or([0; 8]));
+                IMPORT[self.lane.index as usize].store(id, Ordering::Release);
+                self.buf.0.fill(0);
                 self.open = true;
                 (CompStatus::Ok, 1)
             }
             Kind::End => {
-                // Lane 0 ends last: its end means every lane's pages are in.
-                let others = (1..self.lane.count as usize).all(|l| FINISHED[l].load(Ordering::Acquire) == 1);
-                if self.lane.index == 0 && self.open && !others {
+                // Lane 0 ends last: its end means every lane's pages, of one export, are in.
+                if self.lane.index == 0 && self.open && !self.others_done() {
                     return (CompStatus::LanesOpen, 0);
                 }
                 if let Err(e) = self.open_blob(r.slot, u64::from(self.lane.index), Kind::End) {

@@ -131,9 +131,9 @@ impl<F: VmFactory> Receiver<F> {
         if cpu > 0 {
             self.state = RecvState::States;
         }
-        // The MH imported everything up to its End marker (`run` waits for it): RAM is
-        // final, so a snapshot taken here costs the handover nothing.
-        if kinds.contains(&Kind::End) {
+        // The MH imported everything up to lane 0's End marker, the last (`run` waits for
+        // it): RAM is final, so a snapshot taken here costs the handover nothing.
+        if blobs.iter().any(|b| Kind::from_u32(b.desc.kind) == Kind::End && b.desc.gfn == 0) {
             self.capture_now();
         }
         Ok(())

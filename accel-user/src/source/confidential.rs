@@ -136,13 +136,30 @@ fn send_slots(
     Ok(BlobsSent { bytes: (HEADER_LEN + at) as u64, zeros })
 }
 
-/// Begin / End marker blobs, one per MH lane (a marker's gfn names its lane), in one frame.
-/// End markers go in descending lane order: lane 0 closes the import last, once every other
-/// lane's pages are in.
-pub(super) fn send_marker(c: &mut Ctx<'_>, op: Op, round: u32) -> Result<(), PathError> {
+/// Which MH lanes a marker frame is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lanes {
+    /// Every lane, ascending (Begin: lane 0 draws the export's id the others carry).
+    All,
+    /// Lanes 1.. in descending order (their End markers, before lane 0 restores vCPU state).
+    Others,
+    /// Lane 0 alone (its End closes the import, once every other lane's did).
+    First,
+}
+
+/// Begin / End marker blobs for `which` MH lanes (a marker's gfn names its lane), in one
+/// frame; nothing when there are no such lanes.
+pub(super) fn send_marker(c: &mut Ctx<'_>, op: Op, round: u32, which: Lanes) -> Result<(), PathError> {
     let kind = if op == Op::Begin { Kind::Begin } else { Kind::End };
     let n = c.mh.as_ref().ok_or_else(|| PathError::Other("no Migration Handler".into()))?.lanes();
-    let lanes: Vec<u32> = if op == Op::Begin { (0..n).collect() } else { (0..n).rev().collect() };
+    let lanes: Vec<u32> = match which {
+        Lanes::All => (0..n).collect(),
+        Lanes::Others => (1..n).rev().collect(),
+        Lanes::First => vec![0],
+    };
+    if lanes.is_empty() {
+        return Ok(());
+    }
     let reqs: Vec<Request> = lanes
         .iter()
         .enumerate()

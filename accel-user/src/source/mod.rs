@@ -412,7 +412,7 @@ fn run(c: &mut Ctx<'_>, connect: Connector<'_>, on: &mut dyn FnMut(Event)) -> Re
         // earlier here.
         h.bind_export(&challenges).map_err(|source| SendError::Mh { phase: ph, source })?;
         // Opens the blob stream: the destination MH accepts nothing before it.
-        send_marker(c, Op::Begin, 0).map_err(|e| e.at(ph, c.t))?;
+        send_marker(c, Op::Begin, 0, Lanes::All).map_err(|e| e.at(ph, c.t))?;
     }
     let setup = t0.elapsed();
     on(Event::Accepted);

@@ -78,9 +78,12 @@ pub(super) fn stop_and_copy(
     }
     let mut state_bytes = 0u64;
     if c.mh.is_some() {
+        // Every other lane's import ends before lane 0 restores the vCPU state, and lane 0
+        // closes last (the destination MH refuses any other order).
+        send_marker(c, Op::End, round, Lanes::Others).map_err(|e| e.at(ph, c.t))?;
         state_bytes = send_states_via_mh(c, &state, round).map_err(|e| e.at(ph, c.t))?;
         send_page_states(c).map_err(|e| peer_error(c.t, ph, e))?;
-        send_marker(c, Op::End, round).map_err(|e| e.at(ph, c.t))?;
+        send_marker(c, Op::End, round, Lanes::First).map_err(|e| e.at(ph, c.t))?;
     }
     for (i, s) in state.sections.iter().enumerate().filter(|_| c.mh.is_none()) {
         let pre = payload::State::prefix(i as u32, s.len() as u32);

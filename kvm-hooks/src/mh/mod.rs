@@ -337,6 +337,9 @@ impl MhHost {
     /// Queue one request (routed to its lanes) as a submission of its own, without ringing
     /// a doorbell: the next [`MhHost::start`] or a spinning MH picks it up.
     pub fn submit(&mut self, r: Request) -> Result<()> {
+        if !self.fits(std::slice::from_ref(&r))? {
+            return Err(MhError::BadRequest("no room for the request in its lanes' rings".into()));
+        }
         let routed = self.route(&r)?;
         let ticket = self.next_ticket;
         self.next_ticket += 1;

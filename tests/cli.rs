@@ -175,12 +175,15 @@ fn key(name: &str, mode: u32) -> String {
 #[test]
 fn confidential_demo_runs_and_loose_keys_are_refused() {
     let k = key("good", 0o600);
-    let o = run(&["demo", "--ram", "128MiB", "--confidential-key", &k, "--report", "json"]);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}\n{out}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_str(&out).expect("json report");
-    assert!(v["source"]["mh_exported"].as_u64().unwrap() > 0, "{out}");
-    assert_eq!(v["verification"]["mismatched_pages"].as_array().map(Vec::len), Some(0), "{out}");
+    for lanes in ["1", "2"] {
+        let o = run(&["demo", "--ram", "128MiB", "--confidential-key", &k, "--mh-vcpus", lanes, "--report", "json"]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}\n{out}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json report");
+        assert!(v["source"]["mh_exported"].as_u64().unwrap() > 0, "{out}");
+        assert_eq!(v["verification"]["mismatched_pages"].as_array().map(Vec::len), Some(0), "{out}");
+    }
+    one_line_error(&["demo", "--confidential-key", &k, "--mh-vcpus", "5"], &["confidential.mh_vcpus", "1..=4"]);
     let loose = key("loose", 0o644);
     one_line_error(&["demo", "--ram", "128MiB", "--confidential-key", &loose], &["chmod 600", "0644"]);
     let c = config_file("nokey", "[confidential]\nenabled = true\n");

@@ -166,6 +166,9 @@ struct Common {
     /// Confidential mode: classify pages by the VMM's record or by the eBPF page-state map.
     #[arg(long, value_enum)]
     page_state_source: Option<PageStateSource>,
+    /// Confidential mode: handler vCPUs (lanes) the Migration Handler runs on, 1 to 4.
+    #[arg(long, value_name = "N")]
+    mh_vcpus: Option<u32>,
     /// Pre-shared key both ends authenticate with (32 raw bytes or 64 hex digits, mode
     /// 0600; the same file on both hosts). `migaccel keygen FILE` writes one.
     #[arg(long, value_name = "FILE")]
@@ -309,6 +312,9 @@ impl Common {
         }
         if let Some(v) = self.page_state_source {
             c.confidential.page_state_source = v;
+        }
+        if let Some(n) = self.mh_vcpus {
+            c.confidential.mh_vcpus = n;
         }
     }
 }

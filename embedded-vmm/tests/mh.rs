@@ -581,3 +581,49 @@ fn a_second_vcpu_on_a_running_lane_is_stopped() {
     sh.bind_export(&dh.challenges().unwrap()).unwrap();
     assert_eq!(export(&mut sh, g1 - 1, 2, 1).len(), 2, "both lanes still export");
 }
+
+/// Once the vCPU state is restored the guest may run: the MH takes nothing but the End
+/// marker, so no page (nor a second state, a reset or a new stream) changes under it.
+#[test]
+fn nothing_but_the_end_after_the_vcpu_state() {
+    let (src, mut sh) = vm_with_mh(KEY);
+    let mut dst = Machine::destination(spec(), RING).unwrap();
+    dst.launch_mh(&launch(KEY), Duration::from_secs(5)).unwrap();
+    let mut dh = dst.take_mh().unwrap();
+    let gfn = DATA_START / 4096 + 3;
+    fill(&src, gfn, 2, 9);
+    src.ram().write(abi::VMSA, &[0x77; 4096]).unwrap();
+    sh.bind_export(&dh.challenges().unwrap()).unwrap();
+    open_stream(&mut dh, &marker(&mut sh, Op::Begin, 0));
+    import(&mut dh, gfn, &export(&mut sh, gfn, 1, 1)).unwrap();
+    sh.run(&[req(Op::SaveCpu, 0, 1, 0, 1)]).unwrap();
+    let mut cpu = Blob::zeroed();
+    sh.take_slot(0, Kind::Cpu, abi::VMSA / 4096, &mut cpu).unwrap();
+    // A page exported after the state (the source guest ran on): valid, in sequence.
+    let late = export(&mut sh, gfn + 1, 1, 2);
+    let end = marker(&mut sh, Op::End, 2);
+    dh.write_slot(0, &cpu).unwrap();
+    dh.run(&[req(Op::RestoreCpu, 0, 1, 0, 0)]).unwrap();
+    let before = page(&dst, gfn + 1);
+    assert_eq!(refused(import(&mut dh, gfn + 1, &late)), CompStatus::NoStream, "a page after the state");
+    assert_eq!(page(&dst, gfn + 1), before, "the refused page was written");
+    dh.write_slot(0, &cpu).unwrap();
+    assert_eq!(refused(dh.run(&[req(Op::RestoreCpu, 0, 1, 0, 0)])), CompStatus::NoStream, "a second state");
+    assert_eq!(refused(dh.run(&[req(Op::Reset, 0, 1, 0, 0)])), CompStatus::NoStream, "a reset after the state");
+    // The End carries the exporter's count: with the late page skipped it is out of
+    // sequence, so an import that took the state and was then cut short never completes.
+    dh.write_slot(0, &end).unwrap();
+    assert_eq!(refused(dh.run(&[req(Op::Marker, 0, 1, 0, 0)])), CompStatus::BadSequence);
+    assert!(!dh.counters().unwrap().complete);
+}
+
+/// On the export side a lane other than 0 begins only under a new export id from lane 0,
+/// so a lane's stream cannot be begun again and paired with lane 0's earlier one.
+#[test]
+fn a_lane_begins_only_under_a_new_export() {
+    let (_src, mut sh, _dst, dh) = lane_pair(2, 2);
+    sh.bind_export(&dh.challenges().unwrap()).unwrap();
+    lane_markers(&mut sh, Op::Begin, &[0, 1], 0);
+    assert_eq!(refused(sh.run(&[req(Op::Begin, 1, 1, 0, 0)])), CompStatus::NoStream, "lane 1 again");
+    lane_markers(&mut sh, Op::Begin, &[0, 1], 0);
+}

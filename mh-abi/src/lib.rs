@@ -185,8 +185,9 @@ pub enum Fault {
     Invalid = 0,
     NoSecret = 1,
     BadRing = 2,
-    /// The launch secret's lane count or this vCPU's lane is out of range, or another vCPU
-    /// already runs this lane.
+    /// The launch secret's lane count is out of range, or this vCPU's lane is not below it.
+    /// (A vCPU on a lane another vCPU already runs, or on a lane of 4 or more, stops at its
+    /// first instruction: the host sees the vCPU shut down.)
     BadLane = 3,
 }
 
@@ -293,7 +294,8 @@ pub enum CompStatus {
     BadSequence = 5,
     /// Round went backwards.
     BadRound = 6,
-    /// Import before a Begin marker, or after End; a Begin or Reset after a finished import.
+    /// Import before a Begin marker, or after End; a Begin or Reset after a finished import;
+    /// an Import, a second RestoreCpu, a Reset or a Begin after vCPU state was restored; an export Begin on a lane other than 0 before lane 0 began a new export.
     NoStream = 7,
     /// Lane 0's End marker or RestoreCpu while another lane's import has not ended, or
     /// ended for another export: lane 0 restores vCPU state and closes the import last, so

@@ -222,6 +222,12 @@ struct Mh {
     /// An import ended (its End marker opened): this VM's memory is final. Kept here, not
     /// in the shared header the host can rewrite; no Reset clears it.
     finished: bool,
+    /// Import: vCPU state was restored (the vCPUs may run from here on), so nothing but
+    /// the End marker is taken: no page, no second state, no Reset, no Begin.
+    restored: bool,
+    /// Export: the export id this lane's last Begin carried; a lane other than 0 begins
+    /// only once lane 0 drew a new one.
+    exported: u64,
     next_seq: u64,
     last_round: u32,
     buf: PageBuf,
@@ -256,6 +262,8 @@ extern "C" fn mh_main(lane: u64) -> ! {
         seq: (random() & !0x3_ffff_ffff) | (lane << 32) | 1,
         open: false,
         finished: false,
+        restored: false,
+        exported: 0,
         next_seq: 0,
         last_round: 0,
         buf: PageBuf([0; 4096]),
@@ -352,7 +360,7 @@ impl Mh {
             // A finished import is never reopened: replaying it would roll memory back. Once
             // any lane finished, no lane starts over either (its pages would come from
             // another export than the finished lane's).
-            Op::Reset if self.finished || FINISHED.iter().any(|f| f.load(Ordering::Acquire) == 1) => {
+            Op::Reset if self.finished || self.restored || FINISHED.iter().any(|f| f.load(Ordering::Acquire) == 1) => {
                 (CompStatus::NoStream, 0)
             }
             Op::Reset => {
@@ -382,11 +390,19 @@ impl Mh {
             Op::SaveCpu => self.export(r, abi::VMSA / abi::PAGE, Kind::Cpu),
             Op::Begin => self.marker_out(r, Kind::Begin),
             Op::End => self.marker_out(r, Kind::End),
+            // Once the vCPU state is restored the guest may run: no page may change under it.
+            Op::Import | Op::RestoreCpu if self.restored => (CompStatus::NoStream, 0),
             Op::Import => self.import(r, r.gfn, Kind::Page),
             // The vCPUs may run once their state is restored: every other lane's pages must
             // be in by then.
             Op::RestoreCpu if !self.others_done() => (CompStatus::LanesOpen, 0),
-            Op::RestoreCpu => self.import(r, abi::VMSA / abi::PAGE, Kind::Cpu),
+            Op::RestoreCpu => {
+                // Once any state page is restored (even if a later one fails) the vCPUs
+                // could run: from here on only End is taken.
+                let (status, done) = self.import(r, abi::VMSA / abi::PAGE, Kind::Cpu);
+                self.restored |= done > 0;
+                (status, done)
+            }
             Op::Marker => self.marker_in(r),
         }
     }
@@ -446,9 +462,10 @@ impl Mh {
                 EXPORT.store(random() | 1, Ordering::Release);
             }
             let id = EXPORT.load(Ordering::Acquire);
-            if id == 0 {
+            if id == 0 || id == self.exported {
                 return (CompStatus::NoStream, 0);
             }
+            self.exported = id;
             self.buf.0[8..16].copy_from_slice(&id.to_le_bytes());
         }
         self.buf.0[0..8].copy_from_slice(&self.seq.to_le_bytes());

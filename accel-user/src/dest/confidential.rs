@@ -88,10 +88,12 @@ impl<F: VmFactory> Receiver<F> {
         // else waits for it.
         let n = blobs.len() as u32;
         let half = mh_abi::NSLOTS / 2;
-        // Split between the MH's lanes, the frame's requests must find room beside the
+        // Split between the MH's lanes, the frame's requests must also find room beside the
         // import in flight.
-        let fits = with_mh(&self.machine, st, |mh| mh.fits(&reqs))?;
-        let overlap = pages == blobs.len() && n <= half && reqs.len() <= mh_abi::RING_ENTRIES as usize / 2 && fits;
+        let overlap = pages == blobs.len()
+            && n <= half
+            && reqs.len() <= mh_abi::RING_ENTRIES as usize / 2
+            && with_mh(&self.machine, st, |mh| mh.fits(&reqs))?;
         let base = match &self.importing {
             Some(i) if overlap && i.base + i.count <= half => half,
             Some(i) if overlap && i.base >= half => 0,

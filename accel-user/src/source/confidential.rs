@@ -39,11 +39,8 @@ fn send_batches(c: &mut Ctx<'_>, round: u32, gfns: &[u64], st: &mut RoundStats) 
         let reqs = export_requests(chunk, base, round);
         // Two batches in flight share the rings too: a batch of many short runs, or one
         // whose share of a lane's ring is not free yet, goes alone.
-        let fits = match c.mh.as_ref() {
-            Some(mh) => mh.fits(&reqs)?,
-            None => false,
-        };
-        if !cs.pipeline || reqs.len() > abi::RING_ENTRIES as usize / 2 || !fits {
+        let fits = |c: &Ctx<'_>| c.mh.as_ref().map_or(Ok(false), |mh| mh.fits(&reqs));
+        if !cs.pipeline || reqs.len() > abi::RING_ENTRIES as usize / 2 || !fits(c)? {
             finish_export(c, round, pending.take(), 0, st)?;
             let sent = export_and_send(c, round, base, &reqs, chunk.iter().map(|&g| (Kind::Page, g)))?;
             account(c, st, sent)?;

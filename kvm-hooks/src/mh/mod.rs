@@ -337,61 +337,59 @@ impl MhHost {
     /// Queue one request (routed to its lanes) as a submission of its own, without ringing
     /// a doorbell: the next [`MhHost::start`] or a spinning MH picks it up.
     pub fn submit(&mut self, r: Request) -> Result<()> {
-        if !self.fits(std::slice::from_ref(&r))? {
-            return Err(MhError::BadRequest("no room for the request in its lanes' rings".into()));
-        }
-        let routed = self.route(&r)?;
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        for (i, r) in routed {
-            self.lanes[i].submit(r, ticket)?;
-        }
-        Ok(())
-    }
-
-    /// How many lane requests `reqs` become on each lane.
-    fn shares(&self, reqs: &[Request]) -> Result<Vec<usize>> {
-        let mut n = vec![0; self.lanes.len()];
-        for r in reqs {
-            for (l, _) in self.route(r)? {
-                n[l] += 1;
-            }
-        }
-        Ok(n)
+        self.enqueue(std::slice::from_ref(&r), false)
     }
 
     /// Whether [`MhHost::start`] of `reqs` finds room now in the ring of every lane they go
     /// to (a run split between lanes takes an entry in each).
     pub fn fits(&self, reqs: &[Request]) -> Result<bool> {
-        Ok(self.shares(reqs)?.iter().zip(&self.lanes).all(|(n, l)| *n <= l.room()))
+        Ok(self.overflow(&self.route_all(reqs)?).is_none())
     }
 
     /// Submit `reqs` without waiting and ring the doorbells of the lanes they went to (each
     /// lane's ring must have room for its share: [`MhHost::fits`]). One submission:
     /// [`MhHost::wait_until`] counts them.
     pub fn start(&mut self, reqs: &[Request]) -> Result<()> {
+        self.enqueue(reqs, true)
+    }
+
+    /// The lane requests `reqs` become, in order.
+    fn route_all(&self, reqs: &[Request]) -> Result<Vec<(usize, Request)>> {
         let mut routed = Vec::with_capacity(reqs.len());
         for r in reqs {
             routed.extend(self.route(r)?);
         }
-        for (i, l) in self.lanes.iter().enumerate() {
-            let want = routed.iter().filter(|(x, _)| *x == i).count();
-            if want > l.room() {
-                return Err(MhError::BadRequest(format!(
-                    "{want} requests for lane {i} with {} in flight overflow its {}-entry ring",
-                    l.inflight.len(),
-                    abi::RING_ENTRIES
-                )));
-            }
+        Ok(routed)
+    }
+
+    /// The first lane whose ring has no room for its share of `routed`, and that share.
+    fn overflow(&self, routed: &[(usize, Request)]) -> Option<(usize, usize)> {
+        let mut share = vec![0; self.lanes.len()];
+        for (l, _) in routed {
+            share[*l] += 1;
+        }
+        share.into_iter().enumerate().find(|&(i, n)| n > self.lanes[i].room())
+    }
+
+    /// Queue `reqs` on their lanes as one submission (all or nothing), ringing the lanes'
+    /// doorbells if `ring`.
+    fn enqueue(&mut self, reqs: &[Request], ring: bool) -> Result<()> {
+        let routed = self.route_all(reqs)?;
+        if let Some((i, want)) = self.overflow(&routed) {
+            return Err(MhError::BadRequest(format!(
+                "{want} requests for lane {i} with {} in flight overflow its {}-entry ring",
+                self.lanes[i].inflight.len(),
+                abi::RING_ENTRIES
+            )));
         }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        let mut rung = vec![false; self.lanes.len()];
+        let mut used = vec![false; self.lanes.len()];
         for (i, r) in routed {
             self.lanes[i].submit(r, ticket)?;
-            rung[i] = true;
+            used[i] = true;
         }
-        for (l, _) in self.lanes.iter().zip(&rung).filter(|(_, r)| **r) {
+        for (l, _) in self.lanes.iter().zip(&used).filter(|(_, u)| ring && **u) {
             l.doorbell();
         }
         Ok(())
